@@ -1,4 +1,4 @@
-"""forwarder: a local daemon that accepts recipient events from apps and delivers them to the remote API."""
+"""forwarder: a local daemon that takes recipient events from apps and delivers them to the API."""
 
 from __future__ import annotations
 

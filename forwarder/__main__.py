@@ -1,0 +1,9 @@
+"""`python -m forwarder` is the `forwarder` command."""
+
+from __future__ import annotations
+
+import sys
+
+from forwarder.cli import main
+
+sys.exit(main())

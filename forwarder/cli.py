@@ -1,0 +1,193 @@
+"""The `forwarder` command: run, check-config, send, mock-remote, demo."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import aiohttp
+
+from forwarder import __version__
+from forwarder.config import (
+    ApiKey,
+    Config,
+    ConfigError,
+    load_config,
+    render_effective,
+    resolve_api_key,
+)
+
+EXIT_CONFIG = 2
+NO_KEY = (
+    "no API key: set FORWARDER_API_KEY, remote.api_key_file, "
+    "or a systemd credential named api_key ($CREDENTIALS_DIRECTORY/api_key)"
+)
+
+
+def _fail(message: str, code: int = EXIT_CONFIG) -> int:
+    print(f"forwarder: {message}", file=sys.stderr)
+    return code
+
+
+def _load(config_path: str | None) -> tuple[Config, ApiKey]:
+    config = load_config(Path(config_path) if config_path else None)
+    key = resolve_api_key(config)
+    if key is None:
+        raise ConfigError(NO_KEY)
+    return config, key
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """Run the daemon in the foreground (systemd keeps it in the background)."""
+    from forwarder.daemon import Daemon
+    from forwarder.telemetry import configure_logging
+
+    try:
+        config, key = _load(args.config)
+    except ConfigError as exc:
+        return _fail(f"config error: {exc}")
+    configure_logging(config.log.level, config.log.format, secrets=[key.secret.reveal()])
+    return asyncio.run(Daemon(config, key).run())
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    """Validate the config and print it as it takes effect, with the key masked."""
+    try:
+        config = load_config(Path(args.config) if args.config else None)
+        key = resolve_api_key(config)
+    except ConfigError as exc:
+        return _fail(f"config error: {exc}")
+    print(render_effective(config, key), end="")
+    if key is None:
+        return _fail(NO_KEY)
+    return 0
+
+
+def cmd_send(args: argparse.Namespace) -> int:
+    """Post one event to a running daemon, as an app would."""
+    form = {"recipient_id": args.recipient_id, "name": args.name}
+    for field in ("value", "data", "ref", "event_id"):
+        if getattr(args, field) is not None:
+            form[field] = getattr(args, field)
+    if args.conversion:
+        form["conversion"] = "1"
+    return asyncio.run(_send(args.url, args.socket, form, args.timeout))
+
+
+async def _send(url: str, socket_path: str | None, form: dict[str, str], timeout: float) -> int:
+    connector: aiohttp.BaseConnector | None = None
+    if socket_path:
+        connector = aiohttp.UnixConnector(path=socket_path)
+        url = "http://localhost"
+    target = f"{url.rstrip('/')}/v1/recipientEvents/create"
+    try:
+        async with (
+            aiohttp.ClientSession(
+                connector=connector, timeout=aiohttp.ClientTimeout(total=timeout)
+            ) as session,
+            session.post(target, data=form) as response,
+        ):
+            body = await response.text()
+            status = response.status
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        where = socket_path or url
+        return _fail(f"cannot reach forwarder at {where}: {exc or type(exc).__name__}", 1)
+    print(body)
+    return 0 if status == 202 else 1
+
+
+def cmd_mock_remote(args: argparse.Namespace) -> int:
+    """Serve the fake remote API."""
+    from forwarder.mock_remote import MockOptions, serve_mock
+
+    options = MockOptions(
+        api_key=args.api_key,
+        rate_limit=args.rate_limit,
+        latency_ms=args.latency_ms,
+        fail_rate=args.fail_rate,
+        reset_rate=args.reset_rate,
+        timeout_rate=args.timeout_rate,
+        seed=args.seed,
+    )
+    asyncio.run(serve_mock(options, args.host, args.port))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Start a mock remote and the daemon together and show events flowing."""
+    from forwarder.demo import run_demo
+
+    return asyncio.run(run_demo(events=args.events))
+
+
+def _rate(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError("must be between 0 and 1")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="forwarder", description="Forward recipient events from local apps to the remote API."
+    )
+    parser.add_argument("--version", action="version", version=f"forwarder {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run the daemon")
+    run.add_argument("--config", help="TOML config file (default /etc/forwarder/forwarder.toml)")
+    run.set_defaults(func=cmd_run)
+
+    check = sub.add_parser("check-config", help="validate and print the effective config")
+    check.add_argument("--config", help="TOML config file (default /etc/forwarder/forwarder.toml)")
+    check.set_defaults(func=cmd_check_config)
+
+    send = sub.add_parser("send", help="send one event to a running daemon")
+    where = send.add_mutually_exclusive_group()
+    where.add_argument("--url", default="http://127.0.0.1:8787", help="daemon's HTTP address")
+    where.add_argument("--socket", help="daemon's Unix socket path")
+    send.add_argument("--recipient-id", required=True)
+    send.add_argument("--name", required=True, help="e.g. PURCHASE, SIGNUP, PAGE_VIEW")
+    send.add_argument("--value")
+    send.add_argument("--conversion", action="store_true", help="mark it a conversion")
+    send.add_argument("--data", help="extended data (usually JSON)")
+    send.add_argument("--ref", help="campaign or mailpiece reference")
+    send.add_argument("--event-id", help="idempotency key (10-255 of letters, digits, -_.:)")
+    send.add_argument("--timeout", type=float, default=10.0, help="seconds (default 10)")
+    send.set_defaults(func=cmd_send)
+
+    mock = sub.add_parser("mock-remote", help="serve a faithful fake of the remote API")
+    mock.add_argument("--host", default="127.0.0.1")
+    mock.add_argument("--port", type=int, default=8788, help="0 picks a free port")
+    mock.add_argument(
+        "--api-key",
+        default=os.environ.get("FORWARDER_MOCK_API_KEY", "test-key"),
+        help="key the mock accepts (default $FORWARDER_MOCK_API_KEY or 'test-key')",
+    )
+    mock.add_argument("--rate-limit", type=int, default=300, help="requests/minute; 0 = none")
+    mock.add_argument("--latency-ms", type=float, default=0.0)
+    mock.add_argument("--fail-rate", type=_rate, default=0.0, help="share answered 5xx")
+    mock.add_argument("--reset-rate", type=_rate, default=0.0, help="share of dropped connections")
+    mock.add_argument("--timeout-rate", type=_rate, default=0.0, help="share never answered")
+    mock.add_argument("--seed", type=int, default=None, help="seed for reproducible faults")
+    mock.set_defaults(func=cmd_mock_remote)
+
+    demo = sub.add_parser("demo", help="run a mock remote and the daemon, and send events")
+    demo.add_argument("--events", type=int, default=40, help="how many events (default 40)")
+    demo.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `forwarder` console script."""
+    args = build_parser().parse_args(argv)
+    code: int = args.func(args)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,338 @@
+"""The Event type: validation of what apps send, and the form body sent to the remote.
+
+Validation collects every problem (index, field, message) instead of stopping at the first one, so a
+batch can be answered with one complete list and apps can fix everything in one go.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import time
+import uuid
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+MAX_ID_CHARS = 255
+MAX_NAME_CHARS = 255
+MAX_VALUE_CHARS = 1024
+MAX_REF_CHARS = 255
+MAX_DATA_BYTES = 64 * 1024
+EVENT_ID_RE = re.compile(r"[A-Za-z0-9._:-]{10,255}")
+
+FIELDS = ("event_id", "recipient_id", "name", "value", "conversion", "data", "ref")
+_TRUE = frozenset({"true", "1", "yes"})
+_FALSE = frozenset({"false", "0", "no", ""})
+
+
+@dataclass(frozen=True, slots=True)
+class FieldError:
+    """One problem with one field of one event in a request."""
+
+    index: int
+    field: str
+    message: str
+
+    def to_dict(self) -> dict[str, object]:
+        return {"index": self.index, "field": self.field, "message": self.message}
+
+
+class EventValidationError(Exception):
+    """A request whose events are not all valid; carries every problem found."""
+
+    def __init__(self, errors: list[FieldError]) -> None:
+        self.errors = errors
+        first = errors[0]
+        more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+        where = f"item {first.index}: " if first.index >= 0 else ""
+        super().__init__(f"{where}{first.field}: {first.message}{more}")
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """An accepted recipient event. `event_id` is its idempotency key for every delivery attempt."""
+
+    event_id: str
+    recipient_id: str
+    name: str
+    value: str = ""
+    conversion: bool = False
+    data: str = ""
+    ref: str = ""
+    accepted_at: float = 0.0
+
+    def form(self) -> dict[str, str]:
+        """The form fields sent to the remote; optional fields are left out when empty."""
+        form = {
+            "recipient_id": self.recipient_id,
+            "name": self.name,
+            "conversion": "1" if self.conversion else "0",
+        }
+        if self.value:
+            form["value"] = self.value
+        if self.data:
+            form["data"] = self.data
+        if self.ref:
+            form["ref"] = self.ref
+        return form
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready record, used by the pending and dead-letter files."""
+        return {
+            "event_id": self.event_id,
+            "recipient_id": self.recipient_id,
+            "name": self.name,
+            "value": self.value,
+            "conversion": self.conversion,
+            "data": self.data,
+            "ref": self.ref,
+            "accepted_at": self.accepted_at,
+        }
+
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any]) -> Event:
+        """Rebuild an event from `to_dict` output; raises ValueError if the record is damaged."""
+        try:
+            event = cls(
+                event_id=str(raw["event_id"]),
+                recipient_id=str(raw["recipient_id"]),
+                name=str(raw["name"]),
+                value=str(raw.get("value", "")),
+                conversion=bool(raw.get("conversion", False)),
+                data=str(raw.get("data", "")),
+                ref=str(raw.get("ref", "")),
+                accepted_at=float(raw.get("accepted_at", 0.0)),
+            )
+        except (KeyError, TypeError) as exc:
+            raise ValueError(f"not an event record: {exc!r}") from None
+        if not event.event_id or not event.recipient_id or not event.name:
+            raise ValueError("not an event record: empty event_id, recipient_id or name")
+        return event
+
+
+def _text(
+    raw: object, field: str, index: int, errors: list[FieldError], *, numbers: bool
+) -> str | None:
+    """A string field; JSON numbers become strings where `numbers` allows it."""
+    if isinstance(raw, str):
+        if "\x00" in raw:
+            errors.append(FieldError(index, field, "must not contain NUL characters"))
+            return None
+        return raw
+    if numbers and isinstance(raw, int) and not isinstance(raw, bool):
+        return str(raw)
+    if numbers and isinstance(raw, float):
+        if not math.isfinite(raw):
+            errors.append(FieldError(index, field, "must be a finite number"))
+            return None
+        return repr(raw)
+    kinds = "a string or a number" if numbers else "a string"
+    errors.append(FieldError(index, field, f"must be {kinds}, got {_json_kind(raw)}"))
+    return None
+
+
+def _json_kind(raw: object) -> str:
+    if raw is None:
+        return "null"
+    if isinstance(raw, bool):
+        return "a boolean"
+    if isinstance(raw, int | float):
+        return "a number"
+    if isinstance(raw, str):
+        return "a string"
+    if isinstance(raw, list):
+        return "an array"
+    if isinstance(raw, dict):
+        return "an object"
+    return type(raw).__name__
+
+
+def _conversion(raw: object, index: int, errors: list[FieldError]) -> bool | None:
+    if isinstance(raw, bool):
+        return raw
+    if isinstance(raw, int) and raw in (0, 1):
+        return bool(raw)
+    if isinstance(raw, str):
+        folded = raw.strip().lower()
+        if folded in _TRUE:
+            return True
+        if folded in _FALSE:
+            return False
+    errors.append(
+        FieldError(index, "conversion", "must be true/false, 1/0, yes/no (as JSON or a string)")
+    )
+    return None
+
+
+def _data(raw: object, index: int, errors: list[FieldError]) -> str | None:
+    if isinstance(raw, dict | list):
+        # Apps often hand structured data; the remote takes a string, so serialise compactly.
+        text = json.dumps(raw, separators=(",", ":"), ensure_ascii=False)
+    else:
+        maybe = _text(raw, "data", index, errors, numbers=False)
+        if maybe is None:
+            return None
+        text = maybe
+    if len(text.encode("utf-8", "surrogatepass")) > MAX_DATA_BYTES:
+        errors.append(FieldError(index, "data", f"must be at most {MAX_DATA_BYTES} bytes"))
+        return None
+    return text
+
+
+def event_from_mapping(
+    raw: Mapping[str, object],
+    index: int,
+    errors: list[FieldError],
+    *,
+    ignored: frozenset[str] = frozenset(),
+    now: float | None = None,
+) -> Event | None:
+    """Validate one event given as a mapping (form or JSON object).
+
+    Problems are appended to `errors`; returns the Event only when this item had none. Keys in
+    `ignored` (the drop-in endpoint's `api_key`) are tolerated and dropped.
+    """
+    before = len(errors)
+    for key in raw:
+        if key not in FIELDS and key not in ignored:
+            errors.append(FieldError(index, str(key), "unknown field"))
+
+    def required(field: str, limit: int) -> str:
+        value = raw.get(field)
+        if value is None:
+            errors.append(FieldError(index, field, "is required"))
+            return ""
+        text = _text(value, field, index, errors, numbers=True)
+        if text is None:
+            return ""
+        if not text.strip():
+            errors.append(FieldError(index, field, "must not be empty"))
+        elif len(text) > limit:
+            errors.append(FieldError(index, field, f"must be at most {limit} characters"))
+        return text
+
+    def optional(field: str, limit: int, *, numbers: bool) -> str:
+        value = raw.get(field)
+        if value is None:
+            return ""
+        text = _text(value, field, index, errors, numbers=numbers)
+        if text is None:
+            return ""
+        if len(text) > limit:
+            errors.append(FieldError(index, field, f"must be at most {limit} characters"))
+        return text
+
+    recipient_id = required("recipient_id", MAX_ID_CHARS)
+    name = required("name", MAX_NAME_CHARS)
+    value = optional("value", MAX_VALUE_CHARS, numbers=True)
+    ref = optional("ref", MAX_REF_CHARS, numbers=False)
+    conversion = False
+    if raw.get("conversion") is not None:
+        conversion = bool(_conversion(raw["conversion"], index, errors))
+    data = ""
+    if raw.get("data") is not None:
+        data = _data(raw["data"], index, errors) or ""
+    if conversion and value and not _is_number(value):
+        errors.append(
+            FieldError(index, "value", "must be a number when conversion is true (e.g. 24.99)")
+        )
+
+    event_id = ""
+    raw_id = raw.get("event_id")
+    if raw_id is not None:
+        if not isinstance(raw_id, str) or not EVENT_ID_RE.fullmatch(raw_id):
+            errors.append(
+                FieldError(
+                    index,
+                    "event_id",
+                    "must be 10-255 characters of letters, digits and - _ . :",
+                )
+            )
+        else:
+            event_id = raw_id
+
+    if len(errors) > before:
+        return None
+    return Event(
+        event_id=event_id or str(uuid.uuid4()),
+        recipient_id=recipient_id,
+        name=name,
+        value=value,
+        conversion=conversion,
+        data=data,
+        ref=ref,
+        accepted_at=time.time() if now is None else now,
+    )
+
+
+def _is_number(text: str) -> bool:
+    try:
+        return math.isfinite(float(text))
+    except ValueError:
+        return False
+
+
+def events_from_items(items: Iterable[object], *, max_items: int) -> list[Event]:
+    """Validate a batch as a whole: every event, or an EventValidationError listing all problems."""
+    errors: list[FieldError] = []
+    events: list[Event] = []
+    seen: dict[str, int] = {}
+    now = time.time()
+    for index, item in enumerate(items):
+        if index >= max_items:
+            raise EventValidationError(
+                [FieldError(-1, "batch", f"holds more than {max_items} events")]
+            )
+        if isinstance(item, FieldError):  # a line that did not parse (NDJSON)
+            errors.append(item)
+            continue
+        if not isinstance(item, dict):
+            errors.append(FieldError(index, "", f"must be a JSON object, got {_json_kind(item)}"))
+            continue
+        event = event_from_mapping(item, index, errors, now=now)
+        if event is None:
+            continue
+        if "event_id" in item:
+            if event.event_id in seen:
+                errors.append(
+                    FieldError(
+                        index, "event_id", f"repeats the event_id of item {seen[event.event_id]}"
+                    )
+                )
+                continue
+            seen[event.event_id] = index
+        events.append(event)
+    if errors:
+        raise EventValidationError(errors)
+    if not events:
+        raise EventValidationError([FieldError(-1, "batch", "holds no events")])
+    return events
+
+
+def _reject_constant(name: str) -> object:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def loads_json(text: str) -> object:
+    """json.loads that refuses NaN/Infinity, which the standard module accepts by default."""
+    return json.loads(text, parse_constant=_reject_constant)
+
+
+def parse_ndjson(text: str) -> list[object]:
+    """Split an NDJSON body into items; a line that does not parse becomes a FieldError item."""
+    items: list[object] = []
+    for line in text.splitlines():
+        if not line.strip():
+            continue
+        try:
+            items.append(loads_json(line))
+        except (ValueError, RecursionError) as exc:
+            items.append(FieldError(len(items), "", f"not valid JSON: {_short(exc)}"))
+    return items
+
+
+def _short(exc: BaseException) -> str:
+    text = str(exc) or type(exc).__name__
+    return text if len(text) <= 120 else text[:117] + "..."

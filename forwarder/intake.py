@@ -1,0 +1,304 @@
+"""Intake: the aiohttp application apps talk to. Validate, queue, answer; never talk to the remote.
+
+Every answer is JSON. Bad input gets a 4xx naming the field; a full queue or a stopping daemon
+gets 503 with Retry-After, and then nothing of that request was queued.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+from aiohttp import web
+from multidict import MultiDictProxy
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from forwarder import __version__
+from forwarder.events import (
+    Event,
+    EventValidationError,
+    FieldError,
+    event_from_mapping,
+    events_from_items,
+    loads_json,
+    parse_ndjson,
+)
+from forwarder.queue import EventQueue
+from forwarder.telemetry import Metrics, Stats
+
+log = structlog.get_logger("forwarder.intake")
+RETRY_AFTER_S = "5"
+FORM_TYPES = frozenset({"application/x-www-form-urlencoded", "multipart/form-data"})
+JSON_TYPES = frozenset({"application/json"})
+NDJSON_TYPES = frozenset({"application/x-ndjson", "application/ndjson", "application/jsonl"})
+# The drop-in endpoint tolerates the remote's own way of passing the key, and ignores it.
+DROP_IN_IGNORED = frozenset({"api_key"})
+
+
+@dataclass(slots=True)
+class IntakeState:
+    """What the handlers need: the queue, the counters and the daemon's condition."""
+
+    queue: EventQueue
+    stats: Stats
+    metrics: Metrics
+    max_batch: int
+    accepting: bool = True
+    # Returns "" when ready, or why not (delivery paused, shutting down).
+    not_ready_reason: Callable[[], str] = field(default=lambda: "")
+    stats_extra: Callable[[], dict[str, Any]] = field(default=dict)
+
+
+STATE = web.AppKey("state", IntakeState)
+STATE_LIMIT = web.AppKey("max_body_bytes", int)
+
+
+def _json(
+    status: int, payload: dict[str, Any], headers: dict[str, str] | None = None
+) -> web.Response:
+    return web.Response(
+        status=status,
+        body=json.dumps(payload, ensure_ascii=False).encode(),
+        content_type="application/json",
+        headers=headers,
+    )
+
+
+def _error(status: int, message: str, **extra: Any) -> web.Response:
+    return _json(status, {"success": False, "error": message, **extra})
+
+
+@web.middleware
+async def json_errors(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """Turn aiohttp's own refusals (404, 405, 413, ...) into the same JSON error shape."""
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        headers = {k: v for k, v in exc.headers.items() if k in ("Allow", "Retry-After")}
+        message = exc.text or exc.reason
+        if exc.status == 413:
+            message = (
+                f"request body is larger than intake.max_body_bytes ({request.app[STATE_LIMIT]})"
+            )
+        if exc.status == 405:
+            message = f"method {request.method} is not allowed here; use {headers.get('Allow', '')}"
+        if exc.status == 404:
+            message = f"no such endpoint: {request.path}"
+        if 400 <= exc.status < 500:
+            request.app[STATE].stats.invalid_requests += 1
+        return _json(exc.status, {"success": False, "error": message}, headers)
+
+
+def _content_type(request: web.Request) -> str:
+    return request.content_type.lower() if "Content-Type" in request.headers else ""
+
+
+def _invalid(
+    state: IntakeState, errors: list[FieldError], summary: str | None = None
+) -> web.Response:
+    state.stats.invalid_requests += 1
+    if summary is None:
+        summary = str(EventValidationError(errors))
+    return _error(400, summary, errors=[e.to_dict() for e in errors])
+
+
+def _refuse(state: IntakeState, count: int) -> web.Response:
+    reason = "shutting_down" if not state.accepting else "queue_full"
+    state.stats.refused[reason] += count
+    log.warning("refused", reason=reason, count=count, queue_depth=len(state.queue))
+    message = (
+        "forwarder is shutting down; retry later"
+        if reason == "shutting_down"
+        else "queue is full; retry later"
+    )
+    return _json(
+        503,
+        {"success": False, "error": message, "reason": reason},
+        {"Retry-After": RETRY_AFTER_S},
+    )
+
+
+def _admit(state: IntakeState, events: list[Event]) -> bool:
+    if not state.accepting or not state.queue.offer(events):
+        return False
+    state.stats.accepted += len(events)
+    return True
+
+
+async def _read_text(request: web.Request) -> str:
+    body = await request.read()  # raises 413 past client_max_size
+    try:
+        return body.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise _BadBody(f"body is not valid UTF-8 (byte {exc.start})") from None
+
+
+class _BadBody(Exception):
+    """The body could not be read as the content type it claims."""
+
+
+def _form_to_mapping(form: MultiDictProxy[Any]) -> tuple[dict[str, object], list[FieldError]]:
+    fields: dict[str, object] = {}
+    errors: list[FieldError] = []
+    for key in form:
+        if key in fields:
+            continue
+        values = form.getall(key)
+        if len(values) > 1:
+            errors.append(FieldError(0, key, "given more than once"))
+        elif not isinstance(values[0], str):
+            errors.append(FieldError(0, key, "must be a text field, not a file"))
+        else:
+            fields[key] = values[0]
+    return fields, errors
+
+
+async def create_event(request: web.Request) -> web.Response:
+    """POST /v1/recipientEvents/create: the drop-in for the remote's endpoint, one event."""
+    state = request.app[STATE]
+    if not state.accepting:
+        return _refuse(state, 1)
+    ctype = _content_type(request)
+    errors: list[FieldError] = []
+    raw: dict[str, object]
+    try:
+        if ctype in FORM_TYPES:
+            raw, errors = _form_to_mapping(await request.post())
+            # The remote also takes the key as a query parameter; tolerate it like the form field.
+            raw.pop("api_key", None)
+        elif ctype in JSON_TYPES:
+            parsed = loads_json(await _read_text(request))
+            if not isinstance(parsed, dict):
+                return _invalid(
+                    state,
+                    [FieldError(0, "", "expected a JSON object; send batches to /v1/events")],
+                )
+            raw = parsed
+        else:
+            return _unsupported(
+                state, ctype, "application/x-www-form-urlencoded or application/json"
+            )
+    except _BadBody as exc:
+        return _invalid(state, [FieldError(0, "", str(exc))])
+    except UnicodeDecodeError as exc:
+        return _invalid(state, [FieldError(0, "", f"form is not valid UTF-8 (byte {exc.start})")])
+    except (ValueError, RecursionError) as exc:
+        return _invalid(state, [FieldError(0, "", f"body is not valid JSON: {_short(exc)}")])
+    event = event_from_mapping(raw, 0, errors, ignored=DROP_IN_IGNORED)
+    if event is None or errors:
+        return _invalid(state, errors)
+    if not _admit(state, [event]):
+        return _refuse(state, 1)
+    return _json(202, {"success": True, "data": {"id": event.event_id, "status": "queued"}})
+
+
+async def create_events(request: web.Request) -> web.Response:
+    """POST /v1/events: a batch (JSON array or NDJSON), validated and queued as a whole."""
+    state = request.app[STATE]
+    if not state.accepting:
+        return _refuse(state, 0)
+    ctype = _content_type(request)
+    items: list[object]
+    try:
+        if ctype in JSON_TYPES:
+            parsed = loads_json(await _read_text(request))
+            if not isinstance(parsed, list):
+                return _invalid(state, [FieldError(-1, "", "expected a JSON array of events")])
+            items = parsed
+        elif ctype in NDJSON_TYPES:
+            items = parse_ndjson(await _read_text(request))
+        else:
+            return _unsupported(state, ctype, "application/json or application/x-ndjson")
+    except _BadBody as exc:
+        return _invalid(state, [FieldError(-1, "", str(exc))])
+    except (ValueError, RecursionError) as exc:
+        return _invalid(state, [FieldError(-1, "", f"body is not valid JSON: {_short(exc)}")])
+    try:
+        events = events_from_items(items, max_items=state.max_batch)
+    except EventValidationError as exc:
+        bad = len({e.index for e in exc.errors})
+        summary = f"{bad} of {len(items)} events are invalid; nothing was queued"
+        if exc.errors[0].index < 0:
+            summary = f"{exc}; nothing was queued"
+        return _invalid(state, exc.errors, summary)
+    if not _admit(state, events):
+        return _refuse(state, len(events))
+    return _json(
+        202,
+        {
+            "success": True,
+            "data": {
+                "ids": [e.event_id for e in events],
+                "count": len(events),
+                "status": "queued",
+            },
+        },
+    )
+
+
+def _unsupported(state: IntakeState, ctype: str, expected: str) -> web.Response:
+    state.stats.invalid_requests += 1
+    got = f"'{ctype}'" if ctype else "none"
+    return _error(415, f"unsupported Content-Type {got}; send {expected}")
+
+
+def _short(exc: BaseException) -> str:
+    text = str(exc) or type(exc).__name__
+    return text if len(text) <= 120 else text[:117] + "..."
+
+
+async def healthz(request: web.Request) -> web.Response:
+    """GET /healthz: the process is alive and serving."""
+    return _json(200, {"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    """GET /readyz: 200 when events flow; 503 with the reason while they cannot."""
+    reason = request.app[STATE].not_ready_reason()
+    if reason:
+        return _json(503, {"ready": False, "reason": reason})
+    return _json(200, {"ready": True})
+
+
+async def metrics(request: web.Request) -> web.Response:
+    """GET /metrics: Prometheus text format."""
+    body = generate_latest(request.app[STATE].metrics.registry)
+    response = web.Response(body=body)
+    response.headers["Content-Type"] = CONTENT_TYPE_LATEST
+    return response
+
+
+async def stats(request: web.Request) -> web.Response:
+    """GET /v1/stats: queue depth, in flight, counters by outcome."""
+    state = request.app[STATE]
+    payload: dict[str, Any] = {
+        "version": __version__,
+        "uptime_s": round(time.time() - state.stats.started_at, 3),
+        "accepting": state.accepting,
+        "queue": {"depth": len(state.queue), "max_events": state.queue.max_events},
+        "counters": state.stats.counters(),
+    }
+    payload.update(state.stats_extra())
+    return _json(200, payload)
+
+
+def create_app(state: IntakeState, *, max_body_bytes: int) -> web.Application:
+    """The intake application; the daemon serves it on TCP and/or a Unix socket."""
+    app = web.Application(client_max_size=max_body_bytes, middlewares=[json_errors])
+    app[STATE] = state
+    app[STATE_LIMIT] = max_body_bytes
+    app.router.add_post("/v1/recipientEvents/create", create_event)
+    app.router.add_post("/v1/events", create_events)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/v1/stats", stats)
+    return app

@@ -1,0 +1,156 @@
+"""The client for the remote's `recipientEvents/create`: one request, its answer classified.
+
+The client never touches the queue and never retries: it turns one attempt into a `Result` whose
+`verdict` tells the dispatcher what to do next.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import email.utils
+import enum
+import json
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import aiohttp
+
+from forwarder import __version__
+from forwarder.config import Secret
+from forwarder.events import Event
+
+USER_AGENT = f"forwarder/{__version__}"
+MAX_RESPONSE_BYTES = 64 * 1024
+MAX_ERROR_CHARS = 300
+# A server's wait hint beyond this is treated as nonsense rather than obeyed for days.
+MAX_HINT_S = 3600.0
+RETRYABLE_STATUSES = frozenset({408, 425, 429, 500, 502, 503, 504})
+AUTH_STATUSES = frozenset({401, 403})
+
+
+class Verdict(enum.Enum):
+    """What an attempt means for the event."""
+
+    DELIVERED = "delivered"
+    RETRY = "retry"
+    AUTH = "auth"  # the key is refused: true for every event, so pause rather than dead-letter
+    PERMANENT = "permanent"
+
+
+@dataclass(frozen=True, slots=True)
+class Result:
+    """The classified outcome of one attempt."""
+
+    verdict: Verdict
+    status: int | None = None
+    remote_id: object = None
+    error: str = ""
+    retry_after: float | None = None
+    duplicate: bool = False  # 409: the remote already has this event under its idempotency key
+    warning: str = ""
+    latency_s: float = 0.0
+
+
+def _wait_hint(headers: Mapping[str, str]) -> float | None:
+    """Seconds the server asks us to wait: the larger of Retry-After and X-RateLimit-Reset."""
+    hints: list[float] = []
+    retry_after = headers.get("Retry-After")
+    if retry_after:
+        try:
+            hints.append(float(retry_after))
+        except ValueError:
+            when = email.utils.parsedate_to_datetime(retry_after) if retry_after else None
+            if when is not None and when.tzinfo is not None:
+                hints.append(when.timestamp() - time.time())
+    reset = headers.get("X-RateLimit-Reset")
+    if reset:
+        with contextlib.suppress(ValueError):
+            hints.append(float(reset))
+    hints = [min(max(h, 0.0), MAX_HINT_S) for h in hints if h == h]  # h == h drops NaN
+    return max(hints) if hints else None
+
+
+def _error_text(body: bytes, fallback: str) -> str:
+    try:
+        parsed = json.loads(body)
+    except (ValueError, RecursionError):
+        parsed = None
+    if isinstance(parsed, dict) and isinstance(parsed.get("error"), str) and parsed["error"]:
+        text: str = parsed["error"]
+    else:
+        text = body.decode("utf-8", "replace").strip() or fallback
+    text = " ".join(text.split())
+    return text if len(text) <= MAX_ERROR_CHARS else text[: MAX_ERROR_CHARS - 3] + "..."
+
+
+def classify(status: int, body: bytes, headers: Mapping[str, str], reason: str = "") -> Result:
+    """Classify one answer of the remote (pure: unit-tested against every status)."""
+    fallback = f"HTTP {status} {reason}".strip()
+    if 200 <= status < 300:
+        try:
+            parsed = json.loads(body)
+        except (ValueError, RecursionError):
+            parsed = None
+        if isinstance(parsed, dict) and parsed.get("success") is True:
+            return Result(Verdict.DELIVERED, status, remote_id=parsed.get("data"))
+        if isinstance(parsed, dict) and parsed.get("success") is False:
+            return Result(Verdict.PERMANENT, status, error=_error_text(body, fallback))
+        # The remote took the request (2xx) but said so oddly: sending again could duplicate it.
+        return Result(
+            Verdict.DELIVERED,
+            status,
+            warning="2xx answer without the expected JSON body; counted as delivered",
+        )
+    if status == 409:
+        remote_id = None
+        try:
+            parsed = json.loads(body)
+            if isinstance(parsed, dict):
+                remote_id = parsed.get("data")
+        except (ValueError, RecursionError):
+            pass
+        return Result(Verdict.DELIVERED, status, remote_id=remote_id, duplicate=True)
+    error = _error_text(body, fallback)
+    if status in AUTH_STATUSES:
+        return Result(Verdict.AUTH, status, error=error)
+    if status in RETRYABLE_STATUSES:
+        return Result(Verdict.RETRY, status, error=error, retry_after=_wait_hint(headers))
+    return Result(Verdict.PERMANENT, status, error=error)
+
+
+class RemoteClient:
+    """Sends events to `{base_url}/recipientEvents/create` over a shared ClientSession."""
+
+    def __init__(self, session: aiohttp.ClientSession, base_url: str, api_key: Secret) -> None:
+        self._session = session
+        self._url = f"{base_url.rstrip('/')}/recipientEvents/create"
+        self._auth = aiohttp.BasicAuth(api_key.reveal(), "")
+        self._key = api_key.reveal()
+
+    async def send(self, event: Event) -> Result:
+        """One attempt; transport failures become RETRY results, never exceptions."""
+        started = time.monotonic()
+        try:
+            async with self._session.post(
+                self._url,
+                data=event.form(),
+                auth=self._auth,
+                headers={"X-Idempotency-Key": event.event_id, "User-Agent": USER_AGENT},
+                # A redirect would carry the key to wherever it points: never follow one.
+                allow_redirects=False,
+            ) as response:
+                body = await response.content.read(MAX_RESPONSE_BYTES)
+                result = classify(response.status, body, response.headers, response.reason or "")
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            kind = "timeout" if isinstance(exc, TimeoutError) else type(exc).__name__
+            detail = str(exc)
+            result = Result(Verdict.RETRY, error=f"{kind}: {detail}" if detail else kind)
+        return dataclasses.replace(
+            result, error=self._scrub(result.error), latency_s=time.monotonic() - started
+        )
+
+    def _scrub(self, text: str) -> str:
+        # The remote's free-text errors could echo what we sent; the key must not travel on.
+        return text.replace(self._key, "[redacted]") if self._key and text else text

@@ -1,0 +1,74 @@
+"""The retry policy: which attempts are retried, how long to wait, when to give up (tenacity)."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    retry_if_result,
+    stop_before_delay,
+    wait_random_exponential,
+)
+
+from forwarder.config import RetryConfig
+from forwarder.remote import Result, Verdict
+
+
+class wait_jitter_or_hint:
+    """Exponential backoff with full jitter, but never shorter than the server's wait hint.
+
+    A 429 or 503 may say how long to wait (X-RateLimit-Reset, Retry-After); coming back sooner
+    only earns another refusal and burns the account's quota.
+    """
+
+    def __init__(self, initial_s: float, max_s: float) -> None:
+        self._jitter = wait_random_exponential(multiplier=initial_s, min=initial_s, max=max_s)
+
+    def __call__(self, retry_state: RetryCallState) -> float:
+        wait = float(self._jitter(retry_state))
+        outcome = retry_state.outcome
+        if outcome is not None and not outcome.failed:
+            result = outcome.result()
+            if isinstance(result, Result) and result.retry_after is not None:
+                wait = max(wait, result.retry_after)
+        return wait
+
+
+def _is_retry(result: object) -> bool:
+    return isinstance(result, Result) and result.verdict is Verdict.RETRY
+
+
+def _last_result(retry_state: RetryCallState) -> Result:
+    # When the policy gives up, hand back the last attempt's result instead of raising RetryError.
+    assert retry_state.outcome is not None
+    result = retry_state.outcome.result()
+    assert isinstance(result, Result)
+    return result
+
+
+def build_retrying(
+    config: RetryConfig,
+    *,
+    before_sleep: Callable[[RetryCallState], Awaitable[None] | None] | None = None,
+    sleep: Callable[[float], Awaitable[None]] | None = None,
+) -> AsyncRetrying:
+    """A fresh AsyncRetrying for one event's delivery.
+
+    Stops *before* an attempt that would start after `max_elapsed_s`, so an event is never held
+    past its deadline by a long final wait. Exceptions are not retried: transport failures arrive
+    as RETRY results, so an exception here is a bug and must surface.
+    """
+    kwargs: dict[str, object] = {}
+    if sleep is not None:
+        kwargs["sleep"] = sleep
+    return AsyncRetrying(
+        stop=stop_before_delay(config.max_elapsed_s),
+        wait=wait_jitter_or_hint(config.initial_backoff_s, config.max_backoff_s),
+        retry=retry_if_result(_is_retry),
+        retry_error_callback=_last_result,
+        before_sleep=before_sleep,
+        reraise=True,
+        **kwargs,  # type: ignore[arg-type]
+    )

@@ -1,0 +1,185 @@
+"""Logs and numbers: structlog with key redaction, the delivery counters, Prometheus export."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, MutableMapping
+from dataclasses import dataclass, field
+from typing import Any, TextIO
+
+import structlog
+from prometheus_client import CollectorRegistry, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING}
+LEVELS["error"] = logging.ERROR
+REDACTED = "[redacted]"
+
+
+class Redactor:
+    """A structlog processor that replaces every known secret in a log line's values."""
+
+    def __init__(self, secrets: Iterable[str] = ()) -> None:
+        self.secrets = tuple(s for s in secrets if s)
+
+    def scrub(self, value: object) -> object:
+        if isinstance(value, str):
+            for secret in self.secrets:
+                if secret in value:
+                    value = value.replace(secret, REDACTED)
+            return value
+        if isinstance(value, dict):
+            return {k: self.scrub(v) for k, v in value.items()}
+        if isinstance(value, list | tuple):
+            return [self.scrub(v) for v in value]
+        if isinstance(value, BaseException):
+            return self.scrub(repr(value))
+        return value
+
+    def __call__(
+        self, logger: object, method: str, event_dict: MutableMapping[str, Any]
+    ) -> MutableMapping[str, Any]:
+        if self.secrets:
+            for key, value in event_dict.items():
+                event_dict[key] = self.scrub(value)
+        return event_dict
+
+
+def configure_logging(
+    level: str = "info",
+    fmt: str = "auto",
+    *,
+    secrets: Iterable[str] = (),
+    stream: TextIO | None = None,
+) -> None:
+    """JSON lines to stdout for journald, or console output on a TTY; stdlib logs go the same way.
+
+    Our own loggers write straight to the stream (no stdlib detour: that is the cheap path,
+    structlog's performance guide); aiohttp's stdlib records are rendered by the same processors.
+    """
+    out = stream or sys.stdout
+    if fmt == "auto":
+        fmt = "console" if out.isatty() else "json"
+    redact = Redactor(secrets)
+    if fmt == "console":
+        renderer: Any = structlog.dev.ConsoleRenderer(colors=out.isatty())
+        # The traceback must pass the redactor too, so format it before redaction.
+        tail: list[Any] = [redact, renderer]
+    else:
+        renderer = structlog.processors.JSONRenderer()
+        tail = [structlog.processors.format_exc_info, redact, renderer]
+    shared: list[Any] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+    ]
+    levelno = LEVELS.get(level, logging.INFO)
+    structlog.configure(
+        processors=[*shared, *tail],
+        wrapper_class=structlog.make_filtering_bound_logger(levelno),
+        logger_factory=structlog.PrintLoggerFactory(out),
+        cache_logger_on_first_use=True,
+    )
+    handler = logging.StreamHandler(out)
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            foreign_pre_chain=[*shared, structlog.stdlib.add_logger_name],
+            processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, *tail],
+        )
+    )
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(levelno)
+    # One line per request would drown the per-event outcome lines; errors still come through.
+    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+
+
+@dataclass(slots=True)
+class Stats:
+    """Delivery counters: the one source for both /v1/stats and /metrics."""
+
+    accepted: int = 0
+    delivered: int = 0
+    duplicates: int = 0
+    attempts: int = 0
+    retries: int = 0
+    auth_failures: int = 0
+    invalid_requests: int = 0
+    refused: Counter[str] = field(default_factory=Counter)
+    dead_lettered: Counter[str] = field(default_factory=Counter)
+    started_at: float = field(default_factory=time.time)
+
+    def counters(self) -> dict[str, object]:
+        return {
+            "accepted": self.accepted,
+            "delivered": self.delivered,
+            "duplicates": self.duplicates,
+            "dead_lettered": dict(self.dead_lettered),
+            "refused": dict(self.refused),
+            "invalid_requests": self.invalid_requests,
+            "attempts": self.attempts,
+            "retries": self.retries,
+            "auth_failures": self.auth_failures,
+        }
+
+
+class Metrics:
+    """Prometheus metrics in a registry of our own (so tests can run several daemons)."""
+
+    def __init__(self, stats: Stats, gauges: Callable[[], dict[str, tuple[str, float]]]) -> None:
+        self.registry = CollectorRegistry()
+        self.latency = Histogram(
+            "forwarder_delivery_attempt_seconds",
+            "Duration of one delivery attempt to the remote.",
+            buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+            registry=self.registry,
+        )
+        self.registry.register(_StatsCollector(stats, gauges))
+
+
+class _StatsCollector(Collector):
+    """Reads Stats at scrape time, so the hot path only bumps plain integers."""
+
+    def __init__(self, stats: Stats, gauges: Callable[[], dict[str, tuple[str, float]]]) -> None:
+        self._stats = stats
+        self._gauges = gauges
+
+    def collect(self) -> Iterator[Metric]:
+        s = self._stats
+        simple = (
+            ("events_accepted", "Events accepted (answered 202).", s.accepted),
+            ("events_delivered", "Events the remote has (2xx or 409).", s.delivered),
+            (
+                "events_duplicate",
+                "Deliveries answered 409: the remote already had it.",
+                s.duplicates,
+            ),
+            ("delivery_attempts", "Requests sent to the remote.", s.attempts),
+            ("delivery_retries", "Attempts that failed transiently and were retried.", s.retries),
+            ("auth_failures", "Attempts refused with 401 or 403.", s.auth_failures),
+            ("requests_invalid", "Intake requests refused as invalid (4xx).", s.invalid_requests),
+        )
+        for name, doc, value in simple:
+            yield CounterMetricFamily(f"forwarder_{name}", doc, value=value)
+        refused = CounterMetricFamily(
+            "forwarder_events_refused",
+            "Events refused with 503 (the app keeps them).",
+            labels=["reason"],
+        )
+        for reason, count in sorted(s.refused.items()):
+            refused.add_metric([reason], float(count))
+        yield refused
+        dead = CounterMetricFamily(
+            "forwarder_events_dead_lettered",
+            "Events written to the dead-letter file.",
+            labels=["reason"],
+        )
+        for reason, count in sorted(s.dead_lettered.items()):
+            dead.add_metric([reason], float(count))
+        yield dead
+        for gauge, (help_text, level) in self._gauges().items():
+            yield GaugeMetricFamily(f"forwarder_{gauge}", help_text, value=level)
