@@ -1,0 +1,704 @@
+"""Daemon configuration.
+
+A TOML file (``/etc/forwarder/forwarder.toml`` by default) is read into frozen dataclasses, one per
+section; ``FORWARDER_<SECTION>_<KEY>`` environment variables override single keys; the result is
+checked strictly, and every error names the offending key or variable. The remote API key is not a
+setting: :func:`resolve_api_key` finds it in the environment, a file or a systemd credential.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hmac
+import ipaddress
+import math
+import os
+import re
+import tomllib
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+__all__ = [
+    "DEFAULT_CONFIG_PATH",
+    "ApiKey",
+    "Config",
+    "ConfigError",
+    "IntakeConfig",
+    "LogConfig",
+    "QueueConfig",
+    "RemoteConfig",
+    "RetryConfig",
+    "Secret",
+    "ShutdownConfig",
+    "StateConfig",
+    "load_config",
+    "render_effective",
+    "resolve_api_key",
+]
+
+DEFAULT_CONFIG_PATH = Path("/etc/forwarder/forwarder.toml")
+
+_FALLBACK_STATE_DIR = "/var/lib/forwarder"
+_ENV_PREFIX = "FORWARDER_"
+_API_KEY_VAR = "FORWARDER_API_KEY"
+_CREDENTIAL_NAME = "api_key"
+# An API key is a short token; refusing huge files avoids reading e.g. a mistakenly named log.
+_MAX_KEY_FILE_BYTES = 4096
+# sun_path is 108 bytes on Linux, including the terminating NUL.
+_MAX_UNIX_SOCKET_PATH = 107
+_LOG_LEVELS = ("debug", "info", "warning", "error")
+_LOG_FORMATS = ("auto", "json", "console")
+
+
+class ConfigError(Exception):
+    """Invalid or unreadable configuration; the message names the key, variable or file."""
+
+
+@dataclass(frozen=True, slots=True)
+class IntakeConfig:
+    """``[intake]``: how local applications hand events to the daemon."""
+
+    http_listen: str = "127.0.0.1:8787"
+    unix_socket: str = ""
+    unix_socket_mode: int = 0o660
+    max_body_bytes: int = 1_048_576
+    max_batch: int = 1000
+
+    @property
+    def tcp_address(self) -> tuple[str, int] | None:
+        """``(host, port)`` from ``http_listen``, IPv6 host without brackets; None if disabled."""
+        if not self.http_listen:
+            return None
+        try:
+            return _parse_listen(self.http_listen)
+        except ValueError as exc:
+            raise ConfigError(f"intake.http_listen: {exc}") from None
+
+
+@dataclass(frozen=True, slots=True)
+class QueueConfig:
+    """``[queue]``: the bounded in-memory/persistent event queue."""
+
+    max_events: int = 100_000
+
+
+@dataclass(frozen=True, slots=True)
+class RemoteConfig:
+    """``[remote]``: the direct-mail API the events are delivered to."""
+
+    base_url: str = "https://api-eu1.stannp.com/v1"
+    api_key_file: str = ""
+    concurrency: int = 8
+    timeout_s: float = 30.0
+    connect_timeout_s: float = 5.0
+    auth_retry_s: float = 60.0
+
+
+@dataclass(frozen=True, slots=True)
+class RetryConfig:
+    """``[retry]``: exponential backoff for failed deliveries."""
+
+    initial_backoff_s: float = 0.5
+    max_backoff_s: float = 60.0
+    max_elapsed_s: float = 3600.0
+
+
+@dataclass(frozen=True, slots=True)
+class StateConfig:
+    """``[state]``: where durable state lives.
+
+    The dataclass default is the fixed fallback; :func:`load_config` uses systemd's
+    ``STATE_DIRECTORY`` instead when the key is not set anywhere.
+    """
+
+    dir: str = _FALLBACK_STATE_DIR
+
+    @property
+    def path(self) -> Path:
+        """The state directory as a path."""
+        return Path(self.dir)
+
+
+@dataclass(frozen=True, slots=True)
+class ShutdownConfig:
+    """``[shutdown]``: graceful shutdown."""
+
+    timeout_s: float = 20.0
+
+
+@dataclass(frozen=True, slots=True)
+class LogConfig:
+    """``[log]``: logging level and output format."""
+
+    level: str = "info"
+    format: str = "auto"
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    """The whole daemon configuration; ``Config()`` is the built-in defaults."""
+
+    intake: IntakeConfig = field(default_factory=IntakeConfig)
+    queue: QueueConfig = field(default_factory=QueueConfig)
+    remote: RemoteConfig = field(default_factory=RemoteConfig)
+    retry: RetryConfig = field(default_factory=RetryConfig)
+    state: StateConfig = field(default_factory=StateConfig)
+    shutdown: ShutdownConfig = field(default_factory=ShutdownConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+
+class Secret:
+    """A string that never shows itself in ``repr``/``str`` (and so not in logs or tracebacks)."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def reveal(self) -> str:
+        """Return the secret value; call only where it is actually sent."""
+        return self._value
+
+    def __repr__(self) -> str:
+        return "<secret>"
+
+    def __str__(self) -> str:
+        return "<secret>"
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Secret):
+            return NotImplemented
+        # Constant-time: cheap, and keeps comparisons from leaking the key through timing.
+        return hmac.compare_digest(
+            self._value.encode("utf-8", "surrogatepass"),
+            other._value.encode("utf-8", "surrogatepass"),
+        )
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+
+@dataclass(frozen=True, slots=True)
+class ApiKey:
+    """The resolved API key and a human description of where it came from."""
+
+    secret: Secret
+    source: str
+
+
+# --- schema -------------------------------------------------------------------------------------
+
+_Kind = Literal["str", "int", "float", "mode"]
+
+_SECTIONS: dict[str, type[Any]] = {
+    "intake": IntakeConfig,
+    "queue": QueueConfig,
+    "remote": RemoteConfig,
+    "retry": RetryConfig,
+    "state": StateConfig,
+    "shutdown": ShutdownConfig,
+    "log": LogConfig,
+}
+
+# Octal file modes are ints but also accept strings of octal digits ("0660").
+_MODE_KEYS = frozenset({"intake.unix_socket_mode"})
+
+_EXPECTED: dict[_Kind, str] = {
+    "str": "a string",
+    "int": "an integer",
+    "float": "a number",
+    "mode": 'an octal mode (0o660 or "0660")',
+}
+
+
+def _field_kinds(section: str, cls: type[Any]) -> dict[str, _Kind]:
+    hints = typing.get_type_hints(cls)
+    by_type: dict[object, _Kind] = {str: "str", int: "int", float: "float"}
+    kinds: dict[str, _Kind] = {}
+    for f in dataclasses.fields(cls):
+        kinds[f.name] = "mode" if f"{section}.{f.name}" in _MODE_KEYS else by_type[hints[f.name]]
+    return kinds
+
+
+_FIELD_KINDS: dict[str, dict[str, _Kind]] = {
+    name: _field_kinds(name, cls) for name, cls in _SECTIONS.items()
+}
+
+
+# --- value conversion ---------------------------------------------------------------------------
+
+_INT_RE = re.compile(r"[+-]?[0-9]+")
+_FLOAT_RE = re.compile(r"[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
+_OCTAL_RE = re.compile(r"(?:0[oO])?([0-7]+)")
+
+
+def _short(value: str, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 4] + "...'"
+
+
+def _describe(value: object) -> str:
+    if isinstance(value, bool):
+        return f"a boolean ({str(value).lower()})"
+    if isinstance(value, int):
+        return f"an integer ({value})"
+    if isinstance(value, float):
+        return f"a float ({value})"
+    if isinstance(value, str):
+        return f"a string ({_short(value)})"
+    if isinstance(value, list):
+        return "an array"
+    if isinstance(value, dict):
+        return "a table"
+    return f"a {type(value).__name__}"  # TOML dates and times
+
+
+def _parse_octal(text: str) -> int | None:
+    match = _OCTAL_RE.fullmatch(text)
+    return int(match.group(1), 8) if match else None
+
+
+def _from_toml(kind: _Kind, value: object, key: str) -> object:
+    # bool is a subclass of int; a TOML `true` is never a number here.
+    is_int = isinstance(value, int) and not isinstance(value, bool)
+    if kind == "str" and isinstance(value, str):
+        return value
+    if kind in ("int", "mode") and is_int:
+        return value
+    if kind == "float" and (is_int or isinstance(value, float)):
+        return float(typing.cast(float, value))
+    if kind == "mode" and isinstance(value, str):
+        mode = _parse_octal(value)
+        if mode is not None:
+            return mode
+    raise ConfigError(f"{key}: expected {_EXPECTED[kind]}, got {_describe(value)}")
+
+
+def _from_env(kind: _Kind, text: str, var: str) -> object:
+    if kind == "str":
+        return text
+    stripped = text.strip()
+    if kind == "int" and _INT_RE.fullmatch(stripped):
+        return int(stripped)
+    if kind == "float" and _FLOAT_RE.fullmatch(stripped):
+        return float(stripped)
+    if kind == "mode":
+        mode = _parse_octal(stripped)
+        if mode is not None:
+            return mode
+    raise ConfigError(f"{var}: expected {_EXPECTED[kind]}, got {_short(text)}")
+
+
+def _suggest(name: str, candidates: typing.Iterable[str], prefix: str = "") -> str:
+    matches = difflib.get_close_matches(name, list(candidates), n=1)
+    return f" (did you mean {prefix}{matches[0]}?)" if matches else ""
+
+
+# --- loading ------------------------------------------------------------------------------------
+
+
+def _read_toml(path: Path, *, missing_ok: bool) -> dict[str, Any] | None:
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        if missing_ok:
+            return None
+        raise ConfigError(f"config file {path} not found") from None
+    except OSError as exc:
+        raise ConfigError(f"config file {path}: cannot read: {exc.strerror or exc}") from exc
+    try:
+        # utf-8-sig: tolerate a BOM left by Windows editors.
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: invalid TOML: not UTF-8 (at byte {exc.start})") from None
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: invalid TOML: {exc}") from exc
+
+
+def _file_values(document: Mapping[str, Any]) -> dict[str, dict[str, object]]:
+    values: dict[str, dict[str, object]] = {}
+    for name, body in document.items():
+        if name not in _SECTIONS:
+            if isinstance(body, dict):
+                raise ConfigError(f"unknown section [{name}]{_suggest(name, _SECTIONS)}")
+            raise ConfigError(f"unknown key {name} (settings belong in a [section])")
+        if not isinstance(body, dict):
+            raise ConfigError(f"{name}: expected a table [{name}], got {_describe(body)}")
+        kinds = _FIELD_KINDS[name]
+        section = values.setdefault(name, {})
+        for key, raw in body.items():
+            if key not in kinds:
+                hint = _suggest(key, kinds, f"{name}.")
+                raise ConfigError(f"unknown key {name}.{key}{hint}")
+            section[key] = _from_toml(kinds[key], raw, f"{name}.{key}")
+    return values
+
+
+def _env_section(rest: str) -> str | None:
+    for name in _SECTIONS:
+        if rest.startswith(name.upper() + "_"):
+            return name
+    return None
+
+
+def _env_values(env: Mapping[str, str]) -> tuple[dict[str, dict[str, object]], dict[str, str]]:
+    """Overrides from ``FORWARDER_<SECTION>_<KEY>``, and which variable set each ``section.key``."""
+    values: dict[str, dict[str, object]] = {}
+    origins: dict[str, str] = {}
+    for var in sorted(env):  # sorted: the same error first on every run
+        if not var.startswith(_ENV_PREFIX) or var == _API_KEY_VAR:
+            continue
+        rest = var[len(_ENV_PREFIX) :]
+        section = _env_section(rest)
+        if section is None:
+            continue  # not a setting; other FORWARDER_* variables may belong to other components
+        key = rest[len(section) + 1 :].lower()
+        kinds = _FIELD_KINDS[section]
+        if key not in kinds:
+            hint = _suggest(key, kinds, f"{section}.")
+            raise ConfigError(f"{var}: no such setting {section}.{key}{hint}")
+        values.setdefault(section, {})[key] = _from_env(kinds[key], env[var], var)
+        origins[f"{section}.{key}"] = var
+    return values, origins
+
+
+def _default_state_dir(env: Mapping[str, str]) -> str:
+    # systemd's StateDirectory= may list several directories, colon-separated; the first is ours.
+    first = env.get("STATE_DIRECTORY", "").split(":", 1)[0]
+    return first or _FALLBACK_STATE_DIR
+
+
+def load_config(path: Path | None = None, env: Mapping[str, str] | None = None) -> Config:
+    """Load, override and validate the configuration.
+
+    ``path`` None means :data:`DEFAULT_CONFIG_PATH` if it exists, else the built-in defaults; a
+    given path must exist. ``env`` (default ``os.environ``) supplies ``FORWARDER_<SECTION>_<KEY>``
+    overrides and ``STATE_DIRECTORY``. Raises :class:`ConfigError` naming the key at fault.
+    """
+    environ: Mapping[str, str] = os.environ if env is None else env
+    if path is None:
+        document = _read_toml(DEFAULT_CONFIG_PATH, missing_ok=True) or {}
+    else:
+        document = _read_toml(path, missing_ok=False) or {}
+
+    values = _file_values(document)
+    overrides, origins = _env_values(environ)
+    for name, section in overrides.items():
+        values.setdefault(name, {}).update(section)
+    state = values.setdefault("state", {})
+    if "dir" not in state:
+        state["dir"] = _default_state_dir(environ)
+
+    sections = {
+        name: dataclasses.replace(cls(), **values.get(name, {})) for name, cls in _SECTIONS.items()
+    }
+    return _validate(dataclasses.replace(Config(), **sections), origins)
+
+
+# --- validation ---------------------------------------------------------------------------------
+
+_HOST_RE = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?")
+_PORT_RE = re.compile(r"[0-9]{1,5}")
+
+
+def _parse_listen(value: str) -> tuple[str, int]:
+    """Parse ``host:port`` / ``[v6]:port``; ValueError with the reason otherwise."""
+    example = "expected host:port such as 127.0.0.1:8787 or [::1]:8787"
+    if value.startswith("["):
+        end = value.find("]")
+        if end < 0:
+            raise ValueError(f"{example}, got {_short(value)} (missing ']')")
+        host, rest = value[1:end], value[end + 1 :]
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ValueError(f"{_short(host)} is not an IPv6 address") from None
+        if not rest.startswith(":"):
+            raise ValueError(f"{example}, got {_short(value)}")
+        port_text = rest[1:]
+    else:
+        host, sep, port_text = value.rpartition(":")
+        if not sep:
+            raise ValueError(f"{example}, got {_short(value)}")
+        if not host:
+            raise ValueError(
+                f"missing host in {_short(value)} "
+                "(use 0.0.0.0:PORT or [::]:PORT for all interfaces)"
+            )
+        if ":" in host:
+            raise ValueError(f"IPv6 addresses need brackets, e.g. [::1]:8787, got {_short(value)}")
+        if not _HOST_RE.fullmatch(host):
+            raise ValueError(f"invalid host {_short(host)}")
+    if not _PORT_RE.fullmatch(port_text) or int(port_text) > 65535:
+        raise ValueError(f"port must be a number 0..65535, got {_short(port_text)}")
+    return host, int(port_text)
+
+
+def _is_loopback(host: str) -> bool:
+    if host.lower().rstrip(".") == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _normalise_base_url(url: str) -> str:
+    """The base URL without trailing slashes; ValueError with the reason if unacceptable.
+
+    The URL itself is not echoed in errors: it could carry credentials.
+    """
+    usage = "must be an absolute https:// URL such as https://api-eu1.stannp.com/v1"
+    if not url:
+        raise ValueError(f"{usage}, got an empty string")
+    if any(ch.isspace() or not ch.isprintable() for ch in url):
+        raise ValueError("must not contain whitespace or control characters")
+    parts = urlsplit(url)
+    if parts.scheme not in ("https", "http") or not url.lower().startswith(parts.scheme + "://"):
+        raise ValueError(usage)
+    try:
+        host = parts.hostname
+        _ = parts.port  # raises on a malformed port
+    except ValueError as exc:
+        raise ValueError(f"{usage} ({exc})") from None
+    if not host:
+        raise ValueError(f"{usage} (no host)")
+    if parts.username is not None or parts.password is not None:
+        raise ValueError("must not contain user:password@; the API key is configured separately")
+    if "?" in url or "#" in url:
+        raise ValueError("must not contain a query string or fragment")
+    if parts.scheme == "http" and not _is_loopback(host):
+        raise ValueError(
+            f"plain http:// is only allowed for loopback hosts (localhost, 127.0.0.0/8, ::1): "
+            f"the API key would travel in clear text to {host}; use https://"
+        )
+    return url.rstrip("/")
+
+
+def _validate(config: Config, origins: Mapping[str, str]) -> Config:
+    """Check every key; return the config with normalised values (URL, lower-case log names)."""
+
+    def fail(key: str, detail: str) -> ConfigError:
+        where = f"{key} (from {origins[key]})" if key in origins else key
+        return ConfigError(f"{where}: {detail}")
+
+    def at_least(key: str, value: int, low: int) -> None:
+        if value < low:
+            raise fail(key, f"must be at least {low}, got {value}")
+
+    def positive(key: str, value: float) -> None:
+        # `not (value > 0)` also catches NaN.
+        if not (value > 0) or not math.isfinite(value):
+            raise fail(key, f"must be a positive number of seconds, got {value}")
+
+    intake = config.intake
+    if intake.http_listen:
+        try:
+            _parse_listen(intake.http_listen)
+        except ValueError as exc:
+            raise fail("intake.http_listen", str(exc)) from None
+    if intake.unix_socket:
+        size = len(os.fsencode(intake.unix_socket))
+        if "\0" in intake.unix_socket:
+            raise fail("intake.unix_socket", "must not contain a NUL character")
+        if size > _MAX_UNIX_SOCKET_PATH:
+            raise fail(
+                "intake.unix_socket",
+                f"path too long for a unix socket ({size} bytes, at most {_MAX_UNIX_SOCKET_PATH})",
+            )
+    if not intake.http_listen and not intake.unix_socket:
+        raise ConfigError(
+            "intake.http_listen and intake.unix_socket are both empty: enable at least one listener"
+        )
+    if not 0 <= intake.unix_socket_mode <= 0o777:
+        raise fail(
+            "intake.unix_socket_mode",
+            f"must be within 0o000..0o777, got {intake.unix_socket_mode:#o}",
+        )
+    at_least("intake.max_body_bytes", intake.max_body_bytes, 1024)
+    at_least("intake.max_batch", intake.max_batch, 1)
+    at_least("queue.max_events", config.queue.max_events, 1)
+
+    remote = config.remote
+    try:
+        base_url = _normalise_base_url(remote.base_url)
+    except ValueError as exc:
+        raise fail("remote.base_url", str(exc)) from None
+    if not 1 <= remote.concurrency <= 1024:
+        raise fail("remote.concurrency", f"must be within 1..1024, got {remote.concurrency}")
+    positive("remote.timeout_s", remote.timeout_s)
+    positive("remote.connect_timeout_s", remote.connect_timeout_s)
+    positive("remote.auth_retry_s", remote.auth_retry_s)
+
+    retry = config.retry
+    positive("retry.initial_backoff_s", retry.initial_backoff_s)
+    positive("retry.max_backoff_s", retry.max_backoff_s)
+    positive("retry.max_elapsed_s", retry.max_elapsed_s)
+    if retry.initial_backoff_s > retry.max_backoff_s:
+        raise fail(
+            "retry.initial_backoff_s",
+            f"must not exceed retry.max_backoff_s ({retry.max_backoff_s}), "
+            f"got {retry.initial_backoff_s}",
+        )
+
+    if not config.state.dir:
+        raise fail("state.dir", "must not be empty")
+    positive("shutdown.timeout_s", config.shutdown.timeout_s)
+
+    level = config.log.level.lower()
+    if level not in _LOG_LEVELS:
+        raise fail("log.level", f"must be one of {', '.join(_LOG_LEVELS)}; got {_short(level)}")
+    log_format = config.log.format.lower()
+    if log_format not in _LOG_FORMATS:
+        raise fail(
+            "log.format", f"must be one of {', '.join(_LOG_FORMATS)}; got {_short(log_format)}"
+        )
+
+    return dataclasses.replace(
+        config,
+        remote=dataclasses.replace(remote, base_url=base_url),
+        log=LogConfig(level=level, format=log_format),
+    )
+
+
+# --- API key ------------------------------------------------------------------------------------
+
+
+def _make_key(raw: str, source: str, where: str | None = None) -> ApiKey:
+    """Strip and check a key; errors name ``where`` (default ``source``), never the content."""
+    where = where or source
+    key = raw.strip()
+    if not key:
+        raise ConfigError(f"API key from {where} is empty")
+    # Anything else would corrupt (or inject into) the auth header; typical cause: a pasted quote.
+    if not key.isascii() or not key.isprintable() or any(ch.isspace() for ch in key):
+        raise ConfigError(f"API key from {where} must be printable ASCII without whitespace")
+    return ApiKey(secret=Secret(key), source=source)
+
+
+def _read_limited(path: Path) -> bytes:
+    with path.open("rb") as fh:
+        return fh.read(_MAX_KEY_FILE_BYTES + 1)
+
+
+def _reason(exc: OSError) -> str:
+    return exc.strerror or type(exc).__name__
+
+
+def _key_from_bytes(data: bytes, source: str, where: str) -> ApiKey:
+    if len(data) > _MAX_KEY_FILE_BYTES:
+        raise ConfigError(
+            f"API key from {where} is too large (over {_MAX_KEY_FILE_BYTES} bytes) to be a key"
+        )
+    try:
+        # utf-8-sig: a BOM is not part of the key.
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        raise ConfigError(f"API key from {where} is not valid UTF-8") from None
+    return _make_key(text, source, where)
+
+
+def resolve_api_key(config: Config, env: Mapping[str, str] | None = None) -> ApiKey | None:
+    """Find the remote API key.
+
+    Order: ``FORWARDER_API_KEY`` (if non-empty), then the file ``remote.api_key_file`` (if set),
+    then the systemd credential ``$CREDENTIALS_DIRECTORY/api_key`` (if present). Surrounding
+    whitespace is stripped. Returns None when no source is configured; raises :class:`ConfigError`
+    naming the source (never the content) if a configured source is unreadable or empty.
+    """
+    environ: Mapping[str, str] = os.environ if env is None else env
+
+    value = environ.get(_API_KEY_VAR, "")
+    if value:
+        return _make_key(value, f"environment {_API_KEY_VAR}")
+
+    if config.remote.api_key_file:
+        path = Path(config.remote.api_key_file)
+        source = f"file {path}"
+        try:
+            data = _read_limited(path)
+        except OSError as exc:
+            raise ConfigError(
+                f"remote.api_key_file: cannot read API key from {source}: {_reason(exc)}"
+            ) from None
+        return _key_from_bytes(data, source, source)
+
+    credentials = environ.get("CREDENTIALS_DIRECTORY", "")
+    if credentials:
+        path = Path(credentials) / _CREDENTIAL_NAME
+        source = f"systemd credential {_CREDENTIAL_NAME}"
+        where = f"{source} ({path})"
+        try:
+            data = _read_limited(path)
+        except (FileNotFoundError, NotADirectoryError):
+            return None  # the service has credentials, just not this one
+        except OSError as exc:
+            raise ConfigError(f"cannot read API key from {where}: {_reason(exc)}") from None
+        return _key_from_bytes(data, source, where)
+    return None
+
+
+# --- rendering ----------------------------------------------------------------------------------
+
+_TOML_ESCAPES = {
+    '"': '\\"',
+    "\\": "\\\\",
+    "\b": "\\b",
+    "\t": "\\t",
+    "\n": "\\n",
+    "\f": "\\f",
+    "\r": "\\r",
+}
+
+
+def _toml_string(value: str) -> str:
+    out: list[str] = []
+    for ch in value:
+        if ch in _TOML_ESCAPES:
+            out.append(_TOML_ESCAPES[ch])
+        elif ord(ch) < 0x20 or ord(ch) == 0x7F:
+            out.append(f"\\u{ord(ch):04X}")
+        else:
+            out.append(ch)
+    return '"' + "".join(out) + '"'
+
+
+def _toml_value(kind: _Kind, value: object) -> str:
+    if kind == "mode" and isinstance(value, int) and value >= 0:
+        return f"0o{value:o}"
+    if isinstance(value, str):
+        return _toml_string(value)
+    if isinstance(value, float):
+        return repr(value)  # repr keeps ".0"/exponent, and inf/nan are valid TOML too
+    return str(value)
+
+
+def _comment_safe(text: str) -> str:
+    # A newline in a path must not end the comment and inject TOML.
+    return "".join(ch if ch.isprintable() else f"\\x{ord(ch):02x}" for ch in text)
+
+
+def render_effective(config: Config, key: ApiKey | None) -> str:
+    """The effective configuration as TOML, plus a comment saying where the API key comes from.
+
+    Every section and key is included; the key itself never is.
+    """
+    lines = ["# forwarder: effective configuration"]
+    for name, kinds in _FIELD_KINDS.items():
+        section = getattr(config, name)
+        lines += ["", f"[{name}]"]
+        for key_name, kind in kinds.items():
+            lines.append(f"{key_name} = {_toml_value(kind, getattr(section, key_name))}")
+    lines.append("")
+    if key is None:
+        lines.append("# api key: not configured")
+    else:
+        lines.append(f"# api key: **** (from {_comment_safe(key.source)})")
+    return "\n".join(lines) + "\n"
