@@ -199,12 +199,12 @@ def event_from_mapping(
         if key not in FIELDS and key not in ignored:
             errors.append(FieldError(index, str(key), "unknown field"))
 
-    def required(field: str, limit: int) -> str:
+    def required(field: str, limit: int, *, numbers: bool) -> str:
         value = raw.get(field)
         if value is None:
             errors.append(FieldError(index, field, "is required"))
             return ""
-        text = _text(value, field, index, errors, numbers=True)
+        text = _text(value, field, index, errors, numbers=numbers)
         if text is None:
             return ""
         if not text.strip():
@@ -224,8 +224,8 @@ def event_from_mapping(
             errors.append(FieldError(index, field, f"must be at most {limit} characters"))
         return text
 
-    recipient_id = required("recipient_id", MAX_ID_CHARS)
-    name = required("name", MAX_NAME_CHARS)
+    recipient_id = required("recipient_id", MAX_ID_CHARS, numbers=True)
+    name = required("name", MAX_NAME_CHARS, numbers=False)
     value = optional("value", MAX_VALUE_CHARS, numbers=True)
     ref = optional("ref", MAX_REF_CHARS, numbers=False)
     conversion = False

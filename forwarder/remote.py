@@ -6,6 +6,7 @@ The client never touches the queue and never retries: it turns one attempt into 
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import dataclasses
 import email.utils
@@ -53,8 +54,11 @@ class Result:
     latency_s: float = 0.0
 
 
-def _wait_hint(headers: Mapping[str, str]) -> float | None:
-    """Seconds the server asks us to wait: the larger of Retry-After and X-RateLimit-Reset."""
+def _wait_hint(headers: Mapping[str, str], *, rate_limited: bool) -> float | None:
+    """Seconds the server asks us to wait: Retry-After, and on a 429 also X-RateLimit-Reset.
+
+    X-RateLimit-Reset comes on every answer; it is a reason to wait only when the quota is spent.
+    """
     hints: list[float] = []
     retry_after = headers.get("Retry-After")
     if retry_after:
@@ -64,7 +68,7 @@ def _wait_hint(headers: Mapping[str, str]) -> float | None:
             when = email.utils.parsedate_to_datetime(retry_after) if retry_after else None
             if when is not None and when.tzinfo is not None:
                 hints.append(when.timestamp() - time.time())
-    reset = headers.get("X-RateLimit-Reset")
+    reset = headers.get("X-RateLimit-Reset") if rate_limited else None
     if reset:
         with contextlib.suppress(ValueError):
             hints.append(float(reset))
@@ -116,7 +120,12 @@ def classify(status: int, body: bytes, headers: Mapping[str, str], reason: str =
     if status in AUTH_STATUSES:
         return Result(Verdict.AUTH, status, error=error)
     if status in RETRYABLE_STATUSES:
-        return Result(Verdict.RETRY, status, error=error, retry_after=_wait_hint(headers))
+        return Result(
+            Verdict.RETRY,
+            status,
+            error=error,
+            retry_after=_wait_hint(headers, rate_limited=status == 429),
+        )
     return Result(Verdict.PERMANENT, status, error=error)
 
 
@@ -126,8 +135,11 @@ class RemoteClient:
     def __init__(self, session: aiohttp.ClientSession, base_url: str, api_key: Secret) -> None:
         self._session = session
         self._url = f"{base_url.rstrip('/')}/recipientEvents/create"
-        self._auth = aiohttp.BasicAuth(api_key.reveal(), "")
         self._key = api_key.reveal()
+        # Basic auth, the key as user name and an empty password. Built once, by hand:
+        # aiohttp.BasicAuth is deprecated, and its replacement exists only in aiohttp >= 3.14.
+        token = base64.b64encode(f"{self._key}:".encode()).decode("ascii")
+        self._headers = {"Authorization": f"Basic {token}", "User-Agent": USER_AGENT}
 
     async def send(self, event: Event) -> Result:
         """One attempt; transport failures become RETRY results, never exceptions."""
@@ -136,8 +148,7 @@ class RemoteClient:
             async with self._session.post(
                 self._url,
                 data=event.form(),
-                auth=self._auth,
-                headers={"X-Idempotency-Key": event.event_id, "User-Agent": USER_AGENT},
+                headers={**self._headers, "X-Idempotency-Key": event.event_id},
                 # A redirect would carry the key to wherever it points: never follow one.
                 allow_redirects=False,
             ) as response:

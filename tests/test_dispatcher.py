@@ -1,0 +1,231 @@
+"""The dispatcher's decisions: delivered, retried, dead-lettered, paused on a refused key."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from forwarder.config import RetryConfig
+from forwarder.deadletter import DeadLetterWriter
+from forwarder.dispatcher import Dispatcher
+from forwarder.events import Event
+from forwarder.queue import EventQueue
+from forwarder.remote import Result, Verdict
+from forwarder.telemetry import Stats
+
+FAST = RetryConfig(initial_backoff_s=0.001, max_backoff_s=0.01, max_elapsed_s=5.0)
+
+
+def event(n: int) -> Event:
+    return Event(event_id=f"evt-{n:010d}", recipient_id=str(n), name="PAGE_VIEW")
+
+
+@dataclass
+class ScriptedSender:
+    """Answers each event with the next verdict from its script (default: delivered)."""
+
+    scripts: dict[str, list[Result]] = field(default_factory=dict)
+    default: Callable[[], Result] = lambda: Result(Verdict.DELIVERED, 200, remote_id=1)
+    calls: list[str] = field(default_factory=list)
+    gate: asyncio.Event | None = None
+
+    async def send(self, ev: Event) -> Result:
+        self.calls.append(ev.event_id)
+        if self.gate is not None:
+            await self.gate.wait()
+        script = self.scripts.get(ev.event_id)
+        if script:
+            return script.pop(0)
+        return self.default()
+
+
+@dataclass
+class Rig:
+    queue: EventQueue
+    sender: ScriptedSender
+    stats: Stats
+    dispatcher: Dispatcher
+    dead_letters: DeadLetterWriter
+
+    async def settle(self, count: int, timeout: float = 5.0) -> None:
+        async def done() -> None:
+            while self.stats.delivered + sum(self.stats.dead_lettered.values()) < count:
+                await asyncio.sleep(0.005)
+
+        await asyncio.wait_for(done(), timeout)
+
+    def dead(self) -> list[dict[str, object]]:
+        path = self.dead_letters.path
+        if not path.exists():
+            return []
+        return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+MakeRig = Callable[..., Awaitable[Rig]]
+
+
+@pytest.fixture
+async def make_rig(tmp_path: Path) -> AsyncIterator[MakeRig]:
+    made: list[Rig] = []
+
+    async def make(
+        sender: ScriptedSender | None = None,
+        *,
+        concurrency: int = 2,
+        retry: RetryConfig = FAST,
+        auth_retry_s: float = 0.02,
+    ) -> Rig:
+        queue = EventQueue(1000)
+        stats = Stats()
+        dead_letters = DeadLetterWriter(tmp_path)
+        dead_letters.start()
+        sender = sender or ScriptedSender()
+        dispatcher = Dispatcher(
+            queue,
+            sender,
+            retry,
+            concurrency=concurrency,
+            auth_retry_s=auth_retry_s,
+            dead_letters=dead_letters,
+            stats=stats,
+        )
+        dispatcher.start()
+        rig = Rig(queue, sender, stats, dispatcher, dead_letters)
+        made.append(rig)
+        return rig
+
+    yield make
+    for rig in made:
+        await rig.dispatcher.stop()
+        await rig.dead_letters.close()
+
+
+async def test_delivers_everything_once(make_rig: MakeRig) -> None:
+    rig = await make_rig()
+    assert rig.queue.offer([event(n) for n in range(20)])
+    await rig.settle(20)
+    assert sorted(rig.sender.calls) == [f"evt-{n:010d}" for n in range(20)]
+    assert rig.stats.delivered == 20
+    assert rig.stats.attempts == 20
+
+
+async def test_transient_failures_are_retried_with_the_same_key(make_rig: MakeRig) -> None:
+    retry = Result(Verdict.RETRY, 503, error="unavailable")
+    sender = ScriptedSender(
+        scripts={"evt-0000000001": [retry, retry, Result(Verdict.DELIVERED, 409, duplicate=True)]}
+    )
+    rig = await make_rig(sender)
+    rig.queue.offer([event(1)])
+    await rig.settle(1)
+    assert sender.calls == ["evt-0000000001"] * 3
+    assert (rig.stats.delivered, rig.stats.duplicates, rig.stats.retries) == (1, 1, 2)
+
+
+async def test_permanent_errors_are_dead_lettered_with_details(make_rig: MakeRig) -> None:
+    sender = ScriptedSender(
+        scripts={"evt-0000000002": [Result(Verdict.PERMANENT, 422, error="invalid value")]}
+    )
+    rig = await make_rig(sender)
+    rig.queue.offer([event(1), event(2)])
+    await rig.settle(2)
+    await rig.dead_letters.close()
+    (record,) = rig.dead()
+    assert record["reason"] == "rejected"
+    assert record["status"] == 422
+    assert record["error"] == "invalid value"
+    assert record["attempts"] == 1
+    assert isinstance(record["event"], dict)
+    assert record["event"]["event_id"] == "evt-0000000002"
+    assert rig.stats.dead_lettered == {"rejected": 1}
+    assert rig.stats.delivered == 1
+
+
+async def test_gives_up_after_max_elapsed(make_rig: MakeRig) -> None:
+    sender = ScriptedSender(default=lambda: Result(Verdict.RETRY, 500, error="boom"))
+    rig = await make_rig(
+        sender, retry=RetryConfig(initial_backoff_s=0.01, max_backoff_s=0.02, max_elapsed_s=0.1)
+    )
+    rig.queue.offer([event(1)])
+    await rig.settle(1)
+    await rig.dead_letters.close()
+    (record,) = rig.dead()
+    assert record["reason"] == "gave_up"
+    assert "gave up after" in str(record["error"])
+    assert isinstance(record["attempts"], int)
+    assert record["attempts"] >= 2
+
+
+async def test_refused_key_pauses_everything_and_dead_letters_nothing(make_rig: MakeRig) -> None:
+    bad_key = {"ok": False}
+
+    def answer() -> Result:
+        if bad_key["ok"]:
+            return Result(Verdict.DELIVERED, 200)
+        return Result(Verdict.AUTH, 401, error="You need an API key")
+
+    sender = ScriptedSender(default=answer)
+    rig = await make_rig(sender, concurrency=3, auth_retry_s=0.05)
+    rig.queue.offer([event(n) for n in range(10)])
+    for _ in range(100):
+        if rig.dispatcher.paused:
+            break
+        await asyncio.sleep(0.01)
+    assert rig.dispatcher.paused
+    assert "401" in rig.dispatcher.pause_reason
+    await asyncio.sleep(0.2)
+    # Only the events already in the workers' hands were tried; the rest wait in the queue.
+    assert len(set(sender.calls)) <= 3
+    assert len(rig.queue) >= 7
+    assert rig.stats.dead_lettered == {}
+    bad_key["ok"] = True
+    await rig.settle(10)
+    assert not rig.dispatcher.paused
+    assert rig.stats.delivered == 10
+    assert rig.stats.dead_lettered == {}
+
+
+async def test_stop_hands_back_in_flight_then_queued(make_rig: MakeRig) -> None:
+    sender = ScriptedSender(gate=asyncio.Event())  # never opened: workers hang mid-request
+    rig = await make_rig(sender, concurrency=2)
+    rig.queue.offer([event(n) for n in range(5)])
+    await asyncio.sleep(0.05)
+    assert rig.dispatcher.in_flight == 2
+    drained = await rig.dispatcher.drain(0.05, asyncio.Event())
+    assert not drained
+    leftovers = await rig.dispatcher.stop()
+    assert [e.event_id for e in leftovers] == [f"evt-{n:010d}" for n in range(5)]
+    assert len(rig.queue) == 0
+
+
+async def test_drain_returns_early_when_done_and_on_force(make_rig: MakeRig) -> None:
+    rig = await make_rig()
+    rig.queue.offer([event(n) for n in range(5)])
+    assert await rig.dispatcher.drain(5.0, asyncio.Event())
+    stuck = await make_rig(ScriptedSender(gate=asyncio.Event()))
+    stuck.queue.offer([event(1)])
+    force = asyncio.Event()
+    force.set()
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    assert not await stuck.dispatcher.drain(30.0, force)
+    assert loop.time() - started < 1.0
+
+
+async def test_a_bug_dead_letters_the_event_and_keeps_the_worker(make_rig: MakeRig) -> None:
+    class Broken(ScriptedSender):
+        async def send(self, ev: Event) -> Result:
+            if ev.event_id == "evt-0000000001":
+                raise RuntimeError("bug")
+            return await super().send(ev)
+
+    rig = await make_rig(Broken(), concurrency=1)
+    rig.queue.offer([event(1), event(2)])
+    await rig.settle(2)
+    assert rig.stats.dead_lettered == {"internal_error": 1}
+    assert rig.stats.delivered == 1
+    assert rig.dispatcher.workers_alive == 1

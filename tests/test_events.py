@@ -1,0 +1,157 @@
+"""Unit tests for event validation and the form sent to the remote."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from forwarder.events import (
+    Event,
+    EventValidationError,
+    FieldError,
+    event_from_mapping,
+    events_from_items,
+    loads_json,
+    parse_ndjson,
+)
+
+
+def _one(raw: dict[str, object]) -> tuple[Event | None, list[FieldError]]:
+    errors: list[FieldError] = []
+    return event_from_mapping(raw, 0, errors), errors
+
+
+def test_seed_example_is_accepted_with_exact_fields() -> None:
+    event, errors = _one(
+        {"name": "PURCHASE", "value": "24.99", "conversion": "1", "recipient_id": "12345"}
+    )
+    assert errors == []
+    assert event is not None
+    assert event.form() == {
+        "recipient_id": "12345",
+        "name": "PURCHASE",
+        "value": "24.99",
+        "conversion": "1",
+    }
+    assert len(event.event_id) == 36  # a UUID
+
+
+@pytest.mark.parametrize(
+    ("given", "expected"),
+    [
+        (True, True), (False, False), (1, True), (0, False), ("true", True), ("FALSE", False),
+        ("1", True), ("0", False), ("yes", True), ("no", False), ("", False),
+    ],
+)  # fmt: skip
+def test_conversion_spellings(given: object, expected: bool) -> None:
+    event, errors = _one({"recipient_id": "1", "name": "SIGNUP", "conversion": given})
+    assert errors == []
+    assert event is not None
+    assert event.conversion is expected
+    assert event.form()["conversion"] == ("1" if expected else "0")
+
+
+@pytest.mark.parametrize("given", ["maybe", 2, 1.5, [], {}])
+def test_bad_conversion_names_the_field(given: object) -> None:
+    _, errors = _one({"recipient_id": "1", "name": "SIGNUP", "conversion": given})
+    assert [e.field for e in errors] == ["conversion"]
+
+
+def test_numbers_become_strings_and_data_is_serialised_compactly() -> None:
+    event, errors = _one(
+        {"recipient_id": 12345, "name": "PURCHASE", "value": 24.5, "data": {"a": [1, "é"]}}
+    )
+    assert errors == []
+    assert event is not None
+    assert (event.recipient_id, event.value) == ("12345", "24.5")
+    assert event.data == '{"a":[1,"é"]}'
+
+
+@pytest.mark.parametrize(
+    ("raw", "field", "fragment"),
+    [
+        ({"name": "X"}, "recipient_id", "required"),
+        ({"recipient_id": "1"}, "name", "required"),
+        ({"recipient_id": "1", "name": "  "}, "name", "empty"),
+        ({"recipient_id": True, "name": "X"}, "recipient_id", "string or a number"),
+        ({"recipient_id": {"a": 1}, "name": "X"}, "recipient_id", "an object"),
+        ({"recipient_id": "1", "name": 5}, "name", "must be a string"),
+        ({"recipient_id": "1", "name": "X" * 256}, "name", "at most 255"),
+        ({"recipient_id": "1", "name": "X", "data": "x" * 70000}, "data", "bytes"),
+        ({"recipient_id": "1", "name": "X", "ref": 7}, "ref", "must be a string"),
+        ({"recipient_id": "1", "name": "X", "colour": "red"}, "colour", "unknown field"),
+        ({"recipient_id": "1\x00", "name": "X"}, "recipient_id", "NUL"),
+        ({"recipient_id": "1", "name": "X", "event_id": "short"}, "event_id", "10-255"),
+        ({"recipient_id": "1", "name": "X", "event_id": "has space 123"}, "event_id", "10-255"),
+        (
+            {"recipient_id": "1", "name": "PURCHASE", "value": "lots", "conversion": True},
+            "value",
+            "number",
+        ),
+    ],
+)
+def test_errors_name_the_field(raw: dict[str, object], field: str, fragment: str) -> None:
+    event, errors = _one(raw)
+    assert event is None
+    assert [e.field for e in errors] == [field]
+    assert fragment in errors[0].message
+
+
+def test_api_key_is_ignored_only_where_allowed() -> None:
+    errors: list[FieldError] = []
+    raw = {"recipient_id": "1", "name": "X", "api_key": "k"}
+    assert event_from_mapping(raw, 0, errors, ignored=frozenset({"api_key"})) is not None
+    assert event_from_mapping(raw, 0, errors) is None
+    assert errors[0].field == "api_key"
+
+
+def test_batch_lists_every_bad_item_and_returns_nothing() -> None:
+    items: list[object] = [
+        {"recipient_id": "1", "name": "A"},
+        {"name": "B"},
+        "not an object",
+        {"recipient_id": "3", "name": "C", "conversion": "perhaps"},
+    ]
+    with pytest.raises(EventValidationError) as caught:
+        events_from_items(items, max_items=10)
+    assert [(e.index, e.field) for e in caught.value.errors] == [
+        (1, "recipient_id"),
+        (2, ""),
+        (3, "conversion"),
+    ]
+
+
+def test_batch_limits_and_duplicates() -> None:
+    one = {"recipient_id": "1", "name": "A"}
+    with pytest.raises(EventValidationError, match="more than 2"):
+        events_from_items([one, one, one], max_items=2)
+    with pytest.raises(EventValidationError, match="no events"):
+        events_from_items([], max_items=2)
+    dup = {**one, "event_id": "evt-0000000001"}
+    with pytest.raises(EventValidationError, match="repeats the event_id of item 0"):
+        events_from_items([dup, dup], max_items=5)
+    events = events_from_items([one, {**one, "name": "B"}], max_items=5)
+    assert [e.name for e in events] == ["A", "B"]
+    assert events[0].event_id != events[1].event_id
+
+
+def test_ndjson_bad_line_becomes_an_error_item() -> None:
+    items = parse_ndjson('{"recipient_id": "1", "name": "A"}\n\nnot json\n')
+    assert isinstance(items[1], FieldError)
+    with pytest.raises(EventValidationError) as caught:
+        events_from_items(items, max_items=5)
+    assert caught.value.errors[0].index == 1
+
+
+def test_nan_is_not_json() -> None:
+    with pytest.raises(ValueError, match="NaN"):
+        loads_json('{"value": NaN}')
+
+
+def test_record_round_trip_and_damage() -> None:
+    event, _ = _one({"recipient_id": "1", "name": "X", "data": "d", "ref": "r", "value": "v"})
+    assert event is not None
+    assert Event.from_dict(json.loads(json.dumps(event.to_dict()))) == event
+    with pytest.raises(ValueError, match="not an event record"):
+        Event.from_dict({"name": "X"})

@@ -1,0 +1,82 @@
+"""The tenacity retry policy: backoff bounds, server hints, giving up in time."""
+
+from __future__ import annotations
+
+from forwarder.config import RetryConfig
+from forwarder.remote import Result, Verdict
+from forwarder.retry import build_retrying
+
+RETRY = Result(Verdict.RETRY, 503, error="unavailable")
+
+
+class Clock:
+    """Fake sleep that records what the policy asked for."""
+
+    def __init__(self) -> None:
+        self.sleeps: list[float] = []
+
+    async def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+
+
+async def test_retries_until_success_with_growing_jittered_waits() -> None:
+    clock = Clock()
+    answers = [RETRY] * 5 + [Result(Verdict.DELIVERED, 200)]
+
+    async def attempt() -> Result:
+        return answers.pop(0)
+
+    policy = RetryConfig(initial_backoff_s=0.5, max_backoff_s=3.0, max_elapsed_s=3600)
+    result: Result = await build_retrying(policy, sleep=clock.sleep)(attempt)
+    assert result.verdict is Verdict.DELIVERED
+    assert len(clock.sleeps) == 5
+    assert clock.sleeps[0] == 0.5  # the first window is [initial, initial]
+    assert all(0.5 <= s <= 3.0 for s in clock.sleeps)
+    # Each wait is drawn from [initial, min(max, initial * 2**n)].
+    for n, wait in enumerate(clock.sleeps):
+        assert wait <= min(3.0, 0.5 * 2**n)
+
+
+async def test_permanent_and_auth_are_not_retried() -> None:
+    for verdict in (Verdict.PERMANENT, Verdict.AUTH, Verdict.DELIVERED):
+        clock = Clock()
+        calls = 0
+
+        async def attempt(v: Verdict = verdict) -> Result:
+            nonlocal calls
+            calls += 1
+            return Result(v, 400)
+
+        result: Result = await build_retrying(RetryConfig(), sleep=clock.sleep)(attempt)
+        assert result.verdict is verdict
+        assert calls == 1
+        assert clock.sleeps == []
+
+
+async def test_server_hint_is_a_floor() -> None:
+    clock = Clock()
+    answers = [Result(Verdict.RETRY, 429, retry_after=7.0), Result(Verdict.DELIVERED, 200)]
+
+    async def attempt() -> Result:
+        return answers.pop(0)
+
+    await build_retrying(RetryConfig(initial_backoff_s=0.1), sleep=clock.sleep)(attempt)
+    assert clock.sleeps == [7.0]
+
+
+async def test_gives_up_before_an_attempt_past_max_elapsed() -> None:
+    clock = Clock()
+    calls = 0
+
+    async def attempt() -> Result:
+        nonlocal calls
+        calls += 1
+        return Result(Verdict.RETRY, 429, retry_after=10.0)
+
+    # The first wait (10 s) would already pass max_elapsed_s: give up with the last result.
+    policy = RetryConfig(initial_backoff_s=0.1, max_backoff_s=1.0, max_elapsed_s=5.0)
+    result: Result = await build_retrying(policy, sleep=clock.sleep)(attempt)
+    assert result.verdict is Verdict.RETRY
+    assert result.status == 429
+    assert calls == 1
+    assert clock.sleeps == []
