@@ -1,0 +1,238 @@
+"""Fixtures that run the real programs: `forwarder mock-remote` and `forwarder run` as subprocesses.
+
+Each factory cleans up what it made: processes are stopped (SIGTERM, then SIGKILL after a bounded
+wait) and temporary directories removed. Ports are always 0; Unix socket paths are kept short.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import shutil
+import signal
+import sys
+import tempfile
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+API_KEY = "sk-e2e-SECRET-9f8e7d6c5b4a"
+START_TIMEOUT_S = 15.0
+
+
+@dataclass
+class Proc:
+    """A running forwarder subprocess and everything it printed so far."""
+
+    process: asyncio.subprocess.Process
+    stdout: list[str] = field(default_factory=list)
+    stderr: list[str] = field(default_factory=list)
+    readers: list[asyncio.Task[None]] = field(default_factory=list)
+
+    def logs(self) -> list[dict[str, Any]]:
+        """stdout lines that are JSON log records."""
+        records = []
+        for line in self.stdout:
+            with contextlib.suppress(ValueError):
+                record = json.loads(line)
+                if isinstance(record, dict):
+                    records.append(record)
+        return records
+
+    def events(self, name: str) -> list[dict[str, Any]]:
+        return [r for r in self.logs() if r.get("event") == name]
+
+    async def wait_for_line(self, predicate: Callable[[str], bool], timeout: float) -> str:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        seen = 0
+        while loop.time() < deadline:
+            for line in self.stdout[seen:]:
+                if predicate(line):
+                    return line
+            seen = len(self.stdout)
+            if self.process.returncode is not None and all(t.done() for t in self.readers):
+                break
+            await asyncio.sleep(0.02)
+        raise AssertionError(
+            f"no expected line within {timeout}s; stdout={self.stdout[-20:]} "
+            f"stderr={self.stderr[-20:]}"
+        )
+
+    async def wait(self, timeout: float = 20.0) -> int:
+        """Wait for a one-shot command to finish by itself."""
+        code = await asyncio.wait_for(self.process.wait(), timeout)
+        await asyncio.wait_for(asyncio.gather(*self.readers), 5)
+        return code
+
+    async def stop(self, sig: int = signal.SIGTERM, timeout: float = 20.0) -> int:
+        if self.process.returncode is None:
+            self.process.send_signal(sig)
+        try:
+            code = await asyncio.wait_for(self.process.wait(), timeout)
+        except TimeoutError:
+            self.process.kill()
+            code = await self.process.wait()
+        await asyncio.wait_for(asyncio.gather(*self.readers), 5)
+        return code
+
+
+async def _pump(stream: asyncio.StreamReader | None, sink: list[str]) -> None:
+    if stream is None:
+        return
+    while line := await stream.readline():
+        sink.append(line.decode("utf-8", "replace").rstrip("\n"))
+
+
+async def spawn(*args: str, env: dict[str, str] | None = None) -> Proc:
+    """Start `python -m forwarder ARGS` with its output captured."""
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("FORWARDER_")}
+    for name in ("STATE_DIRECTORY", "CREDENTIALS_DIRECTORY", "NOTIFY_SOCKET"):
+        full_env.pop(name, None)
+    full_env["PYTHONUNBUFFERED"] = "1"
+    full_env.update(env or {})
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "forwarder",
+        *args,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=full_env,
+    )
+    proc = Proc(process)
+    proc.readers = [
+        asyncio.create_task(_pump(process.stdout, proc.stdout)),
+        asyncio.create_task(_pump(process.stderr, proc.stderr)),
+    ]
+    return proc
+
+
+@dataclass
+class MockProc:
+    """`forwarder mock-remote` on an ephemeral port, with its control endpoints."""
+
+    proc: Proc
+    base_url: str
+
+    @property
+    def root(self) -> str:
+        return self.base_url.removesuffix("/v1")
+
+    async def record(self) -> dict[str, Any]:
+        async with (
+            aiohttp.ClientSession() as http,
+            http.get(f"{self.root}/_mock/events") as response,
+        ):
+            result: dict[str, Any] = await response.json()
+            return result
+
+    async def set_faults(self, **faults: object) -> None:
+        async with (
+            aiohttp.ClientSession() as http,
+            http.post(f"{self.root}/_mock/faults", json=faults) as response,
+        ):
+            assert response.status == 200, await response.text()
+
+
+@pytest.fixture
+async def mock_remote() -> AsyncIterator[Callable[..., Awaitable[MockProc]]]:
+    started: list[Proc] = []
+
+    async def start(*flags: str, api_key: str = API_KEY) -> MockProc:
+        proc = await spawn(
+            "mock-remote", "--port", "0", "--api-key", api_key, "--rate-limit", "0", *flags
+        )
+        started.append(proc)
+        line = await proc.wait_for_line(
+            lambda s: s.startswith("mock-remote listening on"), START_TIMEOUT_S
+        )
+        return MockProc(proc, line.rsplit(" ", 1)[1])
+
+    yield start
+    for proc in started:
+        await proc.stop()
+
+
+@dataclass
+class DaemonProc:
+    """`forwarder run` with its config, state dir and the addresses it listens on."""
+
+    proc: Proc
+    config_path: Path
+    state_dir: Path
+    url: str
+    socket_path: str
+
+    async def stop(self, sig: int = signal.SIGTERM, timeout: float = 20.0) -> int:
+        return await self.proc.stop(sig, timeout)
+
+
+def unix_session(path: str) -> aiohttp.ClientSession:
+    """A client session that talks HTTP over the daemon's Unix socket."""
+    return aiohttp.ClientSession(
+        base_url="http://forwarder", connector=aiohttp.UnixConnector(path=path)
+    )
+
+
+def write_config(path: Path, sections: dict[str, dict[str, object]]) -> None:
+    lines: list[str] = []
+    for section, values in sections.items():
+        lines.append(f"[{section}]")
+        for key, value in values.items():
+            lines.append(f"{key} = {json.dumps(value)}")
+    path.write_text("\n".join(lines) + "\n")
+
+
+@pytest.fixture
+async def short_tmp() -> AsyncIterator[Path]:
+    """A short directory path: Unix socket paths must stay under 108 bytes."""
+    path = Path(tempfile.mkdtemp(prefix="fw", dir="/tmp"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+async def daemon(short_tmp: Path) -> AsyncIterator[Callable[..., Awaitable[DaemonProc]]]:
+    started: list[DaemonProc] = []
+
+    async def start(
+        base_url: str,
+        *,
+        state_dir: Path | None = None,
+        api_key: str = API_KEY,
+        **sections: dict[str, object],
+    ) -> DaemonProc:
+        n = len(started)
+        state = state_dir or short_tmp / f"state{n}"
+        sock = str(short_tmp / f"d{n}.sock")
+        config: dict[str, dict[str, object]] = {
+            "intake": {"http_listen": "127.0.0.1:0", "unix_socket": sock},
+            "remote": {"base_url": base_url, "timeout_s": 5.0, "connect_timeout_s": 2.0},
+            "retry": {"initial_backoff_s": 0.05, "max_backoff_s": 0.5, "max_elapsed_s": 60.0},
+            "state": {"dir": str(state)},
+            "shutdown": {"timeout_s": 5.0},
+            "log": {"level": "info", "format": "json"},
+        }
+        for section, values in sections.items():
+            config.setdefault(section, {}).update(values)
+        config_path = short_tmp / f"forwarder{n}.toml"
+        write_config(config_path, config)
+        proc = await spawn("run", "--config", str(config_path), env={"FORWARDER_API_KEY": api_key})
+        line = await proc.wait_for_line(lambda s: '"started"' in s, START_TIMEOUT_S)
+        listening = json.loads(line)["listening"]
+        url = next(a for a in listening if a.startswith("http://"))
+        made = DaemonProc(proc, config_path, state, url, sock)
+        started.append(made)
+        return made
+
+    yield start
+    for made in started:
+        await made.stop()
