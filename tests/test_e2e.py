@@ -1,4 +1,4 @@
-"""End to end: `forwarder run` as a subprocess, spoken to like an app, against `forwarder mock-remote`."""
+"""End to end: `forwarder run` as a subprocess, spoken to like an app, against the mock remote."""
 
 from __future__ import annotations
 
