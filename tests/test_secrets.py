@@ -72,7 +72,7 @@ async def test_key_appears_nowhere(
     assert await d.stop() == 0
 
     # Every command and its failure paths, with the key from a file this time.
-    config = d.config_path.read_text() + f"\n# key file\n"
+    config = d.config_path.read_text()
     config_path = short_tmp / "with-key-file.toml"
     config_path.write_text(config.replace("[remote]", f'[remote]\napi_key_file = "{key_file}"'))
     env_key = {"FORWARDER_API_KEY": KEY}
@@ -99,9 +99,9 @@ async def test_key_appears_nowhere(
     for n, proc in enumerate(procs):
         seen[f"process {n} stdout"] = "\n".join(proc.stdout)
         seen[f"process {n} stderr"] = "\n".join(proc.stderr)
-    for path in d.state_dir.rglob("*"):
-        if path.is_file():
-            seen[str(path)] = path.read_text(errors="replace")
+    for written in d.state_dir.rglob("*"):
+        if written.is_file():
+            seen[str(written)] = written.read_text(errors="replace")
     assert any("dead-letter" in name for name in seen), "the dead-letter path was not exercised"
     assert any("delivery_paused" in text for text in seen.values()), "401 path not exercised"
     for where, text in seen.items():
