@@ -18,6 +18,9 @@ from prometheus_client.registry import Collector
 LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING}
 LEVELS["error"] = logging.ERROR
 REDACTED = "[redacted]"
+# Label values exported from the start at 0, so rate() and alerts work before the first one.
+REFUSE_REASONS = ("queue_full", "shutting_down")
+DEAD_LETTER_REASONS = ("rejected", "gave_up", "internal_error")
 
 
 class Redactor:
@@ -170,16 +173,16 @@ class _StatsCollector(Collector):
             "Events refused with 503 (the app keeps them).",
             labels=["reason"],
         )
-        for reason, count in sorted(s.refused.items()):
-            refused.add_metric([reason], float(count))
+        for reason in sorted({*REFUSE_REASONS, *s.refused}):
+            refused.add_metric([reason], float(s.refused[reason]))
         yield refused
         dead = CounterMetricFamily(
             "forwarder_events_dead_lettered",
             "Events written to the dead-letter file.",
             labels=["reason"],
         )
-        for reason, count in sorted(s.dead_lettered.items()):
-            dead.add_metric([reason], float(count))
+        for reason in sorted({*DEAD_LETTER_REASONS, *s.dead_lettered}):
+            dead.add_metric([reason], float(s.dead_lettered[reason]))
         yield dead
         for gauge, (help_text, level) in self._gauges().items():
             yield GaugeMetricFamily(f"forwarder_{gauge}", help_text, value=level)

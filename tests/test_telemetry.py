@@ -1,0 +1,77 @@
+"""Logging pipeline (JSON, stdlib records, redaction) and the Prometheus export."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+from collections.abc import Iterator
+
+import pytest
+import structlog
+from prometheus_client import generate_latest
+
+from forwarder.telemetry import Metrics, Stats, configure_logging
+
+KEY = "sk-telemetry-0123456789"
+
+
+@pytest.fixture
+def reset_logging() -> Iterator[None]:
+    yield
+    structlog.reset_defaults()
+    root = logging.getLogger()
+    root.handlers.clear()
+    root.setLevel(logging.WARNING)
+
+
+@pytest.mark.usefixtures("reset_logging")
+def test_json_lines_with_redaction_for_ours_and_stdlib() -> None:
+    out = io.StringIO()
+    configure_logging("info", "auto", secrets=[KEY], stream=out)  # not a TTY: JSON
+    log = structlog.get_logger("t")
+    log.info("delivered", event_id="e1", error=f"remote said {KEY}", nested={"k": [KEY]})
+    log.debug("hidden")
+    logging.getLogger("aiohttp.server").error("handler failed for %s", KEY)
+    try:
+        raise ValueError(f"boom {KEY}")
+    except ValueError:
+        log.exception("internal_error")
+    lines = [json.loads(line) for line in out.getvalue().splitlines()]
+    assert [line["event"] for line in lines] == [
+        "delivered",
+        "handler failed for [redacted]",
+        "internal_error",
+    ]
+    assert lines[0]["level"] == "info"
+    assert lines[0]["event_id"] == "e1"
+    assert "timestamp" in lines[0]
+    assert lines[1]["logger"] == "aiohttp.server"
+    assert "ValueError" in lines[2]["exception"]
+    assert KEY not in out.getvalue()
+
+
+@pytest.mark.usefixtures("reset_logging")
+def test_console_format_is_redacted_too() -> None:
+    out = io.StringIO()
+    configure_logging("debug", "console", secrets=[KEY], stream=out)
+    structlog.get_logger("t").debug("retrying", error=KEY)
+    text = out.getvalue()
+    assert "retrying" in text
+    assert KEY not in text
+
+
+def test_metrics_read_the_counters_at_scrape_time() -> None:
+    stats = Stats()
+    metrics = Metrics(stats, lambda: {"queue_depth": ("Events waiting.", 3.0)})
+    stats.accepted = 5
+    stats.dead_lettered["gave_up"] += 2
+    stats.refused["queue_full"] += 1
+    metrics.latency.observe(0.02)
+    text = generate_latest(metrics.registry).decode()
+    assert "forwarder_events_accepted_total 5.0" in text
+    assert 'forwarder_events_dead_lettered_total{reason="gave_up"} 2.0' in text
+    assert 'forwarder_events_dead_lettered_total{reason="rejected"} 0.0' in text
+    assert 'forwarder_events_refused_total{reason="queue_full"} 1.0' in text
+    assert "forwarder_queue_depth 3.0" in text
+    assert "forwarder_delivery_attempt_seconds_count 1.0" in text
