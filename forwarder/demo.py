@@ -7,6 +7,7 @@ the idempotency key (409 absorbed) and a dead letter can all be seen in the log.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import random
 import tempfile
@@ -111,7 +112,12 @@ async def run_demo(events: int = 40) -> int:
         f"  attempts {counters['attempts']}, retried {counters['retries']}, "
         f"invalid requests refused {counters['invalid_requests']}"
     )
-    print(f"  mock remote: created {len(record.events)} events; its counters: {record.stats}")
+    faults = dataclasses.asdict(record.stats)
+    print(
+        f"  mock remote: created {len(record.events)} events; answered 5xx {faults['failed']}, "
+        f"dropped {faults['resets']} connections, left {faults['timeouts']} unanswered, "
+        f"409 {faults['duplicates']}, 422 {faults['conflicts']}"
+    )
     for line in dead_lines:
         dead = json.loads(line)
         print(f"  dead letter: {dead['event']['event_id']} HTTP {dead['status']}: {dead['error']}")

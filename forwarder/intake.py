@@ -164,8 +164,6 @@ def _form_to_mapping(form: MultiDictProxy[Any]) -> tuple[dict[str, object], list
 async def create_event(request: web.Request) -> web.Response:
     """POST /v1/recipientEvents/create: the drop-in for the remote's endpoint, one event."""
     state = request.app[STATE]
-    if not state.accepting:
-        return _refuse(state, 1)
     ctype = _content_type(request)
     errors: list[FieldError] = []
     raw: dict[str, object]
@@ -203,8 +201,6 @@ async def create_event(request: web.Request) -> web.Response:
 async def create_events(request: web.Request) -> web.Response:
     """POST /v1/events: a batch (JSON array or NDJSON), validated and queued as a whole."""
     state = request.app[STATE]
-    if not state.accepting:
-        return _refuse(state, 0)
     ctype = _content_type(request)
     items: list[object]
     try:
