@@ -329,10 +329,11 @@ def parse_ndjson(text: str) -> list[object]:
         try:
             items.append(loads_json(line))
         except (ValueError, RecursionError) as exc:
-            items.append(FieldError(len(items), "", f"not valid JSON: {_short(exc)}"))
+            items.append(FieldError(len(items), "", f"not valid JSON: {describe_error(exc)}"))
     return items
 
 
-def _short(exc: BaseException) -> str:
+def describe_error(exc: BaseException) -> str:
+    """A parse error's message, bounded in length for an answer to the app."""
     text = str(exc) or type(exc).__name__
     return text if len(text) <= 120 else text[:117] + "..."

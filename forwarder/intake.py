@@ -22,6 +22,7 @@ from forwarder.events import (
     Event,
     EventValidationError,
     FieldError,
+    describe_error,
     event_from_mapping,
     events_from_items,
     loads_json,
@@ -189,7 +190,9 @@ async def create_event(request: web.Request) -> web.Response:
     except UnicodeDecodeError as exc:
         return _invalid(state, [FieldError(0, "", f"form is not valid UTF-8 (byte {exc.start})")])
     except (ValueError, RecursionError) as exc:
-        return _invalid(state, [FieldError(0, "", f"body is not valid JSON: {_short(exc)}")])
+        return _invalid(
+            state, [FieldError(0, "", f"body is not valid JSON: {describe_error(exc)}")]
+        )
     event = event_from_mapping(raw, 0, errors, ignored=DROP_IN_IGNORED)
     if event is None or errors:
         return _invalid(state, errors)
@@ -216,7 +219,9 @@ async def create_events(request: web.Request) -> web.Response:
     except _BadBody as exc:
         return _invalid(state, [FieldError(-1, "", str(exc))])
     except (ValueError, RecursionError) as exc:
-        return _invalid(state, [FieldError(-1, "", f"body is not valid JSON: {_short(exc)}")])
+        return _invalid(
+            state, [FieldError(-1, "", f"body is not valid JSON: {describe_error(exc)}")]
+        )
     try:
         events = events_from_items(items, max_items=state.max_batch)
     except EventValidationError as exc:
@@ -244,11 +249,6 @@ def _unsupported(state: IntakeState, ctype: str, expected: str) -> web.Response:
     state.stats.invalid_requests += 1
     got = f"'{ctype}'" if ctype else "none"
     return _error(415, f"unsupported Content-Type {got}; send {expected}")
-
-
-def _short(exc: BaseException) -> str:
-    text = str(exc) or type(exc).__name__
-    return text if len(text) <= 120 else text[:117] + "..."
 
 
 async def healthz(request: web.Request) -> web.Response:
