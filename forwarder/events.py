@@ -120,6 +120,9 @@ def _text(
         if "\x00" in raw:
             errors.append(FieldError(index, field, "must not contain NUL characters"))
             return None
+        if not _is_utf8(raw):
+            errors.append(FieldError(index, field, "must be valid Unicode (no lone surrogates)"))
+            return None
         return raw
     if numbers and isinstance(raw, int) and not isinstance(raw, bool):
         return str(raw)
@@ -131,6 +134,15 @@ def _text(
     kinds = "a string or a number" if numbers else "a string"
     errors.append(FieldError(index, field, f"must be {kinds}, got {_json_kind(raw)}"))
     return None
+
+
+def _is_utf8(text: str) -> bool:
+    # JSON escapes can smuggle in lone surrogates, which no file or form can carry later.
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _json_kind(raw: object) -> str:
@@ -170,12 +182,15 @@ def _data(raw: object, index: int, errors: list[FieldError]) -> str | None:
     if isinstance(raw, dict | list):
         # Apps often hand structured data; the remote takes a string, so serialise compactly.
         text = json.dumps(raw, separators=(",", ":"), ensure_ascii=False)
+        if not _is_utf8(text):
+            errors.append(FieldError(index, "data", "must be valid Unicode (no lone surrogates)"))
+            return None
     else:
         maybe = _text(raw, "data", index, errors, numbers=False)
         if maybe is None:
             return None
         text = maybe
-    if len(text.encode("utf-8", "surrogatepass")) > MAX_DATA_BYTES:
+    if len(text.encode("utf-8")) > MAX_DATA_BYTES:
         errors.append(FieldError(index, "data", f"must be at most {MAX_DATA_BYTES} bytes"))
         return None
     return text
@@ -323,7 +338,8 @@ def loads_json(text: str) -> object:
 def parse_ndjson(text: str) -> list[object]:
     """Split an NDJSON body into items; a line that does not parse becomes a FieldError item."""
     items: list[object] = []
-    for line in text.splitlines():
+    # Only "\n" ends a line: splitlines() would also split at U+2028 inside a JSON string.
+    for line in text.split("\n"):
         if not line.strip():
             continue
         try:

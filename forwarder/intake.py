@@ -13,8 +13,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
-from aiohttp import web
-from multidict import MultiDictProxy
+from aiohttp import BodyPartReader, web
+from aiohttp.http_exceptions import HttpProcessingError
+from multidict import MultiDict
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from forwarder import __version__
@@ -38,6 +39,7 @@ JSON_TYPES = frozenset({"application/json"})
 NDJSON_TYPES = frozenset({"application/x-ndjson", "application/ndjson", "application/jsonl"})
 # The drop-in endpoint tolerates the remote's own way of passing the key, and ignores it.
 DROP_IN_IGNORED = frozenset({"api_key"})
+MAX_FORM_FIELDS = 1000  # aiohttp's own bound for urlencoded forms
 
 
 @dataclass(slots=True)
@@ -63,7 +65,8 @@ def _json(
 ) -> web.Response:
     return web.Response(
         status=status,
-        body=json.dumps(payload, ensure_ascii=False).encode(),
+        # backslashreplace: an error may echo a lone surrogate the app sent (a JSON escape).
+        body=json.dumps(payload, ensure_ascii=False).encode("utf-8", "backslashreplace"),
         content_type="application/json",
         headers=headers,
     )
@@ -85,7 +88,7 @@ async def json_errors(
             raise
         headers = {k: v for k, v in exc.headers.items() if k in ("Allow", "Retry-After")}
         message = exc.text or exc.reason
-        if exc.status == 413:
+        if exc.status == 413 and (exc.text or "").startswith("Maximum request body size"):
             message = (
                 f"request body is larger than intake.max_body_bytes ({request.app[STATE_LIMIT]})"
             )
@@ -134,19 +137,82 @@ def _admit(state: IntakeState, events: list[Event]) -> bool:
     return True
 
 
+class _BadBody(Exception):
+    """The body could not be read as the content type it claims."""
+
+    def __init__(self, message: str, field: str = "") -> None:
+        super().__init__(message)
+        self.field = field
+
+
 async def _read_text(request: web.Request) -> str:
-    body = await request.read()  # raises 413 past client_max_size
+    try:
+        body = await request.read()  # raises 413 past client_max_size
+    except (web.RequestPayloadError, HttpProcessingError) as exc:  # e.g. corrupt gzip
+        raise _BadBody(f"body cannot be read: {describe_error(exc)}") from None
     try:
         return body.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise _BadBody(f"body is not valid UTF-8 (byte {exc.start})") from None
 
 
-class _BadBody(Exception):
-    """The body could not be read as the content type it claims."""
+def _parse_json(text: str) -> object:
+    try:
+        return loads_json(text)
+    except (ValueError, RecursionError) as exc:
+        raise _BadBody(f"not valid JSON: {describe_error(exc)}") from None
 
 
-def _form_to_mapping(form: MultiDictProxy[Any]) -> tuple[dict[str, object], list[FieldError]]:
+async def _read_form(request: web.Request, limit: int) -> MultiDict[str]:
+    """The form's text fields; anything aiohttp cannot parse becomes a 400, never a 500."""
+    try:
+        if request.content_type == "multipart/form-data":
+            return await _read_multipart(request, limit)
+        form = await request.post()  # urlencoded: text fields only; 413 past client_max_size
+        return MultiDict((k, v) for k, v in form.items() if isinstance(v, str))
+    except UnicodeDecodeError as exc:
+        raise _BadBody(f"form is not valid UTF-8 (byte {exc.start})") from None
+    except _FORM_ERRORS as exc:
+        raise _BadBody(f"form cannot be read: {describe_error(exc)}") from None
+
+
+# What aiohttp raises on a form a client got wrong: bad charset names, broken multipart headers,
+# unknown transfer encodings, corrupt compression.
+_FORM_ERRORS = (
+    ValueError,
+    LookupError,
+    RuntimeError,
+    AssertionError,
+    HttpProcessingError,
+    web.RequestPayloadError,
+)
+
+
+async def _read_multipart(request: web.Request, limit: int) -> MultiDict[str]:
+    # Walked by hand rather than with request.post(): that spools file parts to temporary files
+    # it leaks when the body turns out broken, and a file is never an event field anyway.
+    fields: MultiDict[str] = MultiDict()
+    total = 0
+    reader = await request.multipart()
+    while (part := await reader.next()) is not None:
+        if not isinstance(part, BodyPartReader):
+            raise _BadBody("nested multipart bodies are not supported")
+        name = part.name or ""
+        if part.filename is not None:
+            raise _BadBody("must be a text field, not a file", field=name)
+        data = bytearray()
+        while chunk := await part.read_chunk(64 * 1024):
+            total += len(chunk)
+            if total > limit:
+                raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=total)
+            data.extend(chunk)
+        fields.add(name, part.decode(bytes(data)).decode(part.get_charset(default="utf-8")))
+        if len(fields) > MAX_FORM_FIELDS:
+            raise _BadBody(f"more than {MAX_FORM_FIELDS} form fields")
+    return fields
+
+
+def _form_to_mapping(form: MultiDict[str]) -> tuple[dict[str, object], list[FieldError]]:
     fields: dict[str, object] = {}
     errors: list[FieldError] = []
     for key in form:
@@ -155,8 +221,6 @@ def _form_to_mapping(form: MultiDictProxy[Any]) -> tuple[dict[str, object], list
         values = form.getall(key)
         if len(values) > 1:
             errors.append(FieldError(0, key, "given more than once"))
-        elif not isinstance(values[0], str):
-            errors.append(FieldError(0, key, "must be a text field, not a file"))
         else:
             fields[key] = values[0]
     return fields, errors
@@ -170,11 +234,10 @@ async def create_event(request: web.Request) -> web.Response:
     raw: dict[str, object]
     try:
         if ctype in FORM_TYPES:
-            raw, errors = _form_to_mapping(await request.post())
-            # The remote also takes the key as a query parameter; tolerate it like the form field.
-            raw.pop("api_key", None)
+            form = await _read_form(request, request.app[STATE_LIMIT])
+            raw, errors = _form_to_mapping(form)
         elif ctype in JSON_TYPES:
-            parsed = loads_json(await _read_text(request))
+            parsed = _parse_json(await _read_text(request))
             if not isinstance(parsed, dict):
                 return _invalid(
                     state,
@@ -186,13 +249,7 @@ async def create_event(request: web.Request) -> web.Response:
                 state, ctype, "application/x-www-form-urlencoded or application/json"
             )
     except _BadBody as exc:
-        return _invalid(state, [FieldError(0, "", str(exc))])
-    except UnicodeDecodeError as exc:
-        return _invalid(state, [FieldError(0, "", f"form is not valid UTF-8 (byte {exc.start})")])
-    except (ValueError, RecursionError) as exc:
-        return _invalid(
-            state, [FieldError(0, "", f"body is not valid JSON: {describe_error(exc)}")]
-        )
+        return _invalid(state, [FieldError(0, exc.field, str(exc))])
     event = event_from_mapping(raw, 0, errors, ignored=DROP_IN_IGNORED)
     if event is None or errors:
         return _invalid(state, errors)
@@ -208,7 +265,7 @@ async def create_events(request: web.Request) -> web.Response:
     items: list[object]
     try:
         if ctype in JSON_TYPES:
-            parsed = loads_json(await _read_text(request))
+            parsed = _parse_json(await _read_text(request))
             if not isinstance(parsed, list):
                 return _invalid(state, [FieldError(-1, "", "expected a JSON array of events")])
             items = parsed
@@ -217,11 +274,7 @@ async def create_events(request: web.Request) -> web.Response:
         else:
             return _unsupported(state, ctype, "application/json or application/x-ndjson")
     except _BadBody as exc:
-        return _invalid(state, [FieldError(-1, "", str(exc))])
-    except (ValueError, RecursionError) as exc:
-        return _invalid(
-            state, [FieldError(-1, "", f"body is not valid JSON: {describe_error(exc)}")]
-        )
+        return _invalid(state, [FieldError(-1, exc.field, str(exc))])
     try:
         events = events_from_items(items, max_items=state.max_batch)
     except EventValidationError as exc:
