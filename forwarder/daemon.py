@@ -25,6 +25,7 @@ from aiohttp import web
 from forwarder.config import ApiKey, Config
 from forwarder.deadletter import DeadLetterWriter
 from forwarder.dispatcher import Dispatcher
+from forwarder.events import Event
 from forwarder.intake import IntakeState, create_app
 from forwarder.queue import EventQueue, load_pending, remove_pending, save_pending
 from forwarder.remote import USER_AGENT, RemoteClient
@@ -160,7 +161,7 @@ class Daemon:
         )
         exit_code = 0
         drained = True
-        leftovers: list[Any] = []
+        leftovers: list[Event] = []
         dead_letters.start()
         self._dispatcher.start()
         try:
@@ -194,8 +195,7 @@ class Daemon:
             self._state.accepting = False
             leftovers = await self._dispatcher.stop()
             if leftovers:
-                path = await asyncio.to_thread(save_pending, state_dir, leftovers)
-                log.info("pending_saved", count=len(leftovers), path=str(path))
+                await self._save(state_dir, leftovers)
             await runner.cleanup()
             self._remove_unix_socket()
             await session.close()
@@ -208,6 +208,21 @@ class Daemon:
             **self.stats.counters(),
         )
         return exit_code
+
+    async def _save(self, state_dir: Path, events: list[Event]) -> None:
+        try:
+            path = await asyncio.to_thread(save_pending, state_dir, events)
+        except OSError as exc:
+            # Disk full or gone: the journal is the last place left, so the events are not lost
+            # without a trace (they can be re-sent from these lines by hand).
+            log.error(
+                "pending_unsaved",
+                error=str(exc),
+                count=len(events),
+                events=[event.to_dict() for event in events],
+            )
+            return
+        log.info("pending_saved", count=len(events), path=str(path))
 
     async def _start_sites(self, runner: web.AppRunner) -> None:
         intake = self.config.intake

@@ -3,14 +3,26 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import socket
 from pathlib import Path
 
 import aiohttp
+import pytest
+import structlog
 
-from forwarder.config import ApiKey, Config, IntakeConfig, Secret, StateConfig
+from forwarder.config import (
+    ApiKey,
+    Config,
+    IntakeConfig,
+    RemoteConfig,
+    Secret,
+    ShutdownConfig,
+    StateConfig,
+)
 from forwarder.daemon import Daemon
+from forwarder.events import Event
 
 KEY = ApiKey(Secret("sk-daemon-test-0000"), "test")
 
@@ -84,3 +96,29 @@ async def test_socket_of_a_live_process_or_a_regular_file_is_refused(short_tmp: 
     daemon = Daemon(_config(short_tmp / "s", listen="", sock=str(link)), KEY)
     assert await asyncio.wait_for(daemon.run(), 10) == 1
     assert regular.read_text() == "keep me"
+
+
+async def test_events_that_cannot_be_saved_go_to_the_journal(
+    short_tmp: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def disk_full(state_dir: Path, events: list[Event]) -> Path:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("forwarder.daemon.save_pending", disk_full)
+    config = dataclasses.replace(
+        _config(short_tmp / "s"),
+        remote=RemoteConfig(base_url="http://127.0.0.1:9/v1"),  # nothing listens: retries
+        shutdown=ShutdownConfig(timeout_s=0.1),
+    )
+    daemon = Daemon(config, KEY)
+    with structlog.testing.capture_logs() as logs:
+        task = await _run_until_ready(daemon)
+        event = Event(event_id="evt-unsaved-01", recipient_id="1", name="SIGNUP")
+        assert daemon.queue.offer([event])
+        await asyncio.sleep(0.1)
+        daemon.request_stop()
+        assert await asyncio.wait_for(task, 10) == 0
+    (unsaved,) = [line for line in logs if line["event"] == "pending_unsaved"]
+    assert unsaved["count"] == 1
+    assert unsaved["events"][0]["event_id"] == "evt-unsaved-01"
+    assert "No space left" in unsaved["error"]
