@@ -12,14 +12,8 @@ from pathlib import Path
 import aiohttp
 
 from forwarder import __version__
-from forwarder.config import (
-    ApiKey,
-    Config,
-    ConfigError,
-    load_config,
-    render_effective,
-    resolve_api_key,
-)
+from forwarder.config import Config, ConfigError, load_config, render_effective
+from forwarder.credentials import ApiKey, resolve_api_key
 
 EXIT_CONFIG = 2
 NO_KEY = (

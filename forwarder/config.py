@@ -3,14 +3,13 @@
 A TOML file (``/etc/forwarder/forwarder.toml`` by default) is read into frozen dataclasses, one per
 section; ``FORWARDER_<SECTION>_<KEY>`` environment variables override single keys; the result is
 checked strictly, and every error names the offending key or variable. The remote API key is not a
-setting: :func:`resolve_api_key` finds it in the environment, a file or a systemd credential.
+setting: `credentials.resolve_api_key` finds it in the environment, a file or a systemd credential.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
-import hmac
 import ipaddress
 import math
 import os
@@ -23,9 +22,11 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
+if typing.TYPE_CHECKING:
+    from forwarder.credentials import ApiKey
+
 __all__ = [
     "DEFAULT_CONFIG_PATH",
-    "ApiKey",
     "Config",
     "ConfigError",
     "IntakeConfig",
@@ -33,22 +34,16 @@ __all__ = [
     "QueueConfig",
     "RemoteConfig",
     "RetryConfig",
-    "Secret",
     "ShutdownConfig",
     "StateConfig",
     "load_config",
     "render_effective",
-    "resolve_api_key",
 ]
 
 DEFAULT_CONFIG_PATH = Path("/etc/forwarder/forwarder.toml")
 
 _FALLBACK_STATE_DIR = "/var/lib/forwarder"
 _ENV_PREFIX = "FORWARDER_"
-_API_KEY_VAR = "FORWARDER_API_KEY"
-_CREDENTIAL_NAME = "api_key"
-# An API key is a short token; refusing huge files avoids reading e.g. a mistakenly named log.
-_MAX_KEY_FILE_BYTES = 4096
 # sun_path is 108 bytes on Linux, including the terminating NUL.
 _MAX_UNIX_SOCKET_PATH = 107
 _LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -150,45 +145,6 @@ class Config:
     state: StateConfig = field(default_factory=StateConfig)
     shutdown: ShutdownConfig = field(default_factory=ShutdownConfig)
     log: LogConfig = field(default_factory=LogConfig)
-
-
-class Secret:
-    """A string that never shows itself in ``repr``/``str`` (and so not in logs or tracebacks)."""
-
-    __slots__ = ("_value",)
-
-    def __init__(self, value: str) -> None:
-        self._value = value
-
-    def reveal(self) -> str:
-        """Return the secret value; call only where it is actually sent."""
-        return self._value
-
-    def __repr__(self) -> str:
-        return "<secret>"
-
-    def __str__(self) -> str:
-        return "<secret>"
-
-    def __eq__(self, other: object) -> bool:
-        if not isinstance(other, Secret):
-            return NotImplemented
-        # Constant-time: cheap, and keeps comparisons from leaking the key through timing.
-        return hmac.compare_digest(
-            self._value.encode("utf-8", "surrogatepass"),
-            other._value.encode("utf-8", "surrogatepass"),
-        )
-
-    def __hash__(self) -> int:
-        return hash(self._value)
-
-
-@dataclass(frozen=True, slots=True)
-class ApiKey:
-    """The resolved API key and a human description of where it came from."""
-
-    secret: Secret
-    source: str
 
 
 # --- schema -------------------------------------------------------------------------------------
@@ -353,7 +309,8 @@ def _env_values(env: Mapping[str, str]) -> tuple[dict[str, dict[str, object]], d
     values: dict[str, dict[str, object]] = {}
     origins: dict[str, str] = {}
     for var in sorted(env):  # sorted: the same error first on every run
-        if not var.startswith(_ENV_PREFIX) or var == _API_KEY_VAR:
+        # FORWARDER_API_KEY is not a setting (see credentials.py).
+        if not var.startswith(_ENV_PREFIX) or var == "FORWARDER_API_KEY":
             continue
         rest = var[len(_ENV_PREFIX) :]
         section = _env_section(rest)
@@ -566,83 +523,6 @@ def _validate(config: Config, origins: Mapping[str, str]) -> Config:
         remote=dataclasses.replace(remote, base_url=base_url),
         log=LogConfig(level=level, format=log_format),
     )
-
-
-# --- API key ------------------------------------------------------------------------------------
-
-
-def _make_key(raw: str, source: str, where: str | None = None) -> ApiKey:
-    """Strip and check a key; errors name ``where`` (default ``source``), never the content."""
-    where = where or source
-    key = raw.strip()
-    if not key:
-        raise ConfigError(f"API key from {where} is empty")
-    # Anything else would corrupt (or inject into) the auth header; typical cause: a pasted quote.
-    if not key.isascii() or not key.isprintable() or any(ch.isspace() for ch in key):
-        raise ConfigError(f"API key from {where} must be printable ASCII without whitespace")
-    return ApiKey(secret=Secret(key), source=source)
-
-
-def _read_limited(path: Path) -> bytes:
-    with path.open("rb") as fh:
-        return fh.read(_MAX_KEY_FILE_BYTES + 1)
-
-
-def _reason(exc: OSError) -> str:
-    return exc.strerror or type(exc).__name__
-
-
-def _key_from_bytes(data: bytes, source: str, where: str) -> ApiKey:
-    if len(data) > _MAX_KEY_FILE_BYTES:
-        raise ConfigError(
-            f"API key from {where} is too large (over {_MAX_KEY_FILE_BYTES} bytes) to be a key"
-        )
-    try:
-        # utf-8-sig: a BOM is not part of the key.
-        text = data.decode("utf-8-sig")
-    except UnicodeDecodeError:
-        raise ConfigError(f"API key from {where} is not valid UTF-8") from None
-    return _make_key(text, source, where)
-
-
-def resolve_api_key(config: Config, env: Mapping[str, str] | None = None) -> ApiKey | None:
-    """Find the remote API key.
-
-    Order: ``FORWARDER_API_KEY`` (if non-empty), then the file ``remote.api_key_file`` (if set),
-    then the systemd credential ``$CREDENTIALS_DIRECTORY/api_key`` (if present). Surrounding
-    whitespace is stripped. Returns None when no source is configured; raises :class:`ConfigError`
-    naming the source (never the content) if a configured source is unreadable or empty.
-    """
-    environ: Mapping[str, str] = os.environ if env is None else env
-
-    value = environ.get(_API_KEY_VAR, "")
-    if value:
-        return _make_key(value, f"environment {_API_KEY_VAR}")
-
-    if config.remote.api_key_file:
-        path = Path(config.remote.api_key_file)
-        source = f"file {path}"
-        try:
-            data = _read_limited(path)
-        except OSError as exc:
-            raise ConfigError(
-                f"remote.api_key_file: cannot read API key from {source}: {_reason(exc)}"
-            ) from None
-        return _key_from_bytes(data, source, source)
-
-    credentials = environ.get("CREDENTIALS_DIRECTORY", "")
-    if credentials:
-        path = Path(credentials) / _CREDENTIAL_NAME
-        source = f"systemd credential {_CREDENTIAL_NAME}"
-        where = f"{source} ({path})"
-        try:
-            data = _read_limited(path)
-        except (FileNotFoundError, NotADirectoryError):
-            return None  # the service has credentials, just not this one
-        except OSError as exc:
-            raise ConfigError(f"cannot read API key from {where}: {_reason(exc)}") from None
-        return _key_from_bytes(data, source, where)
-    return None
 
 
 # --- rendering ----------------------------------------------------------------------------------

@@ -22,7 +22,8 @@ import aiohttp
 import structlog
 from aiohttp import web
 
-from forwarder.config import ApiKey, Config
+from forwarder.config import Config
+from forwarder.credentials import ApiKey
 from forwarder.deadletter import DeadLetterWriter
 from forwarder.dispatcher import Dispatcher
 from forwarder.events import Event

@@ -16,7 +16,8 @@ from typing import Any
 
 import aiohttp
 
-from forwarder.config import ApiKey, Secret, load_config
+from forwarder.config import load_config
+from forwarder.credentials import ApiKey, Secret
 from forwarder.daemon import Daemon
 from forwarder.mock_remote import MockOptions, start_mock
 from forwarder.telemetry import configure_logging

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import aiohttp
 
 from forwarder import __version__
-from forwarder.config import Secret
+from forwarder.credentials import Secret
 from forwarder.events import Event
 
 USER_AGENT = f"forwarder/{__version__}"

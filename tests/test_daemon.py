@@ -12,15 +12,8 @@ import aiohttp
 import pytest
 import structlog
 
-from forwarder.config import (
-    ApiKey,
-    Config,
-    IntakeConfig,
-    RemoteConfig,
-    Secret,
-    ShutdownConfig,
-    StateConfig,
-)
+from forwarder.config import Config, IntakeConfig, RemoteConfig, ShutdownConfig, StateConfig
+from forwarder.credentials import ApiKey, Secret
 from forwarder.daemon import Daemon
 from forwarder.events import Event
 

@@ -14,7 +14,7 @@ import pytest
 from aioresponses import CallbackResult, aioresponses
 from aioresponses import core as aioresponses_core
 
-from forwarder.config import Secret
+from forwarder.credentials import Secret
 from forwarder.events import Event
 from forwarder.remote import USER_AGENT, RemoteClient, Verdict, classify
 
