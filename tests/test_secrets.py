@@ -41,7 +41,7 @@ async def test_key_appears_nowhere(
     d = await daemon(
         mock.base_url,
         api_key=KEY,
-        remote={"auth_retry_s": 0.2, "concurrency": 1},
+        remote={"auth_retry_s": 0.2, "concurrency": 4},
         shutdown={"timeout_s": 0.3},
     )
     procs += [mock.proc, d.proc]
@@ -65,11 +65,20 @@ async def test_key_appears_nowhere(
         await mock.set_faults(api_key=KEY)
         async with http.post("/v1/events", json=[{**bad, "name": "B"}]) as response:
             assert response.status == 202
-        await asyncio.sleep(1.0)
+        dead_file = d.state_dir / "dead-letter.jsonl"
+
+        async def dead_lettered() -> bool:
+            return dead_file.exists() and dead_file.stat().st_size > 0
+
+        await wait_until(dead_lettered, 20)
         for path in ("/v1/stats", "/metrics"):
             async with http.get(path) as response:
                 seen[f"GET {path} later"] = await response.text()
+        # More than the slow remote can take before the stop: the pending file path too.
+        async with http.post("/v1/events", json=batch) as response:
+            assert response.status == 202
     assert await d.stop() == 0
+    assert (d.state_dir / "pending.jsonl").exists()
 
     # Every command and its failure paths, with the key from a file this time.
     config = d.config_path.read_text()
@@ -102,7 +111,7 @@ async def test_key_appears_nowhere(
     for written in d.state_dir.rglob("*"):
         if written.is_file():
             seen[str(written)] = written.read_text(errors="replace")
-    assert any("dead-letter" in name for name in seen), "the dead-letter path was not exercised"
+    assert any(name.endswith("dead-letter.jsonl") for name in seen)
     assert any("delivery_paused" in text for text in seen.values()), "401 path not exercised"
     for where, text in seen.items():
         assert_clean(where, text)
