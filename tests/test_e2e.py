@@ -213,6 +213,9 @@ async def test_second_signal_stops_at_once_and_saves(
         status, body = await _post(http, "/v1/events", json=batch)
         assert status == 503
         assert body["reason"] == "shutting_down"
+        async with http.get("/readyz") as response:
+            assert response.status == 503
+            assert (await response.json())["reason"] == "shutting down"
     loop = asyncio.get_running_loop()
     started = loop.time()
     assert await d.stop(signal.SIGINT, timeout=10) == 0
@@ -253,3 +256,14 @@ async def test_send_command_and_check_config(mock_remote: StartMock, daemon: Sta
         "FORWARDER_API_KEY": API_KEY, "FORWARDER_REMOTE_CONCURRENCY": "lots"})  # fmt: skip
     assert await bad.wait(15) == 2
     assert any("FORWARDER_REMOTE_CONCURRENCY" in line for line in bad.stderr)
+
+
+async def test_demo_runs_and_accounts_for_every_event() -> None:
+    from tests.conftest import spawn
+
+    demo = await spawn("demo", "--events", "12")
+    assert await demo.wait(60) == 0, demo.stdout[-20:]
+    out = "\n".join(demo.stdout)
+    assert "every accepted event delivered or dead-lettered: yes" in out
+    assert "dead letter: order-confirmation-0001 HTTP 422" in out
+    assert "retrying" in out  # the mock's injected faults were met and retried
