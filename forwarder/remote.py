@@ -129,6 +129,23 @@ def classify(status: int, body: bytes, headers: Mapping[str, str], reason: str =
     return Result(Verdict.PERMANENT, status, error=error)
 
 
+async def _read_capped(stream: aiohttp.StreamReader, limit: int) -> bytes:
+    """The body up to `limit` bytes: enough for any real answer, bounded against a runaway one.
+
+    `read(n)` returns what has arrived so far, not n bytes, so a body split across packets needs
+    the loop.
+    """
+    chunks: list[bytes] = []
+    size = 0
+    while size < limit:
+        chunk = await stream.read(limit - size)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        size += len(chunk)
+    return b"".join(chunks)
+
+
 class RemoteClient:
     """Sends events to `{base_url}/recipientEvents/create` over a shared ClientSession."""
 
@@ -152,7 +169,7 @@ class RemoteClient:
                 # A redirect would carry the key to wherever it points: never follow one.
                 allow_redirects=False,
             ) as response:
-                body = await response.content.read(MAX_RESPONSE_BYTES)
+                body = await _read_capped(response.content, MAX_RESPONSE_BYTES)
                 result = classify(response.status, body, response.headers, response.reason or "")
         except (aiohttp.ClientError, TimeoutError) as exc:
             kind = "timeout" if isinstance(exc, TimeoutError) else type(exc).__name__

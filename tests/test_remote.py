@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import inspect
 import re
@@ -159,3 +160,26 @@ def test_error_text_is_bounded_and_flattened() -> None:
     assert len(result.error) <= 300
     assert classify(400, b"", {}, "Bad Request").error == "HTTP 400 Bad Request"
     assert re.match(r"\{", classify(400, b"{not json", {}).error)
+
+
+async def test_a_body_that_arrives_in_pieces_is_read_whole() -> None:
+    from aiohttp import web
+    from aiohttp.test_utils import TestServer
+
+    async def slow_json(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(status=200, headers={"Content-Type": "application/json"})
+        await response.prepare(request)
+        for piece in (b'{"success": ', b"true, ", b'"data": 4242}'):
+            await response.write(piece)
+            await asyncio.sleep(0.02)
+        await response.write_eof()
+        return response
+
+    app = web.Application()
+    app.router.add_post("/v1/recipientEvents/create", slow_json)
+    async with TestServer(app) as server, aiohttp.ClientSession() as session:
+        remote = RemoteClient(session, str(server.make_url("/v1")), Secret(KEY))
+        result = await remote.send(EVENT)
+    assert result.verdict is Verdict.DELIVERED
+    assert result.remote_id == 4242
+    assert result.warning == ""
