@@ -118,14 +118,15 @@ class Daemon:
         started = time.monotonic()
         try:
             await asyncio.to_thread(_prepare_state_dir, state_dir)
+            pending = await asyncio.to_thread(load_pending, state_dir)
         except OSError as exc:
             log.error("startup_failed", error=f"state.dir {state_dir}: {exc.strerror or exc}")
             return 1
-        pending = await asyncio.to_thread(load_pending, state_dir)
         # Pending events go in first, ahead of anything new, and may exceed the bound.
         restored = self.queue.restore(pending.events)
         if pending.events or pending.damaged_lines:
             log.info("pending_restored", count=restored, damaged_lines=pending.damaged_lines)
+        # Removed only now that they are queued; a stop saves whatever is left of them again.
         await asyncio.to_thread(remove_pending, state_dir)
 
         metrics = Metrics(self.stats, self._gauges)
