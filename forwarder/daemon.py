@@ -126,8 +126,12 @@ class Daemon:
         restored = self.queue.restore(pending.events)
         if pending.events or pending.damaged_lines:
             log.info("pending_restored", count=restored, damaged_lines=pending.damaged_lines)
-        # Removed only now that they are queued; a stop saves whatever is left of them again.
-        await asyncio.to_thread(remove_pending, state_dir)
+        try:
+            # Removed only now that they are queued; a stop saves whatever is left of them again.
+            await asyncio.to_thread(remove_pending, state_dir)
+        except OSError as exc:  # the file still holds them: nothing is lost by not starting
+            log.error("startup_failed", error=f"cannot remove the pending file: {exc}")
+            return 1
 
         metrics = Metrics(self.stats, self._gauges)
         self._state = IntakeState(
