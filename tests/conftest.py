@@ -21,6 +21,12 @@ from typing import Any
 
 import aiohttp
 import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
+
+from forwarder.intake import IntakeState, create_app
+from forwarder.queue import EventQueue
+from forwarder.telemetry import Metrics, Stats
 
 API_KEY = "sk-e2e-SECRET-9f8e7d6c5b4a"
 START_TIMEOUT_S = 15.0
@@ -236,3 +242,47 @@ async def daemon(short_tmp: Path) -> AsyncIterator[Callable[..., Awaitable[Daemo
     yield start
     for made in started:
         await made.stop()
+
+
+def intake_state(
+    *,
+    max_events: int = 100,
+    max_batch: int = 10,
+    not_ready_reason: Callable[[], str] = lambda: "",
+    stats_extra: Callable[[], dict[str, Any]] = dict,
+) -> IntakeState:
+    """The intake's state with a fresh queue and counters, as the daemon wires it."""
+    queue = EventQueue(max_events)
+    stats = Stats()
+
+    def gauges() -> dict[str, tuple[str, float]]:
+        return {"queue_depth": ("Events waiting in the queue.", float(len(queue)))}
+
+    return IntakeState(
+        queue=queue,
+        stats=stats,
+        metrics=Metrics(stats, gauges),
+        max_batch=max_batch,
+        not_ready_reason=not_ready_reason,
+        stats_extra=stats_extra,
+    )
+
+
+IntakeClient = TestClient[web.Request, web.Application]
+ServeIntake = Callable[[IntakeState, int], Awaitable[IntakeClient]]
+
+
+@pytest.fixture
+async def serve_intake() -> AsyncIterator[ServeIntake]:
+    """Serve intake apps in-process on ephemeral ports; closes every one it started."""
+    clients: list[IntakeClient] = []
+
+    async def serve(state: IntakeState, max_body_bytes: int) -> IntakeClient:
+        client = TestClient(TestServer(create_app(state, max_body_bytes=max_body_bytes)))
+        clients.append(client)
+        await client.start_server()
+        return client
+
+    yield serve
+    for client in clients:
+        await client.close()

@@ -23,14 +23,13 @@ from urllib.parse import urlencode
 
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.test_utils import TestClient
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 from forwarder.events import FIELDS, Event
 from forwarder.intake import IntakeState, create_app
-from forwarder.queue import EventQueue
-from forwarder.telemetry import Metrics, Stats
+from tests.conftest import ServeIntake, intake_state
 
 CREATE = "/v1/recipientEvents/create"
 BATCH = "/v1/events"
@@ -50,14 +49,7 @@ T = TypeVar("T")
 
 
 def new_state(max_events: int = 1_000_000, max_batch: int = 100) -> IntakeState:
-    stats = Stats()
-    queue = EventQueue(max_events)
-    return IntakeState(
-        queue=queue,
-        stats=stats,
-        metrics=Metrics(stats, lambda: {"queue_depth": ("Queued.", float(len(queue)))}),
-        max_batch=max_batch,
-    )
+    return intake_state(max_events=max_events, max_batch=max_batch)
 
 
 def unencodable(events: list[Event]) -> list[str]:
@@ -379,20 +371,12 @@ class ServeFactory(Protocol):
 
 
 @pytest.fixture
-async def serve() -> AsyncIterator[ServeFactory]:
-    """Serve intake apps on ephemeral ports; closes every one it started."""
-    clients: list[TestClient[web.Request, web.Application]] = []
-
+def serve(serve_intake: ServeIntake) -> ServeFactory:
     async def factory(*, max_body_bytes: int = MAX_BODY, max_batch: int = 100) -> Served:
         state = new_state(max_batch=max_batch)
-        client = TestClient(TestServer(create_app(state, max_body_bytes=max_body_bytes)))
-        clients.append(client)
-        await client.start_server()
-        return Served(client, state)
+        return Served(await serve_intake(state, max_body_bytes), state)
 
-    yield factory
-    for client in clients:
-        await client.close()
+    return factory
 
 
 @pytest.fixture

@@ -16,14 +16,15 @@ from urllib.parse import urlencode
 
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.test_utils import TestClient
 from multidict import CIMultiDictProxy
 from prometheus_client.parser import text_string_to_metric_families
 
 from forwarder.events import MAX_DATA_BYTES, MAX_NAME_CHARS, Event
-from forwarder.intake import IntakeState, create_app
+from forwarder.intake import IntakeState
 from forwarder.queue import EventQueue
-from forwarder.telemetry import Metrics, Stats
+from forwarder.telemetry import Stats
+from tests.conftest import ServeIntake, intake_state
 
 CREATE = "/v1/recipientEvents/create"
 BATCH = "/v1/events"
@@ -172,10 +173,7 @@ class IntakeFactory(Protocol):
 
 
 @pytest.fixture
-async def make_intake() -> AsyncIterator[IntakeFactory]:
-    """Serve intake apps on ephemeral ports; closes every one it started."""
-    clients: list[TestClient[web.Request, web.Application]] = []
-
+def make_intake(serve_intake: ServeIntake) -> IntakeFactory:
     async def factory(
         *,
         max_events: int = 100,
@@ -184,28 +182,15 @@ async def make_intake() -> AsyncIterator[IntakeFactory]:
         not_ready_reason: Callable[[], str] = lambda: "",
         stats_extra: Callable[[], dict[str, Any]] = dict,
     ) -> Intake:
-        queue = EventQueue(max_events)
-        stats = Stats()
-
-        def gauges() -> dict[str, tuple[str, float]]:
-            return {"queue_depth": ("Events waiting in the queue.", float(len(queue)))}
-
-        state = IntakeState(
-            queue=queue,
-            stats=stats,
-            metrics=Metrics(stats, gauges),
+        state = intake_state(
+            max_events=max_events,
             max_batch=max_batch,
             not_ready_reason=not_ready_reason,
             stats_extra=stats_extra,
         )
-        client = TestClient(TestServer(create_app(state, max_body_bytes=max_body_bytes)))
-        clients.append(client)
-        await client.start_server()
-        return Intake(client, state)
+        return Intake(await serve_intake(state, max_body_bytes), state)
 
-    yield factory
-    for client in clients:
-        await client.close()
+    return factory
 
 
 @pytest.fixture
