@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: venv demo test lint typecheck pytest bench clean
+.PHONY: venv demo test lint typecheck pytest bench soak clean
 
 $(BIN)/python:
 	$(PYTHON) -c 'import sys; sys.exit("forwarder needs Python 3.11+") if sys.version_info < (3, 11) else None'
@@ -36,3 +36,6 @@ clean:
 
 bench: venv
 	$(BIN)/python tests/benchmarks/bench_intake.py --out bench-intake.json
+
+soak: venv
+	$(BIN)/python tests/benchmarks/soak_restarts.py --seconds 30
