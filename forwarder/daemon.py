@@ -139,6 +139,7 @@ class Daemon:
             stats=self.stats,
             metrics=metrics,
             max_batch=cfg.intake.max_batch,
+            max_body_bytes=cfg.intake.max_body_bytes,
             not_ready_reason=self._not_ready_reason,
             stats_extra=self._stats_extra,
         )
@@ -161,7 +162,7 @@ class Daemon:
             latency=metrics.latency,
         )
         runner = web.AppRunner(
-            create_app(self._state, max_body_bytes=cfg.intake.max_body_bytes),
+            create_app(self._state),
             access_log=None,
             shutdown_timeout=HANDLER_GRACE_S,
         )

@@ -95,11 +95,8 @@ async def run_demo(events: int = 40) -> int:
             daemon.request_stop()
             code = await task
             await mock.close()
-        dead_lines = (
-            (state_dir / "dead-letter.jsonl").read_text().splitlines()
-            if (state_dir / "dead-letter.jsonl").exists()
-            else []
-        )
+        dead_file = state_dir / "dead-letter.jsonl"
+        dead_lines = dead_file.read_text().splitlines() if dead_file.exists() else []
     record = mock.mock
     counters = daemon.stats.counters()
     print("\n== demo summary")

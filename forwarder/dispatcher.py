@@ -214,13 +214,16 @@ class Dispatcher:
 
     def _log_retry(self, state: RetryCallState) -> None:
         self._stats.retries += 1
-        result = state.outcome.result() if state.outcome and not state.outcome.failed else None
+        # Only RETRY results are retried (exceptions are not), so the outcome is always a Result.
+        assert state.outcome is not None
+        result = state.outcome.result()
+        assert isinstance(result, Result)
         log.warning(
             "retrying",
             attempt=state.attempt_number,
-            status=result.status if isinstance(result, Result) else None,
-            error=result.error if isinstance(result, Result) else "",
-            latency_ms=round(result.latency_s * 1000, 1) if isinstance(result, Result) else None,
+            status=result.status,
+            error=result.error,
+            latency_ms=round(result.latency_s * 1000, 1),
             wait_s=round(state.upcoming_sleep, 3),
         )
 

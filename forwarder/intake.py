@@ -50,6 +50,7 @@ class IntakeState:
     stats: Stats
     metrics: Metrics
     max_batch: int
+    max_body_bytes: int
     accepting: bool = True
     # Returns "" when ready, or why not (delivery paused, shutting down).
     not_ready_reason: Callable[[], str] = field(default=lambda: "")
@@ -57,7 +58,6 @@ class IntakeState:
 
 
 STATE = web.AppKey("state", IntakeState)
-STATE_LIMIT = web.AppKey("max_body_bytes", int)
 
 
 def _json(
@@ -89,9 +89,8 @@ async def json_errors(
         headers = {k: v for k, v in exc.headers.items() if k in ("Allow", "Retry-After")}
         message = exc.text or exc.reason
         if exc.status == 413 and (exc.text or "").startswith("Maximum request body size"):
-            message = (
-                f"request body is larger than intake.max_body_bytes ({request.app[STATE_LIMIT]})"
-            )
+            limit = request.app[STATE].max_body_bytes
+            message = f"request body is larger than intake.max_body_bytes ({limit})"
         if exc.status == 405:
             message = f"method {request.method} is not allowed here; use {headers.get('Allow', '')}"
         if exc.status == 404:
@@ -234,7 +233,7 @@ async def create_event(request: web.Request) -> web.Response:
     raw: dict[str, object]
     try:
         if ctype in FORM_TYPES:
-            form = await _read_form(request, request.app[STATE_LIMIT])
+            form = await _read_form(request, state.max_body_bytes)
             raw, errors = _form_to_mapping(form)
         elif ctype in JSON_TYPES:
             parsed = _parse_json(await _read_text(request))
@@ -339,11 +338,10 @@ async def stats(request: web.Request) -> web.Response:
     return _json(200, payload)
 
 
-def create_app(state: IntakeState, *, max_body_bytes: int) -> web.Application:
+def create_app(state: IntakeState) -> web.Application:
     """The intake application; the daemon serves it on TCP and/or a Unix socket."""
-    app = web.Application(client_max_size=max_body_bytes, middlewares=[json_errors])
+    app = web.Application(client_max_size=state.max_body_bytes, middlewares=[json_errors])
     app[STATE] = state
-    app[STATE_LIMIT] = max_body_bytes
     app.router.add_post("/v1/recipientEvents/create", create_event)
     app.router.add_post("/v1/events", create_events)
     app.router.add_get("/healthz", healthz)

@@ -248,6 +248,7 @@ def intake_state(
     *,
     max_events: int = 100,
     max_batch: int = 10,
+    max_body_bytes: int = 1024 * 1024,
     not_ready_reason: Callable[[], str] = lambda: "",
     stats_extra: Callable[[], dict[str, Any]] = dict,
 ) -> IntakeState:
@@ -263,13 +264,14 @@ def intake_state(
         stats=stats,
         metrics=Metrics(stats, gauges),
         max_batch=max_batch,
+        max_body_bytes=max_body_bytes,
         not_ready_reason=not_ready_reason,
         stats_extra=stats_extra,
     )
 
 
 IntakeClient = TestClient[web.Request, web.Application]
-ServeIntake = Callable[[IntakeState, int], Awaitable[IntakeClient]]
+ServeIntake = Callable[[IntakeState], Awaitable[IntakeClient]]
 
 
 @pytest.fixture
@@ -277,8 +279,8 @@ async def serve_intake() -> AsyncIterator[ServeIntake]:
     """Serve intake apps in-process on ephemeral ports; closes every one it started."""
     clients: list[IntakeClient] = []
 
-    async def serve(state: IntakeState, max_body_bytes: int) -> IntakeClient:
-        client = TestClient(TestServer(create_app(state, max_body_bytes=max_body_bytes)))
+    async def serve(state: IntakeState) -> IntakeClient:
+        client = TestClient(TestServer(create_app(state)))
         clients.append(client)
         await client.start_server()
         return client

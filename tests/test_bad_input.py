@@ -48,8 +48,10 @@ IGNORE_MULTIPART_PARAM_WARNINGS = "ignore::aiohttp.BadContentDispositionParam"
 T = TypeVar("T")
 
 
-def new_state(max_events: int = 1_000_000, max_batch: int = 100) -> IntakeState:
-    return intake_state(max_events=max_events, max_batch=max_batch)
+def new_state(
+    max_events: int = 1_000_000, max_batch: int = 100, max_body_bytes: int = MAX_BODY
+) -> IntakeState:
+    return intake_state(max_events=max_events, max_batch=max_batch, max_body_bytes=max_body_bytes)
 
 
 def unencodable(events: list[Event]) -> list[str]:
@@ -115,7 +117,7 @@ class ThreadedIntake:
         asyncio.run_coroutine_threadsafe(self._start(), self.loop).result(10)
 
     async def _start(self) -> None:
-        self.runner = web.AppRunner(create_app(self.state, max_body_bytes=MAX_BODY))
+        self.runner = web.AppRunner(create_app(self.state))
         await self.runner.setup()
         site = web.TCPSite(self.runner, "127.0.0.1", 0)
         await site.start()
@@ -373,8 +375,8 @@ class ServeFactory(Protocol):
 @pytest.fixture
 def serve(serve_intake: ServeIntake) -> ServeFactory:
     async def factory(*, max_body_bytes: int = MAX_BODY, max_batch: int = 100) -> Served:
-        state = new_state(max_batch=max_batch)
-        return Served(await serve_intake(state, max_body_bytes), state)
+        state = new_state(max_batch=max_batch, max_body_bytes=max_body_bytes)
+        return Served(await serve_intake(state), state)
 
     return factory
 

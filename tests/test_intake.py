@@ -185,10 +185,11 @@ def make_intake(serve_intake: ServeIntake) -> IntakeFactory:
         state = intake_state(
             max_events=max_events,
             max_batch=max_batch,
+            max_body_bytes=max_body_bytes,
             not_ready_reason=not_ready_reason,
             stats_extra=stats_extra,
         )
-        return Intake(await serve_intake(state, max_body_bytes), state)
+        return Intake(await serve_intake(state), state)
 
     return factory
 
