@@ -21,8 +21,10 @@ MAX_VALUE_CHARS = 1024
 MAX_REF_CHARS = 255
 MAX_DATA_BYTES = 64 * 1024
 EVENT_ID_RE = re.compile(r"[A-Za-z0-9._:-]{10,255}")
+# Names of configured accounts ([accounts.NAME]); client-key accounts are "client:" + a digest.
+ACCOUNT_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
-FIELDS = ("event_id", "recipient_id", "name", "value", "conversion", "data", "ref")
+FIELDS = ("event_id", "recipient_id", "name", "value", "conversion", "data", "ref", "account")
 _TRUE = frozenset({"true", "1", "yes"})
 _FALSE = frozenset({"false", "0", "no", ""})
 
@@ -62,6 +64,8 @@ class Event:
     data: str = ""
     ref: str = ""
     accepted_at: float = 0.0
+    # The account it is delivered under; "" means the default account.
+    account: str = ""
 
     def form(self) -> dict[str, str]:
         """The form fields sent to the remote; optional fields are left out when empty."""
@@ -89,6 +93,7 @@ class Event:
             "data": self.data,
             "ref": self.ref,
             "accepted_at": self.accepted_at,
+            "account": self.account,
         }
 
     @classmethod
@@ -104,6 +109,7 @@ class Event:
                 data=str(raw.get("data", "")),
                 ref=str(raw.get("ref", "")),
                 accepted_at=float(raw.get("accepted_at", 0.0)),
+                account=str(raw.get("account", "")),
             )
         except (KeyError, TypeError) as exc:
             raise ValueError(f"not an event record: {exc!r}") from None
@@ -268,6 +274,16 @@ def event_from_mapping(
         else:
             event_id = raw_id
 
+    account = ""
+    raw_account = raw.get("account")
+    if raw_account is not None:
+        if not isinstance(raw_account, str) or not ACCOUNT_RE.fullmatch(raw_account):
+            errors.append(
+                FieldError(index, "account", "must be 1-64 characters of letters, digits, - and _")
+            )
+        else:
+            account = raw_account
+
     if len(errors) > before:
         return None
     return Event(
@@ -279,6 +295,7 @@ def event_from_mapping(
         data=data,
         ref=ref,
         accepted_at=time.time() if now is None else now,
+        account=account,
     )
 
 
