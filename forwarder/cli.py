@@ -98,15 +98,20 @@ def cmd_mock_remote(args: argparse.Namespace) -> int:
     """Serve the fake remote API."""
     from forwarder.mock_remote import MockOptions, serve_mock
 
-    options = MockOptions(
-        api_key=args.api_key,
-        rate_limit=args.rate_limit,
-        latency_ms=args.latency_ms,
-        fail_rate=args.fail_rate,
-        reset_rate=args.reset_rate,
-        timeout_rate=args.timeout_rate,
-        seed=args.seed,
-    )
+    try:
+        options = MockOptions(
+            api_key=args.api_key,
+            rate_limit=args.rate_limit,
+            window_s=args.window_s,
+            latency_ms=args.latency_ms,
+            fail_rate=args.fail_rate,
+            reset_rate=args.reset_rate,
+            timeout_rate=args.timeout_rate,
+            seed=args.seed,
+        )
+    except ValueError as exc:
+        # E.g. --window-s 0 or --rate-limit -1: a usage error, not a traceback.
+        return _fail(f"mock-remote: {exc}")
     asyncio.run(serve_mock(options, args.host, args.port))
     return 0
 
@@ -163,6 +168,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="key the mock accepts (default $FORWARDER_MOCK_API_KEY or 'test-key')",
     )
     mock.add_argument("--rate-limit", type=int, default=300, help="requests/minute; 0 = none")
+    mock.add_argument(
+        "--window-s",
+        type=float,
+        default=60.0,
+        # A real multiplication sign on purpose: it reads better in --help than an "x".
+        help=(
+            "length of the rate-limit window in seconds; the per-window quota is "
+            "rate-limit × window-s / 60 (default 60: the real API's minute)"  # noqa: RUF001
+        ),
+    )
     mock.add_argument("--latency-ms", type=float, default=0.0)
     mock.add_argument("--fail-rate", type=_rate, default=0.0, help="share answered 5xx")
     mock.add_argument("--reset-rate", type=_rate, default=0.0, help="share of dropped connections")

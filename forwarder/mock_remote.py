@@ -42,7 +42,11 @@ __all__ = [
 log = logging.getLogger("forwarder.mock_remote")
 
 CREATE_PATH: Final = "/v1/recipientEvents/create"
+# The real API's rate window; MockOptions.window_s defaults to it.
 WINDOW_S: Final = 60.0
+# Bounds of MockOptions.window_s: short windows for benchmarks, at most an hour.
+MIN_WINDOW_S: Final = 0.1
+MAX_WINDOW_S: Final = 3600.0
 IDEMPOTENCY_TTL_S: Final = 24 * 60 * 60.0
 # What the headers advertise when rate_limit is 0 (unlimited): clients still see a sane quota.
 UNLIMITED_LIMIT: Final = 1_000_000
@@ -65,6 +69,7 @@ _FAIL_ERRORS: Final = {
 _TUNABLE: Final = (
     "api_key",
     "rate_limit",
+    "window_s",
     "latency_ms",
     "fail_rate",
     "reset_rate",
@@ -104,7 +109,22 @@ def _check_option(name: str, value: object) -> object:
         raise ValueError("latency_ms must be >= 0")
     if name == "hang_s" and number <= 0.0:
         raise ValueError("hang_s must be > 0")
+    if name == "window_s" and not MIN_WINDOW_S <= number <= MAX_WINDOW_S:
+        raise ValueError(f"window_s must be between {MIN_WINDOW_S:g} and {MAX_WINDOW_S:g} seconds")
     return number
+
+
+def _seconds_text(seconds: float) -> str:
+    """``seconds`` for an error message: "minute", "second", "6 seconds", "2.5 seconds"."""
+    if seconds == WINDOW_S:
+        # The real API's wording for its one-minute window.
+        return "minute"
+    if seconds == 1.0:
+        return "second"
+    # float(): options set directly as attributes may hold an int.
+    number = float(seconds)
+    shown = str(int(number)) if number.is_integer() else repr(number)
+    return f"{shown} seconds"
 
 
 @dataclass
@@ -112,12 +132,19 @@ class MockOptions:
     """Behaviour of a :class:`MockRemote`; mutable at runtime (``/_mock/faults`` validates).
 
     Rates are probabilities per request between 0 and 1. ``rate_limit`` is requests per minute
-    per key, 0 for unlimited. ``hang_s`` is how long a timeout-faulted request is held before
-    the connection is dropped. ``seed`` makes the fault rolls reproducible.
+    per key, 0 for unlimited. ``window_s`` is the length of the fixed rate window (0.1 to 3600
+    seconds, default the real API's 60): each window allows
+    ``max(1, round(rate_limit * window_s / 60))`` requests, the same average rate in shorter
+    windows, which is what a benchmark wants. ``X-RateLimit-Limit`` reports that per-window
+    quota and ``X-RateLimit-Reset`` the seconds until the window ends, rounded up to whole
+    seconds like the real API's (so with a window under a second it still says 1).
+    ``hang_s`` is how long a timeout-faulted request is held before the connection is dropped.
+    ``seed`` makes the fault rolls reproducible.
     """
 
     api_key: str = "test-key"
     rate_limit: int = 300
+    window_s: float = WINDOW_S
     latency_ms: float = 0.0
     fail_rate: float = 0.0
     reset_rate: float = 0.0
@@ -136,10 +163,22 @@ class MockOptions:
         shown["api_key"] = "<set>"
         return shown
 
+    def quota(self) -> int:
+        """Requests allowed per key and window; 0 means unlimited."""
+        if self.rate_limit == 0:
+            return 0
+        # Same average rate as rate_limit per minute; at least one request per window.
+        return max(1, round(self.rate_limit * self.window_s / 60.0))
+
 
 @dataclass
 class MockStats:
-    """Counters since start or the last reset."""
+    """Counters since start or the last reset.
+
+    ``first_rate_limited_at`` and ``last_rate_limited_at`` are the UNIX times (wall clock, not
+    the mock's injectable monotonic clock) of the first and the latest 429, None before any:
+    a benchmark can tell from them whether rate limiting happened only in the first window.
+    """
 
     requests: int = 0
     created: int = 0
@@ -151,6 +190,8 @@ class MockStats:
     failed: int = 0
     resets: int = 0
     timeouts: int = 0
+    first_rate_limited_at: float | None = None
+    last_rate_limited_at: float | None = None
 
 
 class EventRecord(TypedDict):
@@ -340,10 +381,12 @@ class MockRemote:
         window = self._window(key, now)
         window.count += 1
         headers = self._rate_headers(window, now)
-        if opts.rate_limit > 0 and window.count > opts.rate_limit:
-            self.stats.rate_limited += 1
+        quota = opts.quota()
+        if quota > 0 and window.count > quota:
+            self._count_rate_limited()
+            window_text = _seconds_text(opts.window_s)
             return web.json_response(
-                _error(f"Rate limit exceeded: {opts.rate_limit} requests per minute"),
+                _error(f"Rate limit exceeded: {quota} requests per {window_text}"),
                 status=429,
                 headers=headers,
             )
@@ -492,23 +535,35 @@ class MockRemote:
 
     # --- rate limit ---------------------------------------------------------------------
 
+    def _count_rate_limited(self) -> None:
+        self.stats.rate_limited += 1
+        # Wall clock, so a benchmark can compare it with its own start time.
+        at = time.time()
+        if self.stats.first_rate_limited_at is None:
+            self.stats.first_rate_limited_at = at
+        self.stats.last_rate_limited_at = at
+
     def _window(self, key: str, now: float) -> _Window:
         window = self._windows.get(key)
-        if window is None or now - window.started >= WINDOW_S:
+        # The current window_s: a window shortened through /_mock/faults ends sooner.
+        if window is None or now - window.started >= self.options.window_s:
             window = self._windows[key] = _Window(started=now)
         return window
 
     def _rate_headers(self, window: _Window | None, now: float) -> dict[str, str]:
-        limit = self.options.rate_limit or UNLIMITED_LIMIT
-        if window is None or now - window.started >= WINDOW_S:
-            used, reset = 0, int(WINDOW_S)
+        window_s = self.options.window_s
+        limit = self.options.quota() or UNLIMITED_LIMIT
+        # Whole seconds like the real API, rounded up: a sub-second window still says 1.
+        longest = math.ceil(window_s)
+        if window is None or now - window.started >= window_s:
+            used, reset = 0, longest
         else:
             # Elapsed first: started + 60 - now can round just above 60 and ceil to 61.
-            used, reset = window.count, math.ceil(WINDOW_S - (now - window.started))
+            used, reset = window.count, math.ceil(window_s - (now - window.started))
         return {
             "X-RateLimit-Limit": str(limit),
             "X-RateLimit-Remaining": str(max(0, limit - used)),
-            "X-RateLimit-Reset": str(min(int(WINDOW_S), max(0, reset))),
+            "X-RateLimit-Reset": str(min(longest, max(0, reset))),
         }
 
     def _peek_headers(self, request: web.BaseRequest) -> dict[str, str]:

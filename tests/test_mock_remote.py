@@ -5,14 +5,18 @@ from __future__ import annotations
 import asyncio
 import base64
 import logging
+import math
+import re
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import UTC, datetime
 from typing import Any
 
 import aiohttp
 import pytest
 
+from forwarder.cli import build_parser, cmd_mock_remote
 from forwarder.mock_remote import (
     IDEMPOTENCY_TTL_S,
     MockOptions,
@@ -125,7 +129,9 @@ async def test_create_records_exact_fields(
     assert (status, body) == (200, {"success": True, "data": 2})
 
     first, second = running.mock.events
-    assert first["received_at"].endswith("+00:00")
+    # UTC with millisecond precision: enough to place events within a benchmark's windows.
+    assert re.fullmatch(r".*T\d\d:\d\d:\d\d\.\d{3}\+00:00", first["received_at"])
+    assert datetime.fromisoformat(first["received_at"]).tzinfo == UTC
     assert {k: v for k, v in first.items() if k != "received_at"} == {
         "id": 1,
         "recipient_id": "r-42",
@@ -285,6 +291,14 @@ async def test_unlimited_rate_shows_large_limit(
     _, _, resp = await post(session, running)
     assert assert_rate_headers(resp)[0] >= 1_000_000
 
+    # A short window does not make "unlimited" limited.
+    running.mock.options.window_s = 0.1
+    for _ in range(5):
+        status, _, resp = await post(session, running)
+        assert status == 200
+        assert assert_rate_headers(resp)[0] >= 1_000_000
+    assert running.mock.stats.rate_limited == 0
+
 
 async def test_fail_fault(start: MockFactory, session: aiohttp.ClientSession) -> None:
     running = await start(fail_rate=1.0, seed=7)
@@ -422,6 +436,14 @@ async def test_faults_endpoint(start: MockFactory, session: aiohttp.ClientSessio
         {"rate_limit": True},
         {"latency_ms": -1},
         {"hang_s": 0},
+        {"window_s": 0},
+        {"window_s": -1},
+        {"window_s": 0.05},
+        {"window_s": 3601},
+        {"window_s": float("nan")},
+        {"window_s": float("inf")},
+        {"window_s": "6"},
+        {"window_s": True},
         {"api_key": ""},
         {"api_key": 5},
         {"seed": 1},
@@ -452,6 +474,165 @@ def test_options_validated_on_construction() -> None:
         MockOptions(rate_limit=-5)
 
 
+@pytest.mark.parametrize("window_s", [0, -1, 0.05, 3600.5, math.nan, math.inf, "6", True, None])
+def test_window_s_validated_on_construction(window_s: Any) -> None:
+    with pytest.raises(ValueError, match="window_s"):
+        MockOptions(window_s=window_s)
+
+
+@pytest.mark.parametrize(
+    ("rate_limit", "window_s", "quota"),
+    [
+        (300, 60, 300),
+        (6000, 6, 600),
+        (600, 1, 10),
+        (120, 2.5, 5),
+        (1, 1, 1),  # 1/60 of a request rounds up to one per window
+        (0, 1, 0),  # unlimited
+        (7, 3600, 420),
+    ],
+)
+def test_quota_per_window(rate_limit: int, window_s: float, quota: int) -> None:
+    options = MockOptions(rate_limit=rate_limit, window_s=window_s)
+    assert isinstance(options.window_s, float)
+    assert options.quota() == quota
+
+
+def test_window_s_bounds_accepted() -> None:
+    assert MockOptions(window_s=0.1).window_s == 0.1
+    assert MockOptions(window_s=3600).window_s == 3600.0
+    assert MockOptions().window_s == 60.0
+
+
+async def test_short_window(start: MockFactory, session: aiohttp.ClientSession) -> None:
+    running = await start(rate_limit=600, window_s=1)
+    clock = FakeClock()
+    running.mock.clock = clock
+    remaining = []
+    for _ in range(10):
+        status, _, resp = await post(session, running)
+        assert status == 200
+        limit, left, reset = assert_rate_headers(resp)
+        assert (limit, reset) == (10, 1)
+        remaining.append(left)
+    assert remaining == list(range(9, -1, -1))
+
+    clock.now += 0.4
+    status, body, resp = await post(session, running)
+    assert status == 429
+    assert body == {"success": False, "error": "Rate limit exceeded: 10 requests per second"}
+    # Reset rounds up: 0.6 s left says 1.
+    assert assert_rate_headers(resp) == (10, 0, 1)
+    assert len(running.mock.events) == 10
+    assert running.mock.stats.rate_limited == 1
+
+    # Once the window has passed the whole quota is back.
+    clock.now += 0.6
+    status, _, resp = await post(session, running)
+    assert status == 200
+    assert assert_rate_headers(resp) == (10, 9, 1)
+
+
+@pytest.mark.parametrize(
+    ("rate_limit", "window_s", "error", "reset"),
+    [
+        (60, 6, "Rate limit exceeded: 6 requests per 6 seconds", 6),
+        (120, 2.5, "Rate limit exceeded: 5 requests per 2.5 seconds", 3),
+        (600, 0.5, "Rate limit exceeded: 5 requests per 0.5 seconds", 1),
+        (3, 60, "Rate limit exceeded: 3 requests per minute", 60),
+    ],
+)
+async def test_window_quota_message_and_reset(
+    start: MockFactory,
+    session: aiohttp.ClientSession,
+    rate_limit: int,
+    window_s: float,
+    error: str,
+    reset: int,
+) -> None:
+    running = await start(rate_limit=rate_limit, window_s=window_s)
+    running.mock.clock = FakeClock()
+    quota = running.mock.options.quota()
+    for _ in range(quota):
+        status, _, resp = await post(session, running)
+        assert status == 200
+        # A fresh window's Reset is its length rounded up to whole seconds.
+        assert assert_rate_headers(resp)[2] == reset
+    status, body, resp = await post(session, running)
+    assert (status, body["error"]) == (429, error)
+    assert assert_rate_headers(resp) == (quota, 0, reset)
+
+
+async def test_window_s_through_faults_endpoint(
+    start: MockFactory, session: aiohttp.ClientSession
+) -> None:
+    running = await start(rate_limit=60)
+    clock = FakeClock()
+    running.mock.clock = clock
+    status, _, resp = await post(session, running)
+    assert assert_rate_headers(resp) == (60, 59, 60)
+
+    faults = f"{root(running)}/_mock/faults"
+    async with session.post(faults, json={"window_s": 6}) as resp:
+        assert resp.status == 200
+        assert (await resp.json())["window_s"] == 6.0
+    async with session.get(faults) as resp:
+        assert (await resp.json())["window_s"] == 6.0
+
+    # The running window is judged by the new length: 10 s in, a 6 s window has ended.
+    clock.now += 10
+    status, _, resp = await post(session, running)
+    assert status == 200
+    assert assert_rate_headers(resp) == (6, 5, 6)
+
+
+async def test_rate_limited_times(start: MockFactory, session: aiohttp.ClientSession) -> None:
+    running = await start(rate_limit=60, window_s=1)
+    stats = running.mock.stats
+    assert (stats.first_rate_limited_at, stats.last_rate_limited_at) == (None, None)
+    running.mock.clock = FakeClock()
+    began = time.time()
+    assert (await post(session, running))[0] == 200
+    assert stats.first_rate_limited_at is None
+    assert (await post(session, running))[0] == 429
+    first = stats.first_rate_limited_at
+    assert first is not None
+    assert stats.last_rate_limited_at == first
+    await asyncio.sleep(0.01)
+    assert (await post(session, running))[0] == 429
+    ended = time.time()
+    last = stats.last_rate_limited_at
+    assert last is not None
+    assert stats.first_rate_limited_at == first
+    assert began <= first < last <= ended
+    assert stats.rate_limited == 2
+
+    async with session.get(f"{root(running)}/_mock/events") as resp:
+        shown = (await resp.json())["stats"]
+    assert (shown["first_rate_limited_at"], shown["last_rate_limited_at"]) == (first, last)
+
+    running.mock.reset()
+    assert running.mock.stats.first_rate_limited_at is None
+    assert running.mock.stats.last_rate_limited_at is None
+
+
+def test_cli_window_s_flag() -> None:
+    parser = build_parser()
+    args = parser.parse_args(["mock-remote", "--rate-limit", "6000", "--window-s", "6"])
+    assert (args.rate_limit, args.window_s) == (6000, 6.0)
+    assert parser.parse_args(["mock-remote"]).window_s == 60.0
+    with pytest.raises(SystemExit):
+        parser.parse_args(["mock-remote", "--window-s", "soon"])
+
+
+@pytest.mark.parametrize("window_s", ["0", "-1", "nan", "3601"])
+def test_cli_rejects_bad_window_s(window_s: str, capsys: pytest.CaptureFixture[str]) -> None:
+    # Rejected before anything is served: cmd_mock_remote returns instead of blocking.
+    args = build_parser().parse_args(["mock-remote", "--port", "0", "--window-s", window_s])
+    assert cmd_mock_remote(args) == 2
+    assert "window_s" in capsys.readouterr().err
+
+
 async def test_events_and_reset_endpoints(
     start: MockFactory, session: aiohttp.ClientSession
 ) -> None:
@@ -474,6 +655,8 @@ async def test_events_and_reset_endpoints(
         "failed": 0,
         "resets": 0,
         "timeouts": 0,
+        "first_rate_limited_at": None,
+        "last_rate_limited_at": None,
     }
 
     async with session.post(f"{base}/_mock/reset") as resp:
@@ -481,7 +664,9 @@ async def test_events_and_reset_endpoints(
     async with session.get(f"{base}/_mock/events") as resp:
         listed = await resp.json()
     assert listed["events"] == []
-    assert set(listed["stats"].values()) == {0}
+    counters = {k: v for k, v in listed["stats"].items() if not k.endswith("_at")}
+    assert set(counters.values()) == {0}
+    assert listed["stats"]["first_rate_limited_at"] is None
 
     # Idempotency store and rate window are forgotten; ids restart.
     status, body, resp = await post(session, running, idem=IDEM)
