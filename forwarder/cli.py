@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -12,14 +13,17 @@ from pathlib import Path
 import aiohttp
 
 from forwarder import __version__
-from forwarder.config import Config, ConfigError, load_config, render_effective
-from forwarder.credentials import ApiKey, resolve_api_key
+from forwarder.accounts import NO_DEFAULT_KEY, Account, load_accounts
+from forwarder.config import (
+    DEFAULT_ACCOUNT,
+    Config,
+    ConfigError,
+    load_config,
+    render_effective,
+)
+from forwarder.credentials import resolve_account_keys, resolve_api_key
 
 EXIT_CONFIG = 2
-NO_KEY = (
-    "no API key: set FORWARDER_API_KEY, remote.api_key_file, "
-    "or a systemd credential named api_key ($CREDENTIALS_DIRECTORY/api_key)"
-)
 
 
 def _fail(message: str, code: int = EXIT_CONFIG) -> int:
@@ -27,12 +31,10 @@ def _fail(message: str, code: int = EXIT_CONFIG) -> int:
     return code
 
 
-def _load(config_path: str | None) -> tuple[Config, ApiKey]:
+def _load(config_path: str | None) -> tuple[Config, dict[str, Account]]:
+    # Called again on every reload, so it reads the file and the keys afresh each time.
     config = load_config(Path(config_path) if config_path else None)
-    key = resolve_api_key(config)
-    if key is None:
-        raise ConfigError(NO_KEY)
-    return config, key
+    return config, load_accounts(config)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -41,11 +43,48 @@ def cmd_run(args: argparse.Namespace) -> int:
     from forwarder.telemetry import configure_logging
 
     try:
-        config, key = _load(args.config)
+        config, accounts = _load(args.config)
     except ConfigError as exc:
         return _fail(f"config error: {exc}")
-    configure_logging(config.log.level, config.log.format, secrets=[key.secret.reveal()])
-    return asyncio.run(Daemon(config, key).run())
+    configure_logging(
+        config.log.level,
+        config.log.format,
+        secrets=[account.key.reveal() for account in accounts.values()],
+    )
+    daemon = Daemon(config, accounts, loader=lambda: _load(args.config))
+    return asyncio.run(daemon.run())
+
+
+def cmd_reload(args: argparse.Namespace) -> int:
+    """Ask the running daemon to reload its configuration (SIGHUP)."""
+    from forwarder.daemon import PID_FILE
+
+    try:
+        config = load_config(Path(args.config) if args.config else None)
+    except ConfigError as exc:
+        return _fail(f"config error: {exc}")
+    path = config.state.path / PID_FILE
+    try:
+        pid = int(path.read_text(encoding="ascii").strip())
+    except FileNotFoundError:
+        return _fail(f"no running forwarder found ({path} does not exist)", 1)
+    except (OSError, ValueError) as exc:
+        return _fail(f"cannot read {path}: {exc}", 1)
+    try:
+        comm = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return _fail(f"no running forwarder found (PID {pid} from {path} is gone)", 1)
+    if b"forwarder" not in comm:
+        return _fail(f"PID {pid} from {path} is not a forwarder process; not signalling it", 1)
+    try:
+        os.kill(pid, signal.SIGHUP)
+    except OSError as exc:
+        return _fail(f"cannot signal PID {pid}: {exc.strerror}", 1)
+    print(
+        f"forwarder: asked PID {pid} to reload; its log says how it went "
+        "(reloaded or reload_refused)"
+    )
+    return 0
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
@@ -53,11 +92,12 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     try:
         config = load_config(Path(args.config) if args.config else None)
         key = resolve_api_key(config)
+        account_keys = resolve_account_keys(config)
     except ConfigError as exc:
         return _fail(f"config error: {exc}")
-    print(render_effective(config, key), end="")
-    if key is None:
-        return _fail(NO_KEY)
+    print(render_effective(config, key, account_keys), end="")
+    if key is None and config.remote.default_account == DEFAULT_ACCOUNT:
+        return _fail(NO_DEFAULT_KEY)
     return 0
 
 
@@ -140,6 +180,10 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run the daemon")
     run.add_argument("--config", help="TOML config file (default /etc/forwarder/forwarder.toml)")
     run.set_defaults(func=cmd_run)
+
+    reload = sub.add_parser("reload", help="make the running daemon re-read its config (SIGHUP)")
+    reload.add_argument("--config", help="TOML config file (default /etc/forwarder/forwarder.toml)")
+    reload.set_defaults(func=cmd_reload)
 
     check = sub.add_parser("check-config", help="validate and print the effective config")
     check.add_argument("--config", help="TOML config file (default /etc/forwarder/forwarder.toml)")

@@ -4,6 +4,9 @@ A TOML file (``/etc/forwarder/forwarder.toml`` by default) is read into frozen d
 section; ``FORWARDER_<SECTION>_<KEY>`` environment variables override single keys; the result is
 checked strictly, and every error names the offending key or variable. The remote API key is not a
 setting: `credentials.resolve_api_key` finds it in the environment, a file or a systemd credential.
+
+Besides the ``[remote]`` section's own account (named ``default``), ``[accounts.NAME]`` tables
+declare further accounts of the same API; `credentials.resolve_account_keys` finds their keys.
 """
 
 from __future__ import annotations
@@ -26,7 +29,9 @@ if typing.TYPE_CHECKING:
     from forwarder.credentials import ApiKey
 
 __all__ = [
+    "DEFAULT_ACCOUNT",
     "DEFAULT_CONFIG_PATH",
+    "AccountConfig",
     "Config",
     "ConfigError",
     "IntakeConfig",
@@ -49,6 +54,14 @@ _MAX_UNIX_SOCKET_PATH = 107
 _LOG_LEVELS = ("debug", "info", "warning", "error")
 _LOG_FORMATS = ("auto", "json", "console")
 
+# The [remote] section's own account: events that name no account go here by default.
+DEFAULT_ACCOUNT = "default"
+# Same rule as events.ACCOUNT_RE (events name their account); kept here so config imports nothing.
+_ACCOUNT_NAME_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
+_ENV_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_MAX_CONCURRENCY = 1024
+_MAX_RATE_LIMIT = 1_000_000
+
 
 class ConfigError(Exception):
     """Invalid or unreadable configuration; the message names the key, variable or file."""
@@ -63,6 +76,8 @@ class IntakeConfig:
     unix_socket_mode: int = 0o660
     max_body_bytes: int = 1_048_576
     max_batch: int = 1000
+    # On the drop-in endpoint, deliver under the API key the client sends by Basic auth.
+    accept_client_keys: bool = False
 
     @property
     def tcp_address(self) -> tuple[str, int] | None:
@@ -88,7 +103,19 @@ class RemoteConfig:
 
     base_url: str = "https://api-eu1.stannp.com/v1"
     api_key_file: str = ""
-    concurrency: int = 8
+    # The account's request quota; [accounts.NAME] tables inherit it unless they set their own.
+    rate_limit_per_minute: int = 300
+    # 0: adaptive (AIMD between min_concurrency and max_concurrency); N: fixed at N.
+    concurrency: int = 0
+    min_concurrency: int = 1
+    max_concurrency: int = 64
+    # Deliver the events of one account and recipient_id in the order they were accepted.
+    per_recipient_order: bool = True
+    # Consecutive transient failures that open the circuit breaker, then the probe interval.
+    breaker_failures: int = 5
+    breaker_probe_initial_s: float = 1.0
+    breaker_probe_max_s: float = 60.0
+    default_account: str = DEFAULT_ACCOUNT
     timeout_s: float = 30.0
     connect_timeout_s: float = 5.0
     auth_retry_s: float = 60.0
@@ -135,6 +162,22 @@ class LogConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class AccountConfig:
+    """``[accounts.NAME]``: a further account of the remote API, with its own key and quota.
+
+    After :func:`load_config`, ``base_url`` and ``rate_limit_per_minute`` hold the effective
+    values: those of ``[remote]`` unless the table sets its own. The key comes from the variable
+    named by ``api_key_env``, else ``api_key_file``, else the systemd credential ``api_key.NAME``.
+    """
+
+    name: str
+    base_url: str = ""
+    api_key_file: str = ""
+    api_key_env: str = ""
+    rate_limit_per_minute: int = 0
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     """The whole daemon configuration; ``Config()`` is the built-in defaults."""
 
@@ -145,11 +188,33 @@ class Config:
     state: StateConfig = field(default_factory=StateConfig)
     shutdown: ShutdownConfig = field(default_factory=ShutdownConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    # [accounts.NAME] tables by name; the [remote] account ("default") is not in here.
+    accounts: dict[str, AccountConfig] = field(default_factory=dict)
+
+    def account_names(self) -> tuple[str, ...]:
+        """Every account: ``"default"`` (the ``[remote]`` section's) first, then the rest sorted."""
+        return (DEFAULT_ACCOUNT, *sorted(self.accounts))
+
+    def account(self, name: str) -> AccountConfig:
+        """The account called ``name``; ``"default"`` is described from ``[remote]``.
+
+        For the default account ``api_key_env`` is ``FORWARDER_API_KEY``, the first source its
+        key is looked for in (its systemd credential is ``api_key``). Raises KeyError if unknown.
+        """
+        if name == DEFAULT_ACCOUNT:
+            return AccountConfig(
+                name=DEFAULT_ACCOUNT,
+                base_url=self.remote.base_url,
+                api_key_file=self.remote.api_key_file,
+                api_key_env="FORWARDER_API_KEY",
+                rate_limit_per_minute=self.remote.rate_limit_per_minute,
+            )
+        return self.accounts[name]
 
 
 # --- schema -------------------------------------------------------------------------------------
 
-_Kind = Literal["str", "int", "float", "mode"]
+_Kind = Literal["str", "int", "float", "mode", "bool"]
 
 _SECTIONS: dict[str, type[Any]] = {
     "intake": IntakeConfig,
@@ -169,12 +234,13 @@ _EXPECTED: dict[_Kind, str] = {
     "int": "an integer",
     "float": "a number",
     "mode": 'an octal mode (0o660 or "0660")',
+    "bool": "a boolean (true or false)",
 }
 
 
 def _field_kinds(section: str, cls: type[Any]) -> dict[str, _Kind]:
     hints = typing.get_type_hints(cls)
-    by_type: dict[object, _Kind] = {str: "str", int: "int", float: "float"}
+    by_type: dict[object, _Kind] = {str: "str", int: "int", float: "float", bool: "bool"}
     kinds: dict[str, _Kind] = {}
     for f in dataclasses.fields(cls):
         kinds[f.name] = "mode" if f"{section}.{f.name}" in _MODE_KEYS else by_type[hints[f.name]]
@@ -184,6 +250,10 @@ def _field_kinds(section: str, cls: type[Any]) -> dict[str, _Kind]:
 _FIELD_KINDS: dict[str, dict[str, _Kind]] = {
     name: _field_kinds(name, cls) for name, cls in _SECTIONS.items()
 }
+# The keys of an [accounts.NAME] table: `name` is the table's name, not a key in it.
+_ACCOUNT_KINDS: dict[str, _Kind] = {
+    key: kind for key, kind in _field_kinds("accounts", AccountConfig).items() if key != "name"
+}
 
 
 # --- value conversion ---------------------------------------------------------------------------
@@ -191,6 +261,8 @@ _FIELD_KINDS: dict[str, dict[str, _Kind]] = {
 _INT_RE = re.compile(r"[+-]?[0-9]+")
 _FLOAT_RE = re.compile(r"[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
 _OCTAL_RE = re.compile(r"(?:0[oO])?([0-7]+)")
+_ENV_BOOLS = {"true": True, "1": True, "yes": True, "on": True}
+_ENV_BOOLS |= {"false": False, "0": False, "no": False, "off": False}
 
 
 def _short(value: str, limit: int = 60) -> str:
@@ -228,6 +300,8 @@ def _from_toml(kind: _Kind, value: object, key: str) -> object:
         return value
     if kind == "float" and (is_int or isinstance(value, float)):
         return float(typing.cast(float, value))
+    if kind == "bool" and isinstance(value, bool):
+        return value
     if kind == "mode" and isinstance(value, str):
         mode = _parse_octal(value)
         if mode is not None:
@@ -247,6 +321,13 @@ def _from_env(kind: _Kind, text: str, var: str) -> object:
         mode = _parse_octal(stripped)
         if mode is not None:
             return mode
+    if kind == "bool":
+        flag = _ENV_BOOLS.get(stripped.lower())
+        if flag is not None:
+            return flag
+        raise ConfigError(
+            f"{var}: expected a boolean (true/false, 1/0, yes/no or on/off), got {_short(text)}"
+        )
     raise ConfigError(f"{var}: expected {_EXPECTED[kind]}, got {_short(text)}")
 
 
@@ -281,9 +362,12 @@ def _read_toml(path: Path, *, missing_ok: bool) -> dict[str, Any] | None:
 def _file_values(document: Mapping[str, Any]) -> dict[str, dict[str, object]]:
     values: dict[str, dict[str, object]] = {}
     for name, body in document.items():
+        if name == "accounts":
+            continue  # see _account_values
         if name not in _SECTIONS:
             if isinstance(body, dict):
-                raise ConfigError(f"unknown section [{name}]{_suggest(name, _SECTIONS)}")
+                hint = _suggest(name, [*_SECTIONS, "accounts"])
+                raise ConfigError(f"unknown section [{name}]{hint}")
             raise ConfigError(f"unknown key {name} (settings belong in a [section])")
         if not isinstance(body, dict):
             raise ConfigError(f"{name}: expected a table [{name}], got {_describe(body)}")
@@ -297,6 +381,39 @@ def _file_values(document: Mapping[str, Any]) -> dict[str, dict[str, object]]:
     return values
 
 
+def _account_values(document: Mapping[str, Any]) -> dict[str, dict[str, object]]:
+    """The keys each ``[accounts.NAME]`` table sets, by account name."""
+    tables = document.get("accounts", {})
+    if not isinstance(tables, dict):
+        raise ConfigError(f"accounts: expected tables [accounts.NAME], got {_describe(tables)}")
+    values: dict[str, dict[str, object]] = {}
+    for name, body in tables.items():
+        if name == DEFAULT_ACCOUNT:
+            raise ConfigError(
+                f'accounts.{DEFAULT_ACCOUNT}: the name "{DEFAULT_ACCOUNT}" is reserved for the '
+                "[remote] account; choose another name"
+            )
+        if not _ACCOUNT_NAME_RE.fullmatch(name):
+            raise ConfigError(
+                f"accounts: invalid account name {_short(name)}: "
+                "use 1-64 characters of letters, digits, - and _"
+            )
+        where = f"accounts.{name}"
+        if not isinstance(body, dict):
+            raise ConfigError(
+                f"{where}: expected a table [{where}] (each account is a table of its own), "
+                f"got {_describe(body)}"
+            )
+        account = values[name] = {}
+        for key, raw in body.items():
+            if key not in _ACCOUNT_KINDS:
+                raise ConfigError(
+                    f"unknown key {where}.{key}{_suggest(key, _ACCOUNT_KINDS, f'{where}.')}"
+                )
+            account[key] = _from_toml(_ACCOUNT_KINDS[key], raw, f"{where}.{key}")
+    return values
+
+
 def _env_section(rest: str) -> str | None:
     for name in _SECTIONS:
         if rest.startswith(name.upper() + "_"):
@@ -304,15 +421,28 @@ def _env_section(rest: str) -> str | None:
     return None
 
 
-def _env_values(env: Mapping[str, str]) -> tuple[dict[str, dict[str, object]], dict[str, str]]:
-    """Overrides from ``FORWARDER_<SECTION>_<KEY>``, and which variable set each ``section.key``."""
+def _env_values(
+    env: Mapping[str, str], key_vars: typing.Collection[str] = ()
+) -> tuple[dict[str, dict[str, object]], dict[str, str]]:
+    """Overrides from ``FORWARDER_<SECTION>_<KEY>``, and which variable set each ``section.key``.
+
+    ``key_vars`` are the variables named by ``accounts.*.api_key_env``: they hold keys, not
+    settings, whatever their names look like.
+    """
     values: dict[str, dict[str, object]] = {}
     origins: dict[str, str] = {}
     for var in sorted(env):  # sorted: the same error first on every run
         # FORWARDER_API_KEY is not a setting (see credentials.py).
-        if not var.startswith(_ENV_PREFIX) or var == "FORWARDER_API_KEY":
+        if not var.startswith(_ENV_PREFIX) or var == "FORWARDER_API_KEY" or var in key_vars:
             continue
         rest = var[len(_ENV_PREFIX) :]
+        # Account tables have no overrides: names may contain "_", so FORWARDER_ACCOUNTS_A_B_C
+        # could not say which part is the account and which the key.
+        if rest.startswith("ACCOUNTS_"):
+            raise ConfigError(
+                f"{var}: [accounts.NAME] tables cannot be set from the environment; "
+                "set them in the config file"
+            )
         section = _env_section(rest)
         if section is None:
             continue  # not a setting; other FORWARDER_* variables may belong to other components
@@ -346,15 +476,27 @@ def load_config(path: Path | None = None, env: Mapping[str, str] | None = None) 
         document = _read_toml(path, missing_ok=False) or {}
 
     values = _file_values(document)
-    overrides, origins = _env_values(environ)
+    account_values = _account_values(document)
+    key_vars = {str(a["api_key_env"]) for a in account_values.values() if "api_key_env" in a}
+    overrides, origins = _env_values(environ, key_vars)
     for name, section in overrides.items():
         values.setdefault(name, {}).update(section)
     state = values.setdefault("state", {})
     if "dir" not in state:
         state["dir"] = _default_state_dir(environ)
 
-    sections = {
+    sections: dict[str, Any] = {
         name: dataclasses.replace(cls(), **values.get(name, {})) for name, cls in _SECTIONS.items()
+    }
+    remote: RemoteConfig = sections["remote"]
+    # Filled in here, not from a sentinel later: an explicit `rate_limit_per_minute = 0` or
+    # `base_url = ""` is then an error rather than silently inherited.
+    inherited = AccountConfig(
+        name="", base_url=remote.base_url, rate_limit_per_minute=remote.rate_limit_per_minute
+    )
+    sections["accounts"] = {
+        name: dataclasses.replace(inherited, name=name, **typing.cast(dict[str, Any], keys))
+        for name, keys in sorted(account_values.items())
     }
     return _validate(dataclasses.replace(Config(), **sections), origins)
 
@@ -450,6 +592,10 @@ def _validate(config: Config, origins: Mapping[str, str]) -> Config:
         if value < low:
             raise fail(key, f"must be at least {low}, got {value}")
 
+    def within(key: str, value: int, low: int, high: int) -> None:
+        if not low <= value <= high:
+            raise fail(key, f"must be within {low}..{high}, got {value}")
+
     def positive(key: str, value: float) -> None:
         # `not (value > 0)` also catches NaN.
         if not (value > 0) or not math.isfinite(value):
@@ -488,11 +634,52 @@ def _validate(config: Config, origins: Mapping[str, str]) -> Config:
         base_url = _normalise_base_url(remote.base_url)
     except ValueError as exc:
         raise fail("remote.base_url", str(exc)) from None
-    if not 1 <= remote.concurrency <= 1024:
-        raise fail("remote.concurrency", f"must be within 1..1024, got {remote.concurrency}")
+    within("remote.rate_limit_per_minute", remote.rate_limit_per_minute, 1, _MAX_RATE_LIMIT)
+    within("remote.concurrency", remote.concurrency, 0, _MAX_CONCURRENCY)
+    within("remote.min_concurrency", remote.min_concurrency, 1, _MAX_CONCURRENCY)
+    within("remote.max_concurrency", remote.max_concurrency, 1, _MAX_CONCURRENCY)
+    if remote.min_concurrency > remote.max_concurrency:
+        raise fail(
+            "remote.min_concurrency",
+            f"must not exceed remote.max_concurrency ({remote.max_concurrency}), "
+            f"got {remote.min_concurrency}",
+        )
+    within("remote.breaker_failures", remote.breaker_failures, 1, 10_000)
+    positive("remote.breaker_probe_initial_s", remote.breaker_probe_initial_s)
+    positive("remote.breaker_probe_max_s", remote.breaker_probe_max_s)
+    if remote.breaker_probe_initial_s > remote.breaker_probe_max_s:
+        raise fail(
+            "remote.breaker_probe_initial_s",
+            f"must not exceed remote.breaker_probe_max_s ({remote.breaker_probe_max_s}), "
+            f"got {remote.breaker_probe_initial_s}",
+        )
     positive("remote.timeout_s", remote.timeout_s)
     positive("remote.connect_timeout_s", remote.connect_timeout_s)
     positive("remote.auth_retry_s", remote.auth_retry_s)
+
+    accounts: dict[str, AccountConfig] = {}
+    for name, account in sorted(config.accounts.items()):
+        where = f"accounts.{name}"
+        try:
+            account_url = _normalise_base_url(account.base_url)
+        except ValueError as exc:
+            raise fail(f"{where}.base_url", str(exc)) from None
+        within(f"{where}.rate_limit_per_minute", account.rate_limit_per_minute, 1, _MAX_RATE_LIMIT)
+        if account.api_key_env and not _ENV_NAME_RE.fullmatch(account.api_key_env):
+            # The value is not echoed: a key pasted here by mistake must not reach the logs.
+            raise fail(
+                f"{where}.api_key_env",
+                "must be the name of an environment variable (letters, digits and _, "
+                "not starting with a digit), not the key itself",
+            )
+        accounts[name] = dataclasses.replace(account, base_url=account_url)
+    if remote.default_account != DEFAULT_ACCOUNT and remote.default_account not in accounts:
+        hint = _suggest(remote.default_account, config.account_names())
+        raise fail(
+            "remote.default_account",
+            f"no account named {_short(remote.default_account)}{hint}; "
+            f"known accounts: {', '.join(config.account_names())}",
+        )
 
     retry = config.retry
     positive("retry.initial_backoff_s", retry.initial_backoff_s)
@@ -522,6 +709,7 @@ def _validate(config: Config, origins: Mapping[str, str]) -> Config:
         config,
         remote=dataclasses.replace(remote, base_url=base_url),
         log=LogConfig(level=level, format=log_format),
+        accounts=accounts,
     )
 
 
@@ -551,6 +739,8 @@ def _toml_string(value: str) -> str:
 
 
 def _toml_value(kind: _Kind, value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
     if kind == "mode" and isinstance(value, int) and value >= 0:
         return f"0o{value:o}"
     if isinstance(value, str):
@@ -565,10 +755,18 @@ def _comment_safe(text: str) -> str:
     return "".join(ch if ch.isprintable() else f"\\x{ord(ch):02x}" for ch in text)
 
 
-def render_effective(config: Config, key: ApiKey | None) -> str:
-    """The effective configuration as TOML, plus a comment saying where the API key comes from.
+def _key_comment(key: ApiKey | None) -> str:
+    return "not configured" if key is None else f"**** (from {_comment_safe(key.source)})"
 
-    Every section and key is included; the key itself never is.
+
+def render_effective(
+    config: Config, key: ApiKey | None, account_keys: Mapping[str, ApiKey] | None = None
+) -> str:
+    """The effective configuration as TOML, plus comments saying where the API keys come from.
+
+    Every section and key is included, then every ``[accounts.NAME]`` table; the keys themselves
+    never are. ``key`` is the default account's; with ``account_keys`` (from
+    `credentials.resolve_account_keys`) each account table also says where its key comes from.
     """
     lines = ["# forwarder: effective configuration"]
     for name, kinds in _FIELD_KINDS.items():
@@ -576,9 +774,14 @@ def render_effective(config: Config, key: ApiKey | None) -> str:
         lines += ["", f"[{name}]"]
         for key_name, kind in kinds.items():
             lines.append(f"{key_name} = {_toml_value(kind, getattr(section, key_name))}")
+    for name, account in sorted(config.accounts.items()):
+        # A valid account name is a bare TOML key; quote anything else rather than break the TOML.
+        header = name if _ACCOUNT_NAME_RE.fullmatch(name) else _toml_string(name)
+        lines += ["", f"[accounts.{header}]"]
+        for key_name, kind in _ACCOUNT_KINDS.items():
+            lines.append(f"{key_name} = {_toml_value(kind, getattr(account, key_name))}")
+        if account_keys is not None:
+            lines.append(f"# api key of this account: {_key_comment(account_keys.get(name))}")
     lines.append("")
-    if key is None:
-        lines.append("# api key: not configured")
-    else:
-        lines.append(f"# api key: **** (from {_comment_safe(key.source)})")
+    lines.append(f"# api key: {_key_comment(key)}")
     return "\n".join(lines) + "\n"

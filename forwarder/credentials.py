@@ -1,7 +1,9 @@
-"""The remote API key: where it comes from, and a wrapper that never shows it.
+"""The remote API keys: where they come from, and a wrapper that never shows them.
 
-The key is not a setting. It comes from the environment, a file or a systemd credential, lives in
-memory as a `Secret`, and is revealed only where the Authorization header is built.
+A key is not a setting. It comes from the environment, a file or a systemd credential, lives in
+memory as a `Secret`, and is revealed only where the Authorization header is built. The default
+account's key is found by `resolve_api_key`, those of ``[accounts.NAME]`` by
+`resolve_account_keys`.
 """
 
 from __future__ import annotations
@@ -59,15 +61,26 @@ class ApiKey:
     source: str
 
 
-def _make_key(raw: str, source: str, where: str | None = None) -> ApiKey:
-    """Strip and check a key; errors name ``where`` (default ``source``), never the content."""
-    where = where or source
+def check_key_text(raw: str) -> str:
+    """The key ``raw`` without surrounding whitespace, if usable in an Authorization header.
+
+    Raises ValueError with a reason that fits after "API key ..." and never shows the content.
+    """
     key = raw.strip()
     if not key:
-        raise ConfigError(f"API key from {where} is empty")
+        raise ValueError("is empty")
     # Anything else would corrupt (or inject into) the auth header; typical cause: a pasted quote.
     if not key.isascii() or not key.isprintable() or any(ch.isspace() for ch in key):
-        raise ConfigError(f"API key from {where} must be printable ASCII without whitespace")
+        raise ValueError("must be printable ASCII without whitespace")
+    return key
+
+
+def _make_key(raw: str, source: str, where: str | None = None) -> ApiKey:
+    """Strip and check a key; errors name ``where`` (default ``source``), never the content."""
+    try:
+        key = check_key_text(raw)
+    except ValueError as exc:
+        raise ConfigError(f"API key from {where or source} {exc}") from None
     return ApiKey(secret=Secret(key), source=source)
 
 
@@ -93,6 +106,30 @@ def _key_from_bytes(data: bytes, source: str, where: str) -> ApiKey:
     return _make_key(text, source, where)
 
 
+def _key_from_file(path: Path, setting: str) -> ApiKey:
+    """The key in the file ``path``, which the setting ``setting`` names."""
+    source = f"file {path}"
+    try:
+        data = _read_limited(path)
+    except OSError as exc:
+        raise ConfigError(f"{setting}: cannot read API key from {source}: {_reason(exc)}") from None
+    return _key_from_bytes(data, source, source)
+
+
+def _key_from_credential(directory: str, name: str) -> ApiKey | None:
+    """The systemd credential ``name`` in ``directory``; None if the service has no such one."""
+    path = Path(directory) / name
+    source = f"systemd credential {name}"
+    where = f"{source} ({path})"
+    try:
+        data = _read_limited(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return None  # the service has credentials, just not this one
+    except OSError as exc:
+        raise ConfigError(f"cannot read API key from {where}: {_reason(exc)}") from None
+    return _key_from_bytes(data, source, where)
+
+
 def resolve_api_key(config: Config, env: Mapping[str, str] | None = None) -> ApiKey | None:
     """Find the remote API key.
 
@@ -108,26 +145,45 @@ def resolve_api_key(config: Config, env: Mapping[str, str] | None = None) -> Api
         return _make_key(value, f"environment {API_KEY_VAR}")
 
     if config.remote.api_key_file:
-        path = Path(config.remote.api_key_file)
-        source = f"file {path}"
-        try:
-            data = _read_limited(path)
-        except OSError as exc:
-            raise ConfigError(
-                f"remote.api_key_file: cannot read API key from {source}: {_reason(exc)}"
-            ) from None
-        return _key_from_bytes(data, source, source)
+        return _key_from_file(Path(config.remote.api_key_file), "remote.api_key_file")
 
     credentials = environ.get("CREDENTIALS_DIRECTORY", "")
     if credentials:
-        path = Path(credentials) / _CREDENTIAL_NAME
-        source = f"systemd credential {_CREDENTIAL_NAME}"
-        where = f"{source} ({path})"
-        try:
-            data = _read_limited(path)
-        except (FileNotFoundError, NotADirectoryError):
-            return None  # the service has credentials, just not this one
-        except OSError as exc:
-            raise ConfigError(f"cannot read API key from {where}: {_reason(exc)}") from None
-        return _key_from_bytes(data, source, where)
+        return _key_from_credential(credentials, _CREDENTIAL_NAME)
     return None
+
+
+def resolve_account_keys(config: Config, env: Mapping[str, str] | None = None) -> dict[str, ApiKey]:
+    """Find the API key of every ``[accounts.NAME]`` account, by name.
+
+    Order for each: the variable named by ``api_key_env`` (if set and non-empty), then the file
+    ``api_key_file`` (if set), then the systemd credential ``$CREDENTIALS_DIRECTORY/api_key.NAME``
+    (if present). Raises :class:`ConfigError` naming the source (never the content) if a source is
+    unreadable or holds no valid key, or if no source yields a key for an account.
+    """
+    environ: Mapping[str, str] = os.environ if env is None else env
+    credentials = environ.get("CREDENTIALS_DIRECTORY", "")
+    keys: dict[str, ApiKey] = {}
+    for name, account in sorted(config.accounts.items()):
+        where = f"accounts.{name}"
+        key: ApiKey | None = None
+        value = environ.get(account.api_key_env, "") if account.api_key_env else ""
+        if value:
+            key = _make_key(value, f"environment {account.api_key_env}")
+        elif account.api_key_file:
+            key = _key_from_file(Path(account.api_key_file), f"{where}.api_key_file")
+        elif credentials:
+            key = _key_from_credential(credentials, f"{_CREDENTIAL_NAME}.{name}")
+        if key is None:
+            # The variable is not named: a key pasted into api_key_env must not reach the logs.
+            unset = (
+                f" ({where}.api_key_env names a variable that is unset or empty)"
+                if account.api_key_env
+                else ""
+            )
+            raise ConfigError(
+                f"{where}: no API key: set api_key_file or api_key_env, or provide the systemd "
+                f"credential {_CREDENTIAL_NAME}.{name}{unset}"
+            )
+        keys[name] = key
+    return keys

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import errno
 import os
 import signal
 import socket
 import stat
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,19 +24,34 @@ import aiohttp
 import structlog
 from aiohttp import web
 
-from forwarder.config import Config
-from forwarder.credentials import ApiKey
+from forwarder.accounts import Account, Accounts
+from forwarder.config import Config, ConfigError
 from forwarder.deadletter import DeadLetterWriter
-from forwarder.dispatcher import Dispatcher
+from forwarder.dispatcher import Dispatcher, LaneSettings
 from forwarder.events import Event
 from forwarder.intake import IntakeState, create_app
 from forwarder.queue import EventQueue, load_pending, remove_pending, save_pending
 from forwarder.remote import USER_AGENT, RemoteClient
-from forwarder.telemetry import Metrics, Stats
+from forwarder.telemetry import Metrics, Stats, set_log_level, set_secrets
 
 log = structlog.get_logger("forwarder.daemon")
 # aiohttp's grace for requests still being answered when the listeners close.
 HANDLER_GRACE_S = 2.0
+PID_FILE = "forwarder.pid"
+# Settings a reload cannot change in a running process: they need a restart.
+RESTART_ONLY = (
+    "intake.http_listen",
+    "intake.unix_socket",
+    "intake.unix_socket_mode",
+    "intake.max_body_bytes",
+    "remote.timeout_s",
+    "remote.connect_timeout_s",
+    "state.dir",
+    "log.format",
+)
+
+# What a reload reads: the new config and its accounts (keys resolved), or a ConfigError.
+Loader = Callable[[], tuple[Config, dict[str, Account]]]
 
 
 class StartupError(Exception):
@@ -44,18 +61,30 @@ class StartupError(Exception):
 class Daemon:
     """One forwarder process: intake, queue, dispatcher and their orderly shutdown."""
 
-    def __init__(self, config: Config, api_key: ApiKey) -> None:
+    def __init__(
+        self, config: Config, accounts: dict[str, Account], *, loader: Loader | None = None
+    ) -> None:
         self.config = config
-        self._api_key = api_key
+        self._loader = loader
         self.stats = Stats()
-        self.queue = EventQueue(config.queue.max_events)
+        self.queue = EventQueue(config.queue.max_events, ordered=config.remote.per_recipient_order)
+        self.accounts = Accounts(
+            accounts,
+            default=config.remote.default_account,
+            accept_client_keys=config.intake.accept_client_keys,
+            client_template=accounts.get(config.remote.default_account),
+            on_new_client=self._add_client_lane,
+        )
         self.addresses: list[str] = []
         self.ready = asyncio.Event()
+        self.reloads = 0
         self._stop = asyncio.Event()
         self._force = asyncio.Event()
         self._shutting_down = False
         self._dispatcher: Dispatcher | None = None
+        self._session: aiohttp.ClientSession | None = None
         self._state: IntakeState | None = None
+        self._reload_task: asyncio.Task[bool] | None = None
 
     def request_stop(self) -> None:
         """Begin a graceful stop (as SIGTERM does); a second call stops without draining."""
@@ -68,42 +97,194 @@ class Daemon:
             return "shutting down"
         if not self.ready.is_set():
             return "starting"
-        if self._dispatcher is not None and self._dispatcher.paused:
-            return f"delivery paused: {self._dispatcher.pause_reason}"
+        if self._dispatcher is not None:
+            return self._dispatcher.not_ready_reason()
         return ""
 
     def _gauges(self) -> dict[str, tuple[str, float]]:
         d = self._dispatcher
+        paused = bool(d and any(lane.auth.is_open for lane in d.lanes.values()))
         return {
             "queue_depth": ("Events waiting in the queue.", len(self.queue)),
             "queue_capacity": ("queue.max_events.", self.queue.max_events),
-            "in_flight": ("Events being delivered now.", d.in_flight if d else 0),
-            "delivery_paused": ("1 while the remote refuses the key.", int(bool(d and d.paused))),
+            "in_flight": ("Events in delivery.", self.queue.in_delivery),
+            "delivery_paused": ("1 while the remote refuses a key.", int(paused)),
             "ready": ("1 when /readyz answers 200.", int(not self._not_ready_reason())),
+            "config_reloads": ("Configuration reloads applied.", self.reloads),
         }
 
-    def _stats_extra(self) -> dict[str, Any]:
+    def _account_views(self) -> dict[str, dict[str, Any]]:
         d = self._dispatcher
-        return {
-            "in_flight": d.in_flight if d else 0,
-            "delivery": {
-                "paused": bool(d and d.paused),
-                "pause_reason": d.pause_reason if d else "",
-                "workers": d.workers_alive if d else 0,
-                "concurrency": self.config.remote.concurrency,
-            },
+        return {name: lane.view() for name, lane in d.lanes.items()} if d else {}
+
+    def _stats_extra(self) -> dict[str, Any]:
+        held = {
+            name: self.queue.depth(name)
+            for name in self.queue.accounts()
+            if self._dispatcher is None or name not in self._dispatcher.lanes
         }
+        return {
+            "in_flight": self.queue.in_delivery,
+            "delivery": {
+                "ready": not self._not_ready_reason(),
+                "reason": self._not_ready_reason(),
+                "default_account": self.accounts.default,
+                "per_recipient_order": self.queue.ordered,
+                "config_reloads": self.reloads,
+            },
+            "accounts": self._account_views(),
+            # Events of accounts that have no lane now: a removed account, or a client key
+            # not presented since a restart. They are kept (and saved at stop), not dropped.
+            "held_without_account": {k: v for k, v in held.items() if v},
+        }
+
+    def _lane_settings(self, account: Account, config: Config) -> LaneSettings:
+        return LaneSettings(per_minute=account.per_minute, remote=config.remote, retry=config.retry)
+
+    def _sender(self, account: Account) -> RemoteClient:
+        assert self._session is not None
+        return RemoteClient(self._session, account.base_url, account.key)
+
+    def _add_lane(self, account: Account) -> None:
+        assert self._dispatcher is not None
+        self._dispatcher.add(
+            account.name, self._sender(account), self._lane_settings(account, self.config)
+        )
+
+    def _add_client_lane(self, account: Account) -> None:
+        # Intake met a new client key: the lane must exist before the event is queued.
+        if self._dispatcher is not None:
+            self._add_lane(account)
+            set_secrets(self._secrets())
+            log.info("client_account_added", account=account.name)
+
+    def _secrets(self) -> list[str]:
+        accounts = [*self.accounts.configured.values(), *self.accounts.clients.values()]
+        return [a.key.reveal() for a in accounts]
 
     async def run(self) -> int:
         """Serve until stopped; returns the process exit code."""
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self._on_signal, signum)
+        loop.add_signal_handler(signal.SIGHUP, self._on_reload_signal)
         try:
             return await self._run()
         finally:
-            for signum in (signal.SIGTERM, signal.SIGINT):
+            for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 loop.remove_signal_handler(signum)
+            if self._reload_task is not None:
+                self._reload_task.cancel()
+                await asyncio.gather(self._reload_task, return_exceptions=True)
+
+    def _on_reload_signal(self) -> None:
+        log.info("signal", signal="SIGHUP", action="reload configuration")
+        self.request_reload()
+
+    def request_reload(self) -> asyncio.Task[bool]:
+        """Re-read the configuration and apply it (as SIGHUP does); reloads never overlap."""
+        previous = self._reload_task
+        if previous is not None and not previous.done():
+            return previous
+        self._reload_task = asyncio.create_task(self.reload(), name="config-reload")
+        return self._reload_task
+
+    async def reload(self) -> bool:
+        """Apply a new configuration; a bad one is refused and the running one stays."""
+        if self._loader is None or self._dispatcher is None or self._shutting_down:
+            log.warning("reload_skipped", reason="not running")
+            return False
+        try:
+            # Reading files (config, key files) is blocking: off the event loop.
+            config, accounts = await asyncio.to_thread(self._loader)
+            if config.remote.default_account not in accounts:
+                raise ConfigError(
+                    f"remote.default_account: no API key for account "
+                    f"{config.remote.default_account!r}"
+                )
+        except ConfigError as exc:
+            log.error("reload_refused", error=str(exc), action="the running configuration stays")
+            return False
+        old = self.config
+        changed = _changed_keys(old, config)
+        restart_needed = [key for key in changed if key in RESTART_ONLY]
+        # What cannot change at run time keeps its running value, so `self.config` stays true.
+        for key in restart_needed:
+            section, name = key.split(".", 1)
+            running = getattr(getattr(old, section), name)
+            config = dataclasses.replace(
+                config,
+                **{section: dataclasses.replace(getattr(config, section), **{name: running})},
+            )
+        self.config = config
+        self.queue.max_events = config.queue.max_events
+        self.queue.set_ordered(config.remote.per_recipient_order)
+        set_log_level(config.log.level)
+        assert self._state is not None
+        self._state.max_batch = config.intake.max_batch
+        previous = dict(self.accounts.configured)
+        self.accounts.update(
+            accounts,
+            default=config.remote.default_account,
+            accept_client_keys=config.intake.accept_client_keys,
+            client_template=accounts[config.remote.default_account],
+        )
+        added, removed = self._apply_accounts(accounts, config, previous)
+        set_secrets(self._secrets())
+        self.reloads += 1
+        log.info(
+            "reloaded",
+            changed=changed,
+            accounts_added=added,
+            accounts_removed=removed,
+            **({"restart_needed": restart_needed} if restart_needed else {}),
+        )
+        return True
+
+    def _apply_accounts(
+        self, accounts: dict[str, Account], config: Config, previous: dict[str, Account]
+    ) -> tuple[list[str], list[str]]:
+        assert self._dispatcher is not None
+        lanes = self._dispatcher.lanes
+        added: list[str] = []
+        for name, account in accounts.items():
+            lane = lanes.get(name)
+            if lane is None:
+                self._add_lane(account)
+                added.append(name)
+                continue
+            lane.retired = False
+            current = previous.get(name)
+            sender = None
+            if current is None or (current.base_url, current.key) != (
+                account.base_url,
+                account.key,
+            ):
+                sender = self._sender(account)
+            lane.configure(self._lane_settings(account, config), sender)
+        template = accounts[config.remote.default_account]
+        for name, client in self.accounts.clients.items():
+            lane = lanes.get(name)
+            if lane is not None:
+                settings = LaneSettings(template.per_minute, config.remote, config.retry)
+                if client.base_url != template.base_url:
+                    client = dataclasses.replace(client, base_url=template.base_url)
+                    self.accounts.clients[name] = client
+                    lane.configure(settings, self._sender(client))
+                else:
+                    lane.configure(settings)
+        removed = [
+            name for name in lanes if name not in accounts and name not in self.accounts.clients
+        ]
+        for name in removed:
+            log.warning(
+                "account_removed",
+                account=name,
+                queued=self.queue.depth(name),
+                action="delivers what it holds, then stops",
+            )
+            self._dispatcher.retire(name)
+        return added, removed
 
     def _on_signal(self, signum: int) -> None:
         if self._stop.is_set():
@@ -122,8 +303,12 @@ class Daemon:
         except OSError as exc:
             log.error("startup_failed", error=f"state.dir {state_dir}: {exc.strerror or exc}")
             return 1
-        # Pending events go in first, ahead of anything new, and may exceed the bound.
-        restored = self.queue.restore(pending.events)
+        # Pending events go in first, ahead of anything new, and may exceed the bound. A file
+        # from before accounts existed names none: those belong to the default account.
+        default = cfg.remote.default_account
+        restored = self.queue.restore(
+            e if e.account else dataclasses.replace(e, account=default) for e in pending.events
+        )
         if pending.events or pending.damaged_lines:
             log.info("pending_restored", count=restored, damaged_lines=pending.damaged_lines)
         try:
@@ -133,34 +318,42 @@ class Daemon:
             log.error("startup_failed", error=f"cannot remove the pending file: {exc}")
             return 1
 
-        metrics = Metrics(self.stats, self._gauges)
+        metrics = Metrics(self.stats, self._gauges, self._account_views)
         self._state = IntakeState(
             queue=self.queue,
             stats=self.stats,
             metrics=metrics,
             max_batch=cfg.intake.max_batch,
             max_body_bytes=cfg.intake.max_body_bytes,
+            accounts=self.accounts,
             not_ready_reason=self._not_ready_reason,
             stats_extra=self._stats_extra,
         )
         dead_letters = DeadLetterWriter(state_dir)
-        session = aiohttp.ClientSession(
+        # One session for every account: the lanes' concurrency limits bound the connections.
+        self._session = aiohttp.ClientSession(
             timeout=aiohttp.ClientTimeout(
                 total=cfg.remote.timeout_s, connect=cfg.remote.connect_timeout_s
             ),
-            connector=aiohttp.TCPConnector(limit=cfg.remote.concurrency),
+            connector=aiohttp.TCPConnector(limit=0),
             headers={"User-Agent": USER_AGENT},
         )
         self._dispatcher = Dispatcher(
-            self.queue,
-            RemoteClient(session, cfg.remote.base_url, self._api_key.secret),
-            cfg.retry,
-            concurrency=cfg.remote.concurrency,
-            auth_retry_s=cfg.remote.auth_retry_s,
-            dead_letters=dead_letters,
-            stats=self.stats,
-            latency=metrics.latency,
+            self.queue, dead_letters=dead_letters, stats=self.stats, latency=metrics.latency
         )
+        for account in self.accounts.configured.values():
+            self._add_lane(account)
+        held = {
+            name: self.queue.depth(name)
+            for name in self.queue.accounts()
+            if name not in self._dispatcher.lanes
+        }
+        if held:
+            log.warning(
+                "events_held",
+                accounts=held,
+                reason="no such account configured (or a client key not presented yet)",
+            )
         runner = web.AppRunner(
             create_app(self._state),
             access_log=None,
@@ -171,16 +364,22 @@ class Daemon:
         leftovers: list[Event] = []
         dead_letters.start()
         self._dispatcher.start()
+        pid_written = False
         try:
             await runner.setup()
             await self._start_sites(runner)
+            await asyncio.to_thread(_write_pid, state_dir)
+            pid_written = True
             self.ready.set()
             log.info(
                 "started",
                 listening=self.addresses,
-                base_url=cfg.remote.base_url,
-                api_key_source=self._api_key.source,
-                concurrency=cfg.remote.concurrency,
+                accounts={
+                    name: {"base_url": a.base_url, "api_key_source": a.key_source}
+                    for name, a in self.accounts.configured.items()
+                },
+                default_account=default,
+                concurrency=cfg.remote.concurrency or "adaptive",
                 queue_max_events=cfg.queue.max_events,
                 pending_restored=restored,
             )
@@ -190,10 +389,10 @@ class Daemon:
             log.info(
                 "stopping",
                 queued=len(self.queue),
-                in_flight=self._dispatcher.in_flight,
+                in_flight=self.queue.in_delivery,
                 drain_timeout_s=cfg.shutdown.timeout_s,
             )
-            drained = await self._dispatcher.drain(cfg.shutdown.timeout_s, self._force)
+            drained = await self._dispatcher.drain(self.config.shutdown.timeout_s, self._force)
         except StartupError as exc:
             log.error("startup_failed", error=str(exc))
             exit_code = 1
@@ -205,7 +404,9 @@ class Daemon:
                 await self._save(state_dir, leftovers)
             await runner.cleanup()
             self._remove_unix_socket()
-            await session.close()
+            if pid_written:
+                await asyncio.to_thread(_remove_pid, state_dir)
+            await self._session.close()
             await dead_letters.close()
         log.info(
             "stopped",
@@ -267,6 +468,39 @@ class Daemon:
         if path and f"unix:{path}" in self.addresses:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
+
+
+def _changed_keys(old: Config, new: Config) -> list[str]:
+    """The `section.key` names whose values differ (accounts compared as whole tables)."""
+    changed: list[str] = []
+    for section in dataclasses.fields(old):
+        before, after = getattr(old, section.name), getattr(new, section.name)
+        if section.name == "accounts":
+            changed += [
+                f"accounts.{name}"
+                for name in sorted({*before, *after})
+                if before.get(name) != after.get(name)
+            ]
+            continue
+        for item in dataclasses.fields(before):
+            if getattr(before, item.name) != getattr(after, item.name):
+                changed.append(f"{section.name}.{item.name}")
+    return changed
+
+
+def _write_pid(state_dir: Path) -> None:
+    # For `forwarder reload`: the PID of the daemon serving this state directory.
+    path = state_dir / PID_FILE
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(f"{os.getpid()}\n", encoding="ascii")
+    os.replace(tmp, path)
+
+
+def _remove_pid(state_dir: Path) -> None:
+    path = state_dir / PID_FILE
+    with contextlib.suppress(FileNotFoundError, ValueError, OSError):
+        if int(path.read_text(encoding="ascii")) == os.getpid():
+            path.unlink()
 
 
 def _host_for_url(host: str) -> str:

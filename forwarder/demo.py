@@ -16,6 +16,7 @@ from typing import Any
 
 import aiohttp
 
+from forwarder.accounts import configured_accounts
 from forwarder.config import load_config
 from forwarder.credentials import ApiKey, Secret
 from forwarder.daemon import Daemon
@@ -83,7 +84,7 @@ async def run_demo(events: int = 40) -> int:
         config_path.write_text(_demo_config(state_dir, mock.base_url))
         config = load_config(config_path, env={})
         configure_logging("info", "console", secrets=[DEMO_KEY])
-        daemon = Daemon(config, ApiKey(Secret(DEMO_KEY), "demo"))
+        daemon = Daemon(config, configured_accounts(config, ApiKey(Secret(DEMO_KEY), "demo"), {}))
         task = asyncio.create_task(daemon.run(), name="demo-daemon")
         try:
             await asyncio.wait_for(daemon.ready.wait(), timeout=10)

@@ -1,8 +1,10 @@
-"""The dispatcher: workers that take events from the queue and decide each one's fate.
+"""The dispatcher: one delivery lane per account, each deciding its events' fates.
 
-It is the only place that decides what happens to an event after an attempt: delivered, retried
-(by the tenacity policy in `retry.py`), dead-lettered, or held while delivery is paused because
-the remote refuses the API key.
+A lane pulls its account's events from the shared queue (which holds back later events of a
+recipient while one is in delivery), and sends each under its account's flow control: the
+circuit breaker and the refused-key gate, the rate limiter, and the concurrency limit (see
+`limiter.py`). It is the only place that decides what happens to an event after an attempt:
+delivered, retried (by the tenacity policy in `retry.py`), or dead-lettered.
 """
 
 from __future__ import annotations
@@ -11,15 +13,17 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Awaitable, Callable
-from typing import Protocol
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 import structlog
 from prometheus_client import Histogram
 from tenacity import RetryCallState
 
-from forwarder.config import RetryConfig
+from forwarder.config import RemoteConfig, RetryConfig
 from forwarder.deadletter import DeadLetterWriter, dead_letter_record
 from forwarder.events import Event
+from forwarder.limiter import CircuitBreaker, ConcurrencyController, RateLimiter, Ticket
 from forwarder.queue import EventQueue
 from forwarder.remote import Result, Verdict
 from forwarder.retry import build_retrying
@@ -27,139 +31,349 @@ from forwarder.telemetry import Stats
 
 log = structlog.get_logger("forwarder.dispatcher")
 
+Sleep = Callable[[float], Awaitable[None]]
+# Longest single wait on a gate or the limiter: a reload or a stop is noticed within it.
+MAX_WAIT_SLICE_S = 1.0
+
 
 class Sender(Protocol):
-    """What the dispatcher needs of the remote client."""
+    """What a lane needs of the remote client."""
 
     async def send(self, event: Event) -> Result: ...
 
 
-class Dispatcher:
-    """`concurrency` workers over one queue and one sender."""
+@dataclass(frozen=True, slots=True)
+class LaneSettings:
+    """The reloadable settings of one account's lane."""
+
+    per_minute: int
+    remote: RemoteConfig
+    retry: RetryConfig
+
+
+class Lane:
+    """Delivery for one account: its sender, rate limiter, concurrency, breaker and key gate."""
 
     def __init__(
         self,
+        name: str,
         queue: EventQueue,
         sender: Sender,
-        retry: RetryConfig,
+        settings: LaneSettings,
         *,
-        concurrency: int,
-        auth_retry_s: float,
         dead_letters: DeadLetterWriter,
         stats: Stats,
         latency: Histogram | None = None,
-        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        sleep: Sleep = asyncio.sleep,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        self.name = name
+        self.sender = sender
         self._queue = queue
-        self._sender = sender
-        self._retry = retry
-        self._concurrency = concurrency
-        self._auth_retry_s = auth_retry_s
         self._dead_letters = dead_letters
         self._stats = stats
-        self._latency = latency
+        self._latency = latency.labels(account=name) if latency is not None else None
         self._sleep = sleep
-        self._workers: list[asyncio.Task[None]] = []
-        # Keyed by worker number: two in-flight events may share an event_id (an app resent it).
-        self._in_flight: dict[int, Event] = {}
-        self._progress = asyncio.Event()
-        self._resumed = asyncio.Event()
-        self._resumed.set()
-        self._prober: asyncio.Task[object] | None = None
-        self.pause_reason = ""
+        remote = settings.remote
+        self.limiter = RateLimiter(settings.per_minute, clock=clock)
+        self.concurrency = ConcurrencyController(
+            minimum=remote.min_concurrency,
+            maximum=remote.max_concurrency,
+            fixed=remote.concurrency,
+            clock=clock,
+        )
+        self.breaker = CircuitBreaker(
+            failures=remote.breaker_failures,
+            probe_initial_s=remote.breaker_probe_initial_s,
+            probe_max_s=remote.breaker_probe_max_s,
+            clock=clock,
+        )
+        # A refused key is true for every event: one failure closes the gate, one probe reopens.
+        self.auth = CircuitBreaker(
+            failures=1,
+            probe_initial_s=remote.auth_retry_s,
+            probe_max_s=remote.auth_retry_s,
+            clock=clock,
+        )
+        self.settings = settings
+        self._limiter_lock = asyncio.Lock()
+        self._gates_changed = asyncio.Event()
+        self._pump: asyncio.Task[None] | None = None
+        self._deliveries: set[asyncio.Task[None]] = set()
+        self._waiting_for_slot = False  # the pump holds an event until a slot frees up
+        # Called after every outcome (the dispatcher's drain and housekeeping listen).
+        self.on_outcome: Callable[[], None] = lambda: None
+        self.retired = False
+        self.delivered = 0
+        self.auth_reason = ""
+
+    # --- state --------------------------------------------------------------------------------
 
     @property
-    def paused(self) -> bool:
-        """True while delivery is held because the remote refuses the API key."""
-        return not self._resumed.is_set()
+    def in_delivery(self) -> int:
+        """Events taken from the queue whose outcome is not known yet."""
+        return len(self._deliveries) + int(self._waiting_for_slot)
 
     @property
-    def in_flight(self) -> int:
-        return len(self._in_flight)
+    def idle(self) -> bool:
+        """Nothing queued and nothing in delivery."""
+        return not self.in_delivery and not self._queue.depth(self.name)
 
-    @property
-    def workers_alive(self) -> int:
-        return sum(1 for task in self._workers if not task.done())
+    def not_ready_reason(self) -> str:
+        """Why this account cannot deliver now, or ""."""
+        if self.auth.is_open:
+            return f"account {self.name}: delivery paused: {self.auth_reason}"
+        if self.breaker.is_open:
+            return (
+                f"account {self.name}: circuit breaker open after "
+                f"{self.breaker.consecutive} consecutive failures (last: {self.breaker.last_error})"
+            )
+        return ""
+
+    def view(self) -> dict[str, Any]:
+        """This lane's state for /v1/stats and the metrics."""
+        return {
+            "queued": self._queue.depth(self.name),
+            "in_delivery": self.in_delivery,
+            "delivered": self.delivered,
+            "rate_limit": {
+                "limit_per_window": self.limiter.limit,
+                "window_s": self.limiter.window_s,
+                "remaining": self.limiter.remaining,
+                "tokens": round(self.limiter.tokens, 3),
+                "rate_limited": self.limiter.rate_limited,
+            },
+            "concurrency": {
+                "limit": self.concurrency.limit,
+                "adaptive": self.concurrency.adaptive,
+                "min": self.concurrency.minimum,
+                "max": self.concurrency.maximum,
+                "sending": self.concurrency.sending,
+                "rtt_ms": round(self.concurrency.past_rtt * 1000, 1),
+            },
+            "breaker": {
+                "state": self.breaker.state.value,
+                "consecutive_failures": self.breaker.consecutive,
+                "opened": self.breaker.opened,
+                "probe_interval_s": self.breaker.interval_s,
+            },
+            "paused": self.auth.is_open,
+            "pause_reason": self.auth_reason if self.auth.is_open else "",
+            "retired": self.retired,
+        }
+
+    # --- lifecycle ----------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Start the workers."""
-        self._workers = [
-            asyncio.create_task(self._work(n), name=f"delivery-worker-{n}")
-            for n in range(self._concurrency)
-        ]
+        """Start pulling this account's events."""
+        self._pump = asyncio.create_task(self._run_pump(), name=f"lane-{self.name}")
 
-    async def drain(self, timeout: float, force: asyncio.Event) -> bool:
-        """Keep delivering until queue and workers are empty, `timeout` passes or `force` is set."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        while len(self._queue) or self._in_flight:
-            remaining = deadline - loop.time()
-            if remaining <= 0 or force.is_set():
-                return False
-            self._progress.clear()
-            # Short slices so a second signal (force) is noticed promptly.
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._progress.wait(), timeout=min(remaining, 0.1))
-        return True
+    def configure(self, settings: LaneSettings, sender: Sender | None = None) -> None:
+        """Apply reloaded settings; events in delivery carry on, later attempts see them."""
+        remote = settings.remote
+        if settings.per_minute != self.settings.per_minute:
+            self.limiter.set_per_minute(settings.per_minute)
+        self.concurrency.configure(
+            minimum=remote.min_concurrency, maximum=remote.max_concurrency, fixed=remote.concurrency
+        )
+        self.breaker.configure(
+            failures=remote.breaker_failures,
+            probe_initial_s=remote.breaker_probe_initial_s,
+            probe_max_s=remote.breaker_probe_max_s,
+        )
+        self.auth.configure(
+            failures=1, probe_initial_s=remote.auth_retry_s, probe_max_s=remote.auth_retry_s
+        )
+        if sender is not None:
+            self.sender = sender
+        self.settings = settings
+        self._notify_gates()
 
-    async def stop(self) -> list[Event]:
-        """Cancel the workers; return every event not delivered, in-flight ones first."""
-        for task in self._workers:
+    async def stop(self) -> None:
+        """Cancel the pump and every delivery; their events stay in the queue's care."""
+        tasks = [t for t in (self._pump, *self._deliveries) if t is not None]
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(*self._workers, return_exceptions=True)
-        self._workers = []
-        leftovers = [self._in_flight[n] for n in sorted(self._in_flight)]
-        self._in_flight.clear()
-        return leftovers + self._queue.take_all()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._pump = None
+        self._deliveries.clear()
+        self._waiting_for_slot = False
 
-    async def _work(self, number: int) -> None:
+    async def _run_pump(self) -> None:
         while True:
-            await self._resumed.wait()  # while paused, queued events stay queued
-            event = await self._queue.get()
-            self._in_flight[number] = event
-            try:
-                await self._deliver(event)
-            except Exception as exc:  # a bug, not the remote: keep the event, keep the worker
-                log.exception("internal_error", event_id=event.event_id)
-                self._dead_letter(event, "internal_error", None, repr(exc), 0, time.time())
-            # Reached only when the event has its outcome; on cancellation it stays in flight,
-            # so `stop` hands it back for saving.
-            del self._in_flight[number]
-            self._progress.set()
+            # The event first, then a slot. Never the other way round: a pump holding a slot
+            # while it waits for an event (all ready recipients busy) could starve the very
+            # retry that would free the recipient: a deadlock at a concurrency of one.
+            event = await self._queue.get(self.name)
+            self._waiting_for_slot = True
+            await self.concurrency.acquire()  # cancelled here: the queue still has the event
+            self._waiting_for_slot = False
+            task = asyncio.create_task(self._deliver(event), name=f"deliver-{self.name}")
+            self._deliveries.add(task)
+            task.add_done_callback(self._deliveries.discard)
+
+    # --- one event ----------------------------------------------------------------------------
 
     async def _deliver(self, event: Event) -> None:
+        holding = True  # the pump handed over a concurrency slot
+
+        async def backoff(seconds: float) -> None:
+            # A retrying event gives its slot back while it waits, so other recipients flow.
+            nonlocal holding
+            self.concurrency.release()
+            holding = False
+            await self._sleep(seconds)
+            await self.concurrency.acquire()
+            holding = True
+
         attempts = 0
         first_at = 0.0
-        with structlog.contextvars.bound_contextvars(
-            event_id=event.event_id, recipient_id=event.recipient_id, name=event.name
-        ):
 
-            async def attempt() -> Result:
-                nonlocal attempts, first_at
+        async def attempt() -> Result:
+            nonlocal attempts, first_at
+            auth_probe, breaker_probe = await self._pass_gates()
+            try:
+                ticket = await self._take_token()
                 attempts += 1
                 if attempts == 1:
                     first_at = time.time()
                 self._stats.attempts += 1
-                result = await self._sender.send(event)
-                if self._latency is not None:
-                    self._latency.observe(result.latency_s)
-                return result
+                self.concurrency.request_started()
+                sent: Result | None = None
+                try:
+                    sent = await self.sender.send(event)
+                finally:
+                    # Cancelled mid-request: the request is gone, and so must its count be.
+                    self.concurrency.request_finished(
+                        sent.latency_s if sent else 0.0,
+                        backpressure=bool(sent and sent.transient_failure),
+                    )
+                result = sent
+            except BaseException:
+                if auth_probe:
+                    self.auth.abandon()
+                if breaker_probe:
+                    self.breaker.abandon()
+                raise
+            self._learn(ticket, result, auth_probe=auth_probe, breaker_probe=breaker_probe)
+            return result
 
+        try:
+            with structlog.contextvars.bound_contextvars(
+                event_id=event.event_id,
+                recipient_id=event.recipient_id,
+                name=event.name,
+                account=self.name,
+            ):
+                while True:
+                    retrying = build_retrying(
+                        self.settings.retry, before_sleep=self._log_retry, sleep=backoff
+                    )
+                    result: Result = await retrying(attempt)
+                    if result.verdict is not Verdict.AUTH:
+                        break
+                    # The key is refused: the gate holds this event with all others; the
+                    # give-up clock restarts, since the event itself is not at fault.
+                self._finish(event, result, attempts, first_at)
+        except Exception as exc:  # a bug, not the remote: keep the event, keep the lane
+            log.exception("internal_error", event_id=event.event_id, account=self.name)
+            self._dead_letter(event, "internal_error", None, repr(exc), attempts, time.time())
+        finally:
+            if holding:
+                self.concurrency.release()
+        # Reached only with an outcome; a cancelled delivery stays in the queue's care.
+        self._queue.done(event)
+        self.on_outcome()
+
+    async def _pass_gates(self) -> tuple[bool, bool]:
+        """Wait until the key gate and the breaker let an attempt through; say if it probes."""
+        while True:
+            auth_was_open = self.auth.is_open
+            auth = self.auth.permit()
+            if auth is True:
+                breaker_was_open = self.breaker.is_open
+                breaker = self.breaker.permit()
+                if breaker is True:
+                    return auth_was_open, breaker_was_open
+                if auth_was_open:
+                    self.auth.abandon()
+                wait = float(breaker)
+            else:
+                wait = float(auth)
+            await self._wait_gates(wait)
+
+    async def _wait_gates(self, seconds: float) -> None:
+        changed = self._gates_changed
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(changed.wait(), timeout=min(seconds, MAX_WAIT_SLICE_S))
+
+    def _notify_gates(self) -> None:
+        self._gates_changed.set()
+        self._gates_changed = asyncio.Event()
+
+    async def _take_token(self) -> Ticket:
+        # One waiter at a time, in arrival order: the limiter hands out tokens fairly.
+        async with self._limiter_lock:
             while True:
-                retrying = build_retrying(
-                    self._retry, before_sleep=self._log_retry, sleep=self._sleep
+                reserved = self.limiter.reserve()
+                if isinstance(reserved, Ticket):
+                    return reserved
+                await self._sleep(min(reserved, MAX_WAIT_SLICE_S))
+
+    def _learn(
+        self, ticket: Ticket, result: Result, *, auth_probe: bool, breaker_probe: bool
+    ) -> None:
+        if self._latency is not None and result.status is not None:
+            self._latency.observe(result.latency_s)
+        self.limiter.observe(
+            ticket,
+            limit=result.rate_limit,
+            remaining=result.rate_remaining,
+            reset_s=result.rate_reset_s,
+            rate_limited=result.rate_limited,
+            retry_after=result.retry_after,
+        )
+        if result.rate_limited:
+            log.warning(
+                "rate_limited",
+                wait_s=round(max(self.limiter.gate_until - time.monotonic(), 0.0), 3),
+                limit=result.rate_limit,
+            )
+        if result.verdict is Verdict.AUTH:
+            self._stats.auth_failures += 1
+            self.auth_reason = f"remote refused the API key (HTTP {result.status}): {result.error}"
+            if self.auth.failure(result.error, probe=auth_probe):
+                log.error(
+                    "delivery_paused",
+                    status=result.status,
+                    error=result.error,
+                    probe_every_s=self.auth.interval_s,
                 )
-                result: Result = await retrying(attempt)
-                if result.verdict is not Verdict.AUTH:
-                    break
-                await self._hold_for_auth(result)
-            self._resume()
-            self._finish(event, result, attempts, first_at)
+            return
+        if self.auth.success():
+            log.info("delivery_resumed")
+            self._notify_gates()
+        if result.transient_failure:
+            if self.breaker.failure(result.error, probe=breaker_probe):
+                # Logged when it opens; a failed probe only says when the next one goes.
+                line = log.warning if breaker_probe else log.error
+                line(
+                    "breaker_probe_failed" if breaker_probe else "breaker_open",
+                    consecutive_failures=self.breaker.consecutive,
+                    error=result.error,
+                    probe_in_s=self.breaker.interval_s,
+                )
+        elif self.breaker.success():
+            log.info("breaker_closed", outage_s=round(time.monotonic() - self.breaker.opened_at, 1))
+            self._notify_gates()
+
+    # --- outcomes -----------------------------------------------------------------------------
 
     def _finish(self, event: Event, result: Result, attempts: int, first_at: float) -> None:
         latency_ms = round(result.latency_s * 1000, 1)
         if result.verdict is Verdict.DELIVERED:
             self._stats.delivered += 1
+            self.delivered += 1
             if result.duplicate:
                 self._stats.duplicates += 1
             line = log.warning if result.warning else log.info
@@ -227,31 +441,107 @@ class Dispatcher:
             wait_s=round(state.upcoming_sleep, 3),
         )
 
-    async def _hold_for_auth(self, result: Result) -> None:
-        """401/403: the key is bad for every event. Pause all, probe with this one event."""
-        self._stats.auth_failures += 1
-        me = asyncio.current_task()
-        if not self.paused:
-            self._resumed.clear()
-            self._prober = me
-            self.pause_reason = f"remote refused the API key (HTTP {result.status}): {result.error}"
-            log.error(
-                "delivery_paused",
-                status=result.status,
-                error=result.error,
-                probe_every_s=self._auth_retry_s,
-            )
-        if self._prober is me:
-            await self._sleep(self._auth_retry_s)
-            return
-        # Other workers hold their events until the prober sees the key accepted again.
-        while self.paused:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._resumed.wait(), timeout=self._auth_retry_s)
 
-    def _resume(self) -> None:
-        if self.paused and self._prober is asyncio.current_task():
-            self._prober = None
-            self.pause_reason = ""
-            self._resumed.set()
-            log.info("delivery_resumed")
+class Dispatcher:
+    """The lanes of all accounts over one queue: start, reconfigure, drain and stop them."""
+
+    def __init__(
+        self,
+        queue: EventQueue,
+        *,
+        dead_letters: DeadLetterWriter,
+        stats: Stats,
+        latency: Histogram | None = None,
+        sleep: Sleep = asyncio.sleep,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._queue = queue
+        self._dead_letters = dead_letters
+        self._stats = stats
+        self._latency = latency
+        self._sleep = sleep
+        self._clock = clock
+        self.lanes: dict[str, Lane] = {}
+        self._started = False
+        self._progress = asyncio.Event()
+        self._reaping: set[asyncio.Task[None]] = set()
+
+    @property
+    def in_delivery(self) -> int:
+        """Events in delivery across all lanes."""
+        return sum(lane.in_delivery for lane in self.lanes.values())
+
+    def not_ready_reason(self) -> str:
+        """Why some account cannot deliver, or ""."""
+        reasons = [lane.not_ready_reason() for lane in self.lanes.values() if not lane.retired]
+        return "; ".join(r for r in reasons if r)
+
+    def add(self, name: str, sender: Sender, settings: LaneSettings) -> Lane:
+        """Add an account's lane (started at once if the dispatcher runs)."""
+        lane = Lane(
+            name,
+            self._queue,
+            sender,
+            settings,
+            dead_letters=self._dead_letters,
+            stats=self._stats,
+            latency=self._latency,
+            sleep=self._sleep,
+            clock=self._clock,
+        )
+        lane.on_outcome = self._on_outcome
+        self.lanes[name] = lane
+        if self._started:
+            lane.start()
+        return lane
+
+    def retire(self, name: str) -> None:
+        """An account left the configuration: it delivers what it holds, then its lane stops."""
+        lane = self.lanes.get(name)
+        if lane is not None:
+            lane.retired = True
+            self._reap()
+
+    def _reap(self) -> None:
+        for name, lane in list(self.lanes.items()):
+            if lane.retired and lane.idle:
+                del self.lanes[name]
+                task = asyncio.create_task(lane.stop(), name=f"lane-stop-{name}")
+                self._reaping.add(task)
+                task.add_done_callback(self._reaping.discard)
+
+    def _on_outcome(self) -> None:
+        self._progress.set()
+        self._reap()
+
+    def start(self) -> None:
+        """Start every lane."""
+        self._started = True
+        for lane in self.lanes.values():
+            lane.start()
+
+    async def drain(self, timeout: float, force: asyncio.Event) -> bool:
+        """Keep delivering until nothing is queued or in delivery, `timeout` passes or `force`."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while self._deliverable():
+            remaining = deadline - loop.time()
+            if remaining <= 0 or force.is_set():
+                return False
+            self._progress.clear()
+            # Short slices so a second signal (force) is noticed promptly.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._progress.wait(), timeout=min(remaining, 0.1))
+        return True
+
+    def _deliverable(self) -> bool:
+        # Events of accounts without a lane (a removed account, a client key not presented
+        # since a restart) cannot drain: they are saved at stop, not waited for.
+        return any(self._queue.depth(name) or lane.in_delivery for name, lane in self.lanes.items())
+
+    async def stop(self) -> list[Event]:
+        """Stop every lane; return every event not delivered, those in delivery first."""
+        lanes = list(self.lanes.values())
+        await asyncio.gather(*(lane.stop() for lane in lanes), *self._reaping)
+        self._started = False
+        return self._queue.take_all()

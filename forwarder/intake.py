@@ -6,6 +6,9 @@ gets 503 with Retry-After, and then nothing of that request was queued.
 
 from __future__ import annotations
 
+import base64
+import binascii
+import dataclasses
 import json
 import time
 from collections.abc import Awaitable, Callable
@@ -19,6 +22,7 @@ from multidict import MultiDict
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from forwarder import __version__
+from forwarder.accounts import AccountError, Accounts
 from forwarder.events import (
     Event,
     EventValidationError,
@@ -52,6 +56,8 @@ class IntakeState:
     max_batch: int
     max_body_bytes: int
     accepting: bool = True
+    # Routes events to accounts; None leaves every event on the default account ("").
+    accounts: Accounts | None = None
     # Returns "" when ready, or why not (delivery paused, shutting down).
     not_ready_reason: Callable[[], str] = field(default=lambda: "")
     stats_extra: Callable[[], dict[str, Any]] = field(default=dict)
@@ -134,6 +140,63 @@ def _admit(state: IntakeState, events: list[Event]) -> bool:
         return False
     state.stats.accepted += len(events)
     return True
+
+
+ACCOUNT_HEADER = "X-Forwarder-Account"
+
+
+def _client_key(request: web.Request) -> str | None:
+    """The API key an app sent the remote's way (Basic auth user name), if any."""
+    header = request.headers.get("Authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "basic" or not token:
+        return None
+    try:
+        user = base64.b64decode(token.strip(), validate=True).decode("utf-8")
+    except (binascii.Error, UnicodeDecodeError):
+        return None
+    return user.partition(":")[0] or None
+
+
+def _route(
+    state: IntakeState, events: list[Event], header: str, client_key: str | None = None
+) -> list[Event]:
+    """Set each event's account; AccountError (with the item's index) if one cannot be used."""
+    router = state.accounts
+    if router is None:
+        return events
+    routed: list[Event] = []
+    errors: list[FieldError] = []
+    status = 400
+    for index, event in enumerate(events):
+        try:
+            name = router.route(event.account, header=header, client_key=client_key)
+        except AccountError as exc:
+            where = index if exc.field == "account" else -1
+            errors.append(FieldError(where, exc.field, str(exc)))
+            status = max(status, exc.status)
+            if where < 0:
+                break  # the header or the key: the same for every event
+            continue
+        routed.append(event if name == event.account else dataclasses.replace(event, account=name))
+    if errors:
+        raise _Unroutable(errors, status)
+    return routed
+
+
+class _Unroutable(Exception):
+    def __init__(self, errors: list[FieldError], status: int) -> None:
+        super().__init__(errors[0].message)
+        self.errors = errors
+        self.status = status
+
+
+def _unroutable(state: IntakeState, exc: _Unroutable, single: bool) -> web.Response:
+    if exc.status != 400:
+        return _error(exc.status, str(exc), errors=[e.to_dict() for e in exc.errors])
+    if single:
+        exc.errors = [dataclasses.replace(e, index=0) for e in exc.errors]
+    return _invalid(state, exc.errors)
 
 
 class _BadBody(Exception):
@@ -252,6 +315,12 @@ async def create_event(request: web.Request) -> web.Response:
     event = event_from_mapping(raw, 0, errors, ignored=DROP_IN_IGNORED)
     if event is None or errors:
         return _invalid(state, errors)
+    try:
+        [event] = _route(
+            state, [event], request.headers.get(ACCOUNT_HEADER, ""), _client_key(request)
+        )
+    except _Unroutable as exc:
+        return _unroutable(state, exc, single=True)
     if not _admit(state, [event]):
         return _refuse(state, 1)
     return _json(202, {"success": True, "data": {"id": event.event_id, "status": "queued"}})
@@ -282,6 +351,10 @@ async def create_events(request: web.Request) -> web.Response:
         if exc.errors[0].index < 0:
             summary = f"{exc}; nothing was queued"
         return _invalid(state, exc.errors, summary)
+    try:
+        events = _route(state, events, request.headers.get(ACCOUNT_HEADER, ""))
+    except _Unroutable as exc:
+        return _unroutable(state, exc, single=False)
     if not _admit(state, events):
         return _refuse(state, len(events))
     return _json(

@@ -3,13 +3,21 @@
 The queue is the only buffer between intake and delivery. Admission is all-or-nothing per request,
 so a batch is either wholly queued or wholly refused and the app always knows which events it
 still holds.
+
+Each account's delivery lane takes its own events. Events of one (account, recipient) are handed
+out one at a time in acceptance order (unless ordering is off), so a recipient never sees a later
+event overtake an earlier one that is still being retried.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import enum
+import itertools
 import json
 import os
+from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,51 +28,361 @@ PENDING_FILE = "pending.jsonl"
 REJECTED_FILE = "pending.rejected.jsonl"
 
 
-class EventQueue:
-    """A FIFO of events bounded by `max_events`, with all-or-nothing admission."""
+class _State(enum.Enum):
+    WAITING = enum.auto()
+    DELIVERING = enum.auto()
+    GONE = enum.auto()  # handed back by take_all/take_account, or done
 
-    def __init__(self, max_events: int) -> None:
+
+class _Entry:
+    """One accepted event and its bookkeeping. Compared by identity, never by the event's value."""
+
+    __slots__ = ("event", "seq", "state", "ticket")
+
+    def __init__(self, event: Event, seq: int) -> None:
+        self.event = event
+        self.seq = seq  # acceptance order across all accounts
+        self.state = _State.WAITING
+        self.ticket = 0  # the order in which get() took it, for take_all
+
+
+class _Recipient:
+    """One recipient of one account: its waiting events (ordered mode) and how many are out."""
+
+    __slots__ = ("busy", "in_line", "recipient_id", "waiting")
+
+    def __init__(self, recipient_id: str) -> None:
+        self.recipient_id = recipient_id
+        self.waiting: deque[_Entry] = deque()
+        self.busy = 0  # events in delivery, counted in both modes so a mode switch is exact
+        self.in_line = False
+
+
+class _Account:
+    """One account's lane state: what its `get` callers take from and wait on."""
+
+    __slots__ = ("busy", "depth", "fifo", "line", "name", "recipients", "waiters")
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.recipients: dict[str, _Recipient] = {}
+        # Ordered mode: recipients with waiting events and none in delivery, served round-robin.
+        self.line: deque[_Recipient] = deque()
+        # Unordered mode: the account's waiting events in acceptance order.
+        self.fifo: deque[_Entry] = deque()
+        self.waiters: deque[asyncio.Future[_Entry]] = deque()
+        self.depth = 0
+        self.busy = 0
+
+
+class EventQueue:
+    """Accepted events bounded by `max_events`, handed out per account and in order per recipient.
+
+    Each account's delivery lane takes events with `get(account)` and reports each outcome with
+    `done(event)`. While `ordered`, an event of an (account, recipient_id) is held back until the
+    one before it is done, and ready recipients are served round-robin; otherwise each account is a
+    plain FIFO. Events in delivery count against the bound: they are still only in memory.
+    """
+
+    def __init__(self, max_events: int, *, ordered: bool = True) -> None:
         self.max_events = max_events
-        # Unbounded underneath: the bound is enforced by `offer`, so `restore` may go past it
-        # (events saved at the last stop must never be dropped for want of room).
-        self._queue: asyncio.Queue[Event] = asyncio.Queue()
+        self._ordered = ordered
+        self._accounts: dict[str, _Account] = {}
+        # Keyed by id(event): two events may be equal by value (an app resent an event_id). A list
+        # because the very same object may even have been queued twice.
+        self._delivering: dict[int, list[_Entry]] = {}
+        self._waiting = 0
+        self._in_delivery = 0
+        self._seq = itertools.count()
+        self._tickets = itertools.count()
+
+    @property
+    def ordered(self) -> bool:
+        """Whether events of one recipient are delivered one at a time, in acceptance order."""
+        return self._ordered
+
+    def set_ordered(self, ordered: bool) -> None:
+        """Turn ordering on or off; waiting events keep their relative acceptance order."""
+        if ordered == self._ordered:
+            return
+        self._ordered = ordered
+        # Rare (a config reload), so rebuilding the other mode's structures wholesale is fine.
+        for acct in list(self._accounts.values()):
+            if ordered:
+                for entry in acct.fifo:
+                    self._recipient(acct, entry.event.recipient_id).waiting.append(entry)
+                acct.fifo.clear()
+                ready = [r for r in acct.recipients.values() if r.waiting and not r.busy]
+                ready.sort(key=lambda r: r.waiting[0].seq)
+                for rec in ready:
+                    rec.in_line = True
+                acct.line.extend(ready)
+            else:
+                entries = [e for r in acct.recipients.values() for e in r.waiting]
+                entries.sort(key=_by_seq)
+                acct.fifo.extend(entries)
+                acct.line.clear()
+                for rec in list(acct.recipients.values()):
+                    rec.waiting.clear()
+                    rec.in_line = False
+                    if not rec.busy:
+                        del acct.recipients[rec.recipient_id]
+            # Turning ordering off frees the events of busy recipients for the waiting lanes.
+            self._hand_out(acct)
 
     def __len__(self) -> int:
-        return self._queue.qsize()
+        return self._waiting
+
+    @property
+    def in_delivery(self) -> int:
+        """Events taken by `get` whose outcome (`done`) is not known yet."""
+        return self._in_delivery
 
     @property
     def free(self) -> int:
-        """How many more events `offer` would take now."""
-        return max(0, self.max_events - self._queue.qsize())
+        """How many more events `offer` would take now (waiting and in-delivery ones count)."""
+        return max(0, self.max_events - self._waiting - self._in_delivery)
 
     def offer(self, events: list[Event]) -> bool:
         """Queue all of `events`, or none of them if they do not all fit."""
         if len(events) > self.free:
             return False
-        for event in events:
-            self._queue.put_nowait(event)
+        self._add(events)
         return True
 
     def restore(self, events: Iterable[Event]) -> int:
-        """Queue events regardless of the bound (pending events from the last stop)."""
-        count = 0
-        for event in events:
-            self._queue.put_nowait(event)
-            count += 1
-        return count
+        """Queue events in order regardless of the bound (pending events from the last stop)."""
+        return self._add(events)
 
-    async def get(self) -> Event:
-        """Wait for the next event."""
-        return await self._queue.get()
+    async def get(self, account: str) -> Event:
+        """Wait for the next deliverable event of `account`; report its outcome with `done`."""
+        while True:
+            acct = self._account(account)
+            entry = self._take(acct)
+            if entry is None:
+                # Filled in by _hand_out, so each event goes to exactly one waiter, oldest first.
+                waiter: asyncio.Future[_Entry] = asyncio.get_running_loop().create_future()
+                acct.waiters.append(waiter)
+                try:
+                    entry = await waiter
+                except asyncio.CancelledError:
+                    if waiter.done() and not waiter.cancelled():
+                        # Handed an event, cancelled before running: the event must not be lost.
+                        self._give_back(waiter.result())
+                    else:
+                        with contextlib.suppress(ValueError):
+                            acct.waiters.remove(waiter)
+                        self._prune(acct)
+                    raise
+                if entry.state is not _State.DELIVERING:
+                    continue  # take_all took it back before this task woke up
+            return entry.event
+
+    def done(self, event: Event) -> None:
+        """The event has its outcome (delivered or dead-lettered): its recipient may go on."""
+        entries = self._delivering.get(id(event))
+        if not entries:
+            raise ValueError(
+                f"event {event.event_id!r} is not in delivery (done twice, or not taken by get)"
+            )
+        entry = entries[0]
+        acct, rec = self._settle(entry)
+        entry.state = _State.GONE
+        if not rec.busy:
+            if rec.waiting:  # ordered mode only
+                if not rec.in_line:
+                    # The back of the line: a chatty recipient must not starve the others.
+                    rec.in_line = True
+                    acct.line.append(rec)
+                self._hand_out(acct)
+            else:
+                del acct.recipients[rec.recipient_id]
+        self._prune(acct)
+
+    def depth(self, account: str) -> int:
+        """Waiting events of `account` (not counting those in delivery)."""
+        acct = self._accounts.get(account)
+        return acct.depth if acct is not None else 0
+
+    def accounts(self) -> set[str]:
+        """Accounts with waiting or in-delivery events."""
+        return {name for name, acct in self._accounts.items() if acct.depth or acct.busy}
 
     def take_all(self) -> list[Event]:
-        """Remove and return everything queued, oldest first."""
-        events: list[Event] = []
-        while True:
-            try:
-                events.append(self._queue.get_nowait())
-            except asyncio.QueueEmpty:
-                return events
+        """Remove and return every event, for saving at a stop; the queue is empty afterwards.
+
+        Events in delivery come first, in the order `get` took them, then the waiting ones in
+        acceptance order across all accounts. A `get` handed an event it has not returned yet
+        waits on instead, and `done` of a taken-back event raises ValueError.
+        """
+        delivering = sorted(
+            (entry for entries in self._delivering.values() for entry in entries),
+            key=lambda entry: entry.ticket,
+        )
+        waiting: list[_Entry] = []
+        for acct in list(self._accounts.values()):
+            waiting.extend(acct.fifo)
+            for rec in acct.recipients.values():
+                waiting.extend(rec.waiting)
+            acct.recipients.clear()
+            acct.line.clear()
+            acct.fifo.clear()
+            acct.depth = acct.busy = 0
+            self._prune(acct)  # kept only while a lane is waiting on it
+        waiting.sort(key=_by_seq)
+        self._delivering.clear()
+        self._waiting = self._in_delivery = 0
+        taken = delivering + waiting
+        for entry in taken:
+            entry.state = _State.GONE
+        return [entry.event for entry in taken]
+
+    def take_account(self, account: str) -> list[Event]:
+        """Remove and return the waiting events of `account` in acceptance order (a re-route).
+
+        Its events in delivery stay in delivery and are still reported with `done`.
+        """
+        acct = self._accounts.get(account)
+        if acct is None:
+            return []
+        entries = list(acct.fifo)
+        acct.fifo.clear()
+        acct.line.clear()
+        for rec in list(acct.recipients.values()):
+            entries.extend(rec.waiting)
+            rec.waiting.clear()
+            rec.in_line = False
+            if not rec.busy:
+                del acct.recipients[rec.recipient_id]
+        entries.sort(key=_by_seq)
+        for entry in entries:
+            entry.state = _State.GONE
+        self._waiting -= acct.depth
+        acct.depth = 0
+        self._prune(acct)
+        return [entry.event for entry in entries]
+
+    def _add(self, events: Iterable[Event]) -> int:
+        touched: dict[str, _Account] = {}
+        count = 0
+        for event in events:
+            acct = self._account(event.account)
+            touched[event.account] = acct
+            entry = _Entry(event, next(self._seq))
+            acct.depth += 1
+            self._waiting += 1
+            if self._ordered:
+                rec = self._recipient(acct, event.recipient_id)
+                rec.waiting.append(entry)
+                if not rec.busy and not rec.in_line:
+                    rec.in_line = True
+                    acct.line.append(rec)
+            else:
+                acct.fifo.append(entry)
+            count += 1
+        for acct in touched.values():
+            self._hand_out(acct)
+        return count
+
+    def _take(self, acct: _Account) -> _Entry | None:
+        """The next deliverable entry of the account, now in delivery; None if there is none."""
+        if self._ordered:
+            if not acct.line:
+                return None
+            rec = acct.line.popleft()
+            rec.in_line = False
+            entry = rec.waiting.popleft()
+        else:
+            if not acct.fifo:
+                return None
+            entry = acct.fifo.popleft()
+            rec = self._recipient(acct, entry.event.recipient_id)
+        rec.busy += 1
+        acct.busy += 1
+        acct.depth -= 1
+        self._waiting -= 1
+        self._in_delivery += 1
+        entry.state = _State.DELIVERING
+        entry.ticket = next(self._tickets)
+        self._delivering.setdefault(id(entry.event), []).append(entry)
+        return entry
+
+    def _hand_out(self, acct: _Account) -> None:
+        """Give deliverable entries to the account's waiting `get` callers, oldest caller first."""
+        waiters = acct.waiters
+        while waiters:
+            if waiters[0].done():  # cancelled, its get has not cleaned up yet
+                waiters.popleft()
+                continue
+            entry = self._take(acct)
+            if entry is None:
+                return
+            waiters.popleft().set_result(entry)
+
+    def _give_back(self, entry: _Entry) -> None:
+        """Undo a `get` that was cancelled after being handed `entry`: back at the head."""
+        if entry.state is not _State.DELIVERING:
+            return  # take_all has it already
+        acct, rec = self._settle(entry)
+        entry.state = _State.WAITING
+        acct.depth += 1
+        self._waiting += 1
+        if self._ordered:
+            _insert_by_seq(rec.waiting, entry)
+            if not rec.busy and not rec.in_line:
+                rec.in_line = True
+                acct.line.appendleft(rec)  # it was this recipient's turn
+        else:
+            _insert_by_seq(acct.fifo, entry)
+            if not rec.busy:
+                del acct.recipients[rec.recipient_id]
+        self._hand_out(acct)
+
+    def _settle(self, entry: _Entry) -> tuple[_Account, _Recipient]:
+        """Take `entry` out of delivery; returns its account and recipient (both still there)."""
+        event = entry.event
+        entries = self._delivering[id(event)]
+        entries.remove(entry)  # _Entry has no __eq__: this is by identity
+        if not entries:
+            del self._delivering[id(event)]
+        self._in_delivery -= 1
+        acct = self._accounts[event.account]
+        rec = acct.recipients[event.recipient_id]
+        acct.busy -= 1
+        rec.busy -= 1
+        return acct, rec
+
+    def _account(self, name: str) -> _Account:
+        acct = self._accounts.get(name)
+        if acct is None:
+            acct = self._accounts[name] = _Account(name)
+        return acct
+
+    @staticmethod
+    def _recipient(acct: _Account, recipient_id: str) -> _Recipient:
+        rec = acct.recipients.get(recipient_id)
+        if rec is None:
+            rec = acct.recipients[recipient_id] = _Recipient(recipient_id)
+        return rec
+
+    def _prune(self, acct: _Account) -> None:
+        # Client-key accounts come and go; an idle one should not stay in memory for ever.
+        idle = not acct.depth and not acct.busy and not acct.waiters
+        if idle and self._accounts.get(acct.name) is acct:
+            del self._accounts[acct.name]
+
+
+def _by_seq(entry: _Entry) -> int:
+    return entry.seq
+
+
+def _insert_by_seq(entries: deque[_Entry], entry: _Entry) -> None:
+    # A returned entry is older than most: the scan almost always stops at the head.
+    for index, other in enumerate(entries):
+        if other.seq > entry.seq:
+            entries.insert(index, entry)
+            return
+    entries.append(entry)
 
 
 @dataclass(slots=True)

@@ -12,9 +12,11 @@ import dataclasses
 import email.utils
 import enum
 import json
+import math
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import aiohttp
 
@@ -52,6 +54,24 @@ class Result:
     duplicate: bool = False  # 409: the remote already has this event under its idempotency key
     warning: str = ""
     latency_s: float = 0.0
+    # The account's quota as this answer reported it (X-RateLimit-*), for the rate limiter.
+    rate_limit: int | None = None
+    rate_remaining: int | None = None
+    rate_reset_s: float | None = None
+
+    @property
+    def rate_limited(self) -> bool:
+        """A 429: the remote did nothing because the account's quota is spent."""
+        return self.status == 429
+
+    @property
+    def transient_failure(self) -> bool:
+        """A failure that says the remote is unwell (timeouts, dropped connections, 5xx, 408).
+
+        These push adaptive concurrency down and count towards the circuit breaker; a 429 does
+        neither (the remote is fine, the quota is spent).
+        """
+        return self.verdict is Verdict.RETRY and not self.rate_limited
 
 
 def _wait_hint(headers: Mapping[str, str], *, rate_limited: bool) -> float | None:
@@ -76,6 +96,32 @@ def _wait_hint(headers: Mapping[str, str], *, rate_limited: bool) -> float | Non
     return max(hints) if hints else None
 
 
+def _header_number(headers: Mapping[str, str], name: str) -> float | None:
+    text = headers.get(name)
+    if not text:
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        return None
+    return value if math.isfinite(value) and value >= 0 else None
+
+
+def rate_headers(headers: Mapping[str, str]) -> dict[str, Any]:
+    """`X-RateLimit-*` as Result fields; missing or malformed headers are left out."""
+    limit = _header_number(headers, "X-RateLimit-Limit")
+    remaining = _header_number(headers, "X-RateLimit-Remaining")
+    reset = _header_number(headers, "X-RateLimit-Reset")
+    fields: dict[str, Any] = {}
+    if limit is not None and limit >= 1:
+        fields["rate_limit"] = int(limit)
+    if remaining is not None:
+        fields["rate_remaining"] = int(remaining)
+    if reset is not None:
+        fields["rate_reset_s"] = min(reset, MAX_HINT_S)
+    return fields
+
+
 def _error_text(body: bytes, fallback: str) -> str:
     try:
         parsed = json.loads(body)
@@ -90,7 +136,11 @@ def _error_text(body: bytes, fallback: str) -> str:
 
 
 def classify(status: int, body: bytes, headers: Mapping[str, str], reason: str = "") -> Result:
-    """Classify one answer of the remote (pure: unit-tested against every status)."""
+    """Classify one answer of the remote, with its rate-limit headers (pure)."""
+    return dataclasses.replace(_classify(status, body, headers, reason), **rate_headers(headers))
+
+
+def _classify(status: int, body: bytes, headers: Mapping[str, str], reason: str) -> Result:
     fallback = f"HTTP {status} {reason}".strip()
     if 200 <= status < 300:
         try:

@@ -19,8 +19,7 @@ from forwarder.remote import Result, Verdict
 class wait_jitter_or_hint:
     """Exponential backoff with full jitter, but never shorter than the server's wait hint.
 
-    A 429 or 503 may say how long to wait (X-RateLimit-Reset, Retry-After); coming back sooner
-    only earns another refusal and burns the account's quota.
+    A 503 may say how long to wait (Retry-After); coming back sooner only earns another refusal.
     """
 
     def __init__(self, initial_s: float, max_s: float) -> None:
@@ -31,6 +30,10 @@ class wait_jitter_or_hint:
         outcome = retry_state.outcome
         if outcome is not None and not outcome.failed:
             result = outcome.result()
+            if isinstance(result, Result) and result.rate_limited:
+                # A 429 is the account's, not the event's: the rate limiter's gate holds every
+                # attempt of the account until the reset, so no per-request backoff on top.
+                return 0.0
             if isinstance(result, Result) and result.retry_after is not None:
                 wait = max(wait, result.retry_after)
         return wait

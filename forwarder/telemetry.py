@@ -52,6 +52,36 @@ class Redactor:
         return event_dict
 
 
+class _LevelGate:
+    """Drops lines below a level that a reload may change (cached loggers cannot be rebuilt)."""
+
+    def __init__(self) -> None:
+        self.levelno = logging.INFO
+
+    def __call__(
+        self, logger: object, method: str, event_dict: MutableMapping[str, Any]
+    ) -> MutableMapping[str, Any]:
+        if LEVELS.get(method, logging.ERROR) < self.levelno:
+            raise structlog.DropEvent
+        return event_dict
+
+
+_gate = _LevelGate()
+_redactor = Redactor()
+
+
+def set_log_level(level: str) -> None:
+    """Change the level of every logger now (a config reload)."""
+    levelno = LEVELS.get(level, logging.INFO)
+    _gate.levelno = levelno
+    logging.getLogger().setLevel(levelno)
+
+
+def set_secrets(secrets: Iterable[str]) -> None:
+    """Replace the values redacted from every log line (a reload may bring new keys)."""
+    _redactor.secrets = tuple(s for s in secrets if s)
+
+
 def configure_logging(
     level: str = "info",
     fmt: str = "auto",
@@ -67,7 +97,8 @@ def configure_logging(
     out = stream or sys.stdout
     if fmt == "auto":
         fmt = "console" if out.isatty() else "json"
-    redact = Redactor(secrets)
+    set_secrets(secrets)
+    redact = _redactor
     if fmt == "console":
         renderer: Any = structlog.dev.ConsoleRenderer(colors=out.isatty())
         # The traceback must pass the redactor too, so format it before redaction.
@@ -76,14 +107,17 @@ def configure_logging(
         renderer = structlog.processors.JSONRenderer()
         tail = [structlog.processors.format_exc_info, redact, renderer]
     shared: list[Any] = [
+        _gate,
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
     ]
     levelno = LEVELS.get(level, logging.INFO)
+    _gate.levelno = levelno
     structlog.configure(
         processors=[*shared, *tail],
-        wrapper_class=structlog.make_filtering_bound_logger(levelno),
+        # Debug lines are filtered by the gate, not here, so a reload can turn them on.
+        wrapper_class=structlog.make_filtering_bound_logger(min(levelno, logging.DEBUG)),
         logger_factory=structlog.PrintLoggerFactory(out),
         cache_logger_on_first_use=True,
     )
@@ -130,18 +164,90 @@ class Stats:
         }
 
 
+AccountViews = Callable[[], dict[str, dict[str, Any]]]
+
+
 class Metrics:
     """Prometheus metrics in a registry of our own (so tests can run several daemons)."""
 
-    def __init__(self, stats: Stats, gauges: Callable[[], dict[str, tuple[str, float]]]) -> None:
+    def __init__(
+        self,
+        stats: Stats,
+        gauges: Callable[[], dict[str, tuple[str, float]]],
+        accounts: AccountViews = dict,
+    ) -> None:
         self.registry = CollectorRegistry()
         self.latency = Histogram(
             "forwarder_delivery_attempt_seconds",
-            "Duration of one delivery attempt to the remote.",
+            "Duration of one delivery attempt to the remote, by account.",
+            ["account"],
             buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
             registry=self.registry,
         )
         self.registry.register(_StatsCollector(stats, gauges))
+        self.registry.register(_AccountCollector(accounts))
+
+
+class _AccountCollector(Collector):
+    """Per-account flow control, read from the lanes at scrape time."""
+
+    GAUGES = (
+        ("queue_depth", "Events of the account waiting in the queue.", ("queued",)),
+        ("in_delivery", "Events of the account in delivery.", ("in_delivery",)),
+        ("concurrency_limit", "Current concurrency limit.", ("concurrency", "limit")),
+        ("sending", "Requests in flight now.", ("concurrency", "sending")),
+        ("rate_tokens", "Tokens in the pacing bucket.", ("rate_limit", "tokens")),
+        (
+            "rate_remaining",
+            "Requests left in the remote's current window, as the limiter knows it.",
+            ("rate_limit", "remaining"),
+        ),
+        (
+            "rate_limit_per_window",
+            "The remote's quota per window (X-RateLimit-Limit).",
+            ("rate_limit", "limit_per_window"),
+        ),
+        ("rate_window_seconds", "The remote's rate window.", ("rate_limit", "window_s")),
+        ("paused", "1 while the remote refuses the account's key.", ("paused",)),
+    )
+    COUNTERS = (
+        ("rate_limited", "429 answers.", ("rate_limit", "rate_limited")),
+        ("breaker_opened", "Times the circuit breaker opened.", ("breaker", "opened")),
+        ("delivered", "Events delivered under the account.", ("delivered",)),
+    )
+    BREAKER_STATES = ("closed", "open", "half_open")
+
+    def __init__(self, accounts: AccountViews) -> None:
+        self._accounts = accounts
+
+    def collect(self) -> Iterator[Metric]:
+        views = self._accounts()
+
+        def pick(view: dict[str, Any], path: tuple[str, ...]) -> float:
+            value: Any = view
+            for part in path:
+                value = value[part]
+            return float(value)
+
+        for name, doc, path in self.GAUGES:
+            gauge = GaugeMetricFamily(f"forwarder_account_{name}", doc, labels=["account"])
+            for account, view in views.items():
+                gauge.add_metric([account], pick(view, path))
+            yield gauge
+        for name, doc, path in self.COUNTERS:
+            counter = CounterMetricFamily(f"forwarder_account_{name}", doc, labels=["account"])
+            for account, view in views.items():
+                counter.add_metric([account], pick(view, path))
+            yield counter
+        breaker = GaugeMetricFamily(
+            "forwarder_account_breaker_state",
+            "1 for the circuit breaker's current state.",
+            labels=["account", "state"],
+        )
+        for account, view in views.items():
+            for state in self.BREAKER_STATES:
+                breaker.add_metric([account, state], float(view["breaker"]["state"] == state))
+        yield breaker
 
 
 class _StatsCollector(Collector):

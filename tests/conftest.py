@@ -189,6 +189,7 @@ def unix_session(path: str) -> aiohttp.ClientSession:
 
 
 def write_config(path: Path, sections: dict[str, dict[str, object]]) -> None:
+    """A TOML file from sections; a dotted name such as "accounts.us" is a nested table."""
     lines: list[str] = []
     for section, values in sections.items():
         lines.append(f"[{section}]")
@@ -214,6 +215,7 @@ async def daemon(short_tmp: Path) -> AsyncIterator[Callable[..., Awaitable[Daemo
         *,
         state_dir: Path | None = None,
         api_key: str = API_KEY,
+        env: dict[str, str] | None = None,
         **sections: dict[str, object],
     ) -> DaemonProc:
         n = len(started)
@@ -231,7 +233,9 @@ async def daemon(short_tmp: Path) -> AsyncIterator[Callable[..., Awaitable[Daemo
             config.setdefault(section, {}).update(values)
         config_path = short_tmp / f"forwarder{n}.toml"
         write_config(config_path, config)
-        proc = await spawn("run", "--config", str(config_path), env={"FORWARDER_API_KEY": api_key})
+        proc = await spawn(
+            "run", "--config", str(config_path), env={"FORWARDER_API_KEY": api_key, **(env or {})}
+        )
         line = await proc.wait_for_line(lambda s: '"started"' in s, START_TIMEOUT_S)
         listening = json.loads(line)["listening"]
         url = next(a for a in listening if a.startswith("http://"))

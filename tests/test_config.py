@@ -11,7 +11,9 @@ from pathlib import Path
 import pytest
 
 from forwarder import config as cfg
+from forwarder import events
 from forwarder.config import (
+    AccountConfig,
     Config,
     ConfigError,
     IntakeConfig,
@@ -22,7 +24,7 @@ from forwarder.config import (
     load_config,
     render_effective,
 )
-from forwarder.credentials import ApiKey, Secret, resolve_api_key
+from forwarder.credentials import ApiKey, Secret, resolve_account_keys, resolve_api_key
 
 SHIPPED_CONFIG = Path(__file__).resolve().parent.parent / "config" / "forwarder.toml"
 KEY = "sk_live_0123456789abcdef"
@@ -57,6 +59,20 @@ def test_defaults_without_file() -> None:
     assert config.remote.timeout_s == 30.0
     assert config.state.path == Path("/var/lib/forwarder")
     assert config.log == LogConfig(level="info", format="auto")
+    assert config.intake.accept_client_keys is False
+    assert config.accounts == {}
+    assert config.account_names() == ("default",)
+
+
+def test_flow_control_defaults() -> None:
+    remote = load_config(env={}).remote
+    assert remote.rate_limit_per_minute == 300
+    assert remote.concurrency == 0  # adaptive
+    assert (remote.min_concurrency, remote.max_concurrency) == (1, 64)
+    assert remote.per_recipient_order is True
+    assert remote.breaker_failures == 5
+    assert (remote.breaker_probe_initial_s, remote.breaker_probe_max_s) == (1.0, 60.0)
+    assert remote.default_account == "default"
 
 
 def test_default_path_is_read_when_present(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -86,13 +102,28 @@ def test_shipped_config_equals_defaults_except_state_dir() -> None:
     assert shipped == dataclasses.replace(defaults, state=StateConfig(dir="/var/lib/forwarder"))
 
 
-def test_shipped_config_lists_every_key() -> None:
-    document = tomllib.loads(SHIPPED_CONFIG.read_text(encoding="utf-8"))
+def test_shipped_config_lists_every_key(tmp_path: Path) -> None:
+    text = SHIPPED_CONFIG.read_text(encoding="utf-8")
+    document = tomllib.loads(text)
     expected = {
         f.name: {g.name for g in dataclasses.fields(getattr(Config(), f.name))}
         for f in dataclasses.fields(Config)
+        if f.name != "accounts"
     }
     assert {name: set(keys) for name, keys in document.items()} == expected
+    # The [accounts.NAME] example is commented out; uncommented, it lists every key and loads.
+    example = re.sub(r"^# ", "", text[text.index("# [accounts.us]") :], flags=re.MULTILINE)
+    assert set(tomllib.loads(example)["accounts"]["us"]) == {
+        f.name for f in dataclasses.fields(AccountConfig) if f.name != "name"
+    }
+    config = load_text(tmp_path, text + example)
+    assert config.accounts["us"] == AccountConfig(
+        name="us",
+        base_url="https://api-us1.stannp.com/v1",
+        api_key_file="/etc/forwarder/us.key",
+        api_key_env="FORWARDER_US_KEY",
+        rate_limit_per_minute=600,
+    )
 
 
 def test_missing_file_is_an_error(tmp_path: Path) -> None:
@@ -207,6 +238,15 @@ def test_int_accepted_for_float_and_log_names_lowercased(tmp_path: Path) -> None
         ("[state]\ndir = [1]\n", "state.dir: expected a string, got an array"),
         ('[intake]\nunix_socket_mode = "rw-"\n', "intake.unix_socket_mode: expected an octal mode"),
         ("[intake]\nunix_socket_mode = true\n", "intake.unix_socket_mode: expected an octal mode"),
+        (
+            '[intake]\naccept_client_keys = "true"\n',
+            "intake.accept_client_keys: expected a boolean (true or false), got a string ('true')",
+        ),
+        (
+            "[remote]\nper_recipient_order = 1\n",
+            "remote.per_recipient_order: expected a boolean (true or false), got an integer (1)",
+        ),
+        ("[acounts.us]\nx = 1\n", "unknown section [acounts] (did you mean accounts?)"),
     ],
 )
 def test_structure_and_type_errors(tmp_path: Path, text: str, message: str) -> None:
@@ -251,8 +291,22 @@ def test_bad_base_url(tmp_path: Path, url: str, reason: str) -> None:
         ("[intake]\nmax_body_bytes = 1023\n", "intake.max_body_bytes"),
         ("[intake]\nmax_batch = 0\n", "intake.max_batch"),
         ("[queue]\nmax_events = 0\n", "queue.max_events"),
-        ("[remote]\nconcurrency = 0\n", "remote.concurrency"),
+        ("[remote]\nconcurrency = -1\n", "remote.concurrency"),
         ("[remote]\nconcurrency = 1025\n", "remote.concurrency"),
+        ("[remote]\nrate_limit_per_minute = 0\n", "remote.rate_limit_per_minute"),
+        ("[remote]\nrate_limit_per_minute = 1000001\n", "remote.rate_limit_per_minute"),
+        ("[remote]\nmin_concurrency = 0\n", "remote.min_concurrency"),
+        ("[remote]\nmax_concurrency = 1025\n", "remote.max_concurrency"),
+        ("[remote]\nmin_concurrency = 8\nmax_concurrency = 4\n", "remote.min_concurrency"),
+        ("[remote]\nbreaker_failures = 0\n", "remote.breaker_failures"),
+        ("[remote]\nbreaker_failures = 10001\n", "remote.breaker_failures"),
+        ("[remote]\nbreaker_probe_initial_s = 0\n", "remote.breaker_probe_initial_s"),
+        ("[remote]\nbreaker_probe_max_s = -1.0\n", "remote.breaker_probe_max_s"),
+        (
+            "[remote]\nbreaker_probe_initial_s = 10\nbreaker_probe_max_s = 5\n",
+            "remote.breaker_probe_initial_s",
+        ),
+        ('[remote]\ndefault_account = "us"\n', "remote.default_account"),
         ("[remote]\ntimeout_s = 0\n", "remote.timeout_s"),
         ("[remote]\nconnect_timeout_s = -1.0\n", "remote.connect_timeout_s"),
         ("[remote]\nauth_retry_s = nan\n", "remote.auth_retry_s"),
@@ -274,6 +328,241 @@ def test_validation_errors_name_the_key(tmp_path: Path, text: str, key: str) -> 
 def test_initial_backoff_above_max_says_why(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"must not exceed retry\.max_backoff_s"):
         load_text(tmp_path, "[retry]\ninitial_backoff_s = 10\nmax_backoff_s = 5\n")
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (
+            "[remote]\nmin_concurrency = 8\nmax_concurrency = 4\n",
+            "remote.min_concurrency: must not exceed remote.max_concurrency (4), got 8",
+        ),
+        (
+            "[remote]\nbreaker_probe_initial_s = 10\nbreaker_probe_max_s = 5\n",
+            "remote.breaker_probe_initial_s: must not exceed remote.breaker_probe_max_s (5.0), "
+            "got 10.0",
+        ),
+        ("[remote]\nconcurrency = 1025\n", "remote.concurrency: must be within 0..1024, got 1025"),
+        (
+            "[remote]\nrate_limit_per_minute = 0\n",
+            "remote.rate_limit_per_minute: must be within 1..1000000, got 0",
+        ),
+    ],
+)
+def test_flow_control_errors_say_why(tmp_path: Path, text: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=f"^{re.escape(message)}$"):
+        load_text(tmp_path, text)
+
+
+def test_concurrency_fixed_or_adaptive(tmp_path: Path) -> None:
+    assert load_text(tmp_path, "[remote]\nconcurrency = 0\n").remote.concurrency == 0
+    config = load_text(tmp_path, "[remote]\nconcurrency = 1024\nmax_concurrency = 2\n")
+    assert config.remote.concurrency == 1024  # a fixed concurrency ignores the adaptive bounds
+    config = load_text(tmp_path, "[remote]\nmin_concurrency = 7\nmax_concurrency = 7\n")
+    assert (config.remote.min_concurrency, config.remote.max_concurrency) == (7, 7)
+
+
+# --- booleans ------------------------------------------------------------------------------------
+
+
+def test_bool_from_toml(tmp_path: Path) -> None:
+    config = load_text(
+        tmp_path, "[intake]\naccept_client_keys = true\n[remote]\nper_recipient_order = false\n"
+    )
+    assert config.intake.accept_client_keys is True
+    assert config.remote.per_recipient_order is False
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("true", True),
+        ("TRUE", True),
+        (" yes\n", True),
+        ("On", True),
+        ("1", True),
+        ("false", False),
+        ("No", False),
+        ("off", False),
+        (" 0 ", False),
+    ],
+)
+def test_bool_from_env(value: str, expected: bool) -> None:
+    config = load_config(env={"FORWARDER_INTAKE_ACCEPT_CLIENT_KEYS": value})
+    assert config.intake.accept_client_keys is expected
+    config = load_config(env={"FORWARDER_REMOTE_PER_RECIPIENT_ORDER": value})
+    assert config.remote.per_recipient_order is expected
+
+
+@pytest.mark.parametrize("value", ["", "maybe", "2", "t", "y", "truee", "-1"])
+def test_bad_bool_from_env(value: str) -> None:
+    var = "FORWARDER_INTAKE_ACCEPT_CLIENT_KEYS"
+    message = f"{var}: expected a boolean (true/false, 1/0, yes/no or on/off), got {value!r}"
+    with pytest.raises(ConfigError, match=f"^{re.escape(message)}$"):
+        load_config(env={var: value})
+
+
+def test_env_bool_overrides_file(tmp_path: Path) -> None:
+    env = {"FORWARDER_INTAKE_ACCEPT_CLIENT_KEYS": "off"}
+    config = load_text(tmp_path, "[intake]\naccept_client_keys = true\n", env)
+    assert config.intake.accept_client_keys is False
+
+
+# --- accounts ------------------------------------------------------------------------------------
+
+US_ACCOUNT = """
+[accounts.us]
+base_url = "https://api-us1.stannp.com/v1/"
+api_key_env = "FORWARDER_US_KEY"
+rate_limit_per_minute = 600
+"""
+
+
+def test_accounts_defaults_come_from_remote(tmp_path: Path) -> None:
+    text = (
+        '[remote]\nbase_url = "https://api.example.com/v2/"\nrate_limit_per_minute = 120\n'
+        '[accounts.uk-2]\napi_key_file = "/etc/forwarder/uk.key"\n'
+        "[accounts.A_b]\n"
+    )
+    config = load_text(tmp_path, text)
+    assert config.accounts == {
+        "uk-2": AccountConfig(
+            name="uk-2",
+            base_url="https://api.example.com/v2",
+            api_key_file="/etc/forwarder/uk.key",
+            rate_limit_per_minute=120,
+        ),
+        "A_b": AccountConfig(
+            name="A_b", base_url="https://api.example.com/v2", rate_limit_per_minute=120
+        ),
+    }
+    assert config.account_names() == ("default", "A_b", "uk-2")
+
+
+def test_account_inherits_remote_overrides_from_env(tmp_path: Path) -> None:
+    env = {"FORWARDER_REMOTE_RATE_LIMIT_PER_MINUTE": "50"}
+    config = load_text(tmp_path, "[accounts.us]\n", env)
+    assert config.accounts["us"].rate_limit_per_minute == 50
+
+
+def test_account_own_values_normalised(tmp_path: Path) -> None:
+    config = load_text(tmp_path, f'[remote]\ndefault_account = "us"\n{US_ACCOUNT}')
+    assert config.remote.default_account == "us"
+    assert config.accounts["us"] == AccountConfig(
+        name="us",
+        base_url="https://api-us1.stannp.com/v1",
+        api_key_env="FORWARDER_US_KEY",
+        rate_limit_per_minute=600,
+    )
+
+
+def test_account_lookup(tmp_path: Path) -> None:
+    config = load_text(
+        tmp_path, f'[remote]\napi_key_file = "/k"\nrate_limit_per_minute = 9\n{US_ACCOUNT}'
+    )
+    assert config.account("default") == AccountConfig(
+        name="default",
+        base_url="https://api-eu1.stannp.com/v1",
+        api_key_file="/k",
+        api_key_env="FORWARDER_API_KEY",
+        rate_limit_per_minute=9,
+    )
+    assert config.account("us") is config.accounts["us"]
+    with pytest.raises(KeyError):
+        config.account("uk")
+
+
+def test_account_name_rule_matches_events() -> None:
+    # Events name their account; a name the config accepts must be one an event can carry.
+    assert cfg._ACCOUNT_NAME_RE.pattern == events.ACCOUNT_RE.pattern
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (
+            "[accounts.default]\n",
+            'accounts.default: the name "default" is reserved for the [remote] account; '
+            "choose another name",
+        ),
+        ('[accounts."a b"]\n', "accounts: invalid account name 'a b': use 1-64 characters"),
+        (f"[accounts.{'x' * 65}]\n", "accounts: invalid account name 'xxxx"),
+        ('[accounts.""]\n', "accounts: invalid account name ''"),
+        ('[accounts."é"]\n', "accounts: invalid account name 'é'"),
+        (
+            "[accounts.us]\nrate_limit = 5\n",
+            "unknown key accounts.us.rate_limit (did you mean accounts.us.rate_limit_per_minute?)",
+        ),
+        ('[accounts.us]\nname = "us"\n', "unknown key accounts.us.name"),
+        ("[accounts.us.extra]\n", "unknown key accounts.us.extra"),
+        ("accounts = 1\n", "accounts: expected tables [accounts.NAME], got an integer (1)"),
+        ("accounts = [1]\n", "accounts: expected tables [accounts.NAME], got an array"),
+        (
+            '[accounts]\nbase_url = "https://x.example.com"\n',
+            "accounts.base_url: expected a table [accounts.base_url] (each account is a table",
+        ),
+        (
+            '[accounts.us]\nrate_limit_per_minute = "600"\n',
+            "accounts.us.rate_limit_per_minute: expected an integer, got a string ('600')",
+        ),
+        ("[accounts.us]\napi_key_env = 1\n", "accounts.us.api_key_env: expected a string"),
+        (
+            '[remote]\ndefault_account = "uss"\n[accounts.us]\n[accounts.uk]\n',
+            "remote.default_account: no account named 'uss' (did you mean us?); "
+            "known accounts: default, uk, us",
+        ),
+        (
+            '[remote]\ndefault_account = "Default"\n',
+            "remote.default_account: no account named 'Default' (did you mean default?); "
+            "known accounts: default",
+        ),
+    ],
+)
+def test_account_structure_errors(tmp_path: Path, text: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=f"^{re.escape(message)}"):
+        load_text(tmp_path, text)
+
+
+@pytest.mark.parametrize(
+    ("table", "key"),
+    [
+        ('base_url = "http://api.example.com/v1"', "accounts.us.base_url"),
+        ('base_url = ""', "accounts.us.base_url"),
+        ('base_url = "https://u:p@x.example.com"', "accounts.us.base_url"),
+        ("rate_limit_per_minute = 0", "accounts.us.rate_limit_per_minute"),
+        ("rate_limit_per_minute = 1000001", "accounts.us.rate_limit_per_minute"),
+        ('api_key_env = "1ABC"', "accounts.us.api_key_env"),
+        ('api_key_env = "MY-KEY"', "accounts.us.api_key_env"),
+        ('api_key_env = "A B"', "accounts.us.api_key_env"),
+    ],
+)
+def test_account_validation_errors_name_the_key(tmp_path: Path, table: str, key: str) -> None:
+    with pytest.raises(ConfigError, match=f"^{re.escape(key)}: "):
+        load_text(tmp_path, f"[accounts.us]\n{table}\n")
+
+
+def test_account_api_key_env_never_echoed(tmp_path: Path) -> None:
+    # Someone pastes the key where the variable's name belongs.
+    pasted = "sk-live/0123456789abcdef"
+    with pytest.raises(ConfigError) as info:
+        load_text(tmp_path, f'[accounts.us]\napi_key_env = "{pasted}"\n')
+    assert pasted not in str(info.value)
+
+
+def test_account_env_var_names_that_look_like_settings(tmp_path: Path) -> None:
+    # An api_key_env variable holds a key, whatever its name; it is not read as a setting.
+    text = '[accounts.us]\napi_key_env = "FORWARDER_REMOTE_US_KEY"\n'
+    config = load_text(tmp_path, text, {"FORWARDER_REMOTE_US_KEY": KEY})
+    assert config.accounts["us"].api_key_env == "FORWARDER_REMOTE_US_KEY"
+
+
+def test_accounts_cannot_be_set_from_env(tmp_path: Path) -> None:
+    var = "FORWARDER_ACCOUNTS_US_RATE_LIMIT_PER_MINUTE"
+    with pytest.raises(ConfigError, match=f"^{var}: .*cannot be set from the environment"):
+        load_text(tmp_path, US_ACCOUNT, {var: "5"})
+    text = '[accounts.us]\napi_key_env = "FORWARDER_ACCOUNTS_US_KEY"\n'
+    config = load_text(tmp_path, text, {"FORWARDER_ACCOUNTS_US_KEY": KEY})
+    assert "us" in config.accounts
 
 
 def test_no_listener(tmp_path: Path) -> None:
@@ -365,7 +654,10 @@ def test_render_effective_defaults_round_trip(tmp_path: Path) -> None:
     assert text.rstrip().endswith("# api key: not configured")
     assert "unix_socket_mode = 0o660" in text
     document = tomllib.loads(text)
-    assert set(document) == {f.name for f in dataclasses.fields(Config)}
+    # No [accounts.NAME] tables when there are no further accounts.
+    assert set(document) == {f.name for f in dataclasses.fields(Config)} - {"accounts"}
+    assert document["intake"]["accept_client_keys"] is False
+    assert document["remote"]["per_recipient_order"] is True
     assert load_text(tmp_path, text) == config
 
 
@@ -378,6 +670,12 @@ def test_render_effective_odd_values_round_trip(tmp_path: Path) -> None:
         retry=RetryConfig(initial_backoff_s=0.1, max_backoff_s=1e6, max_elapsed_s=7.25),
         state=StateConfig(dir="/tmp/x\ty"),
         log=LogConfig(level="debug", format="json"),
+        accounts={
+            "us": AccountConfig(
+                "us", "https://api-us1.stannp.com/v1", "/etc/k\n[x]", "US_KEY", 1_000_000
+            ),
+            "b-2": AccountConfig("b-2", "http://[::1]:1", rate_limit_per_minute=1),
+        },
     )
     key_file = write(tmp_path, KEY, "api_key")
     key = resolve_api_key(
@@ -389,6 +687,57 @@ def test_render_effective_odd_values_round_trip(tmp_path: Path) -> None:
     assert text.rstrip().endswith(f"# api key: **** (from file {key_file})")
     assert "unix_socket_mode = 0o600" in text
     assert load_text(tmp_path, text) == config
+
+
+def test_render_effective_accounts_round_trip(tmp_path: Path) -> None:
+    text = (
+        "[intake]\naccept_client_keys = true\n"
+        '[remote]\nrate_limit_per_minute = 120\nconcurrency = 4\ndefault_account = "us"\n'
+        "per_recipient_order = false\n"
+        f"{US_ACCOUNT}"
+        '[accounts.uk]\napi_key_file = "/etc/forwarder/uk.key"\n'
+    )
+    config = load_text(tmp_path, text)
+    us_key = tmp_path / "us.key"
+    us_key.write_text(KEY, encoding="utf-8")
+    env = {"FORWARDER_US_KEY": KEY + "-us"}
+    account_keys = resolve_account_keys(
+        dataclasses.replace(
+            config,
+            accounts={
+                "us": config.accounts["us"],
+                "uk": dataclasses.replace(config.accounts["uk"], api_key_file=str(us_key)),
+            },
+        ),
+        env,
+    )
+    rendered = render_effective(config, None, account_keys)
+    assert KEY not in rendered
+    document = tomllib.loads(rendered)
+    assert document["accounts"] == {
+        "uk": {
+            "base_url": "https://api-eu1.stannp.com/v1",
+            "api_key_file": "/etc/forwarder/uk.key",
+            "api_key_env": "",
+            "rate_limit_per_minute": 120,
+        },
+        "us": {
+            "base_url": "https://api-us1.stannp.com/v1",
+            "api_key_file": "",
+            "api_key_env": "FORWARDER_US_KEY",
+            "rate_limit_per_minute": 600,
+        },
+    }
+    # Accounts come after the other sections, in name order; the default key's comment is last.
+    assert (
+        rendered.index("[log]") < rendered.index("[accounts.uk]") < rendered.index("[accounts.us]")
+    )
+    assert "# api key of this account: **** (from environment FORWARDER_US_KEY)" in rendered
+    assert f"# api key of this account: **** (from file {us_key})" in rendered
+    assert rendered.rstrip().endswith("# api key: not configured")
+    assert load_text(tmp_path, rendered) == config
+    # Without account_keys there is no per-account comment.
+    assert "api key of this account" not in render_effective(config, None)
 
 
 def test_render_effective_comment_cannot_inject_toml() -> None:

@@ -1,4 +1,4 @@
-"""The API key: resolution order, errors that never show it, the Secret wrapper."""
+"""The API keys: resolution order, errors that never show them, the Secret wrapper."""
 
 from __future__ import annotations
 
@@ -7,8 +7,14 @@ from pathlib import Path
 
 import pytest
 
-from forwarder.config import Config, ConfigError, RemoteConfig
-from forwarder.credentials import ApiKey, Secret, resolve_api_key
+from forwarder.config import AccountConfig, Config, ConfigError, RemoteConfig
+from forwarder.credentials import (
+    ApiKey,
+    Secret,
+    check_key_text,
+    resolve_account_keys,
+    resolve_api_key,
+)
 
 KEY = "sk_live_0123456789abcdef"
 
@@ -21,6 +27,10 @@ def write(tmp_path: Path, text: str, name: str) -> Path:
 
 def with_key_file(path: Path) -> Config:
     return Config(remote=RemoteConfig(api_key_file=str(path)))
+
+
+def with_accounts(*accounts: AccountConfig) -> Config:
+    return Config(accounts={a.name: a for a in accounts})
 
 
 def test_api_key_resolution_order(tmp_path: Path) -> None:
@@ -107,3 +117,160 @@ def test_secret_hides_value() -> None:
     api_key = ApiKey(secret, "environment FORWARDER_API_KEY")
     assert KEY not in repr(api_key)
     assert KEY not in str(api_key)
+
+
+# --- further accounts ----------------------------------------------------------------------------
+
+
+def test_account_key_resolution_order(tmp_path: Path) -> None:
+    key_file = write(tmp_path, "from-file\n", "us.key")
+    creds = tmp_path / "creds"
+    creds.mkdir()
+    (creds / "api_key.us").write_text(" from-credential\n", encoding="utf-8")
+    (creds / "api_key").write_text("default-credential", encoding="utf-8")
+    both = AccountConfig("us", api_key_file=str(key_file), api_key_env="US_KEY")
+
+    env = {"US_KEY": "from-env", "CREDENTIALS_DIRECTORY": str(creds)}
+    keys = resolve_account_keys(with_accounts(both), env)
+    assert keys == {"us": ApiKey(Secret("from-env"), "environment US_KEY")}
+
+    env["US_KEY"] = ""  # empty counts as unset
+    keys = resolve_account_keys(with_accounts(both), env)
+    assert keys == {"us": ApiKey(Secret("from-file"), f"file {key_file}")}
+
+    for account in (AccountConfig("us"), AccountConfig("us", api_key_env="US_KEY")):
+        keys = resolve_account_keys(with_accounts(account), env)
+        assert keys == {"us": ApiKey(Secret("from-credential"), "systemd credential api_key.us")}
+
+
+def test_account_keys_for_several_accounts(tmp_path: Path) -> None:
+    uk_file = write(tmp_path, "uk-key", "uk.key")
+    config = with_accounts(
+        AccountConfig("us", api_key_env="US_KEY"), AccountConfig("uk", api_key_file=str(uk_file))
+    )
+    keys = resolve_account_keys(config, {"US_KEY": " us-key\n"})
+    assert {name: key.secret.reveal() for name, key in keys.items()} == {
+        "uk": "uk-key",
+        "us": "us-key",
+    }
+    assert resolve_account_keys(Config(), {}) == {}
+
+
+def test_account_keys_from_os_environ(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FORWARDER_US_KEY", KEY)
+    keys = resolve_account_keys(with_accounts(AccountConfig("us", api_key_env="FORWARDER_US_KEY")))
+    assert keys["us"].secret.reveal() == KEY
+
+
+@pytest.mark.parametrize(
+    ("account", "env"),
+    [
+        (AccountConfig("us"), {}),
+        (AccountConfig("us"), {"CREDENTIALS_DIRECTORY": "/nonexistent"}),
+        (AccountConfig("us", api_key_env="US_KEY"), {"US_KEY": ""}),
+    ],
+)
+def test_account_without_key(tmp_path: Path, account: AccountConfig, env: dict[str, str]) -> None:
+    # The default account's credential is not a fallback for another account.
+    (tmp_path / "api_key").write_text(KEY, encoding="utf-8")
+    env = {"CREDENTIALS_DIRECTORY": str(tmp_path), **env}
+    message = (
+        "accounts.us: no API key: set api_key_file or api_key_env, "
+        "or provide the systemd credential api_key.us"
+    )
+    with pytest.raises(ConfigError, match=f"^{re.escape(message)}") as info:
+        resolve_account_keys(with_accounts(account), {**env, "FORWARDER_API_KEY": KEY})
+    assert ("api_key_env names a variable that is unset" in str(info.value)) == bool(
+        account.api_key_env
+    )
+
+
+def test_account_missing_file_names_key_and_path(tmp_path: Path) -> None:
+    path = tmp_path / "missing.key"
+    account = AccountConfig("us", api_key_file=str(path))
+    message = f"accounts.us.api_key_file: cannot read API key from file {path}: "
+    with pytest.raises(ConfigError, match=f"^{re.escape(message)}No such file or directory$"):
+        resolve_account_keys(with_accounts(account), {})
+
+
+def test_account_blank_env_is_an_error() -> None:
+    account = AccountConfig("us", api_key_env="FORWARDER_US_KEY")
+    message = "API key from environment FORWARDER_US_KEY is empty"
+    with pytest.raises(ConfigError, match=f"^{re.escape(message)}$"):
+        resolve_account_keys(with_accounts(account), {"FORWARDER_US_KEY": " \n "})
+
+
+@pytest.mark.parametrize("content", ["", "\n"])
+def test_account_empty_file_or_credential(tmp_path: Path, content: str) -> None:
+    path = write(tmp_path, content, "api_key.us")
+    account = AccountConfig("us", api_key_file=str(path))
+    with pytest.raises(ConfigError, match=re.escape(f"API key from file {path} is empty")):
+        resolve_account_keys(with_accounts(account), {})
+    with pytest.raises(ConfigError, match=re.escape(f"systemd credential api_key.us ({path})")):
+        resolve_account_keys(
+            with_accounts(AccountConfig("us")), {"CREDENTIALS_DIRECTORY": str(tmp_path)}
+        )
+
+
+def test_account_key_file_checks(tmp_path: Path) -> None:
+    big = tmp_path / "big.key"
+    big.write_bytes(b"k" * 5000)
+    with pytest.raises(ConfigError, match="too large"):
+        resolve_account_keys(with_accounts(AccountConfig("us", api_key_file=str(big))), {})
+    bom = tmp_path / "bom.key"
+    bom.write_bytes(b"\xef\xbb\xbf" + KEY.encode() + b"\r\n")
+    keys = resolve_account_keys(with_accounts(AccountConfig("us", api_key_file=str(bom))), {})
+    assert keys["us"].secret.reveal() == KEY
+    latin1 = tmp_path / "latin1.key"
+    latin1.write_bytes(b"\xe9" + KEY.encode())
+    with pytest.raises(ConfigError, match="not valid UTF-8"):
+        resolve_account_keys(with_accounts(AccountConfig("us", api_key_file=str(latin1))), {})
+
+
+@pytest.mark.parametrize(
+    "bad", [f"{KEY} {KEY}", f"{KEY}\n{KEY}", f"{KEY}\x00", f"\u201c{KEY}\u201d"]
+)
+def test_account_key_error_never_contains_key(tmp_path: Path, bad: str) -> None:
+    write(tmp_path, bad, "api_key.us")
+    path = write(tmp_path, bad, "us.key")
+    cases = [
+        ({"US_KEY": bad}, AccountConfig("us", api_key_env="US_KEY")),
+        ({}, AccountConfig("us", api_key_file=str(path))),
+        ({"CREDENTIALS_DIRECTORY": str(tmp_path)}, AccountConfig("us")),
+    ]
+    for env, account in cases:
+        with pytest.raises(ConfigError, match="printable ASCII without whitespace") as info:
+            resolve_account_keys(with_accounts(account), env)
+        assert KEY not in str(info.value)
+        assert KEY not in repr(info.value)
+
+
+def test_account_key_source_never_contains_key(tmp_path: Path) -> None:
+    path = write(tmp_path, KEY, "us.key")
+    config = with_accounts(
+        AccountConfig("a", api_key_env="A_KEY"),
+        AccountConfig("b", api_key_file=str(path)),
+        AccountConfig("c"),
+    )
+    write(tmp_path, KEY, "api_key.c")
+    keys = resolve_account_keys(config, {"A_KEY": KEY, "CREDENTIALS_DIRECTORY": str(tmp_path)})
+    assert [key.source for key in keys.values()] == [
+        "environment A_KEY",
+        f"file {path}",
+        "systemd credential api_key.c",
+    ]
+    for key in keys.values():
+        assert KEY not in key.source
+        assert KEY not in repr(key)
+
+
+def test_check_key_text() -> None:
+    assert check_key_text(f" {KEY}\r\n") == KEY
+    with pytest.raises(ValueError, match=r"^is empty$"):
+        check_key_text(" \t\n")
+    for bad in (f"{KEY} x", f"{KEY}\x7f", f"\u00e9{KEY}"):
+        with pytest.raises(
+            ValueError, match=r"^must be printable ASCII without whitespace$"
+        ) as info:
+            check_key_text(bad)
+        assert KEY not in str(info.value)

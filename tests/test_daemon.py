@@ -12,12 +12,13 @@ import aiohttp
 import pytest
 import structlog
 
+from forwarder.accounts import configured_accounts
 from forwarder.config import Config, IntakeConfig, RemoteConfig, ShutdownConfig, StateConfig
 from forwarder.credentials import ApiKey, Secret
 from forwarder.daemon import Daemon
 from forwarder.events import Event
 
-KEY = ApiKey(Secret("sk-daemon-test-0000"), "test")
+KEY = configured_accounts(Config(), ApiKey(Secret("sk-daemon-test-0000"), "test"), {})
 
 
 def _config(state: Path, *, listen: str = "127.0.0.1:0", sock: str = "") -> Config:

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from forwarder.config import RetryConfig
+from forwarder.config import RemoteConfig, RetryConfig
 from forwarder.deadletter import DeadLetterWriter
-from forwarder.dispatcher import Dispatcher
+from forwarder.dispatcher import Dispatcher, LaneSettings
 from forwarder.events import Event
 from forwarder.queue import EventQueue
 from forwarder.remote import Result, Verdict
@@ -85,15 +85,10 @@ async def make_rig(tmp_path: Path) -> AsyncIterator[MakeRig]:
         dead_letters = DeadLetterWriter(tmp_path)
         dead_letters.start()
         sender = sender or ScriptedSender()
-        dispatcher = Dispatcher(
-            queue,
-            sender,
-            retry,
-            concurrency=concurrency,
-            auth_retry_s=auth_retry_s,
-            dead_letters=dead_letters,
-            stats=stats,
-        )
+        dispatcher = Dispatcher(queue, dead_letters=dead_letters, stats=stats)
+        remote = RemoteConfig(concurrency=concurrency, auth_retry_s=auth_retry_s)
+        # Events made here name no account (""): the lane of that name delivers them.
+        dispatcher.add("", sender, LaneSettings(per_minute=1_000_000, remote=remote, retry=retry))
         dispatcher.start()
         rig = Rig(queue, sender, stats, dispatcher, dead_letters)
         made.append(rig)
@@ -171,20 +166,23 @@ async def test_refused_key_pauses_everything_and_dead_letters_nothing(make_rig: 
     sender = ScriptedSender(default=answer)
     rig = await make_rig(sender, concurrency=3, auth_retry_s=0.05)
     rig.queue.offer([event(n) for n in range(10)])
+    lane = rig.dispatcher.lanes[""]
     for _ in range(100):
-        if rig.dispatcher.paused:
+        if lane.auth.is_open:
             break
         await asyncio.sleep(0.01)
-    assert rig.dispatcher.paused
-    assert "401" in rig.dispatcher.pause_reason
+    assert lane.auth.is_open
+    assert "401" in rig.dispatcher.not_ready_reason()
     await asyncio.sleep(0.2)
-    # Only the events already in the workers' hands were tried; the rest wait in the queue.
+    # Only the events already in delivery were tried; the rest wait in the queue (the lane
+    # holds at most one more than its concurrency: the one waiting for a slot).
     assert len(set(sender.calls)) <= 3
-    assert len(rig.queue) >= 7
+    assert len(rig.queue) >= 6
     assert rig.stats.dead_lettered == {}
     bad_key["ok"] = True
     await rig.settle(10)
-    assert not rig.dispatcher.paused
+    assert not lane.auth.is_open
+    assert rig.dispatcher.not_ready_reason() == ""
     assert rig.stats.delivered == 10
     assert rig.stats.dead_lettered == {}
 
@@ -194,7 +192,7 @@ async def test_stop_hands_back_in_flight_then_queued(make_rig: MakeRig) -> None:
     rig = await make_rig(sender, concurrency=2)
     rig.queue.offer([event(n) for n in range(5)])
     await asyncio.sleep(0.05)
-    assert rig.dispatcher.in_flight == 2
+    assert rig.dispatcher.in_delivery == 3  # two sending, one waiting for a slot
     drained = await rig.dispatcher.drain(0.05, asyncio.Event())
     assert not drained
     leftovers = await rig.dispatcher.stop()
@@ -228,4 +226,6 @@ async def test_a_bug_dead_letters_the_event_and_keeps_the_worker(make_rig: MakeR
     await rig.settle(2)
     assert rig.stats.dead_lettered == {"internal_error": 1}
     assert rig.stats.delivered == 1
-    assert rig.dispatcher.workers_alive == 1
+    assert rig.dispatcher.lanes[""].in_delivery == 0
+    rig.queue.offer([event(3)])
+    await rig.settle(3)  # the lane still delivers after the bug

@@ -153,7 +153,8 @@ async def test_refused_key_pauses_delivery_until_the_key_works(
         assert "401" in reason
         async with http.get("/v1/stats") as response:
             stats = await response.json()
-        assert stats["delivery"]["paused"] is True
+        assert stats["accounts"]["default"]["paused"] is True
+        assert stats["delivery"]["ready"] is False
         assert stats["counters"]["dead_lettered"] == {}
         assert len(d.proc.events("delivery_paused")) == 1  # logged once, not per probe
 
@@ -249,7 +250,7 @@ async def test_send_command_and_check_config(mock_remote: StartMock, daemon: Sta
         "check-config", "--config", str(d.config_path), env={"FORWARDER_API_KEY": API_KEY}
     )
     assert await check.wait(15) == 0
-    assert any("concurrency = 8" in line for line in check.stdout)
+    assert any("concurrency = 0" in line for line in check.stdout)
     assert any("api key" in line and "FORWARDER_API_KEY" in line for line in check.stdout)
 
     bad = await spawn("check-config", "--config", str(d.config_path), env={

@@ -1,8 +1,14 @@
-"""The bounded queue and the pending file."""
+"""The bounded, account-aware queue (order per recipient) and the pending file."""
 
 from __future__ import annotations
 
+import asyncio
+from collections import Counter
 from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from forwarder.events import Event
 from forwarder.queue import EventQueue, load_pending, remove_pending, save_pending
@@ -10,6 +16,45 @@ from forwarder.queue import EventQueue, load_pending, remove_pending, save_pendi
 
 def event(n: int) -> Event:
     return Event(event_id=f"evt-{n:010d}", recipient_id=str(n), name="SIGNUP", data='{"a":1}')
+
+
+def ev(name: str, recipient: str = "r1", account: str = "") -> Event:
+    """An event whose event_id is `name`, so a failing assertion reads plainly."""
+    return Event(event_id=name, recipient_id=recipient, name="SIGNUP", account=account)
+
+
+def ids(events: list[Event]) -> list[str]:
+    return [e.event_id for e in events]
+
+
+async def settle() -> None:
+    # Zero-time yields: lets tasks woken by the queue run; nothing here waits on a clock.
+    for _ in range(3):
+        await asyncio.sleep(0)
+
+
+async def woken(task: asyncio.Task[Event]) -> Event:
+    """The event a waiting get was woken with; fails at once (no hang) if it was not woken."""
+    await settle()
+    assert task.done(), "the waiting get was not woken"
+    return task.result()
+
+
+def take_and_done(queue: EventQueue, account: str, count: int) -> list[str]:
+    """Take `count` events one by one, each done before the next (a lane with one worker)."""
+    taken: list[str] = []
+
+    async def run() -> None:
+        for _ in range(count):
+            got = await queue.get(account)
+            taken.append(got.event_id)
+            queue.done(got)
+
+    # No event is waited for: every get finds one, so the coroutine never suspends.
+    coro = run()
+    with pytest.raises(StopIteration):
+        coro.send(None)
+    return taken
 
 
 async def test_admission_is_all_or_nothing() -> None:
@@ -27,8 +72,421 @@ async def test_restore_may_exceed_the_bound_and_keeps_order() -> None:
     queue = EventQueue(1)
     assert queue.restore([event(n) for n in range(3)]) == 3
     assert len(queue) == 3
+    assert queue.free == 0
     assert not queue.offer([event(9)])
-    assert (await queue.get()).event_id == event(0).event_id
+    assert (await queue.get("")).event_id == event(0).event_id
+    same_recipient = EventQueue(1)
+    assert same_recipient.restore([ev("a1"), ev("a2"), ev("a3")]) == 3
+    assert ids(same_recipient.take_all()) == ["a1", "a2", "a3"]
+
+
+async def test_the_bound_counts_events_in_delivery() -> None:
+    queue = EventQueue(2)
+    assert queue.offer([ev("a1", "r1"), ev("b1", "r2")])
+    got = await queue.get("")
+    assert (len(queue), queue.in_delivery, queue.free) == (1, 1, 0)
+    assert not queue.offer([ev("c1", "r3")])  # still in memory while it is being delivered
+    queue.done(got)
+    assert (len(queue), queue.in_delivery, queue.free) == (1, 0, 1)
+    assert queue.offer([ev("c1", "r3")])
+    queue.max_events = 5  # a reload may change it
+    assert queue.free == 3
+
+
+async def test_a_recipient_is_held_while_its_event_is_in_delivery() -> None:
+    queue = EventQueue(10)
+    assert queue.offer([ev("a1", "r1"), ev("a2", "r1"), ev("b1", "r2")])
+    first = await queue.get("")
+    assert first.event_id == "a1"
+    # a2 waits for a1; the other recipient flows meanwhile.
+    assert (await queue.get("")).event_id == "b1"
+    waiter = asyncio.create_task(queue.get(""))
+    await settle()
+    assert not waiter.done()
+    assert (len(queue), queue.depth(""), queue.in_delivery) == (1, 1, 2)
+    queue.done(first)  # e.g. after its retries, delivered or dead-lettered
+    assert (await woken(waiter)).event_id == "a2"
+
+
+async def test_other_recipients_flow_while_one_is_retried() -> None:
+    queue = EventQueue(10)
+    assert queue.offer([ev("a1", "r1"), ev("a2", "r1"), ev("b1", "r2"), ev("c1", "r3")])
+    stuck = await queue.get("")
+    assert take_and_done(queue, "", 2) == ["b1", "c1"]
+    assert ids(queue.take_all()) == ["a1", "a2"]
+    assert stuck.event_id == "a1"
+
+
+async def test_ready_recipients_are_served_round_robin() -> None:
+    queue = EventQueue(10)
+    chatty = [ev(f"a{n}", "r1") for n in range(1, 4)]
+    assert queue.offer([*chatty, ev("b1", "r2"), ev("c1", "r3")])
+    # r1 goes to the back of the line each time one of its events is done.
+    assert take_and_done(queue, "", 5) == ["a1", "b1", "c1", "a2", "a3"]
+
+
+async def test_unordered_is_fifo_per_account() -> None:
+    queue = EventQueue(10, ordered=False)
+    assert not queue.ordered
+    assert queue.offer([ev("a1", "r1"), ev("a2", "r1"), ev("b1", "r2"), ev("x1", "r1", "x")])
+    taken = [await queue.get("") for _ in range(3)]
+    assert ids(taken) == ["a1", "a2", "b1"]  # no hold: two of r1 in delivery at once
+    assert queue.in_delivery == 3
+    assert (await queue.get("x")).event_id == "x1"
+
+
+async def test_turning_ordering_off_releases_held_events() -> None:
+    queue = EventQueue(10)
+    assert queue.offer([ev("a1", "r1"), ev("a2", "r1"), ev("a3", "r1")])
+    first = await queue.get("")
+    waiter = asyncio.create_task(queue.get(""))
+    await settle()
+    assert not waiter.done()
+    queue.set_ordered(False)
+    assert (await woken(waiter)).event_id == "a2"
+    assert (await queue.get("")).event_id == "a3"
+    assert queue.in_delivery == 3
+    queue.done(first)
+
+
+async def test_turning_ordering_on_holds_busy_recipients() -> None:
+    queue = EventQueue(10, ordered=False)
+    assert queue.offer([ev("a1", "r1"), ev("a2", "r1"), ev("a3", "r1"), ev("b1", "r2")])
+    a1 = await queue.get("")
+    a2 = await queue.get("")
+    queue.set_ordered(True)
+    assert queue.ordered
+    assert (await queue.get("")).event_id == "b1"
+    waiter = asyncio.create_task(queue.get(""))
+    await settle()
+    queue.done(a1)
+    await settle()
+    assert not waiter.done()  # a2 of the same recipient is still in delivery
+    queue.done(a2)
+    assert (await woken(waiter)).event_id == "a3"
+
+
+async def test_toggling_keeps_the_acceptance_order() -> None:
+    queue = EventQueue(20)
+    events = [ev("a1", "r1"), ev("b1", "r2"), ev("a2", "r1"), ev("c1", "r3"), ev("b2", "r2")]
+    assert queue.offer(events)
+    queue.set_ordered(False)
+    queue.set_ordered(True)
+    queue.set_ordered(False)
+    assert take_and_done(queue, "", 2) == ["a1", "b1"]
+    queue.set_ordered(True)
+    assert ids(queue.take_all()) == ["a2", "c1", "b2"]
+
+
+async def test_accounts_wait_independently() -> None:
+    queue = EventQueue(10)
+    lane_a = asyncio.create_task(queue.get("a"))
+    await settle()
+    assert queue.offer([ev("b1", account="b")])
+    await settle()
+    assert not lane_a.done()  # an event of "b" does not wake the lane of "a"
+    assert (queue.depth("a"), queue.depth("b"), queue.accounts()) == (0, 1, {"b"})
+    b1 = await queue.get("b")
+    assert queue.accounts() == {"b"}  # in delivery still counts
+    queue.done(b1)
+    assert queue.accounts() == set()
+    assert queue.offer([ev("a1", account="a")])
+    assert (await woken(lane_a)).event_id == "a1"
+
+
+async def test_concurrent_waiters_each_get_a_distinct_event() -> None:
+    queue = EventQueue(10)
+    waiters = [asyncio.create_task(queue.get("")) for _ in range(4)]
+    await settle()
+    assert queue.offer([ev("a1", "r1"), ev("b1", "r2"), ev("c1", "r3")])
+    await settle()
+    finished = [w for w in waiters if w.done()]
+    assert sorted(ids([w.result() for w in finished])) == ["a1", "b1", "c1"]
+    [last] = [w for w in waiters if not w.done()]
+    assert queue.offer([ev("d1", "r4")])
+    assert (await woken(last)).event_id == "d1"
+
+
+async def test_concurrent_waiters_get_one_event_of_a_recipient_at_a_time() -> None:
+    queue = EventQueue(10)
+    waiters = [asyncio.create_task(queue.get("")) for _ in range(3)]
+    await settle()
+    assert queue.offer([ev("a1"), ev("a2"), ev("a3")])
+    await settle()
+    assert [w.done() for w in waiters] == [True, False, False]  # the oldest waiter first
+    queue.done(waiters[0].result())
+    assert (await woken(waiters[1])).event_id == "a2"
+    queue.done(waiters[1].result())
+    assert (await woken(waiters[2])).event_id == "a3"
+
+
+async def test_cancelling_a_waiting_get_loses_nothing() -> None:
+    queue = EventQueue(10)
+    waiter = asyncio.create_task(queue.get(""))
+    await settle()
+    waiter.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiter
+    assert queue.accounts() == set()
+    assert queue.offer([ev("a1")])
+    assert (await queue.get("")).event_id == "a1"
+
+
+async def test_a_get_cancelled_after_being_handed_an_event_puts_it_back_first() -> None:
+    queue = EventQueue(10)
+    waiter = asyncio.create_task(queue.get(""))
+    await settle()
+    # a1 is handed to the waiter right here.
+    assert queue.offer([ev("a1", "r1"), ev("b1", "r2"), ev("a2", "r1")])
+    assert queue.in_delivery == 1
+    waiter.cancel()  # before it ran again
+    with pytest.raises(asyncio.CancelledError):
+        await waiter
+    assert (len(queue), queue.in_delivery) == (3, 0)
+    # Back at the head of its recipient, and the recipient keeps its turn.
+    assert take_and_done(queue, "", 3) == ["a1", "b1", "a2"]
+
+
+async def test_an_event_handed_to_a_cancelled_get_goes_to_the_next_waiter() -> None:
+    queue = EventQueue(10)
+    first = asyncio.create_task(queue.get(""))
+    second = asyncio.create_task(queue.get(""))
+    await settle()
+    assert queue.offer([ev("a1")])
+    first.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await first
+    assert (await woken(second)).event_id == "a1"
+    assert (len(queue), queue.in_delivery) == (0, 1)
+
+
+async def test_an_event_offered_before_a_cancelled_get_cleaned_up_stays_queued() -> None:
+    queue = EventQueue(10)
+    waiter = asyncio.create_task(queue.get(""))
+    await settle()
+    waiter.cancel()
+    assert queue.offer([ev("a1")])  # the cancelled get has not run its cleanup yet
+    with pytest.raises(asyncio.CancelledError):
+        await waiter
+    assert (len(queue), queue.in_delivery) == (1, 0)
+    assert (await queue.get("")).event_id == "a1"
+
+
+async def test_unordered_gets_cancelled_after_being_handed_keep_the_acceptance_order() -> None:
+    queue = EventQueue(10, ordered=False)
+    waiters = [asyncio.create_task(queue.get("")) for _ in range(2)]
+    await settle()
+    assert queue.offer([ev("a1", "r1"), ev("a2", "r2"), ev("a3", "r1")])
+    for waiter in waiters:
+        waiter.cancel()
+    await asyncio.gather(*waiters, return_exceptions=True)
+    assert take_and_done(queue, "", 3) == ["a1", "a2", "a3"]
+
+
+async def test_take_all_returns_in_delivery_first_then_acceptance_order() -> None:
+    queue = EventQueue(20)
+    assert queue.offer([ev("a1", "r1", "a"), ev("b1", "r1", "b"), ev("a2", "r2", "a")])
+    assert queue.offer([ev("b2", "r1", "b"), ev("c1", "r1"), ev("a3", "r1", "a")])
+    b1 = await queue.get("b")
+    a1 = await queue.get("a")
+    assert ids(queue.take_all()) == ["b1", "a1", "a2", "b2", "c1", "a3"]
+    assert (len(queue), queue.in_delivery, queue.free, queue.accounts()) == (0, 0, 20, set())
+    assert all(queue.depth(name) == 0 for name in ("", "a", "b"))
+    with pytest.raises(ValueError, match="not in delivery"):
+        queue.done(b1)
+    with pytest.raises(ValueError, match="not in delivery"):
+        queue.done(a1)
+
+
+async def test_take_all_takes_back_an_event_handed_to_a_get_that_has_not_run_yet() -> None:
+    queue = EventQueue(10)
+    waiter = asyncio.create_task(queue.get(""))
+    await settle()
+    assert queue.offer([ev("a1")])
+    assert ids(queue.take_all()) == ["a1"]  # the shutdown path: it is saved, not delivered
+    await settle()
+    assert not waiter.done()  # it waits on instead of returning a taken-back event
+    assert queue.offer([ev("a2")])
+    assert (await woken(waiter)).event_id == "a2"
+
+
+async def test_take_account_takes_only_waiting_events_of_that_account() -> None:
+    queue = EventQueue(20)
+    assert queue.offer([ev("a1", "r1", "a"), ev("a2", "r2", "a"), ev("b1", "r1", "b")])
+    assert queue.offer([ev("a3", "r1", "a")])
+    a1 = await queue.get("a")
+    assert ids(queue.take_account("a")) == ["a2", "a3"]
+    assert (queue.depth("a"), len(queue), queue.in_delivery) == (0, 1, 1)
+    assert queue.accounts() == {"a", "b"}
+    assert queue.take_account("nobody") == []
+    queue.done(a1)
+    assert queue.accounts() == {"b"}
+    assert ids(queue.take_all()) == ["b1"]
+
+
+async def test_done_of_an_event_not_in_delivery_raises() -> None:
+    queue = EventQueue(10)
+    with pytest.raises(ValueError, match="not in delivery"):
+        queue.done(ev("a1"))
+    assert queue.offer([ev("a1")])
+    got = await queue.get("")
+    queue.done(got)
+    with pytest.raises(ValueError, match="not in delivery"):
+        queue.done(got)
+
+
+async def test_equal_events_are_tracked_by_identity() -> None:
+    queue = EventQueue(10)
+    first, resent = ev("a1"), ev("a1")  # an app resent the same event
+    assert first == resent
+    assert first is not resent
+    assert queue.offer([first, resent])
+    got = await queue.get("")
+    assert got is first
+    waiter = asyncio.create_task(queue.get(""))
+    await settle()
+    with pytest.raises(ValueError, match="not in delivery"):
+        queue.done(resent)  # equal by value, but not the one in delivery
+    assert not waiter.done()
+    queue.done(first)
+    assert (await woken(waiter)) is resent
+    queue.done(resent)
+    assert queue.in_delivery == 0
+
+
+async def test_the_same_object_queued_twice_is_two_deliveries() -> None:
+    queue = EventQueue(10, ordered=False)
+    same = ev("a1")
+    assert queue.offer([same, same])
+    assert (await queue.get("")) is same
+    assert (await queue.get("")) is same
+    queue.done(same)
+    assert queue.in_delivery == 1
+    queue.done(same)
+    with pytest.raises(ValueError, match="not in delivery"):
+        queue.done(same)
+
+
+ACCOUNTS = ("", "a", "b")
+RECIPIENTS = ("r1", "r2", "r3")
+# (kind, x, y): x and y pick the account, recipients, batch size, task or held event; the loop
+# then runs the woken tasks when y >= 8, so cancels hit both waiting and just-handed gets.
+OPS = st.lists(
+    st.tuples(
+        st.sampled_from(["offer", "offer", "get", "get", "done", "done", "cancel", "toggle"]),
+        st.integers(0, 11),
+        st.integers(0, 11),
+    ),
+    min_size=10,
+    max_size=100,
+)
+
+
+async def run_ops(
+    ops: list[tuple[str, int, int]], *, ordered: bool, max_events: int, toggles: bool
+) -> None:
+    """Play random offer/get/done/cancel interleavings against the queue and check it throughout.
+
+    The order and one-at-a-time checks only hold while the mode stays put, so they are off when
+    `toggles` lets the ordering flip.
+    """
+    queue = EventQueue(max_events, ordered=ordered)
+    accepted: list[Event] = []
+    handed: list[Event] = []  # in the order gets returned them
+    held: list[Event] = []  # returned and not yet done
+    done_ids: set[str] = set()
+    tasks: list[asyncio.Task[None]] = []
+    serial = 0
+    checks = ordered and not toggles
+
+    async def take(account: str) -> None:
+        got = await queue.get(account)
+        assert got.account == account
+        if checks:
+            key = (got.account, got.recipient_id)
+            assert all((e.account, e.recipient_id) != key for e in held), f"two of {key} out"
+        handed.append(got)
+        held.append(got)
+
+    for kind, x, y in ops:
+        if kind == "offer":
+            batch = [
+                Event(
+                    event_id=f"evt-{serial + n:06d}",
+                    recipient_id=RECIPIENTS[(y + n) % len(RECIPIENTS)],
+                    name="SIGNUP",
+                    account=ACCOUNTS[x % len(ACCOUNTS)],
+                )
+                for n in range(1 + y % 2)
+            ]
+            serial += len(batch)
+            fits = len(batch) <= queue.free
+            assert queue.offer(batch) is fits
+            if fits:
+                accepted.extend(batch)
+        elif kind == "get":
+            tasks.append(asyncio.create_task(take(ACCOUNTS[x % len(ACCOUNTS)])))
+        elif kind == "done" and held:
+            finished = held.pop(x % len(held))
+            queue.done(finished)
+            done_ids.add(finished.event_id)
+        elif kind == "cancel":
+            pending = [t for t in tasks if not t.done()]
+            if pending:
+                pending[x % len(pending)].cancel()
+        elif kind == "toggle" and toggles:
+            queue.set_ordered(not queue.ordered)
+        if y >= 8:
+            await settle()
+        assert len(queue) + queue.in_delivery == len(accepted) - len(done_ids)
+        assert sum(queue.depth(name) for name in ACCOUNTS) == len(queue)
+        assert queue.free == max(0, max_events - len(queue) - queue.in_delivery)
+
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    in_delivery = queue.in_delivery
+    remaining = queue.take_all()
+    assert (len(queue), queue.in_delivery, queue.accounts()) == (0, 0, set())
+
+    # Every event handed out at most once, and each accepted event ends up exactly once either
+    # done or given back by take_all (in delivery first: exactly those still held).
+    assert all(n == 1 for n in Counter(ids(handed)).values())
+    assert all(n == 1 for n in Counter(ids(remaining)).values())
+    assert set(ids(handed)) <= set(ids(accepted))
+    assert done_ids | set(ids(remaining)) == set(ids(accepted))
+    assert not done_ids & set(ids(remaining))
+    assert set(ids(remaining[:in_delivery])) == {e.event_id for e in held}
+    if checks:
+        for account in ACCOUNTS:
+            for recipient in RECIPIENTS:
+                mine = [
+                    e.event_id
+                    for e in accepted
+                    if (e.account, e.recipient_id) == (account, recipient)
+                ]
+                out = [
+                    e.event_id
+                    for e in handed
+                    if (e.account, e.recipient_id) == (account, recipient)
+                ]
+                assert out == mine[: len(out)], (account, recipient)
+
+
+@settings(max_examples=300, deadline=None, database=None, derandomize=True)
+@given(ops=OPS, ordered=st.booleans(), max_events=st.integers(1, 12))
+def test_random_interleavings_hand_out_each_event_once_in_order(
+    ops: list[tuple[str, int, int]], ordered: bool, max_events: int
+) -> None:
+    asyncio.run(run_ops(ops, ordered=ordered, max_events=max_events, toggles=False))
+
+
+@settings(max_examples=200, deadline=None, database=None, derandomize=True)
+@given(ops=OPS, ordered=st.booleans(), max_events=st.integers(1, 12))
+def test_random_interleavings_with_mode_switches_lose_nothing(
+    ops: list[tuple[str, int, int]], ordered: bool, max_events: int
+) -> None:
+    asyncio.run(run_ops(ops, ordered=ordered, max_events=max_events, toggles=True))
 
 
 def test_pending_round_trip_appends_and_keeps_damaged_lines(tmp_path: Path) -> None:

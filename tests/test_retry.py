@@ -55,13 +55,26 @@ async def test_permanent_and_auth_are_not_retried() -> None:
 
 async def test_server_hint_is_a_floor() -> None:
     clock = Clock()
-    answers = [Result(Verdict.RETRY, 429, retry_after=7.0), Result(Verdict.DELIVERED, 200)]
+    answers = [Result(Verdict.RETRY, 503, retry_after=7.0), Result(Verdict.DELIVERED, 200)]
 
     async def attempt() -> Result:
         return answers.pop(0)
 
     await build_retrying(RetryConfig(initial_backoff_s=0.1), sleep=clock.sleep)(attempt)
     assert clock.sleeps == [7.0]
+
+
+async def test_a_429_is_retried_without_backoff_the_rate_limiter_holds_it() -> None:
+    clock = Clock()
+    answers = [Result(Verdict.RETRY, 429, retry_after=30.0), Result(Verdict.DELIVERED, 200)]
+
+    async def attempt() -> Result:
+        return answers.pop(0)
+
+    result: Result = await build_retrying(RetryConfig(), sleep=clock.sleep)(attempt)
+    assert result.verdict is Verdict.DELIVERED
+    # No per-request wait: the account's gate in the rate limiter makes the next attempt wait.
+    assert clock.sleeps == [0.0]
 
 
 async def test_gives_up_before_an_attempt_past_max_elapsed() -> None:
@@ -71,12 +84,12 @@ async def test_gives_up_before_an_attempt_past_max_elapsed() -> None:
     async def attempt() -> Result:
         nonlocal calls
         calls += 1
-        return Result(Verdict.RETRY, 429, retry_after=10.0)
+        return Result(Verdict.RETRY, 503, retry_after=10.0)
 
     # The first wait (10 s) would already pass max_elapsed_s: give up with the last result.
     policy = RetryConfig(initial_backoff_s=0.1, max_backoff_s=1.0, max_elapsed_s=5.0)
     result: Result = await build_retrying(policy, sleep=clock.sleep)(attempt)
     assert result.verdict is Verdict.RETRY
-    assert result.status == 429
+    assert result.status == 503
     assert calls == 1
     assert clock.sleeps == []

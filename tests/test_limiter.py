@@ -1,0 +1,828 @@
+"""The flow-control state machines of `forwarder/limiter.py`, driven by a fake clock.
+
+No test sleeps: time is a number the test advances. Besides unit tests of each rule, two
+simulations drive the limiters against models of a remote: a fixed-window rate limiter like
+`forwarder mock-remote`'s, and a server whose latency grows past a concurrency knee.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import math
+import random
+from dataclasses import dataclass, field
+
+import pytest
+
+from forwarder.limiter import (
+    DEFAULT_429_WAIT_S,
+    BreakerState,
+    CircuitBreaker,
+    ConcurrencyController,
+    RateLimiter,
+    Ticket,
+)
+
+
+class FakeClock:
+    """Monotonic seconds that only move when a test says so."""
+
+    def __init__(self, now: float = 1000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        assert seconds >= 0
+        self.now += seconds
+
+
+def take(limiter: RateLimiter) -> Ticket:
+    reserved = limiter.reserve()
+    assert isinstance(reserved, Ticket), f"expected a ticket, got a wait of {reserved}s"
+    return reserved
+
+
+def wait_of(limiter: RateLimiter) -> float:
+    reserved = limiter.reserve()
+    assert not isinstance(reserved, Ticket), "expected a wait, got a ticket"
+    assert reserved > 0
+    return reserved
+
+
+def take_waiting(limiter: RateLimiter, clock: FakeClock) -> Ticket:
+    """Like a lane: wait as long as told until a ticket comes."""
+    for _ in range(1000):
+        reserved = limiter.reserve()
+        if isinstance(reserved, Ticket):
+            return reserved
+        clock.advance(reserved)
+    raise AssertionError("no ticket after 1000 waits")
+
+
+# --- RateLimiter: pacing ------------------------------------------------------------------------
+
+
+def test_a_new_limiter_starts_from_per_minute() -> None:
+    clock = FakeClock()
+    limiter = RateLimiter(600, clock=clock)
+    assert limiter.limit == 600
+    assert limiter.window_s == 60.0
+    assert limiter.rate == pytest.approx(10.0)
+    assert limiter.capacity == pytest.approx(10.0)
+    assert limiter.remaining == 600
+    assert limiter.tokens == pytest.approx(1.0)
+    assert limiter.gate_until == 0.0
+    assert limiter.rate_limited == 0
+
+
+def test_the_bucket_holds_at_least_one_token() -> None:
+    limiter = RateLimiter(30, clock=FakeClock())
+    assert limiter.rate == pytest.approx(0.5)
+    assert limiter.capacity == 1.0
+
+
+@pytest.mark.parametrize("start", [0.0, 1000.0, 1_000_000.0])
+@pytest.mark.parametrize("per_minute", [7, 600, 6000, 60000])
+def test_waiting_exactly_as_long_as_told_then_succeeds(start: float, per_minute: int) -> None:
+    # Float rounding of `now + wait` must not leave the waiter a hair short of a whole token.
+    clock = FakeClock(start)
+    limiter = RateLimiter(per_minute, clock=clock)
+    take(limiter)
+    for _ in range(200):
+        wait = wait_of(limiter)
+        assert wait == pytest.approx(1 / limiter.rate, rel=1e-3)
+        clock.advance(wait)
+        take(limiter)
+
+
+def test_tokens_refill_at_the_rate_up_to_the_capacity() -> None:
+    clock = FakeClock()
+    limiter = RateLimiter(600, clock=clock)  # 10 per second
+    take(limiter)
+    assert limiter.tokens == pytest.approx(0.0)
+    clock.advance(0.35)
+    assert limiter.tokens == pytest.approx(3.5)
+    clock.advance(100.0)
+    assert limiter.tokens == pytest.approx(limiter.capacity)
+    for _ in range(10):  # a second's worth goes at once ...
+        take(limiter)
+    assert wait_of(limiter) == pytest.approx(0.1, abs=1e-5)  # ... then the pace holds
+
+
+def test_never_more_than_the_quota_in_one_window_even_with_tokens_to_spare() -> None:
+    clock = FakeClock()
+    limiter = RateLimiter(6000, clock=clock)
+    first = take(limiter)
+    window_end = clock.now + 2.0
+    limiter.observe(first, limit=20, remaining=19, reset_s=2)  # 20 per 2 s: 10 per second
+    assert limiter.rate == pytest.approx(10.0)
+    clock.advance(1.0)  # the bucket fills: 10 tokens, and 10 more come before the window ends
+    tickets = [first]
+    while True:
+        reserved = limiter.reserve()
+        if isinstance(reserved, Ticket):
+            if reserved.epoch != first.epoch:
+                break
+            tickets.append(reserved)
+            continue
+        if len(tickets) == 20:
+            # The quota holds, not the bucket: the wait runs to the window's end.
+            assert limiter.tokens >= 1.0
+            assert clock.now + reserved == pytest.approx(window_end, abs=1e-5)
+        clock.advance(reserved)
+    assert len(tickets) == 20
+    assert clock.now >= window_end
+    # A new window, with the full quota (less the ticket just taken).
+    assert limiter.remaining == 19
+
+
+# --- RateLimiter: corrections from the headers ---------------------------------------------------
+
+
+def test_a_smaller_limit_header_lowers_the_quota() -> None:
+    clock = FakeClock()
+    limiter = RateLimiter(600, clock=clock)
+    ticket = take(limiter)
+    limiter.observe(ticket, limit=5)
+    assert limiter.limit == 5
+    assert limiter.remaining == 4
+    for _ in range(4):
+        take_waiting(limiter, clock)
+    assert limiter.remaining == 0
+    assert wait_of(limiter) > 50  # nothing more until the 60 s window ends
+
+
+def test_remaining_below_our_own_count_means_another_client_uses_the_key() -> None:
+    clock = FakeClock()
+    limiter = RateLimiter(600, clock=clock)
+    tickets = [take_waiting(limiter, clock) for _ in range(3)]
+    assert limiter.remaining == 597
+    # The server counted 10 requests in this window; we sent 3 of them.
+    limiter.observe(tickets[-1], limit=600, remaining=590)
+    assert limiter.remaining == 590
+    take_waiting(limiter, clock)
+    assert limiter.remaining == 589
+    # An older answer (it left before some of ours) does not give the quota back.
+    limiter.observe(tickets[0], limit=600, remaining=598)
+    assert limiter.remaining == 589
+
+
+def test_the_window_length_is_the_longest_reset_seen() -> None:
+    clock = FakeClock()
+    limiter = RateLimiter(6000, clock=clock)  # configured as 6000 per 60 s
+    ticket = take(limiter)
+    limiter.observe(ticket, limit=600, remaining=599, reset_s=6)
+    assert limiter.window_s == 6.0
+    assert limiter.limit == 600
+    assert limiter.rate == pytest.approx(100.0)
+    assert limiter.capacity == pytest.approx(100.0)
+    clock.advance(3.0)
+    ticket = take(limiter)
+    limiter.observe(ticket, limit=600, remaining=598, reset_s=3)  # later in the same window
+    assert limiter.window_s == 6.0
+
+
+def test_the_window_end_is_the_lowest_estimate_within_a_window() -> None:
+    clock = FakeClock()
+    start = clock.now
+    limiter = RateLimiter(6000, clock=clock)
+    ticket = take(limiter)
+    limiter.observe(ticket, limit=600, remaining=599, reset_s=6)  # ends by start + 6
+    clock.advance(0.4)
+    ticket = take(limiter)
+    limiter.observe(ticket, limit=600, remaining=598, reset_s=6)  # says start + 6.4: later
+    clock.advance(0.3)
+    ticket = take(limiter)
+    # Reset is rounded up: 5 here means the window really ends by start + 5.7.
+    limiter.observe(ticket, limit=600, remaining=0, reset_s=5)
+    assert limiter.remaining == 0
+    assert clock.now + wait_of(limiter) == pytest.approx(start + 5.7, abs=1e-5)
+    clock.advance(wait_of(limiter))
+    fresh = take(limiter)
+    assert fresh.epoch == ticket.epoch + 1
+    assert limiter.remaining == 599
+
+
+def test_a_later_end_means_the_server_started_a_window_we_did_not_see() -> None:
+    clock = FakeClock()
+    limiter = RateLimiter(6000, clock=clock)
+    ticket = take(limiter)
+    limiter.observe(ticket, limit=600, remaining=599, reset_s=6)
+    clock.advance(5.5)
+    ticket = take(limiter)
+    limiter.observe(ticket, limit=600, reset_s=6)  # ends 5.5 s later than we thought
+    later = take(limiter)
+    assert later.epoch == ticket.epoch + 1
+    assert limiter.remaining == 599
+
+
+def test_an_answer_from_an_old_window_does_not_corrupt_the_new_one() -> None:
+    clock = FakeClock()
+    limiter = RateLimiter(6000, clock=clock)
+    first = take(limiter)
+    limiter.observe(first, limit=600, remaining=599, reset_s=6)
+    clock.advance(1.0)
+    straggler = take(limiter)
+    clock.advance(5.5)  # past the window's end
+    current = take(limiter)
+    assert current.epoch == straggler.epoch + 1
+    assert limiter.remaining == 599
+    # The straggler's late answer speaks of the old window: full, ending in a second.
+    limiter.observe(straggler, limit=600, remaining=0, reset_s=1)
+    assert limiter.remaining == 599
+    assert isinstance(limiter.reserve(), Ticket)
+    # The new window's end is still a whole window from its start, not a second from now.
+    limiter.observe(current, limit=600, remaining=0)
+    assert wait_of(limiter) == pytest.approx(6.0, abs=1e-5)
+
+
+# --- RateLimiter: 429 ---------------------------------------------------------------------------
+
+
+def test_a_429_closes_the_gate_for_everybody_until_the_reset() -> None:
+    clock = FakeClock()
+    limiter = RateLimiter(600, clock=clock)
+    ticket = take(limiter)
+    limiter.observe(ticket, limit=600, remaining=0, reset_s=5, rate_limited=True)
+    assert limiter.rate_limited == 1
+    assert limiter.gate_until == pytest.approx(clock.now + 5)
+    assert limiter.remaining == 0
+    assert wait_of(limiter) == pytest.approx(5.0, abs=1e-5)
+    assert wait_of(limiter) == pytest.approx(5.0, abs=1e-5)  # every caller, not just one
+    clock.advance(2.0)
+    assert wait_of(limiter) == pytest.approx(3.0, abs=1e-5)
+    clock.advance(wait_of(limiter))
+    # After the gate: a whole new window with the full quota.
+    after = take(limiter)
+    assert after.epoch > ticket.epoch
+    assert limiter.remaining == 599
+
+
+@pytest.mark.parametrize(
+    ("reset_s", "retry_after", "expected"),
+    [
+        (5, 8.0, 8.0),  # a longer Retry-After wins
+        (5, 2.0, 5.0),  # ... a shorter one does not
+        (None, 3.0, 3.0),
+        (None, None, DEFAULT_429_WAIT_S),  # no hint at all
+    ],
+)
+def test_a_429_waits_for_the_longest_hint(
+    reset_s: int | None, retry_after: float | None, expected: float
+) -> None:
+    clock = FakeClock()
+    limiter = RateLimiter(600, clock=clock)
+    ticket = take(limiter)
+    limiter.observe(ticket, reset_s=reset_s, retry_after=retry_after, rate_limited=True)
+    assert wait_of(limiter) == pytest.approx(expected, abs=1e-5)
+    clock.advance(wait_of(limiter))
+    take(limiter)
+
+
+def test_429s_are_counted_and_the_gate_never_shrinks() -> None:
+    clock = FakeClock()
+    limiter = RateLimiter(600, clock=clock)
+    first, second = take(limiter), take_waiting(limiter, clock)
+    limiter.observe(first, reset_s=5, rate_limited=True)
+    gate = limiter.gate_until
+    limiter.observe(second, reset_s=1, rate_limited=True)
+    assert limiter.rate_limited == 2
+    assert limiter.gate_until == gate
+
+
+# --- RateLimiter: reload ------------------------------------------------------------------------
+
+
+def test_set_per_minute_applies_the_configured_quota_to_the_learned_window() -> None:
+    clock = FakeClock()
+    limiter = RateLimiter(600, clock=clock)
+    limiter.set_per_minute(1200)
+    assert limiter.limit == 1200
+    assert limiter.rate == pytest.approx(20.0)
+    ticket = take(limiter)
+    limiter.observe(ticket, limit=60, remaining=59, reset_s=6)
+    limiter.set_per_minute(1200)
+    assert limiter.limit == 120  # per 6 s window
+    assert limiter.rate == pytest.approx(20.0)
+    limiter.set_per_minute(1)
+    assert limiter.limit == 1  # never zero
+    # Headers still correct a reloaded quota.
+    limiter.observe(ticket, limit=60)
+    assert limiter.limit == 60
+
+
+# --- RateLimiter: simulation against a fixed-window server ---------------------------------------
+
+
+@dataclass
+class Answer:
+    ok: bool
+    limit: int
+    remaining: int
+    reset_s: int
+
+
+@dataclass
+class WindowTally:
+    started: float
+    delivered: int = 0
+    rate_limited: int = 0
+
+
+@dataclass
+class FixedWindowServer:
+    """The mock remote's rate limit (`MockRemote._window`, `_rate_headers`).
+
+    Fixed windows of `quota` requests per `window_s`; a window starts with the first request after
+    the previous one expired; every request counts, 429s included. Reset is whole seconds until
+    the window ends, rounded up.
+    """
+
+    quota: int
+    window_s: float
+    windows: list[WindowTally] = field(default_factory=list)
+    _started: float = -math.inf
+    _count: int = 0
+
+    def hit(self, now: float) -> Answer:
+        if now - self._started >= self.window_s:
+            self._started, self._count = now, 0
+            self.windows.append(WindowTally(now))
+        self._count += 1
+        ok = self._count <= self.quota
+        if ok:
+            self.windows[-1].delivered += 1
+        else:
+            self.windows[-1].rate_limited += 1
+        longest = math.ceil(self.window_s)
+        reset = math.ceil(self.window_s - (now - self._started))
+        return Answer(ok, self.quota, max(0, self.quota - self._count), min(longest, max(0, reset)))
+
+
+def simulate_rate(
+    per_minute: int,
+    *,
+    windows: int = 20,
+    quota: int = 600,
+    window_s: float = 6.0,
+    latency_s: float = 0.005,
+    concurrency: int = 8,
+) -> FixedWindowServer:
+    """A client with an endless backlog: reserve, send, observe the answer `latency_s` later.
+
+    Up to `concurrency` requests are in flight; the server sees each halfway through its round
+    trip. The fake clock jumps from one event to the next for `windows` * `window_s` seconds.
+    """
+    clock = FakeClock()
+    limiter = RateLimiter(per_minute, clock=clock)
+    server = FixedWindowServer(quota, window_s)
+    end = clock.now + windows * window_s
+    in_flight: list[tuple[float, int, Ticket, Answer]] = []  # by time of answer
+    sent = 0
+    next_try = clock.now
+    for _ in range(1_000_000):
+        if clock.now >= end:
+            return server
+        while in_flight and in_flight[0][0] <= clock.now:
+            _, _, ticket, answer = heapq.heappop(in_flight)
+            limiter.observe(
+                ticket,
+                limit=answer.limit,
+                remaining=answer.remaining,
+                reset_s=answer.reset_s,
+                rate_limited=not answer.ok,
+            )
+        if len(in_flight) < concurrency and clock.now >= next_try:
+            reserved = limiter.reserve()
+            if isinstance(reserved, Ticket):
+                sent += 1
+                answer = server.hit(clock.now + latency_s / 2)
+                heapq.heappush(in_flight, (clock.now + latency_s, sent, reserved, answer))
+                continue
+            next_try = clock.now + reserved
+        due = [end]
+        if in_flight:
+            due.append(in_flight[0][0])
+        if len(in_flight) < concurrency:
+            due.append(next_try)
+        clock.advance(max(0.0, min(due) - clock.now))
+    raise AssertionError("the simulation made no progress")
+
+
+@pytest.mark.parametrize("concurrency", [1, 8])
+def test_simulation_a_well_configured_limiter_uses_the_whole_quota(concurrency: int) -> None:
+    windows, quota = 20, 600
+    server = simulate_rate(6000, windows=windows, quota=quota, concurrency=concurrency)
+    delivered = sum(w.delivered for w in server.windows)
+    assert [w.rate_limited for w in server.windows] == [0] * len(server.windows)
+    assert delivered >= 0.99 * quota * windows
+
+
+def test_simulation_a_limiter_configured_too_high_is_corrected_at_once() -> None:
+    windows, quota = 20, 600
+    server = simulate_rate(60000, windows=windows, quota=quota)
+    assert server.windows[0].rate_limited <= 5
+    assert [w.rate_limited for w in server.windows[1:]] == [0] * (len(server.windows) - 1)
+    assert sum(w.delivered for w in server.windows) >= 0.99 * quota * windows
+
+
+def test_simulation_a_limiter_configured_too_low_is_corrected() -> None:
+    windows, quota = 20, 600
+    server = simulate_rate(60, windows=windows, quota=quota)
+    assert sum(w.rate_limited for w in server.windows) == 0
+    assert sum(w.delivered for w in server.windows[2:]) >= 0.99 * quota * (windows - 2)
+
+
+def test_simulation_with_a_longer_round_trip_still_no_429() -> None:
+    # 50 ms round trips: the window end is learned 25 ms late, so every window starts a bit late.
+    windows, quota = 20, 600
+    server = simulate_rate(6000, windows=windows, quota=quota, latency_s=0.05)
+    assert sum(w.rate_limited for w in server.windows) == 0
+    assert sum(w.delivered for w in server.windows) >= 0.98 * quota * windows
+
+
+# --- ConcurrencyController ----------------------------------------------------------------------
+
+
+def window(
+    controller: ConcurrencyController,
+    clock: FakeClock,
+    *,
+    requests: int | None = None,
+    rtt: float = 0.1,
+    backpressure: bool = False,
+) -> int:
+    """One window: `requests` (default: the limit) go out together and come back after `rtt`.
+
+    The clock moves a little more than `rtt`, so every batch ends a window. Returns the limit.
+    """
+    count = controller.limit if requests is None else requests
+    for _ in range(count):
+        controller.request_started()
+    clock.advance(rtt * 1.01)
+    for _ in range(count):
+        controller.request_finished(rtt, backpressure=backpressure)
+    return controller.limit
+
+
+def test_a_fixed_concurrency_stays_fixed() -> None:
+    clock = FakeClock()
+    controller = ConcurrencyController(minimum=1, maximum=50, fixed=5, clock=clock)
+    assert not controller.adaptive
+    assert controller.limit == 5
+    assert [window(controller, clock) for _ in range(5)] == [5] * 5
+    assert window(controller, clock, backpressure=True) == 5
+    assert window(controller, clock, rtt=1.0) == 5
+
+
+def test_adaptive_starts_at_the_minimum_and_grows_one_per_window_at_the_limit() -> None:
+    clock = FakeClock()
+    controller = ConcurrencyController(minimum=2, maximum=50, clock=clock)
+    assert controller.adaptive
+    assert controller.limit == 2
+    assert [window(controller, clock) for _ in range(5)] == [3, 4, 5, 6, 7]
+    assert controller.past_rtt == pytest.approx(0.1)
+    assert controller.sending == 0
+
+
+def test_no_growth_when_the_limit_was_not_reached() -> None:
+    clock = FakeClock()
+    controller = ConcurrencyController(minimum=4, maximum=50, clock=clock)
+    assert [window(controller, clock, requests=3) for _ in range(5)] == [4] * 5
+
+
+def test_growth_stops_at_the_maximum() -> None:
+    clock = FakeClock()
+    controller = ConcurrencyController(minimum=1, maximum=3, clock=clock)
+    assert [window(controller, clock) for _ in range(5)] == [2, 3, 3, 3, 3]
+
+
+def test_backpressure_halves_the_limit_down_to_the_minimum() -> None:
+    clock = FakeClock()
+    controller = ConcurrencyController(minimum=3, maximum=50, clock=clock)
+    for _ in range(17):
+        window(controller, clock)
+    assert controller.limit == 20
+    assert [window(controller, clock, backpressure=True) for _ in range(4)] == [10, 5, 3, 3]
+
+
+def test_a_latency_jump_cuts_by_a_tenth() -> None:
+    clock = FakeClock()
+    controller = ConcurrencyController(minimum=1, maximum=50, clock=clock)
+    for _ in range(19):
+        window(controller, clock)
+    assert controller.limit == 20
+    limit = window(controller, clock, rtt=0.2)
+    assert limit == math.floor(20 * ConcurrencyController.LATENCY_DECREASE)
+
+
+def test_a_slow_latency_rise_stops_growth_without_a_jump() -> None:
+    # Each step adds 2% latency: never a jump, but requests queue; past 10% the limit holds.
+    clock = FakeClock()
+    controller = ConcurrencyController(minimum=10, maximum=50, clock=clock)
+    limits = [window(controller, clock, rtt=0.1 * 1.02 ** (n - 10)) for n in range(10, 30)]
+    assert limits[:5] == [11, 12, 13, 14, 15]
+    assert max(limits) <= 16
+    assert limits[-1] == limits[-2]
+
+
+def test_configure_clamps_the_limit() -> None:
+    clock = FakeClock()
+    controller = ConcurrencyController(minimum=1, maximum=50, clock=clock)
+    for _ in range(19):
+        window(controller, clock)
+    assert controller.limit == 20
+    controller.configure(minimum=1, maximum=10, fixed=0)
+    assert controller.limit == 10
+    controller.configure(minimum=15, maximum=30, fixed=0)
+    assert controller.limit == 15
+    controller.configure(minimum=1, maximum=30, fixed=7)
+    assert (controller.limit, controller.adaptive) == (7, False)
+    controller.configure(minimum=1, maximum=30, fixed=0)
+    assert (controller.limit, controller.adaptive) == (7, True)
+
+
+async def settle() -> None:
+    """Let woken tasks run (no time passes)."""
+    for _ in range(5):
+        await asyncio.sleep(0)
+
+
+async def test_slots_are_handed_out_first_come_first_served() -> None:
+    controller = ConcurrencyController(minimum=1, maximum=10, fixed=1)
+    await controller.acquire()
+    order: list[int] = []
+
+    async def worker(n: int) -> None:
+        await controller.acquire()
+        order.append(n)
+
+    tasks = [asyncio.create_task(worker(n)) for n in range(3)]
+    await settle()
+    assert order == []
+    for expected in ([0], [0, 1], [0, 1, 2]):
+        controller.release()
+        await settle()
+        assert order == expected
+    assert controller.in_use == 1
+    await asyncio.gather(*tasks)
+
+
+async def test_a_freed_slot_goes_to_a_waiter_not_to_a_newcomer() -> None:
+    controller = ConcurrencyController(minimum=1, maximum=10, fixed=1)
+    await controller.acquire()
+    waiter = asyncio.create_task(controller.acquire())
+    await settle()
+    controller.release()
+    newcomer = asyncio.create_task(controller.acquire())
+    await settle()
+    assert waiter.done()
+    assert not newcomer.done()
+    controller.release()
+    await settle()
+    assert newcomer.done()
+
+
+async def test_waiters_are_woken_when_the_limit_grows() -> None:
+    clock = FakeClock()
+    controller = ConcurrencyController(minimum=1, maximum=10, clock=clock)
+    await controller.acquire()
+    waiter = asyncio.create_task(controller.acquire())
+    await settle()
+    assert not waiter.done()
+    controller.request_started()  # the slot holder sends: the limit is reached
+    clock.advance(0.1)
+    controller.request_finished(0.1, backpressure=False)  # ends a window: the limit grows
+    assert controller.limit == 2
+    await settle()
+    assert waiter.done()
+    assert controller.in_use == 2
+
+
+async def test_waiters_are_woken_when_configure_raises_the_limit() -> None:
+    controller = ConcurrencyController(minimum=1, maximum=10, fixed=1)
+    await controller.acquire()
+    waiter = asyncio.create_task(controller.acquire())
+    await settle()
+    controller.configure(minimum=1, maximum=10, fixed=2)
+    await settle()
+    assert waiter.done()
+
+
+async def test_a_cancelled_waiter_takes_no_slot() -> None:
+    controller = ConcurrencyController(minimum=1, maximum=10, fixed=1)
+    await controller.acquire()
+    waiter = asyncio.create_task(controller.acquire())
+    await settle()
+    waiter.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiter
+    controller.release()
+    assert controller.in_use == 0
+    await controller.acquire()  # the slot is free for the next one
+    assert controller.in_use == 1
+
+
+async def test_a_waiter_cancelled_as_a_slot_is_released_ends_cancelled() -> None:
+    # Cancelled first, then the release runs before the waiter does: it must not fail.
+    controller = ConcurrencyController(minimum=1, maximum=10, fixed=1)
+    await controller.acquire()
+    waiter = asyncio.create_task(controller.acquire())
+    await settle()
+    waiter.cancel()
+    controller.release()
+    with pytest.raises(asyncio.CancelledError):
+        await waiter
+    assert controller.in_use == 0
+
+
+async def test_a_waiter_cancelled_after_the_handover_passes_the_slot_on() -> None:
+    controller = ConcurrencyController(minimum=1, maximum=10, fixed=1)
+    await controller.acquire()
+    first = asyncio.create_task(controller.acquire())
+    second = asyncio.create_task(controller.acquire())
+    await settle()
+    controller.release()  # hands the slot to `first` ...
+    first.cancel()  # ... which is cancelled before it runs
+    with pytest.raises(asyncio.CancelledError):
+        await first
+    await settle()
+    assert second.done()
+    assert controller.in_use == 1
+    controller.release()
+    assert controller.in_use == 0
+
+
+# --- ConcurrencyController: simulation against a server with a knee ------------------------------
+
+
+def simulate_concurrency(
+    *,
+    fixed: int = 0,
+    duration_s: float = 60.0,
+    knee: int = 40,
+    base_s: float = 0.1,
+    jitter: float = 0.0,
+) -> tuple[float, list[tuple[float, int]]]:
+    """A client with an endless backlog against a server whose latency is `base_s` up to `knee`
+    requests in flight and grows linearly beyond (so throughput stops growing at the knee).
+
+    Returns the throughput (requests per second) and the limit after every answer.
+    """
+    rng = random.Random(7)
+    clock = FakeClock()
+    start = clock.now
+    controller = ConcurrencyController(minimum=1, maximum=200, fixed=fixed, clock=clock)
+    in_flight: list[tuple[float, int, float]] = []
+    sent = done = 0
+    limits: list[tuple[float, int]] = []
+    while True:
+        while controller.sending < controller.limit:
+            controller.request_started()
+            latency = base_s * max(1.0, controller.sending / knee)
+            latency *= 1 + rng.uniform(-jitter, jitter)
+            sent += 1
+            heapq.heappush(in_flight, (clock.now + latency, sent, latency))
+        answer_at, _, latency = heapq.heappop(in_flight)
+        if answer_at > start + duration_s:
+            return done / duration_s, limits
+        clock.advance(answer_at - clock.now)
+        controller.request_finished(latency, backpressure=False)
+        done += 1
+        limits.append((clock.now - start, controller.limit))
+
+
+@pytest.mark.parametrize("jitter", [0.0, 0.2])
+def test_simulation_adaptive_concurrency_settles_at_the_knee(jitter: float) -> None:
+    best_fixed = max(simulate_concurrency(fixed=n, duration_s=20.0)[0] for n in (20, 40, 60, 80))
+    throughput, limits = simulate_concurrency(duration_s=60.0, jitter=jitter)
+    settled = [limit for at, limit in limits if at >= 20.0]
+    assert 30 <= min(settled)
+    assert max(settled) <= 60
+    assert throughput >= 0.9 * best_fixed
+
+
+# --- CircuitBreaker -----------------------------------------------------------------------------
+
+
+def make_breaker(clock: FakeClock, *, failures: int = 3) -> CircuitBreaker:
+    return CircuitBreaker(failures=failures, probe_initial_s=1.0, probe_max_s=5.0, clock=clock)
+
+
+def open_breaker(breaker: CircuitBreaker) -> None:
+    for _ in range(breaker.threshold - 1):
+        assert breaker.failure("boom") is False
+    assert breaker.failure("boom") is True
+
+
+def test_the_breaker_opens_after_consecutive_failures() -> None:
+    clock = FakeClock()
+    breaker = make_breaker(clock)
+    assert breaker.permit() is True
+    breaker.failure("a")
+    breaker.failure("b")
+    assert breaker.success() is False  # closed already: nothing to report
+    assert breaker.consecutive == 0
+    breaker.failure("c")
+    breaker.failure("d")
+    assert not breaker.is_open
+    assert breaker.failure("e") is True
+    assert breaker.state is BreakerState.OPEN
+    assert breaker.is_open
+    assert breaker.opened == 1
+    assert breaker.opened_at == clock.now
+    assert breaker.last_error == "e"
+
+
+def test_an_open_breaker_lets_exactly_one_probe_through_after_the_interval() -> None:
+    clock = FakeClock()
+    breaker = make_breaker(clock)
+    open_breaker(breaker)
+    assert breaker.permit() == pytest.approx(1.0)
+    clock.advance(0.4)
+    assert breaker.permit() == pytest.approx(0.6)
+    clock.advance(0.6)
+    assert breaker.permit() is True  # the probe
+    assert breaker.state is BreakerState.HALF_OPEN
+    other = breaker.permit()
+    assert other is not True
+    assert other > 0
+    clock.advance(10.0)
+    assert breaker.permit() is not True  # still only the one probe
+
+
+def test_a_successful_probe_closes_the_breaker() -> None:
+    clock = FakeClock()
+    breaker = make_breaker(clock)
+    open_breaker(breaker)
+    clock.advance(1.0)
+    assert breaker.permit() is True
+    assert breaker.success() is True
+    assert breaker.state is BreakerState.CLOSED
+    assert breaker.success() is False  # reported once
+    assert breaker.permit() is True
+    assert breaker.interval_s == 1.0
+
+
+def test_a_failed_probe_reopens_with_a_doubled_interval_up_to_the_maximum() -> None:
+    clock = FakeClock()
+    breaker = make_breaker(clock)
+    open_breaker(breaker)
+    intervals = []
+    for _ in range(5):
+        clock.advance(breaker.interval_s)
+        assert breaker.permit() is True
+        assert breaker.failure("still down", probe=True) is True
+        assert breaker.state is BreakerState.OPEN
+        intervals.append(breaker.interval_s)
+        assert breaker.permit() == pytest.approx(breaker.interval_s)
+    assert intervals == [2.0, 4.0, 5.0, 5.0, 5.0]
+    assert breaker.opened == 1  # reopening is not opening
+
+
+def test_an_abandoned_probe_lets_another_attempt_probe() -> None:
+    clock = FakeClock()
+    breaker = make_breaker(clock)
+    open_breaker(breaker)
+    clock.advance(1.0)
+    assert breaker.permit() is True
+    assert breaker.permit() is not True
+    breaker.abandon()
+    assert breaker.permit() is True
+    assert breaker.permit() is not True
+
+
+def test_failures_of_other_requests_change_nothing_while_open() -> None:
+    clock = FakeClock()
+    breaker = make_breaker(clock)
+    open_breaker(breaker)
+    # Requests sent before the breaker opened come back failed: no reopening, same interval.
+    assert breaker.failure("late") is False
+    clock.advance(1.0)
+    assert breaker.permit() is True
+    assert breaker.failure("late too") is False  # not the probe
+    assert breaker.state is BreakerState.HALF_OPEN
+    assert breaker.interval_s == 1.0
+    assert breaker.permit() is not True  # the probe is still out
+    assert breaker.success() is True
+
+
+def test_configure_applies_new_settings_and_an_open_breaker_stays_open() -> None:
+    clock = FakeClock()
+    breaker = make_breaker(clock)
+    open_breaker(breaker)
+    breaker.configure(failures=1, probe_initial_s=2.0, probe_max_s=3.0)
+    assert breaker.is_open
+    assert breaker.interval_s == 2.0  # clamped into the new bounds
+    clock.advance(1.0)
+    assert breaker.permit() is True  # the retry time set when it opened still holds
+    assert breaker.failure("x", probe=True) is True
+    assert breaker.interval_s == 3.0
+    clock.advance(3.0)
+    assert breaker.permit() is True
+    assert breaker.success() is True
+    assert breaker.interval_s == 2.0
+    assert breaker.failure("once") is True  # the new threshold: one failure opens it
