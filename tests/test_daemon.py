@@ -12,8 +12,17 @@ import aiohttp
 import pytest
 import structlog
 
-from forwarder.accounts import configured_accounts
-from forwarder.config import Config, IntakeConfig, RemoteConfig, ShutdownConfig, StateConfig
+from forwarder.accounts import Account, configured_accounts
+from forwarder.config import (
+    AccountConfig,
+    Config,
+    ConfigError,
+    IntakeConfig,
+    QueueConfig,
+    RemoteConfig,
+    ShutdownConfig,
+    StateConfig,
+)
 from forwarder.credentials import ApiKey, Secret
 from forwarder.daemon import Daemon
 from forwarder.events import Event
@@ -116,3 +125,68 @@ async def test_events_that_cannot_be_saved_go_to_the_journal(
     assert unsaved["count"] == 1
     assert unsaved["events"][0]["event_id"] == "evt-unsaved-01"
     assert "No space left" in unsaved["error"]
+
+
+async def test_reload_applies_what_it_can_and_refuses_a_bad_config(short_tmp: Path) -> None:
+    base = dataclasses.replace(
+        _config(short_tmp / "s"), remote=RemoteConfig(base_url="http://127.0.0.1:9/v1")
+    )
+    us = AccountConfig(
+        name="us", base_url="http://127.0.0.1:9/v1", api_key_env="X", rate_limit_per_minute=600
+    )
+    us_account = Account("us", us.base_url, Secret("us-key-0123456789"), 600, "env X")
+    assert us_account.per_minute == us.rate_limit_per_minute
+    answers: list[tuple[Config, dict[str, Account]] | ConfigError] = []
+
+    def loader() -> tuple[Config, dict[str, Account]]:
+        answer = answers.pop(0)
+        if isinstance(answer, ConfigError):
+            raise answer
+        return answer
+
+    daemon = Daemon(base, KEY, loader=loader)
+    task = await _run_until_ready(daemon)
+    try:
+        newer = dataclasses.replace(
+            base,
+            intake=dataclasses.replace(base.intake, http_listen="127.0.0.1:1", max_batch=7),
+            remote=dataclasses.replace(
+                base.remote, rate_limit_per_minute=120, max_concurrency=3, per_recipient_order=False
+            ),
+            queue=QueueConfig(max_events=50),
+            accounts={"us": us},
+        )
+        default_key = ApiKey(Secret("sk-daemon-test-0000"), "test")
+        us_key = ApiKey(us_account.key, us_account.key_source)
+        answers.append((newer, configured_accounts(newer, default_key, {"us": us_key})))
+        with structlog.testing.capture_logs() as logs:
+            assert await daemon.request_reload()
+        (line,) = [entry for entry in logs if entry["event"] == "reloaded"]
+        assert line["accounts_added"] == ["us"]
+        assert line["restart_needed"] == ["intake.http_listen"]
+        assert "remote.rate_limit_per_minute" in line["changed"]
+        lanes = daemon._dispatcher.lanes if daemon._dispatcher else {}
+        assert sorted(lanes) == ["default", "us"]
+        assert lanes["default"].limiter.limit == 120  # 120/minute over a 60 s window
+        assert lanes["default"].concurrency.maximum == 3
+        assert lanes["us"].limiter.limit == 600
+        assert daemon.queue.max_events == 50
+        assert not daemon.queue.ordered
+        assert daemon.config.intake.max_batch == 7
+        assert daemon.config.intake.http_listen == "127.0.0.1:0"  # kept: needs a restart
+
+        answers.append(ConfigError("remote.bogus: unknown key"))
+        with structlog.testing.capture_logs() as logs:
+            assert not await daemon.request_reload()
+        (refused,) = [entry for entry in logs if entry["event"] == "reload_refused"]
+        assert refused["error"] == "remote.bogus: unknown key"
+        assert daemon.config.remote.max_concurrency == 3  # the running config stays
+        assert daemon.reloads == 1
+
+        answers.append((base, KEY))  # "us" removed: its idle lane stops
+        assert await daemon.request_reload()
+        await asyncio.sleep(0)
+        assert sorted(lanes) == ["default"]
+    finally:
+        daemon.request_stop()
+        assert await asyncio.wait_for(task, 10) == 0
