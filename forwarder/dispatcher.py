@@ -356,6 +356,9 @@ class Lane:
         if result.transient_failure:
             if self.breaker.failure(result.error, probe=breaker_probe):
                 # Logged when it opens; a failed probe only says when the next one goes.
+                if not breaker_probe:
+                    # When the remote comes back, sending ramps up again from low.
+                    self.concurrency.restart()
                 line = log.warning if breaker_probe else log.error
                 line(
                     "breaker_probe_failed" if breaker_probe else "breaker_open",

@@ -164,7 +164,7 @@ class ConcurrencyController:
     In the spirit of Vector's adaptive request concurrency: time is cut into windows about one
     round trip long. After a window in which the limit was actually reached, latency held steady
     and nothing pushed back, the limit grows by one. Steady means within `QUEUE_TOLERANCE` of the
-    lowest window latency since the limit last went down: past the remote's capacity each step
+    lowest (smoothed) latency since the limit last went down: past the remote's capacity each step
     adds a little latency (requests queue), too little to count as a jump, and a moving average
     would follow that rise up to `maximum`. Timeouts, connection errors and 5xx halve the limit;
     a latency jump (beyond the long-run mean plus its deviation) cuts it by a tenth; either way
@@ -192,7 +192,8 @@ class ConcurrencyController:
         self.sending = 0
         self._waiters: deque[asyncio.Future[None]] = deque()
         self.past_rtt = 0.0
-        self.base_rtt = 0.0  # lowest window mean latency since the limit last went down
+        self.base_rtt = 0.0  # lowest smoothed latency since the limit last went down
+        self._level = 0.0  # that smoothed latency (an EWMA like `past_rtt`, reseeded on a cut)
         self._deviation = 0.0
         self._window_start = clock()
         self._rtt_sum = 0.0
@@ -275,9 +276,15 @@ class ConcurrencyController:
                 self.past_rtt = (1 - self.ALPHA) * self.past_rtt + self.ALPHA * mean
             else:
                 self.past_rtt = mean
-            # A window with errors says nothing about the latency of requests that succeed.
-            if not self._backpressure and (mean < self.base_rtt or not self.base_rtt):
-                self.base_rtt = mean
+            # The lowest of a smoothed latency (one lucky window must not set the bar), seeded
+            # afresh after a cut: from the window that caused it, at the latency of the moment;
+            # `past_rtt` would still be catching up from below. Errors say nothing of latency.
+            if not self._backpressure:
+                if self.base_rtt:
+                    self._level = (1 - self.ALPHA) * self._level + self.ALPHA * mean
+                    self.base_rtt = min(self.base_rtt, self._level)
+                else:
+                    self._level = self.base_rtt = mean
         self._window_start = now
         self._rtt_sum = 0.0
         self._rtt_count = 0
@@ -287,6 +294,11 @@ class ConcurrencyController:
     def _decrease(self, factor: float) -> None:
         self.limit = max(self.minimum, math.floor(self.limit * factor))
         self.base_rtt = 0.0  # conditions changed: learn the lowest latency again
+
+    def restart(self) -> None:
+        """Back to the minimum (the remote was down): it ramps up again from there."""
+        if self.adaptive:
+            self._decrease(0.0)
 
 
 class BreakerState(enum.Enum):

@@ -8,6 +8,7 @@ simulations drive the limiters against models of a remote: a fixed-window rate l
 from __future__ import annotations
 
 import asyncio
+import functools
 import heapq
 import math
 import random
@@ -91,7 +92,7 @@ def test_waiting_exactly_as_long_as_told_then_succeeds(start: float, per_minute:
     clock = FakeClock(start)
     limiter = RateLimiter(per_minute, clock=clock)
     take(limiter)
-    for _ in range(200):
+    for _ in range(min(200, per_minute - 1)):  # within the first window's quota
         wait = wait_of(limiter)
         assert wait == pytest.approx(1 / limiter.rate, rel=1e-3)
         clock.advance(wait)
@@ -115,27 +116,25 @@ def test_tokens_refill_at_the_rate_up_to_the_capacity() -> None:
 def test_never_more_than_the_quota_in_one_window_even_with_tokens_to_spare() -> None:
     clock = FakeClock()
     limiter = RateLimiter(6000, clock=clock)
-    first = take(limiter)
-    window_end = clock.now + 2.0
-    limiter.observe(first, limit=20, remaining=19, reset_s=2)  # 20 per 2 s: 10 per second
+    ticket = take(limiter)
+    limiter.observe(ticket, limit=20, remaining=19, reset_s=2)  # 20 per 2 s: 10 per second
     assert limiter.rate == pytest.approx(10.0)
-    clock.advance(1.0)  # the bucket fills: 10 tokens, and 10 more come before the window ends
+    clock.advance(3.0)  # idle: that window is over, and the bucket is full
+    start = clock.now
+    first = take(limiter)  # opens the next window (2 s) with 10 tokens, 20 more to come in it
     tickets = [first]
-    while True:
-        reserved = limiter.reserve()
-        if isinstance(reserved, Ticket):
-            if reserved.epoch != first.epoch:
-                break
-            tickets.append(reserved)
-            continue
-        if len(tickets) == 20:
-            # The quota holds, not the bucket: the wait runs to the window's end.
-            assert limiter.tokens >= 1.0
-            assert clock.now + reserved == pytest.approx(window_end, abs=1e-5)
-        clock.advance(reserved)
-    assert len(tickets) == 20
-    assert clock.now >= window_end
+    while len(tickets) < 20:
+        tickets.append(take_waiting(limiter, clock))
+    assert {t.epoch for t in tickets} == {first.epoch}
+    assert clock.now == pytest.approx(start + 1.0, abs=1e-3)  # 10 at once, then 10 per second
+    # The quota holds, not the bucket: the wait runs to the window's end ...
+    assert clock.now + wait_of(limiter) == pytest.approx(start + 2.0, abs=1e-5)
+    clock.advance(0.9)
+    assert limiter.tokens >= 8.9
+    assert wait_of(limiter) == pytest.approx(0.1, abs=1e-5)  # ... tokens or not
+    clock.advance(wait_of(limiter))
     # A new window, with the full quota (less the ticket just taken).
+    assert take(limiter).epoch == first.epoch + 1
     assert limiter.remaining == 19
 
 
@@ -145,14 +144,17 @@ def test_never_more_than_the_quota_in_one_window_even_with_tokens_to_spare() -> 
 def test_a_smaller_limit_header_lowers_the_quota() -> None:
     clock = FakeClock()
     limiter = RateLimiter(600, clock=clock)
+    window_end = clock.now + 60.0
     ticket = take(limiter)
     limiter.observe(ticket, limit=5)
     assert limiter.limit == 5
+    assert limiter.rate == pytest.approx(5 / 60)  # the pace follows
     assert limiter.remaining == 4
     for _ in range(4):
         take_waiting(limiter, clock)
     assert limiter.remaining == 0
-    assert wait_of(limiter) > 50  # nothing more until the 60 s window ends
+    # Nothing more until the 60 s window ends.
+    assert clock.now + wait_of(limiter) == pytest.approx(window_end, abs=1e-5)
 
 
 def test_remaining_below_our_own_count_means_another_client_uses_the_key() -> None:
@@ -455,16 +457,19 @@ def window(
     rtt: float = 0.1,
     backpressure: bool = False,
 ) -> int:
-    """One window: `requests` (default: the limit) go out together and come back after `rtt`.
+    """One window: `requests` (default: the limit) go out together, each taking `rtt`.
 
-    The clock moves a little more than `rtt`, so every batch ends a window. Returns the limit.
+    All answers but the last come back before the window can end, and the last one ends it, so
+    each call is exactly one window holding its own requests. Returns the limit after it.
     """
     count = controller.limit if requests is None else requests
     for _ in range(count):
         controller.request_started()
-    clock.advance(rtt * 1.01)
-    for _ in range(count):
+    clock.advance(0.01)  # shorter than any window
+    for _ in range(count - 1):
         controller.request_finished(rtt, backpressure=backpressure)
+    clock.advance(max(rtt, controller.past_rtt, ConcurrencyController.MIN_WINDOW_S))
+    controller.request_finished(rtt, backpressure=backpressure)
     return controller.limit
 
 
@@ -517,6 +522,27 @@ def test_a_latency_jump_cuts_by_a_tenth() -> None:
     assert controller.limit == 20
     limit = window(controller, clock, rtt=0.2)
     assert limit == math.floor(20 * ConcurrencyController.LATENCY_DECREASE)
+
+
+def test_after_a_cut_growth_resumes_at_the_new_latency() -> None:
+    # The remote got slower for good: one cut, then the new latency is the steady one.
+    clock = FakeClock()
+    controller = ConcurrencyController(minimum=1, maximum=50, clock=clock)
+    for _ in range(19):
+        window(controller, clock)
+    assert controller.limit == 20
+    limits = [window(controller, clock, rtt=0.2) for _ in range(6)]
+    assert limits == [18, 19, 20, 21, 22, 23]
+
+
+def test_after_backpressure_growth_resumes() -> None:
+    clock = FakeClock()
+    controller = ConcurrencyController(minimum=1, maximum=50, clock=clock)
+    for _ in range(19):
+        window(controller, clock)
+    # Errors come back fast; that is no latency to measure growth against.
+    assert window(controller, clock, rtt=0.001, backpressure=True) == 10
+    assert [window(controller, clock) for _ in range(3)] == [11, 12, 13]
 
 
 def test_a_slow_latency_rise_stops_growth_without_a_jump() -> None:
@@ -695,12 +721,17 @@ def simulate_concurrency(
         limits.append((clock.now - start, controller.limit))
 
 
+@functools.cache
+def best_fixed_throughput() -> float:
+    return max(simulate_concurrency(fixed=n, duration_s=20.0)[0] for n in (20, 40, 60, 80))
+
+
 @pytest.mark.parametrize("jitter", [0.0, 0.2])
 def test_simulation_adaptive_concurrency_settles_at_the_knee(jitter: float) -> None:
-    best_fixed = max(simulate_concurrency(fixed=n, duration_s=20.0)[0] for n in (20, 40, 60, 80))
+    best_fixed = best_fixed_throughput()
     throughput, limits = simulate_concurrency(duration_s=60.0, jitter=jitter)
     settled = [limit for at, limit in limits if at >= 20.0]
-    assert 30 <= min(settled)
+    assert min(settled) >= 30
     assert max(settled) <= 60
     assert throughput >= 0.9 * best_fixed
 
@@ -826,3 +857,13 @@ def test_configure_applies_new_settings_and_an_open_breaker_stays_open() -> None
     assert breaker.success() is True
     assert breaker.interval_s == 2.0
     assert breaker.failure("once") is True  # the new threshold: one failure opens it
+
+
+def test_restart_goes_back_to_the_minimum_only_when_adaptive() -> None:
+    adaptive = ConcurrencyController(minimum=2, maximum=50, clock=FakeClock())
+    adaptive.limit = 30
+    adaptive.restart()
+    assert adaptive.limit == 2
+    fixed = ConcurrencyController(minimum=2, maximum=50, fixed=12, clock=FakeClock())
+    fixed.restart()
+    assert fixed.limit == 12
