@@ -18,7 +18,7 @@ import itertools
 import json
 import os
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,11 +37,12 @@ class _State(enum.Enum):
 class _Entry:
     """One accepted event and its bookkeeping. Compared by identity, never by the event's value."""
 
-    __slots__ = ("event", "seq", "state", "ticket")
+    __slots__ = ("event", "seq", "spool_seq", "state", "ticket")
 
-    def __init__(self, event: Event, seq: int) -> None:
+    def __init__(self, event: Event, seq: int, spool_seq: int = 0) -> None:
         self.event = event
         self.seq = seq  # acceptance order across all accounts
+        self.spool_seq = spool_seq  # its row in the spool; 0 when it is in memory only
         self.state = _State.WAITING
         self.ticket = 0  # the order in which get() took it, for take_all
 
@@ -95,6 +96,8 @@ class EventQueue:
         self._in_delivery = 0
         self._seq = itertools.count()
         self._tickets = itertools.count()
+        # Called when `done` makes room (the spool window refills from disk).
+        self.on_room: Callable[[], None] | None = None
 
     @property
     def ordered(self) -> bool:
@@ -143,16 +146,19 @@ class EventQueue:
         """How many more events `offer` would take now (waiting and in-delivery ones count)."""
         return max(0, self.max_events - self._waiting - self._in_delivery)
 
-    def offer(self, events: list[Event]) -> bool:
-        """Queue all of `events`, or none of them if they do not all fit."""
+    def offer(self, events: list[Event], spool_seqs: list[int] | None = None) -> bool:
+        """Queue all of `events`, or none of them if they do not all fit.
+
+        `spool_seqs` are the events' rows in the spool, reported back by `done`.
+        """
         if len(events) > self.free:
             return False
-        self._add(events)
+        self._add(events, spool_seqs)
         return True
 
-    def restore(self, events: Iterable[Event]) -> int:
-        """Queue events in order regardless of the bound (pending events from the last stop)."""
-        return self._add(events)
+    def restore(self, events: Iterable[Event], spool_seqs: Iterable[int] | None = None) -> int:
+        """Queue events in order regardless of the bound (events saved at the last stop)."""
+        return self._add(events, spool_seqs)
 
     async def get(self, account: str) -> Event:
         """Wait for the next deliverable event of `account`; report its outcome with `done`."""
@@ -178,8 +184,11 @@ class EventQueue:
                     continue  # take_all took it back before this task woke up
             return entry.event
 
-    def done(self, event: Event) -> None:
-        """The event has its outcome (delivered or dead-lettered): its recipient may go on."""
+    def done(self, event: Event) -> int:
+        """The event has its outcome (delivered or dead-lettered): its recipient may go on.
+
+        Returns the event's spool row (0 if it has none), for the caller to remove.
+        """
         entries = self._delivering.get(id(event))
         if not entries:
             raise ValueError(
@@ -198,6 +207,9 @@ class EventQueue:
             else:
                 del acct.recipients[rec.recipient_id]
         self._prune(acct)
+        if self.on_room is not None:
+            self.on_room()
+        return entry.spool_seq
 
     def depth(self, account: str) -> int:
         """Waiting events of `account` (not counting those in delivery)."""
@@ -210,6 +222,13 @@ class EventQueue:
 
     def take_all(self) -> list[Event]:
         """Remove and return every event, for saving at a stop; the queue is empty afterwards.
+
+        See `take_all_spooled`, which also says which of them are in the spool already.
+        """
+        return [event for event, _ in self.take_all_spooled()]
+
+    def take_all_spooled(self) -> list[tuple[Event, int]]:
+        """Remove and return every event with its spool row (0: in memory only).
 
         Events in delivery come first, in the order `get` took them, then the waiting ones in
         acceptance order across all accounts. A `get` handed an event it has not returned yet
@@ -235,7 +254,7 @@ class EventQueue:
         taken = delivering + waiting
         for entry in taken:
             entry.state = _State.GONE
-        return [entry.event for entry in taken]
+        return [(entry.event, entry.spool_seq) for entry in taken]
 
     def take_account(self, account: str) -> list[Event]:
         """Remove and return the waiting events of `account` in acceptance order (a re-route).
@@ -262,13 +281,17 @@ class EventQueue:
         self._prune(acct)
         return [entry.event for entry in entries]
 
-    def _add(self, events: Iterable[Event]) -> int:
+    def _add(self, events: Iterable[Event], spool_seqs: Iterable[int] | None) -> int:
         touched: dict[str, _Account] = {}
         count = 0
-        for event in events:
+        if spool_seqs is None:
+            pairs: Iterable[tuple[Event, int]] = zip(events, itertools.repeat(0), strict=False)
+        else:
+            pairs = zip(list(events), list(spool_seqs), strict=True)
+        for event, spool_seq in pairs:
             acct = self._account(event.account)
             touched[event.account] = acct
-            entry = _Entry(event, next(self._seq))
+            entry = _Entry(event, next(self._seq), spool_seq)
             acct.depth += 1
             self._waiting += 1
             if self._ordered:
