@@ -53,6 +53,7 @@ _ENV_PREFIX = "FORWARDER_"
 _MAX_UNIX_SOCKET_PATH = 107
 _LOG_LEVELS = ("debug", "info", "warning", "error")
 _LOG_FORMATS = ("auto", "json", "console")
+_QUEUE_MODES = ("memory", "durable")
 
 # The [remote] section's own account: events that name no account go here by default.
 DEFAULT_ACCOUNT = "default"
@@ -92,9 +93,11 @@ class IntakeConfig:
 
 @dataclass(frozen=True, slots=True)
 class QueueConfig:
-    """``[queue]``: the bounded in-memory/persistent event queue."""
+    """``[queue]``: where accepted events wait: memory only, or the spool on disk as well."""
 
+    mode: str = "memory"
     max_events: int = 100_000
+    max_disk_bytes: int = 1_073_741_824
 
 
 @dataclass(frozen=True, slots=True)
@@ -628,6 +631,10 @@ def _validate(config: Config, origins: Mapping[str, str]) -> Config:
     at_least("intake.max_body_bytes", intake.max_body_bytes, 1024)
     at_least("intake.max_batch", intake.max_batch, 1)
     at_least("queue.max_events", config.queue.max_events, 1)
+    if config.queue.mode not in _QUEUE_MODES:
+        allowed = ", ".join(_QUEUE_MODES)
+        raise fail("queue.mode", f"must be one of {allowed}; got {_short(config.queue.mode)}")
+    at_least("queue.max_disk_bytes", config.queue.max_disk_bytes, 1_048_576)
 
     remote = config.remote
     try:

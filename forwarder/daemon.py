@@ -14,6 +14,7 @@ import errno
 import os
 import signal
 import socket
+import sqlite3
 import stat
 import time
 from collections.abc import Callable
@@ -25,13 +26,14 @@ import structlog
 from aiohttp import web
 
 from forwarder.accounts import Account, Accounts
+from forwarder.backlog import Backlog
 from forwarder.config import Config, ConfigError
-from forwarder.deadletter import DeadLetterWriter
 from forwarder.dispatcher import Dispatcher, LaneSettings
 from forwarder.events import Event
 from forwarder.intake import IntakeState, create_app
-from forwarder.queue import EventQueue, load_pending, remove_pending, save_pending
+from forwarder.queue import EventQueue, load_pending, remove_pending
 from forwarder.remote import USER_AGENT, RemoteClient
+from forwarder.spool import Spool, SpoolError
 from forwarder.telemetry import Metrics, Stats, set_log_level, set_secrets
 
 log = structlog.get_logger("forwarder.daemon")
@@ -85,6 +87,8 @@ class Daemon:
         self._session: aiohttp.ClientSession | None = None
         self._state: IntakeState | None = None
         self._reload_task: asyncio.Task[bool] | None = None
+        self._spool: Spool | None = None
+        self.backlog: Backlog | None = None
 
     def request_stop(self) -> None:
         """Begin a graceful stop (as SIGTERM does); a second call stops without draining."""
@@ -111,6 +115,30 @@ class Daemon:
             "delivery_paused": ("1 while the remote refuses a key.", int(paused)),
             "ready": ("1 when /readyz answers 200.", int(not self._not_ready_reason())),
             "config_reloads": ("Configuration reloads applied.", self.reloads),
+            **self._spool_gauges(),
+        }
+
+    def _spool_gauges(self) -> dict[str, tuple[str, float]]:
+        spool, backlog = self._spool, self.backlog
+        if spool is None:
+            return {}
+        oldest = spool.oldest_accepted_at
+        return {
+            "spool_events": ("Events in the spool (state.dir/spool.db).", spool.depth),
+            "spool_bytes": ("Bytes of events in the spool.", spool.bytes),
+            "spool_oldest_event_age_seconds": (
+                "Age of the oldest event in the spool (0 when empty).",
+                max(0.0, time.time() - oldest) if oldest else 0.0,
+            ),
+            "spool_dead_letters": ("Dead letters kept in the spool.", spool.dead_letters),
+            "spool_on_disk_only": (
+                "Spooled events not in memory yet (durable mode's backlog).",
+                backlog.on_disk_only if backlog else 0,
+            ),
+            "spool_replayed_events": (
+                "Events brought back from the spool into memory since start.",
+                backlog.replayed if backlog else 0,
+            ),
         }
 
     def _account_views(self) -> dict[str, dict[str, Any]]:
@@ -136,6 +164,10 @@ class Daemon:
             # Events of accounts that have no lane now: a removed account, or a client key
             # not presented since a restart. They are kept (and saved at stop), not dropped.
             "held_without_account": {k: v for k, v in held.items() if v},
+            "spool": {
+                "mode": self.config.queue.mode,
+                **{name: value for name, (_, value) in self._spool_gauges().items()},
+            },
         }
 
     def _lane_settings(self, account: Account, config: Config) -> LaneSettings:
@@ -297,28 +329,47 @@ class Daemon:
         cfg = self.config
         state_dir = cfg.state.path
         started = time.monotonic()
+        metrics = Metrics(self.stats, self._gauges, self._account_views)
         try:
             await asyncio.to_thread(_prepare_state_dir, state_dir)
-            pending = await asyncio.to_thread(load_pending, state_dir)
-        except OSError as exc:
-            log.error("startup_failed", error=f"state.dir {state_dir}: {exc.strerror or exc}")
+            spool = await Spool.open(
+                state_dir,
+                max_bytes=cfg.queue.max_disk_bytes,
+                on_commit=metrics.spool_commit.observe,
+            )
+        except (OSError, SpoolError, sqlite3.Error) as exc:
+            log.error("startup_failed", error=f"state.dir {state_dir}: {_reason(exc)}")
             return 1
-        # Pending events go in first, ahead of anything new, and may exceed the bound. A file
-        # from before accounts existed names none: those belong to the default account.
-        default = cfg.remote.default_account
-        restored = self.queue.restore(
-            e if e.account else dataclasses.replace(e, account=default) for e in pending.events
-        )
-        if pending.events or pending.damaged_lines:
-            log.info("pending_restored", count=restored, damaged_lines=pending.damaged_lines)
+        if spool.moved_aside is not None:
+            log.error(
+                "spool_moved_aside",
+                path=str(spool.moved_aside),
+                reason="damaged or not forwarder's; kept for inspection, a fresh spool is used",
+            )
+        self._spool = spool
         try:
-            # Removed only now that they are queued; a stop saves whatever is left of them again.
-            await asyncio.to_thread(remove_pending, state_dir)
-        except OSError as exc:  # the file still holds them: nothing is lost by not starting
-            log.error("startup_failed", error=f"cannot remove the pending file: {exc}")
-            return 1
+            return await self._run_with(spool, metrics, started)
+        finally:
+            await spool.close()
 
-        metrics = Metrics(self.stats, self._gauges, self._account_views)
+    async def _run_with(self, spool: Spool, metrics: Metrics, started: float) -> int:
+        cfg = self.config
+        state_dir = cfg.state.path
+        default = cfg.remote.default_account
+        durable = cfg.queue.mode == "durable"
+        try:
+            await self._import_pending_file(state_dir, spool, default)
+        except (OSError, sqlite3.Error) as exc:  # the file still holds them: nothing is lost
+            log.error("startup_failed", error=f"cannot move the pending file into the spool: {exc}")
+            return 1
+        self.backlog = backlog = Backlog(self.queue, spool, durable=durable)
+        restored = 0
+        if not durable:
+            # What the last stop saved comes first, ahead of anything new (beyond the bound).
+            restored = await backlog.replay_all()
+        if restored or spool.depth:
+            log.info("spool_replay", in_memory=restored, on_disk=backlog.on_disk_only)
+
         self._state = IntakeState(
             queue=self.queue,
             stats=self.stats,
@@ -326,10 +377,10 @@ class Daemon:
             max_batch=cfg.intake.max_batch,
             max_body_bytes=cfg.intake.max_body_bytes,
             accounts=self.accounts,
+            admit=backlog.admit if durable else None,
             not_ready_reason=self._not_ready_reason,
             stats_extra=self._stats_extra,
         )
-        dead_letters = DeadLetterWriter(state_dir)
         # One session for every account: the lanes' concurrency limits bound the connections.
         self._session = aiohttp.ClientSession(
             timeout=aiohttp.ClientTimeout(
@@ -339,7 +390,7 @@ class Daemon:
             headers={"User-Agent": USER_AGENT},
         )
         self._dispatcher = Dispatcher(
-            self.queue, dead_letters=dead_letters, stats=self.stats, latency=metrics.latency
+            self.queue, outcomes=backlog, stats=self.stats, latency=metrics.latency
         )
         for account in self.accounts.configured.values():
             self._add_lane(account)
@@ -361,8 +412,8 @@ class Daemon:
         )
         exit_code = 0
         drained = True
-        leftovers: list[Event] = []
-        dead_letters.start()
+        saved = 0
+        backlog.start()
         self._dispatcher.start()
         pid_written = False
         try:
@@ -379,9 +430,11 @@ class Daemon:
                     for name, a in self.accounts.configured.items()
                 },
                 default_account=default,
+                queue_mode=cfg.queue.mode,
                 concurrency=cfg.remote.concurrency or "adaptive",
                 queue_max_events=cfg.queue.max_events,
                 pending_restored=restored,
+                spool_events=spool.depth,
             )
             await self._stop.wait()
             self._shutting_down = True
@@ -390,6 +443,7 @@ class Daemon:
                 "stopping",
                 queued=len(self.queue),
                 in_flight=self.queue.in_delivery,
+                on_disk_only=backlog.on_disk_only,
                 drain_timeout_s=cfg.shutdown.timeout_s,
             )
             drained = await self._dispatcher.drain(self.config.shutdown.timeout_s, self._force)
@@ -399,38 +453,60 @@ class Daemon:
         finally:
             self._shutting_down = True
             self._state.accepting = False
+            await backlog.stop()
             leftovers = await self._dispatcher.stop()
-            if leftovers:
-                await self._save(state_dir, leftovers)
+            saved = await self._save(backlog, leftovers)
             await runner.cleanup()
             self._remove_unix_socket()
             if pid_written:
                 await asyncio.to_thread(_remove_pid, state_dir)
             await self._session.close()
-            await dead_letters.close()
         log.info(
             "stopped",
             drained=drained,
-            saved_pending=len(leftovers),
+            saved_pending=saved,
+            spool_events=spool.depth,
             uptime_s=round(time.monotonic() - started, 3),
             **self.stats.counters(),
         )
         return exit_code
 
-    async def _save(self, state_dir: Path, events: list[Event]) -> None:
+    async def _import_pending_file(self, state_dir: Path, spool: Spool, default: str) -> None:
+        """A `pending.jsonl` from an older version goes into the spool: one replay path."""
+        pending = await asyncio.to_thread(load_pending, state_dir)
+        if pending.events:
+            events = [
+                e if e.account else dataclasses.replace(e, account=default) for e in pending.events
+            ]
+            await spool.append(events, force=True)
+        if pending.events or pending.damaged_lines:
+            log.info(
+                "pending_file_imported",
+                count=len(pending.events),
+                damaged_lines=pending.damaged_lines,
+            )
+        # Removed only once the spool has them committed.
+        await asyncio.to_thread(remove_pending, state_dir)
+
+    async def _save(self, backlog: Backlog, leftovers: list[tuple[Event, int]]) -> int:
+        """Spool the events that are in memory only; the journal is the last resort."""
+        unsaved = [event for event, spool_seq in leftovers if not spool_seq]
+        if not unsaved:
+            return 0
         try:
-            path = await asyncio.to_thread(save_pending, state_dir, events)
-        except OSError as exc:
+            await backlog.save(leftovers)
+        except (OSError, sqlite3.Error) as exc:
             # Disk full or gone: the journal is the last place left, so the events are not lost
             # without a trace (they can be re-sent from these lines by hand).
             log.error(
                 "pending_unsaved",
                 error=str(exc),
-                count=len(events),
-                events=[event.to_dict() for event in events],
+                count=len(unsaved),
+                events=[event.to_dict() for event in unsaved],
             )
-            return
-        log.info("pending_saved", count=len(events), path=str(path))
+            return 0
+        log.info("pending_saved", count=len(unsaved), path=str(backlog.spool.path))
+        return len(unsaved)
 
     async def _start_sites(self, runner: web.AppRunner) -> None:
         intake = self.config.intake
@@ -486,6 +562,10 @@ def _changed_keys(old: Config, new: Config) -> list[str]:
             if getattr(before, item.name) != getattr(after, item.name):
                 changed.append(f"{section.name}.{item.name}")
     return changed
+
+
+def _reason(exc: BaseException) -> str:
+    return (exc.strerror if isinstance(exc, OSError) else None) or str(exc)
 
 
 def _write_pid(state_dir: Path) -> None:

@@ -21,6 +21,7 @@ from forwarder.config import load_config
 from forwarder.credentials import ApiKey, Secret
 from forwarder.daemon import Daemon
 from forwarder.mock_remote import MockOptions, start_mock
+from forwarder.spool import list_dead_letters, open_readonly_or_fail
 from forwarder.telemetry import configure_logging
 
 DEMO_KEY = "demo-key-not-secret"
@@ -64,6 +65,14 @@ def _event(rng: random.Random, n: int) -> dict[str, Any]:
     return {"recipient_id": recipient, "name": NAMES[n % len(NAMES)], "value": f"sku-{n}"}
 
 
+def _dead_letters(state_dir: Path) -> list[dict[str, Any]]:
+    conn = open_readonly_or_fail(state_dir)
+    try:
+        return [letter.to_dict() for letter in list_dead_letters(conn)]
+    finally:
+        conn.close()
+
+
 async def run_demo(events: int = 40) -> int:
     """Run the demo; returns 0 when every accepted event was delivered or dead-lettered."""
     rng = random.Random(7)
@@ -96,8 +105,7 @@ async def run_demo(events: int = 40) -> int:
             daemon.request_stop()
             code = await task
             await mock.close()
-        dead_file = state_dir / "dead-letter.jsonl"
-        dead_lines = dead_file.read_text().splitlines() if dead_file.exists() else []
+        dead_lines = await asyncio.to_thread(_dead_letters, state_dir)
     record = mock.mock
     counters = daemon.stats.counters()
     print("\n== demo summary")
@@ -117,8 +125,7 @@ async def run_demo(events: int = 40) -> int:
         f"dropped {faults['resets']} connections, left {faults['timeouts']} unanswered, "
         f"409 {faults['duplicates']}, 422 {faults['conflicts']}"
     )
-    for line in dead_lines:
-        dead = json.loads(line)
+    for dead in dead_lines:
         print(f"  dead letter: {dead['event']['event_id']} HTTP {dead['status']}: {dead['error']}")
     stats = daemon.stats
     settled = stats.accepted == stats.delivered + sum(stats.dead_lettered.values())

@@ -21,7 +21,7 @@ from prometheus_client import Histogram
 from tenacity import RetryCallState
 
 from forwarder.config import RemoteConfig, RetryConfig
-from forwarder.deadletter import DeadLetterWriter, dead_letter_record
+from forwarder.deadletter import DeadLetterNote
 from forwarder.events import Event
 from forwarder.limiter import CircuitBreaker, ConcurrencyController, RateLimiter, Ticket
 from forwarder.queue import EventQueue
@@ -40,6 +40,14 @@ class Sender(Protocol):
     """What a lane needs of the remote client."""
 
     async def send(self, event: Event) -> Result: ...
+
+
+class Outcomes(Protocol):
+    """Where a settled event goes: its spool row removed, or into the dead letters."""
+
+    def delivered(self, event: Event, spool_seq: int) -> None: ...
+
+    def dead_lettered(self, event: Event, spool_seq: int, note: DeadLetterNote) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,7 +69,7 @@ class Lane:
         sender: Sender,
         settings: LaneSettings,
         *,
-        dead_letters: DeadLetterWriter,
+        outcomes: Outcomes,
         stats: Stats,
         latency: Histogram | None = None,
         sleep: Sleep = asyncio.sleep,
@@ -70,7 +78,7 @@ class Lane:
         self.name = name
         self.sender = sender
         self._queue = queue
-        self._dead_letters = dead_letters
+        self._outcomes = outcomes
         self._stats = stats
         self._latency = latency.labels(account=name) if latency is not None else None
         self._sleep = sleep
@@ -274,15 +282,19 @@ class Lane:
                         break
                     # The key is refused: the gate holds this event with all others; the
                     # give-up clock restarts, since the event itself is not at fault.
-                self._finish(event, result, attempts, first_at)
+                dead = self._finish(event, result, attempts, first_at)
         except Exception as exc:  # a bug, not the remote: keep the event, keep the lane
             log.exception("internal_error", event_id=event.event_id, account=self.name)
-            self._dead_letter(event, "internal_error", None, repr(exc), attempts, time.time())
+            dead = self._dead_letter("internal_error", None, repr(exc), attempts, time.time())
         finally:
             if holding:
                 self.concurrency.release()
         # Reached only with an outcome; a cancelled delivery stays in the queue's care.
-        self._queue.done(event)
+        spool_seq = self._queue.done(event)
+        if dead is None:
+            self._outcomes.delivered(event, spool_seq)
+        else:
+            self._outcomes.dead_lettered(event, spool_seq, dead)
         self.on_outcome()
 
     async def _pass_gates(self) -> tuple[bool, bool]:
@@ -372,7 +384,10 @@ class Lane:
 
     # --- outcomes -----------------------------------------------------------------------------
 
-    def _finish(self, event: Event, result: Result, attempts: int, first_at: float) -> None:
+    def _finish(
+        self, event: Event, result: Result, attempts: int, first_at: float
+    ) -> DeadLetterNote | None:
+        """Count and log the outcome; the dead-letter note when the event did not make it."""
         latency_ms = round(result.latency_s * 1000, 1)
         if result.verdict is Verdict.DELIVERED:
             self._stats.delivered += 1
@@ -390,7 +405,7 @@ class Lane:
                 age_ms=round((time.time() - event.accepted_at) * 1000, 1),
                 **({"warning": result.warning} if result.warning else {}),
             )
-            return
+            return None
         if result.verdict is Verdict.PERMANENT:
             reason, error = "rejected", result.error
         else:
@@ -405,28 +420,19 @@ class Lane:
             error=error,
             latency_ms=latency_ms,
         )
-        self._dead_letter(event, reason, result.status, error, attempts, first_at)
+        return self._dead_letter(reason, result.status, error, attempts, first_at)
 
     def _dead_letter(
-        self,
-        event: Event,
-        reason: str,
-        status: int | None,
-        error: str,
-        attempts: int,
-        first_at: float,
-    ) -> None:
+        self, reason: str, status: int | None, error: str, attempts: int, first_at: float
+    ) -> DeadLetterNote:
         self._stats.dead_lettered[reason] += 1
-        self._dead_letters.add(
-            dead_letter_record(
-                event,
-                reason=reason,
-                status=status,
-                error=error,
-                attempts=attempts,
-                first_attempt_at=first_at,
-                last_attempt_at=time.time(),
-            )
+        return DeadLetterNote(
+            reason=reason,
+            status=status,
+            error=error,
+            attempts=attempts,
+            first_attempt_at=first_at,
+            last_attempt_at=time.time(),
         )
 
     def _log_retry(self, state: RetryCallState) -> None:
@@ -452,14 +458,14 @@ class Dispatcher:
         self,
         queue: EventQueue,
         *,
-        dead_letters: DeadLetterWriter,
+        outcomes: Outcomes,
         stats: Stats,
         latency: Histogram | None = None,
         sleep: Sleep = asyncio.sleep,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._queue = queue
-        self._dead_letters = dead_letters
+        self._outcomes = outcomes
         self._stats = stats
         self._latency = latency
         self._sleep = sleep
@@ -486,7 +492,7 @@ class Dispatcher:
             self._queue,
             sender,
             settings,
-            dead_letters=self._dead_letters,
+            outcomes=self._outcomes,
             stats=self._stats,
             latency=self._latency,
             sleep=self._sleep,
@@ -542,9 +548,10 @@ class Dispatcher:
         # since a restart) cannot drain: they are saved at stop, not waited for.
         return any(self._queue.depth(name) or lane.in_delivery for name, lane in self.lanes.items())
 
-    async def stop(self) -> list[Event]:
-        """Stop every lane; return every event not delivered, those in delivery first."""
+    async def stop(self) -> list[tuple[Event, int]]:
+        """Stop every lane; return every event not delivered (with its spool row, 0 if none),
+        those in delivery first."""
         lanes = list(self.lanes.values())
         await asyncio.gather(*(lane.stop() for lane in lanes), *self._reaping)
         self._started = False
-        return self._queue.take_all()
+        return self._queue.take_all_spooled()

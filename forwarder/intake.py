@@ -58,6 +58,8 @@ class IntakeState:
     accepting: bool = True
     # Routes events to accounts; None leaves every event on the default account ("").
     accounts: Accounts | None = None
+    # Admission through the backlog (returns "" or why not); None: straight into the queue.
+    admit: Callable[[list[Event]], Awaitable[str]] | None = None
     # Returns "" when ready, or why not (delivery paused, shutting down).
     not_ready_reason: Callable[[], str] = field(default=lambda: "")
     stats_extra: Callable[[], dict[str, Any]] = field(default=dict)
@@ -119,27 +121,34 @@ def _invalid(
     return _error(400, summary, errors=[e.to_dict() for e in errors])
 
 
-def _refuse(state: IntakeState, count: int) -> web.Response:
-    reason = "shutting_down" if not state.accepting else "queue_full"
+_REFUSALS = {
+    "shutting_down": "forwarder is shutting down; retry later",
+    "queue_full": "queue is full; retry later",
+    "spool_full": "the spool is full (queue.max_disk_bytes); retry later",
+}
+
+
+def _refuse(state: IntakeState, reason: str, count: int) -> web.Response:
     state.stats.refused[reason] += count
     log.warning("refused", reason=reason, count=count, queue_depth=len(state.queue))
-    message = (
-        "forwarder is shutting down; retry later"
-        if reason == "shutting_down"
-        else "queue is full; retry later"
-    )
     return _json(
         503,
-        {"success": False, "error": message, "reason": reason},
+        {"success": False, "error": _REFUSALS[reason], "reason": reason},
         {"Retry-After": RETRY_AFTER_S},
     )
 
 
-def _admit(state: IntakeState, events: list[Event]) -> bool:
-    if not state.accepting or not state.queue.offer(events):
-        return False
-    state.stats.accepted += len(events)
-    return True
+async def _admit(state: IntakeState, events: list[Event]) -> str:
+    """Queue all of `events` or none; returns "" or the reason for refusing them."""
+    if not state.accepting:
+        return "shutting_down"
+    if state.admit is not None:
+        reason = await state.admit(events)  # durable mode: committed to the spool first
+    else:
+        reason = "" if state.queue.offer(events) else "queue_full"
+    if not reason:
+        state.stats.accepted += len(events)
+    return reason
 
 
 ACCOUNT_HEADER = "X-Forwarder-Account"
@@ -321,8 +330,8 @@ async def create_event(request: web.Request) -> web.Response:
         )
     except _Unroutable as exc:
         return _unroutable(state, exc, single=True)
-    if not _admit(state, [event]):
-        return _refuse(state, 1)
+    if reason := await _admit(state, [event]):
+        return _refuse(state, reason, 1)
     return _json(202, {"success": True, "data": {"id": event.event_id, "status": "queued"}})
 
 
@@ -355,8 +364,8 @@ async def create_events(request: web.Request) -> web.Response:
         events = _route(state, events, request.headers.get(ACCOUNT_HEADER, ""))
     except _Unroutable as exc:
         return _unroutable(state, exc, single=False)
-    if not _admit(state, events):
-        return _refuse(state, len(events))
+    if reason := await _admit(state, events):
+        return _refuse(state, reason, len(events))
     return _json(
         202,
         {

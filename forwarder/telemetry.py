@@ -19,7 +19,7 @@ LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNI
 LEVELS["error"] = logging.ERROR
 REDACTED = "[redacted]"
 # Label values exported from the start at 0, so rate() and alerts work before the first one.
-REFUSE_REASONS = ("queue_full", "shutting_down")
+REFUSE_REASONS = ("queue_full", "spool_full", "shutting_down")
 DEAD_LETTER_REASONS = ("rejected", "gave_up", "internal_error")
 
 
@@ -182,6 +182,12 @@ class Metrics:
             "Duration of one delivery attempt to the remote, by account.",
             ["account"],
             buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+            registry=self.registry,
+        )
+        self.spool_commit = Histogram(
+            "forwarder_spool_commit_seconds",
+            "Duration of one spool commit (write and fsync of the WAL), several requests each.",
+            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1),
             registry=self.registry,
         )
         self.registry.register(_StatsCollector(stats, gauges))

@@ -26,6 +26,7 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from forwarder.intake import IntakeState, create_app
 from forwarder.queue import EventQueue
+from forwarder.spool import SPOOL_FILE, list_dead_letters, open_readonly_or_fail
 from forwarder.telemetry import Metrics, Stats
 
 API_KEY = "sk-e2e-SECRET-9f8e7d6c5b4a"
@@ -179,6 +180,29 @@ class DaemonProc:
 
     async def stop(self, sig: int = signal.SIGTERM, timeout: float = 20.0) -> int:
         return await self.proc.stop(sig, timeout)
+
+
+def spooled(state_dir: Path) -> list[dict[str, Any]]:
+    """The events in a state dir's spool, oldest first (read as `forwarder` itself would)."""
+    if not (state_dir / SPOOL_FILE).exists():
+        return []
+    conn = open_readonly_or_fail(state_dir)
+    try:
+        rows = conn.execute("SELECT body FROM events ORDER BY seq").fetchall()
+    finally:
+        conn.close()
+    return [json.loads(body) for (body,) in rows]
+
+
+def dead_letters(state_dir: Path) -> list[dict[str, Any]]:
+    """The dead letters in a state dir's spool, oldest first."""
+    if not (state_dir / SPOOL_FILE).exists():
+        return []
+    conn = open_readonly_or_fail(state_dir)
+    try:
+        return [letter.to_dict() for letter in list_dead_letters(conn)]
+    finally:
+        conn.close()
 
 
 def unix_session(path: str) -> aiohttp.ClientSession:

@@ -13,6 +13,7 @@ import pytest
 import structlog
 
 from forwarder.accounts import Account, configured_accounts
+from forwarder.backlog import Backlog
 from forwarder.config import (
     AccountConfig,
     Config,
@@ -104,10 +105,10 @@ async def test_socket_of_a_live_process_or_a_regular_file_is_refused(short_tmp: 
 async def test_events_that_cannot_be_saved_go_to_the_journal(
     short_tmp: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    def disk_full(state_dir: Path, events: list[Event]) -> Path:
+    async def disk_full(self: Backlog, leftovers: list[tuple[Event, int]]) -> int:
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr("forwarder.daemon.save_pending", disk_full)
+    monkeypatch.setattr(Backlog, "save", disk_full)
     config = dataclasses.replace(
         _config(short_tmp / "s"),
         remote=RemoteConfig(base_url="http://127.0.0.1:9/v1"),  # nothing listens: retries
@@ -116,7 +117,7 @@ async def test_events_that_cannot_be_saved_go_to_the_journal(
     daemon = Daemon(config, KEY)
     with structlog.testing.capture_logs() as logs:
         task = await _run_until_ready(daemon)
-        event = Event(event_id="evt-unsaved-01", recipient_id="1", name="SIGNUP")
+        event = Event(event_id="evt-unsaved-01", recipient_id="1", name="SIGNUP", account="default")
         assert daemon.queue.offer([event])
         await asyncio.sleep(0.1)
         daemon.request_stop()

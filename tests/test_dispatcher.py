@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import asyncio
-import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from forwarder.config import RemoteConfig, RetryConfig
-from forwarder.deadletter import DeadLetterWriter
+from forwarder.deadletter import DeadLetterNote
 from forwarder.dispatcher import Dispatcher, LaneSettings
 from forwarder.events import Event
 from forwarder.queue import EventQueue
@@ -45,12 +45,26 @@ class ScriptedSender:
 
 
 @dataclass
+class RecordingOutcomes:
+    """The dispatcher's outcomes, kept in lists (the daemon's go to the spool)."""
+
+    delivered_ids: list[str] = field(default_factory=list)
+    records: list[dict[str, Any]] = field(default_factory=list)
+
+    def delivered(self, event: Event, spool_seq: int) -> None:
+        self.delivered_ids.append(event.event_id)
+
+    def dead_lettered(self, event: Event, spool_seq: int, note: DeadLetterNote) -> None:
+        self.records.append(note.record(event))
+
+
+@dataclass
 class Rig:
     queue: EventQueue
     sender: ScriptedSender
     stats: Stats
     dispatcher: Dispatcher
-    dead_letters: DeadLetterWriter
+    outcomes: RecordingOutcomes
 
     async def settle(self, count: int, timeout: float = 5.0) -> None:
         async def done() -> None:
@@ -59,11 +73,8 @@ class Rig:
 
         await asyncio.wait_for(done(), timeout)
 
-    def dead(self) -> list[dict[str, object]]:
-        path = self.dead_letters.path
-        if not path.exists():
-            return []
-        return [json.loads(line) for line in path.read_text().splitlines()]
+    def dead(self) -> list[dict[str, Any]]:
+        return self.outcomes.records
 
 
 MakeRig = Callable[..., Awaitable[Rig]]
@@ -82,22 +93,20 @@ async def make_rig(tmp_path: Path) -> AsyncIterator[MakeRig]:
     ) -> Rig:
         queue = EventQueue(1000)
         stats = Stats()
-        dead_letters = DeadLetterWriter(tmp_path)
-        dead_letters.start()
+        outcomes = RecordingOutcomes()
         sender = sender or ScriptedSender()
-        dispatcher = Dispatcher(queue, dead_letters=dead_letters, stats=stats)
+        dispatcher = Dispatcher(queue, outcomes=outcomes, stats=stats)
         remote = RemoteConfig(concurrency=concurrency, auth_retry_s=auth_retry_s)
         # Events made here name no account (""): the lane of that name delivers them.
         dispatcher.add("", sender, LaneSettings(per_minute=1_000_000, remote=remote, retry=retry))
         dispatcher.start()
-        rig = Rig(queue, sender, stats, dispatcher, dead_letters)
+        rig = Rig(queue, sender, stats, dispatcher, outcomes)
         made.append(rig)
         return rig
 
     yield make
     for rig in made:
         await rig.dispatcher.stop()
-        await rig.dead_letters.close()
 
 
 async def test_delivers_everything_once(make_rig: MakeRig) -> None:
@@ -128,7 +137,6 @@ async def test_permanent_errors_are_dead_lettered_with_details(make_rig: MakeRig
     rig = await make_rig(sender)
     rig.queue.offer([event(1), event(2)])
     await rig.settle(2)
-    await rig.dead_letters.close()
     (record,) = rig.dead()
     assert record["reason"] == "rejected"
     assert record["status"] == 422
@@ -147,7 +155,6 @@ async def test_gives_up_after_max_elapsed(make_rig: MakeRig) -> None:
     )
     rig.queue.offer([event(1)])
     await rig.settle(1)
-    await rig.dead_letters.close()
     (record,) = rig.dead()
     assert record["reason"] == "gave_up"
     assert "gave up after" in str(record["error"])
@@ -196,7 +203,7 @@ async def test_stop_hands_back_in_flight_then_queued(make_rig: MakeRig) -> None:
     drained = await rig.dispatcher.drain(0.05, asyncio.Event())
     assert not drained
     leftovers = await rig.dispatcher.stop()
-    assert [e.event_id for e in leftovers] == [f"evt-{n:010d}" for n in range(5)]
+    assert [e.event_id for e, _ in leftovers] == [f"evt-{n:010d}" for n in range(5)]
     assert len(rig.queue) == 0
 
 

@@ -11,7 +11,7 @@ from typing import Any
 
 import aiohttp
 
-from tests.conftest import API_KEY, DaemonProc, MockProc, unix_session
+from tests.conftest import API_KEY, DaemonProc, MockProc, dead_letters, spooled, unix_session
 
 StartMock = Callable[..., Awaitable[MockProc]]
 StartDaemon = Callable[..., Awaitable[DaemonProc]]
@@ -107,10 +107,11 @@ async def test_every_accepted_event_arrives_exactly_once_across_a_restart(
     stopped = first.proc.events("stopped")[0]
     assert stopped["saved_pending"] > 0
     assert stopped["accepted"] == 40
-    assert (first.state_dir / "pending.jsonl").exists()
+    in_spool = spooled(first.state_dir)
+    assert len(in_spool) == stopped["saved_pending"]
 
     second = await daemon(mock.base_url, state_dir=first.state_dir, remote={"concurrency": 8})
-    assert second.proc.events("pending_restored")[0]["count"] == stopped["saved_pending"]
+    assert second.proc.events("spool_replay")[0]["in_memory"] == stopped["saved_pending"]
 
     async def all_arrived() -> bool:
         return len((await mock.record())["events"]) >= 40
@@ -128,7 +129,7 @@ async def test_every_accepted_event_arrives_exactly_once_across_a_restart(
         assert got["auth_user"] == API_KEY  # the daemon's key, never the app's
         assert {f: got[f] for f in expected[key]} == expected[key]
     assert await second.stop() == 0
-    assert not (first.state_dir / "pending.jsonl").exists()
+    assert spooled(first.state_dir) == []  # delivered rows are removed
     assert second.proc.events("stopped")[0]["saved_pending"] == 0
 
 
@@ -166,7 +167,7 @@ async def test_refused_key_pauses_delivery_until_the_key_works(
         await wait_until(delivered, 10)
         async with http.get("/readyz") as response:
             assert response.status == 200
-    assert not (d.state_dir / "dead-letter.jsonl").exists()
+    assert dead_letters(d.state_dir) == []
 
 
 async def test_permanent_failure_is_dead_lettered_with_reason(
@@ -185,13 +186,12 @@ async def test_permanent_failure_is_dead_lettered_with_reason(
         # The same idempotency key for another event: the remote answers 422, for good.
         other = {**first, "name": "PURCHASE", "value": "5"}
         assert (await _post(http, "/v1/events", json=[other]))[0] == 202
-        dead_file = d.state_dir / "dead-letter.jsonl"
 
         async def dead() -> bool:
-            return dead_file.exists() and bool(dead_file.read_text())
+            return bool(dead_letters(d.state_dir))
 
         await wait_until(dead, 10)
-    record = json.loads(dead_file.read_text().splitlines()[0])
+    record = dead_letters(d.state_dir)[0]
     assert record["reason"] == "rejected"
     assert record["status"] == 422
     assert record["event"]["name"] == "PURCHASE"
@@ -221,8 +221,7 @@ async def test_second_signal_stops_at_once_and_saves(
     started = loop.time()
     assert await d.stop(signal.SIGINT, timeout=10) == 0
     assert loop.time() - started < 5
-    saved = (d.state_dir / "pending.jsonl").read_text().splitlines()
-    assert len(saved) == 3
+    assert len(spooled(d.state_dir)) == 3
 
 
 async def test_send_command_and_check_config(mock_remote: StartMock, daemon: StartDaemon) -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import aiohttp
 
-from tests.conftest import DaemonProc, MockProc, Proc, spawn
+from tests.conftest import DaemonProc, MockProc, Proc, dead_letters, spawn, spooled
 from tests.test_e2e import wait_until
 
 KEY = "SECRETKEY-c0ffee-4242-recognisable"
@@ -65,10 +65,9 @@ async def test_key_appears_nowhere(
         await mock.set_faults(api_key=KEY)
         async with http.post("/v1/events", json=[{**bad, "name": "B"}]) as response:
             assert response.status == 202
-        dead_file = d.state_dir / "dead-letter.jsonl"
 
         async def dead_lettered() -> bool:
-            return dead_file.exists() and dead_file.stat().st_size > 0
+            return bool(dead_letters(d.state_dir))
 
         await wait_until(dead_lettered, 20)
         for path in ("/v1/stats", "/metrics"):
@@ -78,7 +77,7 @@ async def test_key_appears_nowhere(
         async with http.post("/v1/events", json=batch) as response:
             assert response.status == 202
     assert await d.stop() == 0
-    assert (d.state_dir / "pending.jsonl").exists()
+    assert spooled(d.state_dir)
 
     # Every command and its failure paths, with the key from a file this time.
     config = d.config_path.read_text()
@@ -110,8 +109,9 @@ async def test_key_appears_nowhere(
         seen[f"process {n} stderr"] = "\n".join(proc.stderr)
     for written in d.state_dir.rglob("*"):
         if written.is_file():
-            seen[str(written)] = written.read_text(errors="replace")
-    assert any(name.endswith("dead-letter.jsonl") for name in seen)
+            # Raw bytes: the spool is a SQLite file, and a key would sit in it as plain ASCII.
+            seen[str(written)] = written.read_bytes().decode("latin-1")
+    assert any(name.endswith("spool.db") for name in seen)  # events and dead letters, raw bytes
     assert any("delivery_paused" in text for text in seen.values()), "401 path not exercised"
     for where, text in seen.items():
         assert_clean(where, text)

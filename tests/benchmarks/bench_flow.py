@@ -25,10 +25,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import hashlib
+import itertools
 import json
 import os
 import shlex
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -39,6 +42,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import aiohttp
+
+import forwarder
 
 # Shared with the restart soak: `python -m forwarder ARGS` with its output in a log file. The
 # script runs with its own directory on sys.path; mypy sees the file as tests.benchmarks.*.
@@ -115,16 +120,14 @@ class Fleet:
     def __init__(self, keep_logs: bool) -> None:
         self.tmp = Path(tempfile.mkdtemp(prefix="fwflow"))
         self._keep = keep_logs
-        self._procs: list[tuple[str, asyncio.subprocess.Process]] = []
-        self._count = 0
+        self._procs: list[asyncio.subprocess.Process] = []
 
     async def _start(
         self, kind: str, args: list[str], env: dict[str, str]
     ) -> tuple[Path, asyncio.subprocess.Process]:
-        self._count += 1
-        log = self.tmp / f"{kind}-{self._count}.log"
+        log = self.tmp / f"{kind}-{len(self._procs)}.log"
         proc = await _spawn(args, env, log)
-        self._procs.append((kind, proc))
+        self._procs.append(proc)
         return log, proc
 
     async def mock(self, *flags: str) -> str:
@@ -136,26 +139,27 @@ class Fleet:
 
     async def daemon(self, config: str) -> str:
         """Start `forwarder run` with this TOML `config`; return its intake URL."""
-        self._count += 1
-        path = self.tmp / f"forwarder-{self._count}.toml"
+        path = self.tmp / f"forwarder-{len(self._procs)}.toml"
         path.write_text(config)
         log, proc = await self._start(
             "daemon", ["run", "--config", str(path)], {"FORWARDER_API_KEY": KEY}
         )
-        line = await _wait_line(log, proc, lambda text: '"event": "started"' in text)
+        line = await _wait_line(log, proc, _is_started)
         listening: list[str] = json.loads(line)["listening"]
         return listening[0]
 
     async def close(self) -> None:
         """Stop every process (SIGTERM, then SIGKILL), then remove the directory."""
-        for _, proc in self._procs:
+        for proc in self._procs:
             if proc.returncode is None:
-                proc.terminate()
-        for _, proc in self._procs:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.terminate()
+        for proc in self._procs:
             try:
                 await asyncio.wait_for(proc.wait(), STOP_TIMEOUT_S)
             except TimeoutError:
-                proc.kill()
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
                 await asyncio.wait_for(proc.wait(), STOP_TIMEOUT_S)
         self._procs.clear()
         if self._keep:
@@ -172,6 +176,15 @@ async def fleet(keep_logs: bool) -> AsyncIterator[Fleet]:
         yield running
     finally:
         await running.close()
+
+
+def _is_started(line: str) -> bool:
+    """The daemon's JSON "started" log line, which lists the addresses it listens on."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return False
+    return isinstance(record, dict) and record.get("event") == "started"
 
 
 async def _wait_line(
@@ -410,12 +423,12 @@ async def scenario_rate(events: int, keep_logs: bool) -> Report:
 
 @dataclass
 class Run:
-    """One adaptive-scenario run: whole-run and second-half throughput, limits seen."""
+    """One adaptive-scenario run: throughput, and (seconds, limit, rtt ms) samples of /v1/stats."""
 
     label: str
     whole: float
     second_half: float
-    limits: list[tuple[float, int]]
+    samples: list[tuple[float, int, float]]
     seconds: float
 
 
@@ -432,14 +445,16 @@ async def _throughput_run(concurrency: int, events: int, keep_logs: bool) -> Run
             max_events=events,
         )
         client = Client(http, await procs.daemon(config), mock)
-        limits: list[tuple[float, int]] = []
+        samples: list[tuple[float, int, float]] = []
         begun = time.monotonic()
 
         async def sample() -> None:
             while True:
                 with contextlib.suppress(aiohttp.ClientError, TimeoutError):
                     view = (await client.stats())["accounts"]["default"]
-                    limits.append((time.monotonic() - begun, int(view["concurrency"]["limit"])))
+                    flow = view["concurrency"]
+                    at = time.monotonic() - begun
+                    samples.append((at, int(flow["limit"]), float(flow["rtt_ms"])))
                 await asyncio.sleep(0.25)
 
         sampler = asyncio.create_task(sample())
@@ -455,7 +470,7 @@ async def _throughput_run(concurrency: int, events: int, keep_logs: bool) -> Run
     times = created_times(record)
     mid = len(times) // 2
     half = (len(times) - mid) / (times[-1] - times[mid]) if times[-1] > times[mid] else 0.0
-    run = Run(label, span_rate(times), half, limits, times[-1] - times[0])
+    run = Run(label, span_rate(times), half, samples, times[-1] - times[0])
     _progress(f"adaptive: {label}: {run.whole:.0f}/s, second half {run.second_half:.0f}/s")
     return run
 
@@ -475,18 +490,25 @@ async def scenario_adaptive(events: int, keep_logs: bool) -> Report:
             f"{run.whole:7.1f} / {run.second_half:7.1f}   ({run.seconds:.1f}s)",
         )
     best = max(fixed, key=lambda r: r.whole)
-    limits = [limit for _, limit in adaptive.limits] or [0]
+    samples = adaptive.samples or [(0.0, 0, 0.0)]
+    limits = [limit for _, limit, _ in samples]
     best_level = FIXED_LEVELS[fixed.index(best)]
-    reached = [at for at, limit in adaptive.limits if limit >= best_level]
+    reached = [at for at, limit, _ in samples if limit >= best_level]
+    cuts = sum(1 for before, after in itertools.pairwise(limits) if after < before)
     report.add("best fixed", f"{best.label} ({best.whole:.1f}/s)")
     report.add("adaptive steady state / best fixed", f"{adaptive.second_half / best.whole:.2%}")
     report.add("adaptive whole run / best fixed", f"{adaptive.whole / best.whole:.2%}")
     report.add("adaptive limit reached (max / at end)", f"{max(limits)} / {limits[-1]}")
-    quarter = [limits[len(limits) * q // 4] for q in range(4)] if len(limits) >= 4 else limits
-    report.add("adaptive limit at 0, 1/4, 1/2, 3/4 of run", " ".join(map(str, quarter)))
+    points = [samples[len(samples) * q // 4] for q in range(4)] + [samples[-1]]
+    report.add(
+        "adaptive limit at 0, 1/4, 1/2, 3/4, end",
+        " ".join(f"{limit}@{at:.1f}s" for at, limit, _ in points),
+    )
+    report.add("adaptive rtt ms at the same points", " ".join(f"{rtt:.0f}" for _, _, rtt in points))
+    report.add("adaptive limit cuts seen (0.25 s samples)", str(cuts))
     report.add(
         f"adaptive time to limit >= {best_level}",
-        f"{reached[0]:.1f}s (run took {adaptive.limits[-1][0]:.1f}s)" if reached else "never",
+        f"{reached[0]:.1f}s (run took {samples[-1][0]:.1f}s)" if reached else "never",
     )
     report.check(
         "adaptive steady state >= 90% of best fixed", adaptive.second_half >= 0.9 * best.whole
@@ -632,6 +654,30 @@ async def main(args: argparse.Namespace) -> list[Report]:
     return reports
 
 
+def code_version() -> str:
+    """The checkout's `git describe --always --dirty` and a hash of the daemon's sources.
+
+    Printed at the start and the end: if the hash differs, the code changed during the run.
+    """
+    package = Path(forwarder.__file__).resolve().parent
+    digest = hashlib.sha256()
+    for source in sorted(package.glob("*.py")):
+        digest.update(source.name.encode() + b"\0" + source.read_bytes())
+    try:
+        done = subprocess.run(
+            ["git", "describe", "--always", "--dirty"],
+            cwd=package,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=False,
+        )
+        described = done.stdout.strip() or "no git"
+    except (OSError, subprocess.SubprocessError):
+        described = "no git"
+    return f"{described}, forwarder/*.py sha256 {digest.hexdigest()[:12]}"
+
+
 def parse_args() -> argparse.Namespace:
     """Command-line options."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
@@ -654,9 +700,11 @@ if __name__ == "__main__":
     for var in [v for v in os.environ if v.startswith("FORWARDER_")]:
         del os.environ[var]
     begun = time.monotonic()
+    version = code_version()
     results = asyncio.run(main(options))
     print()
     print("command: " + shlex.join([sys.executable, *sys.argv]))
+    print(f"code: {version} at start, {code_version()} at end")
     for result in results:
         print(result.render())
     verdict = all(r.passed for r in results)
