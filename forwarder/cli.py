@@ -1,4 +1,4 @@
-"""The `forwarder` command: run, check-config, send, mock-remote, demo."""
+"""The `forwarder` command: run, reload, check-config, send, dlq, spool, mock-remote, demo."""
 
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ from forwarder.config import (
     render_effective,
 )
 from forwarder.credentials import resolve_account_keys, resolve_api_key
+from forwarder.dlq import add_commands
 
 EXIT_CONFIG = 2
 
@@ -180,6 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run the daemon")
     run.add_argument("--config", help="TOML config file (default /etc/forwarder/forwarder.toml)")
     run.set_defaults(func=cmd_run)
+
+    add_commands(sub, "TOML config file (default /etc/forwarder/forwarder.toml)")
 
     reload = sub.add_parser("reload", help="make the running daemon re-read its config (SIGHUP)")
     reload.add_argument("--config", help="TOML config file (default /etc/forwarder/forwarder.toml)")

@@ -463,13 +463,14 @@ class Spool:
 
     def _fail(self, ops: list[_Op], exc: BaseException) -> None:
         """On the loop, after a failed commit: nothing of `ops` was stored."""
-        error = SpoolError(f"could not write to the spool {self.path}: {exc}")
-        error.__cause__ = exc
         waiting = 0
         for op in ops:
             self._reserved -= op.reserved
             if op.future is not None:
                 if not op.future.done():
+                    # One instance per caller: a shared one would collect every task's traceback.
+                    error = SpoolError(f"could not write to the spool {self.path}: {exc}")
+                    error.__cause__ = exc
                     op.future.set_exception(error)
                     waiting += 1
             else:

@@ -1,0 +1,622 @@
+"""The SQLite spool: durability, group commit, damaged files and rows, and the CLI's helpers."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sqlite3
+import stat
+import time
+from collections.abc import AsyncIterator, Iterator
+from contextlib import closing, contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from forwarder.events import Event
+from forwarder.spool import (
+    APPLICATION_ID,
+    SCHEMA_VERSION,
+    SPOOL_FILE,
+    DeadLetter,
+    Spool,
+    SpoolError,
+    SpoolFull,
+    get_dead_letter,
+    list_dead_letters,
+    open_readonly_or_fail,
+    purge_dead_letters,
+    replay_dead_letters,
+    spool_stats,
+)
+
+DEAD: dict[str, Any] = {
+    "status": 400,
+    "error": "recipient_id unknown",
+    "attempts": 2,
+    "first_attempt_at": 1_700_000_100.0,
+    "last_attempt_at": 1_700_000_160.0,
+}
+
+
+def ev(i: int, **fields: Any) -> Event:
+    """Events whose bodies all have the same size (fixed-width ids)."""
+    return Event(
+        event_id=f"evt-{i:08d}",
+        recipient_id=f"r{i:04d}",
+        name="signup",
+        value="1",
+        accepted_at=1_700_000_000.0 + i,
+        **fields,
+    )
+
+
+def size_of(event: Event) -> int:
+    body = json.dumps(event.to_dict(), ensure_ascii=False, separators=(",", ":"))
+    return len(body.encode("utf-8"))
+
+
+def connect(path: Path) -> sqlite3.Connection:
+    """An independent connection, as another process would have."""
+    return sqlite3.connect(path, isolation_level=None, timeout=5.0)
+
+
+@contextmanager
+def cli(state_dir: Path) -> Iterator[sqlite3.Connection]:
+    conn = open_readonly_or_fail(state_dir)
+    try:
+        yield conn
+    finally:
+        conn.close()
+
+
+@pytest.fixture
+async def spool(tmp_path: Path) -> AsyncIterator[Spool]:
+    opened = await Spool.open(tmp_path)
+    yield opened
+    await opened.close()
+
+
+async def test_round_trip_and_seqs_never_reused(spool: Spool) -> None:
+    events = [ev(1), ev(2), ev(3)]
+    seqs = await spool.append(events)
+    assert seqs == sorted(seqs)
+    assert len(set(seqs)) == 3
+    rows = await spool.read_after(0, 10)
+    assert [row.seq for row in rows] == seqs
+    assert [row.event for row in rows] == events
+    assert (await spool.read_after(0, 2)) == rows[:2]
+    assert (await spool.read_after(seqs[0], 10)) == rows[1:]
+    assert spool.depth == 3
+    assert spool.bytes == sum(size_of(e) for e in events)
+    assert spool.max_seq == seqs[-1]
+    assert spool.oldest_accepted_at == events[0].accepted_at
+
+    await spool.remove(seqs[:1])
+    assert spool.oldest_accepted_at == events[1].accepted_at
+    await spool.remove(seqs[1:])
+    await spool.remove(seqs)  # again: unknown seqs are ignored
+    assert (spool.depth, spool.bytes) == (0, 0)
+    assert spool.oldest_accepted_at is None
+    assert spool.max_seq == seqs[-1]
+
+    [seq] = await spool.append([ev(4)])
+    assert seq > seqs[-1]  # the last seq was removed, and still not reused
+    assert [row.event for row in await spool.read_after(0, 10)] == [ev(4)]
+    assert await spool.read_after(seq, 10) == []
+    assert spool.oldest_accepted_at == ev(4).accepted_at
+
+
+async def test_reopen_keeps_the_counters(tmp_path: Path) -> None:
+    first = await Spool.open(tmp_path)
+    seqs = await first.append([ev(i) for i in range(1, 6)])
+    await first.remove([seqs[0], seqs[-1]])
+    before = (first.depth, first.bytes, first.max_seq, first.oldest_accepted_at)
+    await first.close()
+
+    second = await Spool.open(tmp_path)
+    try:
+        assert second.moved_aside is None
+        assert (second.depth, second.bytes, second.max_seq, second.oldest_accepted_at) == before
+        assert before == (3, 3 * size_of(ev(1)), seqs[-1], ev(2).accepted_at)
+        [seq] = await second.append([ev(6)])
+        assert seq == seqs[-1] + 1
+    finally:
+        await second.close()
+
+
+async def test_spool_full_is_all_or_nothing(tmp_path: Path) -> None:
+    one = size_of(ev(1))
+    spool = await Spool.open(tmp_path, max_bytes=2 * one + one // 2)
+    try:
+        await spool.append([ev(1)])
+        with pytest.raises(SpoolFull):
+            await spool.append([ev(2), ev(3)])
+        assert spool.depth == 1
+        assert [row.event for row in await spool.read_after(0, 10)] == [ev(1)]
+        [seq2] = await spool.append([ev(2)])
+        with pytest.raises(SpoolFull):
+            await spool.append([ev(3)])
+        await spool.remove([seq2])
+        await spool.append([ev(3)])
+        # force: a stop saving what is only in memory must not lose it to the bound
+        await spool.append([ev(4)], force=True)
+        assert spool.depth == 3
+    finally:
+        await spool.close()
+
+
+async def test_concurrent_appends_reserve_their_bytes(tmp_path: Path) -> None:
+    spool = await Spool.open(tmp_path, max_bytes=size_of(ev(1)) * 3 // 2)
+    try:
+        results = await asyncio.gather(
+            spool.append([ev(1)]), spool.append([ev(2)]), return_exceptions=True
+        )
+        assert sorted(type(r).__name__ for r in results) == ["SpoolFull", "list"]
+        assert spool.depth == 1
+    finally:
+        await spool.close()
+
+
+async def test_group_commit_shares_transactions(tmp_path: Path) -> None:
+    commits: list[float] = []
+    spool = await Spool.open(tmp_path, group_window_s=0.01, on_commit=commits.append)
+    try:
+        results = await asyncio.gather(*(spool.append([ev(i)]) for i in range(50)))
+        seqs = [r[0] for r in results]
+        assert seqs == sorted(seqs)
+        assert len(set(seqs)) == 50
+        assert 1 <= len(commits) <= 5
+        assert all(c >= 0 for c in commits)
+        assert spool.depth == 50
+    finally:
+        await spool.close()
+
+
+async def test_group_commit_batches_under_load_without_a_window(tmp_path: Path) -> None:
+    commits: list[float] = []
+    spool = await Spool.open(tmp_path, group_window_s=0.0, on_commit=commits.append)
+
+    async def producer(base: int) -> None:
+        for i in range(10):
+            await spool.append([ev(base + i)])
+
+    try:
+        await asyncio.gather(*(producer(1000 * p) for p in range(20)))
+        assert spool.depth == 200
+        # While one commit runs in the thread, the next requests queue up for the one after.
+        assert len(commits) <= 50
+    finally:
+        await spool.close()
+
+
+async def test_removals_share_commits_with_appends(tmp_path: Path) -> None:
+    commits: list[float] = []
+    spool = await Spool.open(tmp_path, group_window_s=0.01, on_commit=commits.append)
+    try:
+        seqs = await spool.append([ev(1), ev(2)])
+        commits.clear()
+        spool.remove_soon(seqs[:1])
+        await asyncio.gather(spool.append([ev(3)]), spool.remove(seqs[1:]))
+        assert len(commits) == 1
+        assert [row.event for row in await spool.read_after(0, 10)] == [ev(3)]
+    finally:
+        await spool.close()
+
+
+async def test_committed_rows_are_in_the_file(spool: Spool) -> None:
+    events = [ev(i) for i in range(1, 4)]
+    seqs = await spool.append(events)
+    with closing(connect(spool.path)) as other:
+        rows = other.execute("SELECT seq, account, body, size FROM events ORDER BY seq").fetchall()
+    assert [r[0] for r in rows] == seqs
+    assert [Event.from_dict(json.loads(r[2])) for r in rows] == events
+    assert [r[3] for r in rows] == [size_of(e) for e in events]
+
+
+async def test_new_file_is_ours(spool: Spool) -> None:
+    with closing(connect(spool.path)) as other:
+        assert other.execute("PRAGMA application_id").fetchone()[0] == APPLICATION_ID
+        assert other.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+        assert other.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+async def test_file_modes_are_0600_whatever_the_umask(tmp_path: Path) -> None:
+    old = os.umask(0)
+    try:
+        spool = await Spool.open(tmp_path)
+        try:
+            await spool.append([ev(1)])
+            for name in (SPOOL_FILE, SPOOL_FILE + "-wal", SPOOL_FILE + "-shm"):
+                mode = stat.S_IMODE((tmp_path / name).stat().st_mode)
+                assert mode == 0o600, (name, oct(mode))
+        finally:
+            await spool.close()
+    finally:
+        os.umask(old)
+
+
+def _assert_moved(spool: Spool, tmp_path: Path, original: bytes | None = None) -> Path:
+    moved = spool.moved_aside
+    assert moved is not None
+    assert moved.parent == tmp_path
+    assert moved.name.startswith(SPOOL_FILE + ".damaged-")
+    assert moved.is_file()
+    if original is not None:
+        assert moved.read_bytes() == original
+    assert spool.depth == 0
+    return moved
+
+
+async def test_random_bytes_are_moved_aside_with_their_wal(tmp_path: Path) -> None:
+    junk, wal = os.urandom(8192), os.urandom(4096)
+    (tmp_path / SPOOL_FILE).write_bytes(junk)
+    (tmp_path / (SPOOL_FILE + "-wal")).write_bytes(wal)
+    spool = await Spool.open(tmp_path)
+    try:
+        moved = _assert_moved(spool, tmp_path, junk)
+        assert Path(f"{moved}-wal").read_bytes() == wal
+        assert "damaged" in (spool.moved_aside_reason or "")
+        assert await spool.append([ev(1)]) == [1]
+    finally:
+        await spool.close()
+
+
+async def test_foreign_sqlite_file_is_moved_aside(tmp_path: Path) -> None:
+    with closing(connect(tmp_path / SPOOL_FILE)) as other:
+        other.execute("PRAGMA application_id = 4660")
+        other.execute("CREATE TABLE notes (text TEXT)")
+        other.execute("INSERT INTO notes VALUES ('keep me')")
+    spool = await Spool.open(tmp_path)
+    try:
+        moved = _assert_moved(spool, tmp_path)
+        assert "foreign" in (spool.moved_aside_reason or "")
+        with closing(connect(moved)) as other:
+            assert other.execute("SELECT text FROM notes").fetchall() == [("keep me",)]
+        await spool.append([ev(1)])
+        assert spool.depth == 1
+    finally:
+        await spool.close()
+
+
+async def test_newer_schema_is_moved_aside(tmp_path: Path) -> None:
+    first = await Spool.open(tmp_path)
+    await first.append([ev(1)])
+    await first.close()
+    with closing(connect(tmp_path / SPOOL_FILE)) as other:
+        other.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    spool = await Spool.open(tmp_path)
+    try:
+        moved = _assert_moved(spool, tmp_path)
+        assert "newer" in (spool.moved_aside_reason or "")
+        with closing(connect(moved)) as other:
+            assert other.execute("SELECT count(*) FROM events").fetchone()[0] == 1
+        await spool.append([ev(2)])
+    finally:
+        await spool.close()
+
+
+async def test_corrupt_pages_are_moved_aside(tmp_path: Path) -> None:
+    first = await Spool.open(tmp_path)
+    await first.append([ev(i) for i in range(500)])
+    await first.close()
+    path = tmp_path / SPOOL_FILE
+    data = bytearray(path.read_bytes())
+    page = 4096
+    assert len(data) > 4 * page
+    # Keep page 1 (header, schema) intact: only a full check can tell.
+    data[page:] = os.urandom(len(data) - page)
+    path.write_bytes(bytes(data))
+    spool = await Spool.open(tmp_path)
+    try:
+        _assert_moved(spool, tmp_path, bytes(data))
+        assert "damaged" in (spool.moved_aside_reason or "")
+        await spool.append([ev(1)])
+    finally:
+        await spool.close()
+
+
+async def test_empty_file_and_orphan_wal(tmp_path: Path) -> None:
+    (tmp_path / SPOOL_FILE).write_bytes(b"")  # creation cut short: used, not moved
+    spool = await Spool.open(tmp_path)
+    assert spool.moved_aside is None
+    await spool.close()
+
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / (SPOOL_FILE + "-wal")).write_bytes(os.urandom(4096))
+    spool = await Spool.open(other)
+    try:
+        assert spool.moved_aside is not None
+        assert Path(f"{spool.moved_aside}-wal").is_file()
+        assert "without its database" in (spool.moved_aside_reason or "")
+        await spool.append([ev(1)])
+    finally:
+        await spool.close()
+
+
+async def test_settle_dead_moves_the_event_in_one_commit(tmp_path: Path) -> None:
+    commits: list[float] = []
+    spool = await Spool.open(tmp_path, on_commit=commits.append)
+    try:
+        seqs = await spool.append([ev(1), ev(2)])
+        commits.clear()
+        await spool.settle_dead(seqs[0], ev(1), reason="rejected", **DEAD)
+        assert len(commits) == 1
+        assert (spool.depth, spool.dead_letters) == (1, 1)
+        assert spool.bytes == size_of(ev(2))
+        assert spool.oldest_accepted_at == ev(2).accepted_at
+        await spool.settle_dead(None, ev(9), reason="internal_error", **DEAD)
+        assert (spool.depth, spool.dead_letters) == (1, 2)
+        with cli(tmp_path) as conn:
+            first, second = list_dead_letters(conn)
+            assert conn.execute("SELECT seq FROM events").fetchall() == [(seqs[1],)]
+    finally:
+        await spool.close()
+    assert first.event == ev(1)
+    assert (first.reason, first.status, first.error, first.attempts) == (
+        "rejected",
+        400,
+        "recipient_id unknown",
+        2,
+    )
+    assert (first.first_attempt_at, first.last_attempt_at) == (1_700_000_100.0, 1_700_000_160.0)
+    assert abs(first.dead_lettered_at - time.time()) < 60
+    assert second.event == ev(9)
+    record = first.to_dict()
+    # The keys of the dead-letter record as the JSON-lines file had them, plus "id".
+    assert set(record) == {
+        "id",
+        "event",
+        "reason",
+        "status",
+        "error",
+        "attempts",
+        "first_attempt_at",
+        "last_attempt_at",
+        "dead_lettered_at",
+    }
+    assert record["event"] == ev(1).to_dict()
+    assert record["id"] == first.id
+    json.dumps(record)
+
+
+async def test_soon_requests_are_flushed_by_close(tmp_path: Path) -> None:
+    setup = await Spool.open(tmp_path)
+    seqs = await setup.append([ev(1), ev(2)])
+    await setup.close()
+    spool = await Spool.open(tmp_path, group_window_s=5.0)
+    spool.remove_soon(seqs[:1])
+    spool.dead_letter_soon(seqs[1], ev(2), reason="expired", **DEAD)
+    started = time.monotonic()
+    await spool.close()
+    await spool.close()  # idempotent
+    assert time.monotonic() - started < 2.5  # close cuts the 5 s group window short
+    with pytest.raises(SpoolError):
+        await spool.append([ev(3)])
+    with pytest.raises(SpoolError):
+        await spool.read_after(0, 1)
+    spool.remove_soon([1])  # after close: logged and dropped, never raised
+
+    again = await Spool.open(tmp_path)
+    try:
+        assert (again.depth, again.dead_letters) == (0, 1)
+    finally:
+        await again.close()
+
+
+async def test_cancelled_append_is_not_stored(tmp_path: Path) -> None:
+    spool = await Spool.open(tmp_path, max_bytes=size_of(ev(1)), group_window_s=0.05)
+    try:
+        task = asyncio.create_task(spool.append([ev(1)]))
+        await asyncio.sleep(0)  # queued, waiting for the window
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        # Its bytes are no longer reserved, and it never reaches the file.
+        [seq] = await spool.append([ev(2)])
+        assert [row.event for row in await spool.read_after(0, 10)] == [ev(2)]
+        assert seq == 1
+    finally:
+        await spool.close()
+
+
+async def test_event_with_invalid_unicode_is_refused_alone(spool: Spool) -> None:
+    with pytest.raises(ValueError, match="Unicode"):
+        await spool.append([ev(1, data="\ud800")])
+    assert await spool.append([ev(2)]) == [1]
+
+
+async def test_read_after_moves_damaged_rows_to_dead_letters(spool: Spool) -> None:
+    seqs = await spool.append([ev(1), ev(2), ev(3), ev(4)])
+    with closing(connect(spool.path)) as other:
+        other.execute("UPDATE events SET body = '{not json' WHERE seq = ?", (seqs[0],))
+        other.execute(
+            "UPDATE events SET body = ? WHERE seq = ?",
+            (json.dumps({"event_id": "evt-half-gone"}), seqs[1]),
+        )
+    # A page of only damaged rows must not look like the end of the spool.
+    rows = await spool.read_after(0, 1)
+    assert [(row.seq, row.event) for row in rows] == [(seqs[2], ev(3))]
+    assert spool.damaged == 2
+    assert (spool.depth, spool.dead_letters) == (2, 2)
+    assert spool.bytes == 2 * size_of(ev(1))
+    assert spool.oldest_accepted_at == ev(3).accepted_at
+    assert [row.event for row in await spool.read_after(0, 10)] == [ev(3), ev(4)]
+
+    with cli(spool.path.parent) as conn:
+        damaged = list_dead_letters(conn, reason="damaged")
+        assert [d.event.event_id for d in damaged] == ["", "evt-half-gone"]
+        assert damaged[0].event.data == "{not json"
+        assert f"spool row {seqs[0]}" in damaged[0].error
+        # Not an event: replay leaves them where they are.
+        assert replay_dead_letters(conn, None) == 0
+        assert len(list_dead_letters(conn)) == 2
+
+
+async def _dead_lettered(spool: Spool, events: list[Event], reasons: list[str]) -> list[int]:
+    """Append and dead-letter `events`; dead_lettered_at becomes 1000 + id. Returns the ids."""
+    seqs = await spool.append(events)
+    for seq, event, reason in zip(seqs, events, reasons, strict=True):
+        await spool.settle_dead(seq, event, reason=reason, **DEAD)
+    with closing(connect(spool.path)) as other:
+        other.execute("UPDATE dead_letters SET dead_lettered_at = 1000 + id")
+        return [row[0] for row in other.execute("SELECT id FROM dead_letters ORDER BY id")]
+
+
+async def test_cli_list_and_get(spool: Spool) -> None:
+    ids = await _dead_lettered(spool, [ev(1), ev(2), ev(3)], ["rejected", "expired", "rejected"])
+    with cli(spool.path.parent) as conn:
+        everything = list_dead_letters(conn)
+        assert [d.id for d in everything] == ids
+        assert [d.event for d in everything] == [ev(1), ev(2), ev(3)]
+        assert [d.id for d in list_dead_letters(conn, since=1000 + ids[1])] == ids[1:]
+        assert [d.id for d in list_dead_letters(conn, reason="rejected")] == [ids[0], ids[2]]
+        assert [d.id for d in list_dead_letters(conn, since=1000 + ids[1], reason="rejected")] == [
+            ids[2]
+        ]
+        assert [d.id for d in list_dead_letters(conn, limit=2)] == ids[:2]
+        got = get_dead_letter(conn, ids[1])
+        assert isinstance(got, DeadLetter)
+        assert got == everything[1]
+        assert got.dead_lettered_at == 1000 + ids[1]
+        assert get_dead_letter(conn, 999_999) is None
+
+
+async def test_cli_replay_and_refresh(spool: Spool) -> None:
+    await spool.append([ev(0)])
+    ids = await _dead_lettered(spool, [ev(1), ev(2), ev(3)], ["rejected"] * 3)
+    max_before = spool.max_seq
+    with cli(spool.path.parent) as conn:
+        seen: list[int] = []
+        assert replay_dead_letters(conn, [ids[0], ids[2], 424242], progress=seen.append) == 2
+        assert seen == [2]
+        assert [d.id for d in list_dead_letters(conn)] == [ids[1]]
+    assert await spool.refresh() == 2
+    assert spool.added_after == max_before
+    assert (spool.depth, spool.dead_letters, spool.max_seq) == (3, 1, max_before + 2)
+    rows = await spool.read_after(max_before, 10)
+    assert [row.event for row in rows] == [ev(1), ev(3)]  # the same events, same event_ids
+    assert all(row.seq > max_before for row in rows)
+    assert await spool.refresh() == 0
+
+    with cli(spool.path.parent) as conn:
+        seen = []
+        assert replay_dead_letters(conn, None, progress=seen.append, chunk=1) == 1
+        assert seen == [1]
+        assert list_dead_letters(conn) == []
+    assert await spool.refresh() == 1
+    assert spool.dead_letters == 0
+
+
+async def test_replayed_rows_below_our_own_new_seqs_are_counted(spool: Spool) -> None:
+    [first] = await spool.append([ev(1)])
+    await _dead_lettered(spool, [ev(2), ev(3)], ["expired"] * 2)
+    known = spool.max_seq
+    with cli(spool.path.parent) as conn:
+        assert replay_dead_letters(conn, None) == 2
+    # The daemon appends before it refreshes: its new seq lands above the replayed ones.
+    [mine] = await spool.append([ev(4)])
+    assert mine == known + 3
+    assert spool.depth == 4  # counted at once
+    assert await spool.refresh() == 2
+    assert spool.added_after == known
+    rows = await spool.read_after(spool.added_after, 10)
+    assert [row.event for row in rows] == [ev(2), ev(3), ev(4)]
+    assert first < known
+
+
+async def test_cli_purge_in_chunks(spool: Spool) -> None:
+    ids = await _dead_lettered(spool, [ev(i) for i in range(1, 6)], ["rejected"] * 5)
+    with cli(spool.path.parent) as conn:
+        seen: list[int] = []
+        assert purge_dead_letters(conn, 1000 + ids[3], seen.append, chunk=2) == 3
+        assert seen == [2, 3]
+        assert [d.id for d in list_dead_letters(conn)] == ids[3:]
+        assert purge_dead_letters(conn, 0) == 0
+    await spool.refresh()
+    assert spool.dead_letters == 2
+
+
+async def test_cli_stats(spool: Spool) -> None:
+    seqs = await spool.append([ev(1), ev(2), ev(3)])
+    await spool.remove(seqs[:1])
+    await _dead_lettered(spool, [ev(4), ev(5), ev(6)], ["rejected", "expired", "rejected"])
+    with cli(spool.path.parent) as conn:
+        stats = spool_stats(conn)
+    assert stats["path"] == str(spool.path.resolve())
+    assert stats["events"] == spool.depth == 2
+    assert stats["bytes"] == spool.bytes
+    assert stats["oldest_accepted_at"] == ev(2).accepted_at
+    assert stats["max_seq"] == spool.max_seq
+    assert stats["dead_letters"] == {"expired": 1, "rejected": 2}
+    assert stats["file_bytes"] >= (spool.path.stat().st_size)
+    json.dumps(stats)
+
+
+def test_cli_open_fails_without_touching_the_file(tmp_path: Path) -> None:
+    with pytest.raises(SpoolError, match="no spool"):
+        open_readonly_or_fail(tmp_path)
+    junk = os.urandom(4096)
+    (tmp_path / SPOOL_FILE).write_bytes(junk)
+    with pytest.raises(SpoolError, match="damaged"):
+        open_readonly_or_fail(tmp_path)
+    assert (tmp_path / SPOOL_FILE).read_bytes() == junk
+    assert sorted(p.name for p in tmp_path.iterdir()) == [SPOOL_FILE]
+    (tmp_path / SPOOL_FILE).unlink()
+    with closing(connect(tmp_path / SPOOL_FILE)) as other:
+        other.execute("PRAGMA application_id = 7")
+        other.execute("CREATE TABLE t (x)")
+    with pytest.raises(SpoolError, match="foreign"):
+        open_readonly_or_fail(tmp_path)
+
+
+async def test_spool_works_while_the_cli_reads_and_writes(spool: Spool) -> None:
+    seqs = await spool.append([ev(i) for i in range(10)])
+    with cli(spool.path.parent) as conn:
+        conn.execute("BEGIN")
+        assert conn.execute("SELECT count(*) FROM events").fetchone()[0] == 10
+        # A reader holds a snapshot; the daemon still commits.
+        await spool.append([ev(i) for i in range(10, 20)])
+        await spool.remove(seqs[:5])
+        assert conn.execute("SELECT count(*) FROM events").fetchone()[0] == 10
+        assert list_dead_letters(conn) == []
+        conn.execute("COMMIT")
+        assert conn.execute("SELECT count(*) FROM events").fetchone()[0] == 15
+
+        # A writer holds the lock for a moment: the append waits in the thread, not the loop.
+        conn.execute("BEGIN IMMEDIATE")
+        loop = asyncio.get_running_loop()
+        loop.call_later(0.1, conn.execute, "COMMIT")
+        append = asyncio.create_task(spool.append([ev(99)]))
+        ticks = 0
+        while not append.done():
+            await asyncio.sleep(0.01)
+            ticks += 1
+        assert ticks >= 5  # the loop kept running meanwhile
+        assert len(append.result()) == 1
+    assert spool.depth == 16
+
+
+async def test_a_failed_commit_fails_its_callers_and_the_spool_goes_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    spool = await Spool.open(tmp_path, max_bytes=2 * size_of(ev(1)))
+    try:
+
+        def broken(ops: object) -> object:
+            raise sqlite3.OperationalError("disk I/O error")
+
+        monkeypatch.setattr(spool, "_commit", broken)
+        results = await asyncio.gather(
+            spool.append([ev(1)]), spool.append([ev(2)]), return_exceptions=True
+        )
+        assert all(isinstance(r, SpoolError) for r in results)
+        assert "disk I/O error" in str(results[0])
+        monkeypatch.undo()
+        # Nothing was stored, and the failed appends hold no room any more.
+        assert await spool.append([ev(3), ev(4)]) == [1, 2]
+    finally:
+        await spool.close()
