@@ -344,7 +344,8 @@ class Daemon:
             log.error(
                 "spool_moved_aside",
                 path=str(spool.moved_aside),
-                reason="damaged or not forwarder's; kept for inspection, a fresh spool is used",
+                reason=spool.moved_aside_reason,
+                action="kept for inspection; a fresh spool is used",
             )
         self._spool = spool
         try:

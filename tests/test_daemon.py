@@ -191,3 +191,49 @@ async def test_reload_applies_what_it_can_and_refuses_a_bad_config(short_tmp: Pa
     finally:
         daemon.request_stop()
         assert await asyncio.wait_for(task, 10) == 0
+
+
+async def test_a_damaged_spool_is_moved_aside_and_a_fresh_one_used(short_tmp: Path) -> None:
+    state = short_tmp / "s"
+    state.mkdir()
+    (state / "spool.db").write_bytes(b"this is not a database" * 100)
+    daemon = Daemon(_config(state), KEY)
+    with structlog.testing.capture_logs() as logs:
+        task = await _run_until_ready(daemon)
+        daemon.request_stop()
+        assert await asyncio.wait_for(task, 10) == 0
+    (moved,) = [line for line in logs if line["event"] == "spool_moved_aside"]
+    assert "not an SQLite database" in moved["reason"]
+    aside = Path(moved["path"])
+    assert aside.parent == state
+    assert aside.read_bytes() == b"this is not a database" * 100  # kept, never dropped
+    assert (state / "spool.db").read_bytes().startswith(b"SQLite format 3")
+
+
+async def test_durable_mode_refuses_with_503_past_max_disk_bytes(short_tmp: Path) -> None:
+    config = dataclasses.replace(
+        _config(short_tmp / "s"),
+        remote=RemoteConfig(base_url="http://127.0.0.1:9/v1"),  # nothing listens: events stay
+        queue=QueueConfig(mode="durable", max_events=5, max_disk_bytes=1_048_576),
+        shutdown=ShutdownConfig(timeout_s=0.1),
+    )
+    daemon = Daemon(config, KEY)
+    task = await _run_until_ready(daemon)
+    try:
+        big = "x" * 60_000
+        batch = [{"recipient_id": str(n), "name": "PAGE_VIEW", "data": big} for n in range(10)]
+        async with aiohttp.ClientSession(base_url=daemon.addresses[0]) as http:
+            statuses = []
+            for _ in range(3):
+                async with http.post("/v1/events", json=batch) as response:
+                    statuses.append((response.status, await response.json()))
+        assert [status for status, _ in statuses] == [202, 503, 503]
+        assert statuses[1][1]["reason"] == "spool_full"
+        assert statuses[1][1]["error"].startswith("the spool is full")
+        # Ten accepted, only five in memory: the rest wait on disk, in order.
+        assert daemon.backlog is not None
+        assert daemon.backlog.on_disk_only + len(daemon.queue) + daemon.queue.in_delivery == 10
+        assert len(daemon.queue) + daemon.queue.in_delivery <= 5
+    finally:
+        daemon.request_stop()
+        assert await asyncio.wait_for(task, 10) == 0
