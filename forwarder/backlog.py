@@ -18,7 +18,7 @@ import structlog
 from forwarder.deadletter import DeadLetterNote
 from forwarder.events import Event
 from forwarder.queue import EventQueue
-from forwarder.spool import Spool, SpoolFull
+from forwarder.spool import Spool, SpoolError, SpoolFull
 
 log = structlog.get_logger("forwarder.backlog")
 # Rows read from disk per refill: big enough to amortise a query, small against memory.
@@ -69,6 +69,9 @@ class Backlog:
             seqs = await self.spool.append(events)
         except SpoolFull:
             return "spool_full"
+        except SpoolError as exc:  # the commit failed (disk full, I/O error): nothing stored
+            log.error("spool_write_failed", error=str(exc), count=len(events))
+            return "spool_error"
         # Committed: from here on the events are safe. They join the window only if nothing
         # older is still on disk (order) and they fit; otherwise the refill brings them in.
         if not self._unloaded and self.queue.offer(events, seqs):
@@ -107,7 +110,7 @@ class Backlog:
         """At a stop: spool the events that are in memory only; returns how many."""
         unsaved = [event for event, spool_seq in leftovers if not spool_seq]
         if unsaved:
-            await self.spool.append(unsaved)
+            await self.spool.append(unsaved, force=True)
         return len(unsaved)
 
     async def _refill(self) -> None:
@@ -128,8 +131,11 @@ class Backlog:
                 self.replayed += len(new)
                 continue
             self._wake.clear()
+            # asyncio.timeout, not wait_for: on 3.11 wait_for swallows a cancellation that
+            # arrives as the event is set, and this event is set on every delivery.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout=REFRESH_S)
+                async with asyncio.timeout(REFRESH_S):
+                    await self._wake.wait()
             if time.monotonic() - last_refresh >= REFRESH_S:
                 last_refresh = time.monotonic()
                 added = await self.spool.refresh()

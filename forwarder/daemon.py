@@ -360,7 +360,7 @@ class Daemon:
         durable = cfg.queue.mode == "durable"
         try:
             await self._import_pending_file(state_dir, spool, default)
-        except (OSError, sqlite3.Error) as exc:  # the file still holds them: nothing is lost
+        except (OSError, sqlite3.Error, SpoolError) as exc:  # the file still holds them
             log.error("startup_failed", error=f"cannot move the pending file into the spool: {exc}")
             return 1
         self.backlog = backlog = Backlog(self.queue, spool, durable=durable)
@@ -496,7 +496,7 @@ class Daemon:
             return 0
         try:
             await backlog.save(leftovers)
-        except (OSError, sqlite3.Error) as exc:
+        except (OSError, sqlite3.Error, SpoolError) as exc:
             # Disk full or gone: the journal is the last place left, so the events are not lost
             # without a trace (they can be re-sent from these lines by hand).
             log.error(

@@ -316,8 +316,11 @@ class Lane:
 
     async def _wait_gates(self, seconds: float) -> None:
         changed = self._gates_changed
+        # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation that
+        # arrives as the event is set, and a stop must never be lost.
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(changed.wait(), timeout=min(seconds, MAX_WAIT_SLICE_S))
+            async with asyncio.timeout(min(seconds, MAX_WAIT_SLICE_S)):
+                await changed.wait()
 
     def _notify_gates(self) -> None:
         self._gates_changed.set()
@@ -540,7 +543,8 @@ class Dispatcher:
             self._progress.clear()
             # Short slices so a second signal (force) is noticed promptly.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._progress.wait(), timeout=min(remaining, 0.1))
+                async with asyncio.timeout(min(remaining, 0.1)):
+                    await self._progress.wait()
         return True
 
     def _deliverable(self) -> bool:

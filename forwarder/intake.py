@@ -125,6 +125,7 @@ _REFUSALS = {
     "shutting_down": "forwarder is shutting down; retry later",
     "queue_full": "queue is full; retry later",
     "spool_full": "the spool is full (queue.max_disk_bytes); retry later",
+    "spool_error": "the spool cannot be written (see forwarder's log); retry later",
 }
 
 

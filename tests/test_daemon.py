@@ -27,6 +27,7 @@ from forwarder.config import (
 from forwarder.credentials import ApiKey, Secret
 from forwarder.daemon import Daemon
 from forwarder.events import Event
+from tests.conftest import spooled
 
 KEY = configured_accounts(Config(), ApiKey(Secret("sk-daemon-test-0000"), "test"), {})
 
@@ -237,3 +238,27 @@ async def test_durable_mode_refuses_with_503_past_max_disk_bytes(short_tmp: Path
     finally:
         daemon.request_stop()
         assert await asyncio.wait_for(task, 10) == 0
+
+
+async def test_a_stop_saves_everything_even_past_max_disk_bytes(short_tmp: Path) -> None:
+    # The bound is for admission in durable mode; a stop in memory mode must never lose events.
+    config = dataclasses.replace(
+        _config(short_tmp / "s"),
+        remote=RemoteConfig(base_url="http://127.0.0.1:9/v1"),
+        queue=QueueConfig(mode="memory", max_disk_bytes=1_048_576),
+        shutdown=ShutdownConfig(timeout_s=0.1),
+    )
+    daemon = Daemon(config, KEY)
+    task = await _run_until_ready(daemon)
+    big = "y" * 60_000
+    events = [
+        Event(event_id=f"evt-big-{n:06d}", recipient_id=str(n), name="V", data=big, account="x")
+        for n in range(40)  # 2.4 MB, held for an account without a lane: nothing delivers them
+    ]
+    assert daemon.queue.offer(events)
+    with structlog.testing.capture_logs() as logs:
+        daemon.request_stop()
+        assert await asyncio.wait_for(task, 10) == 0
+    (saved,) = [line for line in logs if line["event"] == "pending_saved"]
+    assert saved["count"] == 40
+    assert len(spooled(short_tmp / "s")) == 40

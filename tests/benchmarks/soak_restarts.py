@@ -24,6 +24,8 @@ from typing import Any
 
 import aiohttp
 
+from forwarder.spool import list_dead_letters, open_readonly_or_fail
+
 KEY = "soak-key-0123456789"
 
 
@@ -63,7 +65,7 @@ async def soak(seconds: float, clients: int, state: Path) -> dict[str, Any]:
         "FORWARDER_RETRY_INITIAL_BACKOFF_S": "0.05",
         "FORWARDER_RETRY_MAX_BACKOFF_S": "0.5",
         "FORWARDER_SHUTDOWN_TIMEOUT_S": "0.5",
-        "FORWARDER_LOG_LEVEL": "warning",
+        "FORWARDER_LOG_LEVEL": os.environ.get("SOAK_LOG_LEVEL", "warning"),
     }
     log = state / "daemon.log"
     accepted: set[str] = set()
@@ -119,7 +121,11 @@ async def soak(seconds: float, clients: int, state: Path) -> dict[str, Any]:
     mock.send_signal(signal.SIGTERM)
     await asyncio.wait_for(mock.wait(), 30)
     keys = [e["idempotency_key"] for e in record["events"]]
-    dead = state / "dead-letter.jsonl"
+    conn = open_readonly_or_fail(state)
+    try:
+        dead = len(list_dead_letters(conn))
+    finally:
+        conn.close()
     return {
         "seconds": seconds,
         "restarts": restarts,
@@ -130,7 +136,7 @@ async def soak(seconds: float, clients: int, state: Path) -> dict[str, Any]:
         "created_twice": len(keys) - len(set(keys)),
         "missing": len(accepted - set(keys)),
         "created_not_accepted": len(set(keys) - accepted - unanswered),
-        "dead_letters": len(dead.read_text().splitlines()) if dead.exists() else 0,
+        "dead_letters": dead,
         "mock": record["stats"],
     }
 
