@@ -20,6 +20,9 @@ Clock = Callable[[], float]
 
 # Longest window the limiter believes a server's rate window can be.
 MAX_WINDOW_S = 3600.0
+# The pacing bucket holds this many seconds of the rate: a backlog goes out evenly, and a lane
+# coming back from a pause (gate, breaker, spent quota) does not burst a whole second at once.
+BURST_S = 0.25
 # A 429 that names no wait still holds the account this long.
 DEFAULT_429_WAIT_S = 1.0
 # `X-RateLimit-Reset` is whole seconds rounded up: an end estimate may be this much late.
@@ -39,12 +42,13 @@ class Ticket:
 class RateLimiter:
     """A token bucket that paces requests, under a per-window quota learned from the server.
 
-    The bucket refills at `limit / window` per second and holds at most a second's worth, so a
-    backlog goes out evenly instead of as one burst. On top, the limiter counts the requests it
-    started in the server's current window and never starts more than the server's quota; each
-    answer's `X-RateLimit-Limit`, `-Remaining` and `-Reset` correct the quota, the window's end
-    and its length (so a plan upgrade, or another client using the same key, is noticed). A 429
-    closes the gate for the whole account until the reset: retries take tokens like any request.
+    The bucket refills at `limit / window` per second and holds at most a quarter second's
+    worth, so a backlog goes out evenly instead of as one burst. On top, the limiter counts the
+    requests it started in the server's current window and never starts more than the server's
+    quota; each answer's `X-RateLimit-Limit`, `-Remaining` and `-Reset` correct the quota, the
+    window's end and its length (so a plan upgrade, or another client using the same key, is
+    noticed). A 429 closes the gate for the whole account until the reset: retries take tokens
+    like any request.
     """
 
     def __init__(self, per_minute: int, *, clock: Clock = time.monotonic) -> None:
@@ -70,8 +74,8 @@ class RateLimiter:
 
     @property
     def capacity(self) -> float:
-        """Largest burst the bucket allows."""
-        return max(1.0, self.rate)
+        """Largest burst the bucket allows: a quarter second's worth (after a pause, too)."""
+        return max(1.0, self.rate * BURST_S)
 
     @property
     def remaining(self) -> int:
@@ -163,12 +167,14 @@ class ConcurrencyController:
 
     In the spirit of Vector's adaptive request concurrency: time is cut into windows about one
     round trip long. After a window in which the limit was actually reached, latency held steady
-    and nothing pushed back, the limit grows by one. Steady means within `QUEUE_TOLERANCE` of the
-    lowest (smoothed) latency since the limit last went down: past the remote's capacity each step
-    adds a little latency (requests queue), too little to count as a jump, and a moving average
-    would follow that rise up to `maximum`. Timeouts, connection errors and 5xx halve the limit;
-    a latency jump (beyond the long-run mean plus its deviation) cuts it by a tenth; either way
-    the lowest latency is learned afresh. The limit stays within `minimum`..`maximum`. Slots are
+    and nothing pushed back, the limit grows by one (doubles, during the slow start that begins
+    each ramp and ends at the first cut or sign of queueing). Steady means within
+    `QUEUE_TOLERANCE` of the lowest (smoothed) latency since the limit last went down: past the
+    remote's capacity each step adds a little latency (requests queue), too little to count as a
+    jump, and a moving average would follow that rise up to `maximum`. Timeouts, connection
+    errors and 5xx halve the limit; a latency jump (beyond the long-run mean plus its deviation)
+    cuts it by a tenth; either way the lowest latency is learned afresh. A slow start ends by
+    halving: its last doubling overshot. The limit stays within `minimum`..`maximum`. Slots are
     handed out first come, first served.
     """
 
@@ -200,6 +206,9 @@ class ConcurrencyController:
         self._rtt_count = 0
         self._backpressure = False
         self._reached = False
+        # Slow start, as in TCP: double per window until the first sign of a limit, so a fresh
+        # lane reaches a high concurrency in a few round trips instead of one step per trip.
+        self.slow_start = True
 
     @property
     def adaptive(self) -> bool:
@@ -261,12 +270,19 @@ class ConcurrencyController:
         if self.adaptive:
             threshold = max(self._deviation * self.DEVIATION_SCALE, self.past_rtt * self.JUMP_FLOOR)
             queueing = self.base_rtt > 0 and mean > self.base_rtt * (1 + self.QUEUE_TOLERANCE)
+            jump = bool(self.past_rtt) and mean > self.past_rtt + threshold
             if self._backpressure:
                 self._decrease(self.ERROR_DECREASE)
-            elif self.past_rtt and mean > self.past_rtt + threshold:
+            elif self.slow_start and (jump or queueing):
+                # The last doubling overshot (its effect shows a window late): back to where
+                # latency was still fine, keeping the base latency learned on the way up.
+                self.limit = max(self.minimum, self.limit // 2)
+                self.slow_start = False
+            elif jump:
                 self._decrease(self.LATENCY_DECREASE)
             elif self._reached and not queueing and self.limit < self.maximum:
-                self.limit += 1
+                grown = self.limit * 2 if self.slow_start else self.limit + 1
+                self.limit = min(self.maximum, grown)
                 self._wake()
         if self._rtt_count:
             if self.past_rtt:
@@ -294,11 +310,13 @@ class ConcurrencyController:
     def _decrease(self, factor: float) -> None:
         self.limit = max(self.minimum, math.floor(self.limit * factor))
         self.base_rtt = 0.0  # conditions changed: learn the lowest latency again
+        self.slow_start = False
 
     def restart(self) -> None:
-        """Back to the minimum (the remote was down): it ramps up again from there."""
+        """Back to the minimum (the remote was down): it ramps up again from there, fast."""
         if self.adaptive:
             self._decrease(0.0)
+            self.slow_start = True
 
 
 class BreakerState(enum.Enum):
