@@ -92,7 +92,7 @@ class Backlog:
     def dead_lettered(self, event: Event, spool_seq: int, note: DeadLetterNote) -> None:
         """An event was dead-lettered: the record is written and its row removed, atomically."""
         self._in_memory.discard(spool_seq)
-        self.spool.dead_letter_soon(spool_seq or None, event, **note.fields())
+        self.spool.dead_letter_soon(spool_seq or None, event, note)
 
     async def replay_all(self) -> int:
         """Memory mode, at start: bring every saved event into memory, beyond the bound."""

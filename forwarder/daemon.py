@@ -31,9 +31,9 @@ from forwarder.config import Config, ConfigError
 from forwarder.dispatcher import Dispatcher, LaneSettings
 from forwarder.events import Event
 from forwarder.intake import IntakeState, create_app
-from forwarder.queue import EventQueue, load_pending, remove_pending
+from forwarder.queue import EventQueue
 from forwarder.remote import USER_AGENT, RemoteClient
-from forwarder.spool import Spool, SpoolError
+from forwarder.spool import Spool, SpoolError, load_pending, remove_pending
 from forwarder.telemetry import Metrics, Stats, set_log_level, set_secrets
 
 log = structlog.get_logger("forwarder.daemon")

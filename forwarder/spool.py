@@ -30,6 +30,7 @@ from typing import Any, TypeVar
 
 import structlog
 
+from forwarder.deadletter import DeadLetterNote
 from forwarder.events import Event
 
 SPOOL_FILE = "spool.db"
@@ -329,49 +330,24 @@ class Spool:
             return
         self._enqueue(_Op(None, removes=list(seqs)))
 
-    async def settle_dead(
-        self,
-        seq: int | None,
-        event: Event,
-        *,
-        reason: str,
-        status: int | None,
-        error: str,
-        attempts: int,
-        first_attempt_at: float,
-        last_attempt_at: float,
-    ) -> None:
+    async def settle_dead(self, seq: int | None, event: Event, note: DeadLetterNote) -> None:
         """Record a dead letter and delete event `seq` (if given) in one transaction."""
-        row = _dead_row(
-            event, reason, status, error, attempts, first_attempt_at, last_attempt_at, time.time()
-        )
         future: asyncio.Future[None] = self._loop.create_future()
-        self._enqueue(_Op(future, dead=row, removes=[] if seq is None else [seq]))
+        self._enqueue(_dead_op(future, seq, event, note))
         await future
 
-    def dead_letter_soon(
-        self,
-        seq: int | None,
-        event: Event,
-        *,
-        reason: str,
-        status: int | None,
-        error: str,
-        attempts: int,
-        first_attempt_at: float,
-        last_attempt_at: float,
-    ) -> None:
+    def dead_letter_soon(self, seq: int | None, event: Event, note: DeadLetterNote) -> None:
         """`settle_dead` in the next group commit, without waiting for it."""
-        row = _dead_row(
-            event, reason, status, error, attempts, first_attempt_at, last_attempt_at, time.time()
-        )
         if not self._accepting:
             # The event's row stays, so it is attempted again after a restart: nothing is lost.
             log.warning(
-                "spool_closed_dead_letter_dropped", seq=seq, event_id=event.event_id, reason=reason
+                "spool_closed_dead_letter_dropped",
+                seq=seq,
+                event_id=event.event_id,
+                reason=note.reason,
             )
             return
-        self._enqueue(_Op(None, dead=row, removes=[] if seq is None else [seq]))
+        self._enqueue(_dead_op(None, seq, event, note))
 
     async def read_after(self, seq: int, limit: int) -> list[SpooledEvent]:
         """Events with a seq above `seq`, oldest first, at most `limit` of them.
@@ -712,8 +688,13 @@ class Spool:
 # -- encoding ---------------------------------------------------------------------------------
 
 
+# One encoder for every row: json.dumps with options builds a fresh encoder per call, which
+# costs about a third of a durable admission's extra CPU.
+_ENCODE = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+
+
 def _body(event: Event) -> tuple[str, int]:
-    body = json.dumps(event.to_dict(), ensure_ascii=False, separators=(",", ":"))
+    body = _ENCODE(event.to_dict())
     try:
         size = len(body.encode("utf-8"))
     except UnicodeEncodeError:
@@ -727,29 +708,27 @@ def _event_row(event: Event) -> _EventRow:
     return (event.account, body, size, event.accepted_at)
 
 
-def _dead_row(
-    event: Event,
-    reason: str,
-    status: int | None,
-    error: str,
-    attempts: int,
-    first_attempt_at: float,
-    last_attempt_at: float,
-    dead_lettered_at: float,
-) -> _DeadRow:
+def _dead_row(event: Event, note: DeadLetterNote, dead_lettered_at: float) -> _DeadRow:
     body, _size = _body(event)
     return (
         event.event_id,
         event.account,
-        reason,
-        status,
-        error,
-        attempts,
-        first_attempt_at,
-        last_attempt_at,
+        note.reason,
+        note.status,
+        note.error,
+        note.attempts,
+        note.first_attempt_at,
+        note.last_attempt_at,
         dead_lettered_at,
         body,
     )
+
+
+def _dead_op(
+    future: asyncio.Future[None] | None, seq: int | None, event: Event, note: DeadLetterNote
+) -> _Op:
+    row = _dead_row(event, note, time.time())
+    return _Op(future, dead=row, removes=[] if seq is None else [seq])
 
 
 def _decode(body: object) -> Event:
@@ -1214,3 +1193,68 @@ def spool_stats(conn: sqlite3.Connection) -> dict[str, Any]:
         "file_bytes": files[""] + files["-wal"],
         "wal_bytes": files["-wal"],
     }
+
+
+# --- the pending file of older versions -----------------------------------------------------
+# Before the spool, a clean stop saved its leftovers to `pending.jsonl`; the daemon moves such a
+# file into the spool at start, so one replay path serves every version's leftovers.
+
+PENDING_FILE = "pending.jsonl"
+REJECTED_FILE = "pending.rejected.jsonl"
+
+
+@dataclass(slots=True)
+class PendingLoad:
+    """What was read back from the pending file."""
+
+    events: list[Event] = field(default_factory=list)
+    damaged_lines: int = 0
+
+
+def save_pending(state_dir: Path, events: list[Event]) -> Path:
+    """Append events to the pending file and fsync it (blocking: run it in a thread).
+
+    Appending, never truncating, means a pending file that was not consumed (say, a failed start)
+    is never overwritten.
+    """
+    path = state_dir / PENDING_FILE
+    lines = "".join(json.dumps(e.to_dict(), ensure_ascii=False) + "\n" for e in events)
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    with os.fdopen(fd, "a", encoding="utf-8") as handle:
+        handle.write(lines)
+        handle.flush()
+        os.fsync(handle.fileno())
+    _fsync_dir(state_dir)
+    return path
+
+
+def load_pending(state_dir: Path) -> PendingLoad:
+    """Read the pending file (blocking: run it in a thread).
+
+    Damaged lines (say, torn by a full disk) are copied to `pending.rejected.jsonl` and counted,
+    so nothing is dropped without a trace. The caller removes the file once the events are queued.
+    """
+    path = state_dir / PENDING_FILE
+    result = PendingLoad()
+    if not path.exists():
+        return result
+    rejected: list[str] = []
+    with path.open(encoding="utf-8", errors="replace") as handle:
+        for line in handle:
+            if not line.strip():
+                continue
+            try:
+                result.events.append(Event.from_dict(json.loads(line)))
+            except (ValueError, TypeError, AttributeError):
+                rejected.append(line if line.endswith("\n") else line + "\n")
+    if rejected:
+        result.damaged_lines = len(rejected)
+        with (state_dir / REJECTED_FILE).open("a", encoding="utf-8") as handle:
+            handle.writelines(rejected)
+    return result
+
+
+def remove_pending(state_dir: Path) -> None:
+    """Remove the pending file after its events were queued (blocking)."""
+    (state_dir / PENDING_FILE).unlink(missing_ok=True)
+    _fsync_dir(state_dir)

@@ -11,7 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from forwarder.events import Event
-from forwarder.queue import EventQueue, load_pending, remove_pending, save_pending
+from forwarder.queue import EventQueue
+from forwarder.spool import load_pending, remove_pending, save_pending
 
 
 def event(n: int) -> Event:

@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from forwarder.deadletter import DeadLetterNote
 from forwarder.events import Event
 from forwarder.spool import (
     APPLICATION_ID,
@@ -39,6 +40,10 @@ DEAD: dict[str, Any] = {
     "first_attempt_at": 1_700_000_100.0,
     "last_attempt_at": 1_700_000_160.0,
 }
+
+
+def note(reason: str) -> DeadLetterNote:
+    return DeadLetterNote(reason=reason, **DEAD)
 
 
 def ev(i: int, **fields: Any) -> Event:
@@ -343,12 +348,12 @@ async def test_settle_dead_moves_the_event_in_one_commit(tmp_path: Path) -> None
     try:
         seqs = await spool.append([ev(1), ev(2)])
         commits.clear()
-        await spool.settle_dead(seqs[0], ev(1), reason="rejected", **DEAD)
+        await spool.settle_dead(seqs[0], ev(1), note("rejected"))
         assert len(commits) == 1
         assert (spool.depth, spool.dead_letters) == (1, 1)
         assert spool.bytes == size_of(ev(2))
         assert spool.oldest_accepted_at == ev(2).accepted_at
-        await spool.settle_dead(None, ev(9), reason="internal_error", **DEAD)
+        await spool.settle_dead(None, ev(9), note("internal_error"))
         assert (spool.depth, spool.dead_letters) == (1, 2)
         with cli(tmp_path) as conn:
             first, second = list_dead_letters(conn)
@@ -389,7 +394,7 @@ async def test_soon_requests_are_flushed_by_close(tmp_path: Path) -> None:
     await setup.close()
     spool = await Spool.open(tmp_path, group_window_s=5.0)
     spool.remove_soon(seqs[:1])
-    spool.dead_letter_soon(seqs[1], ev(2), reason="expired", **DEAD)
+    spool.dead_letter_soon(seqs[1], ev(2), note("expired"))
     started = time.monotonic()
     await spool.close()
     await spool.close()  # idempotent
@@ -460,7 +465,7 @@ async def _dead_lettered(spool: Spool, events: list[Event], reasons: list[str]) 
     """Append and dead-letter `events`; dead_lettered_at becomes 1000 + id. Returns the ids."""
     seqs = await spool.append(events)
     for seq, event, reason in zip(seqs, events, reasons, strict=True):
-        await spool.settle_dead(seq, event, reason=reason, **DEAD)
+        await spool.settle_dead(seq, event, note(reason))
     with closing(connect(spool.path)) as other:
         other.execute("UPDATE dead_letters SET dead_lettered_at = 1000 + id")
         return [row[0] for row in other.execute("SELECT id FROM dead_letters ORDER BY id")]
