@@ -34,12 +34,27 @@ from forwarder.intake import IntakeState, create_app
 from forwarder.queue import EventQueue
 from forwarder.remote import USER_AGENT, RemoteClient
 from forwarder.spool import Spool, SpoolError, load_pending, remove_pending
+from forwarder.systemd import (
+    ListenSocket,
+    Notifier,
+    PerMinute,
+    Watchdog,
+    drain_timeout_s,
+    format_status,
+    listen_sockets,
+    stop_timeout_s,
+    watchdog_interval,
+)
 from forwarder.telemetry import Metrics, Stats, set_log_level, set_secrets
 
 log = structlog.get_logger("forwarder.daemon")
 # aiohttp's grace for requests still being answered when the listeners close.
 HANDLER_GRACE_S = 2.0
 PID_FILE = "forwarder.pid"
+# How often STATUS= goes to systemd.
+STATUS_EVERY_S = 5.0
+# Kept between the drain's end and systemd's SIGKILL, for saving and closing.
+STOP_RESERVE_S = 5.0
 # Settings a reload cannot change in a running process: they need a restart.
 RESTART_ONLY = (
     "intake.http_listen",
@@ -89,6 +104,10 @@ class Daemon:
         self._reload_task: asyncio.Task[bool] | None = None
         self._spool: Spool | None = None
         self.backlog: Backlog | None = None
+        self.notifier = Notifier.from_env()
+        self._activated: list[ListenSocket] = []
+        self._status_task: asyncio.Task[None] | None = None
+        self._delivery_rate = PerMinute()
 
     def request_stop(self) -> None:
         """Begin a graceful stop (as SIGTERM does); a second call stops without draining."""
@@ -170,6 +189,24 @@ class Daemon:
             },
         }
 
+    def _status_line(self, prefix: str = "") -> str:
+        return prefix + format_status(
+            queued=len(self.queue) + (self.backlog.on_disk_only if self.backlog else 0),
+            in_delivery=self.queue.in_delivery,
+            delivered_per_min=self._delivery_rate.observe(self.stats.delivered),
+            spool=self._spool.depth if self._spool else 0,
+        )
+
+    async def _report_status(self) -> None:
+        while True:
+            await asyncio.sleep(STATUS_EVERY_S)
+            reason = self._not_ready_reason()
+            self.notifier.status(self._status_line(prefix=f"{reason}; " if reason else ""))
+
+    def _healthy(self) -> bool:
+        """For the watchdog: the event loop turns (this runs) and every lane still pulls."""
+        return self._dispatcher is None or self._dispatcher.healthy()
+
     def _lane_settings(self, account: Account, config: Config) -> LaneSettings:
         return LaneSettings(per_minute=account.per_minute, remote=config.remote, retry=config.retry)
 
@@ -226,6 +263,17 @@ class Daemon:
         if self._loader is None or self._dispatcher is None or self._shutting_down:
             log.warning("reload_skipped", reason="not running")
             return False
+        self.notifier.reloading("reloading the configuration")
+        try:
+            applied = await self._reload()
+        finally:
+            # READY=1 after RELOADING=1 in every case, or systemd waits out its reload timeout.
+            self.notifier.ready(self._status_line(prefix="" if applied else "reload refused; "))
+        return applied
+
+    async def _reload(self) -> bool:
+        assert self._dispatcher is not None
+        assert self._loader is not None
         try:
             # Reading files (config, key files) is blocking: off the event loop.
             config, accounts = await asyncio.to_thread(self._loader)
@@ -331,6 +379,27 @@ class Daemon:
         started = time.monotonic()
         metrics = Metrics(self.stats, self._gauges, self._account_views)
         try:
+            # systemd socket activation: serve on the sockets it passed instead of binding.
+            self._activated = listen_sockets()
+        except ValueError as exc:
+            log.error("startup_failed", error=str(exc))
+            return 1
+        interval = watchdog_interval()
+        watchdog = Watchdog(self.notifier, interval, self._healthy) if interval else None
+        if watchdog is not None:
+            watchdog.start()  # from the start: a slow replay must not look like a hang
+        try:
+            return await self._open_spool_and_run(state_dir, metrics, started)
+        finally:
+            if watchdog is not None:
+                await watchdog.stop()
+            self.notifier.close()
+            for activated in self._activated:
+                activated.sock.close()
+
+    async def _open_spool_and_run(self, state_dir: Path, metrics: Metrics, started: float) -> int:
+        cfg = self.config
+        try:
             await asyncio.to_thread(_prepare_state_dir, state_dir)
             spool = await Spool.open(
                 state_dir,
@@ -349,11 +418,11 @@ class Daemon:
             )
         self._spool = spool
         try:
-            return await self._run_with(spool, metrics, started)
+            return await self._serve(spool, metrics, started)
         finally:
             await spool.close()
 
-    async def _run_with(self, spool: Spool, metrics: Metrics, started: float) -> int:
+    async def _serve(self, spool: Spool, metrics: Metrics, started: float) -> int:
         cfg = self.config
         state_dir = cfg.state.path
         default = cfg.remote.default_account
@@ -423,6 +492,8 @@ class Daemon:
             await asyncio.to_thread(_write_pid, state_dir)
             pid_written = True
             self.ready.set()
+            self.notifier.ready(self._status_line())
+            self._status_task = asyncio.create_task(self._report_status(), name="sd-status")
             log.info(
                 "started",
                 listening=self.addresses,
@@ -436,24 +507,34 @@ class Daemon:
                 queue_max_events=cfg.queue.max_events,
                 pending_restored=restored,
                 spool_events=spool.depth,
+                socket_activated=bool(self._activated),
+                watchdog_s=watchdog_interval(),
             )
             await self._stop.wait()
             self._shutting_down = True
             self._state.accepting = False
+            # The drain ends early enough for the save to finish before systemd's SIGKILL.
+            drain_s = drain_timeout_s(
+                self.config.shutdown.timeout_s, stop_timeout_s(), reserve_s=STOP_RESERVE_S
+            )
+            self.notifier.stopping(f"draining for up to {drain_s:.0f}s; {self._status_line()}")
             log.info(
                 "stopping",
                 queued=len(self.queue),
                 in_flight=self.queue.in_delivery,
                 on_disk_only=backlog.on_disk_only,
-                drain_timeout_s=cfg.shutdown.timeout_s,
+                drain_timeout_s=drain_s,
             )
-            drained = await self._dispatcher.drain(self.config.shutdown.timeout_s, self._force)
+            drained = await self._dispatcher.drain(drain_s, self._force)
         except StartupError as exc:
             log.error("startup_failed", error=str(exc))
             exit_code = 1
         finally:
             self._shutting_down = True
             self._state.accepting = False
+            if self._status_task is not None:
+                self._status_task.cancel()
+                await asyncio.gather(self._status_task, return_exceptions=True)
             await backlog.stop()
             leftovers = await self._dispatcher.stop()
             saved = await self._save(backlog, leftovers)
@@ -510,6 +591,13 @@ class Daemon:
         return len(unsaved)
 
     async def _start_sites(self, runner: web.AppRunner) -> None:
+        if self._activated:
+            # Passed by systemd (forwarder.socket): already bound, with systemd's modes and
+            # owners; connections made while we restarted wait in their backlog.
+            for activated in self._activated:
+                await web.SockSite(runner, activated.sock).start()
+                self.addresses.append(activated.address)
+            return
         intake = self.config.intake
         tcp = intake.tcp_address
         if tcp is not None:
@@ -542,7 +630,8 @@ class Daemon:
 
     def _remove_unix_socket(self) -> None:
         path = self.config.intake.unix_socket
-        if path and f"unix:{path}" in self.addresses:
+        # A socket systemd passed is systemd's to remove.
+        if path and f"unix:{path}" in self.addresses and not self._activated:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
 

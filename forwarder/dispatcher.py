@@ -123,6 +123,11 @@ class Lane:
         return len(self._deliveries) + int(self._waiting_for_slot)
 
     @property
+    def pumping(self) -> bool:
+        """False once the pump task has ended (it ends only on a stop, or by a bug)."""
+        return self._pump is None or not self._pump.done()
+
+    @property
     def idle(self) -> bool:
         """Nothing queued and nothing in delivery."""
         return not self.in_delivery and not self._queue.depth(self.name)
@@ -482,6 +487,10 @@ class Dispatcher:
     def in_delivery(self) -> int:
         """Events in delivery across all lanes."""
         return sum(lane.in_delivery for lane in self.lanes.values())
+
+    def healthy(self) -> bool:
+        """Every lane's pump is still running (a dead one would leave its events stranded)."""
+        return all(lane.pumping for lane in self.lanes.values())
 
     def not_ready_reason(self) -> str:
         """Why some account cannot deliver, or ""."""

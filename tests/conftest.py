@@ -99,16 +99,18 @@ async def _pump(stream: asyncio.StreamReader | None, sink: list[str]) -> None:
 
 async def spawn(*args: str, env: dict[str, str] | None = None) -> Proc:
     """Start `python -m forwarder ARGS` with its output captured."""
+    return await spawn_argv([sys.executable, "-m", "forwarder", *args], env=env)
+
+
+async def spawn_argv(argv: list[str], env: dict[str, str] | None = None) -> Proc:
+    """Start any command (a wrapper around forwarder, say) with a clean forwarder environment."""
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("FORWARDER_")}
     for name in ("STATE_DIRECTORY", "CREDENTIALS_DIRECTORY", "NOTIFY_SOCKET"):
         full_env.pop(name, None)
     full_env["PYTHONUNBUFFERED"] = "1"
     full_env.update(env or {})
     process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "forwarder",
-        *args,
+        *argv,
         stdin=asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
