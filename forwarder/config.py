@@ -108,7 +108,7 @@ class RemoteConfig:
     api_key_file: str = ""
     # The account's request quota; [accounts.NAME] tables inherit it unless they set their own.
     rate_limit_per_minute: int = 300
-    # 0: adaptive (AIMD between min_concurrency and max_concurrency); N: fixed at N.
+    # 0: adaptive between min_concurrency and max_concurrency; N: fixed at N.
     concurrency: int = 0
     min_concurrency: int = 1
     max_concurrency: int = 64
