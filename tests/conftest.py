@@ -186,14 +186,16 @@ class DaemonProc:
 
 def spooled(state_dir: Path) -> list[dict[str, Any]]:
     """The events in a state dir's spool, oldest first (read as `forwarder` itself would)."""
+    from forwarder.spool import spooled_events
+
     if not (state_dir / SPOOL_FILE).exists():
         return []
     conn = open_readonly_or_fail(state_dir)
     try:
-        rows = conn.execute("SELECT body FROM events ORDER BY seq").fetchall()
+        events = spooled_events(conn)
     finally:
         conn.close()
-    return [json.loads(body) for (body,) in rows]
+    return [event.to_dict() for event in events]
 
 
 def dead_letters(state_dir: Path) -> list[dict[str, Any]]:

@@ -8,13 +8,14 @@ import os
 import sqlite3
 import stat
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import closing, contextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+import forwarder.spool as spool_module
 from forwarder.deadletter import DeadLetterNote
 from forwarder.events import Event
 from forwarder.spool import (
@@ -31,6 +32,7 @@ from forwarder.spool import (
     purge_dead_letters,
     replay_dead_letters,
     spool_stats,
+    spooled_events,
 )
 
 DEAD: dict[str, Any] = {
@@ -47,7 +49,7 @@ def note(reason: str) -> DeadLetterNote:
 
 
 def ev(i: int, **fields: Any) -> Event:
-    """Events whose bodies all have the same size (fixed-width ids)."""
+    """Events that all have the same size (fixed-width ids)."""
     return Event(
         event_id=f"evt-{i:08d}",
         recipient_id=f"r{i:04d}",
@@ -59,8 +61,9 @@ def ev(i: int, **fields: Any) -> Event:
 
 
 def size_of(event: Event) -> int:
-    body = json.dumps(event.to_dict(), ensure_ascii=False, separators=(",", ":"))
-    return len(body.encode("utf-8"))
+    """The size the spool counts for an event: the characters of its text fields."""
+    text = (event.account, event.event_id, event.recipient_id, event.name, event.value)
+    return sum(map(len, text)) + len(event.data) + len(event.ref)
 
 
 def connect(path: Path) -> sqlite3.Connection:
@@ -212,13 +215,21 @@ async def test_removals_share_commits_with_appends(tmp_path: Path) -> None:
 
 
 async def test_committed_rows_are_in_the_file(spool: Spool) -> None:
-    events = [ev(i) for i in range(1, 4)]
+    events = [ev(1), ev(2, conversion=True, data='{"k":"é"}', ref="spring", account="shop"), ev(3)]
     seqs = await spool.append(events)
     with closing(connect(spool.path)) as other:
-        rows = other.execute("SELECT seq, account, body, size FROM events ORDER BY seq").fetchall()
-    assert [r[0] for r in rows] == seqs
-    assert [Event.from_dict(json.loads(r[2])) for r in rows] == events
-    assert [r[3] for r in rows] == [size_of(e) for e in events]
+        other.row_factory = sqlite3.Row
+        rows = other.execute("SELECT * FROM events ORDER BY seq").fetchall()
+    assert [r["seq"] for r in rows] == seqs
+    assert [r["size"] for r in rows] == [size_of(e) for e in events]
+    # One typed column per field, so another reader needs no JSON.
+    fields = ("event_id", "recipient_id", "name", "value", "data", "ref", "accepted_at", "account")
+    assert [{f: r[f] for f in fields} for r in rows] == [
+        {f: getattr(e, f) for f in fields} for e in events
+    ]
+    assert [r["conversion"] for r in rows] == [0, 1, 0]
+    with cli(spool.path.parent) as conn:
+        assert spooled_events(conn) == events
 
 
 async def test_new_file_is_ours(spool: Spool) -> None:
@@ -226,6 +237,20 @@ async def test_new_file_is_ours(spool: Spool) -> None:
         assert other.execute("PRAGMA application_id").fetchone()[0] == APPLICATION_ID
         assert other.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
         assert other.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        columns = [row[1] for row in other.execute("PRAGMA table_info(events)")]
+    assert columns == [
+        "seq",
+        "account",
+        "event_id",
+        "recipient_id",
+        "name",
+        "value",
+        "conversion",
+        "data",
+        "ref",
+        "accepted_at",
+        "size",
+    ]
 
 
 async def test_file_modes_are_0600_whatever_the_umask(tmp_path: Path) -> None:
@@ -434,31 +459,246 @@ async def test_event_with_invalid_unicode_is_refused_alone(spool: Spool) -> None
     assert await spool.append([ev(2)]) == [1]
 
 
-async def test_read_after_moves_damaged_rows_to_dead_letters(spool: Spool) -> None:
-    seqs = await spool.append([ev(1), ev(2), ev(3), ev(4)])
-    with closing(connect(spool.path)) as other:
-        other.execute("UPDATE events SET body = '{not json' WHERE seq = ?", (seqs[0],))
-        other.execute(
-            "UPDATE events SET body = ? WHERE seq = ?",
-            (json.dumps({"event_id": "evt-half-gone"}), seqs[1]),
+async def test_invalid_unicode_fails_only_its_own_append_in_a_shared_commit(
+    tmp_path: Path,
+) -> None:
+    one = size_of(ev(1))
+    bad = [ev(2), ev(3, ref="\udc80")]  # one character more than ev(1)
+    # Room for exactly what is offered: a reservation the refused append kept would show below.
+    commits: list[float] = []
+    spool = await Spool.open(
+        tmp_path, max_bytes=4 * one + 1, group_window_s=0.05, on_commit=commits.append
+    )
+    try:
+        results = await asyncio.gather(
+            spool.append([ev(1)]), spool.append(bad), spool.append([ev(4)]), return_exceptions=True
         )
+        assert isinstance(results[1], ValueError)
+        assert "evt-00000003" in str(results[1])
+        # In order of arrival, and no seq went to the refused rows.
+        assert (results[0], results[2]) == ([1], [2])
+        assert len(commits) == 1  # the others were still committed together
+        assert (spool.depth, spool.bytes) == (2, 2 * one)
+        assert [row.event for row in await spool.read_after(0, 10)] == [ev(1), ev(4)]
+        assert await spool.append([ev(5), ev(6)]) == [3, 4]
+    finally:
+        await spool.close()
+
+
+async def test_read_after_moves_damaged_rows_to_dead_letters(spool: Spool) -> None:
+    seqs = await spool.append([ev(1), ev(2), ev(3), ev(4), ev(5)])
+    with closing(connect(spool.path)) as other:
+        other.execute("UPDATE events SET recipient_id = '' WHERE seq = ?", (seqs[0],))
+        other.execute("UPDATE events SET data = x'00ff' WHERE seq = ?", (seqs[1],))
+        other.execute("UPDATE events SET conversion = 7 WHERE seq = ?", (seqs[3],))
     # A page of only damaged rows must not look like the end of the spool.
     rows = await spool.read_after(0, 1)
     assert [(row.seq, row.event) for row in rows] == [(seqs[2], ev(3))]
     assert spool.damaged == 2
-    assert (spool.depth, spool.dead_letters) == (2, 2)
-    assert spool.bytes == 2 * size_of(ev(1))
+    assert (spool.depth, spool.dead_letters) == (3, 2)
+    assert spool.bytes == 3 * size_of(ev(1))
     assert spool.oldest_accepted_at == ev(3).accepted_at
-    assert [row.event for row in await spool.read_after(0, 10)] == [ev(3), ev(4)]
+    assert [row.event for row in await spool.read_after(0, 10)] == [ev(3), ev(5)]
+    assert (spool.damaged, spool.depth, spool.bytes) == (3, 2, 2 * size_of(ev(1)))
 
     with cli(spool.path.parent) as conn:
         damaged = list_dead_letters(conn, reason="damaged")
-        assert [d.event.event_id for d in damaged] == ["", "evt-half-gone"]
-        assert damaged[0].event.data == "{not json"
+        assert [d.event.event_id for d in damaged] == [
+            "evt-00000001",
+            "evt-00000002",
+            "evt-00000004",
+        ]
+        assert [d.event.recipient_id for d in damaged] == ["", "", ""]
         assert f"spool row {seqs[0]}" in damaged[0].error
+        assert "empty event_id, recipient_id or name" in damaged[0].error
+        assert "data not text" in damaged[1].error
+        assert "conversion is 7" in damaged[2].error
+        # The row's columns are kept, as they were, in the dead letter's body.
+        kept = json.loads(damaged[1].event.data)["damaged_spool_row"]
+        assert kept["seq"] == seqs[1]
+        assert kept["data"] == repr(b"\x00\xff")
+        assert kept["name"] == "signup"
         # Not an event: replay leaves them where they are.
         assert replay_dead_letters(conn, None) == 0
-        assert len(list_dead_letters(conn)) == 2
+        assert len(list_dead_letters(conn)) == 3
+        assert spool_stats(conn)["dead_letters"] == {"damaged": 3}
+
+
+async def test_spooled_events_names_a_damaged_row(spool: Spool) -> None:
+    seqs = await spool.append([ev(1), ev(2)])
+    with closing(connect(spool.path)) as other:
+        other.execute("UPDATE events SET name = '' WHERE seq = ?", (seqs[1],))
+    with cli(spool.path.parent) as conn, pytest.raises(ValueError, match=f"spool row {seqs[1]}"):
+        spooled_events(conn)
+
+
+# -- schema 1 (a JSON body per event), as an older forwarder wrote it ---------------------------
+
+V1_SCHEMA = (
+    """CREATE TABLE events (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        account TEXT NOT NULL,
+        body TEXT NOT NULL,
+        size INTEGER NOT NULL,
+        accepted_at REAL NOT NULL
+    )""",
+    """CREATE TABLE dead_letters (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        event_id TEXT,
+        account TEXT,
+        reason TEXT,
+        status INTEGER,
+        error TEXT,
+        attempts INTEGER,
+        first_attempt_at REAL,
+        last_attempt_at REAL,
+        dead_lettered_at REAL,
+        body TEXT
+    )""",
+    "CREATE INDEX dead_letters_at ON dead_letters (dead_lettered_at)",
+)
+
+
+def v1_body(event: Event) -> str:
+    return json.dumps(event.to_dict(), ensure_ascii=False, separators=(",", ":"))
+
+
+def make_v1_spool(state_dir: Path, bodies: list[str], *, dead: Sequence[Event] = ()) -> None:
+    """A spool.db as schema 1 left it: `bodies` as events (seq 1, 2, ...), `dead` dead letters."""
+    with closing(connect(state_dir / SPOOL_FILE)) as conn:
+        conn.execute("PRAGMA journal_mode=WAL")
+        for statement in V1_SCHEMA:
+            conn.execute(statement)
+        conn.execute(f"PRAGMA application_id={APPLICATION_ID}")
+        conn.execute("PRAGMA user_version=1")
+        conn.executemany(
+            "INSERT INTO events (account, body, size, accepted_at) VALUES (?, ?, ?, ?)",
+            [("", body, len(body.encode()), 1_700_000_000.0) for body in bodies],
+        )
+        conn.executemany(
+            "INSERT INTO dead_letters (event_id, account, reason, status, error, attempts,"
+            " first_attempt_at, last_attempt_at, dead_lettered_at, body)"
+            " VALUES (?, '', 'rejected', 400, 'no', 1, 1.0, 2.0, 3.0, ?)",
+            [(event.event_id, v1_body(event)) for event in dead],
+        )
+
+
+async def test_a_schema_1_spool_is_upgraded_in_place(tmp_path: Path) -> None:
+    events = [ev(1), ev(2, conversion=True, data="ü" * 3, account="shop"), ev(3), ev(4), ev(5)]
+    bodies = [v1_body(e) for e in events]
+    bodies[1:1] = ["{not json"]  # seq 2
+    bodies[3:3] = [json.dumps({"event_id": "evt-half-gone"})]  # seq 4
+    # JSON can escape a lone surrogate, which SQLite cannot store as text: seq 7.
+    bodies[6:6] = [json.dumps(ev(6, data="\ud800").to_dict())]
+    make_v1_spool(tmp_path, bodies, dead=[ev(9)])
+    with closing(connect(tmp_path / SPOOL_FILE)) as other:
+        # The last event was delivered: its seq must still never be given out again.
+        other.execute("DELETE FROM events WHERE seq = 8")
+    with pytest.raises(SpoolError, match="older forwarder"):
+        open_readonly_or_fail(tmp_path)  # the CLI never upgrades
+
+    spool = await Spool.open(tmp_path)
+    try:
+        assert spool.moved_aside is None
+        rows = await spool.read_after(0, 10)
+        # Every readable event under its old seq; the damaged ones are dead letters.
+        assert [(row.seq, row.event) for row in rows] == [
+            (1, events[0]),
+            (3, events[1]),
+            (5, events[2]),
+            (6, events[3]),
+        ]
+        assert (spool.depth, spool.dead_letters, spool.damaged) == (4, 4, 3)
+        assert spool.bytes == sum(size_of(e) for e in events[:4])
+        assert spool.max_seq == 8
+        assert spool.oldest_accepted_at == ev(1).accepted_at
+        assert await spool.append([ev(10)]) == [9]
+    finally:
+        await spool.close()
+
+    with closing(connect(tmp_path / SPOOL_FILE)) as other:
+        assert other.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
+        tables = {r[0] for r in other.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        assert tables == {"events", "dead_letters", "sqlite_sequence"}
+    with cli(tmp_path) as conn:
+        dead = list_dead_letters(conn)
+        assert [(d.reason, d.event.event_id) for d in dead] == [
+            ("rejected", ev(9).event_id),
+            ("damaged", ""),
+            ("damaged", "evt-half-gone"),
+            ("damaged", ev(6).event_id),
+        ]
+        assert dead[1].event.data == "{not json"  # the old body, as it was
+        assert "spool row 2" in dead[1].error
+        assert "spool row 4" in dead[2].error
+        assert "spool row 7" in dead[3].error
+        assert "Unicode" in dead[3].error
+        # A dead letter of schema 1 replays into the new columns; one SQLite cannot store stays.
+        assert replay_dead_letters(conn, [dead[0].id, dead[3].id]) == 1
+        assert spooled_events(conn) == [*events[:4], ev(10), ev(9)]
+        assert spool_stats(conn)["schema_version"] == SCHEMA_VERSION
+
+    again = await Spool.open(tmp_path)  # upgraded once: opens as it is
+    try:
+        assert again.moved_aside is None
+        assert (again.depth, again.damaged, again.max_seq) == (6, 0, 10)
+    finally:
+        await again.close()
+
+
+@pytest.mark.parametrize("version", [1, SCHEMA_VERSION])
+async def test_an_events_table_without_its_columns_is_moved_aside(
+    tmp_path: Path, version: int
+) -> None:
+    if version == 1:
+        make_v1_spool(tmp_path, [v1_body(ev(1))])
+        renamed = "body"
+    else:
+        first = await Spool.open(tmp_path)
+        await first.append([ev(1)])
+        await first.close()
+        renamed = "data"
+    with closing(connect(tmp_path / SPOOL_FILE)) as other:
+        other.execute(f"ALTER TABLE events RENAME COLUMN {renamed} TO payload")
+    spool = await Spool.open(tmp_path)
+    try:
+        moved = _assert_moved(spool, tmp_path)
+        assert f"events lack {renamed}" in (spool.moved_aside_reason or "")
+        with closing(connect(moved)) as other:
+            assert other.execute("SELECT count(*) FROM events").fetchone()[0] == 1
+        assert await spool.append([ev(2)]) == [1]
+    finally:
+        await spool.close()
+
+
+async def test_a_failed_upgrade_leaves_the_schema_1_spool_as_it_was(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    bodies = [v1_body(ev(i)) for i in range(1, 2500)] + ["{not json"]
+    make_v1_spool(tmp_path, bodies)
+    upgrade = spool_module._UPGRADES[1]
+
+    def cut_short(conn: sqlite3.Connection) -> tuple[int, int]:
+        upgrade(conn)  # everything written, then the power goes
+        raise sqlite3.OperationalError("disk I/O error")
+
+    monkeypatch.setitem(spool_module._UPGRADES, 1, cut_short)
+    with pytest.raises(sqlite3.OperationalError):
+        await Spool.open(tmp_path)
+    monkeypatch.undo()
+    with closing(connect(tmp_path / SPOOL_FILE)) as other:
+        assert other.execute("PRAGMA user_version").fetchone()[0] == 1
+        assert other.execute("SELECT count(*), max(seq) FROM events").fetchone() == (2500, 2500)
+        assert other.execute("SELECT count(*) FROM dead_letters").fetchone()[0] == 0
+    assert sorted(p.name for p in tmp_path.iterdir() if ".damaged-" in p.name) == []
+
+    spool = await Spool.open(tmp_path)
+    try:
+        assert (spool.depth, spool.damaged, spool.max_seq) == (2499, 1, 2500)
+        rows = await spool.read_after(0, 5000)
+        assert [row.event for row in rows] == [ev(i) for i in range(1, 2500)]
+    finally:
+        await spool.close()
 
 
 async def _dead_lettered(spool: Spool, events: list[Event], reasons: list[str]) -> list[int]:
@@ -556,6 +796,7 @@ async def test_cli_stats(spool: Spool) -> None:
     assert stats["bytes"] == spool.bytes
     assert stats["oldest_accepted_at"] == ev(2).accepted_at
     assert stats["max_seq"] == spool.max_seq
+    assert stats["schema_version"] == SCHEMA_VERSION
     assert stats["dead_letters"] == {"expired": 1, "rejected": 2}
     assert stats["file_bytes"] >= (spool.path.stat().st_size)
     json.dumps(stats)
