@@ -617,14 +617,8 @@ class Spool:
             if dead:
                 conn.executemany(_INSERT_DEAD, dead)
                 t.dead_letters += len(dead)
-            removed = _delete_events(conn, removes) if removes else {}
-            t.depth -= len(removed)
-            t.bytes -= sum(removed.values())
-            if t.min_seq is None or t.min_seq in removed:
-                _load_oldest(conn, t)
-            started = time.perf_counter()
-            conn.execute("COMMIT")
-            took = time.perf_counter() - started
+            _delete_counted(conn, t, removes)
+            took = _commit_timed(conn)
         except BaseException:
             _rollback(conn)
             raise
@@ -715,16 +709,10 @@ class Spool:
             conn.execute("BEGIN IMMEDIATE")
             try:
                 conn.executemany(_INSERT_DEAD, dead)
-                removed = _delete_events(conn, [row[0] for row, _error in bad])
-                t.depth -= len(removed)
-                t.bytes -= sum(removed.values())
+                removed = _delete_counted(conn, t, [row[0] for row, _error in bad])
                 t.dead_letters += len(dead)
                 t.damaged += len(removed)
-                if t.min_seq in removed:
-                    _load_oldest(conn, t)
-                started = time.perf_counter()
-                conn.execute("COMMIT")
-                took = time.perf_counter() - started
+                took = _commit_timed(conn)
             except BaseException:
                 _rollback(conn)
                 raise
@@ -1243,6 +1231,23 @@ def _delete_events(conn: sqlite3.Connection, seqs: Sequence[int]) -> dict[int, i
     if found:
         conn.executemany("DELETE FROM events WHERE seq = ?", [(seq,) for seq in found])
     return found
+
+
+def _delete_counted(conn: sqlite3.Connection, t: _Totals, seqs: Sequence[int]) -> dict[int, int]:
+    """Delete the rows of `seqs` and take them out of the totals (the oldest too, if it went)."""
+    removed = _delete_events(conn, seqs) if seqs else {}
+    t.depth -= len(removed)
+    t.bytes -= sum(removed.values())
+    if t.min_seq is None or t.min_seq in removed:
+        _load_oldest(conn, t)
+    return removed
+
+
+def _commit_timed(conn: sqlite3.Connection) -> float:
+    """COMMIT; returns how long it took (the WAL write and its fsync), for the histogram."""
+    started = time.perf_counter()
+    conn.execute("COMMIT")
+    return time.perf_counter() - started
 
 
 def _chunks(items: Sequence[int], size: int) -> Iterable[list[int]]:
