@@ -15,6 +15,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import orjson
 import structlog
 from aiohttp import BodyPartReader, web
 from aiohttp.http_exceptions import HttpProcessingError
@@ -71,10 +72,14 @@ STATE = web.AppKey("state", IntakeState)
 def _json(
     status: int, payload: dict[str, Any], headers: dict[str, str] | None = None
 ) -> web.Response:
+    try:
+        body = orjson.dumps(payload)
+    except TypeError:
+        # An error may echo a lone surrogate the app sent (a JSON escape): backslashreplace it.
+        body = json.dumps(payload, ensure_ascii=False).encode("utf-8", "backslashreplace")
     return web.Response(
         status=status,
-        # backslashreplace: an error may echo a lone surrogate the app sent (a JSON escape).
-        body=json.dumps(payload, ensure_ascii=False).encode("utf-8", "backslashreplace"),
+        body=body,
         content_type="application/json",
         headers=headers,
     )
@@ -168,30 +173,43 @@ def _client_key(request: web.Request) -> str | None:
     return user.partition(":")[0] or None
 
 
-def _route(
-    state: IntakeState, events: list[Event], header: str, client_key: str | None = None
-) -> list[Event]:
-    """Set each event's account; AccountError (with the item's index) if one cannot be used."""
+def _request_account(
+    state: IntakeState, items: list[object], header: str, client_key: str | None = None
+) -> str:
+    """The account of this request's events that name none; raises _Unroutable.
+
+    Worked out once per request, before the events are built, so that no event is copied to set
+    its account. Only when some item names no account: an explicit account wins over the header
+    and the client key, which are then not looked at (a client key would open a lane).
+    """
+    router = state.accounts
+    if router is None or not any(
+        not isinstance(item, dict) or item.get("account") is None for item in items
+    ):
+        return ""
+    try:
+        return router.route("", header=header, client_key=client_key)
+    except AccountError as exc:
+        raise _Unroutable([FieldError(-1, exc.field, str(exc))], exc.status) from None
+
+
+def _check_accounts(state: IntakeState, events: list[Event], fallback: str) -> None:
+    """Every account an event names must be configured; raises _Unroutable (with the items)."""
     router = state.accounts
     if router is None:
-        return events
-    routed: list[Event] = []
+        return
     errors: list[FieldError] = []
     status = 400
     for index, event in enumerate(events):
+        if event.account == fallback:
+            continue  # the router chose it
         try:
-            name = router.route(event.account, header=header, client_key=client_key)
+            router.route(event.account)
         except AccountError as exc:
-            where = index if exc.field == "account" else -1
-            errors.append(FieldError(where, exc.field, str(exc)))
+            errors.append(FieldError(index, exc.field, str(exc)))
             status = max(status, exc.status)
-            if where < 0:
-                break  # the header or the key: the same for every event
-            continue
-        routed.append(event if name == event.account else dataclasses.replace(event, account=name))
     if errors:
         raise _Unroutable(errors, status)
-    return routed
 
 
 class _Unroutable(Exception):
@@ -217,20 +235,27 @@ class _BadBody(Exception):
         self.field = field
 
 
-async def _read_text(request: web.Request) -> str:
+async def _read_body(request: web.Request) -> bytes:
     try:
-        body = await request.read()  # raises 413 past client_max_size
+        return await request.read()  # raises 413 past client_max_size
     except (web.RequestPayloadError, HttpProcessingError) as exc:  # e.g. corrupt gzip
         raise _BadBody(f"body cannot be read: {describe_error(exc)}") from None
+
+
+async def _read_text(request: web.Request) -> str:
+    body = await _read_body(request)
     try:
         return body.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise _BadBody(f"body is not valid UTF-8 (byte {exc.start})") from None
 
 
-def _parse_json(text: str) -> object:
+async def _read_json(request: web.Request) -> object:
+    body = await _read_body(request)
     try:
-        return loads_json(text)
+        return loads_json(body)
+    except UnicodeDecodeError as exc:
+        raise _BadBody(f"body is not valid UTF-8 (byte {exc.start})") from None
     except (ValueError, RecursionError) as exc:
         raise _BadBody(f"not valid JSON: {describe_error(exc)}") from None
 
@@ -309,7 +334,7 @@ async def create_event(request: web.Request) -> web.Response:
             form = await _read_form(request, state.max_body_bytes)
             raw, errors = _form_to_mapping(form)
         elif ctype in JSON_TYPES:
-            parsed = _parse_json(await _read_text(request))
+            parsed = await _read_json(request)
             if not isinstance(parsed, dict):
                 return _invalid(
                     state,
@@ -322,13 +347,13 @@ async def create_event(request: web.Request) -> web.Response:
             )
     except _BadBody as exc:
         return _invalid(state, [FieldError(0, exc.field, str(exc))])
-    event = event_from_mapping(raw, 0, errors, ignored=DROP_IN_IGNORED)
-    if event is None or errors:
-        return _invalid(state, errors)
     try:
-        [event] = _route(
-            state, [event], request.headers.get(ACCOUNT_HEADER, ""), _client_key(request)
-        )
+        header = request.headers.get(ACCOUNT_HEADER, "")
+        fallback = _request_account(state, [raw], header, _client_key(request))
+        event = event_from_mapping(raw, 0, errors, ignored=DROP_IN_IGNORED, account=fallback)
+        if event is None or errors:
+            return _invalid(state, errors)
+        _check_accounts(state, [event], fallback)
     except _Unroutable as exc:
         return _unroutable(state, exc, single=True)
     if reason := await _admit(state, [event]):
@@ -343,7 +368,7 @@ async def create_events(request: web.Request) -> web.Response:
     items: list[object]
     try:
         if ctype in JSON_TYPES:
-            parsed = _parse_json(await _read_text(request))
+            parsed = await _read_json(request)
             if not isinstance(parsed, list):
                 return _invalid(state, [FieldError(-1, "", "expected a JSON array of events")])
             items = parsed
@@ -354,15 +379,15 @@ async def create_events(request: web.Request) -> web.Response:
     except _BadBody as exc:
         return _invalid(state, [FieldError(-1, exc.field, str(exc))])
     try:
-        events = events_from_items(items, max_items=state.max_batch)
+        fallback = _request_account(state, items, request.headers.get(ACCOUNT_HEADER, ""))
+        events = events_from_items(items, max_items=state.max_batch, account=fallback)
+        _check_accounts(state, events, fallback)
     except EventValidationError as exc:
         bad = len({e.index for e in exc.errors})
         summary = f"{bad} of {len(items)} events are invalid; nothing was queued"
         if exc.errors[0].index < 0:
             summary = f"{exc}; nothing was queued"
         return _invalid(state, exc.errors, summary)
-    try:
-        events = _route(state, events, request.headers.get(ACCOUNT_HEADER, ""))
     except _Unroutable as exc:
         return _unroutable(state, exc, single=False)
     if reason := await _admit(state, events):

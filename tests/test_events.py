@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import uuid
 
 import pytest
 
@@ -13,6 +14,7 @@ from forwarder.events import (
     event_from_mapping,
     events_from_items,
     loads_json,
+    new_event_id,
     parse_ndjson,
 )
 
@@ -155,3 +157,51 @@ def test_record_round_trip_and_damage() -> None:
     assert Event.from_dict(json.loads(json.dumps(event.to_dict()))) == event
     with pytest.raises(ValueError, match="not an event record"):
         Event.from_dict({"name": "X"})
+
+
+def test_new_event_ids_are_version_4_uuids() -> None:
+    ids = {new_event_id() for _ in range(2000)}
+    assert len(ids) == 2000
+    for text in ids:
+        parsed = uuid.UUID(text)
+        assert str(parsed) == text
+        assert parsed.version == 4
+        assert parsed.variant == uuid.RFC_4122
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ('{"a": 1}', {"a": 1}),
+        (b'{"a": [1, 2.5, "x"]}', {"a": [1, 2.5, "x"]}),
+        # Past 64 bits orjson would give a float: kept exact.
+        ('{"n": 123456789012345678901234567890}', {"n": 123456789012345678901234567890}),
+        (b'{"n": -12345678901234567890123}', {"n": -12345678901234567890123}),
+        ('{"n": 18446744073709551615}', {"n": 18446744073709551615}),
+        # A lone surrogate escape: kept, so that validation can name the field.
+        ('{"s": "\\ud800"}', {"s": "\ud800"}),
+    ],
+)
+def test_loads_json_takes_what_the_standard_module_takes(
+    text: str | bytes, expected: object
+) -> None:
+    assert loads_json(text) == expected
+
+
+@pytest.mark.parametrize("text", ["NaN", '{"a": Infinity}', '{"a": -Infinity}', "[1,]", b"\xff"])
+def test_loads_json_refuses_what_is_not_json(text: str | bytes) -> None:
+    with pytest.raises(ValueError, match=r"."):
+        loads_json(text)
+
+
+def test_data_object_is_serialised_compactly_even_past_orjson() -> None:
+    errors: list[FieldError] = []
+    deep: object = 1
+    for _ in range(300):  # deeper than orjson serialises
+        deep = [deep]
+    event = event_from_mapping(
+        {"recipient_id": "1", "name": "X", "data": {"big": 2**70, "deep": deep}}, 0, errors
+    )
+    assert not errors
+    assert event is not None
+    assert event.data.startswith('{"big":1180591620717411303424,"deep":[[[')
