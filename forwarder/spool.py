@@ -25,9 +25,10 @@ import dataclasses
 import json
 import os
 import sqlite3
+import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from itertools import chain
@@ -255,14 +256,20 @@ class Spool:
         self._on_commit = on_commit
         self._loop = asyncio.get_running_loop()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="spool")
-        self._pending: list[_Op] = []
-        self._first_at = 0.0
         self._reserved = 0  # bytes of appends queued or committing
-        self._wake = asyncio.Event()
-        self._window_cut: asyncio.Future[None] | None = None  # set by close: commit right away
         self._accepting = False
-        self._closing = False
-        self._committer: asyncio.Task[None] | None = None
+        # Requests waiting for a group commit, shared with the spool thread (under _lock). The
+        # group is gathered on the thread, not on the loop: a loop busy answering a burst runs
+        # no timer and no other task until it has gone through every ready request, so a group
+        # cut there took them all and the loop then sat idle through the commit. From the
+        # thread, the first request's group is cut after the window while the loop still
+        # works, and the rest form the next group while this one is written (a pipeline).
+        self._lock = threading.Lock()
+        self._pending: list[_Op] = []
+        self._first_at = 0.0  # time.monotonic() of the oldest pending request
+        self._scheduled = False  # a group job is submitted that has not taken _pending yet
+        self._cut = threading.Event()  # set by close: no more waiting out windows
+        self._group_jobs: set[Future[None]] = set()
         self._close_task: asyncio.Task[None] | None = None
         # Thread-only state: touched by code running on the spool thread and nowhere else.
         self._conn: sqlite3.Connection | None = None
@@ -304,7 +311,6 @@ class Spool:
         spool._publish(totals)
         spool.added_after = totals.max_seq
         spool._accepting = True
-        spool._committer = asyncio.create_task(spool._commit_loop(), name="spool-commit")
         return spool
 
     async def close(self) -> None:
@@ -315,16 +321,10 @@ class Spool:
         await asyncio.shield(self._close_task)
 
     async def _close(self) -> None:
-        self._closing = True
-        self._wake.set()
-        if self._window_cut is not None and not self._window_cut.done():
-            self._window_cut.set_result(None)
+        self._accepting = False  # nothing new; what is queued is committed first (below)
+        self._cut.set()  # a group waiting out its window is committed at once
         try:
-            if self._committer is not None:
-                await asyncio.wait([self._committer])
-                if not self._committer.cancelled() and self._committer.exception() is not None:
-                    log.error("spool_committer_failed", error=repr(self._committer.exception()))
-            self._accepting = False
+            # The one worker runs jobs in order: every submitted group job before this one.
             await self._loop.run_in_executor(self._executor, self._close_job)
         finally:
             self._executor.shutdown(wait=False)
@@ -357,8 +357,11 @@ class Spool:
             return await future
         except asyncio.CancelledError:
             # Not in a transaction yet: withdraw it, so it neither lands nor holds room.
-            if any(queued is op for queued in self._pending):
-                self._pending = [queued for queued in self._pending if queued is not op]
+            with self._lock:
+                withdrawn = any(queued is op for queued in self._pending)
+                if withdrawn:
+                    self._pending = [queued for queued in self._pending if queued is not op]
+            if withdrawn:
                 self._reserved -= op.reserved
             raise
 
@@ -424,50 +427,22 @@ class Spool:
     def _enqueue(self, op: _Op) -> None:
         if not self._accepting:
             raise SpoolError(f"the spool {self.path} is closed")
-        if not self._pending:
-            self._first_at = self._loop.time()
-        self._pending.append(op)
-        self._wake.set()
-
-    async def _commit_loop(self) -> None:
-        """Commit queued requests in groups: whatever gathered within the window, or meanwhile."""
-        try:
-            await self._commit_groups()
-        except asyncio.CancelledError:
-            # Only when the loop itself is torn down: nobody may wait for a commit that never comes.
-            self._accepting = False
-            queued, self._pending = self._pending, []
-            self._fail(queued, RuntimeError("the spool's commit task was cancelled"))
-            raise
-
-    async def _commit_groups(self) -> None:
-        while True:
+        with self._lock:
             if not self._pending:
-                if self._closing:
-                    self._accepting = False  # same step as the check: nothing can slip in
-                    return
-                self._wake.clear()
-                await self._wake.wait()
-                continue
-            if not self._closing:
-                # Requests that queued up during the last commit are usually past the window.
-                delay = self._first_at + self._window - self._loop.time()
-                if delay > 0:
-                    self._window_cut = self._loop.create_future()
-                    try:
-                        await asyncio.wait([self._window_cut], timeout=delay)
-                    finally:
-                        self._window_cut = None
-            live, self._pending = self._pending, []
-            if not live:
-                continue  # the only requests were withdrawn during the window
+                self._first_at = time.monotonic()
+            self._pending.append(op)
+            submit = not self._scheduled
+            self._scheduled = True
+        if submit:
             try:
-                # The job settles the callers itself (via _post), also if this await is cancelled.
-                await self._loop.run_in_executor(self._executor, self._commit_job, live)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # the executor refused the job: nothing was written
-                self._fail(live, exc)
+                job = self._executor.submit(self._group_job)
+            except RuntimeError as exc:  # the executor is shut down: nothing was written
+                with self._lock:
+                    self._pending = [queued for queued in self._pending if queued is not op]
+                    self._scheduled = False
+                raise SpoolError(f"the spool {self.path} is closed") from exc
+            self._group_jobs.add(job)
+            job.add_done_callback(self._group_jobs.discard)
 
     def _apply(
         self,
@@ -568,6 +543,22 @@ class Spool:
         if self._conn is None:
             raise SpoolError(f"the spool {self.path} is closed")
         return self._conn
+
+    def _group_job(self) -> None:
+        """On the thread: wait out the window of the oldest pending request, then commit them all.
+
+        Requests that arrive while this group is written wait for the next job, which the first
+        of them submitted and which runs right after this one.
+        """
+        with self._lock:
+            delay = self._first_at + self._window - time.monotonic()
+        if delay > 0:
+            self._cut.wait(delay)
+        with self._lock:
+            ops, self._pending = self._pending, []
+            self._scheduled = False
+        if ops:  # empty when every request was withdrawn during the window
+            self._commit_job(ops)
 
     def _commit_job(self, ops: list[_Op]) -> None:
         """One transaction for every request in `ops`; reports back through `_post`."""
