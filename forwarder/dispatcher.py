@@ -26,7 +26,7 @@ from forwarder.events import Event
 from forwarder.limiter import CircuitBreaker, ConcurrencyController, RateLimiter, Ticket
 from forwarder.queue import EventQueue
 from forwarder.remote import Result, Verdict
-from forwarder.retry import build_retrying
+from forwarder.retry import run_with_retries
 from forwarder.telemetry import Stats
 
 log = structlog.get_logger("forwarder.dispatcher")
@@ -271,23 +271,24 @@ class Lane:
             self._learn(ticket, result, auth_probe=auth_probe, breaker_probe=breaker_probe)
             return result
 
+        # This task runs in a copy of the pump's context: what is bound here stays with this
+        # event's log lines and goes with the task, so there is nothing to unbind.
+        structlog.contextvars.bind_contextvars(
+            event_id=event.event_id,
+            recipient_id=event.recipient_id,
+            name=event.name,
+            account=self.name,
+        )
         try:
-            with structlog.contextvars.bound_contextvars(
-                event_id=event.event_id,
-                recipient_id=event.recipient_id,
-                name=event.name,
-                account=self.name,
-            ):
-                while True:
-                    retrying = build_retrying(
-                        self.settings.retry, before_sleep=self._log_retry, sleep=backoff
-                    )
-                    result: Result = await retrying(attempt)
-                    if result.verdict is not Verdict.AUTH:
-                        break
-                    # The key is refused: the gate holds this event with all others; the
-                    # give-up clock restarts, since the event itself is not at fault.
-                dead = self._finish(event, result, attempts, first_at)
+            while True:
+                result = await run_with_retries(
+                    attempt, self.settings.retry, before_sleep=self._log_retry, sleep=backoff
+                )
+                if result.verdict is not Verdict.AUTH:
+                    break
+                # The key is refused: the gate holds this event with all others; the
+                # give-up clock restarts, since the event itself is not at fault.
+            dead = self._finish(event, result, attempts, first_at)
         except Exception as exc:  # a bug, not the remote: keep the event, keep the lane
             log.exception("internal_error", event_id=event.event_id, account=self.name)
             dead = self._dead_letter("internal_error", None, repr(exc), attempts, time.time())

@@ -17,6 +17,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlencode
 
 import aiohttp
 
@@ -206,7 +207,11 @@ class RemoteClient:
         # Basic auth, the key as user name and an empty password. Built once, by hand:
         # aiohttp.BasicAuth is deprecated, and its replacement exists only in aiohttp >= 3.14.
         token = base64.b64encode(f"{self._key}:".encode()).decode("ascii")
-        self._headers = {"Authorization": f"Basic {token}", "User-Agent": USER_AGENT}
+        self._headers = {
+            "Authorization": f"Basic {token}",
+            "User-Agent": USER_AGENT,
+            "Content-Type": "application/x-www-form-urlencoded",
+        }
 
     async def send(self, event: Event) -> Result:
         """One attempt; transport failures become RETRY results, never exceptions."""
@@ -214,7 +219,9 @@ class RemoteClient:
         try:
             async with self._session.post(
                 self._url,
-                data=event.form(),
+                # Encoded here: aiohttp's FormData machinery cost more than the rest of the
+                # request's preparation, for the same bytes.
+                data=urlencode(event.form()).encode("ascii"),
                 headers={**self._headers, "X-Idempotency-Key": event.event_id},
                 # A redirect would carry the key to wherever it points: never follow one.
                 allow_redirects=False,

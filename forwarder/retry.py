@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Awaitable, Callable
 
 from tenacity import (
@@ -51,23 +52,54 @@ def _last_result(retry_state: RetryCallState) -> Result:
     return result
 
 
+async def run_with_retries(
+    attempt: Callable[[], Awaitable[Result]],
+    config: RetryConfig,
+    *,
+    before_sleep: Callable[[RetryCallState], Awaitable[None] | None] | None = None,
+    sleep: Callable[[float], Awaitable[None]] | None = None,
+) -> Result:
+    """Run `attempt` until its Result is final or the policy gives up; the last Result.
+
+    The first attempt runs outside tenacity: most events are delivered at once, and building and
+    driving an AsyncRetrying cost more than the rest of a delivery's own bookkeeping. Only a
+    first answer that asks for a retry enters tenacity, which is handed that answer as its first
+    attempt (so backoff, hints and logging see it) and a deadline shortened by its duration.
+    """
+    started = time.monotonic()
+    first = await attempt()
+    if not _is_retry(first):
+        return first
+    spent = time.monotonic() - started
+    handed: list[Result] = [first]
+
+    async def again() -> Result:
+        return handed.pop() if handed else await attempt()
+
+    retrying = build_retrying(config, before_sleep=before_sleep, sleep=sleep, spent_s=spent)
+    result: Result = await retrying(again)
+    return result
+
+
 def build_retrying(
     config: RetryConfig,
     *,
     before_sleep: Callable[[RetryCallState], Awaitable[None] | None] | None = None,
     sleep: Callable[[float], Awaitable[None]] | None = None,
+    spent_s: float = 0.0,
 ) -> AsyncRetrying:
     """A fresh AsyncRetrying for one event's delivery.
 
     Stops *before* an attempt that would start after `max_elapsed_s`, so an event is never held
-    past its deadline by a long final wait. Exceptions are not retried: transport failures arrive
-    as RETRY results, so an exception here is a bug and must surface.
+    past its deadline by a long final wait; `spent_s` of it went before tenacity took over.
+    Exceptions are not retried: transport failures arrive as RETRY results, so an exception here
+    is a bug and must surface.
     """
     kwargs: dict[str, object] = {}
     if sleep is not None:
         kwargs["sleep"] = sleep
     return AsyncRetrying(
-        stop=stop_before_delay(config.max_elapsed_s),
+        stop=stop_before_delay(max(config.max_elapsed_s - spent_s, 0.0)),
         wait=wait_jitter_or_hint(config.initial_backoff_s, config.max_backoff_s),
         retry=retry_if_result(_is_retry),
         retry_error_callback=_last_result,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 import time
@@ -10,6 +11,7 @@ from collections.abc import Callable, Iterable, Iterator, MutableMapping
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
+import orjson
 import structlog
 from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -50,6 +52,14 @@ class Redactor:
             for key, value in event_dict.items():
                 event_dict[key] = self.scrub(value)
         return event_dict
+
+
+def _json_line(obj: Any, default: Any = None, **_kw: Any) -> str:
+    """One log line as JSON: orjson on the hot path (one line per delivered event)."""
+    try:
+        return orjson.dumps(obj, default=default, option=orjson.OPT_NON_STR_KEYS).decode()
+    except TypeError:  # a lone surrogate, an int past 64 bits: the standard module copes
+        return json.dumps(obj, default=default)
 
 
 class _LevelGate:
@@ -104,7 +114,7 @@ def configure_logging(
         # The traceback must pass the redactor too, so format it before redaction.
         tail: list[Any] = [redact, renderer]
     else:
-        renderer = structlog.processors.JSONRenderer()
+        renderer = structlog.processors.JSONRenderer(serializer=_json_line)
         tail = [structlog.processors.format_exc_info, redact, renderer]
     shared: list[Any] = [
         _gate,

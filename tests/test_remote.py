@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import inspect
 import re
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 from unittest import mock
+from urllib.parse import parse_qs
 
 import aiohttp
 import pytest
@@ -101,14 +103,17 @@ async def test_request_shape(client: RemoteClient) -> None:
         result = await client.send(EVENT)
     assert result.verdict is Verdict.DELIVERED
     assert result.remote_id == 1
-    assert seen["data"] == {
-        "recipient_id": "12345",
-        "name": "PURCHASE",
-        "value": "24.99",
-        "conversion": "0",
+    data = seen["data"]
+    assert isinstance(data, bytes)
+    assert parse_qs(data.decode("ascii"), strict_parsing=True) == {
+        "recipient_id": ["12345"],
+        "name": ["PURCHASE"],
+        "value": ["24.99"],
+        "conversion": ["0"],
     }
     headers = seen["headers"]
     assert isinstance(headers, dict)
+    assert headers["Content-Type"] == "application/x-www-form-urlencoded"
     assert headers["X-Idempotency-Key"] == "evt-0000000001"
     assert headers["User-Agent"] == USER_AGENT
     assert headers["Authorization"] == "Basic " + base64.b64encode(f"{KEY}:".encode()).decode()
@@ -183,3 +188,22 @@ async def test_a_body_that_arrives_in_pieces_is_read_whole() -> None:
     assert result.verdict is Verdict.DELIVERED
     assert result.remote_id == 4242
     assert result.warning == ""
+
+
+async def test_form_body_carries_any_text_exactly(client: RemoteClient) -> None:
+    seen: dict[str, object] = {}
+
+    def capture(url: object, **kwargs: object) -> CallbackResult:
+        seen.update(kwargs)
+        return CallbackResult(status=200, payload={"success": True, "data": 2})
+
+    tricky = '{"who":"Zoë & co","q":"a=b+c%20d","emoji":"🎉","nl":"x\\ny"}'
+    event = dataclasses.replace(EVENT, data=tricky, ref="spring 2026/+&=")
+    with aioresponses() as mocked:
+        mocked.post(URL, callback=capture)
+        await client.send(event)
+    data = seen["data"]
+    assert isinstance(data, bytes)
+    parsed = parse_qs(data.decode("ascii"), strict_parsing=True)
+    assert parsed["data"] == [tricky]
+    assert parsed["ref"] == ["spring 2026/+&="]

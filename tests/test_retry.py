@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+
+from tenacity import RetryCallState
+
 from forwarder.config import RetryConfig
 from forwarder.remote import Result, Verdict
-from forwarder.retry import build_retrying
+from forwarder.retry import build_retrying, run_with_retries
 
 RETRY = Result(Verdict.RETRY, 503, error="unavailable")
 
@@ -93,3 +97,57 @@ async def test_gives_up_before_an_attempt_past_max_elapsed() -> None:
     assert result.status == 503
     assert calls == 1
     assert clock.sleeps == []
+
+
+async def test_a_final_first_answer_never_enters_tenacity() -> None:
+    clock = Clock()
+    calls: list[int] = []
+    slept: list[int] = []
+
+    async def attempt() -> Result:
+        calls.append(1)
+        return Result(Verdict.DELIVERED, 200)
+
+    def before_sleep(state: RetryCallState) -> None:
+        slept.append(state.attempt_number)
+
+    result = await run_with_retries(
+        attempt, RetryConfig(), before_sleep=before_sleep, sleep=clock.sleep
+    )
+    assert result.verdict is Verdict.DELIVERED
+    assert (calls, slept, clock.sleeps) == ([1], [], [])
+
+
+async def test_a_retried_first_answer_is_tenacitys_first_attempt() -> None:
+    clock = Clock()
+    answers = [Result(Verdict.RETRY, 503, retry_after=7.0), RETRY, Result(Verdict.DELIVERED, 200)]
+    slept: list[tuple[int, int | None]] = []
+
+    async def attempt() -> Result:
+        return answers.pop(0)
+
+    def before_sleep(state: RetryCallState) -> None:
+        assert state.outcome is not None
+        slept.append((state.attempt_number, state.outcome.result().status))
+
+    policy = RetryConfig(initial_backoff_s=0.5, max_backoff_s=30.0, max_elapsed_s=3600)
+    result = await run_with_retries(attempt, policy, before_sleep=before_sleep, sleep=clock.sleep)
+    assert result.verdict is Verdict.DELIVERED
+    assert answers == []
+    # The first answer's Retry-After steered the first wait, as if tenacity had sent it.
+    assert slept == [(1, 503), (2, 503)]
+    assert clock.sleeps[0] == 7.0
+
+
+async def test_the_first_attempts_time_counts_against_the_deadline() -> None:
+    calls: list[int] = []
+
+    async def attempt() -> Result:
+        calls.append(1)
+        await asyncio.sleep(0.06)  # longer than the whole budget
+        return RETRY
+
+    policy = RetryConfig(initial_backoff_s=0.001, max_backoff_s=0.001, max_elapsed_s=0.05)
+    result = await run_with_retries(attempt, policy, sleep=Clock().sleep)
+    assert result.verdict is Verdict.RETRY
+    assert calls == [1]  # tenacity's own clock would have allowed a second one
