@@ -97,6 +97,8 @@ class QueueConfig:
 
     mode: str = "memory"
     max_events: int = 100_000
+    # Estimated bytes of the events in memory (text plus a fixed overhead each; queue.event_size).
+    max_bytes: int = 268_435_456
     max_disk_bytes: int = 1_073_741_824
 
 
@@ -631,6 +633,7 @@ def _validate(config: Config, origins: Mapping[str, str]) -> Config:
     at_least("intake.max_body_bytes", intake.max_body_bytes, 1024)
     at_least("intake.max_batch", intake.max_batch, 1)
     at_least("queue.max_events", config.queue.max_events, 1)
+    at_least("queue.max_bytes", config.queue.max_bytes, 1_048_576)
     if config.queue.mode not in _QUEUE_MODES:
         allowed = ", ".join(_QUEUE_MODES)
         raise fail("queue.mode", f"must be one of {allowed}; got {_short(config.queue.mode)}")

@@ -84,7 +84,11 @@ class Daemon:
         self.config = config
         self._loader = loader
         self.stats = Stats()
-        self.queue = EventQueue(config.queue.max_events, ordered=config.remote.per_recipient_order)
+        self.queue = EventQueue(
+            config.queue.max_events,
+            max_bytes=config.queue.max_bytes,
+            ordered=config.remote.per_recipient_order,
+        )
         self.accounts = Accounts(
             accounts,
             default=config.remote.default_account,
@@ -130,6 +134,11 @@ class Daemon:
         return {
             "queue_depth": ("Events waiting in the queue.", len(self.queue)),
             "queue_capacity": ("queue.max_events.", self.queue.max_events),
+            "queue_bytes": (
+                "Estimated bytes of the events in memory (waiting and in delivery).",
+                self.queue.bytes,
+            ),
+            "queue_bytes_capacity": ("queue.max_bytes.", self.queue.max_bytes),
             "in_flight": ("Events in delivery.", self.queue.in_delivery),
             "delivery_paused": ("1 while the remote refuses a key.", int(paused)),
             "ready": ("1 when /readyz answers 200.", int(not self._not_ready_reason())),
@@ -298,6 +307,7 @@ class Daemon:
             )
         self.config = config
         self.queue.max_events = config.queue.max_events
+        self.queue.max_bytes = config.queue.max_bytes
         self.queue.set_ordered(config.remote.per_recipient_order)
         set_log_level(config.log.level)
         assert self._state is not None
@@ -505,6 +515,7 @@ class Daemon:
                 queue_mode=cfg.queue.mode,
                 concurrency=cfg.remote.concurrency or "adaptive",
                 queue_max_events=cfg.queue.max_events,
+                queue_max_bytes=cfg.queue.max_bytes,
                 pending_restored=restored,
                 spool_events=spool.depth,
                 socket_activated=bool(self._activated),

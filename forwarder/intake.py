@@ -33,7 +33,7 @@ from forwarder.events import (
     loads_json,
     parse_ndjson,
 )
-from forwarder.queue import EventQueue
+from forwarder.queue import TOO_LARGE, EventQueue
 from forwarder.telemetry import Metrics, Stats
 
 log = structlog.get_logger("forwarder.intake")
@@ -123,13 +123,24 @@ def _invalid(
 
 _REFUSALS = {
     "shutting_down": "forwarder is shutting down; retry later",
-    "queue_full": "queue is full; retry later",
+    "queue_full": "queue is full (queue.max_events); retry later",
+    "queue_bytes_full": "queue is full (queue.max_bytes); retry later",
     "spool_full": "the spool is full (queue.max_disk_bytes); retry later",
     "spool_error": "the spool cannot be written (see forwarder's log); retry later",
 }
 
 
 def _refuse(state: IntakeState, reason: str, count: int) -> web.Response:
+    if reason == TOO_LARGE:
+        # Waiting would not help: these events alone are more than the queue may ever hold.
+        state.stats.invalid_requests += 1
+        limit = state.queue.max_bytes
+        return _error(
+            413,
+            f"the {count} events of this request take more than queue.max_bytes ({limit}) "
+            "allows in memory; send fewer or smaller events at a time",
+            reason=TOO_LARGE,
+        )
     state.stats.refused[reason] += count
     log.warning("refused", reason=reason, count=count, queue_depth=len(state.queue))
     return _json(
@@ -146,7 +157,7 @@ async def _admit(state: IntakeState, events: list[Event]) -> str:
     if state.admit is not None:
         reason = await state.admit(events)  # durable mode: committed to the spool first
     else:
-        reason = "" if state.queue.offer(events) else "queue_full"
+        reason = state.queue.admit(events)
     if not reason:
         state.stats.accepted += len(events)
     return reason
@@ -414,7 +425,13 @@ async def stats(request: web.Request) -> web.Response:
         "version": __version__,
         "uptime_s": round(time.time() - state.stats.started_at, 3),
         "accepting": state.accepting,
-        "queue": {"depth": len(state.queue), "max_events": state.queue.max_events},
+        "queue": {
+            "depth": len(state.queue),
+            "max_events": state.queue.max_events,
+            # Estimated bytes of the events in memory (waiting and in delivery), and the bound.
+            "bytes": state.queue.bytes,
+            "max_bytes": state.queue.max_bytes,
+        },
         "counters": state.stats.counters(),
     }
     payload.update(state.stats_extra())

@@ -19,7 +19,7 @@ LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNI
 LEVELS["error"] = logging.ERROR
 REDACTED = "[redacted]"
 # Label values exported from the start at 0, so rate() and alerts work before the first one.
-REFUSE_REASONS = ("queue_full", "spool_full", "spool_error", "shutting_down")
+REFUSE_REASONS = ("queue_full", "queue_bytes_full", "spool_full", "spool_error", "shutting_down")
 DEAD_LETTER_REASONS = ("rejected", "gave_up", "internal_error")
 
 

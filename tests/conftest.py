@@ -279,13 +279,14 @@ async def daemon(short_tmp: Path) -> AsyncIterator[Callable[..., Awaitable[Daemo
 def intake_state(
     *,
     max_events: int = 100,
+    max_bytes: int = 0,
     max_batch: int = 10,
     max_body_bytes: int = 1024 * 1024,
     not_ready_reason: Callable[[], str] = lambda: "",
     stats_extra: Callable[[], dict[str, Any]] = dict,
 ) -> IntakeState:
     """The intake's state with a fresh queue and counters, as the daemon wires it."""
-    queue = EventQueue(max_events)
+    queue = EventQueue(max_events, max_bytes=max_bytes)
     stats = Stats()
 
     def gauges() -> dict[str, tuple[str, float]]:

@@ -60,6 +60,7 @@ def test_defaults_without_file() -> None:
     assert config.state.path == Path("/var/lib/forwarder")
     assert config.log == LogConfig(level="info", format="auto")
     assert config.intake.accept_client_keys is False
+    assert config.queue.max_bytes == 256 * 1024 * 1024
     assert config.accounts == {}
     assert config.account_names() == ("default",)
 
@@ -291,6 +292,7 @@ def test_bad_base_url(tmp_path: Path, url: str, reason: str) -> None:
         ("[intake]\nmax_body_bytes = 1023\n", "intake.max_body_bytes"),
         ("[intake]\nmax_batch = 0\n", "intake.max_batch"),
         ("[queue]\nmax_events = 0\n", "queue.max_events"),
+        ("[queue]\nmax_bytes = 1048575\n", "queue.max_bytes"),
         ("[remote]\nconcurrency = -1\n", "remote.concurrency"),
         ("[remote]\nconcurrency = 1025\n", "remote.concurrency"),
         ("[remote]\nrate_limit_per_minute = 0\n", "remote.rate_limit_per_minute"),

@@ -155,7 +155,7 @@ async def test_reload_applies_what_it_can_and_refuses_a_bad_config(short_tmp: Pa
             remote=dataclasses.replace(
                 base.remote, rate_limit_per_minute=120, max_concurrency=3, per_recipient_order=False
             ),
-            queue=QueueConfig(max_events=50),
+            queue=QueueConfig(max_events=50, max_bytes=2 << 20),
             accounts={"us": us},
         )
         default_key = ApiKey(Secret("sk-daemon-test-0000"), "test")
@@ -173,6 +173,7 @@ async def test_reload_applies_what_it_can_and_refuses_a_bad_config(short_tmp: Pa
         assert lanes["default"].concurrency.maximum == 3
         assert lanes["us"].limiter.limit == 600
         assert daemon.queue.max_events == 50
+        assert daemon.queue.max_bytes == 2 << 20
         assert not daemon.queue.ordered
         assert daemon.config.intake.max_batch == 7
         assert daemon.config.intake.http_listen == "127.0.0.1:0"  # kept: needs a restart
@@ -235,6 +236,15 @@ async def test_durable_mode_refuses_with_503_past_max_disk_bytes(short_tmp: Path
         assert daemon.backlog is not None
         assert daemon.backlog.on_disk_only + len(daemon.queue) + daemon.queue.in_delivery == 10
         assert len(daemon.queue) + daemon.queue.in_delivery <= 5
+        async with aiohttp.ClientSession(base_url=daemon.addresses[0]) as http:
+            async with http.get("/v1/stats") as response:
+                queue = (await response.json())["queue"]
+            async with http.get("/metrics") as response:
+                metrics = await response.text()
+        assert queue["max_bytes"] == 256 << 20
+        assert 5 * 60_000 <= queue["bytes"] <= 5 * 62_000
+        assert "forwarder_queue_bytes_capacity 2.68435456e+08" in metrics
+        assert f"forwarder_queue_bytes {float(queue['bytes'])}" in metrics
     finally:
         daemon.request_stop()
         assert await asyncio.wait_for(task, 10) == 0

@@ -22,7 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from forwarder.events import MAX_DATA_BYTES, MAX_NAME_CHARS, Event
 from forwarder.intake import IntakeState
-from forwarder.queue import EventQueue
+from forwarder.queue import EventQueue, event_size
 from forwarder.telemetry import Stats
 from tests.conftest import ServeIntake, intake_state
 
@@ -165,6 +165,7 @@ class IntakeFactory(Protocol):
         self,
         *,
         max_events: int = ...,
+        max_bytes: int = ...,
         max_batch: int = ...,
         max_body_bytes: int = ...,
         not_ready_reason: Callable[[], str] = ...,
@@ -177,6 +178,7 @@ def make_intake(serve_intake: ServeIntake) -> IntakeFactory:
     async def factory(
         *,
         max_events: int = 100,
+        max_bytes: int = 0,
         max_batch: int = 10,
         max_body_bytes: int = 1024 * 1024,
         not_ready_reason: Callable[[], str] = lambda: "",
@@ -184,6 +186,7 @@ def make_intake(serve_intake: ServeIntake) -> IntakeFactory:
     ) -> Intake:
         state = intake_state(
             max_events=max_events,
+            max_bytes=max_bytes,
             max_batch=max_batch,
             max_body_bytes=max_body_bytes,
             not_ready_reason=not_ready_reason,
@@ -819,6 +822,38 @@ async def test_queue_full_refuses_whole_batch(make_intake: IntakeFactory) -> Non
     assert intake.stats.accepted == 3
 
 
+async def test_queue_bytes_full_refuses_the_whole_request(make_intake: IntakeFactory) -> None:
+    big = "x" * 30_000
+    intake = await make_intake(max_bytes=100_000)
+    first = [event(recipient_id=f"r{n}", data=big) for n in range(2)]
+    assert (await intake.json(first, BATCH)).status == 202
+    answer = await intake.json([event(recipient_id="r9", data=big) for _ in range(2)], BATCH)
+    assert answer.status == 503, answer.body
+    assert answer.body["reason"] == "queue_bytes_full"
+    assert "queue.max_bytes" in answer.body["error"]
+    assert int(answer.headers["Retry-After"]) > 0
+    assert len(intake.queue) == 2  # nothing of the refused request
+    assert intake.stats.refused["queue_bytes_full"] == 2
+    stats = await intake.get("/v1/stats")
+    assert stats.body["queue"]["max_bytes"] == 100_000
+    assert 60_000 < stats.body["queue"]["bytes"] <= 100_000
+    intake.queue.take_all()
+    assert (await intake.form([*CURL_FIELDS, ("data", big)])).status == 202
+
+
+async def test_events_that_could_never_fit_get_413_naming_queue_max_bytes(
+    make_intake: IntakeFactory,
+) -> None:
+    intake = await make_intake(max_bytes=50_000)
+    batch = [event(recipient_id=f"r{n}", data="y" * 30_000) for n in range(2)]
+    answer = await intake.json(batch, BATCH)
+    assert answer.status == 413, answer.body
+    assert answer.body["reason"] == "too_large"
+    assert "queue.max_bytes (50000)" in answer.body["error"]
+    assert len(intake.queue) == 0
+    assert intake.stats.refused == {}
+
+
 async def test_batch_that_just_fits_is_accepted(make_intake: IntakeFactory) -> None:
     intake = await make_intake(max_events=5)
     assert (await intake.json([event()] * 3, BATCH)).status == 202
@@ -904,13 +939,14 @@ async def test_metrics_is_prometheus_text(make_intake: IntakeFactory) -> None:
 
 async def test_stats_json(make_intake: IntakeFactory) -> None:
     extra = {"in_flight": 0, "delivery": {"paused": False, "workers": 4}}
-    intake = await make_intake(max_events=50, stats_extra=lambda: extra)
+    intake = await make_intake(max_events=50, max_bytes=2 << 20, stats_extra=lambda: extra)
     assert (await intake.json([event(), event()], BATCH)).status == 202
     assert (await intake.form([("name", "x")])).status == 400
     answer = await intake.get("/v1/stats")
     assert answer.status == 200
     body = answer.body
-    assert body["queue"] == {"depth": 2, "max_events": 50}
+    size = sum(event_size(e) for e in intake.queue.take_all())
+    assert body["queue"] == {"depth": 2, "max_events": 50, "bytes": size, "max_bytes": 2 << 20}
     assert body["accepting"] is True
     assert body["counters"]["accepted"] == 2
     assert body["counters"]["invalid_requests"] == 1
