@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import grp
 import ipaddress
 import math
 import os
@@ -43,6 +44,7 @@ __all__ = [
     "StateConfig",
     "load_config",
     "render_effective",
+    "resolve_group",
 ]
 
 DEFAULT_CONFIG_PATH = Path("/etc/forwarder/forwarder.toml")
@@ -75,6 +77,8 @@ class IntakeConfig:
     http_listen: str = "127.0.0.1:8787"
     unix_socket: str = ""
     unix_socket_mode: int = 0o660
+    # Group of the socket file, a name or a gid; "" leaves the daemon's own group.
+    unix_socket_group: str = ""
     max_body_bytes: int = 1_048_576
     max_batch: int = 1000
     # On the drop-in endpoint, deliver under the API key the client sends by Basic auth.
@@ -545,6 +549,26 @@ def _parse_listen(value: str) -> tuple[str, int]:
     return host, int(port_text)
 
 
+_MAX_GID = 2**32 - 2  # (gid_t)-1 means "unchanged" to chown
+
+
+def resolve_group(value: str) -> int:
+    """The gid that ``intake.unix_socket_group`` names: a number as given, else a group name.
+
+    Looking a name up may block (NSS), so call it off the event loop. ValueError says why not.
+    """
+    text = value.strip()
+    if text.isdigit() and text.isascii():
+        gid = int(text)
+        if gid > _MAX_GID:
+            raise ValueError(f"gid {gid} is out of range (0..{_MAX_GID})")
+        return gid
+    try:
+        return grp.getgrnam(text).gr_gid
+    except KeyError:
+        raise ValueError(f"no such group {_short(value)} (give a group name or a gid)") from None
+
+
 def _is_loopback(host: str) -> bool:
     if host.lower().rstrip(".") == "localhost":
         return True
@@ -630,6 +654,11 @@ def _validate(config: Config, origins: Mapping[str, str]) -> Config:
             "intake.unix_socket_mode",
             f"must be within 0o000..0o777, got {intake.unix_socket_mode:#o}",
         )
+    if intake.unix_socket_group:
+        try:
+            resolve_group(intake.unix_socket_group)
+        except ValueError as exc:
+            raise fail("intake.unix_socket_group", str(exc)) from None
     at_least("intake.max_body_bytes", intake.max_body_bytes, 1024)
     at_least("intake.max_batch", intake.max_batch, 1)
     at_least("queue.max_events", config.queue.max_events, 1)

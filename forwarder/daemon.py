@@ -27,7 +27,7 @@ from aiohttp import web
 
 from forwarder.accounts import Account, Accounts
 from forwarder.backlog import Backlog
-from forwarder.config import Config, ConfigError
+from forwarder.config import Config, ConfigError, resolve_group
 from forwarder.dispatcher import Dispatcher, LaneSettings
 from forwarder.events import Event
 from forwarder.intake import IntakeState, create_app
@@ -60,6 +60,7 @@ RESTART_ONLY = (
     "intake.http_listen",
     "intake.unix_socket",
     "intake.unix_socket_mode",
+    "intake.unix_socket_group",
     "intake.max_body_bytes",
     "remote.timeout_s",
     "remote.connect_timeout_s",
@@ -626,17 +627,15 @@ class Daemon:
                     self.addresses.append(f"http://{_host_for_url(addr[0])}:{addr[1]}")
         if intake.unix_socket:
             path = intake.unix_socket
-            await asyncio.to_thread(_clear_stale_socket, path)
-            unix_site = web.UnixSite(runner, path)
-            # The socket is created with the umask's permissions; narrow it before bind, not after.
-            old_umask = os.umask(0o777 & ~intake.unix_socket_mode)
+            # Blocking file-system work (and maybe a group lookup): off the event loop.
+            sock = await asyncio.to_thread(
+                _bind_unix_socket, path, intake.unix_socket_mode, intake.unix_socket_group
+            )
             try:
-                await unix_site.start()
-            except OSError as exc:
-                raise StartupError(f"cannot listen on {path}: {exc.strerror}") from None
-            finally:
-                os.umask(old_umask)
-            os.chmod(path, intake.unix_socket_mode)
+                await web.SockSite(runner, sock).start()
+            except BaseException:
+                sock.close()
+                raise
             self.addresses.append(f"unix:{path}")
 
     def _remove_unix_socket(self) -> None:
@@ -695,23 +694,85 @@ def _prepare_state_dir(path: Path) -> None:
     probe.unlink()
 
 
-def _clear_stale_socket(path: str) -> None:
-    """Remove a socket file left by a dead process; refuse anything else at that path."""
+# Pending connections the kernel holds for a listener (aiohttp's default).
+LISTEN_BACKLOG = 128
+# How long the stale-socket probe waits for a listener to take its connection.
+SOCKET_PROBE_S = 1.0
+
+
+def _bind_unix_socket(path: str, mode: int, group: str) -> socket.socket:
+    """A listening Unix socket at `path` with `mode` and `group` ("" keeps ours); StartupError.
+
+    The mode and group are set between bind() and listen(): until listen() every connection is
+    refused, so no client can get in through a wider default mode, and no umask is touched.
+    """
+    _clear_stale_socket(path)
     try:
-        info = os.lstat(path)  # lstat: a symlink is never followed, only refused
+        gid = resolve_group(group) if group else -1
+    except ValueError as exc:
+        raise StartupError(f"intake.unix_socket_group: {exc}") from None
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        try:
+            sock.bind(path)
+        except OSError as exc:
+            raise StartupError(f"cannot listen on {path}: {_reason(exc)}") from None
+        try:
+            if gid >= 0:
+                try:
+                    os.chown(path, -1, gid, follow_symlinks=False)
+                except OSError as exc:
+                    raise StartupError(
+                        f"intake.unix_socket_group: cannot give {path} to group {group}: "
+                        f"{_reason(exc)} (the service's user must be root or in that group)"
+                    ) from None
+            try:
+                os.chmod(path, mode)
+            except OSError as exc:
+                raise StartupError(
+                    f"intake.unix_socket_mode: cannot set the mode of {path}: {_reason(exc)}"
+                ) from None
+        except StartupError:
+            with contextlib.suppress(OSError):
+                os.unlink(path)  # ours, just bound: not left behind with the wrong owner
+            raise
+        sock.listen(LISTEN_BACKLOG)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def _clear_stale_socket(path: str) -> None:
+    """Remove a socket file left by a dead process; refuse anything else at that path.
+
+    Only a socket nobody accepts connections on is removed. A symbolic link is never followed
+    (lstat) nor removed; a regular file, a directory or a live socket are refused by name.
+    """
+    try:
+        info = os.lstat(path)
     except FileNotFoundError:
         return
+    except OSError as exc:
+        raise StartupError(f"cannot listen on {path}: {_reason(exc)}") from None
+    if stat.S_ISLNK(info.st_mode):
+        raise StartupError(
+            f"cannot listen on {path}: it is a symbolic link (not followed, not removed)"
+        )
     if not stat.S_ISSOCK(info.st_mode):
-        raise StartupError(f"cannot listen on {path}: it exists and is not a socket")
+        raise StartupError(f"cannot listen on {path}: it exists and is not a socket (not removed)")
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    probe.settimeout(1.0)
+    probe.settimeout(SOCKET_PROBE_S)
     try:
         probe.connect(path)
+    except TimeoutError:
+        pass  # a listener too busy to take the probe is still a listener
     except OSError as exc:
         if exc.errno != errno.ECONNREFUSED:
-            raise StartupError(f"cannot listen on {path}: {exc.strerror}") from None
-        os.unlink(path)  # nobody listens: stale
+            raise StartupError(f"cannot listen on {path}: {_reason(exc)}") from None
+        os.unlink(path)  # nobody listens: a stale file left by a dead process
         return
     finally:
         probe.close()
-    raise StartupError(f"cannot listen on {path}: another process is serving on it")
+    raise StartupError(f"cannot listen on {path}: already in use by another process")

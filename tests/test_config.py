@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import grp
 import math
+import os
 import re
 import tomllib
 from pathlib import Path
@@ -169,6 +171,14 @@ def test_listen_addresses(tmp_path: Path, listen: str, address: tuple[str, int])
     assert config.intake.tcp_address == address
 
 
+def test_unix_socket_group_by_name_or_number(tmp_path: Path) -> None:
+    name = grp.getgrgid(os.getegid()).gr_name
+    config = load_text(tmp_path, f'[intake]\nunix_socket_group = "{name}"\n')
+    assert config.intake.unix_socket_group == name
+    assert cfg.resolve_group(name) == os.getegid()
+    assert cfg.resolve_group("4242") == 4242  # a gid need not have a name
+
+
 def test_unix_socket_only(tmp_path: Path) -> None:
     config = load_text(tmp_path, '[intake]\nhttp_listen = ""\nunix_socket = "/run/fw.sock"\n')
     assert config.intake.tcp_address is None
@@ -293,6 +303,8 @@ def test_bad_base_url(tmp_path: Path, url: str, reason: str) -> None:
         ("[intake]\nmax_batch = 0\n", "intake.max_batch"),
         ("[queue]\nmax_events = 0\n", "queue.max_events"),
         ("[queue]\nmax_bytes = 1048575\n", "queue.max_bytes"),
+        ('[intake]\nunix_socket_group = "no-such-group-x"\n', "intake.unix_socket_group"),
+        ('[intake]\nunix_socket_group = "4294967295"\n', "intake.unix_socket_group"),
         ("[remote]\nconcurrency = -1\n", "remote.concurrency"),
         ("[remote]\nconcurrency = 1025\n", "remote.concurrency"),
         ("[remote]\nrate_limit_per_minute = 0\n", "remote.rate_limit_per_minute"),

@@ -6,6 +6,7 @@ import asyncio
 import dataclasses
 import os
 import socket
+import stat
 from pathlib import Path
 
 import aiohttp
@@ -83,24 +84,91 @@ async def test_stale_socket_is_replaced_with_the_configured_mode(short_tmp: Path
     assert not os.path.exists(path)  # removed at stop
 
 
+async def _refused_because(config: Config) -> str:
+    """Run a daemon that must fail to start; the error of its startup_failed line."""
+    with structlog.testing.capture_logs() as logs:
+        assert await asyncio.wait_for(Daemon(config, KEY).run(), 10) == 1
+    (failed,) = [line for line in logs if line["event"] == "startup_failed"]
+    error: str = failed["error"]
+    return error
+
+
 async def test_socket_of_a_live_process_or_a_regular_file_is_refused(short_tmp: Path) -> None:
     path = str(short_tmp / "live.sock")
     with socket.socket(socket.AF_UNIX) as live:
         live.bind(path)
         live.listen()
-        daemon = Daemon(_config(short_tmp / "s", listen="", sock=path), KEY)
-        assert await asyncio.wait_for(daemon.run(), 10) == 1
+        error = await _refused_because(_config(short_tmp / "s", listen="", sock=path))
+        assert error == f"cannot listen on {path}: already in use by another process"
         assert os.path.exists(path)  # another process's socket is left alone
+        live.accept()[0].close()  # the probe connected; nothing else did
     regular = short_tmp / "plain"
     regular.write_text("keep me")
-    daemon = Daemon(_config(short_tmp / "s", listen="", sock=str(regular)), KEY)
-    assert await asyncio.wait_for(daemon.run(), 10) == 1
+    error = await _refused_because(_config(short_tmp / "s", listen="", sock=str(regular)))
+    assert error == f"cannot listen on {regular}: it exists and is not a socket (not removed)"
     assert regular.read_text() == "keep me"
     link = short_tmp / "link.sock"
     link.symlink_to(regular)
-    daemon = Daemon(_config(short_tmp / "s", listen="", sock=str(link)), KEY)
-    assert await asyncio.wait_for(daemon.run(), 10) == 1
+    error = await _refused_because(_config(short_tmp / "s", listen="", sock=str(link)))
+    assert error.startswith(f"cannot listen on {link}: it is a symbolic link")
     assert regular.read_text() == "keep me"
+
+
+async def test_a_symlink_to_a_stale_socket_is_neither_followed_nor_removed(short_tmp: Path) -> None:
+    target = str(short_tmp / "stale.sock")
+    stale = socket.socket(socket.AF_UNIX)
+    stale.bind(target)
+    stale.close()  # a dead socket file: would be removed if it were at the path itself
+    link = short_tmp / "l.sock"
+    link.symlink_to(target)
+    error = await _refused_because(_config(short_tmp / "s", listen="", sock=str(link)))
+    assert "symbolic link" in error
+    assert link.is_symlink()
+    assert stat.S_ISSOCK(os.lstat(target).st_mode)
+
+
+async def test_socket_gets_the_configured_group_and_mode_before_anyone_can_connect(
+    short_tmp: Path,
+) -> None:
+    others = sorted(set(os.getgroups()) - {os.getegid()})
+    if os.geteuid() == 0:
+        gid = 4242  # root may give it to any group, named or not
+    elif others:
+        gid = others[0]
+    else:
+        pytest.skip("needs root or a supplementary group to give the socket to")
+    path = str(short_tmp / "g.sock")
+    config = _config(short_tmp / "s", listen="", sock=path)
+    config = dataclasses.replace(
+        config,
+        intake=dataclasses.replace(
+            config.intake, unix_socket_mode=0o640, unix_socket_group=str(gid)
+        ),
+    )
+    daemon = Daemon(config, KEY)
+    task = await _run_until_ready(daemon)
+    try:
+        info = os.lstat(path)
+        assert (info.st_gid, stat.S_IMODE(info.st_mode)) == (gid, 0o640)
+        async with (
+            aiohttp.ClientSession(connector=aiohttp.UnixConnector(path=path)) as http,
+            http.get("http://forwarder/healthz") as response,
+        ):
+            assert response.status == 200
+    finally:
+        daemon.request_stop()
+        assert await asyncio.wait_for(task, 10) == 0
+    assert not os.path.exists(path)
+
+
+async def test_an_unknown_socket_group_is_a_startup_error_naming_the_key(short_tmp: Path) -> None:
+    config = _config(short_tmp / "s", listen="", sock=str(short_tmp / "u.sock"))
+    config = dataclasses.replace(
+        config, intake=dataclasses.replace(config.intake, unix_socket_group="no-such-group-x")
+    )
+    error = await _refused_because(config)
+    assert error.startswith("intake.unix_socket_group: no such group 'no-such-group-x'")
+    assert not os.path.exists(short_tmp / "u.sock")
 
 
 async def test_events_that_cannot_be_saved_go_to_the_journal(
