@@ -18,6 +18,7 @@ import ipaddress
 import math
 import os
 import re
+import ssl
 import tomllib
 import typing
 from collections.abc import Mapping
@@ -128,6 +129,8 @@ class RemoteConfig:
     timeout_s: float = 30.0
     connect_timeout_s: float = 5.0
     auth_retry_s: float = 60.0
+    # A PEM file of CA certificates that replaces the system's trust store; "": the system's.
+    ca_bundle: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -610,6 +613,17 @@ def _normalise_base_url(url: str) -> str:
     return url.rstrip("/")
 
 
+def _check_ca_bundle(path: str) -> None:
+    """ValueError unless `path` is a readable file with at least one PEM CA certificate."""
+    try:
+        ssl.create_default_context(cafile=path)
+    except ssl.SSLError as exc:  # before OSError: SSLError is one
+        detail = exc.reason or str(exc)
+        raise ValueError(f"{path} holds no usable PEM CA certificate ({detail})") from None
+    except OSError as exc:
+        raise ValueError(f"cannot read {path}: {exc.strerror or exc}") from None
+
+
 def _validate(config: Config, origins: Mapping[str, str]) -> Config:
     """Check every key; return the config with normalised values (URL, lower-case log names)."""
 
@@ -695,6 +709,11 @@ def _validate(config: Config, origins: Mapping[str, str]) -> Config:
     positive("remote.timeout_s", remote.timeout_s)
     positive("remote.connect_timeout_s", remote.connect_timeout_s)
     positive("remote.auth_retry_s", remote.auth_retry_s)
+    if remote.ca_bundle:
+        try:
+            _check_ca_bundle(remote.ca_bundle)
+        except ValueError as exc:
+            raise fail("remote.ca_bundle", str(exc)) from None
 
     accounts: dict[str, AccountConfig] = {}
     for name, account in sorted(config.accounts.items()):

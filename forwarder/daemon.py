@@ -32,7 +32,7 @@ from forwarder.dispatcher import Dispatcher, LaneSettings
 from forwarder.events import Event
 from forwarder.intake import IntakeState, create_app
 from forwarder.queue import EventQueue
-from forwarder.remote import USER_AGENT, RemoteClient
+from forwarder.remote import USER_AGENT, RemoteClient, make_ssl_context
 from forwarder.spool import Spool, SpoolError, load_pending, remove_pending
 from forwarder.systemd import (
     ListenSocket,
@@ -64,6 +64,7 @@ RESTART_ONLY = (
     "intake.max_body_bytes",
     "remote.timeout_s",
     "remote.connect_timeout_s",
+    "remote.ca_bundle",
     "state.dir",
     "log.format",
 )
@@ -462,13 +463,21 @@ class Daemon:
             not_ready_reason=self._not_ready_reason,
             stats_extra=self._stats_extra,
         )
+        try:
+            # Reads the CA files: off the event loop. Checked at load; it could change since.
+            tls = await asyncio.to_thread(make_ssl_context, cfg.remote.ca_bundle)
+        except OSError as exc:  # ssl.SSLError is one too
+            log.error("startup_failed", error=f"remote.ca_bundle: {_reason(exc)}")
+            return 1
         # One session for every account: the lanes' concurrency limits bound the connections.
         self._session = aiohttp.ClientSession(
             timeout=aiohttp.ClientTimeout(
                 total=cfg.remote.timeout_s, connect=cfg.remote.connect_timeout_s
             ),
-            connector=aiohttp.TCPConnector(limit=0),
+            # Verified TLS always (make_ssl_context); no proxies from the environment.
+            connector=aiohttp.TCPConnector(limit=0, ssl=tls),
             headers={"User-Agent": USER_AGENT},
+            trust_env=False,
         )
         self._dispatcher = Dispatcher(
             self.queue, outcomes=backlog, stats=self.stats, latency=metrics.latency

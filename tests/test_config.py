@@ -27,6 +27,7 @@ from forwarder.config import (
     render_effective,
 )
 from forwarder.credentials import ApiKey, Secret, resolve_account_keys, resolve_api_key
+from tests.conftest import TlsFiles
 
 SHIPPED_CONFIG = Path(__file__).resolve().parent.parent / "config" / "forwarder.toml"
 KEY = "sk_live_0123456789abcdef"
@@ -177,6 +178,19 @@ def test_unix_socket_group_by_name_or_number(tmp_path: Path) -> None:
     assert config.intake.unix_socket_group == name
     assert cfg.resolve_group(name) == os.getegid()
     assert cfg.resolve_group("4242") == 4242  # a gid need not have a name
+
+
+def test_ca_bundle_must_be_a_readable_pem_ca_file(tmp_path: Path, tls_files: TlsFiles) -> None:
+    config = load_text(tmp_path, f'[remote]\nca_bundle = "{tls_files.ca}"\n')
+    assert config.remote.ca_bundle == str(tls_files.ca)
+    missing = tmp_path / "nope.pem"
+    with pytest.raises(ConfigError, match=rf"^remote\.ca_bundle: cannot read {missing}: "):
+        load_text(tmp_path, f'[remote]\nca_bundle = "{missing}"\n')
+    junk = write(tmp_path, "not a certificate\n", "junk.pem")
+    with pytest.raises(ConfigError, match=r"^remote\.ca_bundle: .*holds no usable PEM CA"):
+        load_text(tmp_path, f'[remote]\nca_bundle = "{junk}"\n')
+    with pytest.raises(ConfigError, match=r"^remote\.ca_bundle \(from FORWARDER_REMOTE_CA_BUNDLE"):
+        load_config(env={"FORWARDER_REMOTE_CA_BUNDLE": str(tmp_path)})  # a directory
 
 
 def test_unix_socket_only(tmp_path: Path) -> None:

@@ -6,12 +6,14 @@ import asyncio
 import dataclasses
 import os
 import socket
+import ssl
 import stat
 from pathlib import Path
 
 import aiohttp
 import pytest
 import structlog
+from aiohttp import web
 
 from forwarder.accounts import Account, configured_accounts
 from forwarder.backlog import Backlog
@@ -28,9 +30,14 @@ from forwarder.config import (
 from forwarder.credentials import ApiKey, Secret
 from forwarder.daemon import Daemon
 from forwarder.events import Event
-from tests.conftest import spooled
+from tests.conftest import TlsFiles, dead_letters, spooled
 
 KEY = configured_accounts(Config(), ApiKey(Secret("sk-daemon-test-0000"), "test"), {})
+
+
+def _accounts(config: Config) -> dict[str, Account]:
+    """The default account as `config` describes it (its base URL), with the test key."""
+    return configured_accounts(config, ApiKey(Secret("sk-daemon-test-0000"), "test"), {})
 
 
 def _config(state: Path, *, listen: str = "127.0.0.1:0", sock: str = "") -> Config:
@@ -340,3 +347,84 @@ async def test_a_stop_saves_everything_even_past_max_disk_bytes(short_tmp: Path)
     (saved,) = [line for line in logs if line["event"] == "pending_saved"]
     assert saved["count"] == 40
     assert len(spooled(short_tmp / "s")) == 40
+
+
+async def _serve(
+    app: web.Application, tls: ssl.SSLContext | None = None
+) -> tuple[web.AppRunner, str]:
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0, ssl_context=tls).start()
+    port = next(a[1] for a in runner.addresses if isinstance(a, tuple))
+    return runner, f"{'https' if tls else 'http'}://127.0.0.1:{port}"
+
+
+async def _until(condition: object, timeout: float = 10.0) -> None:
+    assert callable(condition)
+    async with asyncio.timeout(timeout):
+        while not condition():
+            await asyncio.sleep(0.02)
+
+
+async def test_delivers_over_tls_verified_against_remote_ca_bundle(
+    short_tmp: Path, tls_files: TlsFiles
+) -> None:
+    created: list[str] = []
+
+    async def create(request: web.Request) -> web.Response:
+        created.append((await request.post())["recipient_id"])  # type: ignore[arg-type]
+        return web.json_response({"success": True, "data": len(created)})
+
+    app = web.Application()
+    app.router.add_post("/v1/recipientEvents/create", create)
+    server_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_tls.load_cert_chain(tls_files.cert, tls_files.key)
+    runner, root = await _serve(app, server_tls)
+    config = dataclasses.replace(
+        _config(short_tmp / "s"),
+        remote=RemoteConfig(base_url=f"{root}/v1", ca_bundle=str(tls_files.ca)),
+    )
+    daemon = Daemon(config, _accounts(config))
+    task = await _run_until_ready(daemon)
+    try:
+        evt = Event(event_id="evt-tls-0001", recipient_id="7", name="A", account="default")
+        assert daemon.queue.offer([evt])
+        await _until(lambda: daemon.stats.delivered == 1)
+        assert created == ["7"]
+    finally:
+        daemon.request_stop()
+        assert await asyncio.wait_for(task, 10) == 0
+        await runner.cleanup()
+
+
+async def test_a_redirecting_remote_dead_letters_as_redirected_and_logs_only_the_host(
+    short_tmp: Path,
+) -> None:
+    async def moved(request: web.Request) -> web.Response:
+        raise web.HTTPFound("https://moved.example.test/v2/recipientEvents/create?x=1")
+
+    app = web.Application()
+    app.router.add_post("/v1/recipientEvents/create", moved)
+    runner, root = await _serve(app)
+    config = dataclasses.replace(
+        _config(short_tmp / "s"), remote=RemoteConfig(base_url=f"{root}/v1")
+    )
+    daemon = Daemon(config, _accounts(config))
+    try:
+        with structlog.testing.capture_logs() as logs:
+            task = await _run_until_ready(daemon)
+            evt = Event(event_id="evt-moved-001", recipient_id="7", name="A", account="default")
+            assert daemon.queue.offer([evt])
+            await _until(lambda: daemon.stats.dead_lettered["redirected"] == 1)
+            daemon.request_stop()
+            assert await asyncio.wait_for(task, 10) == 0
+    finally:
+        await runner.cleanup()
+    (line,) = [entry for entry in logs if entry["event"] == "dead_lettered"]
+    assert line["reason"] == "redirected"
+    assert line["status"] == 302
+    assert "redirect to moved.example.test" in line["error"]
+    assert "/v2" not in line["error"]
+    assert "sk-daemon-test-0000" not in repr(logs)
+    (letter,) = dead_letters(short_tmp / "s")
+    assert (letter["reason"], letter["attempts"]) == ("redirected", 1)
