@@ -43,6 +43,8 @@ __all__ = [
     "RetryConfig",
     "ShutdownConfig",
     "StateConfig",
+    "check_exposure",
+    "is_loopback_host",
     "load_config",
     "render_effective",
     "resolve_group",
@@ -84,6 +86,10 @@ class IntakeConfig:
     max_batch: int = 1000
     # On the drop-in endpoint, deliver under the API key the client sends by Basic auth.
     accept_client_keys: bool = False
+    # The token every request but GET /healthz must carry (credentials.resolve_intake_token);
+    # required when a TCP listener is not on loopback. Never shown: repr=False, masked on output.
+    auth_token: str = field(default="", repr=False)
+    auth_token_file: str = ""
 
     @property
     def tcp_address(self) -> tuple[str, int] | None:
@@ -572,13 +578,43 @@ def resolve_group(value: str) -> int:
         raise ValueError(f"no such group {_short(value)} (give a group name or a gid)") from None
 
 
-def _is_loopback(host: str) -> bool:
+def is_loopback_host(host: str) -> bool:
+    """Whether `host` (a name or an address) is loopback: localhost, 127.0.0.0/8, ::1.
+
+    Any other name counts as not loopback: it may resolve anywhere. ``0.0.0.0`` and ``::`` (every
+    interface) are not loopback.
+    """
     if host.lower().rstrip(".") == "localhost":
         return True
     try:
-        return ipaddress.ip_address(host).is_loopback
+        address = ipaddress.ip_address(host.split("%", 1)[0])  # an IPv6 zone is no part of it
     except ValueError:
         return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped.is_loopback  # ::ffff:127.0.0.1 from a dual-stack socket
+    return address.is_loopback
+
+
+_TOKEN_SOURCES = (
+    "intake.auth_token_file (or intake.auth_token, FORWARDER_INTAKE_AUTH_TOKEN, or the systemd "
+    "credential intake_auth_token)"
+)
+
+
+def check_exposure(listeners: typing.Sequence[tuple[str, str]], has_token: bool) -> None:
+    """Refuse listeners other machines can reach unless intake requires a token.
+
+    ``listeners`` are ``(where, host)`` pairs, e.g. ``("intake.http_listen", "0.0.0.0")``;
+    raises :class:`ConfigError` naming the first whose host is not loopback.
+    """
+    if has_token:
+        return
+    for where, host in listeners:
+        if not is_loopback_host(host):
+            raise ConfigError(
+                f"{where}: {host} is not a loopback address, so anyone who can reach it could "
+                f"send events: set {_TOKEN_SOURCES} to require a token, or listen on 127.0.0.1"
+            )
 
 
 def _normalise_base_url(url: str) -> str:
@@ -605,7 +641,7 @@ def _normalise_base_url(url: str) -> str:
         raise ValueError("must not contain user:password@; the API key is configured separately")
     if "?" in url or "#" in url:
         raise ValueError("must not contain a query string or fragment")
-    if parts.scheme == "http" and not _is_loopback(host):
+    if parts.scheme == "http" and not is_loopback_host(host):
         raise ValueError(
             f"plain http:// is only allowed for loopback hosts (localhost, 127.0.0.0/8, ::1): "
             f"the API key would travel in clear text to {host}; use https://"
@@ -817,21 +853,33 @@ def _key_comment(key: ApiKey | None) -> str:
     return "not configured" if key is None else f"**** (from {_comment_safe(key.source)})"
 
 
+# Settings whose values are secrets: shown as MASK when set.
+_SECRET_KEYS = frozenset({"intake.auth_token"})
+MASK = "****"
+
+
 def render_effective(
-    config: Config, key: ApiKey | None, account_keys: Mapping[str, ApiKey] | None = None
+    config: Config,
+    key: ApiKey | None,
+    account_keys: Mapping[str, ApiKey] | None = None,
+    intake_token: ApiKey | None = None,
 ) -> str:
-    """The effective configuration as TOML, plus comments saying where the API keys come from.
+    """The effective configuration as TOML, plus comments saying where the secrets come from.
 
     Every section and key is included, then every ``[accounts.NAME]`` table; the keys themselves
-    never are. ``key`` is the default account's; with ``account_keys`` (from
-    `credentials.resolve_account_keys`) each account table also says where its key comes from.
+    never are, and ``intake.auth_token`` is masked. ``key`` is the default account's; with
+    ``account_keys`` (from `credentials.resolve_account_keys`) each account table also says where
+    its key comes from; ``intake_token`` (`credentials.resolve_intake_token`) likewise.
     """
     lines = ["# forwarder: effective configuration"]
     for name, kinds in _FIELD_KINDS.items():
         section = getattr(config, name)
         lines += ["", f"[{name}]"]
         for key_name, kind in kinds.items():
-            lines.append(f"{key_name} = {_toml_value(kind, getattr(section, key_name))}")
+            value = getattr(section, key_name)
+            if f"{name}.{key_name}" in _SECRET_KEYS and value:
+                value = MASK
+            lines.append(f"{key_name} = {_toml_value(kind, value)}")
     for name, account in sorted(config.accounts.items()):
         # A valid account name is a bare TOML key; quote anything else rather than break the TOML.
         header = name if _ACCOUNT_NAME_RE.fullmatch(name) else _toml_string(name)
@@ -841,5 +889,6 @@ def render_effective(
         if account_keys is not None:
             lines.append(f"# api key of this account: {_key_comment(account_keys.get(name))}")
     lines.append("")
+    lines.append(f"# intake auth token: {_key_comment(intake_token)}")
     lines.append(f"# api key: {_key_comment(key)}")
     return "\n".join(lines) + "\n"

@@ -27,7 +27,8 @@ from aiohttp import web
 
 from forwarder.accounts import Account, Accounts
 from forwarder.backlog import Backlog
-from forwarder.config import Config, ConfigError, resolve_group
+from forwarder.config import Config, ConfigError, check_exposure, resolve_group
+from forwarder.credentials import ApiKey, resolve_intake_token
 from forwarder.dispatcher import Dispatcher, LaneSettings
 from forwarder.events import Event
 from forwarder.intake import IntakeState, create_app
@@ -114,6 +115,7 @@ class Daemon:
         self._activated: list[ListenSocket] = []
         self._status_task: asyncio.Task[None] | None = None
         self._delivery_rate = PerMinute()
+        self._intake_token: ApiKey | None = None
 
     def request_stop(self) -> None:
         """Begin a graceful stop (as SIGTERM does); a second call stops without draining."""
@@ -240,7 +242,19 @@ class Daemon:
 
     def _secrets(self) -> list[str]:
         accounts = [*self.accounts.configured.values(), *self.accounts.clients.values()]
-        return [a.key.reveal() for a in accounts]
+        token = [self._intake_token.secret.reveal()] if self._intake_token else []
+        return [a.key.reveal() for a in accounts] + token
+
+    def _listeners(self, config: Config) -> list[tuple[str, str]]:
+        """The TCP listeners as (where, host), for `check_exposure`: systemd's, or ours."""
+        if self._activated:
+            return [
+                (f"socket activation: {a.address} (fd {a.fd})", str(a.sock.getsockname()[0]))
+                for a in self._activated
+                if a.family in (socket.AF_INET, socket.AF_INET6)
+            ]
+        tcp = config.intake.tcp_address
+        return [("intake.http_listen", tcp[0])] if tcp is not None else []
 
     async def run(self) -> int:
         """Serve until stopped; returns the process exit code."""
@@ -293,6 +307,9 @@ class Daemon:
                     f"remote.default_account: no API key for account "
                     f"{config.remote.default_account!r}"
                 )
+            token = await asyncio.to_thread(resolve_intake_token, config)
+            # Against the listeners serving now: their addresses need a restart to change.
+            check_exposure(self._listeners(self.config), token is not None)
         except ConfigError as exc:
             log.error("reload_refused", error=str(exc), action="the running configuration stays")
             return False
@@ -314,6 +331,8 @@ class Daemon:
         set_log_level(config.log.level)
         assert self._state is not None
         self._state.max_batch = config.intake.max_batch
+        self._intake_token = token
+        self._state.auth_token = token.secret if token else None
         previous = dict(self.accounts.configured)
         self.accounts.update(
             accounts,
@@ -396,6 +415,16 @@ class Daemon:
         except ValueError as exc:
             log.error("startup_failed", error=str(exc))
             return 1
+        try:
+            # A token file is read: off the event loop. Refused before anything is bound.
+            self._intake_token = await asyncio.to_thread(resolve_intake_token, self.config)
+            check_exposure(self._listeners(self.config), self._intake_token is not None)
+        except ConfigError as exc:
+            log.error("startup_failed", error=str(exc))
+            for activated in self._activated:
+                activated.sock.close()
+            return 1
+        set_secrets(self._secrets())
         interval = watchdog_interval()
         watchdog = Watchdog(self.notifier, interval, self._healthy) if interval else None
         if watchdog is not None:
@@ -462,6 +491,7 @@ class Daemon:
             admit=backlog.admit if durable else None,
             not_ready_reason=self._not_ready_reason,
             stats_extra=self._stats_extra,
+            auth_token=self._intake_token.secret if self._intake_token else None,
         )
         try:
             # Reads the CA files: off the event loop. Checked at load; it could change since.
@@ -529,6 +559,7 @@ class Daemon:
                 pending_restored=restored,
                 spool_events=spool.depth,
                 socket_activated=bool(self._activated),
+                intake_token=self._intake_token.source if self._intake_token else "not required",
                 watchdog_s=watchdog_interval(),
             )
             await self._stop.wait()

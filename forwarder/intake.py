@@ -1,7 +1,9 @@
 """Intake: the aiohttp application apps talk to. Validate, queue, answer; never talk to the remote.
 
 Every answer is JSON. Bad input gets a 4xx naming the field; a full queue or a stopping daemon
-gets 503 with Retry-After, and then nothing of that request was queued.
+gets 503 with Retry-After, and then nothing of that request was queued. When `intake.auth_token`
+is set, every request but GET /healthz must carry it (`Authorization: Bearer`, or
+`X-Forwarder-Token` when the Authorization header holds an app's own API key), or gets 401.
 """
 
 from __future__ import annotations
@@ -9,7 +11,9 @@ from __future__ import annotations
 import base64
 import binascii
 import dataclasses
+import hmac
 import json
+import math
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -23,6 +27,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from forwarder import __version__
 from forwarder.accounts import AccountError, Accounts
+from forwarder.credentials import Secret
 from forwarder.events import (
     Event,
     EventValidationError,
@@ -63,6 +68,9 @@ class IntakeState:
     # Returns "" when ready, or why not (delivery paused, shutting down).
     not_ready_reason: Callable[[], str] = field(default=lambda: "")
     stats_extra: Callable[[], dict[str, Any]] = field(default=dict)
+    # The token every request but GET /healthz must carry; None: no token required.
+    auth_token: Secret | None = None
+    unauthorized_logged_at: float = -math.inf
 
 
 STATE = web.AppKey("state", IntakeState)
@@ -82,6 +90,73 @@ def _json(
 
 def _error(status: int, message: str, **extra: Any) -> web.Response:
     return _json(status, {"success": False, "error": message, **extra})
+
+
+TOKEN_HEADER = "X-Forwarder-Token"
+# At most one `unauthorized` log line this often: a scanner must not flood the journal.
+UNAUTHORIZED_LOG_EVERY_S = 60.0
+_OPEN_ROUTES = frozenset({("GET", "/healthz"), ("HEAD", "/healthz")})
+
+
+def _presented_tokens(request: web.Request) -> list[str]:
+    """What the request offers as the intake token: a Bearer credential, X-Forwarder-Token."""
+    offered = [request.headers.get(TOKEN_HEADER, "")]
+    scheme, _, credential = request.headers.get("Authorization", "").partition(" ")
+    if scheme.lower() == "bearer":
+        offered.append(credential.strip())
+    return [token for token in offered if token]
+
+
+def _token_matches(offered: str, token: Secret) -> bool:
+    # Bytes, not str: compare_digest takes only ASCII str, and a header may hold anything.
+    # Constant-time, so the comparison's duration does not tell how much of a guess was right.
+    return hmac.compare_digest(
+        offered.encode("utf-8", "surrogatepass"), token.reveal().encode("utf-8", "surrogatepass")
+    )
+
+
+@web.middleware
+async def require_token(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """With `intake.auth_token` set, answer 401 to any request but GET /healthz without it.
+
+    Runs before routing's handlers and before any body is read. The answer never echoes what
+    the request sent.
+    """
+    state = request.app[STATE]
+    token = state.auth_token
+    if token is None or (request.method, request.path) in _OPEN_ROUTES:
+        return await handler(request)
+    offered = _presented_tokens(request)
+    if any(_token_matches(candidate, token) for candidate in offered):
+        return await handler(request)
+    state.stats.unauthorized += 1
+    now = time.monotonic()
+    if now - state.unauthorized_logged_at >= UNAUTHORIZED_LOG_EVERY_S:
+        state.unauthorized_logged_at = now
+        log.warning(
+            "unauthorized",
+            peer=request.remote or "unix socket",
+            path=request.path,
+            token_sent=bool(offered),
+            total=state.stats.unauthorized,
+            note=f"one line per {UNAUTHORIZED_LOG_EVERY_S:.0f}s at most",
+        )
+    why = "wrong" if offered else "missing"
+    return _json(
+        401,
+        {
+            "success": False,
+            "error": (
+                f"{why} intake token: send it as 'Authorization: Bearer <token>', or in the "
+                f"{TOKEN_HEADER} header when Authorization carries your API key "
+                "(see intake.auth_token)"
+            ),
+            "reason": "unauthorized",
+        },
+        {"WWW-Authenticate": 'Bearer realm="forwarder"'},
+    )
 
 
 @web.middleware
@@ -440,7 +515,9 @@ async def stats(request: web.Request) -> web.Response:
 
 def create_app(state: IntakeState) -> web.Application:
     """The intake application; the daemon serves it on TCP and/or a Unix socket."""
-    app = web.Application(client_max_size=state.max_body_bytes, middlewares=[json_errors])
+    app = web.Application(
+        client_max_size=state.max_body_bytes, middlewares=[require_token, json_errors]
+    )
     app[STATE] = state
     app.router.add_post("/v1/recipientEvents/create", create_event)
     app.router.add_post("/v1/events", create_events)

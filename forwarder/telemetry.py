@@ -146,6 +146,7 @@ class Stats:
     retries: int = 0
     auth_failures: int = 0
     invalid_requests: int = 0
+    unauthorized: int = 0  # intake requests without the right token (401)
     refused: Counter[str] = field(default_factory=Counter)
     dead_lettered: Counter[str] = field(default_factory=Counter)
     started_at: float = field(default_factory=time.time)
@@ -158,6 +159,7 @@ class Stats:
             "dead_lettered": dict(self.dead_lettered),
             "refused": dict(self.refused),
             "invalid_requests": self.invalid_requests,
+            "unauthorized": self.unauthorized,
             "attempts": self.attempts,
             "retries": self.retries,
             "auth_failures": self.auth_failures,
@@ -277,6 +279,11 @@ class _StatsCollector(Collector):
             ("delivery_retries", "Attempts that failed transiently and were retried.", s.retries),
             ("auth_failures", "Attempts refused with 401 or 403.", s.auth_failures),
             ("requests_invalid", "Intake requests refused as invalid (4xx).", s.invalid_requests),
+            (
+                "requests_unauthorized",
+                "Intake requests without the right intake.auth_token (401).",
+                s.unauthorized,
+            ),
         )
         for name, doc, value in simple:
             yield CounterMetricFamily(f"forwarder_{name}", doc, value=value)

@@ -193,6 +193,34 @@ def test_ca_bundle_must_be_a_readable_pem_ca_file(tmp_path: Path, tls_files: Tls
         load_config(env={"FORWARDER_REMOTE_CA_BUNDLE": str(tmp_path)})  # a directory
 
 
+@pytest.mark.parametrize(
+    "host", ["127.0.0.1", "127.0.0.9", "::1", "localhost", "LOCALHOST.", "::ffff:127.0.0.1"]
+)
+def test_loopback_listeners_need_no_token(host: str) -> None:
+    assert cfg.is_loopback_host(host)
+    cfg.check_exposure([("intake.http_listen", host)], has_token=False)
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "::", "10.0.0.7", "192.168.1.2", "fe80::1", "myhost"])
+def test_other_listeners_need_a_token(host: str) -> None:
+    assert not cfg.is_loopback_host(host)
+    with pytest.raises(ConfigError, match=rf"^intake\.http_listen: {re.escape(host)} is not a"):
+        cfg.check_exposure([("intake.http_listen", host)], has_token=False)
+    cfg.check_exposure([("intake.http_listen", host)], has_token=True)
+
+
+def test_the_intake_token_is_masked_and_kept_out_of_repr(tmp_path: Path) -> None:
+    token = "tok-0123456789abcdef-SECRET"
+    config = load_config(env={"FORWARDER_INTAKE_AUTH_TOKEN": token})
+    assert config.intake.auth_token == token
+    assert token not in repr(config)
+    text = render_effective(config, None, intake_token=ApiKey(Secret(token), "intake.auth_token"))
+    assert token not in text
+    assert 'auth_token = "****"' in text
+    assert "# intake auth token: **** (from intake.auth_token)" in text
+    assert 'auth_token = ""' in render_effective(Config(), None)
+
+
 def test_unix_socket_only(tmp_path: Path) -> None:
     config = load_text(tmp_path, '[intake]\nhttp_listen = ""\nunix_socket = "/run/fw.sock"\n')
     assert config.intake.tcp_address is None

@@ -20,6 +20,7 @@ from aiohttp.test_utils import TestClient
 from multidict import CIMultiDictProxy
 from prometheus_client.parser import text_string_to_metric_families
 
+from forwarder.credentials import Secret
 from forwarder.events import MAX_DATA_BYTES, MAX_NAME_CHARS, Event
 from forwarder.intake import IntakeState
 from forwarder.queue import EventQueue, event_size
@@ -958,3 +959,91 @@ async def test_stats_json(make_intake: IntakeFactory) -> None:
     assert body["uptime_s"] >= 0
     intake.state.accepting = False
     assert (await intake.get("/v1/stats")).body["accepting"] is False
+
+
+# --- the intake token ----------------------------------------------------------------------------
+
+TOKEN = "intake-token-0123456789-abcdef"
+
+
+@pytest.fixture
+async def guarded(make_intake: IntakeFactory) -> Intake:
+    intake = await make_intake()
+    intake.state.auth_token = Secret(TOKEN)
+    return intake
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {},
+        bearer("wrong-token-0123456789-abcdef"),
+        bearer(TOKEN[:-1]),
+        bearer(TOKEN + "x"),
+        {"Authorization": f"Basic {TOKEN}"},
+        {"Authorization": TOKEN},
+        {"X-Forwarder-Token": TOKEN.upper()},
+        {"X-Forwarder-Token": "caf\u00e9-\udcff"},  # not ASCII: still 401, never 500
+    ],
+)
+async def test_without_the_token_everything_but_healthz_is_401(
+    guarded: Intake, headers: dict[str, str]
+) -> None:
+    for method, path, body, ctype in [
+        ("POST", CREATE, urlencode(CURL_FIELDS), FORM),
+        ("POST", BATCH, json.dumps([event()]), JSON),
+        ("GET", "/readyz", "", None),
+        ("GET", "/metrics", "", None),
+        ("GET", "/v1/stats", "", None),
+        ("GET", "/no-such-path", "", None),
+    ]:
+        status, got, ctype_back, raw = await guarded.raw(method, path, body, ctype, headers)
+        assert status == 401, (path, raw)
+        assert ctype_back == "application/json"
+        answer = json.loads(raw)
+        assert answer["success"] is False
+        assert answer["reason"] == "unauthorized"
+        assert "Authorization: Bearer" in answer["error"]
+        assert got["WWW-Authenticate"] == 'Bearer realm="forwarder"'
+        for sent in headers.values():
+            assert sent.split()[-1] not in raw.decode("utf-8", "replace")
+        assert TOKEN not in raw.decode()
+    assert guarded.stats.unauthorized == 6
+    assert guarded.stats.accepted == 0
+    assert len(guarded.queue) == 0
+    assert (await guarded.get("/healthz")).status == 200
+
+
+async def test_the_token_as_bearer_or_in_its_own_header(guarded: Intake) -> None:
+    assert (await guarded.form(CURL_FIELDS, headers=bearer(TOKEN))).status == 202
+    assert (
+        await guarded.form(CURL_FIELDS, headers={"authorization": f"bearer  {TOKEN} "})
+    ).status == 202
+    both = {**basic("the-apps-own-api-key"), "X-Forwarder-Token": TOKEN}
+    assert (await guarded.form(CURL_FIELDS, headers=both)).status == 202
+    either = {**bearer("wrong-0123456789-abcdef"), "X-Forwarder-Token": TOKEN}
+    assert (await guarded.json([event()], BATCH, headers=either)).status == 202
+    assert (await guarded.send("GET", "/v1/stats", headers=bearer(TOKEN))).status == 200
+    assert len(guarded.queued()) == 4
+    assert guarded.stats.unauthorized == 0
+
+
+async def test_the_token_is_checked_before_the_body_is_read(make_intake: IntakeFactory) -> None:
+    guarded = await make_intake(max_body_bytes=1024)
+    guarded.state.auth_token = Secret(TOKEN)
+    big = "x" * 4096  # past max_body_bytes: 413 for an authorised request
+    status, _, _, raw = await guarded.raw("POST", BATCH, big, JSON)
+    assert status == 401, raw
+    status, _, _, raw = await guarded.raw("POST", BATCH, big, JSON, bearer(TOKEN))
+    assert status == 413, raw
+
+
+async def test_unauthorized_requests_are_counted_in_metrics(guarded: Intake) -> None:
+    assert (await guarded.raw("GET", "/v1/stats"))[0] == 401
+    status, _, _, raw = await guarded.raw("GET", "/metrics", headers=bearer(TOKEN))
+    assert status == 200
+    assert metric_samples(raw.decode())[("forwarder_requests_unauthorized_total", ())] == 1.0
