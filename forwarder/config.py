@@ -84,6 +84,13 @@ class IntakeConfig:
     unix_socket_group: str = ""
     max_body_bytes: int = 1_048_576
     max_batch: int = 1000
+    # Slow and idle clients (connections.py): a request's head must arrive within
+    # header_timeout_s, its body within body_timeout_s; an idle kept-alive connection closes
+    # after keepalive_timeout_s; at most max_connections are open at once.
+    header_timeout_s: float = 10.0
+    body_timeout_s: float = 30.0
+    keepalive_timeout_s: float = 75.0
+    max_connections: int = 512
     # On the drop-in endpoint, deliver under the API key the client sends by Basic auth.
     accept_client_keys: bool = False
     # The token every request but GET /healthz must carry (credentials.resolve_intake_token);
@@ -711,6 +718,10 @@ def _validate(config: Config, origins: Mapping[str, str]) -> Config:
             raise fail("intake.unix_socket_group", str(exc)) from None
     at_least("intake.max_body_bytes", intake.max_body_bytes, 1024)
     at_least("intake.max_batch", intake.max_batch, 1)
+    positive("intake.header_timeout_s", intake.header_timeout_s)
+    positive("intake.body_timeout_s", intake.body_timeout_s)
+    positive("intake.keepalive_timeout_s", intake.keepalive_timeout_s)
+    within("intake.max_connections", intake.max_connections, 1, 1_000_000)
     at_least("queue.max_events", config.queue.max_events, 1)
     at_least("queue.max_bytes", config.queue.max_bytes, 1_048_576)
     if config.queue.mode not in _QUEUE_MODES:

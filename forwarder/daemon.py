@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import errno
 import os
+import resource
 import signal
 import socket
 import sqlite3
@@ -28,6 +29,7 @@ from aiohttp import web
 from forwarder.accounts import Account, Accounts
 from forwarder.backlog import Backlog
 from forwarder.config import Config, ConfigError, check_exposure, resolve_group
+from forwarder.connections import ConnectionGuard, IntakeRunner
 from forwarder.credentials import ApiKey, resolve_intake_token
 from forwarder.dispatcher import Dispatcher, LaneSettings
 from forwarder.events import Event
@@ -56,6 +58,9 @@ PID_FILE = "forwarder.pid"
 STATUS_EVERY_S = 5.0
 # Kept between the drain's end and systemd's SIGKILL, for saving and closing.
 STOP_RESERVE_S = 5.0
+# File descriptors wanted besides intake's connections: listeners, the spool, the remote's
+# connections, logs.
+FD_RESERVE = 256
 # Settings a reload cannot change in a running process: they need a restart.
 RESTART_ONLY = (
     "intake.http_listen",
@@ -116,6 +121,12 @@ class Daemon:
         self._status_task: asyncio.Task[None] | None = None
         self._delivery_rate = PerMinute()
         self._intake_token: ApiKey | None = None
+        intake = config.intake
+        self.connections = ConnectionGuard(
+            max_connections=intake.max_connections,
+            header_timeout_s=intake.header_timeout_s,
+            keepalive_timeout_s=intake.keepalive_timeout_s,
+        )
 
     def request_stop(self) -> None:
         """Begin a graceful stop (as SIGTERM does); a second call stops without draining."""
@@ -147,7 +158,22 @@ class Daemon:
             "delivery_paused": ("1 while the remote refuses a key.", int(paused)),
             "ready": ("1 when /readyz answers 200.", int(not self._not_ready_reason())),
             "config_reloads": ("Configuration reloads applied.", self.reloads),
+            "connections_open": ("Intake connections open now.", self.connections.open),
+            "connections_max": ("intake.max_connections.", self.connections.max_connections),
             **self._spool_gauges(),
+        }
+
+    def _counters(self) -> dict[str, tuple[str, float]]:
+        guard = self.connections
+        return {
+            "connections_refused": (
+                "Intake connections past intake.max_connections, answered 503 and closed.",
+                guard.refused,
+            ),
+            "connections_header_timeouts": (
+                "Intake connections closed: a request head not in within intake.header_timeout_s.",
+                guard.header_timeouts,
+            ),
         }
 
     def _spool_gauges(self) -> dict[str, tuple[str, float]]:
@@ -193,6 +219,7 @@ class Daemon:
                 "config_reloads": self.reloads,
             },
             "accounts": self._account_views(),
+            "connections": self.connections.view(),
             # Events of accounts that have no lane now: a removed account, or a client key
             # not presented since a restart. They are kept (and saved at stop), not dropped.
             "held_without_account": {k: v for k, v in held.items() if v},
@@ -331,6 +358,11 @@ class Daemon:
         set_log_level(config.log.level)
         assert self._state is not None
         self._state.max_batch = config.intake.max_batch
+        self._state.body_timeout_s = config.intake.body_timeout_s
+        self.connections.max_connections = config.intake.max_connections
+        self.connections.header_timeout_s = config.intake.header_timeout_s
+        self.connections.keepalive_timeout_s = config.intake.keepalive_timeout_s
+        _ensure_fd_room(config.intake.max_connections)
         self._intake_token = token
         self._state.auth_token = token.secret if token else None
         previous = dict(self.accounts.configured)
@@ -408,7 +440,7 @@ class Daemon:
         cfg = self.config
         state_dir = cfg.state.path
         started = time.monotonic()
-        metrics = Metrics(self.stats, self._gauges, self._account_views)
+        metrics = Metrics(self.stats, self._gauges, self._account_views, self._counters)
         try:
             # systemd socket activation: serve on the sockets it passed instead of binding.
             self._activated = listen_sockets()
@@ -492,6 +524,7 @@ class Daemon:
             not_ready_reason=self._not_ready_reason,
             stats_extra=self._stats_extra,
             auth_token=self._intake_token.secret if self._intake_token else None,
+            body_timeout_s=cfg.intake.body_timeout_s,
         )
         try:
             # Reads the CA files: off the event loop. Checked at load; it could change since.
@@ -525,10 +558,9 @@ class Daemon:
                 accounts=held,
                 reason="no such account configured (or a client key not presented yet)",
             )
-        runner = web.AppRunner(
-            create_app(self._state),
-            access_log=None,
-            shutdown_timeout=HANDLER_GRACE_S,
+        _ensure_fd_room(cfg.intake.max_connections)
+        runner = IntakeRunner(
+            create_app(self._state), self.connections, shutdown_timeout=HANDLER_GRACE_S
         )
         exit_code = 0
         drained = True
@@ -702,6 +734,31 @@ def _changed_keys(old: Config, new: Config) -> list[str]:
             if getattr(before, item.name) != getattr(after, item.name):
                 changed.append(f"{section.name}.{item.name}")
     return changed
+
+
+def _ensure_fd_room(max_connections: int) -> None:
+    """Raise the soft limit on open files so `max_connections` fit (up to the hard limit).
+
+    systemd gives services a soft limit of 1024; past it accept() fails with EMFILE before the
+    connection cap is reached. Raising the soft limit up to the hard one needs no privilege.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = max_connections + FD_RESERVE
+    if soft == resource.RLIM_INFINITY or soft >= wanted:
+        return
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    if target > soft:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError):
+            target = soft
+    if target < wanted:
+        log.warning(
+            "open_files_limit_low",
+            limit=target,
+            max_connections=max_connections,
+            action="lower intake.max_connections or raise LimitNOFILE=",
+        )
 
 
 def _reason(exc: BaseException) -> str:

@@ -8,6 +8,7 @@ is set, every request but GET /healthz must carry it (`Authorization: Bearer`, o
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import dataclasses
@@ -27,6 +28,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from forwarder import __version__
 from forwarder.accounts import AccountError, Accounts
+from forwarder.connections import GuardedRequestHandler
 from forwarder.credentials import Secret
 from forwarder.events import (
     Event,
@@ -70,6 +72,8 @@ class IntakeState:
     stats_extra: Callable[[], dict[str, Any]] = field(default=dict)
     # The token every request but GET /healthz must carry; None: no token required.
     auth_token: Secret | None = None
+    # A request's body must arrive within this long of its head (intake.body_timeout_s).
+    body_timeout_s: float = 30.0
     unauthorized_logged_at: float = -math.inf
 
 
@@ -90,6 +94,25 @@ def _json(
 
 def _error(status: int, message: str, **extra: Any) -> web.Response:
     return _json(status, {"success": False, "error": message, **extra})
+
+
+@web.middleware
+async def track_requests(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """Tell the connection its request's head has arrived, and when the handler is done.
+
+    The connection then stops the head's deadline while the request is handled, and starts it
+    again with the first byte of the next request (connections.py).
+    """
+    protocol = request.protocol
+    if not isinstance(protocol, GuardedRequestHandler):
+        return await handler(request)  # served some other way (tests' TestServer)
+    protocol.head_received()
+    try:
+        return await handler(request)
+    finally:
+        protocol.request_done()
 
 
 TOKEN_HEADER = "X-Forwarder-Token"
@@ -295,6 +318,22 @@ def _unroutable(state: IntakeState, exc: _Unroutable, single: bool) -> web.Respo
     return _invalid(state, exc.errors)
 
 
+class _SlowBody(Exception):
+    """The body did not arrive within intake.body_timeout_s."""
+
+
+def _slow_body(state: IntakeState) -> web.Response:
+    state.stats.body_timeouts += 1
+    response = _error(
+        408,
+        f"the request body did not arrive within intake.body_timeout_s "
+        f"({state.body_timeout_s:g} s); nothing was queued",
+        reason="body_timeout",
+    )
+    response.force_close()  # the rest of a body that slow is not waited for
+    return response
+
+
 class _BadBody(Exception):
     """The body could not be read as the content type it claims."""
 
@@ -305,7 +344,10 @@ class _BadBody(Exception):
 
 async def _read_text(request: web.Request) -> str:
     try:
-        body = await request.read()  # raises 413 past client_max_size
+        async with asyncio.timeout(request.app[STATE].body_timeout_s):
+            body = await request.read()  # raises 413 past client_max_size
+    except TimeoutError:
+        raise _SlowBody from None
     except (web.RequestPayloadError, HttpProcessingError) as exc:  # e.g. corrupt gzip
         raise _BadBody(f"body cannot be read: {describe_error(exc)}") from None
     try:
@@ -324,10 +366,13 @@ def _parse_json(text: str) -> object:
 async def _read_form(request: web.Request, limit: int) -> MultiDict[str]:
     """The form's text fields; anything aiohttp cannot parse becomes a 400, never a 500."""
     try:
-        if request.content_type == "multipart/form-data":
-            return await _read_multipart(request, limit)
-        form = await request.post()  # urlencoded: text fields only; 413 past client_max_size
+        async with asyncio.timeout(request.app[STATE].body_timeout_s):
+            if request.content_type == "multipart/form-data":
+                return await _read_multipart(request, limit)
+            form = await request.post()  # urlencoded: text fields only; 413 past client_max_size
         return MultiDict((k, v) for k, v in form.items() if isinstance(v, str))
+    except TimeoutError:
+        raise _SlowBody from None
     except UnicodeDecodeError as exc:
         raise _BadBody(f"form is not valid UTF-8 (byte {exc.start})") from None
     except _FORM_ERRORS as exc:
@@ -408,6 +453,8 @@ async def create_event(request: web.Request) -> web.Response:
             )
     except _BadBody as exc:
         return _invalid(state, [FieldError(0, exc.field, str(exc))])
+    except _SlowBody:
+        return _slow_body(state)
     event = event_from_mapping(raw, 0, errors, ignored=DROP_IN_IGNORED)
     if event is None or errors:
         return _invalid(state, errors)
@@ -439,6 +486,8 @@ async def create_events(request: web.Request) -> web.Response:
             return _unsupported(state, ctype, "application/json or application/x-ndjson")
     except _BadBody as exc:
         return _invalid(state, [FieldError(-1, exc.field, str(exc))])
+    except _SlowBody:
+        return _slow_body(state)
     try:
         events = events_from_items(items, max_items=state.max_batch)
     except EventValidationError as exc:
@@ -516,7 +565,8 @@ async def stats(request: web.Request) -> web.Response:
 def create_app(state: IntakeState) -> web.Application:
     """The intake application; the daemon serves it on TCP and/or a Unix socket."""
     app = web.Application(
-        client_max_size=state.max_body_bytes, middlewares=[require_token, json_errors]
+        client_max_size=state.max_body_bytes,
+        middlewares=[track_requests, require_token, json_errors],
     )
     app[STATE] = state
     app.router.add_post("/v1/recipientEvents/create", create_event)

@@ -147,6 +147,7 @@ class Stats:
     auth_failures: int = 0
     invalid_requests: int = 0
     unauthorized: int = 0  # intake requests without the right token (401)
+    body_timeouts: int = 0  # intake requests whose body did not arrive in time (408)
     refused: Counter[str] = field(default_factory=Counter)
     dead_lettered: Counter[str] = field(default_factory=Counter)
     started_at: float = field(default_factory=time.time)
@@ -160,6 +161,7 @@ class Stats:
             "refused": dict(self.refused),
             "invalid_requests": self.invalid_requests,
             "unauthorized": self.unauthorized,
+            "body_timeouts": self.body_timeouts,
             "attempts": self.attempts,
             "retries": self.retries,
             "auth_failures": self.auth_failures,
@@ -167,6 +169,8 @@ class Stats:
 
 
 AccountViews = Callable[[], dict[str, dict[str, Any]]]
+# name -> (help, value): read at scrape time.
+Readings = Callable[[], dict[str, tuple[str, float]]]
 
 
 class Metrics:
@@ -175,8 +179,9 @@ class Metrics:
     def __init__(
         self,
         stats: Stats,
-        gauges: Callable[[], dict[str, tuple[str, float]]],
+        gauges: Readings,
         accounts: AccountViews = dict,
+        counters: Readings = dict,
     ) -> None:
         self.registry = CollectorRegistry()
         self.latency = Histogram(
@@ -192,7 +197,7 @@ class Metrics:
             buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1),
             registry=self.registry,
         )
-        self.registry.register(_StatsCollector(stats, gauges))
+        self.registry.register(_StatsCollector(stats, gauges, counters))
         self.registry.register(_AccountCollector(accounts))
 
 
@@ -261,9 +266,10 @@ class _AccountCollector(Collector):
 class _StatsCollector(Collector):
     """Reads Stats at scrape time, so the hot path only bumps plain integers."""
 
-    def __init__(self, stats: Stats, gauges: Callable[[], dict[str, tuple[str, float]]]) -> None:
+    def __init__(self, stats: Stats, gauges: Readings, counters: Readings = dict) -> None:
         self._stats = stats
         self._gauges = gauges
+        self._counters = counters
 
     def collect(self) -> Iterator[Metric]:
         s = self._stats
@@ -279,6 +285,11 @@ class _StatsCollector(Collector):
             ("delivery_retries", "Attempts that failed transiently and were retried.", s.retries),
             ("auth_failures", "Attempts refused with 401 or 403.", s.auth_failures),
             ("requests_invalid", "Intake requests refused as invalid (4xx).", s.invalid_requests),
+            (
+                "requests_body_timeout",
+                "Intake requests whose body did not arrive within intake.body_timeout_s (408).",
+                s.body_timeouts,
+            ),
             (
                 "requests_unauthorized",
                 "Intake requests without the right intake.auth_token (401).",
@@ -305,3 +316,5 @@ class _StatsCollector(Collector):
         yield dead
         for gauge, (help_text, level) in self._gauges().items():
             yield GaugeMetricFamily(f"forwarder_{gauge}", help_text, value=level)
+        for counter, (help_text, count) in self._counters().items():
+            yield CounterMetricFamily(f"forwarder_{counter}", help_text, value=count)

@@ -226,7 +226,15 @@ async def test_reload_applies_what_it_can_and_refuses_a_bad_config(short_tmp: Pa
     try:
         newer = dataclasses.replace(
             base,
-            intake=dataclasses.replace(base.intake, http_listen="127.0.0.1:1", max_batch=7),
+            intake=dataclasses.replace(
+                base.intake,
+                http_listen="127.0.0.1:1",
+                max_batch=7,
+                max_connections=9,
+                header_timeout_s=3.0,
+                body_timeout_s=4.0,
+                keepalive_timeout_s=5.0,
+            ),
             remote=dataclasses.replace(
                 base.remote, rate_limit_per_minute=120, max_concurrency=3, per_recipient_order=False
             ),
@@ -251,6 +259,14 @@ async def test_reload_applies_what_it_can_and_refuses_a_bad_config(short_tmp: Pa
         assert daemon.queue.max_bytes == 2 << 20
         assert not daemon.queue.ordered
         assert daemon.config.intake.max_batch == 7
+        guard = daemon.connections
+        assert (guard.max_connections, guard.header_timeout_s, guard.keepalive_timeout_s) == (
+            9,
+            3.0,
+            5.0,
+        )
+        assert daemon._state is not None
+        assert daemon._state.body_timeout_s == 4.0
         assert daemon.config.intake.http_listen == "127.0.0.1:0"  # kept: needs a restart
 
         answers.append(ConfigError("remote.bogus: unknown key"))
