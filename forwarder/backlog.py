@@ -1,10 +1,11 @@
 """The backlog: admission through the spool, and the in-memory queue as a window over it.
 
 In `durable` mode an event is committed to the spool before intake answers 202; at most
-`queue.max_events` of them are in memory, and the rest are read from disk in order as the window
-drains, so a backlog of millions costs bounded memory. In `memory` mode events go straight to the
-queue; the spool then only holds what a stop saved, replayed at the next start. In both modes an
-event's spool row is removed once it is delivered or dead-lettered, never before.
+`queue.max_events` of them (and `queue.max_bytes` of their estimated size) are in memory, and the
+rest are read from disk in order as the window drains, so a backlog of millions costs bounded
+memory. In `memory` mode events go straight to the queue; the spool then only holds what a stop
+saved, replayed at the next start. In both modes an event's spool row is removed once it is
+delivered or dead-lettered, never before.
 """
 
 from __future__ import annotations
@@ -17,8 +18,8 @@ import structlog
 
 from forwarder.deadletter import DeadLetterNote
 from forwarder.events import Event
-from forwarder.queue import EventQueue
-from forwarder.spool import Spool, SpoolError, SpoolFull
+from forwarder.queue import TOO_LARGE, EventQueue, event_size
+from forwarder.spool import Spool, SpooledEvent, SpoolError, SpoolFull
 
 log = structlog.get_logger("forwarder.backlog")
 # Rows read from disk per refill: big enough to amortise a query, small against memory.
@@ -40,6 +41,9 @@ class Backlog:
         # Rows in memory now. Admissions resume in any order after a shared commit, so the
         # refill may meet rows that are in memory already; this set keeps them single.
         self._in_memory: set[int] = set()
+        # The size of the next row on disk when it did not fit the byte bound: the refill waits
+        # until that much is free instead of reading the same rows again after every delivery.
+        self._blocked_size = 0
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         queue.on_room = self._wake.set
@@ -62,9 +66,15 @@ class Backlog:
             self._task = None
 
     async def admit(self, events: list[Event]) -> str:
-        """Take all of `events` or none; returns "" or why not ("queue_full", "spool_full")."""
+        """Take all of `events` or none; returns "" or why not.
+
+        The reasons: those of `EventQueue.admit` in memory mode; "spool_full", "spool_error" and
+        `TOO_LARGE` in durable mode, where the queue's bounds only limit the window.
+        """
         if not self.durable:
-            return "" if self.queue.offer(events) else "queue_full"
+            return self.queue.admit(events)
+        if 0 < self.queue.max_bytes < sum(event_size(event) for event in events):
+            return TOO_LARGE  # it could never be in memory at once: refused in both modes alike
         try:
             seqs = await self.spool.append(events)
         except SpoolFull:
@@ -79,7 +89,7 @@ class Backlog:
             self._loaded_seq = max(self._loaded_seq, seqs[-1])
         else:
             self._unloaded += len(events)
-            self._loaded_seq = min(self._loaded_seq, seqs[0] - 1)
+            self._rewind(seqs[0] - 1)
             self._wake.set()
         return ""
 
@@ -113,23 +123,55 @@ class Backlog:
             await self.spool.append(unsaved, force=True)
         return len(unsaved)
 
+    def _rewind(self, seq: int) -> None:
+        """Rows at or below `seq` may be on disk only: read again from there."""
+        if seq < self._loaded_seq:
+            self._loaded_seq = seq
+            self._blocked_size = 0  # other rows come first now
+
+    def _fitting(self, rows: list[SpooledEvent]) -> tuple[list[SpooledEvent], int]:
+        """The rows, in order, that fit the queue's byte bound, and the last seq they cover.
+
+        Rows already in memory are passed over. When the queue is empty the first row always
+        fits, so an event larger than the bound (admitted under an older config) cannot block.
+        """
+        budget = self.queue.bytes_free
+        empty = not len(self.queue) and not self.queue.in_delivery
+        fit: list[SpooledEvent] = []
+        last = self._loaded_seq
+        for row in rows:
+            if row.seq not in self._in_memory:
+                size = event_size(row.event)
+                if size > budget and (fit or not empty):
+                    self._blocked_size = size
+                    break
+                budget -= size
+                fit.append(row)
+            last = row.seq
+        return fit, last
+
     async def _refill(self) -> None:
         last_refresh = time.monotonic()
         while True:
-            if self._unloaded > 0 and self.queue.free > 0:
+            empty = not len(self.queue) and not self.queue.in_delivery
+            room = self.queue.free > 0 and (self.queue.bytes_free >= self._blocked_size or empty)
+            if self._unloaded > 0 and room:
+                self._blocked_size = 0
                 rows = await self.spool.read_after(
                     self._loaded_seq, min(self.queue.free, REFILL_CHUNK)
                 )
                 if not rows:
                     self._unloaded = 0  # the count drifted (rows settled elsewhere): resync
                     continue
-                new = [row for row in rows if row.seq not in self._in_memory]
+                new, last = self._fitting(rows)
                 self.queue.restore([row.event for row in new], [row.seq for row in new])
                 self._in_memory.update(row.seq for row in new)
-                self._loaded_seq = rows[-1].seq
+                progressed = last != self._loaded_seq
+                self._loaded_seq = last
                 self._unloaded = max(0, self._unloaded - len(new))
                 self.replayed += len(new)
-                continue
+                if progressed and not self._blocked_size:
+                    continue
             self._wake.clear()
             # asyncio.timeout, not wait_for: on 3.11 wait_for swallows a cancellation that
             # arrives as the event is set, and this event is set on every delivery.
@@ -143,4 +185,4 @@ class Backlog:
                     log.info("spool_rows_added", count=added, source="another process")
                     self._unloaded += added
                     # They may sit below rows this process appended since: read from there.
-                    self._loaded_seq = min(self._loaded_seq, self.spool.added_after)
+                    self._rewind(self.spool.added_after)

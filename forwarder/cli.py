@@ -18,10 +18,16 @@ from forwarder.config import (
     DEFAULT_ACCOUNT,
     Config,
     ConfigError,
+    check_exposure,
     load_config,
     render_effective,
 )
-from forwarder.credentials import resolve_account_keys, resolve_api_key
+from forwarder.credentials import (
+    ApiKey,
+    resolve_account_keys,
+    resolve_api_key,
+    resolve_intake_token,
+)
 from forwarder.dlq import add_commands
 
 EXIT_CONFIG = 2
@@ -38,6 +44,17 @@ def _load(config_path: str | None) -> tuple[Config, dict[str, Account]]:
     return config, load_accounts(config)
 
 
+def _intake_token(config: Config) -> ApiKey | None:
+    """The intake token; ConfigError if a TCP listener is not loopback and there is none.
+
+    Only the configured listener is checked here; the daemon checks systemd's sockets too.
+    """
+    token = resolve_intake_token(config)
+    tcp = config.intake.tcp_address
+    check_exposure([("intake.http_listen", tcp[0])] if tcp else [], token is not None)
+    return token
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     """Run the daemon in the foreground (systemd keeps it in the background)."""
     from forwarder.daemon import Daemon
@@ -45,12 +62,14 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     try:
         config, accounts = _load(args.config)
+        token = _intake_token(config)
     except ConfigError as exc:
         return _fail(f"config error: {exc}")
     configure_logging(
         config.log.level,
         config.log.format,
-        secrets=[account.key.reveal() for account in accounts.values()],
+        secrets=[account.key.reveal() for account in accounts.values()]
+        + ([token.secret.reveal()] if token else []),
     )
     daemon = Daemon(config, accounts, loader=lambda: _load(args.config))
     return asyncio.run(daemon.run())
@@ -94,9 +113,10 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         config = load_config(Path(args.config) if args.config else None)
         key = resolve_api_key(config)
         account_keys = resolve_account_keys(config)
+        token = _intake_token(config)
     except ConfigError as exc:
         return _fail(f"config error: {exc}")
-    print(render_effective(config, key, account_keys), end="")
+    print(render_effective(config, key, account_keys, token), end="")
     if key is None and config.remote.default_account == DEFAULT_ACCOUNT:
         return _fail(NO_DEFAULT_KEY)
     return 0
@@ -110,10 +130,15 @@ def cmd_send(args: argparse.Namespace) -> int:
             form[field] = getattr(args, field)
     if args.conversion:
         form["conversion"] = "1"
-    return asyncio.run(_send(args.url, args.socket, form, args.timeout))
+    # The daemon's intake token, if it requires one: from the same variable as the setting.
+    token = os.environ.get("FORWARDER_INTAKE_AUTH_TOKEN", "")
+    return asyncio.run(_send(args.url, args.socket, form, args.timeout, token))
 
 
-async def _send(url: str, socket_path: str | None, form: dict[str, str], timeout: float) -> int:
+async def _send(
+    url: str, socket_path: str | None, form: dict[str, str], timeout: float, token: str = ""
+) -> int:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
     connector: aiohttp.BaseConnector | None = None
     if socket_path:
         connector = aiohttp.UnixConnector(path=socket_path)
@@ -124,7 +149,7 @@ async def _send(url: str, socket_path: str | None, form: dict[str, str], timeout
             aiohttp.ClientSession(
                 connector=connector, timeout=aiohttp.ClientTimeout(total=timeout)
             ) as session,
-            session.post(target, data=form) as response,
+            session.post(target, data=form, headers=headers) as response,
         ):
             body = await response.text()
             status = response.status
@@ -192,7 +217,10 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--config", help="TOML config file (default /etc/forwarder/forwarder.toml)")
     check.set_defaults(func=cmd_check_config)
 
-    send = sub.add_parser("send", help="send one event to a running daemon")
+    send = sub.add_parser(
+        "send",
+        help="send one event to a running daemon (token: $FORWARDER_INTAKE_AUTH_TOKEN, if set)",
+    )
     where = send.add_mutually_exclusive_group()
     where.add_argument("--url", default="http://127.0.0.1:8787", help="daemon's HTTP address")
     where.add_argument("--socket", help="daemon's Unix socket path")

@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import grp
 import ipaddress
 import math
 import os
 import re
+import ssl
 import tomllib
 import typing
 from collections.abc import Mapping
@@ -41,8 +43,11 @@ __all__ = [
     "RetryConfig",
     "ShutdownConfig",
     "StateConfig",
+    "check_exposure",
+    "is_loopback_host",
     "load_config",
     "render_effective",
+    "resolve_group",
 ]
 
 DEFAULT_CONFIG_PATH = Path("/etc/forwarder/forwarder.toml")
@@ -75,10 +80,23 @@ class IntakeConfig:
     http_listen: str = "127.0.0.1:8787"
     unix_socket: str = ""
     unix_socket_mode: int = 0o660
+    # Group of the socket file, a name or a gid; "" leaves the daemon's own group.
+    unix_socket_group: str = ""
     max_body_bytes: int = 1_048_576
     max_batch: int = 1000
+    # Slow and idle clients (connections.py): a request's head must arrive within
+    # header_timeout_s, its body within body_timeout_s; an idle kept-alive connection closes
+    # after keepalive_timeout_s; at most max_connections are open at once.
+    header_timeout_s: float = 10.0
+    body_timeout_s: float = 30.0
+    keepalive_timeout_s: float = 75.0
+    max_connections: int = 512
     # On the drop-in endpoint, deliver under the API key the client sends by Basic auth.
     accept_client_keys: bool = False
+    # The token every request but GET /healthz must carry (credentials.resolve_intake_token);
+    # required when a TCP listener is not on loopback. Never shown: repr=False, masked on output.
+    auth_token: str = field(default="", repr=False)
+    auth_token_file: str = ""
 
     @property
     def tcp_address(self) -> tuple[str, int] | None:
@@ -97,6 +115,8 @@ class QueueConfig:
 
     mode: str = "memory"
     max_events: int = 100_000
+    # Estimated bytes of the events in memory (text plus a fixed overhead each; queue.event_size).
+    max_bytes: int = 268_435_456
     max_disk_bytes: int = 1_073_741_824
 
 
@@ -122,6 +142,8 @@ class RemoteConfig:
     timeout_s: float = 30.0
     connect_timeout_s: float = 5.0
     auth_retry_s: float = 60.0
+    # A PEM file of CA certificates that replaces the system's trust store; "": the system's.
+    ca_bundle: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -543,13 +565,63 @@ def _parse_listen(value: str) -> tuple[str, int]:
     return host, int(port_text)
 
 
-def _is_loopback(host: str) -> bool:
+_MAX_GID = 2**32 - 2  # (gid_t)-1 means "unchanged" to chown
+
+
+def resolve_group(value: str) -> int:
+    """The gid that ``intake.unix_socket_group`` names: a number as given, else a group name.
+
+    Looking a name up may block (NSS), so call it off the event loop. ValueError says why not.
+    """
+    text = value.strip()
+    if text.isdigit() and text.isascii():
+        gid = int(text)
+        if gid > _MAX_GID:
+            raise ValueError(f"gid {gid} is out of range (0..{_MAX_GID})")
+        return gid
+    try:
+        return grp.getgrnam(text).gr_gid
+    except KeyError:
+        raise ValueError(f"no such group {_short(value)} (give a group name or a gid)") from None
+
+
+def is_loopback_host(host: str) -> bool:
+    """Whether `host` (a name or an address) is loopback: localhost, 127.0.0.0/8, ::1.
+
+    Any other name counts as not loopback: it may resolve anywhere. ``0.0.0.0`` and ``::`` (every
+    interface) are not loopback.
+    """
     if host.lower().rstrip(".") == "localhost":
         return True
     try:
-        return ipaddress.ip_address(host).is_loopback
+        address = ipaddress.ip_address(host.split("%", 1)[0])  # an IPv6 zone is no part of it
     except ValueError:
         return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped.is_loopback  # ::ffff:127.0.0.1 from a dual-stack socket
+    return address.is_loopback
+
+
+_TOKEN_SOURCES = (
+    "intake.auth_token_file (or intake.auth_token, FORWARDER_INTAKE_AUTH_TOKEN, or the systemd "
+    "credential intake_auth_token)"
+)
+
+
+def check_exposure(listeners: typing.Sequence[tuple[str, str]], has_token: bool) -> None:
+    """Refuse listeners other machines can reach unless intake requires a token.
+
+    ``listeners`` are ``(where, host)`` pairs, e.g. ``("intake.http_listen", "0.0.0.0")``;
+    raises :class:`ConfigError` naming the first whose host is not loopback.
+    """
+    if has_token:
+        return
+    for where, host in listeners:
+        if not is_loopback_host(host):
+            raise ConfigError(
+                f"{where}: {host} is not a loopback address, so anyone who can reach it could "
+                f"send events: set {_TOKEN_SOURCES} to require a token, or listen on 127.0.0.1"
+            )
 
 
 def _normalise_base_url(url: str) -> str:
@@ -576,12 +648,23 @@ def _normalise_base_url(url: str) -> str:
         raise ValueError("must not contain user:password@; the API key is configured separately")
     if "?" in url or "#" in url:
         raise ValueError("must not contain a query string or fragment")
-    if parts.scheme == "http" and not _is_loopback(host):
+    if parts.scheme == "http" and not is_loopback_host(host):
         raise ValueError(
             f"plain http:// is only allowed for loopback hosts (localhost, 127.0.0.0/8, ::1): "
             f"the API key would travel in clear text to {host}; use https://"
         )
     return url.rstrip("/")
+
+
+def _check_ca_bundle(path: str) -> None:
+    """ValueError unless `path` is a readable file with at least one PEM CA certificate."""
+    try:
+        ssl.create_default_context(cafile=path)
+    except ssl.SSLError as exc:  # before OSError: SSLError is one
+        detail = exc.reason or str(exc)
+        raise ValueError(f"{path} holds no usable PEM CA certificate ({detail})") from None
+    except OSError as exc:
+        raise ValueError(f"cannot read {path}: {exc.strerror or exc}") from None
 
 
 def _validate(config: Config, origins: Mapping[str, str]) -> Config:
@@ -628,9 +711,19 @@ def _validate(config: Config, origins: Mapping[str, str]) -> Config:
             "intake.unix_socket_mode",
             f"must be within 0o000..0o777, got {intake.unix_socket_mode:#o}",
         )
+    if intake.unix_socket_group:
+        try:
+            resolve_group(intake.unix_socket_group)
+        except ValueError as exc:
+            raise fail("intake.unix_socket_group", str(exc)) from None
     at_least("intake.max_body_bytes", intake.max_body_bytes, 1024)
     at_least("intake.max_batch", intake.max_batch, 1)
+    positive("intake.header_timeout_s", intake.header_timeout_s)
+    positive("intake.body_timeout_s", intake.body_timeout_s)
+    positive("intake.keepalive_timeout_s", intake.keepalive_timeout_s)
+    within("intake.max_connections", intake.max_connections, 1, 1_000_000)
     at_least("queue.max_events", config.queue.max_events, 1)
+    at_least("queue.max_bytes", config.queue.max_bytes, 1_048_576)
     if config.queue.mode not in _QUEUE_MODES:
         allowed = ", ".join(_QUEUE_MODES)
         raise fail("queue.mode", f"must be one of {allowed}; got {_short(config.queue.mode)}")
@@ -663,6 +756,11 @@ def _validate(config: Config, origins: Mapping[str, str]) -> Config:
     positive("remote.timeout_s", remote.timeout_s)
     positive("remote.connect_timeout_s", remote.connect_timeout_s)
     positive("remote.auth_retry_s", remote.auth_retry_s)
+    if remote.ca_bundle:
+        try:
+            _check_ca_bundle(remote.ca_bundle)
+        except ValueError as exc:
+            raise fail("remote.ca_bundle", str(exc)) from None
 
     accounts: dict[str, AccountConfig] = {}
     for name, account in sorted(config.accounts.items()):
@@ -766,21 +864,33 @@ def _key_comment(key: ApiKey | None) -> str:
     return "not configured" if key is None else f"**** (from {_comment_safe(key.source)})"
 
 
+# Settings whose values are secrets: shown as MASK when set.
+_SECRET_KEYS = frozenset({"intake.auth_token"})
+MASK = "****"
+
+
 def render_effective(
-    config: Config, key: ApiKey | None, account_keys: Mapping[str, ApiKey] | None = None
+    config: Config,
+    key: ApiKey | None,
+    account_keys: Mapping[str, ApiKey] | None = None,
+    intake_token: ApiKey | None = None,
 ) -> str:
-    """The effective configuration as TOML, plus comments saying where the API keys come from.
+    """The effective configuration as TOML, plus comments saying where the secrets come from.
 
     Every section and key is included, then every ``[accounts.NAME]`` table; the keys themselves
-    never are. ``key`` is the default account's; with ``account_keys`` (from
-    `credentials.resolve_account_keys`) each account table also says where its key comes from.
+    never are, and ``intake.auth_token`` is masked. ``key`` is the default account's; with
+    ``account_keys`` (from `credentials.resolve_account_keys`) each account table also says where
+    its key comes from; ``intake_token`` (`credentials.resolve_intake_token`) likewise.
     """
     lines = ["# forwarder: effective configuration"]
     for name, kinds in _FIELD_KINDS.items():
         section = getattr(config, name)
         lines += ["", f"[{name}]"]
         for key_name, kind in kinds.items():
-            lines.append(f"{key_name} = {_toml_value(kind, getattr(section, key_name))}")
+            value = getattr(section, key_name)
+            if f"{name}.{key_name}" in _SECRET_KEYS and value:
+                value = MASK
+            lines.append(f"{key_name} = {_toml_value(kind, value)}")
     for name, account in sorted(config.accounts.items()):
         # A valid account name is a bare TOML key; quote anything else rather than break the TOML.
         header = name if _ACCOUNT_NAME_RE.fullmatch(name) else _toml_string(name)
@@ -790,5 +900,6 @@ def render_effective(
         if account_keys is not None:
             lines.append(f"# api key of this account: {_key_comment(account_keys.get(name))}")
     lines.append("")
+    lines.append(f"# intake auth token: {_key_comment(intake_token)}")
     lines.append(f"# api key: {_key_comment(key)}")
     return "\n".join(lines) + "\n"

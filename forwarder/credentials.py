@@ -1,9 +1,10 @@
-"""The remote API keys: where they come from, and a wrapper that never shows them.
+"""Secrets (remote API keys, the intake token): where they come from, a wrapper that hides them.
 
 A key is not a setting. It comes from the environment, a file or a systemd credential, lives in
 memory as a `Secret`, and is revealed only where the Authorization header is built. The default
 account's key is found by `resolve_api_key`, those of ``[accounts.NAME]`` by
-`resolve_account_keys`.
+`resolve_account_keys`. The token apps must present to intake (when it is set) is found the same
+way by `resolve_intake_token`.
 """
 
 from __future__ import annotations
@@ -18,6 +19,11 @@ from forwarder.config import Config, ConfigError
 
 API_KEY_VAR = "FORWARDER_API_KEY"
 _CREDENTIAL_NAME = "api_key"
+# The systemd credential holding the intake token (LoadCredential=intake_auth_token:PATH).
+INTAKE_TOKEN_CREDENTIAL = "intake_auth_token"
+# A token guards a listener other machines can reach: too short would be guessable.
+MIN_TOKEN_CHARS = 16
+_TOKEN = "intake auth token"
 # An API key is a short token; refusing huge files avoids reading e.g. a mistakenly named log.
 _MAX_KEY_FILE_BYTES = 4096
 
@@ -75,12 +81,12 @@ def check_key_text(raw: str) -> str:
     return key
 
 
-def _make_key(raw: str, source: str, where: str | None = None) -> ApiKey:
+def _make_key(raw: str, source: str, where: str | None = None, what: str = "API key") -> ApiKey:
     """Strip and check a key; errors name ``where`` (default ``source``), never the content."""
     try:
         key = check_key_text(raw)
     except ValueError as exc:
-        raise ConfigError(f"API key from {where or source} {exc}") from None
+        raise ConfigError(f"{what} from {where or source} {exc}") from None
     return ApiKey(secret=Secret(key), source=source)
 
 
@@ -93,30 +99,30 @@ def _reason(exc: OSError) -> str:
     return exc.strerror or type(exc).__name__
 
 
-def _key_from_bytes(data: bytes, source: str, where: str) -> ApiKey:
+def _key_from_bytes(data: bytes, source: str, where: str, what: str = "API key") -> ApiKey:
     if len(data) > _MAX_KEY_FILE_BYTES:
         raise ConfigError(
-            f"API key from {where} is too large (over {_MAX_KEY_FILE_BYTES} bytes) to be a key"
+            f"{what} from {where} is too large (over {_MAX_KEY_FILE_BYTES} bytes) to be a key"
         )
     try:
         # utf-8-sig: a BOM is not part of the key.
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError:
-        raise ConfigError(f"API key from {where} is not valid UTF-8") from None
-    return _make_key(text, source, where)
+        raise ConfigError(f"{what} from {where} is not valid UTF-8") from None
+    return _make_key(text, source, where, what)
 
 
-def _key_from_file(path: Path, setting: str) -> ApiKey:
+def _key_from_file(path: Path, setting: str, what: str = "API key") -> ApiKey:
     """The key in the file ``path``, which the setting ``setting`` names."""
     source = f"file {path}"
     try:
         data = _read_limited(path)
     except OSError as exc:
-        raise ConfigError(f"{setting}: cannot read API key from {source}: {_reason(exc)}") from None
-    return _key_from_bytes(data, source, source)
+        raise ConfigError(f"{setting}: cannot read {what} from {source}: {_reason(exc)}") from None
+    return _key_from_bytes(data, source, source, what)
 
 
-def _key_from_credential(directory: str, name: str) -> ApiKey | None:
+def _key_from_credential(directory: str, name: str, what: str = "API key") -> ApiKey | None:
     """The systemd credential ``name`` in ``directory``; None if the service has no such one."""
     path = Path(directory) / name
     source = f"systemd credential {name}"
@@ -126,8 +132,8 @@ def _key_from_credential(directory: str, name: str) -> ApiKey | None:
     except (FileNotFoundError, NotADirectoryError):
         return None  # the service has credentials, just not this one
     except OSError as exc:
-        raise ConfigError(f"cannot read API key from {where}: {_reason(exc)}") from None
-    return _key_from_bytes(data, source, where)
+        raise ConfigError(f"cannot read {what} from {where}: {_reason(exc)}") from None
+    return _key_from_bytes(data, source, where, what)
 
 
 def resolve_api_key(config: Config, env: Mapping[str, str] | None = None) -> ApiKey | None:
@@ -187,3 +193,31 @@ def resolve_account_keys(config: Config, env: Mapping[str, str] | None = None) -
             )
         keys[name] = key
     return keys
+
+
+def resolve_intake_token(config: Config, env: Mapping[str, str] | None = None) -> ApiKey | None:
+    """Find the token apps must present to intake; None when none is configured.
+
+    Order: ``intake.auth_token`` (the config file, or ``FORWARDER_INTAKE_AUTH_TOKEN``), then the
+    file ``intake.auth_token_file``, then the systemd credential
+    ``$CREDENTIALS_DIRECTORY/intake_auth_token``. It must be printable ASCII without whitespace,
+    at least `MIN_TOKEN_CHARS` long. Raises :class:`ConfigError` naming the source, never the
+    content. Reads files: call it off the event loop.
+    """
+    environ: Mapping[str, str] = os.environ if env is None else env
+    intake = config.intake
+    token: ApiKey | None = None
+    if intake.auth_token:
+        token = _make_key(intake.auth_token, "intake.auth_token", what=_TOKEN)
+    elif intake.auth_token_file:
+        token = _key_from_file(Path(intake.auth_token_file), "intake.auth_token_file", _TOKEN)
+    elif environ.get("CREDENTIALS_DIRECTORY", ""):
+        token = _key_from_credential(
+            environ["CREDENTIALS_DIRECTORY"], INTAKE_TOKEN_CREDENTIAL, _TOKEN
+        )
+    if token is not None and len(token.secret.reveal()) < MIN_TOKEN_CHARS:
+        raise ConfigError(
+            f"{_TOKEN} from {token.source} is shorter than {MIN_TOKEN_CHARS} characters; "
+            "make a long random one, e.g. with `openssl rand -hex 32`"
+        )
+    return token

@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import errno
 import os
+import resource
 import signal
 import socket
 import sqlite3
@@ -27,12 +28,14 @@ from aiohttp import web
 
 from forwarder.accounts import Account, Accounts
 from forwarder.backlog import Backlog
-from forwarder.config import Config, ConfigError
+from forwarder.config import Config, ConfigError, check_exposure, resolve_group
+from forwarder.connections import ConnectionGuard, IntakeRunner
+from forwarder.credentials import ApiKey, resolve_intake_token
 from forwarder.dispatcher import Dispatcher, LaneSettings
 from forwarder.events import Event
 from forwarder.intake import IntakeState, create_app
 from forwarder.queue import EventQueue
-from forwarder.remote import USER_AGENT, RemoteClient
+from forwarder.remote import USER_AGENT, RemoteClient, make_ssl_context
 from forwarder.spool import Spool, SpoolError, load_pending, remove_pending
 from forwarder.systemd import (
     ListenSocket,
@@ -55,14 +58,19 @@ PID_FILE = "forwarder.pid"
 STATUS_EVERY_S = 5.0
 # Kept between the drain's end and systemd's SIGKILL, for saving and closing.
 STOP_RESERVE_S = 5.0
+# File descriptors wanted besides intake's connections: listeners, the spool, the remote's
+# connections, logs.
+FD_RESERVE = 256
 # Settings a reload cannot change in a running process: they need a restart.
 RESTART_ONLY = (
     "intake.http_listen",
     "intake.unix_socket",
     "intake.unix_socket_mode",
+    "intake.unix_socket_group",
     "intake.max_body_bytes",
     "remote.timeout_s",
     "remote.connect_timeout_s",
+    "remote.ca_bundle",
     "state.dir",
     "log.format",
 )
@@ -84,7 +92,11 @@ class Daemon:
         self.config = config
         self._loader = loader
         self.stats = Stats()
-        self.queue = EventQueue(config.queue.max_events, ordered=config.remote.per_recipient_order)
+        self.queue = EventQueue(
+            config.queue.max_events,
+            max_bytes=config.queue.max_bytes,
+            ordered=config.remote.per_recipient_order,
+        )
         self.accounts = Accounts(
             accounts,
             default=config.remote.default_account,
@@ -108,6 +120,13 @@ class Daemon:
         self._activated: list[ListenSocket] = []
         self._status_task: asyncio.Task[None] | None = None
         self._delivery_rate = PerMinute()
+        self._intake_token: ApiKey | None = None
+        intake = config.intake
+        self.connections = ConnectionGuard(
+            max_connections=intake.max_connections,
+            header_timeout_s=intake.header_timeout_s,
+            keepalive_timeout_s=intake.keepalive_timeout_s,
+        )
 
     def request_stop(self) -> None:
         """Begin a graceful stop (as SIGTERM does); a second call stops without draining."""
@@ -130,11 +149,31 @@ class Daemon:
         return {
             "queue_depth": ("Events waiting in the queue.", len(self.queue)),
             "queue_capacity": ("queue.max_events.", self.queue.max_events),
+            "queue_bytes": (
+                "Estimated bytes of the events in memory (waiting and in delivery).",
+                self.queue.bytes,
+            ),
+            "queue_bytes_capacity": ("queue.max_bytes.", self.queue.max_bytes),
             "in_flight": ("Events in delivery.", self.queue.in_delivery),
             "delivery_paused": ("1 while the remote refuses a key.", int(paused)),
             "ready": ("1 when /readyz answers 200.", int(not self._not_ready_reason())),
             "config_reloads": ("Configuration reloads applied.", self.reloads),
+            "connections_open": ("Intake connections open now.", self.connections.open),
+            "connections_max": ("intake.max_connections.", self.connections.max_connections),
             **self._spool_gauges(),
+        }
+
+    def _counters(self) -> dict[str, tuple[str, float]]:
+        guard = self.connections
+        return {
+            "connections_refused": (
+                "Intake connections past intake.max_connections, answered 503 and closed.",
+                guard.refused,
+            ),
+            "connections_header_timeouts": (
+                "Intake connections closed: a request head not in within intake.header_timeout_s.",
+                guard.header_timeouts,
+            ),
         }
 
     def _spool_gauges(self) -> dict[str, tuple[str, float]]:
@@ -180,6 +219,7 @@ class Daemon:
                 "config_reloads": self.reloads,
             },
             "accounts": self._account_views(),
+            "connections": self.connections.view(),
             # Events of accounts that have no lane now: a removed account, or a client key
             # not presented since a restart. They are kept (and saved at stop), not dropped.
             "held_without_account": {k: v for k, v in held.items() if v},
@@ -229,7 +269,19 @@ class Daemon:
 
     def _secrets(self) -> list[str]:
         accounts = [*self.accounts.configured.values(), *self.accounts.clients.values()]
-        return [a.key.reveal() for a in accounts]
+        token = [self._intake_token.secret.reveal()] if self._intake_token else []
+        return [a.key.reveal() for a in accounts] + token
+
+    def _listeners(self, config: Config) -> list[tuple[str, str]]:
+        """The TCP listeners as (where, host), for `check_exposure`: systemd's, or ours."""
+        if self._activated:
+            return [
+                (f"socket activation: {a.address} (fd {a.fd})", str(a.sock.getsockname()[0]))
+                for a in self._activated
+                if a.family in (socket.AF_INET, socket.AF_INET6)
+            ]
+        tcp = config.intake.tcp_address
+        return [("intake.http_listen", tcp[0])] if tcp is not None else []
 
     async def run(self) -> int:
         """Serve until stopped; returns the process exit code."""
@@ -282,6 +334,9 @@ class Daemon:
                     f"remote.default_account: no API key for account "
                     f"{config.remote.default_account!r}"
                 )
+            token = await asyncio.to_thread(resolve_intake_token, config)
+            # Against the listeners serving now: their addresses need a restart to change.
+            check_exposure(self._listeners(self.config), token is not None)
         except ConfigError as exc:
             log.error("reload_refused", error=str(exc), action="the running configuration stays")
             return False
@@ -298,10 +353,18 @@ class Daemon:
             )
         self.config = config
         self.queue.max_events = config.queue.max_events
+        self.queue.max_bytes = config.queue.max_bytes
         self.queue.set_ordered(config.remote.per_recipient_order)
         set_log_level(config.log.level)
         assert self._state is not None
         self._state.max_batch = config.intake.max_batch
+        self._state.body_timeout_s = config.intake.body_timeout_s
+        self.connections.max_connections = config.intake.max_connections
+        self.connections.header_timeout_s = config.intake.header_timeout_s
+        self.connections.keepalive_timeout_s = config.intake.keepalive_timeout_s
+        _ensure_fd_room(config.intake.max_connections)
+        self._intake_token = token
+        self._state.auth_token = token.secret if token else None
         previous = dict(self.accounts.configured)
         self.accounts.update(
             accounts,
@@ -377,13 +440,23 @@ class Daemon:
         cfg = self.config
         state_dir = cfg.state.path
         started = time.monotonic()
-        metrics = Metrics(self.stats, self._gauges, self._account_views)
+        metrics = Metrics(self.stats, self._gauges, self._account_views, self._counters)
         try:
             # systemd socket activation: serve on the sockets it passed instead of binding.
             self._activated = listen_sockets()
         except ValueError as exc:
             log.error("startup_failed", error=str(exc))
             return 1
+        try:
+            # A token file is read: off the event loop. Refused before anything is bound.
+            self._intake_token = await asyncio.to_thread(resolve_intake_token, self.config)
+            check_exposure(self._listeners(self.config), self._intake_token is not None)
+        except ConfigError as exc:
+            log.error("startup_failed", error=str(exc))
+            for activated in self._activated:
+                activated.sock.close()
+            return 1
+        set_secrets(self._secrets())
         interval = watchdog_interval()
         watchdog = Watchdog(self.notifier, interval, self._healthy) if interval else None
         if watchdog is not None:
@@ -450,14 +523,24 @@ class Daemon:
             admit=backlog.admit if durable else None,
             not_ready_reason=self._not_ready_reason,
             stats_extra=self._stats_extra,
+            auth_token=self._intake_token.secret if self._intake_token else None,
+            body_timeout_s=cfg.intake.body_timeout_s,
         )
+        try:
+            # Reads the CA files: off the event loop. Checked at load; it could change since.
+            tls = await asyncio.to_thread(make_ssl_context, cfg.remote.ca_bundle)
+        except OSError as exc:  # ssl.SSLError is one too
+            log.error("startup_failed", error=f"remote.ca_bundle: {_reason(exc)}")
+            return 1
         # One session for every account: the lanes' concurrency limits bound the connections.
         self._session = aiohttp.ClientSession(
             timeout=aiohttp.ClientTimeout(
                 total=cfg.remote.timeout_s, connect=cfg.remote.connect_timeout_s
             ),
-            connector=aiohttp.TCPConnector(limit=0),
+            # Verified TLS always (make_ssl_context); no proxies from the environment.
+            connector=aiohttp.TCPConnector(limit=0, ssl=tls),
             headers={"User-Agent": USER_AGENT},
+            trust_env=False,
         )
         self._dispatcher = Dispatcher(
             self.queue, outcomes=backlog, stats=self.stats, latency=metrics.latency
@@ -475,10 +558,9 @@ class Daemon:
                 accounts=held,
                 reason="no such account configured (or a client key not presented yet)",
             )
-        runner = web.AppRunner(
-            create_app(self._state),
-            access_log=None,
-            shutdown_timeout=HANDLER_GRACE_S,
+        _ensure_fd_room(cfg.intake.max_connections)
+        runner = IntakeRunner(
+            create_app(self._state), self.connections, shutdown_timeout=HANDLER_GRACE_S
         )
         exit_code = 0
         drained = True
@@ -505,9 +587,11 @@ class Daemon:
                 queue_mode=cfg.queue.mode,
                 concurrency=cfg.remote.concurrency or "adaptive",
                 queue_max_events=cfg.queue.max_events,
+                queue_max_bytes=cfg.queue.max_bytes,
                 pending_restored=restored,
                 spool_events=spool.depth,
                 socket_activated=bool(self._activated),
+                intake_token=self._intake_token.source if self._intake_token else "not required",
                 watchdog_s=watchdog_interval(),
             )
             await self._stop.wait()
@@ -615,17 +699,15 @@ class Daemon:
                     self.addresses.append(f"http://{_host_for_url(addr[0])}:{addr[1]}")
         if intake.unix_socket:
             path = intake.unix_socket
-            await asyncio.to_thread(_clear_stale_socket, path)
-            unix_site = web.UnixSite(runner, path)
-            # The socket is created with the umask's permissions; narrow it before bind, not after.
-            old_umask = os.umask(0o777 & ~intake.unix_socket_mode)
+            # Blocking file-system work (and maybe a group lookup): off the event loop.
+            sock = await asyncio.to_thread(
+                _bind_unix_socket, path, intake.unix_socket_mode, intake.unix_socket_group
+            )
             try:
-                await unix_site.start()
-            except OSError as exc:
-                raise StartupError(f"cannot listen on {path}: {exc.strerror}") from None
-            finally:
-                os.umask(old_umask)
-            os.chmod(path, intake.unix_socket_mode)
+                await web.SockSite(runner, sock).start()
+            except BaseException:
+                sock.close()
+                raise
             self.addresses.append(f"unix:{path}")
 
     def _remove_unix_socket(self) -> None:
@@ -652,6 +734,31 @@ def _changed_keys(old: Config, new: Config) -> list[str]:
             if getattr(before, item.name) != getattr(after, item.name):
                 changed.append(f"{section.name}.{item.name}")
     return changed
+
+
+def _ensure_fd_room(max_connections: int) -> None:
+    """Raise the soft limit on open files so `max_connections` fit (up to the hard limit).
+
+    systemd gives services a soft limit of 1024; past it accept() fails with EMFILE before the
+    connection cap is reached. Raising the soft limit up to the hard one needs no privilege.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = max_connections + FD_RESERVE
+    if soft == resource.RLIM_INFINITY or soft >= wanted:
+        return
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    if target > soft:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError):
+            target = soft
+    if target < wanted:
+        log.warning(
+            "open_files_limit_low",
+            limit=target,
+            max_connections=max_connections,
+            action="lower intake.max_connections or raise LimitNOFILE=",
+        )
 
 
 def _reason(exc: BaseException) -> str:
@@ -684,23 +791,85 @@ def _prepare_state_dir(path: Path) -> None:
     probe.unlink()
 
 
-def _clear_stale_socket(path: str) -> None:
-    """Remove a socket file left by a dead process; refuse anything else at that path."""
+# Pending connections the kernel holds for a listener (aiohttp's default).
+LISTEN_BACKLOG = 128
+# How long the stale-socket probe waits for a listener to take its connection.
+SOCKET_PROBE_S = 1.0
+
+
+def _bind_unix_socket(path: str, mode: int, group: str) -> socket.socket:
+    """A listening Unix socket at `path` with `mode` and `group` ("" keeps ours); StartupError.
+
+    The mode and group are set between bind() and listen(): until listen() every connection is
+    refused, so no client can get in through a wider default mode, and no umask is touched.
+    """
+    _clear_stale_socket(path)
     try:
-        info = os.lstat(path)  # lstat: a symlink is never followed, only refused
+        gid = resolve_group(group) if group else -1
+    except ValueError as exc:
+        raise StartupError(f"intake.unix_socket_group: {exc}") from None
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        try:
+            sock.bind(path)
+        except OSError as exc:
+            raise StartupError(f"cannot listen on {path}: {_reason(exc)}") from None
+        try:
+            if gid >= 0:
+                try:
+                    os.chown(path, -1, gid, follow_symlinks=False)
+                except OSError as exc:
+                    raise StartupError(
+                        f"intake.unix_socket_group: cannot give {path} to group {group}: "
+                        f"{_reason(exc)} (the service's user must be root or in that group)"
+                    ) from None
+            try:
+                os.chmod(path, mode)
+            except OSError as exc:
+                raise StartupError(
+                    f"intake.unix_socket_mode: cannot set the mode of {path}: {_reason(exc)}"
+                ) from None
+        except StartupError:
+            with contextlib.suppress(OSError):
+                os.unlink(path)  # ours, just bound: not left behind with the wrong owner
+            raise
+        sock.listen(LISTEN_BACKLOG)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def _clear_stale_socket(path: str) -> None:
+    """Remove a socket file left by a dead process; refuse anything else at that path.
+
+    Only a socket nobody accepts connections on is removed. A symbolic link is never followed
+    (lstat) nor removed; a regular file, a directory or a live socket are refused by name.
+    """
+    try:
+        info = os.lstat(path)
     except FileNotFoundError:
         return
+    except OSError as exc:
+        raise StartupError(f"cannot listen on {path}: {_reason(exc)}") from None
+    if stat.S_ISLNK(info.st_mode):
+        raise StartupError(
+            f"cannot listen on {path}: it is a symbolic link (not followed, not removed)"
+        )
     if not stat.S_ISSOCK(info.st_mode):
-        raise StartupError(f"cannot listen on {path}: it exists and is not a socket")
+        raise StartupError(f"cannot listen on {path}: it exists and is not a socket (not removed)")
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    probe.settimeout(1.0)
+    probe.settimeout(SOCKET_PROBE_S)
     try:
         probe.connect(path)
+    except TimeoutError:
+        pass  # a listener too busy to take the probe is still a listener
     except OSError as exc:
         if exc.errno != errno.ECONNREFUSED:
-            raise StartupError(f"cannot listen on {path}: {exc.strerror}") from None
-        os.unlink(path)  # nobody listens: stale
+            raise StartupError(f"cannot listen on {path}: {_reason(exc)}") from None
+        os.unlink(path)  # nobody listens: a stale file left by a dead process
         return
     finally:
         probe.close()
-    raise StartupError(f"cannot listen on {path}: another process is serving on it")
+    raise StartupError(f"cannot listen on {path}: already in use by another process")

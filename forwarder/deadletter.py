@@ -13,8 +13,9 @@ from typing import Any
 
 from forwarder.events import Event
 
-# Why an event was dead-lettered (`damaged`: a spool row that no longer parses as an event).
-REASONS = ("rejected", "gave_up", "internal_error", "damaged")
+# Why an event was dead-lettered (`redirected`: the remote answered 3xx, see remote.py;
+# `damaged`: a spool row that no longer parses as an event).
+REASONS = ("rejected", "redirected", "gave_up", "internal_error", "damaged")
 
 
 @dataclass(frozen=True, slots=True)

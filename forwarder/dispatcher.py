@@ -416,7 +416,7 @@ class Lane:
             )
             return None
         if result.verdict is Verdict.PERMANENT:
-            reason, error = "rejected", result.error
+            reason, error = result.reason or "rejected", result.error
         else:
             elapsed = time.time() - first_at
             reason = "gave_up"

@@ -1,15 +1,20 @@
 """Intake: the aiohttp application apps talk to. Validate, queue, answer; never talk to the remote.
 
 Every answer is JSON. Bad input gets a 4xx naming the field; a full queue or a stopping daemon
-gets 503 with Retry-After, and then nothing of that request was queued.
+gets 503 with Retry-After, and then nothing of that request was queued. When `intake.auth_token`
+is set, every request but GET /healthz must carry it (`Authorization: Bearer`, or
+`X-Forwarder-Token` when the Authorization header holds an app's own API key), or gets 401.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import dataclasses
+import hmac
 import json
+import math
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -24,6 +29,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from forwarder import __version__
 from forwarder.accounts import AccountError, Accounts
+from forwarder.connections import GuardedRequestHandler
+from forwarder.credentials import Secret
 from forwarder.events import (
     Event,
     EventValidationError,
@@ -34,7 +41,7 @@ from forwarder.events import (
     loads_json,
     parse_ndjson,
 )
-from forwarder.queue import EventQueue
+from forwarder.queue import TOO_LARGE, EventQueue
 from forwarder.telemetry import Metrics, Stats
 
 log = structlog.get_logger("forwarder.intake")
@@ -64,6 +71,11 @@ class IntakeState:
     # Returns "" when ready, or why not (delivery paused, shutting down).
     not_ready_reason: Callable[[], str] = field(default=lambda: "")
     stats_extra: Callable[[], dict[str, Any]] = field(default=dict)
+    # The token every request but GET /healthz must carry; None: no token required.
+    auth_token: Secret | None = None
+    # A request's body must arrive within this long of its head (intake.body_timeout_s).
+    body_timeout_s: float = 30.0
+    unauthorized_logged_at: float = -math.inf
 
 
 STATE = web.AppKey("state", IntakeState)
@@ -87,6 +99,92 @@ def _json(
 
 def _error(status: int, message: str, **extra: Any) -> web.Response:
     return _json(status, {"success": False, "error": message, **extra})
+
+
+@web.middleware
+async def track_requests(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """Tell the connection its request's head has arrived, and when the handler is done.
+
+    The connection then stops the head's deadline while the request is handled, and starts it
+    again with the first byte of the next request (connections.py).
+    """
+    protocol = request.protocol
+    if not isinstance(protocol, GuardedRequestHandler):
+        return await handler(request)  # served some other way (tests' TestServer)
+    protocol.head_received()
+    try:
+        return await handler(request)
+    finally:
+        protocol.request_done()
+
+
+TOKEN_HEADER = "X-Forwarder-Token"
+# At most one `unauthorized` log line this often: a scanner must not flood the journal.
+UNAUTHORIZED_LOG_EVERY_S = 60.0
+_OPEN_ROUTES = frozenset({("GET", "/healthz"), ("HEAD", "/healthz")})
+
+
+def _presented_tokens(request: web.Request) -> list[str]:
+    """What the request offers as the intake token: a Bearer credential, X-Forwarder-Token."""
+    offered = [request.headers.get(TOKEN_HEADER, "")]
+    scheme, _, credential = request.headers.get("Authorization", "").partition(" ")
+    if scheme.lower() == "bearer":
+        offered.append(credential.strip())
+    return [token for token in offered if token]
+
+
+def _token_matches(offered: str, token: Secret) -> bool:
+    # Bytes, not str: compare_digest takes only ASCII str, and a header may hold anything.
+    # Constant-time, so the comparison's duration does not tell how much of a guess was right.
+    return hmac.compare_digest(
+        offered.encode("utf-8", "surrogatepass"), token.reveal().encode("utf-8", "surrogatepass")
+    )
+
+
+@web.middleware
+async def require_token(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """With `intake.auth_token` set, answer 401 to any request but GET /healthz without it.
+
+    Runs before routing's handlers and before any body is read. The answer never echoes what
+    the request sent.
+    """
+    state = request.app[STATE]
+    token = state.auth_token
+    if token is None or (request.method, request.path) in _OPEN_ROUTES:
+        return await handler(request)
+    offered = _presented_tokens(request)
+    if any(_token_matches(candidate, token) for candidate in offered):
+        return await handler(request)
+    state.stats.unauthorized += 1
+    now = time.monotonic()
+    if now - state.unauthorized_logged_at >= UNAUTHORIZED_LOG_EVERY_S:
+        state.unauthorized_logged_at = now
+        log.warning(
+            "unauthorized",
+            peer=request.remote or "unix socket",
+            path=request.path,
+            token_sent=bool(offered),
+            total=state.stats.unauthorized,
+            note=f"one line per {UNAUTHORIZED_LOG_EVERY_S:.0f}s at most",
+        )
+    why = "wrong" if offered else "missing"
+    return _json(
+        401,
+        {
+            "success": False,
+            "error": (
+                f"{why} intake token: send it as 'Authorization: Bearer <token>', or in the "
+                f"{TOKEN_HEADER} header when Authorization carries your API key "
+                "(see intake.auth_token)"
+            ),
+            "reason": "unauthorized",
+        },
+        {"WWW-Authenticate": 'Bearer realm="forwarder"'},
+    )
 
 
 @web.middleware
@@ -128,13 +226,24 @@ def _invalid(
 
 _REFUSALS = {
     "shutting_down": "forwarder is shutting down; retry later",
-    "queue_full": "queue is full; retry later",
+    "queue_full": "queue is full (queue.max_events); retry later",
+    "queue_bytes_full": "queue is full (queue.max_bytes); retry later",
     "spool_full": "the spool is full (queue.max_disk_bytes); retry later",
     "spool_error": "the spool cannot be written (see forwarder's log); retry later",
 }
 
 
 def _refuse(state: IntakeState, reason: str, count: int) -> web.Response:
+    if reason == TOO_LARGE:
+        # Waiting would not help: these events alone are more than the queue may ever hold.
+        state.stats.invalid_requests += 1
+        limit = state.queue.max_bytes
+        return _error(
+            413,
+            f"the {count} events of this request take more than queue.max_bytes ({limit}) "
+            "allows in memory; send fewer or smaller events at a time",
+            reason=TOO_LARGE,
+        )
     state.stats.refused[reason] += count
     log.warning("refused", reason=reason, count=count, queue_depth=len(state.queue))
     return _json(
@@ -151,7 +260,7 @@ async def _admit(state: IntakeState, events: list[Event]) -> str:
     if state.admit is not None:
         reason = await state.admit(events)  # durable mode: committed to the spool first
     else:
-        reason = "" if state.queue.offer(events) else "queue_full"
+        reason = state.queue.admit(events)
     if not reason:
         state.stats.accepted += len(events)
     return reason
@@ -227,6 +336,22 @@ def _unroutable(state: IntakeState, exc: _Unroutable, single: bool) -> web.Respo
     return _invalid(state, exc.errors)
 
 
+class _SlowBody(Exception):
+    """The body did not arrive within intake.body_timeout_s."""
+
+
+def _slow_body(state: IntakeState) -> web.Response:
+    state.stats.body_timeouts += 1
+    response = _error(
+        408,
+        f"the request body did not arrive within intake.body_timeout_s "
+        f"({state.body_timeout_s:g} s); nothing was queued",
+        reason="body_timeout",
+    )
+    response.force_close()  # the rest of a body that slow is not waited for
+    return response
+
+
 class _BadBody(Exception):
     """The body could not be read as the content type it claims."""
 
@@ -237,7 +362,10 @@ class _BadBody(Exception):
 
 async def _read_body(request: web.Request) -> bytes:
     try:
-        return await request.read()  # raises 413 past client_max_size
+        async with asyncio.timeout(request.app[STATE].body_timeout_s):
+            return await request.read()  # raises 413 past client_max_size
+    except TimeoutError:
+        raise _SlowBody from None
     except (web.RequestPayloadError, HttpProcessingError) as exc:  # e.g. corrupt gzip
         raise _BadBody(f"body cannot be read: {describe_error(exc)}") from None
 
@@ -263,10 +391,13 @@ async def _read_json(request: web.Request) -> object:
 async def _read_form(request: web.Request, limit: int) -> MultiDict[str]:
     """The form's text fields; anything aiohttp cannot parse becomes a 400, never a 500."""
     try:
-        if request.content_type == "multipart/form-data":
-            return await _read_multipart(request, limit)
-        form = await request.post()  # urlencoded: text fields only; 413 past client_max_size
+        async with asyncio.timeout(request.app[STATE].body_timeout_s):
+            if request.content_type == "multipart/form-data":
+                return await _read_multipart(request, limit)
+            form = await request.post()  # urlencoded: text fields only; 413 past client_max_size
         return MultiDict((k, v) for k, v in form.items() if isinstance(v, str))
+    except TimeoutError:
+        raise _SlowBody from None
     except UnicodeDecodeError as exc:
         raise _BadBody(f"form is not valid UTF-8 (byte {exc.start})") from None
     except _FORM_ERRORS as exc:
@@ -347,6 +478,8 @@ async def create_event(request: web.Request) -> web.Response:
             )
     except _BadBody as exc:
         return _invalid(state, [FieldError(0, exc.field, str(exc))])
+    except _SlowBody:
+        return _slow_body(state)
     try:
         header = request.headers.get(ACCOUNT_HEADER, "")
         fallback = _request_account(state, [raw], header, _client_key(request))
@@ -378,6 +511,8 @@ async def create_events(request: web.Request) -> web.Response:
             return _unsupported(state, ctype, "application/json or application/x-ndjson")
     except _BadBody as exc:
         return _invalid(state, [FieldError(-1, exc.field, str(exc))])
+    except _SlowBody:
+        return _slow_body(state)
     try:
         fallback = _request_account(state, items, request.headers.get(ACCOUNT_HEADER, ""))
         events = events_from_items(items, max_items=state.max_batch, account=fallback)
@@ -439,7 +574,13 @@ async def stats(request: web.Request) -> web.Response:
         "version": __version__,
         "uptime_s": round(time.time() - state.stats.started_at, 3),
         "accepting": state.accepting,
-        "queue": {"depth": len(state.queue), "max_events": state.queue.max_events},
+        "queue": {
+            "depth": len(state.queue),
+            "max_events": state.queue.max_events,
+            # Estimated bytes of the events in memory (waiting and in delivery), and the bound.
+            "bytes": state.queue.bytes,
+            "max_bytes": state.queue.max_bytes,
+        },
         "counters": state.stats.counters(),
     }
     payload.update(state.stats_extra())
@@ -448,7 +589,10 @@ async def stats(request: web.Request) -> web.Response:
 
 def create_app(state: IntakeState) -> web.Application:
     """The intake application; the daemon serves it on TCP and/or a Unix socket."""
-    app = web.Application(client_max_size=state.max_body_bytes, middlewares=[json_errors])
+    app = web.Application(
+        client_max_size=state.max_body_bytes,
+        middlewares=[track_requests, require_token, json_errors],
+    )
     app[STATE] = state
     app.router.add_post("/v1/recipientEvents/create", create_event)
     app.router.add_post("/v1/events", create_events)

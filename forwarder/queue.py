@@ -1,6 +1,7 @@
 """The bounded in-memory queue of accepted events.
 
-The queue is the only buffer between intake and delivery. Admission is all-or-nothing per request,
+The queue is the only buffer between intake and delivery, bounded both in events and in
+(estimated) bytes. Admission is all-or-nothing per request,
 so a batch is either wholly queued or wholly refused and the app always knows which events it
 still holds.
 
@@ -20,6 +21,29 @@ from collections.abc import Callable, Iterable
 
 from forwarder.events import Event
 
+# What one queued event costs in memory besides its text: the Event, the queue's entry and, in
+# ordered mode, its recipient's deque. Measured at about 1 KB an event with 100 000 recipients.
+EVENT_OVERHEAD_BYTES = 1024
+
+# Why `admit` refused (the intake's 503 and 413 reasons).
+QUEUE_FULL = "queue_full"
+QUEUE_BYTES_FULL = "queue_bytes_full"
+TOO_LARGE = "too_large"
+
+
+def event_size(event: Event) -> int:
+    """The bytes `queue.max_bytes` counts for an event: its text's characters plus a fixed overhead.
+
+    A cheap estimate (attribute reads and `len`, once per event), not an exact measure: text
+    beyond ASCII takes more than a byte a character in memory too.
+    """
+    e = event
+    text = (
+        len(e.account) + len(e.event_id) + len(e.recipient_id) + len(e.name) + len(e.value)
+        + len(e.data) + len(e.ref)
+    )  # fmt: skip
+    return text + EVENT_OVERHEAD_BYTES
+
 
 class _State(enum.Enum):
     WAITING = enum.auto()
@@ -30,12 +54,13 @@ class _State(enum.Enum):
 class _Entry:
     """One accepted event and its bookkeeping. Compared by identity, never by the event's value."""
 
-    __slots__ = ("event", "seq", "spool_seq", "state", "ticket")
+    __slots__ = ("event", "seq", "size", "spool_seq", "state", "ticket")
 
-    def __init__(self, event: Event, seq: int, spool_seq: int = 0) -> None:
+    def __init__(self, event: Event, seq: int, spool_seq: int = 0, size: int = 0) -> None:
         self.event = event
         self.seq = seq  # acceptance order across all accounts
         self.spool_seq = spool_seq  # its row in the spool; 0 when it is in memory only
+        self.size = size  # event_size(event), computed once at admission
         self.state = _State.WAITING
         self.ticket = 0  # the order in which get() took it, for take_all
 
@@ -70,7 +95,8 @@ class _Account:
 
 
 class EventQueue:
-    """Accepted events bounded by `max_events`, handed out per account and in order per recipient.
+    """Accepted events bounded by `max_events` and `max_bytes`, handed out per account and in order
+    per recipient (`max_bytes` 0: no byte bound).
 
     Each account's delivery lane takes events with `get(account)` and reports each outcome with
     `done(event)`. While `ordered`, an event of an (account, recipient_id) is held back until the
@@ -78,8 +104,10 @@ class EventQueue:
     plain FIFO. Events in delivery count against the bound: they are still only in memory.
     """
 
-    def __init__(self, max_events: int, *, ordered: bool = True) -> None:
+    def __init__(self, max_events: int, *, max_bytes: int = 0, ordered: bool = True) -> None:
         self.max_events = max_events
+        self.max_bytes = max_bytes
+        self._bytes = 0  # event_size of every waiting and in-delivery event
         self._ordered = ordered
         self._accounts: dict[str, _Account] = {}
         # Keyed by id(event): two events may be equal by value (an app resent an event_id). A list
@@ -139,18 +167,40 @@ class EventQueue:
         """How many more events `offer` would take now (waiting and in-delivery ones count)."""
         return max(0, self.max_events - self._waiting - self._in_delivery)
 
-    def offer(self, events: list[Event], spool_seqs: list[int] | None = None) -> bool:
-        """Queue all of `events`, or none of them if they do not all fit.
+    @property
+    def bytes(self) -> int:
+        """Estimated bytes of the waiting and in-delivery events (see `event_size`)."""
+        return self._bytes
 
+    @property
+    def bytes_free(self) -> int:
+        """How many more bytes (`event_size`) the byte bound lets in now."""
+        if self.max_bytes <= 0:
+            return 1 << 62
+        return max(0, self.max_bytes - self._bytes)
+
+    def offer(self, events: list[Event], spool_seqs: list[int] | None = None) -> bool:
+        """Queue all of `events`, or none of them if they do not all fit (see `admit`)."""
+        return not self.admit(events, spool_seqs)
+
+    def admit(self, events: list[Event], spool_seqs: list[int] | None = None) -> str:
+        """Queue all of `events` or none; returns "" or why not.
+
+        The reasons: `QUEUE_FULL` (past `max_events`), `QUEUE_BYTES_FULL` (past `max_bytes`), and
+        `TOO_LARGE` when the events alone exceed `max_bytes`, so waiting would never help.
         `spool_seqs` are the events' rows in the spool, reported back by `done`.
         """
         if len(events) > self.free:
-            return False
-        self._add(events, spool_seqs)
-        return True
+            return QUEUE_FULL
+        sizes = [event_size(event) for event in events]
+        size = sum(sizes)
+        if size > self.bytes_free:
+            return TOO_LARGE if 0 < self.max_bytes < size else QUEUE_BYTES_FULL
+        self._add(events, spool_seqs, sizes)
+        return ""
 
     def restore(self, events: Iterable[Event], spool_seqs: Iterable[int] | None = None) -> int:
-        """Queue events in order regardless of the bound (events saved at the last stop)."""
+        """Queue events in order regardless of the bounds (events saved at the last stop)."""
         return self._add(events, spool_seqs)
 
     async def get(self, account: str) -> Event:
@@ -190,6 +240,7 @@ class EventQueue:
         entry = entries[0]
         acct, rec = self._settle(entry)
         entry.state = _State.GONE
+        self._bytes -= entry.size
         if not rec.busy:
             if rec.waiting:  # ordered mode only
                 if not rec.in_line:
@@ -243,7 +294,7 @@ class EventQueue:
             self._prune(acct)  # kept only while a lane is waiting on it
         waiting.sort(key=_by_seq)
         self._delivering.clear()
-        self._waiting = self._in_delivery = 0
+        self._waiting = self._in_delivery = self._bytes = 0
         taken = delivering + waiting
         for entry in taken:
             entry.state = _State.GONE
@@ -269,12 +320,18 @@ class EventQueue:
         entries.sort(key=_by_seq)
         for entry in entries:
             entry.state = _State.GONE
+            self._bytes -= entry.size
         self._waiting -= acct.depth
         acct.depth = 0
         self._prune(acct)
         return [entry.event for entry in entries]
 
-    def _add(self, events: Iterable[Event], spool_seqs: Iterable[int] | None) -> int:
+    def _add(
+        self,
+        events: Iterable[Event],
+        spool_seqs: Iterable[int] | None,
+        sizes: list[int] | None = None,
+    ) -> int:
         touched: dict[str, _Account] = {}
         count = 0
         if spool_seqs is None:
@@ -284,7 +341,9 @@ class EventQueue:
         for event, spool_seq in pairs:
             acct = self._account(event.account)
             touched[event.account] = acct
-            entry = _Entry(event, next(self._seq), spool_seq)
+            size = sizes[count] if sizes is not None else event_size(event)
+            entry = _Entry(event, next(self._seq), spool_seq, size)
+            self._bytes += size
             acct.depth += 1
             self._waiting += 1
             if self._ordered:

@@ -2,6 +2,10 @@
 
 The client never touches the queue and never retries: it turns one attempt into a `Result` whose
 `verdict` tells the dispatcher what to do next.
+
+The API key travels only to the configured base URL's origin (scheme, host, port), only over
+verified TLS (or plain http to a loopback host, which config.py allows for the mock), and never
+along a redirect: a 3xx is not followed but dead-lettered as `redirected`.
 """
 
 from __future__ import annotations
@@ -13,13 +17,15 @@ import email.utils
 import enum
 import json
 import math
+import ssl
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlencode
+from urllib.parse import urlencode, urlsplit
 
 import aiohttp
+from yarl import URL
 
 from forwarder import __version__
 from forwarder.credentials import Secret
@@ -32,6 +38,26 @@ MAX_ERROR_CHARS = 300
 MAX_HINT_S = 3600.0
 RETRYABLE_STATUSES = frozenset({408, 425, 429, 500, 502, 503, 504})
 AUTH_STATUSES = frozenset({401, 403})
+# The dead-letter reason of a 3xx: the base URL is wrong (moved, http->https), not the event.
+REDIRECTED = "redirected"
+
+
+def make_ssl_context(ca_bundle: str = "") -> ssl.SSLContext:
+    """The TLS context of the one ClientSession: certificates and host names always verified.
+
+    `ca_bundle` (``remote.ca_bundle``, a PEM file) replaces the system's trust store; "" uses
+    the system's. Reads files: call it off the event loop. There is no switch to turn checks off.
+    """
+    context = ssl.create_default_context(cafile=ca_bundle or None)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    # create_default_context sets both already; stated here so no later change can drop them.
+    context.verify_mode = ssl.CERT_REQUIRED
+    context.check_hostname = True
+    return context
+
+
+class KeyOriginError(RuntimeError):
+    """A request URL outside the base URL's origin: the key must not go there (a bug)."""
 
 
 class Verdict(enum.Enum):
@@ -54,6 +80,8 @@ class Result:
     retry_after: float | None = None
     duplicate: bool = False  # 409: the remote already has this event under its idempotency key
     warning: str = ""
+    # The dead-letter reason of a PERMANENT verdict when it is not the event's fault ("": rejected).
+    reason: str = ""
     latency_s: float = 0.0
     # The account's quota as this answer reported it (X-RateLimit-*), for the rate limiter.
     rate_limit: int | None = None
@@ -141,8 +169,34 @@ def classify(status: int, body: bytes, headers: Mapping[str, str], reason: str =
     return dataclasses.replace(_classify(status, body, headers, reason), **rate_headers(headers))
 
 
+def _redirect_host(location: str) -> str:
+    """The host a Location header points to, and nothing else of it (paths may carry secrets)."""
+    try:
+        host = urlsplit(location.strip()).hostname
+    except ValueError:
+        return "an invalid location"
+    if not location.strip():
+        return "nowhere (no Location header)"
+    if not host:
+        return "the same host"
+    host = "".join(ch for ch in host if ch.isprintable())[:255]
+    return host or "an invalid location"
+
+
 def _classify(status: int, body: bytes, headers: Mapping[str, str], reason: str) -> Result:
     fallback = f"HTTP {status} {reason}".strip()
+    if 300 <= status < 400:
+        # Not followed (the key would go along), and not retried: the same URL redirects again.
+        target = _redirect_host(headers.get("Location", ""))
+        return Result(
+            Verdict.PERMANENT,
+            status,
+            error=(
+                f"HTTP {status} redirect to {target}: redirects are not followed (the API key "
+                "would go with it); check remote.base_url"
+            ),
+            reason=REDIRECTED,
+        )
     if 200 <= status < 300:
         try:
             parsed = json.loads(body)
@@ -202,7 +256,9 @@ class RemoteClient:
 
     def __init__(self, session: aiohttp.ClientSession, base_url: str, api_key: Secret) -> None:
         self._session = session
-        self._url = f"{base_url.rstrip('/')}/recipientEvents/create"
+        # The only place the key may go: the base URL's scheme, host and port.
+        self._origin = URL(base_url).origin()
+        self._url = URL(f"{base_url.rstrip('/')}/recipientEvents/create")
         self._key = api_key.reveal()
         # Basic auth, the key as user name and an empty password. Built once, by hand:
         # aiohttp.BasicAuth is deprecated, and its replacement exists only in aiohttp >= 3.14.
@@ -214,11 +270,22 @@ class RemoteClient:
         }
 
     async def send(self, event: Event) -> Result:
-        """One attempt; transport failures become RETRY results, never exceptions."""
+        """One attempt; transport failures become RETRY results, never exceptions.
+
+        Raises KeyOriginError, before sending anything, if the request URL has left the base
+        URL's origin.
+        """
+        url = self._url
+        if url.origin() != self._origin:
+            # Checked on every request, not once: a URL built elsewhere cannot take the key along.
+            raise KeyOriginError(
+                f"refusing to send the API key to {url.scheme}://{url.host}:{url.port}: "
+                f"it goes only to {self._origin}"
+            )
         started = time.monotonic()
         try:
             async with self._session.post(
-                self._url,
+                url,
                 # Encoded here: aiohttp's FormData machinery cost more than the rest of the
                 # request's preparation, for the same bytes.
                 data=urlencode(event.form()).encode("ascii"),

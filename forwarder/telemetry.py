@@ -21,8 +21,8 @@ LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNI
 LEVELS["error"] = logging.ERROR
 REDACTED = "[redacted]"
 # Label values exported from the start at 0, so rate() and alerts work before the first one.
-REFUSE_REASONS = ("queue_full", "spool_full", "spool_error", "shutting_down")
-DEAD_LETTER_REASONS = ("rejected", "gave_up", "internal_error")
+REFUSE_REASONS = ("queue_full", "queue_bytes_full", "spool_full", "spool_error", "shutting_down")
+DEAD_LETTER_REASONS = ("rejected", "redirected", "gave_up", "internal_error")
 
 
 class Redactor:
@@ -156,6 +156,8 @@ class Stats:
     retries: int = 0
     auth_failures: int = 0
     invalid_requests: int = 0
+    unauthorized: int = 0  # intake requests without the right token (401)
+    body_timeouts: int = 0  # intake requests whose body did not arrive in time (408)
     refused: Counter[str] = field(default_factory=Counter)
     dead_lettered: Counter[str] = field(default_factory=Counter)
     started_at: float = field(default_factory=time.time)
@@ -168,6 +170,8 @@ class Stats:
             "dead_lettered": dict(self.dead_lettered),
             "refused": dict(self.refused),
             "invalid_requests": self.invalid_requests,
+            "unauthorized": self.unauthorized,
+            "body_timeouts": self.body_timeouts,
             "attempts": self.attempts,
             "retries": self.retries,
             "auth_failures": self.auth_failures,
@@ -175,6 +179,8 @@ class Stats:
 
 
 AccountViews = Callable[[], dict[str, dict[str, Any]]]
+# name -> (help, value): read at scrape time.
+Readings = Callable[[], dict[str, tuple[str, float]]]
 
 
 class Metrics:
@@ -183,8 +189,9 @@ class Metrics:
     def __init__(
         self,
         stats: Stats,
-        gauges: Callable[[], dict[str, tuple[str, float]]],
+        gauges: Readings,
         accounts: AccountViews = dict,
+        counters: Readings = dict,
     ) -> None:
         self.registry = CollectorRegistry()
         self.latency = Histogram(
@@ -200,7 +207,7 @@ class Metrics:
             buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1),
             registry=self.registry,
         )
-        self.registry.register(_StatsCollector(stats, gauges))
+        self.registry.register(_StatsCollector(stats, gauges, counters))
         self.registry.register(_AccountCollector(accounts))
 
 
@@ -269,9 +276,10 @@ class _AccountCollector(Collector):
 class _StatsCollector(Collector):
     """Reads Stats at scrape time, so the hot path only bumps plain integers."""
 
-    def __init__(self, stats: Stats, gauges: Callable[[], dict[str, tuple[str, float]]]) -> None:
+    def __init__(self, stats: Stats, gauges: Readings, counters: Readings = dict) -> None:
         self._stats = stats
         self._gauges = gauges
+        self._counters = counters
 
     def collect(self) -> Iterator[Metric]:
         s = self._stats
@@ -287,6 +295,16 @@ class _StatsCollector(Collector):
             ("delivery_retries", "Attempts that failed transiently and were retried.", s.retries),
             ("auth_failures", "Attempts refused with 401 or 403.", s.auth_failures),
             ("requests_invalid", "Intake requests refused as invalid (4xx).", s.invalid_requests),
+            (
+                "requests_body_timeout",
+                "Intake requests whose body did not arrive within intake.body_timeout_s (408).",
+                s.body_timeouts,
+            ),
+            (
+                "requests_unauthorized",
+                "Intake requests without the right intake.auth_token (401).",
+                s.unauthorized,
+            ),
         )
         for name, doc, value in simple:
             yield CounterMetricFamily(f"forwarder_{name}", doc, value=value)
@@ -308,3 +326,5 @@ class _StatsCollector(Collector):
         yield dead
         for gauge, (help_text, level) in self._gauges().items():
             yield GaugeMetricFamily(f"forwarder_{gauge}", help_text, value=level)
+        for counter, (help_text, count) in self._counters().items():
+            yield CounterMetricFamily(f"forwarder_{counter}", help_text, value=count)

@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import signal
+import subprocess
 import sys
 import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -279,13 +280,14 @@ async def daemon(short_tmp: Path) -> AsyncIterator[Callable[..., Awaitable[Daemo
 def intake_state(
     *,
     max_events: int = 100,
+    max_bytes: int = 0,
     max_batch: int = 10,
     max_body_bytes: int = 1024 * 1024,
     not_ready_reason: Callable[[], str] = lambda: "",
     stats_extra: Callable[[], dict[str, Any]] = dict,
 ) -> IntakeState:
     """The intake's state with a fresh queue and counters, as the daemon wires it."""
-    queue = EventQueue(max_events)
+    queue = EventQueue(max_events, max_bytes=max_bytes)
     stats = Stats()
 
     def gauges() -> dict[str, tuple[str, float]]:
@@ -320,3 +322,38 @@ async def serve_intake() -> AsyncIterator[ServeIntake]:
     yield serve
     for client in clients:
         await client.close()
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    """A throw-away CA and a server certificate it signed for 127.0.0.1 (PEM files)."""
+
+    ca: Path
+    cert: Path
+    key: Path
+
+
+@pytest.fixture(scope="session")
+def tls_files(tmp_path_factory: pytest.TempPathFactory) -> TlsFiles:
+    """Made with the openssl command line once per run (no Python crypto library needed)."""
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        pytest.skip("needs the openssl command to make test certificates")
+    where = tmp_path_factory.mktemp("tls")
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+
+    def run(*args: str) -> None:
+        subprocess.run([openssl, *args], cwd=where, check=True, capture_output=True, timeout=30)
+
+    run("req", "-x509", *ec, "-keyout", "ca.key", "-out", "ca.pem", "-days", "2",
+        "-subj", "/CN=forwarder test CA",
+        "-addext", "basicConstraints=critical,CA:TRUE",
+        "-addext", "keyUsage=critical,keyCertSign,cRLSign")  # fmt: skip
+    run("req", *ec, "-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=127.0.0.1")
+    (where / "server.ext").write_text(
+        "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\n"
+        "keyUsage=critical,digitalSignature\nextendedKeyUsage=serverAuth\n"
+    )
+    run("x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-days", "2",
+        "-CAcreateserial", "-out", "server.pem", "-extfile", "server.ext")  # fmt: skip
+    return TlsFiles(where / "ca.pem", where / "server.pem", where / "server.key")

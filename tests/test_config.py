@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import grp
 import math
+import os
 import re
 import tomllib
 from pathlib import Path
@@ -25,6 +27,7 @@ from forwarder.config import (
     render_effective,
 )
 from forwarder.credentials import ApiKey, Secret, resolve_account_keys, resolve_api_key
+from tests.conftest import TlsFiles
 
 SHIPPED_CONFIG = Path(__file__).resolve().parent.parent / "config" / "forwarder.toml"
 KEY = "sk_live_0123456789abcdef"
@@ -60,6 +63,9 @@ def test_defaults_without_file() -> None:
     assert config.state.path == Path("/var/lib/forwarder")
     assert config.log == LogConfig(level="info", format="auto")
     assert config.intake.accept_client_keys is False
+    assert config.queue.max_bytes == 256 * 1024 * 1024
+    assert (config.intake.header_timeout_s, config.intake.body_timeout_s) == (10.0, 30.0)
+    assert (config.intake.keepalive_timeout_s, config.intake.max_connections) == (75.0, 512)
     assert config.accounts == {}
     assert config.account_names() == ("default",)
 
@@ -166,6 +172,55 @@ def test_non_utf8_file(tmp_path: Path) -> None:
 def test_listen_addresses(tmp_path: Path, listen: str, address: tuple[str, int]) -> None:
     config = load_text(tmp_path, f'[intake]\nhttp_listen = "{listen}"\n')
     assert config.intake.tcp_address == address
+
+
+def test_unix_socket_group_by_name_or_number(tmp_path: Path) -> None:
+    name = grp.getgrgid(os.getegid()).gr_name
+    config = load_text(tmp_path, f'[intake]\nunix_socket_group = "{name}"\n')
+    assert config.intake.unix_socket_group == name
+    assert cfg.resolve_group(name) == os.getegid()
+    assert cfg.resolve_group("4242") == 4242  # a gid need not have a name
+
+
+def test_ca_bundle_must_be_a_readable_pem_ca_file(tmp_path: Path, tls_files: TlsFiles) -> None:
+    config = load_text(tmp_path, f'[remote]\nca_bundle = "{tls_files.ca}"\n')
+    assert config.remote.ca_bundle == str(tls_files.ca)
+    missing = tmp_path / "nope.pem"
+    with pytest.raises(ConfigError, match=rf"^remote\.ca_bundle: cannot read {missing}: "):
+        load_text(tmp_path, f'[remote]\nca_bundle = "{missing}"\n')
+    junk = write(tmp_path, "not a certificate\n", "junk.pem")
+    with pytest.raises(ConfigError, match=r"^remote\.ca_bundle: .*holds no usable PEM CA"):
+        load_text(tmp_path, f'[remote]\nca_bundle = "{junk}"\n')
+    with pytest.raises(ConfigError, match=r"^remote\.ca_bundle \(from FORWARDER_REMOTE_CA_BUNDLE"):
+        load_config(env={"FORWARDER_REMOTE_CA_BUNDLE": str(tmp_path)})  # a directory
+
+
+@pytest.mark.parametrize(
+    "host", ["127.0.0.1", "127.0.0.9", "::1", "localhost", "LOCALHOST.", "::ffff:127.0.0.1"]
+)
+def test_loopback_listeners_need_no_token(host: str) -> None:
+    assert cfg.is_loopback_host(host)
+    cfg.check_exposure([("intake.http_listen", host)], has_token=False)
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "::", "10.0.0.7", "192.168.1.2", "fe80::1", "myhost"])
+def test_other_listeners_need_a_token(host: str) -> None:
+    assert not cfg.is_loopback_host(host)
+    with pytest.raises(ConfigError, match=rf"^intake\.http_listen: {re.escape(host)} is not a"):
+        cfg.check_exposure([("intake.http_listen", host)], has_token=False)
+    cfg.check_exposure([("intake.http_listen", host)], has_token=True)
+
+
+def test_the_intake_token_is_masked_and_kept_out_of_repr(tmp_path: Path) -> None:
+    token = "tok-0123456789abcdef-SECRET"
+    config = load_config(env={"FORWARDER_INTAKE_AUTH_TOKEN": token})
+    assert config.intake.auth_token == token
+    assert token not in repr(config)
+    text = render_effective(config, None, intake_token=ApiKey(Secret(token), "intake.auth_token"))
+    assert token not in text
+    assert 'auth_token = "****"' in text
+    assert "# intake auth token: **** (from intake.auth_token)" in text
+    assert 'auth_token = ""' in render_effective(Config(), None)
 
 
 def test_unix_socket_only(tmp_path: Path) -> None:
@@ -290,7 +345,14 @@ def test_bad_base_url(tmp_path: Path, url: str, reason: str) -> None:
         ("[intake]\nunix_socket_mode = 0o1000\n", "intake.unix_socket_mode"),
         ("[intake]\nmax_body_bytes = 1023\n", "intake.max_body_bytes"),
         ("[intake]\nmax_batch = 0\n", "intake.max_batch"),
+        ("[intake]\nheader_timeout_s = 0\n", "intake.header_timeout_s"),
+        ("[intake]\nbody_timeout_s = -1.0\n", "intake.body_timeout_s"),
+        ("[intake]\nkeepalive_timeout_s = nan\n", "intake.keepalive_timeout_s"),
+        ("[intake]\nmax_connections = 0\n", "intake.max_connections"),
         ("[queue]\nmax_events = 0\n", "queue.max_events"),
+        ("[queue]\nmax_bytes = 1048575\n", "queue.max_bytes"),
+        ('[intake]\nunix_socket_group = "no-such-group-x"\n', "intake.unix_socket_group"),
+        ('[intake]\nunix_socket_group = "4294967295"\n', "intake.unix_socket_group"),
         ("[remote]\nconcurrency = -1\n", "remote.concurrency"),
         ("[remote]\nconcurrency = 1025\n", "remote.concurrency"),
         ("[remote]\nrate_limit_per_minute = 0\n", "remote.rate_limit_per_minute"),

@@ -7,13 +7,14 @@ from pathlib import Path
 
 import pytest
 
-from forwarder.config import AccountConfig, Config, ConfigError, RemoteConfig
+from forwarder.config import AccountConfig, Config, ConfigError, IntakeConfig, RemoteConfig
 from forwarder.credentials import (
     ApiKey,
     Secret,
     check_key_text,
     resolve_account_keys,
     resolve_api_key,
+    resolve_intake_token,
 )
 
 KEY = "sk_live_0123456789abcdef"
@@ -274,3 +275,62 @@ def test_check_key_text() -> None:
         ) as info:
             check_key_text(bad)
         assert KEY not in str(info.value)
+
+
+# --- the intake token ----------------------------------------------------------------------------
+
+TOKEN = "tok-0123456789abcdef-XYZ"
+
+
+def with_token(token: str = "", token_file: str = "") -> Config:
+    return Config(intake=IntakeConfig(auth_token=token, auth_token_file=token_file))
+
+
+def test_intake_token_resolution_order(tmp_path: Path) -> None:
+    token_file = write(tmp_path, "from-file-0123456789\n", "token")
+    creds = tmp_path / "creds"
+    creds.mkdir()
+    (creds / "intake_auth_token").write_text("from-credential-0123456789", encoding="utf-8")
+    env = {"CREDENTIALS_DIRECTORY": str(creds)}
+    assert resolve_intake_token(with_token(TOKEN, str(token_file)), env) == ApiKey(
+        Secret(TOKEN), "intake.auth_token"
+    )
+    assert resolve_intake_token(with_token("", str(token_file)), env) == ApiKey(
+        Secret("from-file-0123456789"), f"file {token_file}"
+    )
+    assert resolve_intake_token(with_token(), env) == ApiKey(
+        Secret("from-credential-0123456789"), "systemd credential intake_auth_token"
+    )
+    assert resolve_intake_token(with_token(), {}) is None
+    assert resolve_intake_token(with_token(), {"CREDENTIALS_DIRECTORY": str(tmp_path)}) is None
+
+
+@pytest.mark.parametrize(
+    ("token", "message"),
+    [
+        ("short-secret-15", "shorter than 16 characters"),
+        ("has space inside 0123456789", "must be printable ASCII without whitespace"),
+        ("caf\u00e9-0123456789abcdef", "must be printable ASCII without whitespace"),
+    ],
+)
+def test_intake_token_must_be_long_and_plain_and_is_never_shown(
+    tmp_path: Path, token: str, message: str
+) -> None:
+    with pytest.raises(ConfigError, match=message) as inline:
+        resolve_intake_token(with_token(token), {})
+    assert str(inline.value).startswith("intake auth token from intake.auth_token ")
+    token_file = write(tmp_path, token, "token")
+    with pytest.raises(ConfigError, match=message) as from_file:
+        resolve_intake_token(with_token(token_file=str(token_file)), {})
+    for error in (inline.value, from_file.value):
+        assert token not in str(error)
+        assert token.split()[0] not in str(error)
+
+
+def test_intake_token_file_errors_name_the_setting(tmp_path: Path) -> None:
+    missing = tmp_path / "nope"
+    with pytest.raises(
+        ConfigError,
+        match=rf"^intake\.auth_token_file: cannot read intake auth token from file {missing}: ",
+    ):
+        resolve_intake_token(with_token(token_file=str(missing)), {})

@@ -20,9 +20,10 @@ from aiohttp.test_utils import TestClient
 from multidict import CIMultiDictProxy
 from prometheus_client.parser import text_string_to_metric_families
 
+from forwarder.credentials import Secret
 from forwarder.events import MAX_DATA_BYTES, MAX_NAME_CHARS, Event
 from forwarder.intake import IntakeState
-from forwarder.queue import EventQueue
+from forwarder.queue import EventQueue, event_size
 from forwarder.telemetry import Stats
 from tests.conftest import ServeIntake, intake_state
 
@@ -165,6 +166,7 @@ class IntakeFactory(Protocol):
         self,
         *,
         max_events: int = ...,
+        max_bytes: int = ...,
         max_batch: int = ...,
         max_body_bytes: int = ...,
         not_ready_reason: Callable[[], str] = ...,
@@ -177,6 +179,7 @@ def make_intake(serve_intake: ServeIntake) -> IntakeFactory:
     async def factory(
         *,
         max_events: int = 100,
+        max_bytes: int = 0,
         max_batch: int = 10,
         max_body_bytes: int = 1024 * 1024,
         not_ready_reason: Callable[[], str] = lambda: "",
@@ -184,6 +187,7 @@ def make_intake(serve_intake: ServeIntake) -> IntakeFactory:
     ) -> Intake:
         state = intake_state(
             max_events=max_events,
+            max_bytes=max_bytes,
             max_batch=max_batch,
             max_body_bytes=max_body_bytes,
             not_ready_reason=not_ready_reason,
@@ -819,6 +823,38 @@ async def test_queue_full_refuses_whole_batch(make_intake: IntakeFactory) -> Non
     assert intake.stats.accepted == 3
 
 
+async def test_queue_bytes_full_refuses_the_whole_request(make_intake: IntakeFactory) -> None:
+    big = "x" * 30_000
+    intake = await make_intake(max_bytes=100_000)
+    first = [event(recipient_id=f"r{n}", data=big) for n in range(2)]
+    assert (await intake.json(first, BATCH)).status == 202
+    answer = await intake.json([event(recipient_id="r9", data=big) for _ in range(2)], BATCH)
+    assert answer.status == 503, answer.body
+    assert answer.body["reason"] == "queue_bytes_full"
+    assert "queue.max_bytes" in answer.body["error"]
+    assert int(answer.headers["Retry-After"]) > 0
+    assert len(intake.queue) == 2  # nothing of the refused request
+    assert intake.stats.refused["queue_bytes_full"] == 2
+    stats = await intake.get("/v1/stats")
+    assert stats.body["queue"]["max_bytes"] == 100_000
+    assert 60_000 < stats.body["queue"]["bytes"] <= 100_000
+    intake.queue.take_all()
+    assert (await intake.form([*CURL_FIELDS, ("data", big)])).status == 202
+
+
+async def test_events_that_could_never_fit_get_413_naming_queue_max_bytes(
+    make_intake: IntakeFactory,
+) -> None:
+    intake = await make_intake(max_bytes=50_000)
+    batch = [event(recipient_id=f"r{n}", data="y" * 30_000) for n in range(2)]
+    answer = await intake.json(batch, BATCH)
+    assert answer.status == 413, answer.body
+    assert answer.body["reason"] == "too_large"
+    assert "queue.max_bytes (50000)" in answer.body["error"]
+    assert len(intake.queue) == 0
+    assert intake.stats.refused == {}
+
+
 async def test_batch_that_just_fits_is_accepted(make_intake: IntakeFactory) -> None:
     intake = await make_intake(max_events=5)
     assert (await intake.json([event()] * 3, BATCH)).status == 202
@@ -904,13 +940,14 @@ async def test_metrics_is_prometheus_text(make_intake: IntakeFactory) -> None:
 
 async def test_stats_json(make_intake: IntakeFactory) -> None:
     extra = {"in_flight": 0, "delivery": {"paused": False, "workers": 4}}
-    intake = await make_intake(max_events=50, stats_extra=lambda: extra)
+    intake = await make_intake(max_events=50, max_bytes=2 << 20, stats_extra=lambda: extra)
     assert (await intake.json([event(), event()], BATCH)).status == 202
     assert (await intake.form([("name", "x")])).status == 400
     answer = await intake.get("/v1/stats")
     assert answer.status == 200
     body = answer.body
-    assert body["queue"] == {"depth": 2, "max_events": 50}
+    size = sum(event_size(e) for e in intake.queue.take_all())
+    assert body["queue"] == {"depth": 2, "max_events": 50, "bytes": size, "max_bytes": 2 << 20}
     assert body["accepting"] is True
     assert body["counters"]["accepted"] == 2
     assert body["counters"]["invalid_requests"] == 1
@@ -922,3 +959,91 @@ async def test_stats_json(make_intake: IntakeFactory) -> None:
     assert body["uptime_s"] >= 0
     intake.state.accepting = False
     assert (await intake.get("/v1/stats")).body["accepting"] is False
+
+
+# --- the intake token ----------------------------------------------------------------------------
+
+TOKEN = "intake-token-0123456789-abcdef"
+
+
+@pytest.fixture
+async def guarded(make_intake: IntakeFactory) -> Intake:
+    intake = await make_intake()
+    intake.state.auth_token = Secret(TOKEN)
+    return intake
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {},
+        bearer("wrong-token-0123456789-abcdef"),
+        bearer(TOKEN[:-1]),
+        bearer(TOKEN + "x"),
+        {"Authorization": f"Basic {TOKEN}"},
+        {"Authorization": TOKEN},
+        {"X-Forwarder-Token": TOKEN.upper()},
+        {"X-Forwarder-Token": "caf\u00e9-\udcff"},  # not ASCII: still 401, never 500
+    ],
+)
+async def test_without_the_token_everything_but_healthz_is_401(
+    guarded: Intake, headers: dict[str, str]
+) -> None:
+    for method, path, body, ctype in [
+        ("POST", CREATE, urlencode(CURL_FIELDS), FORM),
+        ("POST", BATCH, json.dumps([event()]), JSON),
+        ("GET", "/readyz", "", None),
+        ("GET", "/metrics", "", None),
+        ("GET", "/v1/stats", "", None),
+        ("GET", "/no-such-path", "", None),
+    ]:
+        status, got, ctype_back, raw = await guarded.raw(method, path, body, ctype, headers)
+        assert status == 401, (path, raw)
+        assert ctype_back == "application/json"
+        answer = json.loads(raw)
+        assert answer["success"] is False
+        assert answer["reason"] == "unauthorized"
+        assert "Authorization: Bearer" in answer["error"]
+        assert got["WWW-Authenticate"] == 'Bearer realm="forwarder"'
+        for sent in headers.values():
+            assert sent.split()[-1] not in raw.decode("utf-8", "replace")
+        assert TOKEN not in raw.decode()
+    assert guarded.stats.unauthorized == 6
+    assert guarded.stats.accepted == 0
+    assert len(guarded.queue) == 0
+    assert (await guarded.get("/healthz")).status == 200
+
+
+async def test_the_token_as_bearer_or_in_its_own_header(guarded: Intake) -> None:
+    assert (await guarded.form(CURL_FIELDS, headers=bearer(TOKEN))).status == 202
+    assert (
+        await guarded.form(CURL_FIELDS, headers={"authorization": f"bearer  {TOKEN} "})
+    ).status == 202
+    both = {**basic("the-apps-own-api-key"), "X-Forwarder-Token": TOKEN}
+    assert (await guarded.form(CURL_FIELDS, headers=both)).status == 202
+    either = {**bearer("wrong-0123456789-abcdef"), "X-Forwarder-Token": TOKEN}
+    assert (await guarded.json([event()], BATCH, headers=either)).status == 202
+    assert (await guarded.send("GET", "/v1/stats", headers=bearer(TOKEN))).status == 200
+    assert len(guarded.queued()) == 4
+    assert guarded.stats.unauthorized == 0
+
+
+async def test_the_token_is_checked_before_the_body_is_read(make_intake: IntakeFactory) -> None:
+    guarded = await make_intake(max_body_bytes=1024)
+    guarded.state.auth_token = Secret(TOKEN)
+    big = "x" * 4096  # past max_body_bytes: 413 for an authorised request
+    status, _, _, raw = await guarded.raw("POST", BATCH, big, JSON)
+    assert status == 401, raw
+    status, _, _, raw = await guarded.raw("POST", BATCH, big, JSON, bearer(TOKEN))
+    assert status == 413, raw
+
+
+async def test_unauthorized_requests_are_counted_in_metrics(guarded: Intake) -> None:
+    assert (await guarded.raw("GET", "/v1/stats"))[0] == 401
+    status, _, _, raw = await guarded.raw("GET", "/metrics", headers=bearer(TOKEN))
+    assert status == 200
+    assert metric_samples(raw.decode())[("forwarder_requests_unauthorized_total", ())] == 1.0

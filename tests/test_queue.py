@@ -11,7 +11,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from forwarder.events import Event
-from forwarder.queue import EventQueue
+from forwarder.queue import (
+    EVENT_OVERHEAD_BYTES,
+    QUEUE_BYTES_FULL,
+    QUEUE_FULL,
+    TOO_LARGE,
+    EventQueue,
+    event_size,
+)
 from forwarder.spool import load_pending, remove_pending, save_pending
 
 
@@ -92,6 +99,71 @@ async def test_the_bound_counts_events_in_delivery() -> None:
     assert queue.offer([ev("c1", "r3")])
     queue.max_events = 5  # a reload may change it
     assert queue.free == 3
+
+
+def sized(name: str, data_chars: int, recipient: str = "r1", account: str = "") -> Event:
+    return Event(
+        event_id=name, recipient_id=recipient, name="VIEW", data="d" * data_chars, account=account
+    )
+
+
+def test_event_size_is_the_text_plus_a_fixed_overhead() -> None:
+    e = Event(
+        event_id="evt-000001", recipient_id="r42", name="PURCHASE", value="24.99",
+        data='{"a":1}', ref="camp-9", account="us",
+    )  # fmt: skip
+    assert event_size(e) == 10 + 3 + 8 + 5 + 7 + 6 + 2 + EVENT_OVERHEAD_BYTES
+
+
+async def test_the_byte_bound_refuses_what_does_not_fit_and_counts_events_in_delivery() -> None:
+    one = event_size(sized("a1", 1000))
+    queue = EventQueue(100, max_bytes=3 * one)
+    assert queue.admit([sized("a1", 1000, "r1"), sized("b1", 1000, "r2")]) == ""
+    assert queue.bytes == 2 * one
+    assert queue.bytes_free == one
+    # All or nothing: two more do not fit, so neither is queued.
+    assert queue.admit([sized("c1", 1000, "r3"), sized("d1", 1000, "r4")]) == QUEUE_BYTES_FULL
+    assert (len(queue), queue.bytes) == (2, 2 * one)
+    assert queue.admit([sized("c1", 1000, "r3")]) == ""
+    assert queue.admit([sized("tiny", 0, "r5")]) == QUEUE_BYTES_FULL
+    got = await queue.get("")
+    assert queue.bytes == 3 * one  # in delivery: still in memory
+    assert not queue.offer([sized("tiny", 0, "r5")])
+    queue.done(got)
+    assert queue.bytes == 2 * one
+    assert queue.offer([sized("tiny", 0, "r5")])
+
+
+async def test_the_event_bound_is_reported_apart_from_the_byte_bound() -> None:
+    queue = EventQueue(1, max_bytes=10 * event_size(sized("a1", 0)))
+    assert queue.admit([sized("a1", 0)]) == ""
+    assert queue.admit([sized("a2", 0)]) == QUEUE_FULL
+
+
+async def test_events_larger_than_the_whole_bound_are_too_large_even_when_empty() -> None:
+    queue = EventQueue(100, max_bytes=event_size(sized("a1", 100)))
+    assert queue.admit([sized("a1", 101)]) == TOO_LARGE
+    assert queue.admit([sized("a1", 60), sized("a2", 60, "r2")]) == TOO_LARGE
+    assert queue.admit([sized("a1", 100)]) == ""
+    assert queue.admit([sized("a2", 100, "r2")]) == QUEUE_BYTES_FULL  # it would fit when empty
+
+
+async def test_take_account_and_take_all_give_bytes_back_and_restore_ignores_the_bound() -> None:
+    one = event_size(sized("a1", 500, account="a"))
+    queue = EventQueue(100, max_bytes=2 * one)
+    restored = [sized(f"a{n}", 500, f"r{n}", "a") for n in range(3)] + [sized("b1", 500, "x1", "b")]
+    assert queue.restore(restored) == 4
+    assert queue.bytes == 4 * one
+    assert queue.bytes_free == 0
+    got = await queue.get("a")
+    assert ids(queue.take_account("a")) == ["a1", "a2"]
+    assert queue.bytes == 2 * one  # the one in delivery and b1
+    queue.done(got)
+    assert queue.bytes == one
+    assert ids(queue.take_all()) == ["b1"]
+    assert queue.bytes == 0
+    queue.max_bytes = 0  # no byte bound
+    assert queue.offer([sized(f"c{n}", 10_000, f"r{n}") for n in range(50)])
 
 
 async def test_a_recipient_is_held_while_its_event_is_in_delivery() -> None:
@@ -442,13 +514,14 @@ async def run_ops(
         assert len(queue) + queue.in_delivery == len(accepted) - len(done_ids)
         assert sum(queue.depth(name) for name in ACCOUNTS) == len(queue)
         assert queue.free == max(0, max_events - len(queue) - queue.in_delivery)
+        assert queue.bytes == sum(event_size(e) for e in accepted if e.event_id not in done_ids)
 
     for task in tasks:
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
     in_delivery = queue.in_delivery
     remaining = queue.take_all()
-    assert (len(queue), queue.in_delivery, queue.accounts()) == (0, 0, set())
+    assert (len(queue), queue.in_delivery, queue.accounts(), queue.bytes) == (0, 0, set(), 0)
 
     # Every event handed out at most once, and each accepted event ends up exactly once either
     # done or given back by take_all (in delivery first: exactly those still held).

@@ -7,19 +7,32 @@ import base64
 import dataclasses
 import inspect
 import re
-from collections.abc import AsyncIterator, Iterator
+import ssl
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 from unittest import mock
 from urllib.parse import parse_qs
 
 import aiohttp
 import pytest
+import yarl
+from aiohttp import web
 from aioresponses import CallbackResult, aioresponses
 from aioresponses import core as aioresponses_core
 
 from forwarder.credentials import Secret
 from forwarder.events import Event
-from forwarder.remote import USER_AGENT, RemoteClient, Verdict, classify
+from forwarder.remote import (
+    MAX_ERROR_CHARS,
+    REDIRECTED,
+    USER_AGENT,
+    KeyOriginError,
+    RemoteClient,
+    Verdict,
+    classify,
+    make_ssl_context,
+)
+from tests.conftest import TlsFiles
 
 BASE = "https://api.example.test/v1"
 URL = f"{BASE}/recipientEvents/create"
@@ -207,3 +220,138 @@ async def test_form_body_carries_any_text_exactly(client: RemoteClient) -> None:
     parsed = parse_qs(data.decode("ascii"), strict_parsing=True)
     assert parsed["data"] == [tricky]
     assert parsed["ref"] == ["spring 2026/+&="]
+
+
+# --- talking to the remote safely ----------------------------------------------------------------
+
+ServeApp = Callable[..., Awaitable[str]]
+
+
+@pytest.fixture
+async def serve_app() -> AsyncIterator[ServeApp]:
+    """Serve an aiohttp app on 127.0.0.1 (TLS if given a context); returns its root URL."""
+    runners: list[web.AppRunner] = []
+
+    async def serve(app: web.Application, tls: ssl.SSLContext | None = None) -> str:
+        runner = web.AppRunner(app)
+        await runner.setup()
+        runners.append(runner)
+        await web.TCPSite(runner, "127.0.0.1", 0, ssl_context=tls).start()
+        port = next(a[1] for a in runner.addresses if isinstance(a, tuple))
+        return f"{'https' if tls else 'http'}://127.0.0.1:{port}"
+
+    yield serve
+    for runner in runners:
+        await runner.cleanup()
+
+
+def test_a_3xx_is_dead_lettered_as_redirected_naming_only_the_target_host() -> None:
+    location = f"https://user:pw@evil.example:8443/v1/steal?api_key={KEY}#x"
+    result = classify(301, b"<html>moved</html>", {"Location": location})
+    assert result.verdict is Verdict.PERMANENT
+    assert result.reason == REDIRECTED
+    assert result.error.startswith("HTTP 301 redirect to evil.example: redirects are not followed")
+    assert "remote.base_url" in result.error
+    for secret in ("pw", "steal", KEY, "8443"):
+        assert secret not in result.error
+    assert "redirect to the same host" in classify(302, b"", {"Location": "/v2/x"}).error
+    assert "no Location header" in classify(307, b"", {}).error
+    assert classify(404, b"", {}).reason == ""  # other refusals stay "rejected"
+
+
+async def test_a_redirect_is_not_followed_and_the_key_does_not_travel(serve_app: ServeApp) -> None:
+    stolen: list[str] = []
+
+    async def thief(request: web.Request) -> web.Response:
+        stolen.append(request.headers.get("Authorization", ""))
+        return web.json_response({"success": True, "data": 1})
+
+    target_app = web.Application()
+    target_app.router.add_route("*", "/{tail:.*}", thief)
+    target = await serve_app(target_app)
+
+    async def moved(request: web.Request) -> web.Response:
+        # "localhost": a host name other than the base URL's 127.0.0.1, same machine.
+        location = target.replace("127.0.0.1", "localhost") + "/v1/recipientEvents/create"
+        raise web.HTTPPermanentRedirect(location)
+
+    origin_app = web.Application()
+    origin_app.router.add_post("/v1/recipientEvents/create", moved)
+    origin = await serve_app(origin_app)
+    async with aiohttp.ClientSession() as session:
+        result = await RemoteClient(session, f"{origin}/v1", Secret(KEY)).send(EVENT)
+    assert (result.verdict, result.status, result.reason) == (Verdict.PERMANENT, 308, REDIRECTED)
+    assert "redirect to localhost" in result.error
+    assert stolen == []
+
+
+@pytest.mark.parametrize(
+    "elsewhere",
+    [
+        "https://evil.example/v1/recipientEvents/create",
+        "https://api.example.test:8443/v1/recipientEvents/create",
+        "http://api.example.test/v1/recipientEvents/create",
+    ],
+)
+async def test_the_key_goes_only_to_the_base_urls_origin(
+    client: RemoteClient, elsewhere: str
+) -> None:
+    client._url = yarl.URL(elsewhere)  # as if a URL were built wrongly somewhere
+    with aioresponses() as mocked:
+        mocked.post(re.compile(".*"), status=200, payload={"success": True, "data": 1})
+        with pytest.raises(KeyOriginError, match="refusing to send the API key"):
+            await client.send(EVENT)
+        assert not mocked.requests
+    client._url = yarl.URL(URL)  # same origin, any path: allowed
+    with aioresponses() as mocked:
+        mocked.post(URL, status=200, payload={"success": True, "data": 1})
+        assert (await client.send(EVENT)).verdict is Verdict.DELIVERED
+
+
+async def test_an_endless_answer_is_read_only_up_to_the_cap(serve_app: ServeApp) -> None:
+    async def endless(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(status=500, headers={"Content-Type": "text/plain"})
+        await response.prepare(request)
+        chunk = b"overload " * 8192
+        while True:  # ends when the client goes away
+            await response.write(chunk)
+            await asyncio.sleep(0.001)
+
+    app = web.Application()
+    app.router.add_post("/v1/recipientEvents/create", endless)
+    root = await serve_app(app)
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session:
+        async with asyncio.timeout(5):  # reading it whole would never end
+            result = await RemoteClient(session, f"{root}/v1", Secret(KEY)).send(EVENT)
+    assert (result.verdict, result.status) == (Verdict.RETRY, 500)
+    assert result.error.startswith("overload overload")
+    assert len(result.error) <= MAX_ERROR_CHARS
+
+
+def test_tls_is_always_verified() -> None:
+    context = make_ssl_context()
+    assert context.verify_mode is ssl.CERT_REQUIRED
+    assert context.check_hostname is True
+    assert context.minimum_version >= ssl.TLSVersion.TLSv1_2
+
+
+async def test_the_ca_bundle_is_what_the_server_is_verified_against(
+    serve_app: ServeApp, tls_files: TlsFiles
+) -> None:
+    async def create(request: web.Request) -> web.Response:
+        return web.json_response({"success": True, "data": 77})
+
+    app = web.Application()
+    app.router.add_post("/v1/recipientEvents/create", create)
+    server_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_tls.load_cert_chain(tls_files.cert, tls_files.key)
+    root = await serve_app(app, server_tls)
+    results = {}
+    for name, bundle in (("system", ""), ("ours", str(tls_files.ca))):
+        connector = aiohttp.TCPConnector(ssl=make_ssl_context(bundle))
+        async with aiohttp.ClientSession(connector=connector) as session:
+            results[name] = await RemoteClient(session, f"{root}/v1", Secret(KEY)).send(EVENT)
+    assert (results["ours"].verdict, results["ours"].remote_id) == (Verdict.DELIVERED, 77)
+    # Not trusted by the system's store: refused, and retried like any connection failure.
+    assert results["system"].verdict is Verdict.RETRY
+    assert "certificate verify failed" in results["system"].error

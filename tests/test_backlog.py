@@ -1,0 +1,120 @@
+"""The backlog in durable mode: the queue is a window over the spool, bounded in bytes too."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from forwarder.backlog import Backlog
+from forwarder.events import Event
+from forwarder.queue import TOO_LARGE, EventQueue, event_size
+from forwarder.spool import Spool, SpooledEvent
+
+
+def ev(n: int, data_chars: int = 100) -> Event:
+    return Event(
+        event_id=f"evt-{n:06d}", recipient_id=f"r{n:03d}", name="VIEW", data="d" * data_chars,
+        account="default",
+    )  # fmt: skip
+
+
+@pytest.fixture
+async def spool(tmp_path: Path) -> AsyncIterator[Spool]:
+    opened = await Spool.open(tmp_path)
+    yield opened
+    await opened.close()
+
+
+async def until(condition: object, timeout: float = 5.0) -> None:
+    assert callable(condition)
+    async with asyncio.timeout(timeout):
+        while not condition():
+            await asyncio.sleep(0.01)
+
+
+async def deliver_one(queue: EventQueue, backlog: Backlog) -> str:
+    """What a lane does with one event: take it, and settle it as delivered."""
+    async with asyncio.timeout(5):
+        got = await queue.get("default")
+    assert queue.bytes <= queue.max_bytes or (len(queue), queue.in_delivery) == (0, 1)
+    backlog.delivered(got, queue.done(got))
+    return got.event_id
+
+
+async def test_the_window_holds_no_more_than_max_bytes_and_keeps_the_order(spool: Spool) -> None:
+    one = event_size(ev(0))
+    queue = EventQueue(100, max_bytes=3 * one)
+    backlog = Backlog(queue, spool, durable=True)
+    backlog.start()
+    try:
+        for n in range(10):
+            assert await backlog.admit([ev(n)]) == ""
+        # Events of one request are never split between memory and disk; here each is its own.
+        assert (len(queue), queue.bytes, backlog.on_disk_only) == (3, 3 * one, 7)
+        delivered = [await deliver_one(queue, backlog) for _ in range(10)]
+        assert delivered == [ev(n).event_id for n in range(10)]
+        await until(lambda: spool.depth == 0)
+    finally:
+        await backlog.stop()
+
+
+async def test_a_big_event_on_disk_waits_for_room_without_rereading_the_spool(
+    spool: Spool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    small = event_size(ev(0))
+    queue = EventQueue(100, max_bytes=3 * small)
+    backlog = Backlog(queue, spool, durable=True)
+    reads: list[int] = []
+    read_after = spool.read_after
+
+    async def counted(seq: int, limit: int) -> list[SpooledEvent]:
+        reads.append(seq)
+        return await read_after(seq, limit)
+
+    monkeypatch.setattr(spool, "read_after", counted)
+    big = ev(3, data_chars=small * 2)  # 2 small events' worth and more: needs 3 free
+    assert small * 2 < event_size(big) <= 3 * small
+    for item in [ev(0), ev(1), ev(2), big, ev(4)]:
+        assert await backlog.admit([item]) == ""
+    assert (len(queue), backlog.on_disk_only) == (3, 2)
+    backlog.start()
+    try:
+        await until(lambda: len(reads) == 1)  # found the big one too big for the room left
+        assert await deliver_one(queue, backlog) == ev(0).event_id
+        await asyncio.sleep(0.05)
+        assert len(reads) == 1  # one event's room is not enough: the spool is not read again
+        assert await deliver_one(queue, backlog) == ev(1).event_id
+        assert await deliver_one(queue, backlog) == ev(2).event_id
+        assert await deliver_one(queue, backlog) == big.event_id
+        assert await deliver_one(queue, backlog) == ev(4).event_id
+        assert backlog.on_disk_only == 0
+    finally:
+        await backlog.stop()
+
+
+async def test_an_event_bigger_than_a_lowered_bound_still_comes_in_alone(spool: Spool) -> None:
+    queue = EventQueue(100, max_bytes=10 * event_size(ev(0, 5000)))
+    backlog = Backlog(queue, spool, durable=True)
+    assert await backlog.admit([ev(0, 5000), ev(1, 5000)]) == ""
+    taken = queue.take_all()  # as if a restart: on disk only
+    assert len(taken) == 2
+    fresh = EventQueue(100, max_bytes=event_size(ev(0, 100)))  # a reload lowered the bound
+    again = Backlog(fresh, spool, durable=True)
+    again.start()
+    try:
+        assert await deliver_one(fresh, again) == ev(0).event_id
+        assert await deliver_one(fresh, again) == ev(1).event_id
+    finally:
+        await again.stop()
+
+
+async def test_a_request_bigger_than_max_bytes_is_refused_before_the_spool(spool: Spool) -> None:
+    queue = EventQueue(100, max_bytes=event_size(ev(0, 1000)))
+    backlog = Backlog(queue, spool, durable=True)
+    assert await backlog.admit([ev(0, 1001)]) == TOO_LARGE
+    assert spool.depth == 0
+    assert await backlog.admit([ev(0, 1000)]) == ""
+    assert spool.depth == 1
