@@ -10,8 +10,10 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 
+# The speed extra (uvloop) too: mypy checks the typed import, and the e2e tests run the
+# daemon on uvloop while the in-process ones run on asyncio's loop.
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install --quiet -e '.[test]'
+	$(BIN)/python -m pip install --quiet -e '.[test,speed]'
 	touch $@
 
 venv: $(VENV)/.installed
