@@ -174,8 +174,15 @@ def pin(pid: int, cpu: int | None) -> None:
 
 
 def clean_env(**extra: str) -> dict[str, str]:
-    """This environment without FORWARDER_* (the config file decides), plus `extra`."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FORWARDER_")}
+    """This environment without FORWARDER_* (the config file decides), plus `extra`.
+
+    FORWARDER_NO_UVLOOP stays: it is no config key, and it lets a caller choose the loop.
+    """
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith("FORWARDER_") or k == "FORWARDER_NO_UVLOOP"
+    }
     env.update(extra)
     return env
 
