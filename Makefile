@@ -3,15 +3,17 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: venv demo test lint typecheck pytest bench soak clean
+.PHONY: venv demo test lint typecheck pytest bench bench-quick wrk soak clean
 
 $(BIN)/python:
 	$(PYTHON) -c 'import sys; sys.exit("forwarder needs Python 3.11+") if sys.version_info < (3, 11) else None'
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 
+# The speed extra (uvloop) too: mypy checks the typed import, and the e2e tests run the
+# daemon on uvloop while the in-process ones run on asyncio's loop.
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install --quiet -e '.[test]'
+	$(BIN)/python -m pip install --quiet -e '.[test,speed]'
 	touch $@
 
 venv: $(VENV)/.installed
@@ -34,8 +36,29 @@ test: lint typecheck pytest
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache *.egg-info
 
-bench: venv
-	$(BIN)/python tests/benchmarks/bench_intake.py --out bench-intake.json
+# The benchmark suite (README, "Performance"): one table, and every round's numbers in
+# bench-results.json. `make bench-quick` for a short run; more options with BENCH_ARGS, e.g.
+# `make bench BENCH_ARGS="--only delivery --profile"` (bench_suite.py --help lists them).
+BENCH_ARGS ?=
+
+$(VENV)/.bench-installed: $(VENV)/.installed
+	$(BIN)/python -m pip install --quiet -e '.[test,speed,bench]'
+	touch $@
+
+# wrk (C, one thread) is the cheapest load generator; without it the suite drives the load from
+# Python. Installed best effort where apt-get runs as root.
+wrk:
+	@command -v wrk >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 \
+		&& { apt-get install -y -qq wrk >/dev/null 2>&1 \
+		     || { apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq wrk >/dev/null 2>&1; }; }; } \
+		|| echo "make bench: wrk is not installed (Debian/Ubuntu: sudo apt-get install wrk);" \
+		        "the suite uses its Python load generator instead"
+
+bench: $(VENV)/.bench-installed wrk
+	$(BIN)/python tests/benchmarks/bench_suite.py --out bench-results.json $(BENCH_ARGS)
+
+bench-quick:
+	$(MAKE) bench BENCH_ARGS="--quick $(BENCH_ARGS)"
 
 soak: venv
 	$(BIN)/python tests/benchmarks/soak_restarts.py --seconds 30

@@ -7,7 +7,8 @@ import asyncio
 import os
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
@@ -31,6 +32,8 @@ from forwarder.credentials import (
 from forwarder.dlq import add_commands
 
 EXIT_CONFIG = 2
+# Set to 1 (or any value but 0) to run on asyncio's own loop even when uvloop is installed.
+NO_UVLOOP_ENV = "FORWARDER_NO_UVLOOP"
 
 
 def _fail(message: str, code: int = EXIT_CONFIG) -> int:
@@ -55,8 +58,54 @@ def _intake_token(config: Config) -> ApiKey | None:
     return token
 
 
+@dataclass(frozen=True)
+class EventLoopChoice:
+    """Which event loop `forwarder run` and `forwarder mock-remote` run on, and why."""
+
+    name: str  # "uvloop" or "asyncio"
+    version: str
+    reason: str
+    factory: Callable[[], asyncio.AbstractEventLoop] | None
+
+    def log_fields(self) -> dict[str, str]:
+        """For the one log line saying which loop runs."""
+        return {"loop": self.name, "version": self.version, "reason": self.reason}
+
+    def describe(self) -> str:
+        """One line for a terminal: "uvloop 0.21.0 (installed)"."""
+        return f"{self.name} {self.version} ({self.reason})"
+
+
+def choose_event_loop(environ: Mapping[str, str] | None = None) -> EventLoopChoice:
+    """uvloop's loop when it can be imported (`pip install 'forwarder[speed]'`), else asyncio's.
+
+    FORWARDER_NO_UVLOOP=1 in the environment keeps asyncio's loop with uvloop installed.
+    """
+    env = os.environ if environ is None else environ
+    stdlib = sys.version.split()[0]
+    if env.get(NO_UVLOOP_ENV, "") not in ("", "0"):
+        return EventLoopChoice("asyncio", stdlib, f"{NO_UVLOOP_ENV} is set", None)
+    try:
+        import uvloop
+    except ImportError:
+        return EventLoopChoice(
+            "asyncio", stdlib, "uvloop not installed (pip install 'forwarder[speed]')", None
+        )
+    # __version__ is there at run time but not in uvloop's stubs' exports.
+    version = str(vars(uvloop).get("__version__", "?"))
+    return EventLoopChoice("uvloop", version, "installed", uvloop.new_event_loop)
+
+
+def _event_loop_runner(choice: EventLoopChoice | None = None) -> asyncio.Runner:
+    """An asyncio.Runner on the chosen loop (see `choose_event_loop`)."""
+    choice = choice or choose_event_loop()
+    return asyncio.Runner(loop_factory=choice.factory)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     """Run the daemon in the foreground (systemd keeps it in the background)."""
+    import structlog
+
     from forwarder.daemon import Daemon
     from forwarder.telemetry import configure_logging
 
@@ -72,7 +121,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         + ([token.secret.reveal()] if token else []),
     )
     daemon = Daemon(config, accounts, loader=lambda: _load(args.config))
-    return asyncio.run(daemon.run())
+    loop = choose_event_loop()
+    structlog.get_logger("forwarder.cli").info("event_loop", **loop.log_fields())
+    with _event_loop_runner(loop) as runner:
+        return runner.run(daemon.run())
 
 
 def cmd_reload(args: argparse.Namespace) -> int:
@@ -178,7 +230,9 @@ def cmd_mock_remote(args: argparse.Namespace) -> int:
     except ValueError as exc:
         # E.g. --window-s 0 or --rate-limit -1: a usage error, not a traceback.
         return _fail(f"mock-remote: {exc}")
-    asyncio.run(serve_mock(options, args.host, args.port))
+    loop = choose_event_loop()
+    with _event_loop_runner(loop) as runner:
+        runner.run(serve_mock(options, args.host, args.port, event_loop=loop.describe()))
     return 0
 
 

@@ -22,7 +22,7 @@ import json
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import structlog
 from aiohttp import web
@@ -122,9 +122,10 @@ class GuardedRequestHandler(RequestHandler):
         if guard.open >= guard.max_connections:
             self._refused = True
             guard.count_refused()
-            assert isinstance(transport, asyncio.WriteTransport)
-            transport.write(REFUSAL)
-            transport.close()  # after the buffered answer is written
+            # A cast, not an isinstance check: uvloop's transports are not asyncio's classes.
+            stream = cast(asyncio.WriteTransport, transport)
+            stream.write(REFUSAL)
+            stream.close()  # after the buffered answer is written
             return
         guard.open += 1
         super().connection_made(transport)

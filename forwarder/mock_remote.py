@@ -658,8 +658,12 @@ async def start_mock(options: MockOptions, host: str = "127.0.0.1", port: int = 
     return RunningMock(mock=mock, runner=runner, host=host, port=bound_port)
 
 
-async def serve_mock(options: MockOptions, host: str, port: int) -> None:
-    """Serve a mock until SIGTERM or SIGINT, announcing its URL on one stdout line."""
+async def serve_mock(options: MockOptions, host: str, port: int, *, event_loop: str = "") -> None:
+    """Serve a mock until SIGTERM or SIGINT, announcing its URL on one stdout line.
+
+    ``event_loop`` (which loop runs, as the command line chose it) goes on a second line: the
+    first stays the one that scripts wait for.
+    """
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     running = await start_mock(options, host, port)
@@ -669,6 +673,8 @@ async def serve_mock(options: MockOptions, host: str, port: int) -> None:
             loop.add_signal_handler(sig, stop.set)
             installed.append(sig)
         print(f"mock-remote listening on {running.base_url}", flush=True)
+        if event_loop:
+            print(f"mock-remote event loop: {event_loop}", flush=True)
         # Unbounded on purpose: serving until told to stop is the job.
         await stop.wait()
     finally:

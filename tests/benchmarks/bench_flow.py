@@ -25,13 +25,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import hashlib
 import itertools
 import json
 import os
 import shlex
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -43,13 +41,13 @@ from typing import TYPE_CHECKING, Any
 
 import aiohttp
 
-import forwarder
-
 # Shared with the restart soak: `python -m forwarder ARGS` with its output in a log file. The
 # script runs with its own directory on sys.path; mypy sees the file as tests.benchmarks.*.
 if TYPE_CHECKING:
+    from tests.benchmarks._common import code_version
     from tests.benchmarks.soak_restarts import _spawn
 else:
+    from _common import code_version
     from soak_restarts import _spawn
 
 KEY = "flow-bench-key-0123456789"
@@ -652,30 +650,6 @@ async def main(args: argparse.Namespace) -> list[Report]:
             broken.check("scenario completed", False)
             reports.append(broken)
     return reports
-
-
-def code_version() -> str:
-    """The checkout's `git describe --always --dirty` and a hash of the daemon's sources.
-
-    Printed at the start and the end: if the hash differs, the code changed during the run.
-    """
-    package = Path(forwarder.__file__).resolve().parent
-    digest = hashlib.sha256()
-    for source in sorted(package.glob("*.py")):
-        digest.update(source.name.encode() + b"\0" + source.read_bytes())
-    try:
-        done = subprocess.run(
-            ["git", "describe", "--always", "--dirty"],
-            cwd=package,
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=False,
-        )
-        described = done.stdout.strip() or "no git"
-    except (OSError, subprocess.SubprocessError):
-        described = "no git"
-    return f"{described}, forwarder/*.py sha256 {digest.hexdigest()[:12]}"
 
 
 def parse_args() -> argparse.Namespace:

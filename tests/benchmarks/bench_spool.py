@@ -32,8 +32,6 @@ import contextlib
 import json
 import os
 import shutil
-import signal
-import socket
 import statistics
 import sys
 import tempfile
@@ -41,154 +39,45 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-API_KEY = "bench-spool-key-0123456789"
-FORM_PATH = "/v1/recipientEvents/create"
-BATCH_PATH = "/v1/events"
-MB = 1024 * 1024
+# The script runs with its own directory on sys.path; mypy sees the file as tests.benchmarks.*.
+if TYPE_CHECKING:
+    from tests.benchmarks._common import (
+        MB,
+        Blackhole,
+        Conn,
+        Daemon,
+        Sample,
+        batch_request,
+        blocked_delivery,
+        form_request,
+        measure,
+        pin_load_generator,
+        rss_mb,
+        start_daemon,
+    )
+else:
+    from _common import (
+        MB,
+        Blackhole,
+        Conn,
+        Daemon,
+        Sample,
+        batch_request,
+        blocked_delivery,
+        form_request,
+        measure,
+        pin_load_generator,
+        rss_mb,
+        start_daemon,
+    )
+
 SINGLE_GOAL = 0.5
 BATCH_GOAL = 0.8
 RSS_GOAL_MB = 100.0
-START_TIMEOUT_S = 30.0
 FILL_BATCH = 1000
 FILL_CONNECTIONS = 4
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
-
-
-# -- a minimal HTTP/1.1 keep-alive client: the load generator must cost less than the server ----
-
-
-def _request(method: str, path: str, body: bytes = b"", content_type: str = "") -> bytes:
-    head = f"{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
-    if content_type:
-        head += f"Content-Type: {content_type}\r\n"
-    head += f"Content-Length: {len(body)}\r\n\r\n"
-    return head.encode("ascii") + body
-
-
-class Conn:
-    """One keep-alive connection; `call` sends prepared request bytes and reads the answer."""
-
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.reader = reader
-        self.writer = writer
-
-    @classmethod
-    async def open(cls, port: int) -> Conn:
-        """Connect to 127.0.0.1:`port`."""
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        return cls(reader, writer)
-
-    async def call(self, raw: bytes) -> tuple[int, bytes]:
-        """(status, body) of one exchange."""
-        self.writer.write(raw)
-        head = await self.reader.readuntil(b"\r\n\r\n")
-        status = int(head[9:12])
-        length = 0
-        for line in head.split(b"\r\n")[1:]:
-            name, _, value = line.partition(b":")
-            if name.strip().lower() == b"content-length":
-                length = int(value)
-        body = await self.reader.readexactly(length) if length else b""
-        return status, body
-
-    async def close(self) -> None:
-        """Close the connection (errors on an already dead one are ignored)."""
-        self.writer.close()
-        with contextlib.suppress(OSError):
-            await self.writer.wait_closed()
-
-
-async def get_json(port: int, path: str) -> dict[str, Any]:
-    """GET `path` on a new connection; the JSON body."""
-    conn = await Conn.open(port)
-    try:
-        status, body = await asyncio.wait_for(conn.call(_request("GET", path)), 10)
-    finally:
-        await conn.close()
-    if status != 200:
-        raise RuntimeError(f"GET {path}: HTTP {status}: {body[:200]!r}")
-    result: dict[str, Any] = json.loads(body)
-    return result
-
-
-# -- the daemon under test ----------------------------------------------------------------------
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
-
-
-def _toml(sections: dict[str, dict[str, object]]) -> str:
-    lines: list[str] = []
-    for section, values in sections.items():
-        lines.append(f"[{section}]")
-        lines.extend(f"{key} = {json.dumps(value)}" for key, value in values.items())
-    return "\n".join(lines) + "\n"
-
-
-def rss_mb(pid: int) -> tuple[float, float]:
-    """(VmRSS, VmHWM) of a process in MiB, from /proc/PID/status."""
-    found: dict[str, float] = {}
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        name, _, value = line.partition(":")
-        if name in ("VmRSS", "VmHWM"):
-            found[name] = int(value.split()[0]) / 1024
-    return found["VmRSS"], found["VmHWM"]
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process (all its threads) so far."""
-    stat = Path(f"/proc/{pid}/stat").read_text()
-    fields = stat[stat.rindex(")") + 2 :].split()
-    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
-
-
-@dataclass
-class Daemon:
-    """A running `forwarder run` on a known port, its state dir and its log file."""
-
-    process: asyncio.subprocess.Process
-    port: int
-    state_dir: Path
-    log_path: Path
-    started_in_s: float = 0.0
-
-    @property
-    def pid(self) -> int:
-        """The daemon's process id."""
-        return self.process.pid
-
-    def log_tail(self, lines: int = 20) -> str:
-        """The last lines the daemon printed."""
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except FileNotFoundError:
-            return ""
-
-    async def stats(self) -> dict[str, Any]:
-        """GET /v1/stats."""
-        return await get_json(self.port, "/v1/stats")
-
-    async def kill(self) -> None:
-        """SIGKILL and reap."""
-        if self.process.returncode is None:
-            self.process.kill()
-        await asyncio.wait_for(self.process.wait(), 30)
-
-    async def terminate(self, timeout: float = 120.0) -> int:
-        """SIGTERM (graceful stop) and wait; SIGKILL if it does not stop within `timeout`."""
-        if self.process.returncode is None:
-            self.process.send_signal(signal.SIGTERM)
-        try:
-            return await asyncio.wait_for(self.process.wait(), timeout)
-        except TimeoutError:
-            await self.kill()
-            raise RuntimeError(f"the daemon did not stop within {timeout}s") from None
 
 
 @dataclass
@@ -203,67 +92,24 @@ class Setup:
     async def start(
         self, name: str, *, mode: str, max_events: int, state: Path | None = None
     ) -> Daemon:
-        """Start `forwarder run` and wait until /healthz answers."""
-        port = _free_port()
-        state_dir = state or self.work / f"state-{name}"
-        config_path = self.work / f"{name}.toml"
-        config_path.write_text(
-            _toml(
-                {
-                    "intake": {"http_listen": f"127.0.0.1:{port}"},
-                    "queue": {
-                        "mode": mode,
-                        "max_events": max_events,
-                        "max_disk_bytes": 16 * 1024 * MB,
-                    },
-                    "remote": {
-                        "base_url": self.blackhole_url,
-                        "concurrency": 1,
-                        "breaker_failures": 1,
-                        "breaker_probe_initial_s": 3600.0,
-                        "breaker_probe_max_s": 3600.0,
-                        "timeout_s": 5.0,
-                        "connect_timeout_s": 1.0,
-                    },
-                    "retry": {
-                        "initial_backoff_s": 1.0,
-                        "max_backoff_s": 60.0,
-                        "max_elapsed_s": 1e9,
-                    },
-                    "state": {"dir": str(state_dir)},
-                    "shutdown": {"timeout_s": 1.0},
-                    "log": {"level": "warning", "format": "json"},
-                }
-            )
+        """Start `forwarder run` with delivery blocked and wait until /healthz answers."""
+        daemon = await start_daemon(
+            self.work,
+            name,
+            {
+                "queue": {
+                    "mode": mode,
+                    "max_events": max_events,
+                    "max_disk_bytes": 16 * 1024 * MB,
+                },
+                **blocked_delivery(self.blackhole_url),
+                "shutdown": {"timeout_s": 1.0},
+                "log": {"level": "warning", "format": "json"},
+            },
+            cpu=self.daemon_cpu,
+            state_dir=state,
         )
-        env = {k: v for k, v in os.environ.items() if not k.startswith("FORWARDER_")}
-        env["FORWARDER_API_KEY"] = API_KEY
-        log_path = self.work / f"{name}.log"
-        began = time.monotonic()
-        with log_path.open("ab") as log:
-            process = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "forwarder", "run", "--config", str(config_path),
-                env=env, stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=log,
-            )  # fmt: skip
-        if self.daemon_cpu is not None:
-            # Only the main thread exists yet; the threads it starts later inherit the mask.
-            os.sched_setaffinity(process.pid, {self.daemon_cpu})
-        daemon = Daemon(process, port, state_dir, log_path)
         self.started.append(daemon)
-        deadline = began + START_TIMEOUT_S
-        while True:
-            if process.returncode is not None:
-                raise RuntimeError(
-                    f"the daemon exited ({process.returncode}):\n{daemon.log_tail()}"
-                )
-            try:
-                await get_json(port, "/healthz")
-                break
-            except (OSError, RuntimeError, asyncio.IncompleteReadError, TimeoutError):
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"no /healthz within {START_TIMEOUT_S}s") from None
-                await asyncio.sleep(0.05)
-        daemon.started_in_s = time.monotonic() - began
         return daemon
 
     async def cleanup(self) -> None:
@@ -276,87 +122,10 @@ class Setup:
 # -- 1. intake throughput -----------------------------------------------------------------------
 
 
-def single_request() -> bytes:
-    """A drop-in form post: one event (the daemon gives it an event_id)."""
-    form = "recipient_id=12345&name=PURCHASE&value=24.99&conversion=1&ref=spring"
-    return _request("POST", FORM_PATH, form.encode(), "application/x-www-form-urlencoded")
-
-
-def batch_request(count: int, first_recipient: int = 0) -> bytes:
-    """A JSON batch of `count` events for distinct recipients (event_ids given by the daemon)."""
-    items = [
-        {
-            "recipient_id": str(first_recipient + n),
-            "name": "PAGE_VIEW",
-            "value": "24.99",
-            "data": {"page": f"/products/{n % 50}"},
-        }
-        for n in range(count)
-    ]
-    return _request("POST", BATCH_PATH, json.dumps(items).encode(), "application/json")
-
-
-@dataclass
-class Sample:
-    """One measurement: accepted events per second and what it cost."""
-
-    events_per_s: float
-    daemon_cpu: float  # fraction of one core
-    generator_cpu: float
-    requests: int
-
-    @property
-    def per_cpu_s(self) -> float:
-        """Events accepted per second of daemon CPU time."""
-        return self.events_per_s / self.daemon_cpu if self.daemon_cpu else 0.0
-
-
-async def measure(
-    daemon: Daemon, raw: bytes, per_request: int, connections: int, seconds: float, warmup: float
-) -> Sample:
-    """Drive `raw` over `connections` keep-alive connections; count 202s after `warmup`."""
-    conns = [await Conn.open(daemon.port) for _ in range(connections)]
-    done = 0
-    refused: dict[int, int] = {}
-    stop = False
-
-    async def worker(conn: Conn) -> None:
-        nonlocal done
-        while not stop:
-            status, body = await conn.call(raw)
-            if status == 202:
-                done += 1
-            else:
-                refused[status] = refused.get(status, 0) + 1
-                if len(refused) == 1 and refused[status] == 1:
-                    print(f"  ! HTTP {status}: {body[:200]!r}")
-
-    tasks = [asyncio.create_task(worker(c)) for c in conns]
-    try:
-        await asyncio.sleep(warmup)
-        c0, d0, g0, t0 = done, cpu_seconds(daemon.pid), time.process_time(), time.monotonic()
-        await asyncio.sleep(seconds)
-        c1, d1, g1, t1 = done, cpu_seconds(daemon.pid), time.process_time(), time.monotonic()
-    finally:
-        stop = True
-        await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 30)
-        for conn in conns:
-            await conn.close()
-    if refused:
-        raise RuntimeError(f"the daemon refused requests: {refused}\n{daemon.log_tail()}")
-    elapsed = t1 - t0
-    return Sample(
-        events_per_s=(c1 - c0) * per_request / elapsed,
-        daemon_cpu=(d1 - d0) / elapsed,
-        generator_cpu=(g1 - g0) / elapsed,
-        requests=c1 - c0,
-    )
-
-
 async def throughput(setup: Setup, args: argparse.Namespace) -> dict[str, Any]:
     """Every workload in both modes, `rounds` times, alternating which mode goes first."""
     workloads: dict[str, tuple[bytes, int]] = {
-        "single": (single_request(), 1),
+        "single": (form_request(), 1),
         "batch100": (batch_request(100), 100),
     }
     samples: dict[str, dict[str, list[Sample]]] = {
@@ -372,7 +141,13 @@ async def throughput(setup: Setup, args: argparse.Namespace) -> dict[str, Any]:
                 daemon = await setup.start(name, mode=mode, max_events=20_000_000)
                 try:
                     sample = await measure(
-                        daemon, raw, per_request, args.connections, args.seconds, args.warmup
+                        daemon.port,
+                        daemon.pid,
+                        raw,
+                        per_request,
+                        args.connections,
+                        args.seconds,
+                        args.warmup,
                     )
                     stats = await daemon.stats()
                     blocked_attempts += int(stats["counters"]["attempts"])
@@ -382,7 +157,7 @@ async def throughput(setup: Setup, args: argparse.Namespace) -> dict[str, Any]:
                 samples[workload][mode].append(sample)
                 print(
                     f"  round {rnd + 1} {workload:<9} {mode:<8} {sample.events_per_s:>10.0f} ev/s"
-                    f"  daemon cpu {sample.daemon_cpu:5.0%}  generator cpu"
+                    f"  daemon cpu {sample.server_cpu:5.0%}  generator cpu"
                     f" {sample.generator_cpu:5.0%}"
                 )
     result: dict[str, Any] = {"blocked_delivery_attempts": blocked_attempts, "workloads": {}}
@@ -396,7 +171,7 @@ async def throughput(setup: Setup, args: argparse.Namespace) -> dict[str, Any]:
         result["workloads"][workload] = {
             mode: {
                 "events_per_s": statistics.median(s.events_per_s for s in runs),
-                "daemon_cpu": statistics.median(s.daemon_cpu for s in runs),
+                "daemon_cpu": statistics.median(s.server_cpu for s in runs),
                 "generator_cpu": statistics.median(s.generator_cpu for s in runs),
                 "events_per_cpu_s": statistics.median(s.per_cpu_s for s in runs),
                 "runs": [round(s.events_per_s) for s in runs],
@@ -512,24 +287,12 @@ async def memory(setup: Setup, args: argparse.Namespace) -> dict[str, Any]:
 # -- the run ------------------------------------------------------------------------------------
 
 
-def _pin() -> tuple[int | None, str]:
-    """Pin this process to one core and return the other for the daemons (None: no pinning)."""
-    if not hasattr(os, "sched_setaffinity"):
-        return None, "no pinning (os.sched_setaffinity is not available)"
-    cpus = sorted(os.sched_getaffinity(0))
-    if len(cpus) < 2:
-        return None, f"no pinning (only CPU {cpus} available)"
-    os.sched_setaffinity(0, {cpus[1]})
-    return cpus[0], f"daemon pinned to CPU {cpus[0]}, load generator to CPU {cpus[1]}"
-
-
 async def _run(args: argparse.Namespace, report: Callable[[str], None]) -> dict[str, Any]:
-    daemon_cpu, pinning = _pin()
+    daemon_cpu, pinning = pin_load_generator()
     work = Path(tempfile.mkdtemp(prefix="fwbench-spool-", dir=args.dir))
     # Bound, never listening: every connection to it is refused at once, and no one else gets it.
-    hole = socket.socket()
-    hole.bind(("127.0.0.1", 0))
-    blackhole = f"http://127.0.0.1:{hole.getsockname()[1]}/v1"
+    hole = Blackhole()
+    blackhole = hole.url
     setup = Setup(work, blackhole, daemon_cpu)
     report(f"pinning: {pinning}")
     report(f"state dirs under {work} (the spool's fsyncs go to that file system)")
