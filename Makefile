@@ -37,5 +37,7 @@ clean:
 bench: venv
 	$(BIN)/python tests/benchmarks/bench_intake.py --out bench-intake.json
 
+# Two soaks: SIGTERM/restart under load, then 20% remote faults in both queue modes.
 soak: venv
 	$(BIN)/python tests/benchmarks/soak_restarts.py --seconds 30
+	$(BIN)/python tests/benchmarks/soak_faults.py --seconds 60 --clients 16
