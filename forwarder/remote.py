@@ -6,7 +6,6 @@ The client never touches the queue and never retries: it turns one attempt into 
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import dataclasses
 import email.utils
@@ -21,7 +20,7 @@ from typing import Any
 import aiohttp
 
 from forwarder import __version__
-from forwarder.credentials import Secret
+from forwarder.credentials import Secret, basic_token, secret_forms
 from forwarder.events import Event
 
 USER_AGENT = f"forwarder/{__version__}"
@@ -202,11 +201,12 @@ class RemoteClient:
     def __init__(self, session: aiohttp.ClientSession, base_url: str, api_key: Secret) -> None:
         self._session = session
         self._url = f"{base_url.rstrip('/')}/recipientEvents/create"
-        self._key = api_key.reveal()
+        key = api_key.reveal()
+        # The key as a remote could echo it back: raw, as the Basic token, percent-encoded.
+        self._forms = secret_forms(key)
         # Basic auth, the key as user name and an empty password. Built once, by hand:
         # aiohttp.BasicAuth is deprecated, and its replacement exists only in aiohttp >= 3.14.
-        token = base64.b64encode(f"{self._key}:".encode()).decode("ascii")
-        self._headers = {"Authorization": f"Basic {token}", "User-Agent": USER_AGENT}
+        self._headers = {"Authorization": f"Basic {basic_token(key)}", "User-Agent": USER_AGENT}
 
     async def send(self, event: Event) -> Result:
         """One attempt; transport failures become RETRY results, never exceptions."""
@@ -230,5 +230,9 @@ class RemoteClient:
         )
 
     def _scrub(self, text: str) -> str:
-        # The remote's free-text errors could echo what we sent; the key must not travel on.
-        return text.replace(self._key, "[redacted]") if self._key and text else text
+        # The remote's free-text errors could echo what we sent (the key, or the whole
+        # Authorization header); from here they reach logs, /readyz and dead letters.
+        for form in self._forms:
+            if form in text:
+                text = text.replace(form, "[redacted]")
+        return text
