@@ -96,10 +96,27 @@ async def soak(seconds: float, clients: int, state: Path) -> dict[str, Any]:
                     unanswered.add(event_id)  # cut off by a stop: the app cannot know
                 await asyncio.sleep(random.uniform(0, 0.01))
 
+    async def listening(daemon: asyncio.subprocess.Process) -> None:
+        # A SIGTERM before the daemon installs its handlers (Python still starting, nothing
+        # accepted yet) kills it with the default action: on a loaded machine start-up can take
+        # longer than 1.5 s, so the stop is timed from when it serves, not from the spawn.
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and daemon.returncode is None:
+            try:
+                _, writer = await asyncio.open_connection("127.0.0.1", port)
+            except OSError:
+                await asyncio.sleep(0.05)
+                continue
+            writer.close()
+            await writer.wait_closed()
+            return
+        raise AssertionError("the daemon did not start listening within 30 s")
+
     async def chaos() -> None:
         nonlocal restarts
         while time.monotonic() < stop_at:
             daemon = await _spawn(["run"], env, log)
+            await listening(daemon)
             await asyncio.sleep(random.uniform(1.5, 3.0))
             daemon.send_signal(signal.SIGTERM)
             assert await asyncio.wait_for(daemon.wait(), 30) == 0
