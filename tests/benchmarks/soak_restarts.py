@@ -122,7 +122,11 @@ async def soak(seconds: float, clients: int, state: Path) -> dict[str, Any]:
             assert await asyncio.wait_for(daemon.wait(), 30) == 0
             restarts += 1
 
-    await asyncio.gather(chaos(), *(client(n) for n in range(clients)))
+    try:
+        await asyncio.gather(chaos(), *(client(n) for n in range(clients)))
+    except BaseException:
+        mock.kill()  # a failed run must not leave the mock behind
+        raise
     final = await _spawn(["run"], {**env, "FORWARDER_REMOTE_CONCURRENCY": "32"}, log)
     record: dict[str, Any] = {}
     async with aiohttp.ClientSession() as http:
