@@ -60,5 +60,7 @@ bench: $(VENV)/.bench-installed wrk
 bench-quick:
 	$(MAKE) bench BENCH_ARGS="--quick $(BENCH_ARGS)"
 
+# Two soaks: SIGTERM/restart under load, then 20% remote faults in both queue modes.
 soak: venv
 	$(BIN)/python tests/benchmarks/soak_restarts.py --seconds 30
+	$(BIN)/python tests/benchmarks/soak_faults.py --seconds 60 --clients 16

@@ -225,6 +225,7 @@ def cmd_mock_remote(args: argparse.Namespace) -> int:
             fail_rate=args.fail_rate,
             reset_rate=args.reset_rate,
             timeout_rate=args.timeout_rate,
+            throttle_rate=args.throttle_rate,
             seed=args.seed,
         )
     except ValueError as exc:
@@ -311,6 +312,12 @@ def build_parser() -> argparse.ArgumentParser:
     mock.add_argument("--fail-rate", type=_rate, default=0.0, help="share answered 5xx")
     mock.add_argument("--reset-rate", type=_rate, default=0.0, help="share of dropped connections")
     mock.add_argument("--timeout-rate", type=_rate, default=0.0, help="share never answered")
+    mock.add_argument(
+        "--throttle-rate",
+        type=_rate,
+        default=0.0,
+        help="share answered 429 (Retry-After: the rest of the window), nothing created",
+    )
     mock.add_argument("--seed", type=int, default=None, help="seed for reproducible faults")
     mock.set_defaults(func=cmd_mock_remote)
 

@@ -762,6 +762,18 @@ def _validate(config: Config, origins: Mapping[str, str]) -> Config:
         except ValueError as exc:
             raise fail("remote.ca_bundle", str(exc)) from None
 
+    def key_file(key: str, value: str) -> None:
+        # The value is not echoed: a key pasted here instead of a path must not reach the
+        # logs (as "cannot read file sk-...") nor check-config's output.
+        if value and not value.startswith("/"):
+            raise fail(
+                key,
+                "must be an absolute path to the file holding the key (e.g. "
+                "/etc/forwarder/api_key), not the key itself; the value is not shown",
+            )
+
+    key_file("remote.api_key_file", remote.api_key_file)
+
     accounts: dict[str, AccountConfig] = {}
     for name, account in sorted(config.accounts.items()):
         where = f"accounts.{name}"
@@ -777,6 +789,7 @@ def _validate(config: Config, origins: Mapping[str, str]) -> Config:
                 "must be the name of an environment variable (letters, digits and _, "
                 "not starting with a digit), not the key itself",
             )
+        key_file(f"{where}.api_key_file", account.api_key_file)
         accounts[name] = dataclasses.replace(account, base_url=account_url)
     if remote.default_account != DEFAULT_ACCOUNT and remote.default_account not in accounts:
         hint = _suggest(remote.default_account, config.account_names())

@@ -9,8 +9,10 @@ way by `resolve_intake_token`.
 
 from __future__ import annotations
 
+import base64
 import hmac
 import os
+import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,6 +59,23 @@ class Secret:
 
     def __hash__(self) -> int:
         return hash(self._value)
+
+
+def basic_token(key: str) -> str:
+    """The credentials of an HTTP Basic header with ``key`` as user name and no password."""
+    return base64.b64encode(f"{key}:".encode()).decode("ascii")
+
+
+def secret_forms(key: str) -> tuple[str, ...]:
+    """The ways ``key`` can show up in text: as itself, as the Basic header carries it (base64
+    of "key:", without its padding, so an echo that drops the "=" is caught too), and
+    percent-encoded (a query string). Scrub all of them from anything shown or stored.
+    """
+    if not key:
+        return ()
+    forms = [key, basic_token(key).rstrip("="), urllib.parse.quote(key, safe="")]
+    # Longest first, so a form that contains another is replaced whole.
+    return tuple(sorted(dict.fromkeys(forms), key=len, reverse=True))
 
 
 @dataclass(frozen=True, slots=True)

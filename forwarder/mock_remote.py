@@ -3,11 +3,13 @@
 Used by the tests, the demo and anyone without an account. It follows the facts in
 ``REMOTE_API.md``: Basic or ``api_key`` query auth, a fixed per-key rate window with the
 ``X-RateLimit-*`` headers on every answer, form validation, 24-hour idempotency keys with
-409/422, and JSON error bodies. On top it injects faults (5xx answers, dropped connections and
-requests that are performed but never answered) at configurable rates, optionally seeded.
+409/422, and JSON error bodies. On top it injects faults (5xx answers, dropped connections,
+requests that are performed but never answered, and 429s as if another client had spent the
+quota) at configurable rates, optionally seeded.
 
 Inspect and steer it over HTTP under ``/_mock/`` (``events``, ``faults``, ``reset``) or, in
-process, through :class:`MockRemote`'s attributes.
+process, through :class:`MockRemote`'s attributes. ``/_mock/events`` lists the created events
+and every 409 it answered (the repeats absorbed by an idempotency key).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from aiohttp import web
 
 __all__ = [
     "CREATE_PATH",
+    "DuplicateRecord",
     "EventRecord",
     "MockOptions",
     "MockRemote",
@@ -74,9 +77,10 @@ _TUNABLE: Final = (
     "fail_rate",
     "reset_rate",
     "timeout_rate",
+    "throttle_rate",
     "hang_s",
 )
-_RATES: Final = ("fail_rate", "reset_rate", "timeout_rate")
+_RATES: Final = ("fail_rate", "reset_rate", "timeout_rate", "throttle_rate")
 # nginx's "closed without response": what the access log shows for a dropped connection.
 _DROPPED_STATUS: Final = 444
 # Dropped when an aiohttp HTTP error is re-answered as JSON.
@@ -139,6 +143,9 @@ class MockOptions:
     quota and ``X-RateLimit-Reset`` the seconds until the window ends, rounded up to whole
     seconds like the real API's (so with a window under a second it still says 1).
     ``hang_s`` is how long a timeout-faulted request is held before the connection is dropped.
+    ``throttle_rate`` answers that share 429 without performing the request, as if another
+    client on the same key had just spent the window's quota: ``X-RateLimit-Remaining: 0``,
+    ``X-RateLimit-Reset`` and a ``Retry-After`` of the seconds left in the window.
     ``seed`` makes the fault rolls reproducible.
     """
 
@@ -149,6 +156,7 @@ class MockOptions:
     fail_rate: float = 0.0
     reset_rate: float = 0.0
     timeout_rate: float = 0.0
+    throttle_rate: float = 0.0
     hang_s: float = 600.0
     seed: int | None = None
 
@@ -175,9 +183,11 @@ class MockOptions:
 class MockStats:
     """Counters since start or the last reset.
 
-    ``first_rate_limited_at`` and ``last_rate_limited_at`` are the UNIX times (wall clock, not
-    the mock's injectable monotonic clock) of the first and the latest 429, None before any:
-    a benchmark can tell from them whether rate limiting happened only in the first window.
+    ``rate_limited`` counts the 429s of the real quota and ``throttled`` the injected ones
+    (``throttle_rate``). ``first_rate_limited_at`` and ``last_rate_limited_at`` are the UNIX
+    times (wall clock, not the mock's injectable monotonic clock) of the first and the latest
+    quota 429, None before any: a benchmark can tell from them whether rate limiting happened
+    only in the first window.
     """
 
     requests: int = 0
@@ -185,6 +195,7 @@ class MockStats:
     duplicates: int = 0
     conflicts: int = 0
     rate_limited: int = 0
+    throttled: int = 0
     unauthorized: int = 0
     invalid: int = 0
     failed: int = 0
@@ -206,6 +217,14 @@ class EventRecord(TypedDict):
     ref: str
     idempotency_key: str
     auth_user: str
+    received_at: str
+
+
+class DuplicateRecord(TypedDict):
+    """One 409: a repeat absorbed by its idempotency key (nothing was created)."""
+
+    idempotency_key: str
+    id: object  # the remote id of the event the key created first
     received_at: str
 
 
@@ -237,6 +256,10 @@ class _Duplicate(Exception):
     def __init__(self, body: dict[str, Any]) -> None:
         super().__init__("duplicate")
         self.body = body
+
+
+def _now_text() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds")
 
 
 def _error(message: str) -> dict[str, Any]:
@@ -295,6 +318,7 @@ class MockRemote:
         self.options = options if options is not None else MockOptions()
         self.clock = clock
         self.events: list[EventRecord] = []
+        self.duplicates: list[DuplicateRecord] = []
         self.stats = MockStats()
         self._idempotency: dict[tuple[str, str], _Remembered] = {}
         self._windows: dict[str, _Window] = {}
@@ -308,8 +332,9 @@ class MockRemote:
         return self._hanging
 
     def reset(self) -> None:
-        """Forget events, idempotency keys, rate windows and counters; ids restart at 1."""
+        """Forget events, 409s, idempotency keys, rate windows and counters; ids restart at 1."""
         self.events.clear()
+        self.duplicates.clear()
         self.stats = MockStats()
         self._idempotency.clear()
         self._windows.clear()
@@ -390,6 +415,17 @@ class MockRemote:
                 status=429,
                 headers=headers,
             )
+        if self._roll(opts.throttle_rate):
+            # Another client on the key spent the quota: nothing is performed, and the answer
+            # says so the way the real one would, with a Retry-After on top (REMOTE_API.md).
+            self.stats.throttled += 1
+            reset = headers["X-RateLimit-Reset"]
+            headers.update({"X-RateLimit-Remaining": "0", "Retry-After": reset})
+            return web.json_response(
+                _error(f"Rate limit exceeded; try again in {reset} seconds"),
+                status=429,
+                headers=headers,
+            )
 
         closing = request.app[_CLOSING]
         if opts.latency_ms > 0 and await _closing_within(closing, opts.latency_ms / 1000):
@@ -416,6 +452,13 @@ class MockRemote:
             )
         except _Duplicate as duplicate:
             self.stats.duplicates += 1
+            self.duplicates.append(
+                DuplicateRecord(
+                    idempotency_key=request.headers[IDEMPOTENCY_HEADER],
+                    id=duplicate.body.get("data"),
+                    received_at=_now_text(),
+                )
+            )
             return web.json_response(duplicate.body, status=409, headers=headers)
 
         if self._roll(opts.timeout_rate):
@@ -510,7 +553,7 @@ class MockRemote:
                 ref=received["ref"],
                 idempotency_key=idempotency_key or "",
                 auth_user=auth_user,
-                received_at=datetime.now(UTC).isoformat(timespec="milliseconds"),
+                received_at=_now_text(),
             )
         )
         self.stats.created += 1
@@ -574,7 +617,9 @@ class MockRemote:
     # --- /_mock/ control endpoints ------------------------------------------------------
 
     async def _events(self, request: web.Request) -> web.Response:
-        return web.json_response({"events": self.events, "stats": asdict(self.stats)})
+        return web.json_response(
+            {"events": self.events, "duplicates": self.duplicates, "stats": asdict(self.stats)}
+        )
 
     async def _get_faults(self, request: web.Request) -> web.Response:
         return web.json_response(self.options.public())

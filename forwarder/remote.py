@@ -10,7 +10,6 @@ along a redirect: a 3xx is not followed but dead-lettered as `redirected`.
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import dataclasses
 import email.utils
@@ -28,7 +27,7 @@ import aiohttp
 from yarl import URL
 
 from forwarder import __version__
-from forwarder.credentials import Secret
+from forwarder.credentials import Secret, basic_token, secret_forms
 from forwarder.events import Event
 
 USER_AGENT = f"forwarder/{__version__}"
@@ -259,12 +258,13 @@ class RemoteClient:
         # The only place the key may go: the base URL's scheme, host and port.
         self._origin = URL(base_url).origin()
         self._url = URL(f"{base_url.rstrip('/')}/recipientEvents/create")
-        self._key = api_key.reveal()
+        key = api_key.reveal()
+        # The key as a remote could echo it back: raw, as the Basic token, percent-encoded.
+        self._forms = secret_forms(key)
         # Basic auth, the key as user name and an empty password. Built once, by hand:
         # aiohttp.BasicAuth is deprecated, and its replacement exists only in aiohttp >= 3.14.
-        token = base64.b64encode(f"{self._key}:".encode()).decode("ascii")
         self._headers = {
-            "Authorization": f"Basic {token}",
+            "Authorization": f"Basic {basic_token(key)}",
             "User-Agent": USER_AGENT,
             "Content-Type": "application/x-www-form-urlencoded",
         }
@@ -304,5 +304,9 @@ class RemoteClient:
         )
 
     def _scrub(self, text: str) -> str:
-        # The remote's free-text errors could echo what we sent; the key must not travel on.
-        return text.replace(self._key, "[redacted]") if self._key and text else text
+        # The remote's free-text errors could echo what we sent (the key, or the whole
+        # Authorization header); from here they reach logs, /readyz and dead letters.
+        for form in self._forms:
+            if form in text:
+                text = text.replace(form, "[redacted]")
+        return text

@@ -17,6 +17,8 @@ from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from forwarder.credentials import secret_forms
+
 LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING}
 LEVELS["error"] = logging.ERROR
 REDACTED = "[redacted]"
@@ -25,11 +27,21 @@ REFUSE_REASONS = ("queue_full", "queue_bytes_full", "spool_full", "spool_error",
 DEAD_LETTER_REASONS = ("rejected", "redirected", "gave_up", "internal_error")
 
 
+def _forms(secrets: Iterable[str]) -> tuple[str, ...]:
+    # Each key also as its Basic token and percent-encoded; longest first across keys too.
+    forms = {form for secret in secrets for form in secret_forms(secret)}
+    return tuple(sorted(forms, key=len, reverse=True))
+
+
 class Redactor:
-    """A structlog processor that replaces every known secret in a log line's values."""
+    """A structlog processor that replaces every known secret in a log line's values.
+
+    A secret is caught in each of its forms (`credentials.secret_forms`): as itself, as the
+    base64 of a Basic header, and percent-encoded.
+    """
 
     def __init__(self, secrets: Iterable[str] = ()) -> None:
-        self.secrets = tuple(s for s in secrets if s)
+        self.secrets = _forms(secrets)
 
     def scrub(self, value: object) -> object:
         if isinstance(value, str):
@@ -89,7 +101,7 @@ def set_log_level(level: str) -> None:
 
 def set_secrets(secrets: Iterable[str]) -> None:
     """Replace the values redacted from every log line (a reload may bring new keys)."""
-    _redactor.secrets = tuple(s for s in secrets if s)
+    _redactor.secrets = _forms(secrets)
 
 
 def configure_logging(

@@ -611,6 +611,20 @@ def test_account_api_key_env_never_echoed(tmp_path: Path) -> None:
     assert pasted not in str(info.value)
 
 
+def test_api_key_file_must_be_absolute_and_is_never_echoed(tmp_path: Path) -> None:
+    # Someone pastes the key where the file's path belongs.
+    pasted = "sk-live-0123456789abcdef"
+    for text, env, where in (
+        (f'[remote]\napi_key_file = "{pasted}"\n', {}, "remote.api_key_file"),
+        ("", {"FORWARDER_REMOTE_API_KEY_FILE": pasted}, "remote.api_key_file"),
+        (f'[accounts.us]\napi_key_file = "{pasted}"\n', {}, "accounts.us.api_key_file"),
+    ):
+        with pytest.raises(ConfigError, match=rf"^{re.escape(where)}.*absolute path") as info:
+            load_text(tmp_path, text, env)
+        assert pasted not in str(info.value)
+    assert load_text(tmp_path, '[remote]\napi_key_file = "/k"\n').remote.api_key_file == "/k"
+
+
 def test_account_env_var_names_that_look_like_settings(tmp_path: Path) -> None:
     # An api_key_env variable holds a key, whatever its name; it is not read as a setting.
     text = '[accounts.us]\napi_key_env = "FORWARDER_REMOTE_US_KEY"\n'

@@ -323,6 +323,67 @@ async def test_seed_replays_faults(start: MockFactory, session: aiohttp.ClientSe
     assert len(set(runs[0])) > 1
 
 
+async def test_throttle_fault_is_a_429_that_creates_nothing(
+    start: MockFactory, session: aiohttp.ClientSession
+) -> None:
+    running = await start(throttle_rate=1.0, rate_limit=0, window_s=10, seed=3)
+    clock = FakeClock()
+    running.mock.clock = clock
+    status, body, resp = await post(session, running, idem=IDEM)
+    assert status == 429
+    assert body["success"] is False
+    assert "Rate limit" in body["error"]
+    # Quota spent as far as the answer says, and when to come back: the rest of the window.
+    assert resp.headers["X-RateLimit-Remaining"] == "0"
+    assert resp.headers["X-RateLimit-Reset"] == "10"
+    assert resp.headers["Retry-After"] == "10"
+    assert int(resp.headers["X-RateLimit-Limit"]) >= 1_000_000
+    clock.now += 3.5
+    status, _, resp = await post(session, running, idem=IDEM)
+    assert status == 429
+    assert resp.headers["Retry-After"] == resp.headers["X-RateLimit-Reset"] == "7"
+    assert running.mock.events == []
+    assert (running.mock.stats.throttled, running.mock.stats.rate_limited) == (2, 0)
+    assert running.mock.stats.first_rate_limited_at is None
+
+    # Nothing was performed, so the same key now creates the event (not a 409).
+    running.mock.options.throttle_rate = 0.0
+    status, body, _ = await post(session, running, idem=IDEM)
+    assert (status, body) == (200, {"success": True, "data": 1})
+
+
+async def test_throttle_fault_share(start: MockFactory, session: aiohttp.ClientSession) -> None:
+    running = await start(throttle_rate=0.5, rate_limit=0, seed=11)
+    statuses = [(await post(session, running))[0] for _ in range(40)]
+    assert set(statuses) == {200, 429}
+    assert statuses.count(429) == running.mock.stats.throttled
+    assert len(running.mock.events) == statuses.count(200)
+
+
+def test_cli_throttle_rate_flag() -> None:
+    parser = build_parser()
+    assert parser.parse_args(["mock-remote", "--throttle-rate", "0.05"]).throttle_rate == 0.05
+    assert parser.parse_args(["mock-remote"]).throttle_rate == 0.0
+    with pytest.raises(SystemExit):
+        parser.parse_args(["mock-remote", "--throttle-rate", "1.5"])
+
+
+async def test_duplicates_are_recorded(start: MockFactory, session: aiohttp.ClientSession) -> None:
+    running = await start()
+    await post(session, running, idem=IDEM)
+    await post(session, running, idem="idem-key-0002")
+    for _ in range(2):
+        assert (await post(session, running, idem=IDEM))[0] == 409
+    async with session.get(f"{root(running)}/_mock/events") as resp:
+        listed = await resp.json()
+    assert [(d["idempotency_key"], d["id"]) for d in listed["duplicates"]] == [(IDEM, 1)] * 2
+    assert all(d["received_at"].endswith("+00:00") for d in listed["duplicates"])
+    assert listed["stats"]["duplicates"] == 2
+    async with session.post(f"{root(running)}/_mock/reset") as resp:
+        assert resp.status == 200
+    assert running.mock.duplicates == []
+
+
 async def test_reset_fault_drops_connection(
     start: MockFactory, session: aiohttp.ClientSession, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -431,6 +492,7 @@ async def test_faults_endpoint(start: MockFactory, session: aiohttp.ClientSessio
         {"fail_rate": 1.5},
         {"reset_rate": -0.1},
         {"timeout_rate": "0.5"},
+        {"throttle_rate": 1.01},
         {"rate_limit": -1},
         {"rate_limit": 2.5},
         {"rate_limit": True},
@@ -644,12 +706,14 @@ async def test_events_and_reset_endpoints(
         listed = await resp.json()
     assert [e["id"] for e in listed["events"]] == [1]
     assert listed["events"][0]["recipient_id"] == "r-1"
+    assert listed["duplicates"] == []
     assert listed["stats"] == {
         "requests": 2,
         "created": 1,
         "duplicates": 0,
         "conflicts": 0,
         "rate_limited": 0,
+        "throttled": 0,
         "unauthorized": 1,
         "invalid": 0,
         "failed": 0,

@@ -8,6 +8,7 @@ import dataclasses
 import inspect
 import re
 import ssl
+import urllib.parse
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 from unittest import mock
@@ -170,6 +171,25 @@ async def test_key_echoed_by_the_remote_is_scrubbed(client: RemoteClient) -> Non
         result = await client.send(EVENT)
     assert KEY not in result.error
     assert "[redacted]" in result.error
+
+
+async def test_authorization_header_echoed_by_the_remote_is_scrubbed(
+    client: RemoteClient,
+) -> None:
+    token = base64.b64encode(f"{KEY}:".encode()).decode()
+    echoes = [
+        f"you sent Authorization: Basic {token}",
+        f"token {token.rstrip('=')} refused",  # the padding dropped
+        f"GET /x?api_key={urllib.parse.quote(KEY, safe='')}",
+    ]
+    with aioresponses() as mocked:
+        for echo in echoes:
+            mocked.post(URL, status=403, payload={"success": False, "error": echo})
+        results = [await client.send(EVENT) for _ in echoes]
+    for result in results:
+        assert KEY not in result.error
+        assert token.rstrip("=") not in result.error
+        assert "[redacted]" in result.error
 
 
 def test_error_text_is_bounded_and_flattened() -> None:

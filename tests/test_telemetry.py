@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 import logging
@@ -59,6 +60,18 @@ def test_console_format_is_redacted_too() -> None:
     text = out.getvalue()
     assert "retrying" in text
     assert KEY not in text
+
+
+@pytest.mark.usefixtures("reset_logging")
+def test_basic_token_of_a_key_is_redacted_too() -> None:
+    out = io.StringIO()
+    configure_logging("info", "json", secrets=[KEY], stream=out)
+    token = base64.b64encode(f"{KEY}:".encode()).decode()
+    structlog.get_logger("t").error("delivery_paused", error=f"you sent Basic {token}")
+    structlog.get_logger("t").error("x", error=f"unpadded {token.rstrip('=')}")
+    text = out.getvalue()
+    assert token.rstrip("=") not in text
+    assert text.count("[redacted]") == 2
 
 
 def test_metrics_read_the_counters_at_scrape_time() -> None:

@@ -96,16 +96,37 @@ async def soak(seconds: float, clients: int, state: Path) -> dict[str, Any]:
                     unanswered.add(event_id)  # cut off by a stop: the app cannot know
                 await asyncio.sleep(random.uniform(0, 0.01))
 
+    async def listening(daemon: asyncio.subprocess.Process) -> None:
+        # A SIGTERM before the daemon installs its handlers (Python still starting, nothing
+        # accepted yet) kills it with the default action: on a loaded machine start-up can take
+        # longer than 1.5 s, so the stop is timed from when it serves, not from the spawn.
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and daemon.returncode is None:
+            try:
+                _, writer = await asyncio.open_connection("127.0.0.1", port)
+            except OSError:
+                await asyncio.sleep(0.05)
+                continue
+            writer.close()
+            await writer.wait_closed()
+            return
+        raise AssertionError("the daemon did not start listening within 30 s")
+
     async def chaos() -> None:
         nonlocal restarts
         while time.monotonic() < stop_at:
             daemon = await _spawn(["run"], env, log)
+            await listening(daemon)
             await asyncio.sleep(random.uniform(1.5, 3.0))
             daemon.send_signal(signal.SIGTERM)
             assert await asyncio.wait_for(daemon.wait(), 30) == 0
             restarts += 1
 
-    await asyncio.gather(chaos(), *(client(n) for n in range(clients)))
+    try:
+        await asyncio.gather(chaos(), *(client(n) for n in range(clients)))
+    except BaseException:
+        mock.kill()  # a failed run must not leave the mock behind
+        raise
     final = await _spawn(["run"], {**env, "FORWARDER_REMOTE_CONCURRENCY": "32"}, log)
     record: dict[str, Any] = {}
     async with aiohttp.ClientSession() as http:
