@@ -48,7 +48,7 @@ from forwarder.systemd import (
     stop_timeout_s,
     watchdog_interval,
 )
-from forwarder.telemetry import Metrics, Stats, set_log_level, set_secrets
+from forwarder.telemetry import Metrics, Stats, flush_logs, set_log_level, set_secrets
 
 log = structlog.get_logger("forwarder.daemon")
 # aiohttp's grace for requests still being answered when the listeners close.
@@ -635,6 +635,7 @@ class Daemon:
             uptime_s=round(time.monotonic() - started, 3),
             **self.stats.counters(),
         )
+        flush_logs()  # the summary line is out before the process is
         return exit_code
 
     async def _import_pending_file(self, state_dir: Path, spool: Spool, default: str) -> None:

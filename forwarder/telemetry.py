@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+import atexit
+import contextlib
 import json
 import logging
 import sys
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, MutableMapping
@@ -74,6 +78,66 @@ def _json_line(obj: Any, default: Any = None, **_kw: Any) -> str:
         return json.dumps(obj, default=default)
 
 
+class _BatchedStream:
+    """Log lines written during one turn of the event loop, passed on in one write.
+
+    Every delivered event logs a line; a write and flush of its own (a system call each, on
+    the event loop) cost more than the line's rendering. Lines gathered while the loop runs
+    are written together at the end of that turn (`call_soon`), so a kill loses at most what
+    one turn logged. With no running loop (the CLI, start-up, other threads) a line is
+    written at once.
+    """
+
+    def __init__(self, out: TextIO) -> None:
+        self.out = out
+        self._parts: list[str] = []
+        self._scheduled = False
+        self._lock = threading.Lock()  # the spool thread may log while the loop flushes
+
+    def write(self, text: str) -> int:
+        with self._lock:
+            self._parts.append(text)
+            if self._scheduled:
+                return len(text)
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:
+                loop = None
+            self._scheduled = loop is not None
+        if loop is None:
+            self.flush_now()
+        else:
+            loop.call_soon(self.flush_now)
+        return len(text)
+
+    def flush(self) -> None:
+        """Nothing to do now: a pending batch is written at the end of the loop's turn."""
+
+    def flush_now(self) -> None:
+        """Write what is gathered (also at exit, for a batch whose turn never came)."""
+        with self._lock:
+            parts, self._parts = self._parts, []
+            self._scheduled = False
+        if parts:
+            # A closed or broken stdout must not take the daemon down; there is nowhere to say so.
+            with contextlib.suppress(OSError, ValueError):
+                self.out.write("".join(parts))
+                self.out.flush()
+
+    def isatty(self) -> bool:
+        return self.out.isatty()
+
+
+_streams: list[_BatchedStream] = []
+
+
+@atexit.register
+def flush_logs() -> None:
+    """Write every log line still gathered (the daemon calls it as it stops; atexit too)."""
+    for stream in _streams:
+        stream.flush_now()
+
+
 class _LevelGate:
     """Drops lines below a level that a reload may change (cached loggers cannot be rebuilt)."""
 
@@ -119,6 +183,9 @@ def configure_logging(
     out = stream or sys.stdout
     if fmt == "auto":
         fmt = "console" if out.isatty() else "json"
+    flush_logs()  # what the previous configuration gathered goes out first
+    batched = _BatchedStream(out)
+    _streams[:] = [batched]
     set_secrets(secrets)
     redact = _redactor
     if fmt == "console":
@@ -140,10 +207,10 @@ def configure_logging(
         processors=[*shared, *tail],
         # Debug lines are filtered by the gate, not here, so a reload can turn them on.
         wrapper_class=structlog.make_filtering_bound_logger(min(levelno, logging.DEBUG)),
-        logger_factory=structlog.PrintLoggerFactory(out),
+        logger_factory=structlog.WriteLoggerFactory(batched),  # type: ignore[arg-type]
         cache_logger_on_first_use=True,
     )
-    handler = logging.StreamHandler(out)
+    handler = logging.StreamHandler(batched)
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(
             foreign_pre_chain=[*shared, structlog.stdlib.add_logger_name],

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
 import json
@@ -12,7 +13,7 @@ import pytest
 import structlog
 from prometheus_client import generate_latest
 
-from forwarder.telemetry import Metrics, Stats, configure_logging
+from forwarder.telemetry import Metrics, Stats, configure_logging, flush_logs
 
 KEY = "sk-telemetry-0123456789"
 
@@ -88,3 +89,48 @@ def test_metrics_read_the_counters_at_scrape_time() -> None:
     assert 'forwarder_events_refused_total{reason="queue_full"} 1.0' in text
     assert "forwarder_queue_depth 3.0" in text
     assert 'forwarder_delivery_attempt_seconds_count{account="default"} 1.0' in text
+
+
+class CountingStream(io.StringIO):
+    """A StringIO that counts the writes it was given."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes = 0
+
+    def write(self, text: str) -> int:
+        self.writes += 1
+        return super().write(text)
+
+
+@pytest.mark.usefixtures("reset_logging")
+async def test_lines_of_one_loop_turn_go_out_in_one_write() -> None:
+    out = CountingStream()
+    configure_logging("info", "json", stream=out)
+    log = structlog.get_logger("t")
+    for n in range(50):
+        log.info("delivered", n=n)
+    logging.getLogger("aiohttp.server").warning("stdlib line")
+    assert out.getvalue() == ""  # gathered, not written yet
+    await asyncio.sleep(0)
+    lines = [json.loads(line) for line in out.getvalue().splitlines()]
+    assert [line.get("n") for line in lines] == [*range(50), None]
+    assert lines[-1]["event"] == "stdlib line"
+    assert out.writes == 1
+
+
+@pytest.mark.usefixtures("reset_logging")
+def test_without_a_running_loop_lines_go_out_at_once() -> None:
+    out = CountingStream()
+    configure_logging("info", "json", stream=out)
+    structlog.get_logger("t").info("one")
+    assert json.loads(out.getvalue())["event"] == "one"
+
+
+@pytest.mark.usefixtures("reset_logging")
+async def test_flush_logs_writes_what_a_turn_gathered() -> None:
+    out = CountingStream()
+    configure_logging("info", "json", stream=out)
+    structlog.get_logger("t").info("last words")
+    flush_logs()  # as the daemon does after its summary line
+    assert json.loads(out.getvalue())["event"] == "last words"
