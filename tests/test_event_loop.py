@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import subprocess
 import sys
@@ -10,7 +11,13 @@ import types
 
 import pytest
 
-from forwarder.cli import EventLoopChoice, _event_loop_runner, choose_event_loop
+from forwarder.cli import (
+    GC_THRESHOLDS,
+    EventLoopChoice,
+    _event_loop_runner,
+    choose_event_loop,
+    tune_gc,
+)
 
 START_TIMEOUT_S = 20.0
 
@@ -106,3 +113,14 @@ def test_mock_remote_says_which_loop_runs(disabled: bool) -> None:
             proc.wait(START_TIMEOUT_S)
     assert first.startswith("mock-remote listening on http://127.0.0.1:")
     assert second.startswith(f"mock-remote event loop: {expected} ")
+
+
+def test_run_collects_less_often_and_freezes_start_up() -> None:
+    before = gc.get_threshold()
+    try:
+        tune_gc()
+        assert gc.get_threshold() == GC_THRESHOLDS
+        assert gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*before)

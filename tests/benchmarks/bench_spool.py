@@ -101,6 +101,8 @@ class Setup:
                     "mode": mode,
                     "max_events": max_events,
                     "max_disk_bytes": 16 * 1024 * MB,
+                    # Room in memory for everything one measurement accepts (memory mode).
+                    "max_bytes": 64 * 1024 * MB,
                 },
                 **blocked_delivery(self.blackhole_url),
                 "shutdown": {"timeout_s": 1.0},

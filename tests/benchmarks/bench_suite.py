@@ -553,7 +553,9 @@ def summarize_profile(path: Path, top: int = 12) -> dict[str, Any]:
 
 
 def _blocked_memory(max_events: int, url: str) -> dict[str, dict[str, object]]:
-    return {"queue": {"mode": "memory", "max_events": max_events}, **blocked_delivery(url)}
+    # queue.max_bytes out of the way too: these measure intake, not the bound.
+    queue = {"mode": "memory", "max_events": max_events, "max_bytes": 64 * 1024**3}
+    return {"queue": queue, **blocked_delivery(url)}
 
 
 async def _throughput(
@@ -716,7 +718,11 @@ async def drain_forwarder(
     daemon = await suite.daemon(
         loop,
         {
-            "queue": {"mode": "memory", "max_events": max(events, 100_000)},
+            "queue": {
+                "mode": "memory",
+                "max_events": max(events, 100_000),
+                "max_bytes": 64 * 1024**3,
+            },
             "intake": {"max_batch": FILL_BATCH},
             "remote": {
                 "base_url": mock.base_url,
@@ -949,7 +955,7 @@ async def scenario_intake_latency(suite: Suite) -> None:
     raw = http_request("POST", FORM_PATH, FORM_BODY, FORM_TYPE)
     # The remote is down as in production: connections refused, default breaker and retries.
     sections: dict[str, dict[str, object]] = {
-        "queue": {"mode": "memory", "max_events": 1_000_000},
+        "queue": {"mode": "memory", "max_events": 1_000_000, "max_bytes": 64 * 1024**3},
         "remote": {"base_url": suite.blackhole.url, "connect_timeout_s": 1.0},
     }
 
