@@ -7,7 +7,9 @@ import base64
 import io
 import json
 import logging
+import re
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 
 import pytest
 import structlog
@@ -134,3 +136,19 @@ async def test_flush_logs_writes_what_a_turn_gathered() -> None:
     structlog.get_logger("t").info("last words")
     flush_logs()  # as the daemon does after its summary line
     assert json.loads(out.getvalue())["event"] == "last words"
+
+
+@pytest.mark.usefixtures("reset_logging")
+def test_timestamps_are_iso_utc_with_microseconds() -> None:
+    out = io.StringIO()
+    configure_logging("info", "json", stream=out)
+    before = datetime.now(UTC)
+    for n in range(3):
+        structlog.get_logger("t").info("tick", n=n)
+    after = datetime.now(UTC)
+    stamps = [json.loads(line)["timestamp"] for line in out.getvalue().splitlines()]
+    for stamp in stamps:
+        assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z", stamp)
+        moment = datetime.fromisoformat(stamp.replace("Z", "+00:00"))
+        assert before - timedelta(seconds=1) <= moment <= after + timedelta(seconds=1)
+    assert stamps == sorted(stamps)
