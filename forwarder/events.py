@@ -30,6 +30,13 @@ FIELDS = ("event_id", "recipient_id", "name", "value", "conversion", "data", "re
 _FIELD_SET = frozenset(FIELDS)
 _TRUE = frozenset({"true", "1", "yes"})
 _FALSE = frozenset({"false", "0", "no", ""})
+# Event names are a small set (PURCHASE, PAGE_VIEW, ...) repeated over every queued event: each
+# event keeps one shared copy of its name instead of its own (~60 bytes an event in memory). A
+# bounded table of our own rather than sys.intern, which made strings immortal on some CPython
+# 3.12 releases (python/cpython#113993): an app's every new name would never be freed. Past the
+# bound, new names are just not shared.
+_NAMES_MAX = 1024
+_names: dict[str, str] = {}
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,7 +119,7 @@ class Event:
             event = cls(
                 event_id=str(raw["event_id"]),
                 recipient_id=str(raw["recipient_id"]),
-                name=str(raw["name"]),
+                name=shared_name(str(raw["name"])),
                 value=str(raw.get("value", "")),
                 conversion=bool(raw.get("conversion", False)),
                 data=str(raw.get("data", "")),
@@ -154,6 +161,17 @@ def _text(
     kinds = "a string or a number" if numbers else "a string"
     errors.append(FieldError(index, field, f"must be {kinds}, got {_json_kind(raw)}"))
     return None
+
+
+def shared_name(name: str) -> str:
+    """The one shared copy of an event name (see `_names`); `name` itself if it is new and the
+    table is full."""
+    shared = _names.get(name)
+    if shared is None:
+        shared = name
+        if len(_names) < _NAMES_MAX and type(name) is str:  # never keep a str subclass
+            _names[name] = name
+    return shared
 
 
 def _is_utf8(text: str) -> bool:
@@ -341,11 +359,12 @@ def event_from_mapping(
 
     if len(errors) > before:
         return None
-    # Positional: keyword arguments cost about a third of building the Event.
+    # Positional: keyword arguments cost about a third of building the Event. The name's lookup
+    # inline: a known name (the common case) then costs no call.
     return Event(
         event_id or _uuid_text(id_hex or os.urandom(16).hex()),
         recipient_id,
-        name,
+        _names.get(name) or shared_name(name),
         value,
         conversion,
         data,

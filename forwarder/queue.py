@@ -22,7 +22,9 @@ from collections.abc import Callable, Iterable
 from forwarder.events import Event
 
 # What one queued event costs in memory besides its text: the Event, the queue's entry and, in
-# ordered mode, its recipient's deque. Measured at about 1 KB an event with 100 000 recipients.
+# ordered mode, its recipient. It was about 1 KB an event with 100 000 recipients when each had a
+# deque of its own; now nearer 600 B (tests/benchmarks/bench_queue_memory.py), but the figure
+# stays: it is what queue.max_bytes has always meant, and it errs on the safe side.
 EVENT_OVERHEAD_BYTES = 1024
 
 # Why `admit` refused (the intake's 503 and 413 reasons).
@@ -52,29 +54,88 @@ class _State(enum.Enum):
 
 
 class _Entry:
-    """One accepted event and its bookkeeping. Compared by identity, never by the event's value."""
+    """One accepted event and its bookkeeping. Compared by identity, never by the event's value.
 
-    __slots__ = ("event", "seq", "size", "spool_seq", "state", "ticket")
+    Its `event_size` is not kept but computed again when it leaves: an int of its own would cost
+    about 40 bytes an event, and the queue relies on events not changing anyway (it finds an
+    event's account and recipient again from the event itself).
+    """
 
-    def __init__(self, event: Event, seq: int, spool_seq: int = 0, size: int = 0) -> None:
+    __slots__ = ("event", "next", "seq", "spool_seq", "state", "ticket")
+
+    def __init__(self, event: Event, seq: int, spool_seq: int = 0) -> None:
         self.event = event
         self.seq = seq  # acceptance order across all accounts
         self.spool_seq = spool_seq  # its row in the spool; 0 when it is in memory only
-        self.size = size  # event_size(event), computed once at admission
         self.state = _State.WAITING
         self.ticket = 0  # the order in which get() took it, for take_all
+        # The recipient's next waiting entry (ordered mode; see _Recipient); None when last or
+        # not waiting in a recipient's chain.
+        self.next: _Entry | None = None
 
 
 class _Recipient:
-    """One recipient of one account: its waiting events (ordered mode) and how many are out."""
+    """One recipient of one account: its waiting events (ordered mode) and how many are out.
 
-    __slots__ = ("busy", "in_line", "recipient_id", "waiting")
+    The waiting entries are a chain through `_Entry.next` from `first` to `last`, not a container:
+    in a campaign burst most recipients have one waiting event, and a deque, even an empty one,
+    allocates a 64-slot block (~760 bytes), which was most of what such an event cost. Appending,
+    taking the oldest and putting one back at the head stay O(1).
+    """
 
-    def __init__(self, recipient_id: str) -> None:
-        self.recipient_id = recipient_id
-        self.waiting: deque[_Entry] = deque()
+    __slots__ = ("busy", "first", "in_line", "last")
+
+    def __init__(self) -> None:
+        self.first: _Entry | None = None
+        self.last: _Entry | None = None
         self.busy = 0  # events in delivery, counted in both modes so a mode switch is exact
         self.in_line = False
+
+    def push(self, entry: _Entry) -> None:
+        """Append `entry` (the newest) to the waiting ones."""
+        if self.last is None:
+            self.first = entry
+        else:
+            self.last.next = entry
+        self.last = entry
+
+    def pop(self) -> _Entry:
+        """Remove and return the oldest waiting entry; IndexError if none is waiting."""
+        entry = self.first
+        if entry is None:
+            raise IndexError("no waiting events")
+        self.first = entry.next
+        if self.first is None:
+            self.last = None
+        entry.next = None  # a taken entry must not keep the rest of the chain alive
+        return entry
+
+    def insert(self, entry: _Entry) -> None:
+        """Put `entry` back among the waiting ones in acceptance (`seq`) order."""
+        # A returned entry is older than most: the walk almost always stops at the head.
+        before: _Entry | None = None
+        after = self.first
+        while after is not None and after.seq < entry.seq:
+            before, after = after, after.next
+        entry.next = after
+        if before is None:
+            self.first = entry
+        else:
+            before.next = entry
+        if after is None:
+            self.last = entry
+
+    def drain(self) -> list[_Entry]:
+        """Remove and return every waiting entry, oldest first."""
+        entries: list[_Entry] = []
+        entry = self.first
+        while entry is not None:
+            entries.append(entry)
+            following = entry.next
+            entry.next = None
+            entry = following
+        self.first = self.last = None
+        return entries
 
 
 class _Account:
@@ -134,23 +195,22 @@ class EventQueue:
         for acct in list(self._accounts.values()):
             if ordered:
                 for entry in acct.fifo:
-                    self._recipient(acct, entry.event.recipient_id).waiting.append(entry)
+                    self._recipient(acct, entry.event.recipient_id).push(entry)
                 acct.fifo.clear()
-                ready = [r for r in acct.recipients.values() if r.waiting and not r.busy]
-                ready.sort(key=lambda r: r.waiting[0].seq)
-                for rec in ready:
+                # Each ready recipient's oldest waiting seq: the line starts in acceptance order.
+                ready = [
+                    (rec.first.seq, rec)
+                    for rec in acct.recipients.values()
+                    if rec.first is not None and not rec.busy
+                ]
+                ready.sort(key=_by_first)
+                for _, rec in ready:
                     rec.in_line = True
-                acct.line.extend(ready)
+                    acct.line.append(rec)
             else:
-                entries = [e for r in acct.recipients.values() for e in r.waiting]
+                entries = self._unchain(acct)
                 entries.sort(key=_by_seq)
                 acct.fifo.extend(entries)
-                acct.line.clear()
-                for rec in list(acct.recipients.values()):
-                    rec.waiting.clear()
-                    rec.in_line = False
-                    if not rec.busy:
-                        del acct.recipients[rec.recipient_id]
             # Turning ordering off frees the events of busy recipients for the waiting lanes.
             self._hand_out(acct)
 
@@ -192,11 +252,10 @@ class EventQueue:
         """
         if len(events) > self.free:
             return QUEUE_FULL
-        sizes = [event_size(event) for event in events]
-        size = sum(sizes)
+        size = sum(map(event_size, events))
         if size > self.bytes_free:
             return TOO_LARGE if 0 < self.max_bytes < size else QUEUE_BYTES_FULL
-        self._add(events, spool_seqs, sizes)
+        self._add(events, spool_seqs, size)
         return ""
 
     def restore(self, events: Iterable[Event], spool_seqs: Iterable[int] | None = None) -> int:
@@ -240,16 +299,16 @@ class EventQueue:
         entry = entries[0]
         acct, rec = self._settle(entry)
         entry.state = _State.GONE
-        self._bytes -= entry.size
+        self._bytes -= event_size(event)
         if not rec.busy:
-            if rec.waiting:  # ordered mode only
+            if rec.first is not None:  # ordered mode only
                 if not rec.in_line:
                     # The back of the line: a chatty recipient must not starve the others.
                     rec.in_line = True
                     acct.line.append(rec)
                 self._hand_out(acct)
             else:
-                del acct.recipients[rec.recipient_id]
+                del acct.recipients[event.recipient_id]
         self._prune(acct)
         if self.on_room is not None:
             self.on_room()
@@ -286,7 +345,7 @@ class EventQueue:
         for acct in list(self._accounts.values()):
             waiting.extend(acct.fifo)
             for rec in acct.recipients.values():
-                waiting.extend(rec.waiting)
+                waiting.extend(rec.drain())
             acct.recipients.clear()
             acct.line.clear()
             acct.fifo.clear()
@@ -310,51 +369,45 @@ class EventQueue:
             return []
         entries = list(acct.fifo)
         acct.fifo.clear()
-        acct.line.clear()
-        for rec in list(acct.recipients.values()):
-            entries.extend(rec.waiting)
-            rec.waiting.clear()
-            rec.in_line = False
-            if not rec.busy:
-                del acct.recipients[rec.recipient_id]
+        entries.extend(self._unchain(acct))
         entries.sort(key=_by_seq)
         for entry in entries:
             entry.state = _State.GONE
-            self._bytes -= entry.size
+            self._bytes -= event_size(entry.event)
         self._waiting -= acct.depth
         acct.depth = 0
         self._prune(acct)
         return [entry.event for entry in entries]
 
     def _add(
-        self,
-        events: Iterable[Event],
-        spool_seqs: Iterable[int] | None,
-        sizes: list[int] | None = None,
+        self, events: Iterable[Event], spool_seqs: Iterable[int] | None, size: int = -1
     ) -> int:
+        """Queue `events` in order; `size` is their total `event_size` if the caller has it."""
         touched: dict[str, _Account] = {}
         count = 0
         if spool_seqs is None:
             pairs: Iterable[tuple[Event, int]] = zip(events, itertools.repeat(0), strict=False)
         else:
             pairs = zip(list(events), list(spool_seqs), strict=True)
+        added = 0
         for event, spool_seq in pairs:
             acct = self._account(event.account)
             touched[event.account] = acct
-            size = sizes[count] if sizes is not None else event_size(event)
-            entry = _Entry(event, next(self._seq), spool_seq, size)
-            self._bytes += size
+            if size < 0:
+                added += event_size(event)
+            entry = _Entry(event, next(self._seq), spool_seq)
             acct.depth += 1
             self._waiting += 1
             if self._ordered:
                 rec = self._recipient(acct, event.recipient_id)
-                rec.waiting.append(entry)
+                rec.push(entry)
                 if not rec.busy and not rec.in_line:
                     rec.in_line = True
                     acct.line.append(rec)
             else:
                 acct.fifo.append(entry)
             count += 1
+        self._bytes += size if size >= 0 else added
         for acct in touched.values():
             self._hand_out(acct)
         return count
@@ -366,7 +419,7 @@ class EventQueue:
                 return None
             rec = acct.line.popleft()
             rec.in_line = False
-            entry = rec.waiting.popleft()
+            entry = rec.pop()
         else:
             if not acct.fifo:
                 return None
@@ -403,14 +456,14 @@ class EventQueue:
         acct.depth += 1
         self._waiting += 1
         if self._ordered:
-            _insert_by_seq(rec.waiting, entry)
+            rec.insert(entry)
             if not rec.busy and not rec.in_line:
                 rec.in_line = True
                 acct.line.appendleft(rec)  # it was this recipient's turn
         else:
             _insert_by_seq(acct.fifo, entry)
             if not rec.busy:
-                del acct.recipients[rec.recipient_id]
+                del acct.recipients[entry.event.recipient_id]
         self._hand_out(acct)
 
     def _settle(self, entry: _Entry) -> tuple[_Account, _Recipient]:
@@ -437,8 +490,21 @@ class EventQueue:
     def _recipient(acct: _Account, recipient_id: str) -> _Recipient:
         rec = acct.recipients.get(recipient_id)
         if rec is None:
-            rec = acct.recipients[recipient_id] = _Recipient(recipient_id)
+            rec = acct.recipients[recipient_id] = _Recipient()
         return rec
+
+    @staticmethod
+    def _unchain(acct: _Account) -> list[_Entry]:
+        """Remove every recipient's waiting entries (not sorted); recipients with none in
+        delivery go too, and the line is emptied."""
+        entries: list[_Entry] = []
+        acct.line.clear()
+        for recipient_id, rec in list(acct.recipients.items()):
+            entries.extend(rec.drain())
+            rec.in_line = False
+            if not rec.busy:
+                del acct.recipients[recipient_id]
+        return entries
 
     def _prune(self, acct: _Account) -> None:
         # Client-key accounts come and go; an idle one should not stay in memory for ever.
@@ -449,6 +515,10 @@ class EventQueue:
 
 def _by_seq(entry: _Entry) -> int:
     return entry.seq
+
+
+def _by_first(ready: tuple[int, _Recipient]) -> int:
+    return ready[0]
 
 
 def _insert_by_seq(entries: deque[_Entry], entry: _Entry) -> None:

@@ -7,6 +7,7 @@ import uuid
 
 import pytest
 
+from forwarder import events
 from forwarder.events import (
     Event,
     EventValidationError,
@@ -16,6 +17,7 @@ from forwarder.events import (
     loads_json,
     new_event_id,
     parse_ndjson,
+    shared_name,
 )
 
 
@@ -205,3 +207,36 @@ def test_data_object_is_serialised_compactly_even_past_orjson() -> None:
     assert not errors
     assert event is not None
     assert event.data.startswith('{"big":1180591620717411303424,"deep":[[[')
+
+
+def test_events_of_one_name_share_one_copy_of_it() -> None:
+    def parsed() -> Event:
+        # Each batch parsed apart: each has its own "PURCHASE" string before validation.
+        items = loads_json(b'[{"recipient_id": "r1", "name": "PURCHASE"}]')
+        assert isinstance(items, list)
+        return events_from_items(items, max_items=10)[0]
+
+    first, second = parsed(), parsed()
+    assert first.name == second.name == "PURCHASE"
+    assert first.name is second.name
+    record = Event.from_dict(json.loads(json.dumps(first.to_dict())))
+    assert record.name is first.name
+
+
+def test_the_shared_names_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(events, "_names", {})
+    monkeypatch.setattr(events, "_NAMES_MAX", 2)
+    kept = [shared_name("".join(["NAME_", str(n)])) for n in range(2)]
+    assert shared_name("".join(["NAME_", "0"])) is kept[0]
+    late = "".join(["NAME_", "2"])  # built at run time: not a constant of this module
+    assert shared_name(late) is late
+    assert "NAME_2" not in events._names  # past the bound: not kept, only not shared
+    assert len(events._names) == 2
+
+    class Name(str):
+        pass
+
+    monkeypatch.setattr(events, "_names", {})
+    odd = Name("ODD")
+    assert shared_name(odd) is odd
+    assert events._names == {}  # a str subclass is never kept
