@@ -38,7 +38,7 @@ from typing import Any, Final, TypeVar
 import structlog
 
 from forwarder.deadletter import DeadLetterNote
-from forwarder.events import Event
+from forwarder.events import Event, shared_name
 
 SPOOL_FILE = "spool.db"
 APPLICATION_ID = 0x46574452  # "FWDR": PRAGMA application_id, to recognise our own files
@@ -828,13 +828,14 @@ def _event_from_columns(row: Sequence[Any]) -> Event:
     return Event(
         event_id=event_id,
         recipient_id=recipient_id,
-        name=name,
+        # Shared copies: a window of 100 000 reloaded events holds a handful of distinct ones.
+        name=shared_name(name),
         value=value,
         conversion=conversion == 1,
         data=data,
         ref=ref,
         accepted_at=float(accepted_at),
-        account=account,
+        account=shared_name(account),
     )
 
 
