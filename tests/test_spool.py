@@ -200,6 +200,31 @@ async def test_group_commit_batches_under_load_without_a_window(tmp_path: Path) 
         await spool.close()
 
 
+async def test_a_group_is_cut_on_the_spool_thread_while_the_loop_is_busy(
+    tmp_path: Path,
+) -> None:
+    """The window closes on the spool's thread: a loop busy with a burst (running no timer and
+    no other task) does not hold the first group back until every request has joined it."""
+    commits: list[float] = []
+    spool = await Spool.open(tmp_path, group_window_s=0.05, on_commit=commits.append)
+    try:
+
+        async def busy() -> None:
+            # Longer than the window, without yielding: a burst of requests being read.
+            time.sleep(0.3)  # noqa: ASYNC251 - blocking the loop is the point here
+
+        # Run in this order, none yielding before the next: a committer on the loop would only
+        # get its turn after the second append, and take both in one group.
+        first = asyncio.ensure_future(spool.append([ev(1)]))
+        blocker = asyncio.ensure_future(busy())
+        second = asyncio.ensure_future(spool.append([ev(2)]))
+        seqs = await asyncio.gather(first, second, blocker)
+        assert seqs[0] < seqs[1]
+        assert len(commits) == 2  # the first group went while the loop was still busy
+    finally:
+        await spool.close()
+
+
 async def test_removals_share_commits_with_appends(tmp_path: Path) -> None:
     commits: list[float] = []
     spool = await Spool.open(tmp_path, group_window_s=0.01, on_commit=commits.append)
