@@ -11,7 +11,6 @@ along a redirect: a 3xx is not followed but dead-lettered as `redirected`.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import email.utils
 import enum
 import json
@@ -20,10 +19,10 @@ import ssl
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
 from urllib.parse import urlencode, urlsplit
 
 import aiohttp
+import orjson
 from yarl import URL
 
 from forwarder import __version__
@@ -68,7 +67,10 @@ class Verdict(enum.Enum):
     PERMANENT = "permanent"
 
 
-@dataclass(frozen=True, slots=True)
+# Not frozen: `classify` and `RemoteClient.send` fill in the rate headers, the scrubbed error and
+# the latency on the Result they just made, instead of copying it twice per attempt
+# (`dataclasses.replace` cost about as much as the rest of the classification).
+@dataclass(slots=True)
 class Result:
     """The classified outcome of one attempt."""
 
@@ -135,26 +137,34 @@ def _header_number(headers: Mapping[str, str], name: str) -> float | None:
     return value if math.isfinite(value) and value >= 0 else None
 
 
-def rate_headers(headers: Mapping[str, str]) -> dict[str, Any]:
-    """`X-RateLimit-*` as Result fields; missing or malformed headers are left out."""
+def _take_rate_headers(result: Result, headers: Mapping[str, str]) -> None:
+    """`X-RateLimit-*` into `result`; missing or malformed headers are left out."""
     limit = _header_number(headers, "X-RateLimit-Limit")
     remaining = _header_number(headers, "X-RateLimit-Remaining")
     reset = _header_number(headers, "X-RateLimit-Reset")
-    fields: dict[str, Any] = {}
     if limit is not None and limit >= 1:
-        fields["rate_limit"] = int(limit)
+        result.rate_limit = int(limit)
     if remaining is not None:
-        fields["rate_remaining"] = int(remaining)
+        result.rate_remaining = int(remaining)
     if reset is not None:
-        fields["rate_reset_s"] = min(reset, MAX_HINT_S)
-    return fields
+        result.rate_reset_s = min(reset, MAX_HINT_S)
+
+
+def _json_body(body: bytes) -> object:
+    """The answer's JSON, or None if it is not JSON (orjson first; the standard module for what
+    orjson refuses but JSON allows, such as a lone surrogate escape)."""
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError:
+        pass
+    try:
+        return json.loads(body)
+    except (ValueError, RecursionError):
+        return None
 
 
 def _error_text(body: bytes, fallback: str) -> str:
-    try:
-        parsed = json.loads(body)
-    except (ValueError, RecursionError):
-        parsed = None
+    parsed = _json_body(body)
     if isinstance(parsed, dict) and isinstance(parsed.get("error"), str) and parsed["error"]:
         text: str = parsed["error"]
     else:
@@ -165,7 +175,9 @@ def _error_text(body: bytes, fallback: str) -> str:
 
 def classify(status: int, body: bytes, headers: Mapping[str, str], reason: str = "") -> Result:
     """Classify one answer of the remote, with its rate-limit headers (pure)."""
-    return dataclasses.replace(_classify(status, body, headers, reason), **rate_headers(headers))
+    result = _classify(status, body, headers, reason)
+    _take_rate_headers(result, headers)
+    return result
 
 
 def _redirect_host(location: str) -> str:
@@ -197,10 +209,7 @@ def _classify(status: int, body: bytes, headers: Mapping[str, str], reason: str)
             reason=REDIRECTED,
         )
     if 200 <= status < 300:
-        try:
-            parsed = json.loads(body)
-        except (ValueError, RecursionError):
-            parsed = None
+        parsed = _json_body(body)
         if isinstance(parsed, dict) and parsed.get("success") is True:
             return Result(Verdict.DELIVERED, status, remote_id=parsed.get("data"))
         if isinstance(parsed, dict) and parsed.get("success") is False:
@@ -212,13 +221,8 @@ def _classify(status: int, body: bytes, headers: Mapping[str, str], reason: str)
             warning="2xx answer without the expected JSON body; counted as delivered",
         )
     if status == 409:
-        remote_id = None
-        try:
-            parsed = json.loads(body)
-            if isinstance(parsed, dict):
-                remote_id = parsed.get("data")
-        except (ValueError, RecursionError):
-            pass
+        parsed = _json_body(body)
+        remote_id = parsed.get("data") if isinstance(parsed, dict) else None
         return Result(Verdict.DELIVERED, status, remote_id=remote_id, duplicate=True)
     error = _error_text(body, fallback)
     if status in AUTH_STATUSES:
@@ -247,7 +251,9 @@ async def _read_capped(stream: aiohttp.StreamReader, limit: int) -> bytes:
             break
         chunks.append(chunk)
         size += len(chunk)
-    return b"".join(chunks)
+        if stream.at_eof():
+            break  # the whole body is here: no second read just to learn that
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
 class RemoteClient:
@@ -299,9 +305,9 @@ class RemoteClient:
             kind = "timeout" if isinstance(exc, TimeoutError) else type(exc).__name__
             detail = str(exc)
             result = Result(Verdict.RETRY, error=f"{kind}: {detail}" if detail else kind)
-        return dataclasses.replace(
-            result, error=self._scrub(result.error), latency_s=time.monotonic() - started
-        )
+        result.error = self._scrub(result.error)
+        result.latency_s = time.monotonic() - started
+        return result
 
     def _scrub(self, text: str) -> str:
         # The remote's free-text errors could echo what we sent (the key, or the whole

@@ -375,3 +375,14 @@ async def test_the_ca_bundle_is_what_the_server_is_verified_against(
     # Not trusted by the system's store: refused, and retried like any connection failure.
     assert results["system"].verdict is Verdict.RETRY
     assert "certificate verify failed" in results["system"].error
+
+
+def test_answers_orjson_refuses_are_still_read() -> None:
+    # A lone surrogate escape is JSON, but not for orjson: the standard module reads it.
+    body = b'{"success": false, "error": "bad value \\ud800 here"}'
+    result = classify(422, body, {"X-RateLimit-Remaining": "7"})
+    assert result.verdict is Verdict.PERMANENT
+    assert result.error.startswith("bad value ")
+    assert result.rate_remaining == 7
+    duplicate = classify(409, b'{"success": false, "data": 12, "note": "\\udc00"}', {})
+    assert (duplicate.duplicate, duplicate.remote_id) == (True, 12)
