@@ -73,7 +73,8 @@ class Backlog:
         """
         if not self.durable:
             return self.queue.admit(events)
-        if 0 < self.queue.max_bytes < sum(event_size(event) for event in events):
+        size = sum(map(event_size, events))
+        if 0 < self.queue.max_bytes < size:
             return TOO_LARGE  # it could never be in memory at once: refused in both modes alike
         try:
             seqs = await self.spool.append(events)
@@ -84,7 +85,7 @@ class Backlog:
             return "spool_error"
         # Committed: from here on the events are safe. They join the window only if nothing
         # older is still on disk (order) and they fit; otherwise the refill brings them in.
-        if not self._unloaded and self.queue.offer(events, seqs):
+        if not self._unloaded and self.queue.offer(events, seqs, size):
             self._in_memory.update(seqs)
             self._loaded_seq = max(self._loaded_seq, seqs[-1])
         else:

@@ -239,20 +239,26 @@ class EventQueue:
             return 1 << 62
         return max(0, self.max_bytes - self._bytes)
 
-    def offer(self, events: list[Event], spool_seqs: list[int] | None = None) -> bool:
+    def offer(
+        self, events: list[Event], spool_seqs: list[int] | None = None, size: int = -1
+    ) -> bool:
         """Queue all of `events`, or none of them if they do not all fit (see `admit`)."""
-        return not self.admit(events, spool_seqs)
+        return not self.admit(events, spool_seqs, size)
 
-    def admit(self, events: list[Event], spool_seqs: list[int] | None = None) -> str:
+    def admit(
+        self, events: list[Event], spool_seqs: list[int] | None = None, size: int = -1
+    ) -> str:
         """Queue all of `events` or none; returns "" or why not.
 
         The reasons: `QUEUE_FULL` (past `max_events`), `QUEUE_BYTES_FULL` (past `max_bytes`), and
         `TOO_LARGE` when the events alone exceed `max_bytes`, so waiting would never help.
-        `spool_seqs` are the events' rows in the spool, reported back by `done`.
+        `spool_seqs` are the events' rows in the spool, reported back by `done`; `size` is their
+        total `event_size` if the caller has it already.
         """
         if len(events) > self.free:
             return QUEUE_FULL
-        size = sum(map(event_size, events))
+        if size < 0:
+            size = sum(map(event_size, events))
         if size > self.bytes_free:
             return TOO_LARGE if 0 < self.max_bytes < size else QUEUE_BYTES_FULL
         self._add(events, spool_seqs, size)

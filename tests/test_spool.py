@@ -20,6 +20,8 @@ from forwarder.deadletter import DeadLetterNote
 from forwarder.events import Event
 from forwarder.spool import (
     APPLICATION_ID,
+    ROW_BITS,
+    ROW_EVENTS,
     SCHEMA_VERSION,
     SPOOL_FILE,
     DeadLetter,
@@ -60,10 +62,32 @@ def ev(i: int, **fields: Any) -> Event:
     )
 
 
-def size_of(event: Event) -> int:
-    """The size the spool counts for an event: the characters of its text fields."""
-    text = (event.account, event.event_id, event.recipient_id, event.name, event.value)
-    return sum(map(len, text)) + len(event.data) + len(event.ref)
+def size_of(*events: Event) -> int:
+    """The size the spool counts for the row of one append: the bytes of its encoded events."""
+    entries = [
+        [
+            e.event_id,
+            e.recipient_id,
+            e.name,
+            e.value,
+            e.conversion,
+            e.data,
+            e.ref,
+            e.accepted_at,
+            e.account,
+        ]  # fmt: skip
+        for e in events
+    ]
+    return len(json.dumps(entries, ensure_ascii=False, separators=(",", ":")).encode())
+
+
+def row_of(seq: int) -> int:
+    return seq >> ROW_BITS
+
+
+def last_seq(row: int) -> int:
+    """The highest seq row `row` can hold (what `max_seq` says after it)."""
+    return (row << ROW_BITS) + ROW_EVENTS - 1
 
 
 def connect(path: Path) -> sqlite3.Connection:
@@ -98,17 +122,20 @@ async def test_round_trip_and_seqs_never_reused(spool: Spool) -> None:
     assert (await spool.read_after(0, 2)) == rows[:2]
     assert (await spool.read_after(seqs[0], 10)) == rows[1:]
     assert spool.depth == 3
-    assert spool.bytes == sum(size_of(e) for e in events)
-    assert spool.max_seq == seqs[-1]
+    assert spool.bytes == size_of(*events)  # one append, one row
+    assert {row_of(seq) for seq in seqs} == {row_of(seqs[0])}
+    assert spool.max_seq == last_seq(row_of(seqs[-1]))
     assert spool.oldest_accepted_at == events[0].accepted_at
 
     await spool.remove(seqs[:1])
-    assert spool.oldest_accepted_at == events[1].accepted_at
+    assert spool.depth == 2
+    assert [row.seq for row in await spool.read_after(0, 10)] == seqs[1:]
+    assert spool.bytes == size_of(*events)  # the row stays while it holds unsettled events
     await spool.remove(seqs[1:])
     await spool.remove(seqs)  # again: unknown seqs are ignored
     assert (spool.depth, spool.bytes) == (0, 0)
     assert spool.oldest_accepted_at is None
-    assert spool.max_seq == seqs[-1]
+    assert spool.max_seq == last_seq(row_of(seqs[-1]))
 
     [seq] = await spool.append([ev(4)])
     assert seq > seqs[-1]  # the last seq was removed, and still not reused
@@ -128,15 +155,18 @@ async def test_reopen_keeps_the_counters(tmp_path: Path) -> None:
     try:
         assert second.moved_aside is None
         assert (second.depth, second.bytes, second.max_seq, second.oldest_accepted_at) == before
-        assert before == (3, 3 * size_of(ev(1)), seqs[-1], ev(2).accepted_at)
+        # The row stays whole (bytes) until every event in it is settled.
+        assert before == (3, size_of(*map(ev, range(1, 6))), last_seq(1), ev(1).accepted_at)
+        assert [row.seq for row in await second.read_after(0, 10)] == seqs[1:-1]
         [seq] = await second.append([ev(6)])
-        assert seq == seqs[-1] + 1
+        assert seq == 2 << ROW_BITS
     finally:
         await second.close()
 
 
 async def test_spool_full_is_all_or_nothing(tmp_path: Path) -> None:
     one = size_of(ev(1))
+    assert size_of(ev(2), ev(3)) < 2 * one  # the test relies on it not fitting all the same
     spool = await Spool.open(tmp_path, max_bytes=2 * one + one // 2)
     try:
         await spool.append([ev(1)])
@@ -244,15 +274,15 @@ async def test_committed_rows_are_in_the_file(spool: Spool) -> None:
     seqs = await spool.append(events)
     with closing(connect(spool.path)) as other:
         other.row_factory = sqlite3.Row
-        rows = other.execute("SELECT * FROM events ORDER BY seq").fetchall()
-    assert [r["seq"] for r in rows] == seqs
-    assert [r["size"] for r in rows] == [size_of(e) for e in events]
-    # One typed column per field, so another reader needs no JSON.
-    fields = ("event_id", "recipient_id", "name", "value", "data", "ref", "accepted_at", "account")
-    assert [{f: r[f] for f in fields} for r in rows] == [
+        rows = other.execute("SELECT * FROM batches ORDER BY seq").fetchall()
+    # One row for the append, its events in order in one JSON body.
+    assert [(r["seq"], r["count"], r["accepted_at"]) for r in rows] == [(1, 3, ev(1).accepted_at)]
+    assert seqs == [1 << ROW_BITS, (1 << ROW_BITS) + 1, (1 << ROW_BITS) + 2]
+    assert rows[0]["size"] == size_of(*events) == len(rows[0]["body"])
+    fields = ("event_id", "recipient_id", "name", "value", "conversion", "data", "ref")
+    assert [dict(zip(fields, entry, strict=False)) for entry in json.loads(rows[0]["body"])] == [
         {f: getattr(e, f) for f in fields} for e in events
     ]
-    assert [r["conversion"] for r in rows] == [0, 1, 0]
     with cli(spool.path.parent) as conn:
         assert spooled_events(conn) == events
 
@@ -262,20 +292,10 @@ async def test_new_file_is_ours(spool: Spool) -> None:
         assert other.execute("PRAGMA application_id").fetchone()[0] == APPLICATION_ID
         assert other.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
         assert other.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-        columns = [row[1] for row in other.execute("PRAGMA table_info(events)")]
-    assert columns == [
-        "seq",
-        "account",
-        "event_id",
-        "recipient_id",
-        "name",
-        "value",
-        "conversion",
-        "data",
-        "ref",
-        "accepted_at",
-        "size",
-    ]
+        columns = [row[1] for row in other.execute("PRAGMA table_info(batches)")]
+        settled = [row[1] for row in other.execute("PRAGMA table_info(settled)")]
+    assert columns == ["seq", "count", "accepted_at", "size", "body"]
+    assert settled == ["seq"]
 
 
 async def test_file_modes_are_0600_whatever_the_umask(tmp_path: Path) -> None:
@@ -314,7 +334,7 @@ async def test_random_bytes_are_moved_aside_with_their_wal(tmp_path: Path) -> No
         moved = _assert_moved(spool, tmp_path, junk)
         assert Path(f"{moved}-wal").read_bytes() == wal
         assert "damaged" in (spool.moved_aside_reason or "")
-        assert await spool.append([ev(1)]) == [1]
+        assert await spool.append([ev(1)]) == [1 << ROW_BITS]
     finally:
         await spool.close()
 
@@ -347,7 +367,7 @@ async def test_newer_schema_is_moved_aside(tmp_path: Path) -> None:
         moved = _assert_moved(spool, tmp_path)
         assert "newer" in (spool.moved_aside_reason or "")
         with closing(connect(moved)) as other:
-            assert other.execute("SELECT count(*) FROM events").fetchone()[0] == 1
+            assert other.execute("SELECT count(*) FROM batches").fetchone()[0] == 1
         await spool.append([ev(2)])
     finally:
         await spool.close()
@@ -401,13 +421,13 @@ async def test_settle_dead_moves_the_event_in_one_commit(tmp_path: Path) -> None
         await spool.settle_dead(seqs[0], ev(1), note("rejected"))
         assert len(commits) == 1
         assert (spool.depth, spool.dead_letters) == (1, 1)
-        assert spool.bytes == size_of(ev(2))
-        assert spool.oldest_accepted_at == ev(2).accepted_at
+        assert spool.bytes == size_of(ev(1), ev(2))  # the row stays until both are settled
+        assert [row.seq for row in await spool.read_after(0, 10)] == seqs[1:]
         await spool.settle_dead(None, ev(9), note("internal_error"))
         assert (spool.depth, spool.dead_letters) == (1, 2)
         with cli(tmp_path) as conn:
             first, second = list_dead_letters(conn)
-            assert conn.execute("SELECT seq FROM events").fetchall() == [(seqs[1],)]
+            assert conn.execute("SELECT seq FROM settled").fetchall() == [(seqs[0],)]
     finally:
         await spool.close()
     assert first.event == ev(1)
@@ -473,7 +493,7 @@ async def test_cancelled_append_is_not_stored(tmp_path: Path) -> None:
         # Its bytes are no longer reserved, and it never reaches the file.
         [seq] = await spool.append([ev(2)])
         assert [row.event for row in await spool.read_after(0, 10)] == [ev(2)]
-        assert seq == 1
+        assert seq == 1 << ROW_BITS
     finally:
         await spool.close()
 
@@ -481,14 +501,14 @@ async def test_cancelled_append_is_not_stored(tmp_path: Path) -> None:
 async def test_event_with_invalid_unicode_is_refused_alone(spool: Spool) -> None:
     with pytest.raises(ValueError, match="Unicode"):
         await spool.append([ev(1, data="\ud800")])
-    assert await spool.append([ev(2)]) == [1]
+    assert await spool.append([ev(2)]) == [1 << ROW_BITS]
 
 
 async def test_invalid_unicode_fails_only_its_own_append_in_a_shared_commit(
     tmp_path: Path,
 ) -> None:
     one = size_of(ev(1))
-    bad = [ev(2), ev(3, ref="\udc80")]  # one character more than ev(1)
+    bad = [ev(2), ev(3, ref="\udc80")]
     # Room for exactly what is offered: a reservation the refused append kept would show below.
     commits: list[float] = []
     spool = await Spool.open(
@@ -501,30 +521,41 @@ async def test_invalid_unicode_fails_only_its_own_append_in_a_shared_commit(
         assert isinstance(results[1], ValueError)
         assert "evt-00000003" in str(results[1])
         # In order of arrival, and no seq went to the refused rows.
-        assert (results[0], results[2]) == ([1], [2])
+        assert (results[0], results[2]) == ([1 << ROW_BITS], [2 << ROW_BITS])
         assert len(commits) == 1  # the others were still committed together
         assert (spool.depth, spool.bytes) == (2, 2 * one)
         assert [row.event for row in await spool.read_after(0, 10)] == [ev(1), ev(4)]
-        assert await spool.append([ev(5), ev(6)]) == [3, 4]
+        assert await spool.append([ev(5), ev(6)]) == [3 << ROW_BITS, (3 << ROW_BITS) + 1]
     finally:
         await spool.close()
 
 
+def damage(path: Path, seq: int, field: int, value: object) -> None:
+    """Change one field of the event `seq` in its row's body, as another process could."""
+    with closing(connect(path)) as other:
+        [(body,)] = other.execute("SELECT body FROM batches WHERE seq = ?", (row_of(seq),))
+        entries = json.loads(body)
+        entries[seq & (ROW_EVENTS - 1)][field] = value
+        other.execute(
+            "UPDATE batches SET body = ? WHERE seq = ?", (json.dumps(entries), row_of(seq))
+        )
+
+
 async def test_read_after_moves_damaged_rows_to_dead_letters(spool: Spool) -> None:
-    seqs = await spool.append([ev(1), ev(2), ev(3), ev(4), ev(5)])
-    with closing(connect(spool.path)) as other:
-        other.execute("UPDATE events SET recipient_id = '' WHERE seq = ?", (seqs[0],))
-        other.execute("UPDATE events SET data = x'00ff' WHERE seq = ?", (seqs[1],))
-        other.execute("UPDATE events SET conversion = 7 WHERE seq = ?", (seqs[3],))
-    # A page of only damaged rows must not look like the end of the spool.
+    events = [ev(1), ev(2), ev(3), ev(4), ev(5)]
+    seqs = await spool.append(events)
+    damage(spool.path, seqs[0], 1, "")  # recipient_id
+    damage(spool.path, seqs[1], 5, 255)  # data
+    damage(spool.path, seqs[3], 4, 7)  # conversion
+    size = spool.bytes
+    # A page of only damaged events must not look like the end of the spool.
     rows = await spool.read_after(0, 1)
     assert [(row.seq, row.event) for row in rows] == [(seqs[2], ev(3))]
     assert spool.damaged == 2
     assert (spool.depth, spool.dead_letters) == (3, 2)
-    assert spool.bytes == 3 * size_of(ev(1))
-    assert spool.oldest_accepted_at == ev(3).accepted_at
+    assert spool.bytes == size  # the row holds unsettled events still
     assert [row.event for row in await spool.read_after(0, 10)] == [ev(3), ev(5)]
-    assert (spool.damaged, spool.depth, spool.bytes) == (3, 2, 2 * size_of(ev(1)))
+    assert (spool.damaged, spool.depth, spool.bytes) == (3, 2, size)
 
     with cli(spool.path.parent) as conn:
         damaged = list_dead_letters(conn, reason="damaged")
@@ -534,26 +565,66 @@ async def test_read_after_moves_damaged_rows_to_dead_letters(spool: Spool) -> No
             "evt-00000004",
         ]
         assert [d.event.recipient_id for d in damaged] == ["", "", ""]
-        assert f"spool row {seqs[0]}" in damaged[0].error
+        assert f"spool event {seqs[0]}" in damaged[0].error
         assert "empty event_id, recipient_id or name" in damaged[0].error
         assert "data not text" in damaged[1].error
         assert "conversion is 7" in damaged[2].error
-        # The row's columns are kept, as they were, in the dead letter's body.
+        # The entry is kept, as it was, in the dead letter's body.
         kept = json.loads(damaged[1].event.data)["damaged_spool_row"]
         assert kept["seq"] == seqs[1]
-        assert kept["data"] == repr(b"\x00\xff")
-        assert kept["name"] == "signup"
+        assert kept["event"][5] == 255
+        assert kept["event"][2] == "signup"
         # Not an event: replay leaves them where they are.
         assert replay_dead_letters(conn, None) == 0
         assert len(list_dead_letters(conn)) == 3
         assert spool_stats(conn)["dead_letters"] == {"damaged": 3}
 
 
-async def test_spooled_events_names_a_damaged_row(spool: Spool) -> None:
-    seqs = await spool.append([ev(1), ev(2)])
+async def test_a_row_that_cannot_be_read_goes_whole_to_the_dead_letters(spool: Spool) -> None:
+    first = await spool.append([ev(1), ev(2), ev(3)])
+    second = await spool.append([ev(4)])
+    await spool.remove(first[:1])
     with closing(connect(spool.path)) as other:
-        other.execute("UPDATE events SET name = '' WHERE seq = ?", (seqs[1],))
-    with cli(spool.path.parent) as conn, pytest.raises(ValueError, match=f"spool row {seqs[1]}"):
+        other.execute("UPDATE batches SET body = x'00ff' WHERE seq = ?", (row_of(first[0]),))
+    assert [(row.seq, row.event) for row in await spool.read_after(0, 10)] == [(second[0], ev(4))]
+    # The two events it still held leave the counts; the row's settled entry goes with it.
+    assert (spool.depth, spool.damaged, spool.dead_letters, spool.bytes) == (
+        1,
+        1,
+        1,
+        size_of(ev(4)),
+    )
+    assert spool.oldest_accepted_at == ev(4).accepted_at
+    with cli(spool.path.parent) as conn:
+        [dead] = list_dead_letters(conn)
+        assert conn.execute("SELECT count(*) FROM settled").fetchone()[0] == 0
+        assert f"spool row {row_of(first[0])}" in dead.error
+        assert "body is not JSON" in dead.error
+        kept = json.loads(dead.event.data)["damaged_spool_row"]
+        assert (kept["seq"], kept["count"], kept["body"]) == (row_of(first[0]), 3, "\x00\\xff")
+        assert replay_dead_letters(conn, None) == 0
+
+
+async def test_appends_beyond_a_row_take_several_in_order(spool: Spool) -> None:
+    events = [ev(i) for i in range(ROW_EVENTS + 5)]
+    seqs = await spool.append(events)
+    assert [row_of(seq) for seq in seqs] == [1] * ROW_EVENTS + [2] * 5
+    assert [row.event for row in await spool.read_after(0, 2 * ROW_EVENTS)] == events
+    assert [row.seq for row in await spool.read_after(seqs[ROW_EVENTS - 2], 3)] == seqs[
+        ROW_EVENTS - 1 : ROW_EVENTS + 2
+    ]
+    await spool.remove(seqs[:ROW_EVENTS])
+    assert (spool.depth, spool.bytes, spool.oldest_accepted_at) == (
+        5,
+        size_of(*events[ROW_EVENTS:]),
+        events[ROW_EVENTS].accepted_at,
+    )
+
+
+async def test_spooled_events_names_a_damaged_event(spool: Spool) -> None:
+    seqs = await spool.append([ev(1), ev(2)])
+    damage(spool.path, seqs[1], 2, "")
+    with cli(spool.path.parent) as conn, pytest.raises(ValueError, match=f"spool event {seqs[1]}"):
         spooled_events(conn)
 
 
@@ -628,23 +699,23 @@ async def test_a_schema_1_spool_is_upgraded_in_place(tmp_path: Path) -> None:
         rows = await spool.read_after(0, 10)
         # Every readable event under its old seq; the damaged ones are dead letters.
         assert [(row.seq, row.event) for row in rows] == [
-            (1, events[0]),
-            (3, events[1]),
-            (5, events[2]),
-            (6, events[3]),
+            (1 << ROW_BITS, events[0]),
+            (3 << ROW_BITS, events[1]),
+            (5 << ROW_BITS, events[2]),
+            (6 << ROW_BITS, events[3]),
         ]
         assert (spool.depth, spool.dead_letters, spool.damaged) == (4, 4, 3)
         assert spool.bytes == sum(size_of(e) for e in events[:4])
-        assert spool.max_seq == 8
+        assert spool.max_seq == last_seq(8)
         assert spool.oldest_accepted_at == ev(1).accepted_at
-        assert await spool.append([ev(10)]) == [9]
+        assert await spool.append([ev(10)]) == [9 << ROW_BITS]
     finally:
         await spool.close()
 
     with closing(connect(tmp_path / SPOOL_FILE)) as other:
-        assert other.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
+        assert other.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
         tables = {r[0] for r in other.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-        assert tables == {"events", "dead_letters", "sqlite_sequence"}
+        assert tables == {"batches", "settled", "dead_letters", "sqlite_sequence"}
     with cli(tmp_path) as conn:
         dead = list_dead_letters(conn)
         assert [(d.reason, d.event.event_id) for d in dead] == [
@@ -658,7 +729,7 @@ async def test_a_schema_1_spool_is_upgraded_in_place(tmp_path: Path) -> None:
         assert "spool row 4" in dead[2].error
         assert "spool row 7" in dead[3].error
         assert "Unicode" in dead[3].error
-        # A dead letter of schema 1 replays into the new columns; one SQLite cannot store stays.
+        # A dead letter of schema 1 replays into a new row; one that cannot be stored stays.
         assert replay_dead_letters(conn, [dead[0].id, dead[3].id]) == 1
         assert spooled_events(conn) == [*events[:4], ev(10), ev(9)]
         assert spool_stats(conn)["schema_version"] == SCHEMA_VERSION
@@ -666,34 +737,109 @@ async def test_a_schema_1_spool_is_upgraded_in_place(tmp_path: Path) -> None:
     again = await Spool.open(tmp_path)  # upgraded once: opens as it is
     try:
         assert again.moved_aside is None
-        assert (again.depth, again.damaged, again.max_seq) == (6, 0, 10)
+        assert (again.depth, again.damaged, again.max_seq) == (6, 0, last_seq(10))
     finally:
         await again.close()
 
 
-@pytest.mark.parametrize("version", [1, SCHEMA_VERSION])
+@pytest.mark.parametrize("version", [1, 2, SCHEMA_VERSION])
 async def test_an_events_table_without_its_columns_is_moved_aside(
     tmp_path: Path, version: int
 ) -> None:
+    table = "events"
     if version == 1:
         make_v1_spool(tmp_path, [v1_body(ev(1))])
         renamed = "body"
+    elif version == 2:
+        make_v2_spool(tmp_path, [v2_row(ev(1))])
+        renamed = "data"
     else:
         first = await Spool.open(tmp_path)
         await first.append([ev(1)])
         await first.close()
-        renamed = "data"
+        table, renamed = "batches", "body"
     with closing(connect(tmp_path / SPOOL_FILE)) as other:
-        other.execute(f"ALTER TABLE events RENAME COLUMN {renamed} TO payload")
+        other.execute(f"ALTER TABLE {table} RENAME COLUMN {renamed} TO payload")
     spool = await Spool.open(tmp_path)
     try:
         moved = _assert_moved(spool, tmp_path)
-        assert f"events lack {renamed}" in (spool.moved_aside_reason or "")
+        assert f"{table} lack {renamed}" in (spool.moved_aside_reason or "")
         with closing(connect(moved)) as other:
-            assert other.execute("SELECT count(*) FROM events").fetchone()[0] == 1
-        assert await spool.append([ev(2)]) == [1]
+            assert other.execute(f"SELECT count(*) FROM {table}").fetchone()[0] == 1
+        assert await spool.append([ev(2)]) == [1 << ROW_BITS]
     finally:
         await spool.close()
+
+
+# -- schema 2 (typed columns, an event per row), as an older forwarder wrote it ----------------
+
+V2_EVENTS = """CREATE TABLE events (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    account TEXT NOT NULL,
+    event_id TEXT NOT NULL,
+    recipient_id TEXT NOT NULL,
+    name TEXT NOT NULL,
+    value TEXT NOT NULL,
+    conversion INTEGER NOT NULL,
+    data TEXT NOT NULL,
+    ref TEXT NOT NULL,
+    accepted_at REAL NOT NULL,
+    size INTEGER NOT NULL
+)"""
+
+
+def v2_row(event: Event) -> tuple[Any, ...]:
+    e = event
+    fields = (e.account, e.event_id, e.recipient_id, e.name, e.value)
+    return (*fields, int(e.conversion), e.data, e.ref, e.accepted_at, 10)
+
+
+def make_v2_spool(state_dir: Path, rows: list[tuple[Any, ...]]) -> None:
+    """A spool.db as schema 2 left it: `rows` as events (seq 1, 2, ...)."""
+    with closing(connect(state_dir / SPOOL_FILE)) as conn:
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute(V2_EVENTS)
+        for statement in V1_SCHEMA[1:]:  # the dead letters did not change
+            conn.execute(statement)
+        conn.execute(f"PRAGMA application_id={APPLICATION_ID}")
+        conn.execute("PRAGMA user_version=2")
+        conn.executemany(
+            "INSERT INTO events (account, event_id, recipient_id, name, value, conversion, data,"
+            " ref, accepted_at, size) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            rows,
+        )
+
+
+async def test_a_schema_2_spool_is_upgraded_in_place(tmp_path: Path) -> None:
+    events = [ev(1), ev(2, conversion=True, data="ü" * 3, account="shop"), ev(3)]
+    rows = [v2_row(e) for e in events]
+    rows[1:1] = [v2_row(ev(7))[:2] + ("",) + v2_row(ev(7))[3:]]  # seq 2: no recipient_id
+    rows[3:3] = [v2_row(ev(8))[:5] + (7,) + v2_row(ev(8))[6:]]  # seq 4: conversion 7
+    make_v2_spool(tmp_path, rows)
+    with closing(connect(tmp_path / SPOOL_FILE)) as other:
+        other.execute("DELETE FROM events WHERE seq = 5")  # delivered: seq 5 never again
+    spool = await Spool.open(tmp_path)
+    try:
+        assert [(row.seq, row.event) for row in await spool.read_after(0, 10)] == [
+            (1 << ROW_BITS, events[0]),
+            (3 << ROW_BITS, events[1]),
+        ]
+        assert (spool.depth, spool.dead_letters, spool.damaged) == (2, 2, 2)
+        assert spool.bytes == size_of(events[0]) + size_of(events[1])
+        assert await spool.append([ev(10)]) == [6 << ROW_BITS]
+    finally:
+        await spool.close()
+    with cli(tmp_path) as conn:
+        dead = list_dead_letters(conn)
+        assert [(d.reason, d.event.event_id) for d in dead] == [
+            ("damaged", ev(7).event_id),
+            ("damaged", ev(8).event_id),
+        ]
+        assert "spool row 2" in dead[0].error
+        assert "found upgrading schema 2" in dead[0].error
+        assert "conversion is 7" in dead[1].error
+        assert json.loads(dead[1].event.data)["damaged_spool_row"]["conversion"] == 7
+        assert spooled_events(conn) == [events[0], events[1], ev(10)]
 
 
 async def test_a_failed_upgrade_leaves_the_schema_1_spool_as_it_was(
@@ -719,7 +865,7 @@ async def test_a_failed_upgrade_leaves_the_schema_1_spool_as_it_was(
 
     spool = await Spool.open(tmp_path)
     try:
-        assert (spool.depth, spool.damaged, spool.max_seq) == (2499, 1, 2500)
+        assert (spool.depth, spool.damaged, spool.max_seq) == (2499, 1, last_seq(2500))
         rows = await spool.read_after(0, 5000)
         assert [row.event for row in rows] == [ev(i) for i in range(1, 2500)]
     finally:
@@ -766,7 +912,8 @@ async def test_cli_replay_and_refresh(spool: Spool) -> None:
         assert [d.id for d in list_dead_letters(conn)] == [ids[1]]
     assert await spool.refresh() == 2
     assert spool.added_after == max_before
-    assert (spool.depth, spool.dead_letters, spool.max_seq) == (3, 1, max_before + 2)
+    # One row for what one chunk of the replay moved.
+    assert (spool.depth, spool.dead_letters, spool.max_seq) == (3, 1, max_before + ROW_EVENTS)
     rows = await spool.read_after(max_before, 10)
     assert [row.event for row in rows] == [ev(1), ev(3)]  # the same events, same event_ids
     assert all(row.seq > max_before for row in rows)
@@ -789,7 +936,7 @@ async def test_replayed_rows_below_our_own_new_seqs_are_counted(spool: Spool) ->
         assert replay_dead_letters(conn, None) == 2
     # The daemon appends before it refreshes: its new seq lands above the replayed ones.
     [mine] = await spool.append([ev(4)])
-    assert mine == known + 3
+    assert row_of(mine) == row_of(known) + 2  # the replay's chunk took one row
     assert spool.depth == 4  # counted at once
     assert await spool.refresh() == 2
     assert spool.added_after == known
@@ -819,7 +966,8 @@ async def test_cli_stats(spool: Spool) -> None:
     assert stats["path"] == str(spool.path.resolve())
     assert stats["events"] == spool.depth == 2
     assert stats["bytes"] == spool.bytes
-    assert stats["oldest_accepted_at"] == ev(2).accepted_at
+    assert stats["oldest_accepted_at"] == ev(1).accepted_at  # the oldest row's
+    assert stats["rows"] == 1
     assert stats["max_seq"] == spool.max_seq
     assert stats["schema_version"] == SCHEMA_VERSION
     assert stats["dead_letters"] == {"expired": 1, "rejected": 2}
@@ -848,14 +996,14 @@ async def test_spool_works_while_the_cli_reads_and_writes(spool: Spool) -> None:
     seqs = await spool.append([ev(i) for i in range(10)])
     with cli(spool.path.parent) as conn:
         conn.execute("BEGIN")
-        assert conn.execute("SELECT count(*) FROM events").fetchone()[0] == 10
+        assert len(spooled_events(conn)) == 10
         # A reader holds a snapshot; the daemon still commits.
         await spool.append([ev(i) for i in range(10, 20)])
         await spool.remove(seqs[:5])
-        assert conn.execute("SELECT count(*) FROM events").fetchone()[0] == 10
+        assert len(spooled_events(conn)) == 10
         assert list_dead_letters(conn) == []
         conn.execute("COMMIT")
-        assert conn.execute("SELECT count(*) FROM events").fetchone()[0] == 15
+        assert len(spooled_events(conn)) == 15
 
         # A writer holds the lock for a moment: the append waits in the thread, not the loop.
         conn.execute("BEGIN IMMEDIATE")
@@ -888,6 +1036,6 @@ async def test_a_failed_commit_fails_its_callers_and_the_spool_goes_on(
         assert "disk I/O error" in str(results[0])
         monkeypatch.undo()
         # Nothing was stored, and the failed appends hold no room any more.
-        assert await spool.append([ev(3), ev(4)]) == [1, 2]
+        assert await spool.append([ev(3), ev(4)]) == [1 << ROW_BITS, (1 << ROW_BITS) + 1]
     finally:
         await spool.close()
