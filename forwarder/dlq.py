@@ -181,7 +181,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
         oldest = stats["oldest_accepted_at"]
         age = f" ({time.time() - oldest:.0f} s ago)" if oldest else ""
         print(f"spool:         {stats['path']}")
-        print(f"events:        {stats['events']} ({stats['bytes']} bytes)")
+        print(f"events:        {stats['events']} in {stats['rows']} rows ({stats['bytes']} bytes)")
         print(f"oldest event:  {_iso(oldest)}{age}")
         print(f"dead letters:  {stats['dead_letters_total']}")
         for reason, count in stats["dead_letters"].items():

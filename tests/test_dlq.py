@@ -93,8 +93,11 @@ async def test_dead_letters_can_be_listed_shown_replayed_and_purged(
     code, out, _ = await run("spool", "stats", "--config", config, "--json")
     assert code == 0
     stats = json.loads(out[0])
-    assert stats["events"] == 0
+    assert stats["events"] == stats["rows"] == 0
     assert stats["dead_letters_total"] == 0
+    code, out, _ = await run("spool", "stats", "--config", config)
+    assert code == 0
+    assert any(line.split() == ["events:", "0", "in", "0", "rows", "(0", "bytes)"] for line in out)
 
 
 async def test_purge_and_usage_errors(mock_remote: StartMock, daemon: StartDaemon) -> None:

@@ -75,7 +75,7 @@ def size_of(*events: Event) -> int:
             e.ref,
             e.accepted_at,
             e.account,
-        ]  # fmt: skip
+        ]
         for e in events
     ]
     return len(json.dumps(entries, ensure_ascii=False, separators=(",", ":")).encode())
@@ -813,8 +813,8 @@ def make_v2_spool(state_dir: Path, rows: list[tuple[Any, ...]]) -> None:
 async def test_a_schema_2_spool_is_upgraded_in_place(tmp_path: Path) -> None:
     events = [ev(1), ev(2, conversion=True, data="ü" * 3, account="shop"), ev(3)]
     rows = [v2_row(e) for e in events]
-    rows[1:1] = [v2_row(ev(7))[:2] + ("",) + v2_row(ev(7))[3:]]  # seq 2: no recipient_id
-    rows[3:3] = [v2_row(ev(8))[:5] + (7,) + v2_row(ev(8))[6:]]  # seq 4: conversion 7
+    rows[1:1] = [(*v2_row(ev(7))[:2], "", *v2_row(ev(7))[3:])]  # seq 2: no recipient_id
+    rows[3:3] = [(*v2_row(ev(8))[:5], 7, *v2_row(ev(8))[6:])]  # seq 4: conversion 7
     make_v2_spool(tmp_path, rows)
     with closing(connect(tmp_path / SPOOL_FILE)) as other:
         other.execute("DELETE FROM events WHERE seq = 5")  # delivered: seq 5 never again
