@@ -269,6 +269,7 @@ class Spool:
         self._t = _Totals()
         self._foreign = 0  # rows other processes added, not yet reported by refresh()
         self._foreign_after = 0
+        self._last_commit_at = 0.0  # time.monotonic() when the last group commit ended
 
     # -- opening and closing ------------------------------------------------------------------
 
@@ -540,18 +541,24 @@ class Spool:
     def _group_job(self) -> None:
         """On the thread: wait out the window of the oldest pending request, then commit them all.
 
-        Requests that arrive while this group is written wait for the next job, which the first
-        of them submitted and which runs right after this one.
+        The window is waited only under load, when the last commit ended less than a window
+        ago: a request to an idle spool is committed at once (a window would only add to its
+        latency), while back-to-back commits, each with its fsync and per-transaction work,
+        become fewer and larger. Requests that arrive while this group is written wait for the
+        next job, which the first of them submitted and which runs right after this one.
         """
-        with self._lock:
-            delay = self._first_at + self._window - time.monotonic()
-        if delay > 0:
-            self._cut.wait(delay)
+        now = time.monotonic()
+        if now - self._last_commit_at < self._window:
+            with self._lock:
+                delay = self._first_at + self._window - now
+            if delay > 0:
+                self._cut.wait(delay)
         with self._lock:
             ops, self._pending = self._pending, []
             self._scheduled = False
         if ops:  # empty when every request was withdrawn during the window
             self._commit_job(ops)
+            self._last_commit_at = time.monotonic()
 
     def _commit_job(self, ops: list[_Op]) -> None:
         """One transaction for every request in `ops`; reports back through `_post`."""
@@ -588,13 +595,14 @@ class Spool:
         try:
             foreign = 0
             if rows:
-                foreign = self._catch_up(conn, t)
-                known = t.max_row
-                _insert_batches(conn, rows)
-                last = _highest_row(conn)
-                if last - known != len(rows):
-                    raise SpoolError(f"rows {known + 1}..{last} for {len(rows)} rows: not ours")
-                first = known + 1
+                # The rows' seqs come from the inserts themselves, with no query before or
+                # after: every SQLite call gives up the GIL and must take it back from the busy
+                # event loop, which costs the loop more than the query itself.
+                first, last = _insert_batches(conn, rows)
+                if last - first + 1 != len(rows):
+                    raise SpoolError(f"rows {first}..{last} for {len(rows)} rows: not ours")
+                if first - 1 > t.max_row:  # another process (dlq replay) added rows since
+                    foreign = self._catch_up(conn, t, below=first)
                 t.depth += sum(row[0] for row in rows)
                 t.bytes += sum(row[_SIZE] for row in rows)
                 t.max_row = last
@@ -624,17 +632,19 @@ class Spool:
         return dataclasses.replace(t), results, took
 
     @staticmethod
-    def _catch_up(conn: sqlite3.Connection, t: _Totals) -> int:
+    def _catch_up(conn: sqlite3.Connection, t: _Totals, below: int | None = None) -> int:
         """Count into `t` the events another process added since we last looked; returns how many.
 
-        `t.max_row` becomes the highest row seq given out so far.
+        Only rows below `below`, if given (rows from there on are this process's own).
+        `t.max_row` becomes the highest row seq given out so far (below `below`).
         """
-        known = _highest_row(conn)
+        known = _highest_row(conn) if below is None else below - 1
         count = 0
         if known > t.max_row:
             count, size = conn.execute(
-                "SELECT coalesce(sum(count), 0), coalesce(sum(size), 0) FROM batches WHERE seq > ?",
-                (t.max_row,),
+                "SELECT coalesce(sum(count), 0), coalesce(sum(size), 0) FROM batches"
+                " WHERE seq > ? AND seq <= ?",
+                (t.max_row, known),
             ).fetchone()
             t.depth += count
             t.bytes += size
@@ -1320,13 +1330,24 @@ def _load_oldest(conn: sqlite3.Connection, t: _Totals) -> None:
     t.min_row, t.oldest_accepted_at = (row[0], row[1]) if row else (None, None)
 
 
-def _insert_batches(conn: sqlite3.Connection, rows: Sequence[_BatchRow]) -> None:
-    """Insert `rows` in order (their seqs are consecutive), in multi-row statements."""
+def _insert_batches(conn: sqlite3.Connection, rows: Sequence[_BatchRow]) -> tuple[int, int]:
+    """Insert `rows` in order, in multi-row statements; returns the first and last row seq.
+
+    Within a write transaction AUTOINCREMENT numbers them one after another; the statements'
+    `lastrowid` say where they landed.
+    """
     done, total = 0, len(rows)
+    first = last = 0
     while done < total:
         count = min(_ROWS_PER_INSERT, 1 << ((total - done).bit_length() - 1))
-        conn.execute(_INSERT_BATCHES[count], list(chain.from_iterable(rows[done : done + count])))
+        cursor = conn.execute(
+            _INSERT_BATCHES[count], list(chain.from_iterable(rows[done : done + count]))
+        )
+        last = int(cursor.lastrowid or 0)
+        if not done:
+            first = last - count + 1
         done += count
+    return first, last
 
 
 def _settled_between(conn: sqlite3.Connection, first_row: int, last_row: int) -> set[int]:

@@ -483,8 +483,9 @@ async def test_soon_requests_are_flushed_by_close(tmp_path: Path) -> None:
 
 
 async def test_cancelled_append_is_not_stored(tmp_path: Path) -> None:
-    spool = await Spool.open(tmp_path, max_bytes=size_of(ev(1)), group_window_s=0.05)
+    spool = await Spool.open(tmp_path, max_bytes=2 * size_of(ev(1)), group_window_s=0.5)
     try:
+        [first] = await spool.append([ev(0)])  # the spool is busy now: the next waits its window
         task = asyncio.create_task(spool.append([ev(1)]))
         await asyncio.sleep(0)  # queued, waiting for the window
         task.cancel()
@@ -492,8 +493,30 @@ async def test_cancelled_append_is_not_stored(tmp_path: Path) -> None:
             await task
         # Its bytes are no longer reserved, and it never reaches the file.
         [seq] = await spool.append([ev(2)])
-        assert [row.event for row in await spool.read_after(0, 10)] == [ev(2)]
-        assert seq == 1 << ROW_BITS
+        assert [row.event for row in await spool.read_after(0, 10)] == [ev(0), ev(2)]
+        assert seq == first + ROW_EVENTS
+    finally:
+        await spool.close()
+
+
+async def test_an_idle_spool_commits_at_once_and_a_busy_one_waits_its_window(
+    tmp_path: Path,
+) -> None:
+    commits: list[float] = []
+    spool = await Spool.open(tmp_path, group_window_s=0.3, on_commit=commits.append)
+    try:
+        started = time.monotonic()
+        await spool.append([ev(1)])
+        idle = time.monotonic() - started
+        started = time.monotonic()
+        await spool.append([ev(2)])  # right after a commit: under load, so the window applies
+        busy = time.monotonic() - started
+        assert idle < 0.3 <= busy
+        await asyncio.sleep(0.35)  # a window without commits: idle again
+        started = time.monotonic()
+        await spool.append([ev(3)])
+        assert time.monotonic() - started < 0.3
+        assert len(commits) == 3
     finally:
         await spool.close()
 
