@@ -1406,16 +1406,22 @@ def _settle(conn: sqlite3.Connection, t: _Totals, seqs: Sequence[int]) -> None:
             continue
         count = found[0]
         base = row << ROW_BITS
-        new = {seq for seq in mine if seq - base < count}
-        done = _settled_between(conn, row, row) if count > 1 else set()
-        new -= done
-        if not new:
+        new = [(seq,) for seq in mine if seq - base < count]
+        if count == 1:  # a single-event request's row: nothing to list, the row just goes
+            if new:
+                t.depth -= 1
+                _drop_row(conn, t, row, counted=True)
             continue
-        t.depth -= len(new)
-        if len(done) + len(new) >= count:
+        # Counted, not listed: a row of 1000 events is settled one event at a time.
+        added = conn.executemany("INSERT OR IGNORE INTO settled (seq) VALUES (?)", new).rowcount
+        if added <= 0:
+            continue
+        t.depth -= added
+        done = conn.execute(
+            "SELECT count(*) FROM settled WHERE seq BETWEEN ? AND ?", (base, _last_seq(row))
+        ).fetchone()[0]
+        if done >= count:
             _drop_row(conn, t, row, counted=True)
-        else:
-            conn.executemany("INSERT INTO settled (seq) VALUES (?)", [(seq,) for seq in new])
     if t.min_row is None:
         _load_oldest(conn, t)
 

@@ -1062,3 +1062,20 @@ async def test_a_failed_commit_fails_its_callers_and_the_spool_goes_on(
         assert await spool.append([ev(3), ev(4)]) == [1 << ROW_BITS, (1 << ROW_BITS) + 1]
     finally:
         await spool.close()
+
+
+async def test_a_row_is_settled_event_by_event_and_goes_with_its_last(spool: Spool) -> None:
+    events = [ev(i) for i in range(50)]
+    seqs = await spool.append(events)
+    order = seqs[25:] + seqs[:25]
+    for n, seq in enumerate(order[:-1], start=1):
+        await spool.remove([seq, seq, order[0]])  # repeats, in one call and across calls
+        assert spool.depth == 50 - n
+    assert [row.seq for row in await spool.read_after(0, 100)] == [order[-1]]
+    with cli(spool.path.parent) as conn:
+        assert conn.execute("SELECT count(*) FROM settled").fetchone()[0] == 49
+    await spool.remove([order[-1]])
+    assert (spool.depth, spool.bytes, spool.oldest_accepted_at) == (0, 0, None)
+    with cli(spool.path.parent) as conn:
+        assert conn.execute("SELECT count(*) FROM settled").fetchone()[0] == 0
+        assert conn.execute("SELECT count(*) FROM batches").fetchone()[0] == 0
