@@ -600,14 +600,7 @@ class Spool:
             took = time.perf_counter() - started
             last = int(cursor.lastrowid or 0)
             first = last - len(rows) + 1
-            foreign = 0
-            if first - 1 > t.max_row:  # rows another process (dlq replay) committed before ours
-                foreign = self._catch_up(conn, t, below=first)
-            t.depth += sum(row[0] for row in rows)
-            t.bytes += sum(row[_SIZE] for row in rows)
-            t.max_row = last
-            if t.min_row is None:
-                t.min_row, t.oldest_accepted_at = first, rows[0][1]
+            foreign = self._count_in(conn, t, rows, first, last)
         else:
             first, foreign, took = self._transaction(conn, t, rows, dead, settles)
         self._t = t
@@ -642,15 +635,7 @@ class Spool:
             if rows:
                 # The rows' seqs come from the inserts themselves, with no query around them.
                 first, last = _insert_batches(conn, rows)
-                if last - first + 1 != len(rows):
-                    raise SpoolError(f"rows {first}..{last} for {len(rows)} rows: not ours")
-                if first - 1 > t.max_row:  # another process (dlq replay) added rows since
-                    foreign = self._catch_up(conn, t, below=first)
-                t.depth += sum(row[0] for row in rows)
-                t.bytes += sum(row[_SIZE] for row in rows)
-                t.max_row = last
-                if t.min_row is None:
-                    t.min_row, t.oldest_accepted_at = first, rows[0][1]
+                foreign = self._count_in(conn, t, rows, first, last)
             if dead:
                 conn.executemany(_INSERT_DEAD, dead)
                 t.dead_letters += len(dead)
@@ -660,6 +645,21 @@ class Spool:
             _rollback(conn)
             raise
         return first, foreign, took
+
+    def _count_in(
+        self, conn: sqlite3.Connection, t: _Totals, rows: list[_BatchRow], first: int, last: int
+    ) -> int:
+        """Count the rows just inserted as `first`..`last` into `t`; returns how many events
+        other processes (`forwarder dlq replay`) added below them since we last looked."""
+        if last - first + 1 != len(rows):
+            raise SpoolError(f"rows {first}..{last} for {len(rows)} rows: not ours")
+        foreign = self._catch_up(conn, t, below=first) if first - 1 > t.max_row else 0
+        t.depth += sum(row[0] for row in rows)
+        t.bytes += sum(row[_SIZE] for row in rows)
+        t.max_row = last
+        if t.min_row is None:
+            t.min_row, t.oldest_accepted_at = first, rows[0][1]
+        return foreign
 
     @staticmethod
     def _catch_up(conn: sqlite3.Connection, t: _Totals, below: int | None = None) -> int:
