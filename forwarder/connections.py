@@ -107,7 +107,14 @@ class ConnectionGuard:
 class GuardedRequestHandler(RequestHandler):
     """aiohttp's protocol for one connection, plus the cap and the request-head deadline."""
 
-    __slots__ = ("_awaiting_head", "_guard", "_head_deadline", "_head_timer", "_refused")
+    __slots__ = (
+        "_awaiting_head",
+        "_guard",
+        "_head_deadline",
+        "_head_timer",
+        "_head_timer_at",
+        "_refused",
+    )
 
     def __init__(self, manager: web.Server, *, guard: ConnectionGuard, **kwargs: Any) -> None:
         super().__init__(manager, **kwargs)
@@ -118,6 +125,7 @@ class GuardedRequestHandler(RequestHandler):
         self._head_deadline: float | None = None
         # At most one timer per connection, left pending when a head arrives in time: see _arm.
         self._head_timer: asyncio.TimerHandle | None = None
+        self._head_timer_at = 0.0  # when it fires (uvloop's TimerHandle.when() costs a call)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         """Refuse past the cap (before aiohttp sees the connection), else start the deadline."""
@@ -169,11 +177,12 @@ class GuardedRequestHandler(RequestHandler):
         loop = self._loop
         deadline = loop.time() + self._guard.header_timeout_s
         self._head_deadline = deadline
-        if self._head_timer is None:
-            self._head_timer = loop.call_at(deadline, self._head_check)
-        elif self._head_timer.when() > deadline:  # a reload shortened header_timeout_s
-            self._head_timer.cancel()
-            self._head_timer = loop.call_at(deadline, self._head_check)
+        if self._head_timer is not None:
+            if self._head_timer_at <= deadline:
+                return
+            self._head_timer.cancel()  # a reload shortened header_timeout_s
+        self._head_timer = loop.call_at(deadline, self._head_check)
+        self._head_timer_at = deadline
 
     def _head_check(self) -> None:
         self._head_timer = None
@@ -183,6 +192,7 @@ class GuardedRequestHandler(RequestHandler):
         loop = self._loop
         if loop.time() < deadline - _TIMER_SLACK_S:
             self._head_timer = loop.call_at(deadline, self._head_check)
+            self._head_timer_at = deadline
             return
         self._head_deadline = None
         if self._awaiting_head and self.transport is not None:

@@ -92,3 +92,22 @@ async def test_a_slow_head_after_fast_requests_is_still_cut_off(
     finally:
         writer.close()
     assert guard.header_timeouts == 1
+
+
+async def test_a_shortened_header_timeout_applies_to_the_next_head(
+    served: tuple[ConnectionGuard, int],
+) -> None:
+    # A reload may shorten header_timeout_s while a timer for the longer deadline is pending.
+    guard, port = served
+    guard.header_timeout_s = 3600.0
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(REQUEST)
+        assert (await _answer(reader)).startswith(b"HTTP/1.1 200 ")
+        guard.header_timeout_s = 0.3
+        writer.write(b"GET /ok HTTP/1.1\r\n")
+        async with asyncio.timeout(10):  # not the hour the pending timer was set for
+            assert await reader.read() == b""
+    finally:
+        writer.close()
+    assert guard.header_timeouts == 1
