@@ -107,14 +107,25 @@ class ConnectionGuard:
 class GuardedRequestHandler(RequestHandler):
     """aiohttp's protocol for one connection, plus the cap and the request-head deadline."""
 
-    __slots__ = ("_awaiting_head", "_guard", "_head_timer", "_refused")
+    __slots__ = (
+        "_awaiting_head",
+        "_guard",
+        "_head_deadline",
+        "_head_timer",
+        "_head_timer_at",
+        "_refused",
+    )
 
     def __init__(self, manager: web.Server, *, guard: ConnectionGuard, **kwargs: Any) -> None:
         super().__init__(manager, **kwargs)
         self._guard = guard
         self._refused = False
         self._awaiting_head = True  # no request handler running: bytes now are a request's head
+        # When the head now awaited is overdue (loop time); None while none is awaited.
+        self._head_deadline: float | None = None
+        # At most one timer per connection, left pending when a head arrives in time: see _arm.
         self._head_timer: asyncio.TimerHandle | None = None
+        self._head_timer_at = 0.0  # when it fires (uvloop's TimerHandle.when() costs a call)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         """Refuse past the cap (before aiohttp sees the connection), else start the deadline."""
@@ -136,39 +147,62 @@ class GuardedRequestHandler(RequestHandler):
         if self._refused:
             return  # never counted, never handed to aiohttp
         self._guard.open -= 1
-        self._disarm()
+        self._head_deadline = None
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
         """Feed aiohttp's parser; the first byte of a later request starts its deadline."""
         super().data_received(data)
-        if self._awaiting_head and self._head_timer is None and data:
+        if self._awaiting_head and self._head_deadline is None and data:
             self._arm()
 
     def head_received(self) -> None:
         """A request's head is complete and its handler runs (called by intake's middleware)."""
         self._awaiting_head = False
-        self._disarm()
+        self._head_deadline = None  # a pending timer finds nothing due (see _arm)
 
     def request_done(self) -> None:
         """The handler has answered: bytes from now on belong to the next request's head."""
         self._awaiting_head = True
 
     def _arm(self) -> None:
-        self._disarm()
-        loop = asyncio.get_running_loop()
-        self._head_timer = loop.call_later(self._guard.header_timeout_s, self._head_overdue)
-
-    def _disarm(self) -> None:
+        # Each request on a kept-alive connection starts a deadline and nearly always meets it
+        # at once. Scheduling and cancelling a timer for each cost intake a few per cent of its
+        # throughput (and left cancelled handles in the loop's heap), so, like aiohttp's own
+        # keep-alive timer, one timer stays pending and moves itself on to the current deadline
+        # when it fires early.
+        loop = self._loop
+        deadline = loop.time() + self._guard.header_timeout_s
+        self._head_deadline = deadline
         if self._head_timer is not None:
-            self._head_timer.cancel()
-            self._head_timer = None
+            if self._head_timer_at <= deadline:
+                return
+            self._head_timer.cancel()  # a reload shortened header_timeout_s
+        self._head_timer = loop.call_at(deadline, self._head_check)
+        self._head_timer_at = deadline
 
-    def _head_overdue(self) -> None:
+    def _head_check(self) -> None:
         self._head_timer = None
+        deadline = self._head_deadline
+        if deadline is None:
+            return  # the head arrived; the next request's first byte arms again
+        loop = self._loop
+        if loop.time() < deadline - _TIMER_SLACK_S:
+            self._head_timer = loop.call_at(deadline, self._head_check)
+            self._head_timer_at = deadline
+            return
+        self._head_deadline = None
         if self._awaiting_head and self.transport is not None:
             self._guard.count_slow()
             self.force_close()
+
+
+# A timer may fire a little before its time (the loop's clock resolution; libuv rounds to
+# milliseconds): within this of the deadline it counts as due rather than being set again.
+_TIMER_SLACK_S = 0.001
 
 
 class _GuardedServer(web.Server):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import uuid
 
 import pytest
@@ -169,6 +170,29 @@ def test_new_event_ids_are_version_4_uuids() -> None:
         assert str(parsed) == text
         assert parsed.version == 4
         assert parsed.variant == uuid.RFC_4122
+
+
+def test_event_ids_made_for_single_events_are_distinct_uuids_from_few_system_calls(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The random bits are fetched for many ids at once (one os.urandom call per 256), and each
+    # id's share is handed out once.
+    calls: list[int] = []
+    urandom = os.urandom
+
+    def counting(size: int) -> bytes:
+        calls.append(size)
+        return urandom(size)
+
+    monkeypatch.setattr(os, "urandom", counting)
+    made = []
+    for _ in range(1000):
+        event = event_from_mapping({"recipient_id": "r", "name": "X"}, 0, [])
+        assert event is not None
+        made.append(event.event_id)
+    assert len(set(made)) == 1000
+    assert all(uuid.UUID(text).version == 4 for text in made)
+    assert 1 <= len(calls) <= 5, calls
 
 
 @pytest.mark.parametrize(

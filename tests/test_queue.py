@@ -745,3 +745,23 @@ def test_pending_round_trip_appends_and_keeps_damaged_lines(tmp_path: Path) -> N
     assert oct((tmp_path / "pending.jsonl").stat().st_mode & 0o777) == "0o600"
     remove_pending(tmp_path)
     assert load_pending(tmp_path).events == []
+
+
+@pytest.mark.parametrize("ordered", [True, False])
+async def test_one_event_admits_queue_count_and_wake_like_a_batch(ordered: bool) -> None:
+    # A one-event admit takes its own short way (intake's drop-in endpoint): the same order,
+    # depth, bytes and hand-over to a waiting lane as the same events admitted as a batch.
+    events = [ev("a1", "r1"), ev("b1", "r2", "acme"), ev("a2", "r1"), ev("c1", "r3")]
+    one, batch = EventQueue(10, ordered=ordered), EventQueue(10, ordered=ordered)
+    waiting = asyncio.create_task(one.get("acme"))
+    await settle()
+    for item in events:
+        assert one.admit([item]) == ""
+    assert batch.admit(events) == ""
+    assert (await woken(waiting)).event_id == "b1"
+    assert one.bytes == batch.bytes == sum(map(event_size, events))
+    assert (len(one), one.in_delivery) == (3, 1)
+    assert (one.depth(""), one.depth("acme")) == (3, 0)
+    one.done(waiting.result())
+    expected = ["a1", "c1", "a2"] if ordered else ["a1", "a2", "c1"]  # round-robin, or FIFO
+    assert take_and_done(one, "", 3) == take_and_done(batch, "", 3) == expected
