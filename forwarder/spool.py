@@ -279,10 +279,10 @@ class Spool:
         state_dir: Path,
         *,
         max_bytes: int = 0,
-        # 5 ms rather than 2: on a loaded core, 2 ms caught one 100-event request a group at
-        # best, and each commit's fsync and GIL hand-overs cost the loop more than the wait
-        # (bench_spool.py: durable batches 57-88k ev/s at 2 ms, 82-91k at 5 ms, same runs).
-        group_window_s: float = 0.005,
+        # 3 ms: on a loaded core 2 ms caught about one 100-event request a group, and each
+        # commit's fsync and GIL hand-overs cost the loop more than the wait; 5 ms made 32
+        # closed-loop single-event clients wait for it, with the loop idle (bench_spool.py).
+        group_window_s: float = 0.003,
         on_commit: Callable[[float], None] | None = None,
     ) -> Spool:
         """Open (or create) `state_dir/spool.db`; a damaged or foreign file is moved aside first.
