@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import uuid
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from forwarder import events
 from forwarder.events import (
@@ -264,3 +267,16 @@ def test_the_shared_names_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
     odd = Name("ODD")
     assert shared_name(odd) is odd
     assert events._names == {}  # a str subclass is never kept
+
+
+@given(st.text(alphabet="0123456789 ,[]x\u00e9\n", max_size=80))
+def test_long_digit_check_matches_the_regular_expression(text: str) -> None:
+    expected = re.search(r"[0-9]{20}", text) is not None
+    assert events._has_long_digits(text) is expected
+    assert events._has_long_digits(text.encode()) is expected
+
+
+def test_ndjson_keeps_a_long_integer_exact_on_its_line_only() -> None:
+    body = '{"n": 1}\n{"n": 123456789012345678901234567890}\n{"n": 2.5}\n'
+    assert parse_ndjson(body) == [{"n": 1}, {"n": 123456789012345678901234567890}, {"n": 2.5}]
+    assert parse_ndjson('{"n": 18446744073709551617}') == [{"n": 18446744073709551617}]
