@@ -1404,7 +1404,7 @@ def _settle(conn: sqlite3.Connection, t: _Totals, seqs: Sequence[int]) -> None:
     for seq in seqs:
         by_row.setdefault(seq >> ROW_BITS, set()).add(seq)
     for row, mine in by_row.items():
-        found = conn.execute("SELECT count FROM batches WHERE seq = ?", (row,)).fetchone()
+        found = conn.execute("SELECT count, size FROM batches WHERE seq = ?", (row,)).fetchone()
         if found is None or type(found[0]) is not int:
             continue
         count = found[0]
@@ -1413,7 +1413,7 @@ def _settle(conn: sqlite3.Connection, t: _Totals, seqs: Sequence[int]) -> None:
         if count == 1:  # a single-event request's row: nothing to list, the row just goes
             if new:
                 t.depth -= 1
-                _drop_row(conn, t, row, counted=True)
+                _drop_row(conn, t, row, counted=True, found=found)
             continue
         # Counted, not listed: a row of 1000 events is settled one event at a time.
         added = conn.executemany("INSERT OR IGNORE INTO settled (seq) VALUES (?)", new).rowcount
@@ -1424,20 +1424,33 @@ def _settle(conn: sqlite3.Connection, t: _Totals, seqs: Sequence[int]) -> None:
             "SELECT count(*) FROM settled WHERE seq BETWEEN ? AND ?", (base, _last_seq(row))
         ).fetchone()[0]
         if done >= count:
-            _drop_row(conn, t, row, counted=True)
+            _drop_row(conn, t, row, counted=True, found=found)
     if t.min_row is None:
         _load_oldest(conn, t)
 
 
-def _drop_row(conn: sqlite3.Connection, t: _Totals, row: int, *, counted: bool = False) -> None:
-    """Delete a row and its settled seqs; unless `counted`, its unsettled events leave depth."""
-    found = conn.execute("SELECT count, size FROM batches WHERE seq = ?", (row,)).fetchone()
+def _drop_row(
+    conn: sqlite3.Connection,
+    t: _Totals,
+    row: int,
+    *,
+    counted: bool = False,
+    found: tuple[Any, Any] | None = None,
+) -> None:
+    """Delete a row and its settled seqs; unless `counted`, its unsettled events leave depth.
+
+    `found`: the row's (count, size), if the caller has read them already.
+    """
     if found is None:
-        return
+        found = conn.execute("SELECT count, size FROM batches WHERE seq = ?", (row,)).fetchone()
+        if found is None:
+            return
     count, size = found
-    settled = conn.execute(
-        "DELETE FROM settled WHERE seq BETWEEN ? AND ?", (row << ROW_BITS, _last_seq(row))
-    ).rowcount
+    settled = 0
+    if count != 1:  # a one-event row never has settled seqs listed
+        settled = conn.execute(
+            "DELETE FROM settled WHERE seq BETWEEN ? AND ?", (row << ROW_BITS, _last_seq(row))
+        ).rowcount
     conn.execute("DELETE FROM batches WHERE seq = ?", (row,))
     if not counted and type(count) is int:
         t.depth -= max(0, count - settled)
