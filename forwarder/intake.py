@@ -553,6 +553,31 @@ _QUEUED_TAIL = b'","status":"queued"}}'
 async def create_events(request: web.Request) -> web.Response:
     """POST /v1/events: a batch (JSON array or NDJSON), validated and queued as a whole."""
     state = request.app[STATE]
+    events = await _batch_events(request, state)
+    if isinstance(events, web.Response):
+        return events
+    if reason := await _admit(state, events):
+        return _refuse(state, reason, len(events))
+    return _json(
+        202,
+        {
+            "success": True,
+            "data": {
+                "ids": [e.event_id for e in events],
+                "count": len(events),
+                "status": "queued",
+            },
+        },
+    )
+
+
+async def _batch_events(request: web.Request, state: IntakeState) -> list[Event] | web.Response:
+    """The batch's events, or the answer refusing it.
+
+    A function of its own so that the parsed items are gone before the events wait for a
+    durable commit: a hundred dicts a request, kept across the wait by every request in it,
+    made the loop's memory colder and JSON parsing measurably slower.
+    """
     ctype = _content_type(request)
     items: list[object]
     try:
@@ -581,19 +606,7 @@ async def create_events(request: web.Request) -> web.Response:
         return _invalid(state, exc.errors, summary)
     except _Unroutable as exc:
         return _unroutable(state, exc, single=False)
-    if reason := await _admit(state, events):
-        return _refuse(state, reason, len(events))
-    return _json(
-        202,
-        {
-            "success": True,
-            "data": {
-                "ids": [e.event_id for e in events],
-                "count": len(events),
-                "status": "queued",
-            },
-        },
-    )
+    return events
 
 
 def _unsupported(state: IntakeState, ctype: str, expected: str) -> web.Response:

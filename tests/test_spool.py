@@ -20,6 +20,7 @@ from forwarder.deadletter import DeadLetterNote
 from forwarder.events import Event
 from forwarder.spool import (
     APPLICATION_ID,
+    PAGE_SIZE,
     ROW_BITS,
     ROW_EVENTS,
     SCHEMA_VERSION,
@@ -292,6 +293,7 @@ async def test_new_file_is_ours(spool: Spool) -> None:
         assert other.execute("PRAGMA application_id").fetchone()[0] == APPLICATION_ID
         assert other.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
         assert other.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert other.execute("PRAGMA page_size").fetchone()[0] == PAGE_SIZE == 16384
         columns = [row[1] for row in other.execute("PRAGMA table_info(batches)")]
         settled = [row[1] for row in other.execute("PRAGMA table_info(settled)")]
     assert columns == ["seq", "count", "accepted_at", "size", "body"]
