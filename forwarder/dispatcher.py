@@ -23,7 +23,13 @@ from tenacity import RetryCallState
 from forwarder.config import RemoteConfig, RetryConfig
 from forwarder.deadletter import DeadLetterNote
 from forwarder.events import Event
-from forwarder.limiter import CircuitBreaker, ConcurrencyController, RateLimiter, Ticket
+from forwarder.limiter import (
+    BreakerState,
+    CircuitBreaker,
+    ConcurrencyController,
+    RateLimiter,
+    Ticket,
+)
 from forwarder.queue import EventQueue
 from forwarder.remote import Result, Verdict
 from forwarder.retry import run_with_retries
@@ -48,6 +54,15 @@ class Outcomes(Protocol):
     def delivered(self, event: Event, spool_seq: int) -> None: ...
 
     def dead_lettered(self, event: Event, spool_seq: int, note: DeadLetterNote) -> None: ...
+
+
+@dataclass(slots=True)
+class _Tally:
+    """One event's delivery so far: its attempts, and whether it holds a concurrency slot."""
+
+    attempts: int = 0
+    first_at: float = 0.0  # time.time() of the first attempt
+    holding: bool = True  # the pump handed over a slot; given back while in backoff
 
 
 @dataclass(frozen=True, slots=True)
@@ -228,48 +243,18 @@ class Lane:
     # --- one event ----------------------------------------------------------------------------
 
     async def _deliver(self, event: Event) -> None:
-        holding = True  # the pump handed over a concurrency slot
+        tally = _Tally()
 
         async def backoff(seconds: float) -> None:
             # A retrying event gives its slot back while it waits, so other recipients flow.
-            nonlocal holding
             self.concurrency.release()
-            holding = False
+            tally.holding = False
             await self._sleep(seconds)
             await self.concurrency.acquire()
-            holding = True
-
-        attempts = 0
-        first_at = 0.0
+            tally.holding = True
 
         async def attempt() -> Result:
-            nonlocal attempts, first_at
-            auth_probe, breaker_probe = await self._pass_gates()
-            try:
-                ticket = await self._take_token()
-                attempts += 1
-                if attempts == 1:
-                    first_at = time.time()
-                self._stats.attempts += 1
-                self.concurrency.request_started()
-                sent: Result | None = None
-                try:
-                    sent = await self.sender.send(event)
-                finally:
-                    # Cancelled mid-request: the request is gone, and so must its count be.
-                    self.concurrency.request_finished(
-                        sent.latency_s if sent else 0.0,
-                        backpressure=bool(sent and sent.transient_failure),
-                    )
-                result = sent
-            except BaseException:
-                if auth_probe:
-                    self.auth.abandon()
-                if breaker_probe:
-                    self.breaker.abandon()
-                raise
-            self._learn(ticket, result, auth_probe=auth_probe, breaker_probe=breaker_probe)
-            return result
+            return await self._attempt(event, tally)
 
         # This task runs in a copy of the pump's context: what is bound here stays with this
         # event's log lines and goes with the task, so there is nothing to unbind.
@@ -280,20 +265,33 @@ class Lane:
             account=self.name,
         )
         try:
+            # The first attempt is awaited here, not through tenacity: most events are
+            # delivered by it, and every await level between this task and the HTTP client is
+            # passed again each time the request resumes.
+            started = time.monotonic()
+            result = await self._attempt(event, tally)
             while True:
-                result = await run_with_retries(
-                    attempt, self.settings.retry, before_sleep=self._log_retry, sleep=backoff
-                )
+                if result.verdict is Verdict.RETRY:
+                    result = await run_with_retries(
+                        attempt,
+                        self.settings.retry,
+                        first=result,
+                        spent_s=time.monotonic() - started,
+                        before_sleep=self._log_retry,
+                        sleep=backoff,
+                    )
                 if result.verdict is not Verdict.AUTH:
                     break
                 # The key is refused: the gate holds this event with all others; the
                 # give-up clock restarts, since the event itself is not at fault.
-            dead = self._finish(event, result, attempts, first_at)
+                started = time.monotonic()
+                result = await self._attempt(event, tally)
+            dead = self._finish(event, result, tally.attempts, tally.first_at)
         except Exception as exc:  # a bug, not the remote: keep the event, keep the lane
             log.exception("internal_error", event_id=event.event_id, account=self.name)
-            dead = self._dead_letter("internal_error", None, repr(exc), attempts, time.time())
+            dead = self._dead_letter("internal_error", None, repr(exc), tally.attempts, time.time())
         finally:
-            if holding:
+            if tally.holding:
                 self.concurrency.release()
         # Reached only with an outcome; a cancelled delivery stays in the queue's care.
         spool_seq = self._queue.done(event)
@@ -302,6 +300,41 @@ class Lane:
         else:
             self._outcomes.dead_lettered(event, spool_seq, dead)
         self.on_outcome()
+
+    async def _attempt(self, event: Event, tally: _Tally) -> Result:
+        """One attempt through the gates, the rate limiter and the remote; learns from it."""
+        if self.auth.state is BreakerState.CLOSED and self.breaker.state is BreakerState.CLOSED:
+            auth_probe = breaker_probe = False  # `_pass_gates` without a coroutine
+        else:
+            auth_probe, breaker_probe = await self._pass_gates()
+        try:
+            # The limiter's lock only orders waiters: with none, take a token at once.
+            ticket = self.limiter.reserve() if not self._limiter_lock.locked() else None
+            if not isinstance(ticket, Ticket):
+                ticket = await self._take_token()
+            tally.attempts += 1
+            if tally.attempts == 1:
+                tally.first_at = time.time()
+            self._stats.attempts += 1
+            self.concurrency.request_started()
+            sent: Result | None = None
+            try:
+                sent = await self.sender.send(event)
+            finally:
+                # Cancelled mid-request: the request is gone, and so must its count be.
+                self.concurrency.request_finished(
+                    sent.latency_s if sent else 0.0,
+                    backpressure=bool(sent and sent.transient_failure),
+                )
+            result = sent
+        except BaseException:
+            if auth_probe:
+                self.auth.abandon()
+            if breaker_probe:
+                self.breaker.abandon()
+            raise
+        self._learn(ticket, result, auth_probe=auth_probe, breaker_probe=breaker_probe)
+        return result
 
     async def _pass_gates(self) -> tuple[bool, bool]:
         """Wait until the key gate and the breaker let an attempt through; say if it probes."""

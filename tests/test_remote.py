@@ -20,6 +20,8 @@ import yarl
 from aiohttp import web
 from aioresponses import CallbackResult, aioresponses
 from aioresponses import core as aioresponses_core
+from hypothesis import given
+from hypothesis import strategies as st
 
 from forwarder.credentials import Secret
 from forwarder.events import Event
@@ -31,6 +33,7 @@ from forwarder.remote import (
     RemoteClient,
     Verdict,
     classify,
+    encode_form,
     make_ssl_context,
 )
 from tests.conftest import TlsFiles
@@ -386,3 +389,20 @@ def test_answers_orjson_refuses_are_still_read() -> None:
     assert result.rate_remaining == 7
     duplicate = classify(409, b'{"success": false, "data": 12, "note": "\\udc00"}', {})
     assert (duplicate.duplicate, duplicate.remote_id) == (True, 12)
+
+
+FIELDS = ("recipient_id", "name", "conversion", "value", "data", "ref")
+
+
+@given(st.dictionaries(st.sampled_from(FIELDS), st.text()))
+def test_the_form_is_encoded_as_urlencode_encodes_it(fields: dict[str, str]) -> None:
+    encoded = encode_form(fields)
+    assert encoded == urllib.parse.urlencode(fields).encode("ascii")
+    assert dict(urllib.parse.parse_qsl(encoded.decode(), keep_blank_values=True)) == fields
+
+
+def test_the_form_keeps_plain_values_and_escapes_the_rest() -> None:
+    form = {"recipient_id": "r-1_x.y~", "name": "PURCHASE", "data": '{"a": "b c&d=é"}'}
+    assert encode_form(form) == (
+        b"recipient_id=r-1_x.y~&name=PURCHASE&data=%7B%22a%22%3A+%22b+c%26d%3D%C3%A9%22%7D"
+    )

@@ -151,3 +151,31 @@ async def test_the_first_attempts_time_counts_against_the_deadline() -> None:
     result = await run_with_retries(attempt, policy, sleep=Clock().sleep)
     assert result.verdict is Verdict.RETRY
     assert calls == [1]  # tenacity's own clock would have allowed a second one
+
+
+async def test_a_first_answer_made_by_the_caller_is_not_asked_again() -> None:
+    clock = Clock()
+    answers = [RETRY, Result(Verdict.DELIVERED, 200)]
+
+    async def attempt() -> Result:
+        return answers.pop(0)
+
+    policy = RetryConfig(initial_backoff_s=0.5, max_backoff_s=30.0, max_elapsed_s=3600)
+    first = Result(Verdict.RETRY, 503, retry_after=7.0)
+    result = await run_with_retries(attempt, policy, first=first, spent_s=1.0, sleep=clock.sleep)
+    assert result.verdict is Verdict.DELIVERED
+    assert answers == []  # two attempts of ours after the caller's one
+    assert clock.sleeps[0] == 7.0  # the caller's answer steered the first wait
+
+
+async def test_the_callers_time_counts_against_the_deadline() -> None:
+    calls: list[int] = []
+
+    async def attempt() -> Result:
+        calls.append(1)
+        return RETRY
+
+    policy = RetryConfig(initial_backoff_s=0.001, max_backoff_s=0.001, max_elapsed_s=0.05)
+    result = await run_with_retries(attempt, policy, first=RETRY, spent_s=0.06, sleep=Clock().sleep)
+    assert result.verdict is Verdict.RETRY
+    assert calls == []  # the caller spent the whole budget on its own attempt
