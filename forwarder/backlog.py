@@ -19,7 +19,8 @@ import structlog
 from forwarder.deadletter import DeadLetterNote
 from forwarder.events import Event
 from forwarder.queue import TOO_LARGE, EventQueue, event_size
-from forwarder.spool import Spool, SpooledEvent, SpoolError, SpoolFull
+from forwarder.spool import Spool, SpooledEvent, SpoolFull
+from forwarder.spoolfile import SpoolError
 
 log = structlog.get_logger("forwarder.backlog")
 # Rows read from disk per refill: big enough to amortise a query, small against memory.

@@ -36,7 +36,9 @@ from forwarder.events import Event
 from forwarder.intake import IntakeState, create_app
 from forwarder.queue import EventQueue
 from forwarder.remote import USER_AGENT, RemoteClient, make_ssl_context
-from forwarder.spool import Spool, SpoolError, load_pending, remove_pending
+from forwarder.spool import Spool
+from forwarder.spoolfile import SpoolError
+from forwarder.spoolupgrade import load_pending, remove_pending
 from forwarder.systemd import (
     ListenSocket,
     Notifier,

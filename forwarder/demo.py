@@ -20,8 +20,9 @@ from forwarder.accounts import configured_accounts
 from forwarder.config import load_config
 from forwarder.credentials import ApiKey, Secret
 from forwarder.daemon import Daemon
+from forwarder.dlq import list_dead_letters
 from forwarder.mock_remote import MockOptions, start_mock
-from forwarder.spool import list_dead_letters, open_readonly_or_fail
+from forwarder.spoolfile import open_readonly_or_fail
 from forwarder.telemetry import configure_logging
 
 DEMO_KEY = "demo-key-not-secret"

@@ -25,9 +25,10 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
+from forwarder.dlq import list_dead_letters
 from forwarder.intake import IntakeState, create_app
 from forwarder.queue import EventQueue
-from forwarder.spool import SPOOL_FILE, list_dead_letters, open_readonly_or_fail
+from forwarder.spoolfile import SPOOL_FILE, open_readonly_or_fail
 from forwarder.telemetry import Metrics, Stats
 
 API_KEY = "sk-e2e-SECRET-9f8e7d6c5b4a"
@@ -187,7 +188,7 @@ class DaemonProc:
 
 def spooled(state_dir: Path) -> list[dict[str, Any]]:
     """The events in a state dir's spool, oldest first (read as `forwarder` itself would)."""
-    from forwarder.spool import spooled_events
+    from forwarder.dlq import spooled_events
 
     if not (state_dir / SPOOL_FILE).exists():
         return []

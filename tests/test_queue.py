@@ -23,7 +23,7 @@ from forwarder.queue import (
     _State,
     event_size,
 )
-from forwarder.spool import load_pending, remove_pending, save_pending
+from forwarder.spoolupgrade import load_pending, remove_pending, save_pending
 
 
 def event(n: int) -> Event:

@@ -15,10 +15,19 @@ from typing import Any
 
 import pytest
 
-import forwarder.spool as spool_module
+import forwarder.spoolupgrade as spoolupgrade
 from forwarder.deadletter import DeadLetterNote
+from forwarder.dlq import (
+    get_dead_letter,
+    list_dead_letters,
+    purge_dead_letters,
+    replay_dead_letters,
+    spool_stats,
+    spooled_events,
+)
 from forwarder.events import Event
-from forwarder.spool import (
+from forwarder.spool import Spool, SpoolFull
+from forwarder.spoolfile import (
     APPLICATION_ID,
     PAGE_SIZE,
     ROW_BITS,
@@ -26,16 +35,8 @@ from forwarder.spool import (
     SCHEMA_VERSION,
     SPOOL_FILE,
     DeadLetter,
-    Spool,
     SpoolError,
-    SpoolFull,
-    get_dead_letter,
-    list_dead_letters,
     open_readonly_or_fail,
-    purge_dead_letters,
-    replay_dead_letters,
-    spool_stats,
-    spooled_events,
 )
 
 DEAD: dict[str, Any] = {
@@ -872,13 +873,13 @@ async def test_a_failed_upgrade_leaves_the_schema_1_spool_as_it_was(
 ) -> None:
     bodies = [v1_body(ev(i)) for i in range(1, 2500)] + ["{not json"]
     make_v1_spool(tmp_path, bodies)
-    upgrade = spool_module._UPGRADES[1]
+    upgrade = spoolupgrade._UPGRADES[1]
 
     def cut_short(conn: sqlite3.Connection) -> tuple[int, int]:
         upgrade(conn)  # everything written, then the power goes
         raise sqlite3.OperationalError("disk I/O error")
 
-    monkeypatch.setitem(spool_module._UPGRADES, 1, cut_short)
+    monkeypatch.setitem(spoolupgrade._UPGRADES, 1, cut_short)
     with pytest.raises(sqlite3.OperationalError):
         await Spool.open(tmp_path)
     monkeypatch.undo()

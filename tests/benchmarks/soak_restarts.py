@@ -24,7 +24,8 @@ from typing import Any
 
 import aiohttp
 
-from forwarder.spool import list_dead_letters, open_readonly_or_fail
+from forwarder.dlq import list_dead_letters
+from forwarder.spoolfile import open_readonly_or_fail
 
 KEY = "soak-key-0123456789"
 
