@@ -511,15 +511,39 @@ async def test_an_idle_spool_commits_at_once_and_a_busy_one_waits_its_window(
         started = time.monotonic()
         await spool.append([ev(1)])
         idle = time.monotonic() - started
+        # Right after a commit, while the loop takes a new request every turn: the window holds.
         started = time.monotonic()
-        await spool.append([ev(2)])  # right after a commit: under load, so the window applies
+        first = asyncio.ensure_future(spool.append([ev(2)]))
+        more: list[asyncio.Future[list[int]]] = []
+        while not first.done():
+            more.append(asyncio.ensure_future(spool.append([ev(3 + len(more))])))
+            time.sleep(0.01)  # noqa: ASYNC251 - a busy loop: reading a request takes time
+            await asyncio.sleep(0)
         busy = time.monotonic() - started
+        await asyncio.gather(*more)
         assert idle < 0.3 <= busy
+        assert len(commits) <= 4  # dozens of requests, a few groups
         await asyncio.sleep(0.35)  # a window without commits: idle again
         started = time.monotonic()
-        await spool.append([ev(3)])
+        await spool.append([ev(4)])
         assert time.monotonic() - started < 0.3
-        assert len(commits) == 3
+    finally:
+        await spool.close()
+
+
+async def test_a_busy_spools_group_is_cut_when_the_loop_runs_out_of_requests(
+    tmp_path: Path,
+) -> None:
+    commits: list[float] = []
+    spool = await Spool.open(tmp_path, group_window_s=30.0, on_commit=commits.append)
+    try:
+        await spool.append([ev(1)])  # idle: at once
+        # Right after a commit (under load, so a window applies) but nothing else to do: the
+        # loop's two quiet turns cut the group long before its 30 s window.
+        async with asyncio.timeout(5):
+            results = await asyncio.gather(*(spool.append([ev(2 + i)]) for i in range(10)))
+        assert len({seq for r in results for seq in r}) == 10
+        assert len(commits) == 2  # the ten shared one group
     finally:
         await spool.close()
 
