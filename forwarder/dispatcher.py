@@ -244,18 +244,6 @@ class Lane:
 
     async def _deliver(self, event: Event) -> None:
         tally = _Tally()
-
-        async def backoff(seconds: float) -> None:
-            # A retrying event gives its slot back while it waits, so other recipients flow.
-            self.concurrency.release()
-            tally.holding = False
-            await self._sleep(seconds)
-            await self.concurrency.acquire()
-            tally.holding = True
-
-        async def attempt() -> Result:
-            return await self._attempt(event, tally)
-
         # This task runs in a copy of the pump's context: what is bound here stays with this
         # event's log lines and goes with the task, so there is nothing to unbind.
         structlog.contextvars.bind_contextvars(
@@ -272,14 +260,7 @@ class Lane:
             result = await self._attempt(event, tally)
             while True:
                 if result.verdict is Verdict.RETRY:
-                    result = await run_with_retries(
-                        attempt,
-                        self.settings.retry,
-                        first=result,
-                        spent_s=time.monotonic() - started,
-                        before_sleep=self._log_retry,
-                        sleep=backoff,
-                    )
+                    result = await self._retry(event, tally, result, time.monotonic() - started)
                 if result.verdict is not Verdict.AUTH:
                     break
                 # The key is refused: the gate holds this event with all others; the
@@ -300,6 +281,29 @@ class Lane:
         else:
             self._outcomes.dead_lettered(event, spool_seq, dead)
         self.on_outcome()
+
+    async def _retry(self, event: Event, tally: _Tally, first: Result, spent_s: float) -> Result:
+        """After a first answer that asks for a retry: the tenacity policy takes over."""
+
+        async def attempt() -> Result:
+            return await self._attempt(event, tally)
+
+        async def backoff(seconds: float) -> None:
+            # A retrying event gives its slot back while it waits, so other recipients flow.
+            self.concurrency.release()
+            tally.holding = False
+            await self._sleep(seconds)
+            await self.concurrency.acquire()
+            tally.holding = True
+
+        return await run_with_retries(
+            attempt,
+            self.settings.retry,
+            first=first,
+            spent_s=spent_s,
+            before_sleep=self._log_retry,
+            sleep=backoff,
+        )
 
     async def _attempt(self, event: Event, tally: _Tally) -> Result:
         """One attempt through the gates, the rate limiter and the remote; learns from it."""
