@@ -20,6 +20,7 @@ from forwarder.events import (
     events_from_items,
     loads_json,
     new_event_id,
+    new_event_ids,
     parse_ndjson,
     shared_name,
 )
@@ -196,6 +197,44 @@ def test_event_ids_made_for_single_events_are_distinct_uuids_from_few_system_cal
     assert len(set(made)) == 1000
     assert all(uuid.UUID(text).version == 4 for text in made)
     assert 1 <= len(calls) <= 5, calls
+
+
+def test_a_batchs_new_event_ids_are_distinct_uuids_from_one_system_call(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    calls: list[int] = []
+    urandom = os.urandom
+
+    def counting(size: int) -> bytes:
+        calls.append(size)
+        return urandom(size)
+
+    monkeypatch.setattr(os, "urandom", counting)
+    items: list[object] = [{"recipient_id": str(n), "name": "X"} for n in range(500)]
+    items[7] = {"recipient_id": "7", "name": "X", "event_id": "client-chosen-7"}
+    events = events_from_items(items, max_items=500)
+    assert calls == [16 * 500]
+    made = [e.event_id for e in events if e.event_id != "client-chosen-7"]
+    assert events[7].event_id == "client-chosen-7"
+    assert len(made) == len(set(made)) == 499
+    for text in made:
+        parsed = uuid.UUID(text)
+        assert (str(parsed), parsed.version, parsed.variant) == (text, 4, uuid.RFC_4122)
+
+
+def test_new_event_ids_use_every_random_bit_but_the_fixed_ones() -> None:
+    # Over many ids every digit of each free position takes many values: none is left constant.
+    ids = new_event_ids(4000)
+    for position in range(36):
+        seen = {text[position] for text in ids}
+        if position in (8, 13, 18, 23):
+            assert seen == {"-"}
+        elif position == 14:
+            assert seen == {"4"}
+        elif position == 19:
+            assert seen == set("89ab")
+        else:
+            assert seen == set("0123456789abcdef"), position
 
 
 @pytest.mark.parametrize(
