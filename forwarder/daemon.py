@@ -356,6 +356,8 @@ class Daemon:
         self.config = config
         self.queue.max_events = config.queue.max_events
         self.queue.max_bytes = config.queue.max_bytes
+        if self._spool is not None:
+            self._spool.group_window_s = config.queue.group_commit_ms / 1000
         self.queue.set_ordered(config.remote.per_recipient_order)
         set_log_level(config.log.level)
         assert self._state is not None
@@ -479,6 +481,7 @@ class Daemon:
             spool = await Spool.open(
                 state_dir,
                 max_bytes=cfg.queue.max_disk_bytes,
+                group_window_s=cfg.queue.group_commit_ms / 1000,
                 on_commit=metrics.spool_commit.observe,
             )
         except (OSError, SpoolError, sqlite3.Error) as exc:

@@ -134,7 +134,7 @@ class Spool:
         # After refresh() found rows added by another process: all of them have seq > this.
         # Rows of `forwarder dlq replay` may land below seqs this process got since (both write).
         self.added_after = 0
-        self._window = max(0.0, group_window_s)
+        self.group_window_s = max(0.0, group_window_s)  # a reload may change it
         self._on_commit = on_commit
         self._loop = asyncio.get_running_loop()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="spool")
@@ -477,9 +477,9 @@ class Spool:
         first of them submitted and which runs right after this one.
         """
         now = time.monotonic()
-        if now - self._last_commit_at < self._window:
+        if now - self._last_commit_at < self.group_window_s:
             with self._lock:
-                delay = self._first_at + self._window - now
+                delay = self._first_at + self.group_window_s - now
             if delay > 0:
                 self._idle.wait(delay)  # set by the loop when it runs out of requests
         with self._lock:

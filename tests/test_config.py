@@ -416,6 +416,19 @@ def test_flow_control_errors_say_why(tmp_path: Path, text: str, message: str) ->
         load_text(tmp_path, text)
 
 
+@pytest.mark.parametrize("value", ["150", "-1", "nan", "inf"])
+def test_group_commit_window_is_bounded(tmp_path: Path, value: str) -> None:
+    with pytest.raises(ConfigError, match=r"^queue\.group_commit_ms: must be within 0\.\.100 "):
+        load_text(tmp_path, f"[queue]\ngroup_commit_ms = {value}\n")
+
+
+def test_group_commit_window_from_file_and_env(tmp_path: Path) -> None:
+    assert load_text(tmp_path, "").queue.group_commit_ms == 8.0
+    assert load_text(tmp_path, "[queue]\ngroup_commit_ms = 0\n").queue.group_commit_ms == 0
+    config = load_text(tmp_path, "", {"FORWARDER_QUEUE_GROUP_COMMIT_MS": "2.5"})
+    assert config.queue.group_commit_ms == 2.5
+
+
 def test_concurrency_fixed_or_adaptive(tmp_path: Path) -> None:
     assert load_text(tmp_path, "[remote]\nconcurrency = 0\n").remote.concurrency == 0
     config = load_text(tmp_path, "[remote]\nconcurrency = 1024\nmax_concurrency = 2\n")

@@ -224,6 +224,8 @@ async def test_reload_applies_what_it_can_and_refuses_a_bad_config(short_tmp: Pa
     daemon = Daemon(base, KEY, loader=loader)
     task = await _run_until_ready(daemon)
     try:
+        assert daemon._spool is not None
+        assert daemon._spool.group_window_s == 0.008
         newer = dataclasses.replace(
             base,
             intake=dataclasses.replace(
@@ -238,7 +240,7 @@ async def test_reload_applies_what_it_can_and_refuses_a_bad_config(short_tmp: Pa
             remote=dataclasses.replace(
                 base.remote, rate_limit_per_minute=120, max_concurrency=3, per_recipient_order=False
             ),
-            queue=QueueConfig(max_events=50, max_bytes=2 << 20),
+            queue=QueueConfig(max_events=50, max_bytes=2 << 20, group_commit_ms=20),
             accounts={"us": us},
         )
         default_key = ApiKey(Secret("sk-daemon-test-0000"), "test")
@@ -257,6 +259,8 @@ async def test_reload_applies_what_it_can_and_refuses_a_bad_config(short_tmp: Pa
         assert lanes["us"].limiter.limit == 600
         assert daemon.queue.max_events == 50
         assert daemon.queue.max_bytes == 2 << 20
+        assert daemon._spool is not None
+        assert daemon._spool.group_window_s == 0.02
         assert not daemon.queue.ordered
         assert daemon.config.intake.max_batch == 7
         guard = daemon.connections
