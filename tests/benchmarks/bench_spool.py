@@ -22,7 +22,8 @@ no CPU on delivery and dead-letters nothing. The daemon is pinned to one core an
 `os.sched_setaffinity` exists and there are two cores. Not part of pytest.
 
     .venv/bin/python tests/benchmarks/bench_spool.py [--quick] [--seconds S] [--rounds N]
-        [--slices N] [--connections C] [--events N] [--max-events N] [--out FILE]
+        [--slices N] [--windows MS,MS...] [--connections C] [--events N] [--max-events N]
+        [--out FILE]
 
 Defaults: 3 rounds of 4 pairs of 1.5 s slices (after 0.3 s of warm-up each), 1 000 000 events.
 `--quick`: 1 round of 2 pairs of 1 s, 100 000 events. The ratio of the modes' medians is
@@ -95,9 +96,16 @@ class Setup:
     started: list[Daemon] = field(default_factory=list)
 
     async def start(
-        self, name: str, *, mode: str, max_events: int, state: Path | None = None
+        self,
+        name: str,
+        *,
+        mode: str,
+        max_events: int,
+        state: Path | None = None,
+        group_commit_ms: float | None = None,
     ) -> Daemon:
         """Start `forwarder run` with delivery blocked and wait until /healthz answers."""
+        window = {} if group_commit_ms is None else {"group_commit_ms": group_commit_ms}
         daemon = await start_daemon(
             self.work,
             name,
@@ -108,6 +116,7 @@ class Setup:
                     "max_disk_bytes": 16 * 1024 * MB,
                     # Room in memory for everything one measurement accepts (memory mode).
                     "max_bytes": 64 * 1024 * MB,
+                    **window,
                 },
                 **blocked_delivery(self.blackhole_url),
                 "shutdown": {"timeout_s": 1.0},
@@ -133,34 +142,44 @@ async def throughput(setup: Setup, args: argparse.Namespace) -> dict[str, Any]:
     """Every workload in both modes: per round a memory and a durable daemon side by side,
     measured in alternating short slices, so that each durable slice has a memory slice of the
     same minute of the machine next to it (a shared VM's speed drifts by a factor of 1.5 within
-    a minute: the paired ratio is what the verdict takes)."""
+    a minute: the paired ratio is what the verdict takes).
+
+    With `--windows A,B,...` a durable daemon runs for each `queue.group_commit_ms`, each paired
+    with the same memory slices; the first window's is the one the verdict takes ("durable").
+    """
     workloads: dict[str, tuple[bytes, int]] = {
         "single": (form_request(), 1),
         "batch100": (batch_request(100), 100),
     }
-    samples: dict[str, dict[str, list[Sample]]] = {
-        w: {"memory": [], "durable": []} for w in workloads
-    }
-    paired: dict[str, list[float]] = {w: [] for w in workloads}
+    windows: dict[str, float | None] = {"durable": args.windows[0] if args.windows else None}
+    windows.update({f"durable {ms:g} ms": ms for ms in args.windows[1:]})
+    variants = ["memory", *windows]
+    samples: dict[str, dict[str, list[Sample]]] = {w: {v: [] for v in variants} for w in workloads}
+    paired: dict[str, dict[str, list[float]]] = {w: {v: [] for v in windows} for w in workloads}
     blocked_attempts = 0
     for workload, (raw, per_request) in workloads.items():
         for rnd in range(args.rounds):
-            # Room for everything one round accepts, in both modes alike.
+            # Room for everything one round accepts, in all daemons alike.
             daemons = {
-                mode: await setup.start(
-                    f"tp-{workload}-{mode}-{rnd}", mode=mode, max_events=20_000_000
+                "memory": await setup.start(
+                    f"tp-{workload}-memory-{rnd}", mode="memory", max_events=20_000_000
                 )
-                for mode in ("memory", "durable")
             }
+            for n, (name, ms) in enumerate(windows.items()):
+                daemons[name] = await setup.start(
+                    f"tp-{workload}-durable{n}-{rnd}",
+                    mode="durable",
+                    max_events=20_000_000,
+                    group_commit_ms=ms,
+                )
             try:
                 for pair in range(args.slices):
-                    # Alternate which mode goes first, against a drift within the pair.
-                    first = "memory" if (rnd + pair) % 2 == 0 else "durable"
-                    order = (first, "durable" if first == "memory" else "memory")
+                    # Rotate which goes first, against a drift within the slice.
+                    turn = (rnd * args.slices + pair) % len(variants)
                     got: dict[str, Sample] = {}
-                    for mode in order:
-                        daemon = daemons[mode]
-                        got[mode] = await measure(
+                    for name in variants[turn:] + variants[:turn]:
+                        daemon = daemons[name]
+                        got[name] = await measure(
                             daemon.port,
                             daemon.pid,
                             raw,
@@ -169,18 +188,14 @@ async def throughput(setup: Setup, args: argparse.Namespace) -> dict[str, Any]:
                             args.seconds,
                             args.warmup,
                         )
-                        samples[workload][mode].append(got[mode])
-                    ratio = got["durable"].events_per_s / got["memory"].events_per_s
-                    paired[workload].append(ratio)
-                    print(
-                        f"  round {rnd + 1}.{pair + 1} {workload:<9}"
-                        + "".join(
-                            f"  {mode} {got[mode].events_per_s:>8.0f} ev/s"
-                            f" (cpu {got[mode].server_cpu:4.0%})"
-                            for mode in ("memory", "durable")
-                        )
-                        + f"  ratio {ratio:.3f}"
-                    )
+                        samples[workload][name].append(got[name])
+                    line = f"  round {rnd + 1}.{pair + 1} {workload:<9}"
+                    line += f"  memory {got['memory'].events_per_s:>8.0f} ev/s"
+                    for name in windows:
+                        ratio = got[name].events_per_s / got["memory"].events_per_s
+                        paired[workload][name].append(ratio)
+                        line += f"  {name} {got[name].events_per_s:>8.0f} ({ratio:.3f})"
+                    print(line)
                 for daemon in daemons.values():
                     blocked_attempts += int((await daemon.stats())["counters"]["attempts"])
             finally:
@@ -188,8 +203,12 @@ async def throughput(setup: Setup, args: argparse.Namespace) -> dict[str, Any]:
                     await daemon.kill()
                     shutil.rmtree(daemon.state_dir, ignore_errors=True)
     result: dict[str, Any] = {"blocked_delivery_attempts": blocked_attempts, "workloads": {}}
-    result["paired_ratios"] = {w: [round(r, 3) for r in rs] for w, rs in paired.items()}
-    result["paired_median"] = {w: statistics.median(rs) for w, rs in paired.items()}
+    result["windows_ms"] = {name: ms for name, ms in windows.items()}
+    result["paired_ratios"] = {w: [round(r, 3) for r in by["durable"]] for w, by in paired.items()}
+    result["paired_median"] = {w: statistics.median(by["durable"]) for w, by in paired.items()}
+    result["paired_median_by_window"] = {
+        w: {name: statistics.median(rs) for name, rs in by.items()} for w, by in paired.items()
+    }
     for workload, by_mode in samples.items():
         result["workloads"][workload] = {
             mode: {
@@ -386,6 +405,13 @@ def main() -> int:
     parser.add_argument("--warmup", type=float, default=0.3, help="before each slice")
     parser.add_argument("--rounds", type=int, default=None, help="daemon pairs (3; quick 1)")
     parser.add_argument("--slices", type=int, default=None, help="pairs per round (4; quick 2)")
+    parser.add_argument(
+        "--windows",
+        type=lambda text: [float(ms) for ms in text.split(",")],
+        default=[],
+        help="queue.group_commit_ms of the durable daemon (default: the config's); several,"
+        " comma-separated, run side by side against the same memory slices (the first decides)",
+    )
     parser.add_argument("--connections", type=int, default=32)
     parser.add_argument("--events", type=int, default=None)
     parser.add_argument("--max-events", type=int, default=100_000)
@@ -409,6 +435,11 @@ def main() -> int:
                 f"{workload:<10}{mode:<9}{m['events_per_s']:>10.0f}{m['daemon_cpu']:>12.0%}"
                 f"{m['events_per_cpu_s']:>10.0f}{m['generator_cpu']:>9.0%}  {m['runs']}"
             )
+    by_window = results["throughput"]["paired_median_by_window"]
+    if len(results["throughput"]["windows_ms"]) > 1:
+        print("\npaired median of durable/memory by queue.group_commit_ms:")
+        for workload, medians in by_window.items():
+            print(f"  {workload:<10}" + "  ".join(f"{n}: {r:.3f}" for n, r in medians.items()))
     mem = results["memory"]
     print(f"\n{'RSS (MiB)':<34}{'VmRSS':>8}{'peak':>8}{'- idle':>8}")
     for key, what in (
