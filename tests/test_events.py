@@ -176,11 +176,9 @@ def test_new_event_ids_are_version_4_uuids() -> None:
         assert parsed.variant == uuid.RFC_4122
 
 
-def test_event_ids_made_for_single_events_are_distinct_uuids_from_few_system_calls(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    # The random bits are fetched for many ids at once (one os.urandom call per 256), and each
-    # id's share is handed out once.
+@pytest.fixture
+def urandom_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The sizes asked of os.urandom from here on."""
     calls: list[int] = []
     urandom = os.urandom
 
@@ -189,6 +187,14 @@ def test_event_ids_made_for_single_events_are_distinct_uuids_from_few_system_cal
         return urandom(size)
 
     monkeypatch.setattr(os, "urandom", counting)
+    return calls
+
+
+def test_event_ids_made_for_single_events_are_distinct_uuids_from_few_system_calls(
+    urandom_calls: list[int],
+) -> None:
+    # The ids are made many at once (one os.urandom call per 256), and each is handed out once.
+    calls = urandom_calls
     made = []
     for _ in range(1000):
         event = event_from_mapping({"recipient_id": "r", "name": "X"}, 0, [])
@@ -200,16 +206,9 @@ def test_event_ids_made_for_single_events_are_distinct_uuids_from_few_system_cal
 
 
 def test_a_batchs_new_event_ids_are_distinct_uuids_from_one_system_call(
-    monkeypatch: pytest.MonkeyPatch,
+    urandom_calls: list[int],
 ) -> None:
-    calls: list[int] = []
-    urandom = os.urandom
-
-    def counting(size: int) -> bytes:
-        calls.append(size)
-        return urandom(size)
-
-    monkeypatch.setattr(os, "urandom", counting)
+    calls = urandom_calls
     items: list[object] = [{"recipient_id": str(n), "name": "X"} for n in range(500)]
     items[7] = {"recipient_id": "7", "name": "X", "event_id": "client-chosen-7"}
     events = events_from_items(items, max_items=500)
