@@ -154,8 +154,7 @@ class Spool:
         self._cut = threading.Event()  # set by close: no more waiting out windows
         self._idle = threading.Event()  # set by the loop: no request came for two turns
         # Loop-only state of `_watch_idle`.
-        self._arrivals = 0  # requests queued for a group commit, ever
-        self._arrivals_seen = 0
+        self._arrived = False  # a request was queued since the last look
         self._quiet_turns = 0
         self._watching = False
         self._group_jobs: set[Future[None]] = set()
@@ -329,11 +328,10 @@ class Spool:
             self._pending.append(op)
             submit = not self._scheduled
             self._scheduled = True
-        self._arrivals += 1
-        if not self._watching:
-            self._watching = True
-            self._quiet_turns = 0
-            self._arrivals_seen = self._arrivals
+        if self._watching:
+            self._arrived = True
+        else:  # this request starts the watch
+            self._watching, self._arrived, self._quiet_turns = True, False, 0
             self._loop.call_soon(self._watch_idle)
         if submit:
             try:
@@ -353,8 +351,8 @@ class Spool:
         Two turns, not one: a request read in a turn may reach `_enqueue` only after this
         check has run in the same turn.
         """
-        if self._arrivals != self._arrivals_seen:
-            self._arrivals_seen = self._arrivals
+        if self._arrived:
+            self._arrived = False
             self._quiet_turns = 0
         else:
             self._quiet_turns += 1
