@@ -18,6 +18,8 @@ import structlog
 
 from forwarder.deadletter import DeadLetterNote
 from forwarder.events import Event
+from forwarder.eventstatus import StatusBook
+from forwarder.numbering import EventNumbers
 from forwarder.queue import TOO_LARGE, EventQueue, event_size
 from forwarder.spool import Spool, SpooledEvent, SpoolFull
 from forwarder.spoolfile import SpoolError
@@ -32,8 +34,19 @@ REFRESH_S = 1.0
 class Backlog:
     """Admits events (through the spool when durable) and refills the queue from the spool."""
 
-    def __init__(self, queue: EventQueue, spool: Spool, *, durable: bool) -> None:
+    def __init__(
+        self,
+        queue: EventQueue,
+        spool: Spool,
+        *,
+        durable: bool,
+        status: StatusBook | None = None,
+        numbers: EventNumbers | None = None,
+    ) -> None:
         self.queue = queue
+        # Durable mode: outcomes stored with the settling, and numbers are spool positions.
+        self.status = status
+        self.numbers = numbers
         self.spool = spool
         self.durable = durable
         self.replayed = 0  # events brought back from the spool into memory
@@ -84,8 +97,13 @@ class Backlog:
         except SpoolError as exc:  # the commit failed (disk full, I/O error): nothing stored
             log.error("spool_write_failed", error=str(exc), count=len(events))
             return "spool_error"
-        # Committed: from here on the events are safe. They join the window only if nothing
-        # older is still on disk (order) and they fit; otherwise the refill brings them in.
+        # Committed: from here on the events are safe. Their numbers are their positions.
+        for event, seq in zip(events, seqs, strict=True):
+            event.number = seq
+        if self.numbers is not None:
+            self.numbers.observe(seqs[-1])
+        # They join the window only if nothing older is still on disk (order) and they fit;
+        # otherwise the refill brings them in.
         if not self._unloaded and self.queue.offer(events, seqs, size):
             self._in_memory.update(seqs)
             self._loaded_seq = max(self._loaded_seq, seqs[-1])
@@ -99,17 +117,20 @@ class Backlog:
         """An event was delivered: its row goes (in the next group commit)."""
         if spool_seq:
             self._in_memory.discard(spool_seq)
-            self.spool.remove_soon([spool_seq])
+            outcome = self.status.take_unsaved(event) if self.status is not None else None
+            self.spool.remove_soon([spool_seq], outcome)
 
     def dead_lettered(self, event: Event, spool_seq: int, note: DeadLetterNote) -> None:
         """An event was dead-lettered: the record is written and its row removed, atomically."""
         self._in_memory.discard(spool_seq)
-        self.spool.dead_letter_soon(spool_seq or None, event, note)
+        outcome = self.status.take_unsaved(event) if self.status is not None else None
+        self.spool.dead_letter_soon(spool_seq or None, event, note, outcome)
 
     async def replay_all(self) -> int:
         """Memory mode, at start: bring every saved event into memory, beyond the bound."""
         count = 0
         while rows := await self.spool.read_after(self._loaded_seq, REFILL_CHUNK):
+            _number(rows)
             self.queue.restore([row.event for row in rows], [row.seq for row in rows])
             self._in_memory.update(row.seq for row in rows)
             self._loaded_seq = rows[-1].seq
@@ -166,6 +187,7 @@ class Backlog:
                     self._unloaded = 0  # the count drifted (rows settled elsewhere): resync
                     continue
                 new, last = self._fitting(rows)
+                _number(new)
                 self.queue.restore([row.event for row in new], [row.seq for row in new])
                 self._in_memory.update(row.seq for row in new)
                 progressed = last != self._loaded_seq
@@ -188,3 +210,9 @@ class Backlog:
                     self._unloaded += added
                     # They may sit below rows this process appended since: read from there.
                     self._rewind(self.spool.added_after)
+
+
+def _number(rows: list[SpooledEvent]) -> None:
+    """Events read from the spool are numbered by their position (numbering.py)."""
+    for row in rows:
+        row.event.number = row.seq

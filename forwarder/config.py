@@ -59,6 +59,7 @@ _MAX_UNIX_SOCKET_PATH = 107
 _LOG_LEVELS = ("debug", "info", "warning", "error")
 _LOG_FORMATS = ("auto", "json", "console")
 _QUEUE_MODES = ("memory", "durable")
+_DROP_IN_ANSWERS = ("remote", "accepted")
 
 # The [remote] section's own account: events that name no account go here by default.
 DEFAULT_ACCOUNT = "default"
@@ -99,6 +100,9 @@ class IntakeConfig:
     # required when a TCP listener is not on loopback. Never shown: repr=False, masked on output.
     auth_token: str = field(default="", repr=False)
     auth_token_file: str = ""
+    # The drop-in endpoint's answer: "remote" is the remote's own (200, data = the event
+    # number); "accepted" is 202 with data = {"id": event_id, "status": "queued"}.
+    drop_in_answer: str = "remote"
 
     @property
     def tcp_address(self) -> tuple[str, int] | None:
@@ -169,6 +173,10 @@ class StateConfig:
     """
 
     dir: str = _FALLBACK_STATE_DIR
+    # How long an event's outcome is kept for GET /v1/events/{id} (the remote's idempotency
+    # window), and how many outcomes memory holds at most (the oldest are forgotten first).
+    outcome_retention_s: float = 86_400.0
+    outcome_max_count: int = 100_000
 
     @property
     def path(self) -> Path:
@@ -727,6 +735,12 @@ def _validate(config: Config, origins: Mapping[str, str]) -> Config:
     positive("intake.body_timeout_s", intake.body_timeout_s)
     positive("intake.keepalive_timeout_s", intake.keepalive_timeout_s)
     within("intake.max_connections", intake.max_connections, 1, 1_000_000)
+    if intake.drop_in_answer not in _DROP_IN_ANSWERS:
+        allowed = ", ".join(_DROP_IN_ANSWERS)
+        raise fail(
+            "intake.drop_in_answer",
+            f"must be one of {allowed}; got {_short(intake.drop_in_answer)}",
+        )
     at_least("queue.max_events", config.queue.max_events, 1)
     at_least("queue.max_bytes", config.queue.max_bytes, 1_048_576)
     if config.queue.mode not in _QUEUE_MODES:
@@ -823,6 +837,8 @@ def _validate(config: Config, origins: Mapping[str, str]) -> Config:
 
     if not config.state.dir:
         raise fail("state.dir", "must not be empty")
+    positive("state.outcome_retention_s", config.state.outcome_retention_s)
+    within("state.outcome_max_count", config.state.outcome_max_count, 0, 100_000_000)
     positive("shutdown.timeout_s", config.shutdown.timeout_s)
 
     level = config.log.level.lower()

@@ -33,7 +33,9 @@ from forwarder.connections import ConnectionGuard, IntakeRunner
 from forwarder.credentials import ApiKey, resolve_intake_token
 from forwarder.dispatcher import Dispatcher, LaneSettings
 from forwarder.events import Event
+from forwarder.eventstatus import StatusBook
 from forwarder.intake import IntakeState, create_app
+from forwarder.numbering import EventNumbers, NumbersError
 from forwarder.queue import EventQueue
 from forwarder.remote import USER_AGENT, RemoteClient, make_ssl_context
 from forwarder.spool import Spool
@@ -118,6 +120,8 @@ class Daemon:
         self._reload_task: asyncio.Task[bool] | None = None
         self._spool: Spool | None = None
         self.backlog: Backlog | None = None
+        self.numbers: EventNumbers | None = None
+        self.status: StatusBook | None = None
         self.notifier = Notifier.from_env()
         self._activated: list[ListenSocket] = []
         self._status_task: asyncio.Task[None] | None = None
@@ -363,6 +367,10 @@ class Daemon:
         assert self._state is not None
         self._state.max_batch = config.intake.max_batch
         self._state.body_timeout_s = config.intake.body_timeout_s
+        self._state.drop_in_answer = config.intake.drop_in_answer
+        if self.status is not None:
+            self.status.retention_s = config.state.outcome_retention_s
+            self.status.max_count = config.state.outcome_max_count
         self.connections.max_connections = config.intake.max_connections
         self.connections.header_timeout_s = config.intake.header_timeout_s
         self.connections.keepalive_timeout_s = config.intake.keepalive_timeout_s
@@ -510,7 +518,28 @@ class Daemon:
         except (OSError, sqlite3.Error, SpoolError) as exc:  # the file still holds them
             log.error("startup_failed", error=f"cannot move the pending file into the spool: {exc}")
             return 1
-        self.backlog = backlog = Backlog(self.queue, spool, durable=durable)
+        try:
+            # Above every number given out before, and above the spool's positions (15.1).
+            numbers = await asyncio.to_thread(EventNumbers.open, state_dir, floor=spool.max_seq + 1)
+            if durable:  # the spool's positions are the numbers from here on
+                await spool.lift_seq(numbers.next)
+        except (NumbersError, sqlite3.Error, SpoolError) as exc:
+            log.error("startup_failed", error=f"state.dir {state_dir}: event numbers: {exc}")
+            return 1
+        self.numbers = numbers
+        self.status = status = StatusBook(
+            retention_s=cfg.state.outcome_retention_s,
+            max_count=cfg.state.outcome_max_count,
+            durable=durable,
+        )
+        status.queue, status.spool = self.queue, spool
+        self.backlog = backlog = Backlog(
+            self.queue,
+            spool,
+            durable=durable,
+            status=status if durable else None,
+            numbers=numbers if durable else None,
+        )
         restored = 0
         if not durable:
             # What the last stop saved comes first, ahead of anything new (beyond the bound).
@@ -530,6 +559,9 @@ class Daemon:
             stats_extra=self._stats_extra,
             auth_token=self._intake_token.secret if self._intake_token else None,
             body_timeout_s=cfg.intake.body_timeout_s,
+            drop_in_answer=cfg.intake.drop_in_answer,
+            numbers=None if durable else numbers,
+            status=status,
         )
         try:
             # Reads the CA files: off the event loop. Checked at load; it could change since.
@@ -548,7 +580,11 @@ class Daemon:
             trust_env=False,
         )
         self._dispatcher = Dispatcher(
-            self.queue, outcomes=backlog, stats=self.stats, latency=metrics.latency
+            self.queue,
+            outcomes=backlog,
+            stats=self.stats,
+            latency=metrics.latency,
+            status=status,
         )
         for account in self.accounts.configured.values():
             self._add_lane(account)
@@ -572,6 +608,7 @@ class Daemon:
         saved = 0
         backlog.start()
         self._dispatcher.start()
+        status.start()
         pid_written = False
         try:
             await runner.setup()
@@ -625,6 +662,7 @@ class Daemon:
                 self._status_task.cancel()
                 await asyncio.gather(self._status_task, return_exceptions=True)
             await backlog.stop()
+            await status.stop()
             leftovers = await self._dispatcher.stop()
             saved = await self._save(backlog, leftovers)
             await runner.cleanup()
@@ -666,6 +704,9 @@ class Daemon:
         if not unsaved:
             return 0
         try:
+            if self.numbers is not None:  # their rows' positions must be numbers never given
+                await self.numbers.wait()
+                await backlog.spool.lift_seq(self.numbers.next)
             await backlog.save(leftovers)
         except (OSError, sqlite3.Error, SpoolError) as exc:
             # Disk full or gone: the journal is the last place left, so the events are not lost

@@ -23,6 +23,7 @@ from tenacity import RetryCallState
 from forwarder.config import RemoteConfig, RetryConfig
 from forwarder.deadletter import DeadLetterNote
 from forwarder.events import Event
+from forwarder.eventstatus import Outcome, StatusBook
 from forwarder.limiter import (
     BreakerState,
     CircuitBreaker,
@@ -63,6 +64,7 @@ class _Tally:
     attempts: int = 0
     first_at: float = 0.0  # time.time() of the first attempt
     holding: bool = True  # the pump handed over a slot; given back while in backoff
+    next_at: float | None = None  # time.time() of the next attempt while in backoff
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,8 +91,10 @@ class Lane:
         latency: Histogram | None = None,
         sleep: Sleep = asyncio.sleep,
         clock: Callable[[], float] = time.monotonic,
+        status: StatusBook | None = None,
     ) -> None:
         self.name = name
+        self._status = status
         self.sender = sender
         self._queue = queue
         self._outcomes = outcomes
@@ -244,6 +248,10 @@ class Lane:
 
     async def _deliver(self, event: Event) -> None:
         tally = _Tally()
+        status = self._status
+        if status is not None:
+            status.delivering(event, tally)
+        remote_id: object = None
         # This task runs in a copy of the pump's context: what is bound here stays with this
         # event's log lines and goes with the task, so there is nothing to unbind.
         structlog.contextvars.bind_contextvars(
@@ -268,14 +276,21 @@ class Lane:
                 started = time.monotonic()
                 result = await self._attempt(event, tally)
             dead = self._finish(event, result, tally.attempts, tally.first_at)
+            remote_id = result.remote_id
         except Exception as exc:  # a bug, not the remote: keep the event, keep the lane
             log.exception("internal_error", event_id=event.event_id, account=self.name)
             dead = self._dead_letter("internal_error", None, repr(exc), tally.attempts, time.time())
+        except asyncio.CancelledError:
+            if status is not None:  # the queue keeps the event: queued again, not in delivery
+                status.settled(event, 0, None)
+            raise
         finally:
             if tally.holding:
                 self.concurrency.release()
         # Reached only with an outcome; a cancelled delivery stays in the queue's care.
         spool_seq = self._queue.done(event)
+        if status is not None:
+            status.settled(event, spool_seq, _outcome(event, self.name, tally, dead, remote_id))
         if dead is None:
             self._outcomes.delivered(event, spool_seq)
         else:
@@ -292,7 +307,9 @@ class Lane:
             # A retrying event gives its slot back while it waits, so other recipients flow.
             self.concurrency.release()
             tally.holding = False
+            tally.next_at = time.time() + seconds
             await self._sleep(seconds)
+            tally.next_at = None
             await self.concurrency.acquire()
             tally.holding = True
 
@@ -497,6 +514,20 @@ class Lane:
         )
 
 
+def _outcome(
+    event: Event, account: str, tally: _Tally, dead: DeadLetterNote | None, remote_id: object
+) -> Outcome:
+    if dead is None:
+        return Outcome(
+            "delivered", event.event_id, event.number, account, tally.attempts, time.time(),
+            remote_id,
+        )  # fmt: skip
+    return Outcome(
+        "dead_lettered", event.event_id, event.number, account, dead.attempts,
+        dead.last_attempt_at, None, dead.reason, dead.status, dead.error,
+    )  # fmt: skip
+
+
 class Dispatcher:
     """The lanes of all accounts over one queue: start, reconfigure, drain and stop them."""
 
@@ -509,9 +540,11 @@ class Dispatcher:
         latency: Histogram | None = None,
         sleep: Sleep = asyncio.sleep,
         clock: Callable[[], float] = time.monotonic,
+        status: StatusBook | None = None,
     ) -> None:
         self._queue = queue
         self._outcomes = outcomes
+        self._status = status
         self._stats = stats
         self._latency = latency
         self._sleep = sleep
@@ -547,6 +580,7 @@ class Dispatcher:
             latency=self._latency,
             sleep=self._sleep,
             clock=self._clock,
+            status=self._status,
         )
         lane.on_outcome = self._on_outcome
         self.lanes[name] = lane

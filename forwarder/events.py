@@ -6,6 +6,7 @@ batch can be answered with one complete list and apps can fix everything in one 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -82,6 +83,9 @@ class Event:
     accepted_at: float = 0.0
     # The account it is delivered under; "" means the default account.
     account: str = ""
+    # Its event number (numbering.py), set once it is queued: in memory mode by intake, in
+    # durable mode its spool position. 0: none. Not part of its value (equality, records).
+    number: int = dataclasses.field(default=0, compare=False)
 
     def form(self) -> dict[str, str]:
         """The form fields sent to the remote; optional fields are left out when empty."""

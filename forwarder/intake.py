@@ -41,6 +41,8 @@ from forwarder.events import (
     loads_json,
     parse_ndjson,
 )
+from forwarder.eventstatus import StatusBook, parse_key
+from forwarder.numbering import EventNumbers
 from forwarder.queue import TOO_LARGE, EventQueue
 from forwarder.telemetry import Metrics, Stats
 
@@ -77,6 +79,12 @@ class IntakeState:
     # A request's body must arrive within this long of its head (intake.body_timeout_s).
     body_timeout_s: float = 30.0
     unauthorized_logged_at: float = -math.inf
+    # intake.drop_in_answer: "remote" (200, data = the event number) or "accepted" (202).
+    drop_in_answer: str = "remote"
+    # Memory mode: the event numbers intake gives (durable mode's are spool positions).
+    numbers: EventNumbers | None = None
+    # What became of events, for GET /v1/events/{id}; None: the route answers 404.
+    status: StatusBook | None = None
 
 
 STATE = web.AppKey("state", IntakeState)
@@ -519,9 +527,12 @@ async def create_event(request: web.Request) -> web.Response:
                 )
             raw = parsed
         else:
-            return _unsupported(
+            refusal = _unsupported(
                 state, ctype, "application/x-www-form-urlencoded or application/json"
             )
+            if state.drop_in_answer == "remote":
+                refusal.set_status(400)  # the remote reads no fields from such a body: a 400
+            return refusal
     except _BadBody as exc:
         return _invalid(state, [FieldError(0, exc.field, str(exc))])
     except _SlowBody:
@@ -538,16 +549,54 @@ async def create_event(request: web.Request) -> web.Response:
             _check_accounts(state, [event], fallback)
     except _Unroutable as exc:
         return _unroutable(state, exc, single=True)
+    if state.numbers is not None:
+        event.number = state.numbers.take()  # memory mode; durable: the spool position
     if reason := await _admit(state, [event]):
         return _refuse(state, reason, 1)
     # The answer's JSON put together from constant parts: an event_id is letters, digits and
     # - _ . : only (events.EVENT_ID_RE), nothing JSON would escape.
-    body = _QUEUED_HEAD + event.event_id.encode("ascii") + _QUEUED_TAIL
-    return web.Response(status=202, body=body, content_type="application/json")
+    event_id = event.event_id
+    if state.drop_in_answer == "accepted":
+        body = _QUEUED_HEAD + event_id.encode("ascii") + _QUEUED_TAIL
+        return web.Response(status=202, body=body, content_type="application/json")
+    # The remote's answer: 200 and the new event's number as `data` (15.1).
+    response = web.Response(
+        status=200,
+        body=b'{"success":true,"data":%d}' % event.number,
+        content_type="application/json",
+    )
+    headers = response.headers
+    headers[EVENT_ID_HEADER] = event_id
+    headers["Location"] = "/v1/events/" + event_id
+    return response
 
 
 _QUEUED_HEAD = b'{"success":true,"data":{"id":"'
 _QUEUED_TAIL = b'","status":"queued"}}'
+EVENT_ID_HEADER = "X-Forwarder-Event-Id"
+
+
+async def event_status(request: web.Request) -> web.Response:
+    """GET /v1/events/{id}: what became of an event, by its event_id or its number."""
+    state = request.app[STATE]
+    text = request.match_info["id"]
+    key = parse_key(text)
+    if key is None:
+        state.stats.invalid_requests += 1
+        return _error(
+            400,
+            "id: must be an event number (digits) or an event_id (10-255 of letters, digits,"
+            " - _ . :)",
+        )
+    found = await state.status.lookup(key) if state.status is not None else None
+    if found is None:
+        return _error(
+            404,
+            f"no event {text} is known: never accepted here, or its outcome is older than"
+            " state.outcome_retention_s",
+            reason="unknown_event",
+        )
+    return _json(200, {"success": True, "data": found})
 
 
 async def create_events(request: web.Request) -> web.Response:
@@ -665,6 +714,7 @@ def create_app(state: IntakeState) -> web.Application:
     app[STATE] = state
     app.router.add_post("/v1/recipientEvents/create", create_event)
     app.router.add_post("/v1/events", create_events)
+    app.router.add_get("/v1/events/{id}", event_status)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)

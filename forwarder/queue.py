@@ -17,7 +17,7 @@ import contextlib
 import enum
 import itertools
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 
 from forwarder.events import Event
 
@@ -345,6 +345,30 @@ class EventQueue:
     def accounts(self) -> set[str]:
         """Accounts with waiting or in-delivery events."""
         return {name for name, acct in self._accounts.items() if acct.depth or acct.busy}
+
+    def find(self, key: str | int) -> Event | None:
+        """The event waiting or in delivery with this event_id (str) or number (int), or None.
+
+        A scan of the queue, for a status look-up (eventstatus.py): an index would cost every
+        accepted event a dict entry, and look-ups are rare.
+        """
+        by_number = isinstance(key, int)
+        for entry in self._entries():
+            event = entry.event
+            if (event.number == key) if by_number else (event.event_id == key):
+                return event
+        return None
+
+    def _entries(self) -> Iterator[_Entry]:
+        for entries in self._delivering.values():
+            yield from entries
+        for acct in self._accounts.values():
+            yield from acct.fifo
+            for rec in acct.recipients.values():
+                entry = rec.first
+                while entry is not None:
+                    yield entry
+                    entry = entry.next
 
     def take_all(self) -> list[Event]:
         """Remove and return every event, for saving at a stop; the queue is empty afterwards.

@@ -26,6 +26,7 @@ import structlog
 
 from forwarder.deadletter import DeadLetterNote
 from forwarder.events import Event
+from forwarder.outcomestore import INSERT_OUTCOME, OutcomeRow, lift_rows
 from forwarder.spoolfile import (
     INSERT_BATCHES,
     INSERT_DEAD,
@@ -91,6 +92,8 @@ class _Op:
     rows: list[BatchRow] = field(default_factory=list)
     removes: list[int] = field(default_factory=list)
     dead: DeadRow | None = None
+    # What became of the settled events (durable mode), in the same transaction as the settling.
+    outcomes: list[OutcomeRow] = field(default_factory=list)
     reserved: int = 0  # bytes counted against max_bytes until the commit settles
     is_append: bool = False
 
@@ -268,15 +271,18 @@ class Spool:
         self._enqueue(_Op(future, removes=list(seqs)))
         await future
 
-    def remove_soon(self, seqs: list[int]) -> None:
-        """Delete delivered events in the next group commit, without waiting for it."""
+    def remove_soon(self, seqs: list[int], outcome: OutcomeRow | None = None) -> None:
+        """Delete delivered events in the next group commit, without waiting for it.
+
+        `outcome`: the delivered event's outcome, stored by the same transaction.
+        """
         if not seqs:
             return
         if not self._accepting:
             # The row stays and is delivered again after a restart, under the same event_id.
             log.warning("spool_closed_remove_dropped", seqs=seqs[:20], count=len(seqs))
             return
-        self._enqueue(_Op(None, removes=list(seqs)))
+        self._enqueue(_Op(None, removes=list(seqs), outcomes=[] if outcome is None else [outcome]))
 
     async def settle_dead(self, seq: int | None, event: Event, note: DeadLetterNote) -> None:
         """Record a dead letter and delete event `seq` (if given) in one transaction."""
@@ -284,8 +290,14 @@ class Spool:
         self._enqueue(_dead_op(future, seq, event, note))
         await future
 
-    def dead_letter_soon(self, seq: int | None, event: Event, note: DeadLetterNote) -> None:
-        """`settle_dead` in the next group commit, without waiting for it."""
+    def dead_letter_soon(
+        self,
+        seq: int | None,
+        event: Event,
+        note: DeadLetterNote,
+        outcome: OutcomeRow | None = None,
+    ) -> None:
+        """`settle_dead` in the next group commit, without waiting for it (and `outcome`)."""
         if not self._accepting:
             # The event's row stays, so it is attempted again after a restart: nothing is lost.
             log.warning(
@@ -295,7 +307,27 @@ class Spool:
                 reason=note.reason,
             )
             return
-        self._enqueue(_dead_op(None, seq, event, note))
+        op = _dead_op(None, seq, event, note)
+        if outcome is not None:
+            op.outcomes.append(outcome)
+        self._enqueue(op)
+
+    async def query(self, job: Callable[..., _T], *args: Any) -> _T:
+        """Run `job(connection, *args)` on the spool's thread (a read, or a short write)."""
+        return await self._run(self._query_job, job, *args)
+
+    async def lift_seq(self, number: int) -> None:
+        """Every event seq given out from now on is above `number` (numbering.py)."""
+        totals = await self._run(self._lift_job, number)
+        self._publish(totals)
+
+    def _lift_job(self, number: int) -> Totals:
+        top = lift_rows(self._db(), number)
+        self._t.max_row = max(self._t.max_row, top)  # no rows of others' below it: none exist
+        return dataclasses.replace(self._t)
+
+    def _query_job(self, job: Callable[..., _T], *args: Any) -> _T:
+        return job(self._db(), *args)
 
     async def read_after(self, seq: int, limit: int) -> list[SpooledEvent]:
         """Events with a seq above `seq`, oldest first, at most `limit` of them.
@@ -517,10 +549,11 @@ class Spool:
         t = dataclasses.replace(self._t)
         rows = [row for op in ops for row in op.rows]
         dead = [op.dead for op in ops if op.dead is not None]
+        outcomes = [outcome for op in ops for outcome in op.outcomes]
         settles = sorted({seq for op in ops for seq in op.removes})
         first = 0
         seen_up_to = t.max_row
-        if rows and not dead and not settles and len(rows) <= ROWS_PER_INSERT:
+        if rows and not dead and not settles and not outcomes and len(rows) <= ROWS_PER_INSERT:
             # The common group, appends alone: one INSERT is its own transaction (autocommit),
             # one SQLite call instead of three. Every call gives up the GIL and must take it
             # back from the busy event loop, which costs the loop more than the call itself.
@@ -531,7 +564,7 @@ class Spool:
             first = last - len(rows) + 1
             foreign = self._count_in(conn, t, rows, first, last)
         else:
-            first, foreign, took = self._transaction(conn, t, rows, dead, settles)
+            first, foreign, took = self._transaction(conn, t, rows, dead, settles, outcomes)
         self._t = t
         self._note_foreign(foreign, seen_up_to)
         results: list[tuple[_Op, Any]] = []
@@ -554,6 +587,7 @@ class Spool:
         rows: list[BatchRow],
         dead: list[DeadRow],
         settles: list[int],
+        outcomes: list[OutcomeRow],
     ) -> tuple[int, int, float]:
         """Appends, dead letters and settlements in one transaction; returns (first row,
         rows other processes added, commit time)."""
@@ -569,6 +603,8 @@ class Spool:
                 conn.executemany(INSERT_DEAD, dead)
                 t.dead_letters += len(dead)
             settle(conn, t, settles)
+            if outcomes:
+                conn.executemany(INSERT_OUTCOME, outcomes)
             took = commit_timed(conn)
         except BaseException:
             rollback(conn)
@@ -726,6 +762,9 @@ def _unstorable(op: _Op) -> str | None:
         is_utf8(value) for value in op.dead if isinstance(value, str)
     ):
         return f"dead letter of {op.dead[0]!r} holds text that is not valid Unicode"
+    for outcome in op.outcomes:
+        if not all(is_utf8(value) for value in outcome if isinstance(value, str)):
+            return f"outcome of {outcome[0]!r} holds text that is not valid Unicode"
     return None
 
 

@@ -42,8 +42,8 @@ SPOOL_FILE = "spool.db"
 PAGE_SIZE = 16384  # for new spool files (see connect_daemon)
 APPLICATION_ID = 0x46574452  # "FWDR": PRAGMA application_id, to recognise our own files
 # PRAGMA user_version. 1: an event per row as a JSON body; 2: an event per row in typed columns;
-# 3: an append per row (upgraded at open).
-SCHEMA_VERSION = 3
+# 3: an append per row; 4: and the outcomes of settled events (upgraded at open).
+SCHEMA_VERSION = 4
 # An event's seq is `row << ROW_BITS | index`: a row holds at most ROW_EVENTS events.
 ROW_BITS = 10
 ROW_EVENTS = 1 << ROW_BITS
@@ -61,6 +61,24 @@ _SQLITE_NOTADB = 26
 # Values per `IN (...)` list: below the 999 bound-parameter limit of older SQLite builds.
 IN_CHUNK = 500
 
+# Schema 4: what became of settled events, for GET /v1/events/{id} (outcomestore.py).
+# remote_id has no declared type: the remote's id is kept as it came (an integer, or text).
+OUTCOMES_SCHEMA = (
+    """CREATE TABLE IF NOT EXISTS outcomes (
+        event_id TEXT PRIMARY KEY,
+        number INTEGER,
+        state TEXT NOT NULL,
+        account TEXT,
+        attempts INTEGER,
+        at REAL NOT NULL,
+        remote_id,
+        reason TEXT,
+        status INTEGER,
+        error TEXT
+    )""",
+    "CREATE INDEX IF NOT EXISTS outcomes_number ON outcomes (number)",
+    "CREATE INDEX IF NOT EXISTS outcomes_at ON outcomes (at)",
+)
 _CREATE_BATCHES = """CREATE TABLE IF NOT EXISTS batches (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
     count INTEGER NOT NULL,
@@ -86,6 +104,7 @@ SCHEMA = (
         body TEXT
     )""",
     "CREATE INDEX IF NOT EXISTS dead_letters_at ON dead_letters (dead_lettered_at)",
+    *OUTCOMES_SCHEMA,
 )
 _ROW_MARKS = "(?, ?, ?, ?)"
 # Rows per INSERT, at most: one multi-row statement for a group of appends instead of one per
@@ -555,9 +574,14 @@ V2_COLUMNS = (
 _EVENTS_TABLE: dict[int, dict[str, frozenset[str]]] = {
     1: {"events": frozenset({"seq", "account", "body"})},
     2: {"events": frozenset(V2_COLUMNS)},
+    3: {
+        "batches": frozenset({"seq", "count", "accepted_at", "size", "body"}),
+        "settled": frozenset(),
+    },
     SCHEMA_VERSION: {
         "batches": frozenset({"seq", "count", "accepted_at", "size", "body"}),
         "settled": frozenset(),
+        "outcomes": frozenset(),
     },
 }
 

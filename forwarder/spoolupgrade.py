@@ -1,8 +1,9 @@
 """What older versions left behind, brought forward when the daemon opens its spool.
 
 Spools of schema 1 (a JSON body per event) and 2 (typed columns per event) are upgraded in place
-to schema 3 (a row per append, see `spoolfile.py`), in one transaction, every event keeping its
-order; a row that cannot be read goes to the dead letters whole. Before the spool existed, a
+to rows per append (schema 3, see `spoolfile.py`), in one transaction, every event keeping its
+order; a row that cannot be read goes to the dead letters whole. Schema 4 adds the `outcomes`
+table (outcomestore.py) to a schema 3 file and changes nothing else. Before the spool existed, a
 clean stop saved its leftovers to `pending.jsonl`: the daemon moves such a file into the spool
 at start, so one replay path serves every version's leftovers.
 """
@@ -25,6 +26,7 @@ from forwarder.spoolfile import (
     CHUNK_ROWS,
     INSERT_BATCH_AT,
     INSERT_DEAD,
+    OUTCOMES_SCHEMA,
     SCHEMA,
     SCHEMA_VERSION,
     V2_COLUMNS,
@@ -160,10 +162,18 @@ def _upgrade_from_2(conn: sqlite3.Connection) -> tuple[int, int]:
     return _upgrade_rows(conn, 2, ", ".join(V2_COLUMNS[1:]), to_event, damaged)
 
 
+def _upgrade_from_3(conn: sqlite3.Connection) -> tuple[int, int]:
+    """Schema 3 to 4: the rows stay as they are; the outcomes table is added."""
+    for statement in OUTCOMES_SCHEMA:
+        conn.execute(statement)
+    return 0, 0
+
+
 # How to upgrade each older schema version to SCHEMA_VERSION.
 _UPGRADES: dict[int, Callable[[sqlite3.Connection], tuple[int, int]]] = {
     1: _upgrade_from_1,
     2: _upgrade_from_2,
+    3: _upgrade_from_3,
 }
 
 

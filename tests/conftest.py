@@ -26,7 +26,9 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 from forwarder.dlq import list_dead_letters
+from forwarder.eventstatus import StatusBook
 from forwarder.intake import IntakeState, create_app
+from forwarder.numbering import BLOCK, EventNumbers
 from forwarder.queue import EventQueue
 from forwarder.spoolfile import SPOOL_FILE, open_readonly_or_fail
 from forwarder.telemetry import Metrics, Stats
@@ -286,10 +288,18 @@ def intake_state(
     max_body_bytes: int = 1024 * 1024,
     not_ready_reason: Callable[[], str] = lambda: "",
     stats_extra: Callable[[], dict[str, Any]] = dict,
+    drop_in_answer: str = "accepted",
 ) -> IntakeState:
-    """The intake's state with a fresh queue and counters, as the daemon wires it."""
+    """The intake's state with a fresh queue and counters, as the daemon wires it (memory mode).
+
+    The drop-in endpoint answers "accepted" (202 and the event_id) unless told otherwise: what
+    most tests look at is which event was queued. Event numbers start at 1 (a block far from
+    used up: nothing is written to disk).
+    """
     queue = EventQueue(max_events, max_bytes=max_bytes)
     stats = Stats()
+    status = StatusBook(retention_s=86400.0, max_count=1000, durable=False)
+    status.queue = queue
 
     def gauges() -> dict[str, tuple[str, float]]:
         return {"queue_depth": ("Events waiting in the queue.", float(len(queue)))}
@@ -302,6 +312,9 @@ def intake_state(
         max_body_bytes=max_body_bytes,
         not_ready_reason=not_ready_reason,
         stats_extra=stats_extra,
+        drop_in_answer=drop_in_answer,
+        numbers=EventNumbers(Path("/nonexistent"), 1, 1 + BLOCK),
+        status=status,
     )
 
 

@@ -429,6 +429,27 @@ def test_group_commit_window_from_file_and_env(tmp_path: Path) -> None:
     assert config.queue.group_commit_ms == 2.5
 
 
+def test_drop_in_answer_and_outcome_retention(tmp_path: Path) -> None:
+    config = load_text(tmp_path, "")
+    assert config.intake.drop_in_answer == "remote"
+    assert (config.state.outcome_retention_s, config.state.outcome_max_count) == (86400, 100_000)
+    config = load_text(
+        tmp_path,
+        '[intake]\ndrop_in_answer = "accepted"\n[state]\noutcome_retention_s = 60\n',
+        {"FORWARDER_STATE_OUTCOME_MAX_COUNT": "0"},
+    )
+    assert config.intake.drop_in_answer == "accepted"
+    assert (config.state.outcome_retention_s, config.state.outcome_max_count) == (60, 0)
+    with pytest.raises(
+        ConfigError, match=r"^intake\.drop_in_answer: must be one of remote, accepted; got "
+    ):
+        load_text(tmp_path, '[intake]\ndrop_in_answer = "200"\n')
+    with pytest.raises(ConfigError, match=r"^state\.outcome_retention_s: must be a positive"):
+        load_text(tmp_path, "[state]\noutcome_retention_s = 0\n")
+    with pytest.raises(ConfigError, match=r"^state\.outcome_max_count: must be within 0\.\."):
+        load_text(tmp_path, "[state]\noutcome_max_count = -1\n")
+
+
 def test_concurrency_fixed_or_adaptive(tmp_path: Path) -> None:
     assert load_text(tmp_path, "[remote]\nconcurrency = 0\n").remote.concurrency == 0
     config = load_text(tmp_path, "[remote]\nconcurrency = 1024\nmax_concurrency = 2\n")

@@ -763,9 +763,9 @@ async def test_a_schema_1_spool_is_upgraded_in_place(tmp_path: Path) -> None:
         await spool.close()
 
     with closing(connect(tmp_path / SPOOL_FILE)) as other:
-        assert other.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
+        assert other.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 4
         tables = {r[0] for r in other.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-        assert tables == {"batches", "settled", "dead_letters", "sqlite_sequence"}
+        assert tables == {"batches", "settled", "dead_letters", "outcomes", "sqlite_sequence"}
     with cli(tmp_path) as conn:
         dead = list_dead_letters(conn)
         assert [(d.reason, d.event.event_id) for d in dead] == [

@@ -1,0 +1,295 @@
+"""What became of an event: GET /v1/events/{id} and `forwarder events show`.
+
+An event is `queued` (in the queue, or in the spool), `in_delivery` (attempted, or waiting to be
+again), `delivered` or `dead_lettered`; unknown once its outcome is forgotten. The delivery lanes
+tell the `StatusBook` of attempts and outcomes. Outcomes are kept `state.outcome_retention_s`
+(the remote's idempotency window by default): in memory, at most `state.outcome_max_count` of
+them (the oldest go first), and in durable mode also in the spool (outcomestore.py), written
+by the transaction that settles the event. A purge pass every `PURGE_EVERY_S` deletes a bounded
+number of expired ones.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
+
+import structlog
+
+from forwarder import outcomestore
+from forwarder.events import EVENT_ID_RE, Event
+from forwarder.outcomestore import OutcomeRow
+
+if TYPE_CHECKING:
+    from forwarder.queue import EventQueue
+    from forwarder.spool import Spool
+
+log = structlog.get_logger("forwarder.eventstatus")
+PURGE_EVERY_S = 60.0
+PURGE_LIMIT = 10_000  # outcomes deleted per pass at most: a short write lock
+
+
+class Progress(Protocol):
+    """An event's delivery so far, as its lane keeps it."""
+
+    attempts: int
+    next_at: float | None  # time.time() of the next attempt; None while one is under way
+
+
+# Not frozen: a frozen dataclass sets each field through object.__setattr__, and one is made
+# for every delivered event.
+@dataclass(slots=True)
+class Outcome:
+    """A settled event: delivered (with the remote's id) or dead-lettered (with why)."""
+
+    state: str  # "delivered" | "dead_lettered"
+    event_id: str
+    number: int
+    account: str
+    attempts: int
+    at: float  # time.time() of the outcome
+    remote_id: Any = None
+    reason: str = ""
+    status: int | None = None
+    error: str = ""
+
+    def row(self) -> OutcomeRow:
+        """As a row of the spool's outcomes table."""
+        remote_id = self.remote_id
+        if remote_id is not None and not isinstance(remote_id, int | float | str):
+            remote_id = str(remote_id)
+        return (
+            self.event_id,
+            self.number or None,
+            self.state,
+            self.account,
+            self.attempts,
+            self.at,
+            remote_id,
+            self.reason,
+            self.status,
+            self.error,
+        )
+
+    @classmethod
+    def from_row(cls, row: OutcomeRow) -> Outcome:
+        """From a row of the spool's outcomes table."""
+        event_id, number, state, account, attempts, at, remote_id, reason, status, error = row
+        return cls(
+            state, event_id, number or 0, account or "", attempts or 0, at, remote_id,
+            reason or "", status, error or "",
+        )  # fmt: skip
+
+    def view(self) -> dict[str, Any]:
+        """The JSON answer's `data`."""
+        out: dict[str, Any] = {
+            "event_id": self.event_id,
+            "number": self.number or None,
+            "status": self.state,
+            "account": self.account,
+            "attempts": self.attempts,
+        }
+        if self.state == "delivered":
+            out["remote_id"] = self.remote_id
+            out["delivered_at"] = _iso(self.at)
+        else:
+            out["reason"] = self.reason
+            out["remote_status"] = self.status
+            out["error"] = self.error
+            out["dead_lettered_at"] = _iso(self.at)
+        return out
+
+
+def _iso(at: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(at)) + f".{int(at % 1 * 1000):03d}Z"
+
+
+def parse_key(text: str) -> str | int | None:
+    """An event number (digits) or an event_id; None when it can be neither."""
+    if text.isascii() and text.isdigit():
+        return int(text) if len(text) <= 16 else None
+    return text if EVENT_ID_RE.fullmatch(text) else None
+
+
+class StatusBook:
+    """The lanes' attempts and outcomes, and the look-up across queue, lanes and spool."""
+
+    def __init__(
+        self,
+        *,
+        retention_s: float,
+        max_count: int,
+        durable: bool,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.retention_s = retention_s
+        self.max_count = max_count
+        self.durable = durable
+        self._clock = clock
+        self._delivering: dict[str, tuple[Event, Progress]] = {}
+        self._outcomes: OrderedDict[str, Outcome] = OrderedDict()
+        self._outcome_numbers: dict[int, str] = {}
+        # Durable mode: an outcome on its way into the settling op (Backlog takes it).
+        self._unsaved: dict[str, OutcomeRow] = {}
+        self.queue: EventQueue | None = None
+        self.spool: Spool | None = None
+        self._purger: asyncio.Task[None] | None = None
+
+    # --- told by the lanes --------------------------------------------------------------------
+
+    def delivering(self, event: Event, progress: Progress) -> None:
+        """A lane took `event`; `progress` is its tally of attempts, read on a look-up."""
+        self._delivering[event.event_id] = (event, progress)
+
+    def settled(self, event: Event, spool_seq: int, outcome: Outcome | None) -> None:
+        """`event` left delivery; `outcome` is what became of it (None: nothing is kept)."""
+        self._delivering.pop(event.event_id, None)
+        if outcome is None:
+            return
+        self._keep(outcome)
+        if self.durable and spool_seq:
+            self._unsaved[event.event_id] = outcome.row()
+
+    def take_unsaved(self, event: Event) -> OutcomeRow | None:
+        """The outcome row to store with `event`'s settling (durable mode), once."""
+        return self._unsaved.pop(event.event_id, None) if self._unsaved else None
+
+    def _keep(self, outcome: Outcome) -> None:
+        old = self._outcomes.pop(outcome.event_id, None)
+        if old is not None and old.number:
+            self._outcome_numbers.pop(old.number, None)
+        self._outcomes[outcome.event_id] = outcome
+        if outcome.number:
+            self._outcome_numbers[outcome.number] = outcome.event_id
+        while len(self._outcomes) > self.max_count:
+            self._drop_oldest()
+
+    def _drop_oldest(self) -> None:
+        _, gone = self._outcomes.popitem(last=False)
+        if gone.number and self._outcome_numbers.get(gone.number) == gone.event_id:
+            del self._outcome_numbers[gone.number]
+
+    @property
+    def kept(self) -> int:
+        """Outcomes held in memory."""
+        return len(self._outcomes)
+
+    # --- the look-up --------------------------------------------------------------------------
+
+    async def lookup(self, key: str | int) -> dict[str, Any] | None:
+        """What became of the event `key` (its number or its event_id); None: not known."""
+        if (found := self._in_delivery(key)) is not None:
+            return found
+        outcome = self._remembered(key)
+        if outcome is not None:
+            return outcome.view()
+        found = self._queued_in_memory(key)
+        if found is not None:
+            return found
+        if self.spool is None or not self.durable:
+            return None
+        return await self._from_spool(key)
+
+    def _remembered(self, key: str | int) -> Outcome | None:
+        event_id = self._outcome_numbers.get(key) if isinstance(key, int) else key
+        outcome = self._outcomes.get(event_id) if event_id is not None else None
+        if outcome is not None and outcome.at < self._clock() - self.retention_s:
+            return None  # expired, not purged yet
+        return outcome
+
+    def _in_delivery(self, key: str | int) -> dict[str, Any] | None:
+        if isinstance(key, str):
+            found = self._delivering.get(key)
+        else:  # events in delivery are few (the lanes' concurrency): a scan
+            found = next((v for v in self._delivering.values() if v[0].number == key), None)
+        if found is None:
+            return None
+        event, progress = found
+        if not progress.attempts:
+            return None  # taken by its lane, not attempted yet: still queued
+        next_at = progress.next_at
+        return {
+            "event_id": event.event_id,
+            "number": event.number or None,
+            "status": "in_delivery",
+            "account": event.account,
+            "attempts": progress.attempts,
+            "next_attempt_at": None if next_at is None else _iso(next_at),
+        }
+
+    def _queued_in_memory(self, key: str | int) -> dict[str, Any] | None:
+        if self.queue is None:
+            return None
+        event = self.queue.find(key)
+        return None if event is None else _queued(event.event_id, event.number, event.account)
+
+    async def _from_spool(self, key: str | int) -> dict[str, Any] | None:
+        assert self.spool is not None
+        if isinstance(key, int):
+            row = await self.spool.query(outcomestore.outcome_by_number, key)
+        else:
+            row = await self.spool.query(outcomestore.outcome_by_id, key)
+        if row is not None:
+            outcome = Outcome.from_row(row)
+            return None if outcome.at < self._clock() - self.retention_s else outcome.view()
+        if isinstance(key, int):
+            event_id = await self.spool.query(outcomestore.queued_by_number, key)
+            return None if event_id is None else _queued(event_id, key, None)
+        number = await self.spool.query(outcomestore.queued_by_id, key)
+        return None if number is None else _queued(key, number, None)
+
+    # --- forgetting ---------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the periodic purge of expired outcomes."""
+        self._purger = asyncio.create_task(self._purge_loop(), name="outcome-purge")
+
+    async def stop(self) -> None:
+        """Stop the purge."""
+        if self._purger is not None:
+            self._purger.cancel()
+            await asyncio.gather(self._purger, return_exceptions=True)
+            self._purger = None
+
+    def purge_memory(self, limit: int = PURGE_LIMIT) -> int:
+        """Forget at most `limit` expired outcomes held in memory (the oldest are first)."""
+        before = self._clock() - self.retention_s
+        count = 0
+        while self._outcomes and count < limit:
+            oldest = next(iter(self._outcomes.values()))
+            if oldest.at >= before:
+                break
+            self._drop_oldest()
+            count += 1
+        return count
+
+    async def purge(self) -> int:
+        """One pass: expired outcomes out of memory and (durable mode) out of the spool."""
+        count = self.purge_memory()
+        if self.durable and self.spool is not None:
+            count += await self.spool.query(
+                outcomestore.purge, self._clock() - self.retention_s, PURGE_LIMIT
+            )
+        return count
+
+    async def _purge_loop(self) -> None:
+        while True:
+            await asyncio.sleep(PURGE_EVERY_S)
+            try:
+                purged = await self.purge()
+            except Exception as exc:  # a failing disk: logged, tried again next pass
+                log.error("outcome_purge_failed", error=str(exc))
+                continue
+            if purged:
+                log.debug("outcomes_purged", count=purged)
+
+
+def _queued(event_id: str, number: int, account: str | None) -> dict[str, Any]:
+    out: dict[str, Any] = {"event_id": event_id, "number": number or None, "status": "queued"}
+    if account is not None:
+        out["account"] = account
+    return out
