@@ -253,8 +253,14 @@ async def daemon(short_tmp: Path) -> AsyncIterator[Callable[..., Awaitable[Daemo
         n = len(started)
         state = state_dir or short_tmp / f"state{n}"
         sock = str(short_tmp / f"d{n}.sock")
+        # The drop-in endpoint answers "accepted" (202, data.id) unless a test asks for the
+        # remote's answer (intake={"drop_in_answer": "remote"}, the default of the config).
         config: dict[str, dict[str, object]] = {
-            "intake": {"http_listen": "127.0.0.1:0", "unix_socket": sock},
+            "intake": {
+                "http_listen": "127.0.0.1:0",
+                "unix_socket": sock,
+                "drop_in_answer": "accepted",
+            },
             "remote": {"base_url": base_url, "timeout_s": 5.0, "connect_timeout_s": 2.0},
             "retry": {"initial_backoff_s": 0.05, "max_backoff_s": 0.5, "max_elapsed_s": 60.0},
             "state": {"dir": str(state)},

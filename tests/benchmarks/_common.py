@@ -283,6 +283,8 @@ async def start_daemon(
     state = state_dir or work / f"state-{name}"
     config = {section: dict(values) for section, values in sections.items()}
     config.setdefault("intake", {})["http_listen"] = f"127.0.0.1:{port}"
+    # The benchmarks read the event_id from the answer's data (the 202 answer's shape).
+    config["intake"].setdefault("drop_in_answer", "accepted")
     config.setdefault("state", {})["dir"] = str(state)
     config_path = work / f"{name}.toml"
     config_path.write_text(toml(config))

@@ -215,6 +215,7 @@ def daemon_config(
 [intake]
 http_listen = "127.0.0.1:0"
 max_batch = {BATCH}
+drop_in_answer = "accepted"
 
 [queue]
 max_events = {max(max_events, 100_000)}

@@ -488,7 +488,7 @@ async def soak(plan: Plan, tmp: Path) -> tuple[dict[str, Any], list[str]]:
     try:
         base_url = (await _line(mock_log, "listening on")).split()[-1]
         sections = daemon_sections(plan.mode, plan.concurrency)
-        sections["intake"] = {"http_listen": "127.0.0.1:0"}
+        sections["intake"] = {"http_listen": "127.0.0.1:0", "drop_in_answer": "accepted"}
         sections["remote"]["base_url"] = base_url
         sections["state"] = {"dir": str(tmp / f"state-{plan.mode}")}
         config = tmp / f"forwarder-{plan.mode}.toml"

@@ -61,6 +61,7 @@ async def soak(seconds: float, clients: int, state: Path) -> dict[str, Any]:
         "FORWARDER_REMOTE_BASE_URL": base_url,
         "FORWARDER_STATE_DIR": str(state),
         "FORWARDER_INTAKE_HTTP_LISTEN": f"127.0.0.1:{port}",
+        "FORWARDER_INTAKE_DROP_IN_ANSWER": "accepted",  # the ledger reads data.id
         "FORWARDER_REMOTE_TIMEOUT_S": "1",
         "FORWARDER_REMOTE_CONCURRENCY": "4",
         "FORWARDER_RETRY_INITIAL_BACKOFF_S": "0.05",
