@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import threading
 from pathlib import Path
 
 NUMBERS_FILE = "event-numbers"
@@ -79,6 +80,9 @@ class EventNumbers:
         self.next = start  # the next number `take` gives
         self.ceiling = ceiling  # reserved in the file: every number below it may be in use
         self._extending: asyncio.Future[None] | None = None
+        # Writes come from the loop (rarely) and a worker thread: one at a time, never lower.
+        self._lock = threading.Lock()
+        self._written = ceiling
 
     @classmethod
     def open(cls, state_dir: Path, *, floor: int = 0) -> EventNumbers:
@@ -110,14 +114,20 @@ class EventNumbers:
             # Handed out past the reserved range before the background write was done: write
             # now, on the loop (a fsync); with blocks of 16 million this does not happen.
             self.ceiling = number + BLOCK
-            write_ceiling(self.state_dir, self.ceiling)
+            self._write(self.ceiling)
             return
         if self._extending is not None and not self._extending.done():
             return
         target = self.ceiling + BLOCK
         loop = asyncio.get_running_loop()
-        self._extending = loop.run_in_executor(None, write_ceiling, self.state_dir, target)
+        self._extending = loop.run_in_executor(None, self._write, target)
         self._extending.add_done_callback(lambda done: self._extended(done, target))
+
+    def _write(self, target: int) -> None:
+        with self._lock:
+            if target > self._written:
+                write_ceiling(self.state_dir, target)
+                self._written = target
 
     def _extended(self, done: asyncio.Future[None], target: int) -> None:
         if done.cancelled() or done.exception() is not None:
