@@ -31,6 +31,7 @@ from forwarder.credentials import (
     resolve_intake_token,
 )
 from forwarder.dlq import add_commands
+from forwarder.eventscli import add_events_commands
 
 EXIT_CONFIG = 2
 # Set to 1 (or any value but 0) to run on asyncio's own loop even when uvloop is installed.
@@ -225,7 +226,7 @@ async def _send(
         where = socket_path or url
         return _fail(f"cannot reach forwarder at {where}: {exc or type(exc).__name__}", 1)
     print(body)
-    return 0 if status == 202 else 1
+    return 0 if status in (200, 202) else 1  # intake.drop_in_answer "remote" or "accepted"
 
 
 def cmd_mock_remote(args: argparse.Namespace) -> int:
@@ -304,6 +305,8 @@ def build_parser() -> argparse.ArgumentParser:
     send.add_argument("--event-id", help="idempotency key (10-255 of letters, digits, -_.:)")
     send.add_argument("--timeout", type=float, default=10.0, help="seconds (default 10)")
     send.set_defaults(func=cmd_send)
+
+    add_events_commands(sub)
 
     mock = sub.add_parser("mock-remote", help="serve a faithful fake of the remote API")
     mock.add_argument("--host", default="127.0.0.1")

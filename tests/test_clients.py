@@ -372,3 +372,52 @@ async def test_an_app_reads_the_number_and_learns_the_remote_id(
     ):
         assert response.status == 404
         assert (await response.json())["success"] is False
+
+
+# --- numbers across a crash, and the command line ------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["memory", "durable"])
+async def test_numbers_are_never_reused_after_kill_9_and_events_show_prints_them(
+    mock_remote: StartMock, daemon: StartDaemon, mode: str
+) -> None:
+    from tests.conftest import spawn
+
+    mock = await mock_remote()
+    first = await daemon(mock.base_url, intake=REMOTE, queue={"mode": mode})
+    async with aiohttp.ClientSession(base_url=first.url) as http:
+        async with http.post(CREATE, data={"recipient_id": "1", "name": "SIGNUP"}) as r:
+            assert r.status == 200
+            before = (await r.json())["data"]
+
+        async def delivered() -> bool:
+            async with http.get(f"/v1/events/{before}") as r:
+                return bool((await r.json())["data"]["status"] == "delivered")
+
+        await wait_until(delivered, 10)
+    [created] = (await mock.record())["events"]
+    show = await spawn("events", "show", str(before), "--socket", first.socket_path)
+    assert await show.wait(15) == 0
+    printed = dict(line.split(None, 1) for line in show.stdout if line.strip())
+    assert (printed["status"], printed["remote_id"]) == ("delivered", str(created["id"]))
+    assert printed["event_id"] == created["idempotency_key"]
+    # `forwarder send` takes the remote's answer as success too.
+    send = await spawn("send", "--socket", first.socket_path, "--recipient-id", "2", "--name", "X")
+    assert await send.wait(15) == 0
+    sent = json.loads(send.stdout[0])["data"]
+    assert sent > before
+
+    assert await first.stop(signal.SIGKILL) == -signal.SIGKILL
+    second = await daemon(
+        mock.base_url, state_dir=first.state_dir, intake=REMOTE, queue={"mode": mode}
+    )
+    async with (
+        aiohttp.ClientSession(base_url=second.url) as http,
+        http.post(CREATE, data={"recipient_id": "3", "name": "SIGNUP"}) as r,
+    ):
+        after = (await r.json())["data"]
+    assert after > sent  # never given out again, though the first daemon never saved a thing
+    assert after < 2**53
+    unknown = await spawn("events", "show", str(after + 1), "--socket", second.socket_path)
+    assert await unknown.wait(15) == 1
+    assert "no event" in "\n".join(unknown.stderr)
