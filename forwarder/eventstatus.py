@@ -109,9 +109,13 @@ def _iso(at: float) -> str:
 
 
 def parse_key(text: str) -> str | int | None:
-    """An event number (digits) or an event_id; None when it can be neither."""
-    if text.isascii() and text.isdigit():
-        return int(text) if len(text) <= 16 else None
+    """An event number (up to 16 digits) or an event_id; None when it can be neither.
+
+    Digits are read as a number; `StatusBook.lookup_text` tries them as an event_id too (an
+    app may choose an event_id of digits).
+    """
+    if text.isascii() and text.isdigit() and len(text) <= 16:
+        return int(text)
     return text if EVENT_ID_RE.fullmatch(text) else None
 
 
@@ -179,6 +183,16 @@ class StatusBook:
         return len(self._outcomes)
 
     # --- the look-up --------------------------------------------------------------------------
+
+    async def lookup_text(self, text: str) -> dict[str, Any] | None:
+        """`lookup` of what GET /v1/events/{id} was given (parse_key said it is valid)."""
+        key = parse_key(text)
+        if key is None:
+            return None
+        found = await self.lookup(key)
+        if found is None and isinstance(key, int) and EVENT_ID_RE.fullmatch(text):
+            found = await self.lookup(text)  # an event_id of digits
+        return found
 
     async def lookup(self, key: str | int) -> dict[str, Any] | None:
         """What became of the event `key` (its number or its event_id); None: not known."""

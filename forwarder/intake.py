@@ -588,7 +588,7 @@ async def event_status(request: web.Request) -> web.Response:
             "id: must be an event number (digits) or an event_id (10-255 of letters, digits,"
             " - _ . :)",
         )
-    found = await state.status.lookup(key) if state.status is not None else None
+    found = await state.status.lookup_text(text) if state.status is not None else None
     if found is None:
         return _error(
             404,

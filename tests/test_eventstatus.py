@@ -51,7 +51,7 @@ def test_parse_key() -> None:
     assert parse_key("266") == 266
     assert parse_key("evt-00000001") == "evt-00000001"
     assert parse_key("short") is None  # not a number, not a valid event_id
-    assert parse_key("1" * 17) is None  # past 2**53
+    assert parse_key("1" * 17) == "1" * 17  # past 2**53: only an event_id
     assert parse_key("١٢٣٤٥") is None  # digits, but not ASCII ones
 
 
@@ -85,10 +85,16 @@ async def test_queued_in_delivery_delivered_forgotten() -> None:
     assert (found["status"], found["remote_id"], found["attempts"]) == ("delivered", 266, 1)
     assert await status.lookup(7) == found
 
+    # An event_id of digits is found as one when no event has that number.
+    digits = Event("2026112601", "r", "SIGNUP")
+    status.settled(digits, 0, delivered(digits, clock.now))
+    assert (await status.lookup_text("2026112601") or {})["event_id"] == "2026112601"
+    assert await status.lookup_text("no such") is None
+
     clock.now += 101  # past state.outcome_retention_s
     assert await status.lookup(7) is None
-    assert status.kept == 1
-    assert status.purge_memory() == 1
+    assert status.kept == 2
+    assert status.purge_memory() == 2
     assert status.kept == 0
 
 
