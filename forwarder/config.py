@@ -176,7 +176,7 @@ class StateConfig:
     # How long an event's outcome is kept for GET /v1/events/{id} (the remote's idempotency
     # window), and how many outcomes memory holds at most (the oldest are forgotten first).
     outcome_retention_s: float = 86_400.0
-    outcome_max_count: int = 100_000
+    outcome_max_count: int = 20_000
 
     @property
     def path(self) -> Path:

@@ -432,7 +432,7 @@ def test_group_commit_window_from_file_and_env(tmp_path: Path) -> None:
 def test_drop_in_answer_and_outcome_retention(tmp_path: Path) -> None:
     config = load_text(tmp_path, "")
     assert config.intake.drop_in_answer == "remote"
-    assert (config.state.outcome_retention_s, config.state.outcome_max_count) == (86400, 100_000)
+    assert (config.state.outcome_retention_s, config.state.outcome_max_count) == (86400, 20_000)
     config = load_text(
         tmp_path,
         '[intake]\ndrop_in_answer = "accepted"\n[state]\noutcome_retention_s = 60\n',
