@@ -521,8 +521,10 @@ class Daemon:
         try:
             # Above every number given out before, and above the spool's positions (15.1).
             numbers = await asyncio.to_thread(EventNumbers.open, state_dir, floor=spool.max_seq + 1)
-            if durable:  # the spool's positions are the numbers from here on
-                await spool.lift_seq(numbers.next)
+            # Durable: the spool's positions are the numbers from here on. Memory: rows added
+            # while running (`forwarder dlq replay`) are numbered by position, above the
+            # counter's block.
+            await spool.lift_seq(numbers.next if durable else numbers.ceiling)
         except (NumbersError, sqlite3.Error, SpoolError) as exc:
             log.error("startup_failed", error=f"state.dir {state_dir}: event numbers: {exc}")
             return 1
