@@ -15,6 +15,7 @@ import dataclasses
 import hmac
 import json
 import math
+import sqlite3
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -44,6 +45,7 @@ from forwarder.events import (
 from forwarder.eventstatus import StatusBook, parse_key
 from forwarder.numbering import EventNumbers
 from forwarder.queue import TOO_LARGE, EventQueue
+from forwarder.spoolfile import SpoolError
 from forwarder.telemetry import Metrics, Stats
 
 log = structlog.get_logger("forwarder.intake")
@@ -588,7 +590,16 @@ async def event_status(request: web.Request) -> web.Response:
             "id: must be an event number (digits) or an event_id (10-255 of letters, digits,"
             " - _ . :)",
         )
-    found = await state.status.lookup_text(text) if state.status is not None else None
+    try:
+        found = await state.status.lookup_text(text) if state.status is not None else None
+    except (SpoolError, sqlite3.Error) as exc:  # the spool cannot be read: say so, not a 500
+        log.error("event_status_failed", error=str(exc))
+        return _json(
+            503,
+            {"success": False, "error": "the spool cannot be read; retry later",
+             "reason": "spool_error"},
+            {"Retry-After": RETRY_AFTER_S},
+        )  # fmt: skip
     if found is None:
         return _error(
             404,

@@ -264,3 +264,17 @@ async def test_the_accepted_answer_is_kept(serve_intake: ServeIntake) -> None:
     assert "X-Forwarder-Event-Id" not in response.headers
     response = await _post(client, "x", "text/plain")
     assert response.status == 415
+
+
+async def test_a_spool_that_cannot_be_read_is_a_503_not_a_500(
+    serve_intake: ServeIntake, tmp_path: Path
+) -> None:
+    state = intake_state(drop_in_answer="remote")
+    assert state.status is not None
+    state.status.durable = True
+    state.status.spool = await Spool.open(tmp_path)
+    await state.status.spool.close()
+    client = await serve_intake(state)
+    response = await client.get("/v1/events/12345")
+    assert response.status == 503
+    assert (await response.json())["reason"] == "spool_error"
