@@ -25,6 +25,8 @@ from forwarder.spoolfile import SpoolError
 log = structlog.get_logger("forwarder.backlog")
 # Rows read from disk per refill: big enough to amortise a query, small against memory.
 REFILL_CHUNK = 1000
+# The stop's save commits events about this many bytes (event_size) at a time.
+SAVE_CHUNK_BYTES = 16 * 1024 * 1024
 # How often to look for rows another process added (`forwarder dlq replay`).
 REFRESH_S = 1.0
 
@@ -119,10 +121,24 @@ class Backlog:
         return count
 
     async def save(self, leftovers: list[tuple[Event, int]]) -> int:
-        """At a stop: spool the events that are in memory only; returns how many."""
+        """At a stop: spool the events that are in memory only; returns how many.
+
+        In commits of about SAVE_CHUNK_BYTES: encoded all at once, the rows' bodies would take
+        as much memory again as the queue, at the very end of a full queue's life (an OOM kill
+        there loses it all). If a commit fails the ones before it stay saved: their event_ids
+        make a second copy harmless.
+        """
         unsaved = [event for event, spool_seq in leftovers if not spool_seq]
-        if unsaved:
-            await self.spool.append(unsaved, force=True)
+        chunk: list[Event] = []
+        size = 0
+        for event in unsaved:
+            chunk.append(event)
+            size += event_size(event)
+            if size >= SAVE_CHUNK_BYTES:
+                await self.spool.append(chunk, force=True)
+                chunk, size = [], 0
+        if chunk:
+            await self.spool.append(chunk, force=True)
         return len(unsaved)
 
     def _rewind(self, seq: int) -> None:

@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import enum
 import itertools
+import sys
 from collections import deque
 from collections.abc import Callable, Iterable
 
@@ -32,19 +33,52 @@ QUEUE_FULL = "queue_full"
 QUEUE_BYTES_FULL = "queue_bytes_full"
 TOO_LARGE = "too_large"
 
+# CPython stores a str at 1, 2 or 4 bytes a character, the widest its text needs: one emoji makes
+# a 64 KiB text 256 KiB. And the first time C code asks a non-ASCII str for its UTF-8 form
+# (orjson does: the spool's rows, the save at a stop) the str keeps that copy for its life, up to
+# 2, 3 or 4 bytes a character more. A non-ASCII str's header, measured rather than assumed:
+_WIDE_HEAD = sys.getsizeof("\u00e9") - 2
+# The most UTF-8 bytes a character can take, by its bytes in memory (3: see _wide_extra).
+_UTF8_MAX = (0, 2, 3, 4, 4)
+
 
 def event_size(event: Event) -> int:
-    """The bytes `queue.max_bytes` counts for an event: its text's characters plus a fixed overhead.
+    """The bytes `queue.max_bytes` counts for an event: what its text can take in memory, plus a
+    fixed overhead.
 
-    A cheap estimate (attribute reads and `len`, once per event), not an exact measure: text
-    beyond ASCII takes more than a byte a character in memory too.
+    ASCII text (the common case, checked in O(1)) counts a byte a character; other text what
+    `_wide_extra` adds. The queue keeps the figure with the event: it must subtract what it
+    added, and a str's size grows when its UTF-8 copy is cached.
     """
     e = event
-    text = (
-        len(e.account) + len(e.event_id) + len(e.recipient_id) + len(e.name) + len(e.value)
-        + len(e.data) + len(e.ref)
+    r, n, v, d, f = e.recipient_id, e.name, e.value, e.data, e.ref
+    size = (
+        len(e.account) + len(e.event_id) + len(r) + len(n) + len(v) + len(d) + len(f)
+        + EVENT_OVERHEAD_BYTES
     )  # fmt: skip
-    return text + EVENT_OVERHEAD_BYTES
+    if r.isascii() and n.isascii() and v.isascii() and d.isascii() and f.isascii():
+        return size  # event_id and account are ASCII by validation
+    if not d.isascii():
+        size += _wide_extra(d)
+    if not v.isascii():
+        size += _wide_extra(v)
+    if not r.isascii():
+        size += _wide_extra(r)
+    if not n.isascii():
+        size += _wide_extra(n)
+    if not f.isascii():
+        size += _wide_extra(f)
+    return size
+
+
+def _wide_extra(text: str, _sizeof: Callable[[object], int] = sys.getsizeof) -> int:
+    """What a non-ASCII str can take in memory beyond a byte a character: its characters at
+    their width, plus the UTF-8 copy CPython may cache with it (O(1), from `sys.getsizeof`)."""
+    chars = len(text) + 1  # with the terminating NUL
+    # Exact for a str without its UTF-8 copy. With one the quotient comes out larger (3 counts
+    # 3 + 4): more, never less, than the str can take.
+    width = min(4, max(1, (_sizeof(text) - _WIDE_HEAD) // chars))
+    return _WIDE_HEAD + chars * (width + _UTF8_MAX[width]) - chars + 1
 
 
 class _State(enum.Enum):
@@ -56,17 +90,17 @@ class _State(enum.Enum):
 class _Entry:
     """One accepted event and its bookkeeping. Compared by identity, never by the event's value.
 
-    Its `event_size` is not kept but computed again when it leaves: an int of its own would cost
-    about 40 bytes an event, and the queue relies on events not changing anyway (it finds an
-    event's account and recipient again from the event itself).
+    It keeps its `event_size`, subtracted when it leaves: computed again then, it could come
+    out larger than what was added (a str's size grows once its UTF-8 form is cached).
     """
 
-    __slots__ = ("event", "next", "seq", "spool_seq", "state", "ticket")
+    __slots__ = ("event", "next", "seq", "size", "spool_seq", "state", "ticket")
 
-    def __init__(self, event: Event, seq: int, spool_seq: int = 0) -> None:
+    def __init__(self, event: Event, seq: int, spool_seq: int = 0, size: int = 0) -> None:
         self.event = event
         self.seq = seq  # acceptance order across all accounts
         self.spool_seq = spool_seq  # its row in the spool; 0 when it is in memory only
+        self.size = size  # its event_size when admitted
         self.state = _State.WAITING
         self.ticket = 0  # the order in which get() took it, for take_all
         # The recipient's next waiting entry (ordered mode; see _Recipient); None when last or
@@ -259,11 +293,13 @@ class EventQueue:
             return self._admit_one(events[0])
         if len(events) > self.free:
             return QUEUE_FULL
+        sizes = None
         if size < 0:
-            size = sum(map(event_size, events))
+            sizes = list(map(event_size, events))
+            size = sum(sizes)
         if size > self.bytes_free:
             return TOO_LARGE if 0 < self.max_bytes < size else QUEUE_BYTES_FULL
-        self._add(events, spool_seqs, size)
+        self._add(events, spool_seqs, sizes)
         return ""
 
     def _admit_one(self, event: Event) -> str:
@@ -275,7 +311,7 @@ class EventQueue:
         if self.max_bytes > 0 and size > self.max_bytes - self._bytes:
             return TOO_LARGE if size > self.max_bytes else QUEUE_BYTES_FULL
         acct = self._accounts.get(event.account) or self._account(event.account)
-        self._enqueue(acct, _Entry(event, next(self._seq)))
+        self._enqueue(acct, _Entry(event, next(self._seq), 0, size))
         self._bytes += size
         if acct.waiters:
             self._hand_out(acct)
@@ -322,7 +358,7 @@ class EventQueue:
         entry = entries[0]
         acct, rec = self._settle(entry)
         entry.state = _State.GONE
-        self._bytes -= event_size(event)
+        self._bytes -= entry.size
         if not rec.busy:
             if rec.first is not None:  # ordered mode only
                 if not rec.in_line:
@@ -396,30 +432,37 @@ class EventQueue:
         entries.sort(key=_by_seq)
         for entry in entries:
             entry.state = _State.GONE
-            self._bytes -= event_size(entry.event)
+            self._bytes -= entry.size
         self._waiting -= acct.depth
         acct.depth = 0
         self._prune(acct)
         return [entry.event for entry in entries]
 
     def _add(
-        self, events: Iterable[Event], spool_seqs: Iterable[int] | None, size: int = -1
+        self,
+        events: Iterable[Event],
+        spool_seqs: Iterable[int] | None,
+        sizes: Iterable[int] | None = None,
     ) -> int:
-        """Queue `events` in order; `size` is their total `event_size` if the caller has it."""
+        """Queue `events` in order; `sizes` are their `event_size`s if the caller has them."""
         touched: dict[str, _Account] = {}
         count = 0
-        if spool_seqs is None:
-            pairs: Iterable[tuple[Event, int]] = zip(events, itertools.repeat(0), strict=False)
-        else:
-            pairs = zip(list(events), list(spool_seqs), strict=True)
+        if not isinstance(events, list):
+            events = list(events)
+        seqs: Iterable[int] = itertools.repeat(0)
+        if spool_seqs is not None:
+            seqs = list(spool_seqs)
+            if len(seqs) != len(events):
+                raise ValueError("events and spool_seqs differ in length")
+        if sizes is None:
+            sizes = map(event_size, events)
         added = 0
-        for event, spool_seq in pairs:
+        for event, spool_seq, size in zip(events, seqs, sizes, strict=False):
             acct = self._account(event.account)
             touched[event.account] = acct
-            if size < 0:
-                added += event_size(event)
+            added += size
             # _enqueue's work inline: a call per event is measurable in a batch's cost.
-            entry = _Entry(event, next(self._seq), spool_seq)
+            entry = _Entry(event, next(self._seq), spool_seq, size)
             acct.depth += 1
             self._waiting += 1
             if self._ordered:
@@ -431,7 +474,7 @@ class EventQueue:
             else:
                 acct.fifo.append(entry)
             count += 1
-        self._bytes += size if size >= 0 else added
+        self._bytes += added
         for acct in touched.values():
             self._hand_out(acct)
         return count

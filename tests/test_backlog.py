@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from forwarder import backlog as backlog_module
 from forwarder.backlog import Backlog
 from forwarder.events import Event
 from forwarder.queue import TOO_LARGE, EventQueue, event_size
@@ -118,3 +119,24 @@ async def test_a_request_bigger_than_max_bytes_is_refused_before_the_spool(spool
     assert spool.depth == 0
     assert await backlog.admit([ev(0, 1000)]) == ""
     assert spool.depth == 1
+
+
+async def test_the_save_at_a_stop_commits_in_chunks_of_bytes(
+    spool: Spool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Encoded all at once, a full queue's rows would take as much memory again as its events.
+    monkeypatch.setattr(backlog_module, "SAVE_CHUNK_BYTES", 3 * event_size(ev(0)))
+    appended: list[int] = []
+    append = spool.append
+
+    async def counting(events: list[Event], *, force: bool = False) -> list[int]:
+        appended.append(len(events))
+        return await append(events, force=force)
+
+    monkeypatch.setattr(spool, "append", counting)
+    backlog = Backlog(EventQueue(100), spool, durable=False)
+    events = [ev(n) for n in range(10)]
+    assert await backlog.save([(e, 0) for e in events] + [(ev(99), 7)]) == 10
+    assert appended == [3, 3, 3, 1]
+    rows = await spool.read_after(0, 100)
+    assert [row.event.event_id for row in rows] == [e.event_id for e in events]

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import sys
 import tracemalloc
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
+import orjson
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -117,6 +120,38 @@ def test_event_size_is_the_text_plus_a_fixed_overhead() -> None:
         data='{"a":1}', ref="camp-9", account="us",
     )  # fmt: skip
     assert event_size(e) == 10 + 3 + 8 + 5 + 7 + 6 + 2 + EVENT_OVERHEAD_BYTES
+
+
+@pytest.mark.parametrize("char", ["\u00e9", "\u20ac", "\U0001f600"])
+def test_event_size_counts_non_ascii_text_as_it_is_held_in_memory(char: str) -> None:
+    # Latin-1, BMP and astral text: 1, 2 and 4 bytes a character in a str, and its UTF-8 copy
+    # (2, 3 and 4 bytes) once orjson has encoded it (the spool, the save at a stop).
+    wide = replace(sized("a1", 0), recipient_id=char * 255, value=char * 1024, data=char * 5000)
+    size = event_size(wide)
+    orjson.dumps(wide.to_dict())  # the UTF-8 copies are cached now
+    held = sum(sys.getsizeof(text) for text in (wide.recipient_id, wide.value, wide.data))
+    extra = size - event_size(sized("a1", 0))
+    assert held - 8 <= extra <= held + 16  # every byte it holds, and hardly more
+
+
+async def test_the_byte_count_gives_back_what_it_took_when_text_grows_its_utf8_copy() -> None:
+    queue = EventQueue(100, max_bytes=0)
+    texts = ["\u00e9" * 100, "\u20ac" * 100, "\U0001f600" * 100]
+    events = [replace(sized(f"a{n}", 0, f"r{n}"), data=text) for n, text in enumerate(texts)]
+    before = list(map(event_size, events))
+    assert queue.admit(events[:2]) == ""
+    assert queue.admit(events[2:]) == ""
+    assert queue.bytes == sum(before)
+    for event in events:
+        orjson.dumps(event.data)  # as the spool or the save would, while they are queued
+    # Their text takes more memory now, so event_size says more; what was added must still be
+    # what is given back, or the count would drift below what the queue holds.
+    assert all(event_size(e) > size for e, size in zip(events[:2], before, strict=False))
+    got = await queue.get("")
+    queue.done(got)
+    assert queue.bytes == sum(before) - before[0]
+    assert ids(queue.take_account("")) == ["a1", "a2"]
+    assert queue.bytes == 0
 
 
 async def test_the_byte_bound_refuses_what_does_not_fit_and_counts_events_in_delivery() -> None:
