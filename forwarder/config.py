@@ -117,7 +117,8 @@ class QueueConfig:
 
     mode: str = "memory"
     max_events: int = 100_000
-    # Estimated bytes of the events in memory (text plus a fixed overhead each; queue.event_size).
+    # Estimated bytes of the events in memory (their text as held, plus an overhead each;
+    # queue.event_size). Sized to fit systemd/forwarder.service's MemoryMax.
     max_bytes: int = 268_435_456
     max_disk_bytes: int = 1_073_741_824
     # Durable mode: the longest a group commit waits for company while requests keep arriving
