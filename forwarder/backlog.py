@@ -76,7 +76,8 @@ class Backlog:
         """
         if not self.durable:
             return self.queue.admit(events)
-        size = sum(map(event_size, events))
+        sizes = list(map(event_size, events))  # before the spool's encoding (see EventQueue.admit)
+        size = sum(sizes)
         if 0 < self.queue.max_bytes < size:
             return TOO_LARGE  # it could never be in memory at once: refused in both modes alike
         try:
@@ -88,7 +89,7 @@ class Backlog:
             return "spool_error"
         # Committed: from here on the events are safe. They join the window only if nothing
         # older is still on disk (order) and they fit; otherwise the refill brings them in.
-        if not self._unloaded and self.queue.offer(events, seqs, size):
+        if not self._unloaded and self.queue.offer(events, seqs, sizes):
             self._in_memory.update(seqs)
             self._loaded_seq = max(self._loaded_seq, seqs[-1])
         else:

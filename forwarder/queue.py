@@ -274,29 +274,35 @@ class EventQueue:
         return max(0, self.max_bytes - self._bytes)
 
     def offer(
-        self, events: list[Event], spool_seqs: list[int] | None = None, size: int = -1
+        self,
+        events: list[Event],
+        spool_seqs: list[int] | None = None,
+        sizes: list[int] | None = None,
     ) -> bool:
         """Queue all of `events`, or none of them if they do not all fit (see `admit`)."""
-        return not self.admit(events, spool_seqs, size)
+        return not self.admit(events, spool_seqs, sizes)
 
     def admit(
-        self, events: list[Event], spool_seqs: list[int] | None = None, size: int = -1
+        self,
+        events: list[Event],
+        spool_seqs: list[int] | None = None,
+        sizes: list[int] | None = None,
     ) -> str:
         """Queue all of `events` or none; returns "" or why not.
 
         The reasons: `QUEUE_FULL` (past `max_events`), `QUEUE_BYTES_FULL` (past `max_bytes`), and
         `TOO_LARGE` when the events alone exceed `max_bytes`, so waiting would never help.
-        `spool_seqs` are the events' rows in the spool, reported back by `done`; `size` is their
-        total `event_size` if the caller has it already.
+        `spool_seqs` are the events' rows in the spool, reported back by `done`; `sizes` their
+        `event_size`s if the caller has them already (taken before the spool's encoding cached
+        their text's UTF-8 form, which would make them come out larger).
         """
         if len(events) == 1 and spool_seqs is None:
             return self._admit_one(events[0])
         if len(events) > self.free:
             return QUEUE_FULL
-        sizes = None
-        if size < 0:
+        if sizes is None:
             sizes = list(map(event_size, events))
-            size = sum(sizes)
+        size = sum(sizes)
         if size > self.bytes_free:
             return TOO_LARGE if 0 < self.max_bytes < size else QUEUE_BYTES_FULL
         self._add(events, spool_seqs, sizes)
