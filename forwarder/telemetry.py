@@ -38,7 +38,7 @@ def _forms(secrets: Iterable[str]) -> tuple[str, ...]:
 
 
 class Redactor:
-    """A structlog processor that replaces every known secret in a log line's values.
+    """A structlog processor that replaces every known secret in a log line's keys and values.
 
     A secret is caught in each of its forms (`credentials.secret_forms`): as itself, as the
     base64 of a Basic header, and percent-encoded.
@@ -54,7 +54,11 @@ class Redactor:
                     value = value.replace(secret, REDACTED)
             return value
         if isinstance(value, dict):
-            return {k: self.scrub(v) for k, v in value.items()}
+            # Keys too: a remote's answer can carry a secret as an object key.
+            return {
+                (self.scrub(k) if isinstance(k, str) else k): self.scrub(v)
+                for k, v in value.items()
+            }
         if isinstance(value, list | tuple):
             return [self.scrub(v) for v in value]
         if isinstance(value, BaseException):
@@ -65,8 +69,13 @@ class Redactor:
         self, logger: object, method: str, event_dict: MutableMapping[str, Any]
     ) -> MutableMapping[str, Any]:
         if self.secrets:
-            for key, value in event_dict.items():
-                event_dict[key] = self.scrub(value)
+            for key, value in list(event_dict.items()):
+                name = self.scrub(key)
+                if isinstance(name, str) and name != key:  # a key is a field's name: rare
+                    del event_dict[key]
+                    event_dict[name] = self.scrub(value)
+                else:
+                    event_dict[key] = self.scrub(value)
         return event_dict
 
 
