@@ -199,6 +199,7 @@ class Lane:
     def configure(self, settings: LaneSettings, sender: Sender | None = None) -> None:
         """Apply reloaded settings; events in delivery carry on, later attempts see them."""
         remote = settings.remote
+        self.limiter.relearn_window()  # a window length learned wrongly is corrected by a reload
         if settings.per_minute != self.settings.per_minute:
             self.limiter.set_per_minute(settings.per_minute)
         self.concurrency.configure(

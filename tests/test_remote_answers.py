@@ -189,8 +189,9 @@ async def test_a_nonsense_header_is_logged_once_not_per_answer(
 ) -> None:
     out = log_output
     broken = {"Retry-After": "soon", "X-RateLimit-Reset": "nan", "X-RateLimit-Limit": "-1"}
-    body = {"success": False, "error": "busy"}
-    remote.script = [(503, broken, body)] * 4 + [(200, broken, {"success": True, "data": 1})] * 3
+    body: object = {"success": False, "error": "busy"}
+    done: object = {"success": True, "data": 1}
+    remote.script = [(503, broken, body)] * 4 + [(200, broken, done)] * 3
     run = await deliver_all(remote, 4)
     assert run.outcomes.records == []
     assert run.stats.delivered == 4
