@@ -17,7 +17,7 @@ from typing import Any, TextIO
 
 import orjson
 import structlog
-from prometheus_client import CollectorRegistry, Histogram
+from prometheus_client import CollectorRegistry, Histogram, disable_created_metrics
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -304,6 +304,11 @@ class Metrics:
         accounts: AccountViews = dict,
         counters: Readings = dict,
     ) -> None:
+        # prometheus-client adds a `<name>_created` series to every counter and histogram by
+        # default, exported as an extra gauge family each: undocumented, useless for rates, and
+        # a second family per metric. The switch is process-wide (read at every scrape); the
+        # daemon's only registry is made here.
+        disable_created_metrics()  # type: ignore[no-untyped-call]  # (untyped upstream)
         self.registry = CollectorRegistry()
         self.latency = Histogram(
             "forwarder_delivery_attempt_seconds",
