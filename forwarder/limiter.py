@@ -16,6 +16,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from forwarder.ratewindow import MAX_WINDOW_S as MAX_PACED_WINDOW_S
 from forwarder.ratewindow import WindowLearner
 
 Clock = Callable[[], float]
@@ -151,7 +152,9 @@ class RateLimiter:
             self._external = max(self._external, used_by_server - self._started)
         if rate_limited:
             self.rate_limited += 1
-            waits = [w for w in (reset_s, retry_after) if w is not None and w > 0]
+            # The reset counts up to a window's longest (`_wait_hint`'s reason); Retry-After whole.
+            reset_wait = min(reset_s, MAX_PACED_WINDOW_S) if reset_s is not None else None
+            waits = [w for w in (reset_wait, retry_after) if w is not None and w > 0]
             wait = max(waits) if waits else DEFAULT_429_WAIT_S
             self.gate_until = max(self.gate_until, now + wait)
             # Nothing more fits in this window; the next one starts when the gate opens.

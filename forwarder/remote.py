@@ -29,6 +29,7 @@ from yarl import URL
 from forwarder import __version__
 from forwarder.credentials import Secret, basic_token, secret_forms
 from forwarder.events import Event
+from forwarder.ratewindow import MAX_WINDOW_S
 
 log = structlog.get_logger("forwarder.remote")
 
@@ -161,14 +162,12 @@ def _wait_hint(headers: Mapping[str, str], *, rate_limited: bool) -> float | Non
     X-RateLimit-Reset comes on every answer; it is a reason to wait only when the quota is spent.
     A malformed hint is ignored (the status is retried as any other), never an error.
     """
-    hints = [
-        hint
-        for hint in (
-            _retry_after(headers),
-            _header_number(headers, "X-RateLimit-Reset", MAX_HINT_S) if rate_limited else None,
-        )
-        if hint is not None
-    ]
+    reset = _header_number(headers, "X-RateLimit-Reset", MAX_HINT_S) if rate_limited else None
+    if reset is not None:
+        # A spent quota comes back when the window ends, and no window is longer than a minute:
+        # one odd reset must not hold the account for an hour (an explicit Retry-After may).
+        reset = min(reset, MAX_WINDOW_S)
+    hints = [hint for hint in (_retry_after(headers), reset) if hint is not None]
     return max(hints) if hints else None
 
 

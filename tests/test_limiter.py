@@ -276,6 +276,8 @@ def test_a_429_closes_the_gate_for_everybody_until_the_reset() -> None:
         (5, 2.0, 5.0),  # ... a shorter one does not
         (None, 3.0, 3.0),
         (None, None, DEFAULT_429_WAIT_S),  # no hint at all
+        (3600, None, 60.0),  # a spent quota is back within a window: a minute at most
+        (3600, 120.0, 120.0),  # ... but an explicit Retry-After is honoured
     ],
 )
 def test_a_429_waits_for_the_longest_hint(

@@ -263,3 +263,16 @@ def test_only_a_scalar_is_a_remote_id(data: object, remote_id: object) -> None:
     body = json.dumps({"success": True, "data": data}).encode()
     assert classify(200, body, {}).remote_id == remote_id
     assert classify(409, body, {}).remote_id == remote_id
+
+
+@pytest.mark.parametrize(
+    ("headers", "wait"),
+    [
+        ({"X-RateLimit-Reset": "3600"}, 60.0),  # no window is longer than a minute
+        ({"X-RateLimit-Reset": "3600", "Retry-After": "120"}, 120.0),  # explicit: honoured
+        ({"X-RateLimit-Reset": "17"}, 17.0),
+        ({"X-RateLimit-Reset": "1e12"}, None),  # nonsense: the limiter's default wait
+    ],
+)
+def test_a_429_waits_for_its_reset_at_most_a_window(headers: dict[str, str], wait: object) -> None:
+    assert classify(429, b"{}", headers).retry_after == wait
