@@ -9,6 +9,7 @@ import pytest
 
 from forwarder.config import AccountConfig, Config, ConfigError, IntakeConfig, RemoteConfig
 from forwarder.credentials import (
+    MIN_KEY_CHARS,
     ApiKey,
     Secret,
     check_key_text,
@@ -35,21 +36,21 @@ def with_accounts(*accounts: AccountConfig) -> Config:
 
 
 def test_api_key_resolution_order(tmp_path: Path) -> None:
-    key_file = write(tmp_path, "from-file\n", "api_key_file")
+    key_file = write(tmp_path, "from-file-0123456789\n", "api_key_file")
     creds = tmp_path / "creds"
     creds.mkdir()
-    (creds / "api_key").write_text("  from-credential \n", encoding="utf-8")
+    (creds / "api_key").write_text("  from-credential-0123456789 \n", encoding="utf-8")
 
-    env = {"FORWARDER_API_KEY": "from-env", "CREDENTIALS_DIRECTORY": str(creds)}
+    env = {"FORWARDER_API_KEY": "from-env-0123456789", "CREDENTIALS_DIRECTORY": str(creds)}
     key = resolve_api_key(with_key_file(key_file), env)
-    assert key == ApiKey(Secret("from-env"), "environment FORWARDER_API_KEY")
+    assert key == ApiKey(Secret("from-env-0123456789"), "environment FORWARDER_API_KEY")
 
     env["FORWARDER_API_KEY"] = ""  # empty counts as unset
     key = resolve_api_key(with_key_file(key_file), env)
-    assert key == ApiKey(Secret("from-file"), f"file {key_file}")
+    assert key == ApiKey(Secret("from-file-0123456789"), f"file {key_file}")
 
     key = resolve_api_key(Config(), env)
-    assert key == ApiKey(Secret("from-credential"), "systemd credential api_key")
+    assert key == ApiKey(Secret("from-credential-0123456789"), "systemd credential api_key")
 
     assert resolve_api_key(Config(), {}) is None
 
@@ -106,6 +107,22 @@ def test_api_key_error_never_contains_key(tmp_path: Path, bad: str) -> None:
         assert KEY not in repr(info.value)
 
 
+@pytest.mark.parametrize("short", ["4", "delivered", KEY[: MIN_KEY_CHARS - 1]])
+def test_a_key_too_short_to_be_redacted_is_refused(tmp_path: Path, short: str) -> None:
+    # The log redactor takes nothing shorter (it would mangle ordinary words): so no key is.
+    path = write(tmp_path, short, "api_key")
+    account = AccountConfig("us", api_key_env="US_KEY")
+    for resolve in (
+        lambda: resolve_api_key(Config(), {"FORWARDER_API_KEY": short}),
+        lambda: resolve_api_key(with_key_file(path), {}),
+        lambda: resolve_account_keys(with_accounts(account), {"US_KEY": short}),
+    ):
+        with pytest.raises(ConfigError, match=f"shorter than {MIN_KEY_CHARS} characters") as info:
+            resolve()
+        assert KEY[: MIN_KEY_CHARS - 1] not in str(info.value)  # never echoed
+    assert resolve_api_key(Config(), {"FORWARDER_API_KEY": KEY[:MIN_KEY_CHARS]}) is not None
+
+
 def test_secret_hides_value() -> None:
     secret = Secret(KEY)
     assert repr(secret) == "<secret>"
@@ -124,35 +141,37 @@ def test_secret_hides_value() -> None:
 
 
 def test_account_key_resolution_order(tmp_path: Path) -> None:
-    key_file = write(tmp_path, "from-file\n", "us.key")
+    key_file = write(tmp_path, "from-file-0123456789\n", "us.key")
     creds = tmp_path / "creds"
     creds.mkdir()
-    (creds / "api_key.us").write_text(" from-credential\n", encoding="utf-8")
+    (creds / "api_key.us").write_text(" from-credential-0123456789\n", encoding="utf-8")
     (creds / "api_key").write_text("default-credential", encoding="utf-8")
     both = AccountConfig("us", api_key_file=str(key_file), api_key_env="US_KEY")
 
-    env = {"US_KEY": "from-env", "CREDENTIALS_DIRECTORY": str(creds)}
+    env = {"US_KEY": "from-env-0123456789", "CREDENTIALS_DIRECTORY": str(creds)}
     keys = resolve_account_keys(with_accounts(both), env)
-    assert keys == {"us": ApiKey(Secret("from-env"), "environment US_KEY")}
+    assert keys == {"us": ApiKey(Secret("from-env-0123456789"), "environment US_KEY")}
 
     env["US_KEY"] = ""  # empty counts as unset
     keys = resolve_account_keys(with_accounts(both), env)
-    assert keys == {"us": ApiKey(Secret("from-file"), f"file {key_file}")}
+    assert keys == {"us": ApiKey(Secret("from-file-0123456789"), f"file {key_file}")}
 
     for account in (AccountConfig("us"), AccountConfig("us", api_key_env="US_KEY")):
         keys = resolve_account_keys(with_accounts(account), env)
-        assert keys == {"us": ApiKey(Secret("from-credential"), "systemd credential api_key.us")}
+        assert keys == {
+            "us": ApiKey(Secret("from-credential-0123456789"), "systemd credential api_key.us")
+        }
 
 
 def test_account_keys_for_several_accounts(tmp_path: Path) -> None:
-    uk_file = write(tmp_path, "uk-key", "uk.key")
+    uk_file = write(tmp_path, "uk-key-0123456789", "uk.key")
     config = with_accounts(
         AccountConfig("us", api_key_env="US_KEY"), AccountConfig("uk", api_key_file=str(uk_file))
     )
-    keys = resolve_account_keys(config, {"US_KEY": " us-key\n"})
+    keys = resolve_account_keys(config, {"US_KEY": " us-key-0123456789\n"})
     assert {name: key.secret.reveal() for name, key in keys.items()} == {
-        "uk": "uk-key",
-        "us": "us-key",
+        "uk": "uk-key-0123456789",
+        "us": "us-key-0123456789",
     }
     assert resolve_account_keys(Config(), {}) == {}
 
