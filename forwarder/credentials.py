@@ -144,13 +144,22 @@ def _key_from_bytes(data: bytes, source: str, where: str, what: str = "API key")
 
 
 def _key_from_file(path: Path, setting: str, what: str = "API key") -> ApiKey:
-    """The key in the file ``path``, which the setting ``setting`` names."""
-    source = f"file {path}"
+    """The key in the file ``path``, which the setting ``setting`` names.
+
+    Errors name the setting, never the path: a secret pasted into the setting instead of a
+    path ("cannot read ... from file sk-...") must not be echoed. Once read, the file is one,
+    and its path is the key's `source` (the `started` line, check-config).
+    """
+    where = f"the file named by {setting}"
     try:
         data = _read_limited(path)
-    except OSError as exc:
-        raise ConfigError(f"{setting}: cannot read {what} from {source}: {_reason(exc)}") from None
-    return _key_from_bytes(data, source, source, what)
+    except (OSError, ValueError) as exc:  # ValueError: a NUL in the path
+        reason = _reason(exc) if isinstance(exc, OSError) else "not a usable path"
+        raise ConfigError(
+            f"{setting}: cannot read {what} from the file it names: {reason} "
+            "(the path is not shown: it could be a secret pasted there by mistake)"
+        ) from None
+    return _key_from_bytes(data, f"file {path}", where, what)
 
 
 def _key_from_credential(directory: str, name: str, what: str = "API key") -> ApiKey | None:
@@ -238,17 +247,19 @@ def resolve_intake_token(config: Config, env: Mapping[str, str] | None = None) -
     environ: Mapping[str, str] = os.environ if env is None else env
     intake = config.intake
     token: ApiKey | None = None
+    where = ""
     if intake.auth_token:
         token = _make_key(intake.auth_token, "intake.auth_token", what=_TOKEN)
     elif intake.auth_token_file:
         token = _key_from_file(Path(intake.auth_token_file), "intake.auth_token_file", _TOKEN)
+        where = "the file named by intake.auth_token_file"  # errors never show the setting
     elif environ.get("CREDENTIALS_DIRECTORY", ""):
         token = _key_from_credential(
             environ["CREDENTIALS_DIRECTORY"], INTAKE_TOKEN_CREDENTIAL, _TOKEN
         )
     if token is not None and len(token.secret.reveal()) < MIN_TOKEN_CHARS:
         raise ConfigError(
-            f"{_TOKEN} from {token.source} is shorter than {MIN_TOKEN_CHARS} characters; "
+            f"{_TOKEN} from {where or token.source} is shorter than {MIN_TOKEN_CHARS} characters; "
             "make a long random one, e.g. with `openssl rand -hex 32`"
         )
     return token

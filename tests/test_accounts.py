@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -108,7 +109,11 @@ def test_client_keys_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_a_client_key_too_short_to_be_a_key_is_refused(short: str) -> None:
     made: list[Account] = []
     r = router(accept=True, made=made)
-    for attempt in (lambda: r.route("", client_key=short), lambda: r.open_client(short)):
+    attempts: list[Callable[[], str]] = [
+        lambda: r.route("", client_key=short),
+        lambda: r.open_client(short),
+    ]
+    for attempt in attempts:
         with pytest.raises(AccountError) as error:
             attempt()
         assert error.value.field == "Authorization"
