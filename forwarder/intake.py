@@ -344,7 +344,10 @@ class _Unroutable(Exception):
 
 def _unroutable(state: IntakeState, exc: _Unroutable, single: bool) -> web.Response:
     if exc.status != 400:
-        return _error(exc.status, str(exc), errors=[e.to_dict() for e in exc.errors])
+        payload = {"success": False, "error": str(exc), "errors": [e.to_dict() for e in exc.errors]}
+        # A 503 (every client-account slot taken) passes: the app keeps the event and retries.
+        retry = {"Retry-After": RETRY_AFTER_S} if exc.status == 503 else None
+        return _json(exc.status, payload, retry)
     if single:
         exc.errors = [dataclasses.replace(e, index=0) for e in exc.errors]
     return _invalid(state, exc.errors)

@@ -157,6 +157,7 @@ async def test_invalid_requests_make_no_client_account(
             headers=basic(f"valid-request-key-{n:08d}"),
         )
         assert response.status == (202 if n < 4 else 503)
+    assert response.headers["Retry-After"] == "5"
     assert state.accounts.refused_at_cap == 1
 
 
