@@ -26,7 +26,7 @@ import aiohttp
 import structlog
 from aiohttp import web
 
-from forwarder.accounts import Account, Accounts
+from forwarder.accounts import CLIENT_IDLE_S, CLIENT_SWEEP_S, MAX_CLIENT_KEYS, Account, Accounts
 from forwarder.backlog import Backlog
 from forwarder.config import Config, ConfigError, check_exposure, resolve_group
 from forwarder.connections import ConnectionGuard, IntakeRunner
@@ -105,6 +105,8 @@ class Daemon:
             accept_client_keys=config.intake.accept_client_keys,
             client_template=accounts.get(config.remote.default_account),
             on_new_client=self._add_client_lane,
+            on_clients_freed=self._free_clients,
+            busy=self._client_busy,
         )
         self.addresses: list[str] = []
         self.ready = asyncio.Event()
@@ -121,6 +123,8 @@ class Daemon:
         self.notifier = Notifier.from_env()
         self._activated: list[ListenSocket] = []
         self._status_task: asyncio.Task[None] | None = None
+        self._sweep_task: asyncio.Task[None] | None = None
+        self._metrics: Metrics | None = None
         self._delivery_rate = PerMinute()
         self._intake_token: ApiKey | None = None
         intake = config.intake
@@ -162,6 +166,10 @@ class Daemon:
             "config_reloads": ("Configuration reloads applied.", self.reloads),
             "connections_open": ("Intake connections open now.", self.connections.open),
             "connections_max": ("intake.max_connections.", self.connections.max_connections),
+            "client_accounts": (
+                "Client-key accounts open now (intake.accept_client_keys).",
+                len(self.accounts.clients),
+            ),
             **self._spool_gauges(),
         }
 
@@ -175,6 +183,14 @@ class Daemon:
             "connections_header_timeouts": (
                 "Intake connections closed: a request head not in within intake.header_timeout_s.",
                 guard.header_timeouts,
+            ),
+            "client_accounts_refused": (
+                "Drop-in requests refused (503) because every client-account slot was taken.",
+                self.accounts.refused_at_cap,
+            ),
+            "client_accounts_freed": (
+                "Client accounts freed after being idle.",
+                self.accounts.freed,
             ),
         }
 
@@ -222,6 +238,13 @@ class Daemon:
             },
             "accounts": self._account_views(),
             "connections": self.connections.view(),
+            "client_accounts": {
+                "open": len(self.accounts.clients),
+                "max": MAX_CLIENT_KEYS,
+                "idle_s": CLIENT_IDLE_S,
+                "refused": self.accounts.refused_at_cap,
+                "freed": self.accounts.freed,
+            },
             # Events of accounts that have no lane now: a removed account, or a client key
             # not presented since a restart. They are kept (and saved at stop), not dropped.
             "held_without_account": {k: v for k, v in held.items() if v},
@@ -265,9 +288,47 @@ class Daemon:
     def _add_client_lane(self, account: Account) -> None:
         # Intake met a new client key: the lane must exist before the event is queued.
         if self._dispatcher is not None:
-            self._add_lane(account)
+            lane = self._dispatcher.lanes.get(account.name)
+            if lane is not None:
+                # A freed account's lane not reaped yet: take it back, never run two pumps.
+                lane.retired = False
+                lane.configure(self._lane_settings(account, self.config), self._sender(account))
+            else:
+                self._add_lane(account)
             set_secrets(self._secrets())
             log.info("client_account_added", account=account.name)
+
+    def _client_busy(self, name: str) -> bool:
+        """Whether a client account has events queued, in delivery or possibly on disk only."""
+        if self.queue.depth(name):
+            return True
+        d = self._dispatcher
+        lane = d.lanes.get(name) if d is not None else None
+        if lane is not None and not lane.idle:
+            return True
+        # Durable mode: rows not read into memory yet may be this account's. Which account a
+        # row belongs to is not counted, so while any wait on disk no client account is freed.
+        return bool(self.backlog is not None and self.backlog.on_disk_only)
+
+    def _free_clients(self, freed: list[Account]) -> None:
+        """Idle client accounts were freed: their lanes, metrics and redacted keys go too."""
+        for account in freed:
+            if self._dispatcher is not None:
+                self._dispatcher.retire(account.name)  # idle: the lane is stopped at once
+            if self._metrics is not None:
+                self._metrics.latency.remove(account.name)
+        set_secrets(self._secrets())
+        log.info(
+            "client_accounts_freed",
+            count=len(freed),
+            open=len(self.accounts.clients),
+            idle_s=CLIENT_IDLE_S,
+        )
+
+    async def _sweep_clients(self) -> None:
+        while True:
+            await asyncio.sleep(CLIENT_SWEEP_S)
+            self.accounts.free_idle()
 
     def _secrets(self) -> list[str]:
         accounts = [*self.accounts.configured.values(), *self.accounts.clients.values()]
@@ -445,6 +506,7 @@ class Daemon:
         state_dir = cfg.state.path
         started = time.monotonic()
         metrics = Metrics(self.stats, self._gauges, self._account_views, self._counters)
+        self._metrics = metrics
         try:
             # systemd socket activation: serve on the sockets it passed instead of binding.
             self._activated = listen_sockets()
@@ -581,6 +643,7 @@ class Daemon:
             self.ready.set()
             self.notifier.ready(self._status_line())
             self._status_task = asyncio.create_task(self._report_status(), name="sd-status")
+            self._sweep_task = asyncio.create_task(self._sweep_clients(), name="client-sweep")
             log.info(
                 "started",
                 listening=self.addresses,
@@ -621,9 +684,10 @@ class Daemon:
         finally:
             self._shutting_down = True
             self._state.accepting = False
-            if self._status_task is not None:
-                self._status_task.cancel()
-                await asyncio.gather(self._status_task, return_exceptions=True)
+            for task in (self._status_task, self._sweep_task):
+                if task is not None:
+                    task.cancel()
+                    await asyncio.gather(task, return_exceptions=True)
             await backlog.stop()
             leftovers = await self._dispatcher.stop()
             saved = await self._save(backlog, leftovers)

@@ -28,7 +28,7 @@ from multidict import MultiDict
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from forwarder import __version__
-from forwarder.accounts import AccountError, Accounts
+from forwarder.accounts import CLIENT_PREFIX, AccountError, Accounts
 from forwarder.connections import GuardedRequestHandler
 from forwarder.credentials import Secret
 from forwarder.events import (
@@ -307,6 +307,15 @@ def _route(router: Accounts, header: str, client_key: str | None) -> str:
         raise _Unroutable([FieldError(-1, exc.field, str(exc))], exc.status) from None
 
 
+def _open_client(router: Accounts | None, client_key: str) -> None:
+    """Create (or touch) the account of a valid request's client key; raises _Unroutable."""
+    assert router is not None
+    try:
+        router.open_client(client_key)
+    except AccountError as exc:
+        raise _Unroutable([FieldError(-1, exc.field, str(exc))], exc.status) from None
+
+
 def _check_accounts(state: IntakeState, events: list[Event], fallback: str) -> None:
     """Every account an event names must be configured; raises _Unroutable (with the items)."""
     router = state.accounts
@@ -335,7 +344,10 @@ class _Unroutable(Exception):
 
 def _unroutable(state: IntakeState, exc: _Unroutable, single: bool) -> web.Response:
     if exc.status != 400:
-        return _error(exc.status, str(exc), errors=[e.to_dict() for e in exc.errors])
+        payload = {"success": False, "error": str(exc), "errors": [e.to_dict() for e in exc.errors]}
+        # A 503 (every client-account slot taken) passes: the app keeps the event and retries.
+        retry = {"Retry-After": RETRY_AFTER_S} if exc.status == 503 else None
+        return _json(exc.status, payload, retry)
     if single:
         exc.errors = [dataclasses.replace(e, index=0) for e in exc.errors]
     return _invalid(state, exc.errors)
@@ -528,14 +540,19 @@ async def create_event(request: web.Request) -> web.Response:
         return _slow_body(state)
     try:
         fallback = ""
+        client_key = None
         if state.accounts is not None and raw.get("account") is None:
             header = request.headers.get(ACCOUNT_HEADER, "")
-            fallback = _route(state.accounts, header, _client_key(request))
+            client_key = _client_key(request)
+            fallback = _route(state.accounts, header, client_key)
         event = event_from_mapping(raw, 0, errors, ignored=DROP_IN_IGNORED, account=fallback)
         if event is None or errors:
             return _invalid(state, errors)
         if event.account != fallback:
             _check_accounts(state, [event], fallback)
+        elif client_key is not None and fallback.startswith(CLIENT_PREFIX):
+            # Only now, the request found valid, may a new client key take an account.
+            _open_client(state.accounts, client_key)
     except _Unroutable as exc:
         return _unroutable(state, exc, single=True)
     if reason := await _admit(state, [event]):

@@ -21,7 +21,7 @@ from prometheus_client import CollectorRegistry, Histogram, disable_created_metr
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from forwarder.credentials import secret_forms
+from forwarder.credentials import MIN_KEY_CHARS, secret_forms
 
 LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING}
 LEVELS["error"] = logging.ERROR
@@ -31,9 +31,23 @@ REFUSE_REASONS = ("queue_full", "queue_bytes_full", "spool_full", "spool_error",
 DEAD_LETTER_REASONS = ("rejected", "redirected", "gave_up", "internal_error")
 
 
+# What says which line this is: never redacted. `event` is our line's name (a constant of the
+# code; a stdlib record's free-text message is scrubbed apart, `_scrub_message`); the ids and
+# the event's name are what a reader looks a line up by. None of them can carry one of our
+# secrets by our doing: ids we make are random UUIDs, account names are configured names or a
+# digest of a client's key, and an app's own event_id, recipient_id and name are the app's data,
+# sent to the remote and spooled as they are (a key an app writes there is one it chose to send).
+PROTECTED_KEYS = frozenset(
+    {"event", "event_id", "recipient_id", "name", "account", "level", "timestamp", "logger"}
+)
+
+
 def _forms(secrets: Iterable[str]) -> tuple[str, ...]:
     # Each key also as its Basic token and percent-encoded; longest first across keys too.
-    forms = {form for secret in secrets for form in secret_forms(secret)}
+    # Text shorter than a key can be is never taken: "4" or "delivered" would mangle every line.
+    forms = {
+        form for secret in secrets if len(secret) >= MIN_KEY_CHARS for form in secret_forms(secret)
+    }
     return tuple(sorted(forms, key=len, reverse=True))
 
 
@@ -41,7 +55,10 @@ class Redactor:
     """A structlog processor that replaces every known secret in a log line's keys and values.
 
     A secret is caught in each of its forms (`credentials.secret_forms`): as itself, as the
-    base64 of a Basic header, and percent-encoded.
+    base64 of a Basic header, and percent-encoded. Secrets shorter than
+    `credentials.MIN_KEY_CHARS` are not taken (no key is that short: they are refused where
+    keys come in), and the values of `PROTECTED_KEYS` are never touched, so redaction can
+    never take a line's name or ids away.
     """
 
     def __init__(self, secrets: Iterable[str] = ()) -> None:
@@ -70,6 +87,8 @@ class Redactor:
     ) -> MutableMapping[str, Any]:
         if self.secrets:
             for key, value in list(event_dict.items()):
+                if key in PROTECTED_KEYS:
+                    continue
                 name = self.scrub(key)
                 if isinstance(name, str) and name != key:  # a key is a field's name: rare
                     del event_dict[key]
@@ -188,6 +207,15 @@ _gate = _LevelGate()
 _redactor = Redactor()
 
 
+def _scrub_message(
+    logger: object, method: str, event_dict: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
+    """A stdlib record's `event` is its message, free text (aiohttp's): scrubbed like a value."""
+    if _redactor.secrets and "event" in event_dict:
+        event_dict["event"] = _redactor.scrub(event_dict["event"])
+    return event_dict
+
+
 def set_log_level(level: str) -> None:
     """Change the level of every logger now (a config reload)."""
     levelno = LEVELS.get(level, logging.INFO)
@@ -246,7 +274,11 @@ def configure_logging(
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(
             foreign_pre_chain=[*shared, structlog.stdlib.add_logger_name],
-            processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, *tail],
+            processors=[
+                structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+                _scrub_message,
+                *tail,
+            ],
         )
     )
     root = logging.getLogger()
