@@ -56,6 +56,7 @@ from forwarder.spoolfile import (
     load_totals,
     move_aside,
     nonempty,
+    refuse_links,
     rollback,
     row_entries,
     settle,
@@ -436,6 +437,7 @@ class Spool:
     def _open_job(self, state_dir: Path) -> tuple[Path | None, str | None, Totals]:
         state_dir.mkdir(parents=True, exist_ok=True)
         path = self.path
+        refuse_links(path)
         problem = inspect_file(path)
         if problem is None and not path.exists() and nonempty(side_file(path, "-wal")):
             # A log without its database would be replayed into the new file: keep it apart.

@@ -403,6 +403,13 @@ def side_file(path: Path, suffix: str) -> Path:
     return path.with_name(path.name + suffix)
 
 
+def refuse_links(path: Path) -> None:
+    """SpoolError if the database or its -wal/-shm is a symbolic link (SQLite would follow it)."""
+    for suffix in ("", *_SIDE_FILES):
+        if (name := side_file(path, suffix)).is_symlink():
+            raise SpoolError(f"{name} is a symbolic link (not followed; remove it)")
+
+
 def nonempty(path: Path) -> bool:
     try:
         return path.stat().st_size > 0
@@ -734,6 +741,7 @@ def open_readonly_or_fail(state_dir: Path, *, quick_check: bool = True) -> sqlit
     BUSY_TIMEOUT_S for the daemon's lock. Pass `quick_check=False` to skip the full-file check.
     """
     path = state_dir / SPOOL_FILE
+    refuse_links(path)
     if not path.is_file():
         raise SpoolError(f"no spool at {path}")
     problem = _inspect_header(path)
