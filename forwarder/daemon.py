@@ -38,6 +38,7 @@ from forwarder.queue import EventQueue
 from forwarder.remote import USER_AGENT, RemoteClient, make_ssl_context
 from forwarder.spool import Spool
 from forwarder.spoolfile import SpoolError
+from forwarder.spoolrecover import Recovery
 from forwarder.spoolupgrade import load_pending, remove_pending
 from forwarder.statedir import (
     StateDirError,
@@ -516,6 +517,8 @@ class Daemon:
                 reason=spool.moved_aside_reason,
                 action="kept for inspection; a fresh spool is used",
             )
+        if spool.recovery is not None:
+            _log_recovery(spool.recovery)
         self._spool = spool
         try:
             return await self._serve(spool, metrics, started)
@@ -787,6 +790,17 @@ def _ensure_fd_room(max_connections: int) -> None:
             max_connections=max_connections,
             action="lower intake.max_connections or raise LimitNOFILE=",
         )
+
+
+def _log_recovery(recovery: Recovery) -> None:
+    """One line for what was brought over from a damaged spool; an error if not everything."""
+    fields = recovery.to_dict()
+    fields["action"] = (
+        "readable events are sent first; rows that are no events become dead letters (damaged)"
+        if recovery.complete
+        else f"the rest is not readable; see: forwarder spool inspect {recovery.source}"
+    )
+    (log.warning if recovery.complete else log.error)("spool_recovered", **fields)
 
 
 def _reason(exc: BaseException) -> str:

@@ -42,6 +42,7 @@ from forwarder.spoolfile import (
     row_entries,
     side_file,
 )
+from forwarder.spoolrecover import add_file_commands
 
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
@@ -229,11 +230,12 @@ def add_commands(sub: Any, config_help: str) -> None:
     purge.add_argument("--before", type=parse_when, required=True, help="ISO date/time or age")
     purge.set_defaults(func=cmd_purge)
 
-    spool = sub.add_parser("spool", help="inspect the spool")
+    spool = sub.add_parser("spool", help="inspect the spool, or recover a damaged one")
     spool_verbs = spool.add_subparsers(dest="spool_command", required=True)
     stats = spool_verbs.add_parser("stats", help="events, bytes, oldest event, dead letters")
     stats.add_argument("--json", action="store_true")
     stats.set_defaults(func=cmd_stats)
+    add_file_commands(spool_verbs, config_help)
 
     for parser in (listing, show, replay, purge, stats):
         parser.add_argument("--config", help=config_help)

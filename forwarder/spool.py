@@ -63,6 +63,7 @@ from forwarder.spoolfile import (
     settled_between,
     side_file,
 )
+from forwarder.spoolrecover import Recovery, recover_into
 from forwarder.spoolupgrade import (
     upgrade,
 )
@@ -126,6 +127,8 @@ class Spool:
         self.max_bytes = max_bytes
         self.moved_aside = None  # the caller logs it; `moved_aside_reason` says what was wrong
         self.moved_aside_reason = None
+        # What was recovered from a damaged file moved aside at open (the caller logs it).
+        self.recovery: Recovery | None = None
         self.depth = 0
         self.bytes = 0  # the stored rows' sizes: bytes of their encoded events (see encode_rows)
         self.max_seq = 0
@@ -446,6 +449,8 @@ class Spool:
         conn = connect_daemon(path)
         try:
             damaged = upgrade(conn, path)
+            if moved is not None and problem is not None and problem.startswith("damaged"):
+                self.recovery = _recover(conn, moved)
             totals = load_totals(conn)
         except BaseException:
             conn.close()
@@ -720,6 +725,15 @@ class Spool:
             error=errors[0],
         )
         self._post(self._apply, dataclasses.replace(t), [], took)
+
+
+def _recover(conn: sqlite3.Connection, moved: Path) -> Recovery:
+    """What can be read of the moved-aside file, into the fresh spool (before anything else)."""
+    try:
+        return recover_into(conn, moved)
+    except (sqlite3.Error, OSError) as exc:
+        # The file is kept: `forwarder spool recover` can bring its events in later.
+        return Recovery(str(moved), problem=f"recovery failed: {exc}")
 
 
 def _unstorable(op: _Op) -> str | None:
