@@ -179,6 +179,23 @@ def lock_holder(state_dir: Path) -> int | None:
     return pid
 
 
+def running_holder(state_dir: Path) -> int | None:
+    """The PID in the state dir's lock file if that process still runs forwarder, else None.
+
+    For the commands that work beside a running daemon (`dlq replay`, `dlq purge`): they read
+    the lock file rather than take the lock, which, even for a moment, could make a daemon that
+    starts just then refuse to.
+    """
+    pid = lock_holder(state_dir)
+    if pid is None:
+        return None
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return None
+    return pid if b"forwarder" in cmdline else None
+
+
 def _holder(fd: int) -> tuple[int | None, str]:
     deadline = time.monotonic() + _HOLDER_WAIT_S
     while True:

@@ -227,6 +227,11 @@ async def test_inspect_changes_nothing_and_recover_respects_the_lock(
     # After what the spool held, in their order.
     assert _ids(events) == [f"evt-{i:08d}" for i in (0, 1, *range(readable))]
     assert damaged.read_bytes() == before
+    # `dlq replay` works beside a daemon: it only reads the lock file, to say who sends them.
+    assert main(["dlq", "replay", "--all", "--config", str(config)]) == 0
+    assert f"no forwarder runs on {state} now: the next start sends them" in (
+        capsys.readouterr().out
+    )
 
 
 async def test_the_issue_case_end_to_end(
