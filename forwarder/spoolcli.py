@@ -22,6 +22,7 @@ from forwarder.spoolfile import (
     connect_daemon,
     event_from_entry,
     open_readonly_or_fail,
+    refuse_links,
     row_entries,
 )
 from forwarder.spoolrecover import recover_into, salvage
@@ -80,9 +81,10 @@ def cmd_recover(args: argparse.Namespace) -> int:
         return 1
     try:
         prepare_state_dir(state_dir)
+        refuse_links(live)  # a dangling link would have SQLite create its target
         # Alone on the state dir: a daemon would not count the rows in, nor a second recover.
         lock = StateLock.acquire(state_dir, "forwarder spool recover")
-    except (StateDirError, OSError) as exc:
+    except (StateDirError, OSError, SpoolError) as exc:
         print(f"forwarder: spool recover refused: {exc}", file=sys.stderr)
         return 1
     try:
@@ -95,7 +97,7 @@ def cmd_recover(args: argparse.Namespace) -> int:
     finally:
         lock.release()
     print(json.dumps(recovery.to_dict()) if args.json else recovery.summary())
-    if not recovery.problem:
+    if not recovery.problem and not args.json:
         print(
             f"recovered into {live}: the next start sends the {recovery.events} event(s)"
             " (same event_id: a repeat within the remote's 24 h is answered 409, created once)"

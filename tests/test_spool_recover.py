@@ -279,3 +279,21 @@ async def test_the_issue_case_end_to_end(
         stats = spool_stats(conn)
     assert stats["events"] == 0
     assert stats["dead_letters_total"] == 0
+
+
+async def test_recover_never_follows_a_link_at_the_live_spools_name(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    old = tmp_path / "old"
+    old.mkdir()
+    await _spool_of(old, 300)
+    _cut_last_page(old / SPOOL_FILE)
+    state = tmp_path / "state"
+    state.mkdir(mode=0o700)
+    target = tmp_path / "made-through-a-link.db"
+    (state / SPOOL_FILE).symlink_to(target)  # dangling: SQLite would create the target
+    config = tmp_path / "f.toml"
+    write_config(config, {"state": {"dir": str(state)}})
+    assert main(["spool", "recover", str(old / SPOOL_FILE), "--config", str(config)]) == 1
+    assert "is a symbolic link" in capsys.readouterr().err
+    assert not target.exists()
