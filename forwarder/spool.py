@@ -63,7 +63,7 @@ from forwarder.spoolfile import (
     settled_between,
     side_file,
 )
-from forwarder.spoolrecover import Recovery, recover_into
+from forwarder.spoolrecover import Recovery, finish_recovery, recover_aside
 from forwarder.spoolupgrade import (
     upgrade,
 )
@@ -441,16 +441,20 @@ class Spool:
         state_dir.mkdir(parents=True, exist_ok=True)
         path = self.path
         refuse_links(path)
+        finish_recovery(path)
         problem = inspect_file(path)
         if problem is None and not path.exists() and nonempty(side_file(path, "-wal")):
             # A log without its database would be replayed into the new file: keep it apart.
             problem = "a write-ahead log without its database"
-        moved = None if problem is None else move_aside(path)
+        moved = None
+        if problem is not None and problem.startswith("damaged"):
+            # What SQLite can still read of it becomes the spool; the file itself goes aside.
+            moved, self.recovery = recover_aside(path)
+        elif problem is not None:
+            moved = move_aside(path)
         conn = connect_daemon(path)
         try:
             damaged = upgrade(conn, path)
-            if moved is not None and problem is not None and problem.startswith("damaged"):
-                self.recovery = _recover(conn, moved)
             totals = load_totals(conn)
         except BaseException:
             conn.close()
@@ -725,15 +729,6 @@ class Spool:
             error=errors[0],
         )
         self._post(self._apply, dataclasses.replace(t), [], took)
-
-
-def _recover(conn: sqlite3.Connection, moved: Path) -> Recovery:
-    """What can be read of the moved-aside file, into the fresh spool (before anything else)."""
-    try:
-        return recover_into(conn, moved)
-    except (sqlite3.Error, OSError) as exc:
-        # The file is kept: `forwarder spool recover` can bring its events in later.
-        return Recovery(str(moved), problem=f"recovery failed: {exc}")
 
 
 def _unstorable(op: _Op) -> str | None:

@@ -54,7 +54,8 @@ BUSY_TIMEOUT_S = 5.0
 CHUNK_ROWS = 1000
 
 _MAGIC = b"SQLite format 3\x00"
-_SIDE_FILES = ("-wal", "-shm")
+SIDE_FILES = ("-wal", "-shm")  # SQLite's files beside a database in WAL mode
+_SIDE_FILES = SIDE_FILES
 # Result codes (primary) that mean the bytes are bad, as opposed to locked, missing or I/O.
 _SQLITE_CORRUPT = 11
 _SQLITE_NOTADB = 26

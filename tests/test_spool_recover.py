@@ -297,3 +297,34 @@ async def test_recover_never_follows_a_link_at_the_live_spools_name(
     assert main(["spool", "recover", str(old / SPOOL_FILE), "--config", str(config)]) == 1
     assert "is a symbolic link" in capsys.readouterr().err
     assert not target.exists()
+
+
+async def test_a_recovery_cut_short_by_a_crash_is_redone_or_completed(tmp_path: Path) -> None:
+    # Cut before the swap: the damaged spool is still there, a half-built one beside it.
+    await _spool_of(tmp_path, 300)
+    _cut_last_page(tmp_path / SPOOL_FILE)
+    half = tmp_path / (SPOOL_FILE + ".recovering")
+    half.write_bytes(b"half-built")
+    spool = await Spool.open(tmp_path)
+    try:
+        assert spool.recovery is not None
+        readable = spool.recovery.rows
+        assert readable >= 250
+        assert spool.depth == readable  # redone once, not added to what was half done
+    finally:
+        await spool.close()
+    assert not half.exists()
+
+    # Cut between the renames: the damaged file is aside, the complete new one not yet in place.
+    other = tmp_path / "other"
+    other.mkdir()
+    await _spool_of(other, 3)
+    (other / SPOOL_FILE).rename(other / (SPOOL_FILE + ".recovering"))
+    spool = await Spool.open(other)
+    try:
+        assert spool.moved_aside is None
+        got = await spool.read_after(0, 10)
+        assert _ids([s.event for s in got]) == _ids([ev(i) for i in range(3)])
+    finally:
+        await spool.close()
+    assert sorted(p.name for p in other.iterdir()) == [SPOOL_FILE]
