@@ -227,17 +227,9 @@ def read_table(
         if ok and found is None:
             return
         if ok:  # its key can be reached: its columns, or what comes after it, cannot
-            try:
-                yield tuple(conn.execute(point, (found,)).fetchone()), True
-            except sqlite3.DatabaseError:
-                try:
-                    if without_body is None:
-                        raise
-                    partial = f"SELECT {without_body} FROM {table.name} WHERE {key} = ?"
-                    yield tuple(conn.execute(partial, (found,)).fetchone()), False
-                except sqlite3.DatabaseError as exc:
-                    table.error(exc)
-                    table.skip(found, found)
+            row, whole = _read_one(conn, table, point, found, without_body, key)
+            if row is not None:
+                yield row, whole
             start = found + 1
             continue
         good = _next_reachable(conn, table.name, key, start)
@@ -245,6 +237,35 @@ def read_table(
         if good is None:
             return
         start = good
+
+
+def _read_one(
+    conn: sqlite3.Connection,
+    table: _Table,
+    point: str,
+    found: int,
+    without_body: str | None,
+    key: str,
+) -> tuple[tuple[Any, ...] | None, bool]:
+    """Row `found` whole, or without its body, or (None, _) noted as skipped."""
+    try:
+        row = conn.execute(point, (found,)).fetchone()
+        whole = True
+    except sqlite3.DatabaseError as exc:
+        if without_body is None:
+            row, whole = None, False
+            table.error(exc)
+        else:
+            partial = f"SELECT {without_body} FROM {table.name} WHERE {key} = ?"
+            try:
+                row, whole = conn.execute(partial, (found,)).fetchone(), False
+            except sqlite3.DatabaseError as again:
+                row, whole = None, False
+                table.error(again)
+    if row is None:
+        table.skip(found, found)
+        return None, False
+    return tuple(row), whole
 
 
 def _highest(conn: sqlite3.Connection, table: str, seen: int) -> int:

@@ -328,3 +328,34 @@ async def test_a_recovery_cut_short_by_a_crash_is_redone_or_completed(tmp_path: 
     finally:
         await spool.close()
     assert sorted(p.name for p in other.iterdir()) == [SPOOL_FILE]
+
+
+async def test_a_row_whose_body_is_lost_becomes_a_damaged_dead_letter(tmp_path: Path) -> None:
+    spool = await Spool.open(tmp_path)
+    await spool.append([ev(0)])
+    await spool.append([ev(i) for i in range(1, 201)])  # one row of 200: over several pages
+    await spool.append([ev(201)])
+    await spool.close()
+    path = tmp_path / SPOOL_FILE
+    with closing(sqlite3.connect(path)) as conn:
+        (overflow,) = conn.execute(
+            "SELECT pageno FROM dbstat WHERE name = 'batches' AND pagetype = 'overflow'"
+            " ORDER BY pageno LIMIT 1"
+        ).fetchone()
+    _zero_page(path, overflow)
+    with structlog.testing.capture_logs():
+        spool = await Spool.open(tmp_path)
+    try:
+        recovery = spool.recovery
+        assert recovery is not None
+        assert recovery.unreadable_bodies == 1
+        assert recovery.rows == 2
+        got = await spool.read_after(0, 1000)
+        assert _ids([s.event for s in got]) == [ev(0).event_id, ev(201).event_id]
+    finally:
+        await spool.close()
+    with closing(open_readonly_or_fail(tmp_path)) as conn:
+        (letter,) = list_dead_letters(conn)
+    assert letter.reason == "damaged"
+    assert "its body is unreadable" in letter.error
+    assert json.loads(letter.event.data)["damaged_spool_row"]["count"] == 200
