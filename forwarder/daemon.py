@@ -515,7 +515,8 @@ class Daemon:
                 "spool_moved_aside",
                 path=str(spool.moved_aside),
                 reason=spool.moved_aside_reason,
-                action="kept for inspection; a fresh spool is used",
+                action="kept for inspection; a fresh spool is used"
+                + ("" if spool.recovery is None else ", holding what could be read of it"),
             )
         if spool.recovery is not None:
             _log_recovery(spool.recovery)
