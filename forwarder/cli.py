@@ -146,6 +146,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_reload(args: argparse.Namespace) -> int:
     """Ask the running daemon to reload its configuration (SIGHUP)."""
     from forwarder.daemon import PID_FILE
+    from forwarder.statedir import read_state_file
 
     try:
         config = load_config(Path(args.config) if args.config else None)
@@ -153,7 +154,7 @@ def cmd_reload(args: argparse.Namespace) -> int:
         return _fail(f"config error: {exc}")
     path = config.state.path / PID_FILE
     try:
-        pid = int(path.read_text(encoding="ascii").strip())
+        pid = int(read_state_file(path).decode("ascii").strip())
     except FileNotFoundError:
         return _fail(f"no running forwarder found ({path} does not exist)", 1)
     except (OSError, ValueError) as exc:

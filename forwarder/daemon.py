@@ -38,7 +38,15 @@ from forwarder.queue import EventQueue
 from forwarder.remote import USER_AGENT, RemoteClient, make_ssl_context
 from forwarder.spool import Spool
 from forwarder.spoolfile import SpoolError
+from forwarder.spoolrecover import Recovery
 from forwarder.spoolupgrade import load_pending, remove_pending
+from forwarder.statedir import (
+    StateDirError,
+    StateLock,
+    prepare_state_dir,
+    read_state_file,
+    replace_state_file,
+)
 from forwarder.systemd import (
     ListenSocket,
     Notifier,
@@ -537,9 +545,24 @@ class Daemon:
                 activated.sock.close()
 
     async def _open_spool_and_run(self, state_dir: Path, metrics: Metrics, started: float) -> int:
+        try:
+            await asyncio.to_thread(prepare_state_dir, state_dir)
+            # Before the spool is opened: a second daemon on this state dir stops here.
+            lock = await asyncio.to_thread(StateLock.acquire, state_dir, "forwarder run")
+        except StateDirError as exc:
+            log.error("startup_failed", error=str(exc))
+            return 1
+        except OSError as exc:
+            log.error("startup_failed", error=f"state.dir {state_dir}: {_reason(exc)}")
+            return 1
+        try:
+            return await self._open_spool_locked(state_dir, metrics, started)
+        finally:
+            lock.release()  # after the spool is closed and the PID file removed
+
+    async def _open_spool_locked(self, state_dir: Path, metrics: Metrics, started: float) -> int:
         cfg = self.config
         try:
-            await asyncio.to_thread(_prepare_state_dir, state_dir)
             spool = await Spool.open(
                 state_dir,
                 max_bytes=cfg.queue.max_disk_bytes,
@@ -554,8 +577,11 @@ class Daemon:
                 "spool_moved_aside",
                 path=str(spool.moved_aside),
                 reason=spool.moved_aside_reason,
-                action="kept for inspection; a fresh spool is used",
+                action="kept for inspection; a fresh spool is used"
+                + ("" if spool.recovery is None else ", holding what could be read of it"),
             )
+        if spool.recovery is not None:
+            _log_recovery(spool.recovery)
         self._spool = spool
         try:
             return await self._serve(spool, metrics, started)
@@ -831,34 +857,35 @@ def _ensure_fd_room(max_connections: int) -> None:
         )
 
 
+def _log_recovery(recovery: Recovery) -> None:
+    """One line for what was brought over from a damaged spool; an error if not everything."""
+    fields = recovery.to_dict()
+    fields["action"] = (
+        "readable events are sent first; rows that are no events become dead letters (damaged)"
+        if recovery.complete
+        else f"the rest is not readable; see: forwarder spool inspect {recovery.source}"
+    )
+    (log.warning if recovery.complete else log.error)("spool_recovered", **fields)
+
+
 def _reason(exc: BaseException) -> str:
     return (exc.strerror if isinstance(exc, OSError) else None) or str(exc)
 
 
 def _write_pid(state_dir: Path) -> None:
     # For `forwarder reload`: the PID of the daemon serving this state directory.
-    path = state_dir / PID_FILE
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(f"{os.getpid()}\n", encoding="ascii")
-    os.replace(tmp, path)
+    replace_state_file(state_dir / PID_FILE, f"{os.getpid()}\n".encode("ascii"))
 
 
 def _remove_pid(state_dir: Path) -> None:
     path = state_dir / PID_FILE
     with contextlib.suppress(FileNotFoundError, ValueError, OSError):
-        if int(path.read_text(encoding="ascii")) == os.getpid():
+        if int(read_state_file(path).decode("ascii")) == os.getpid():
             path.unlink()
 
 
 def _host_for_url(host: str) -> str:
     return f"[{host}]" if ":" in host else host
-
-
-def _prepare_state_dir(path: Path) -> None:
-    path.mkdir(mode=0o700, parents=True, exist_ok=True)
-    probe = path / ".write-test"
-    probe.write_bytes(b"")
-    probe.unlink()
 
 
 # Pending connections the kernel holds for a listener (aiohttp's default).
