@@ -1,0 +1,101 @@
+"""What apps send arrives as sent, or is refused with a 400 naming the field (issues 14 and 15).
+
+Deeply nested `data`, JSON numbers of every shape, and the drop-in endpoint's leniency where the
+remote is lenient, through the intake app served in process.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from forwarder.events import MAX_DATA_DEPTH
+from tests.conftest import IntakeClient, ServeIntake, intake_state
+
+CREATE = "/v1/recipientEvents/create"
+BATCH = "/v1/events"
+FORM = "application/x-www-form-urlencoded"
+JSON = "application/json"
+NDJSON = "application/x-ndjson"
+
+
+def nested(depth: int) -> str:
+    return "[" * depth + "1" + "]" * depth
+
+
+async def post(client: IntakeClient, path: str, body: str | bytes, ctype: str) -> tuple[int, dict]:
+    async with client.post(path, data=body, headers={"Content-Type": ctype}) as response:
+        assert response.content_type == "application/json", await response.text()
+        payload = await response.json()
+        assert isinstance(payload, dict)
+        return response.status, payload
+
+
+@pytest.mark.parametrize("depth", [MAX_DATA_DEPTH + 1, 1000])
+@pytest.mark.parametrize(
+    ("path", "ctype", "wrap"),
+    [
+        (CREATE, JSON, "{}"),
+        (BATCH, JSON, "[{}]"),
+        (BATCH, NDJSON, "{}\n"),
+    ],
+    ids=["drop-in-json", "batch-json", "batch-ndjson"],
+)
+async def test_deeply_nested_data_is_a_400_naming_the_field(
+    serve_intake: ServeIntake, depth: int, path: str, ctype: str, wrap: str
+) -> None:
+    state = intake_state()
+    client = await serve_intake(state)
+    item = f'{{"recipient_id": "1", "name": "x", "data": {{"a": {nested(depth - 1)}}}}}'
+    status, answer = await post(client, path, wrap.replace("{}", item), ctype)
+    assert status == 400, answer
+    assert answer["success"] is False
+    named = {e["field"] for e in answer.get("errors", [])}
+    assert "data" in named or answer["error"].startswith("data:"), answer
+    assert f"more than {MAX_DATA_DEPTH} levels" in json.dumps(answer)
+    assert len(state.queue) == 0
+
+
+async def test_data_nested_to_the_limit_is_accepted_on_both_endpoints(
+    serve_intake: ServeIntake,
+) -> None:
+    state = intake_state()
+    client = await serve_intake(state)
+    item = f'{{"recipient_id": "1", "name": "x", "data": {{"a": {nested(MAX_DATA_DEPTH - 1)}}}}}'
+    for path, ctype, body in [(CREATE, JSON, item), (BATCH, NDJSON, item + "\n")]:
+        status, answer = await post(client, path, body, ctype)
+        assert status < 300, answer
+    assert [e.data for e in state.queue.take_all()] == [f'{{"a":{nested(MAX_DATA_DEPTH - 1)}}}'] * 2
+
+
+async def test_deep_json_text_in_a_form_field_is_delivered_as_sent(
+    serve_intake: ServeIntake,
+) -> None:
+    # data as a string (a form field, or a JSON string) is the app's own text: never parsed,
+    # never re-encoded, so no depth applies and the remote gets it as sent.
+    state = intake_state()
+    client = await serve_intake(state)
+    text = nested(1000)
+    status, answer = await post(client, CREATE, f"recipient_id=1&name=x&data={text}", FORM)
+    assert status < 300, answer
+    [queued] = state.queue.take_all()
+    assert queued.data == text
+
+
+async def test_json_numbers_arrive_as_written_on_both_endpoints(
+    serve_intake: ServeIntake,
+) -> None:
+    state = intake_state()
+    client = await serve_intake(state)
+    drop_in = '{"recipient_id": -9300000000000000001, "name": "x", "data": {"price": 1.10}}'
+    batch = (
+        '{"recipient_id": 12345678901234567.5, "name": "y", "value": 1E5,'
+        ' "data": {"order": -9999999999999999999, "zero": -0}}\n'
+    )
+    assert (await post(client, CREATE, drop_in, JSON))[0] < 300
+    assert (await post(client, BATCH, batch, NDJSON))[0] < 300
+    first, second = state.queue.take_all()
+    assert (first.recipient_id, first.data) == ("-9300000000000000001", '{"price":1.10}')
+    assert (second.recipient_id, second.value) == ("12345678901234567.5", "1E5")
+    assert second.data == '{"order":-9999999999999999999,"zero":-0}'
