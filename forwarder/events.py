@@ -12,7 +12,7 @@ import os
 import re
 import time
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, cast
 
 import orjson
@@ -370,12 +370,25 @@ def _optional(
     return text
 
 
+@dataclass(slots=True)
+class Leniency:
+    """What the drop-in endpoint took as the remote would, where /v1/events refuses it.
+
+    `unknown_fields`: names of fields it ignored; `odd_value`: a conversion's value that is not a
+    plain number, delivered as sent.
+    """
+
+    unknown_fields: list[str] = field(default_factory=list)
+    odd_value: bool = False
+
+
 def event_from_mapping(
     raw: Mapping[str, object],
     index: int,
     errors: list[FieldError],
     *,
     ignored: frozenset[str] = frozenset(),
+    lenient: Leniency | None = None,
     now: float | None = None,
     account: str = "",
     new_id: str = "",
@@ -383,7 +396,9 @@ def event_from_mapping(
     """Validate one event given as a mapping (form or JSON object).
 
     Problems are appended to `errors`; returns the Event only when this item had none. Keys in
-    `ignored` (the drop-in endpoint's `api_key`) are tolerated and dropped. `account` is the
+    `ignored` (the drop-in endpoint's `api_key`) are tolerated and dropped. With `lenient` (the
+    drop-in endpoint), what the remote takes is taken too and noted there: unknown fields are
+    dropped, and a conversion's value need not be a number. `account` is the
     account of an event that names none (the request's; "" means the default account). `new_id`
     is the event_id of an event that brings none ("": one is made).
     """
@@ -391,7 +406,10 @@ def event_from_mapping(
     if not _FIELD_SET.issuperset(raw):
         for key in raw:
             if key not in _FIELD_SET and key not in ignored:
-                errors.append(FieldError(index, str(key), "unknown field"))
+                if lenient is not None:
+                    lenient.unknown_fields.append(str(key))
+                else:
+                    errors.append(FieldError(index, str(key), "unknown field"))
 
     get = raw.get
     recipient_id = _required(get("recipient_id"), "recipient_id", MAX_ID_CHARS, index, errors, True)
@@ -405,9 +423,12 @@ def event_from_mapping(
     if (raw_data := get("data")) is not None:
         data = _data(raw_data, index, errors) or ""
     if conversion and value and not _is_number(value):
-        errors.append(
-            FieldError(index, "value", "must be a number when conversion is true (e.g. 24.99)")
-        )
+        if lenient is not None:
+            lenient.odd_value = True
+        else:
+            errors.append(
+                FieldError(index, "value", "must be a number when conversion is true (e.g. 24.99)")
+            )
 
     event_id = ""
     raw_id = get("event_id")
@@ -547,6 +568,12 @@ def _exact_int(text: str) -> int | JsonNumber:
     return int(text)
 
 
+# One decoder for every call: json.loads with hooks builds a new one each time.
+_EXACT = json.JSONDecoder(
+    parse_constant=_reject_constant, parse_float=JsonNumber, parse_int=_exact_int
+)
+
+
 def loads_json(text: str | bytes, *, checked: bool = False) -> object:
     """Parse JSON, refusing NaN/Infinity (which the standard module accepts by default).
 
@@ -566,9 +593,7 @@ def loads_json(text: str | bytes, *, checked: bool = False) -> object:
             pass
     if isinstance(text, bytes):
         text = text.decode("utf-8")
-    return json.loads(
-        text, parse_constant=_reject_constant, parse_float=JsonNumber, parse_int=_exact_int
-    )
+    return _EXACT.decode(text)
 
 
 def parse_ndjson(text: str) -> list[object]:

@@ -7,10 +7,14 @@ remote is lenient, through the intake app served in process.
 from __future__ import annotations
 
 import json
+from typing import Any
+from urllib.parse import quote_plus
 
 import pytest
+from structlog.testing import capture_logs
 
 from forwarder.events import MAX_DATA_DEPTH
+from forwarder.leniency import MAX_FIELD_NAMES, OTHER
 from tests.conftest import IntakeClient, ServeIntake, intake_state
 
 CREATE = "/v1/recipientEvents/create"
@@ -24,7 +28,9 @@ def nested(depth: int) -> str:
     return "[" * depth + "1" + "]" * depth
 
 
-async def post(client: IntakeClient, path: str, body: str | bytes, ctype: str) -> tuple[int, dict]:
+async def post(
+    client: IntakeClient, path: str, body: str | bytes, ctype: str
+) -> tuple[int, dict[str, Any]]:
     async with client.post(path, data=body, headers={"Content-Type": ctype}) as response:
         assert response.content_type == "application/json", await response.text()
         payload = await response.json()
@@ -99,3 +105,89 @@ async def test_json_numbers_arrive_as_written_on_both_endpoints(
     assert (first.recipient_id, first.data) == ("-9300000000000000001", '{"price":1.10}')
     assert (second.recipient_id, second.value) == ("12345678901234567.5", "1E5")
     assert second.data == '{"order":-9999999999999999999,"zero":-0}'
+
+
+# --- the drop-in endpoint accepts what the remote accepts (issue 15.2) -----------------------
+
+
+async def metrics_text(client: IntakeClient) -> str:
+    async with client.get("/metrics") as response:
+        return await response.text()
+
+
+async def test_unknown_form_fields_are_ignored_counted_and_logged_once(
+    serve_intake: ServeIntake,
+) -> None:
+    state = intake_state()
+    client = await serve_intake(state)
+    with capture_logs() as logs:
+        for _ in range(2):
+            status, answer = await post(
+                client, CREATE, "recipient_id=1&name=x&campaign_id=77&utm%0Asource=a", FORM
+            )
+            assert status < 300, answer
+    queued = state.queue.take_all()
+    assert [e.form() for e in queued] == [{"recipient_id": "1", "name": "x", "conversion": "0"}] * 2
+    assert dict(state.stats.unknown_fields) == {"campaign_id": 2, "utm_source": 2}
+    ignored = [line["field"] for line in logs if line["event"] == "unknown field ignored"]
+    assert sorted(ignored) == ["campaign_id", "utm_source"]  # once each, the name sanitised
+    text = metrics_text(client)
+    assert 'forwarder_unknown_fields_total{field="campaign_id"} 2.0' in await text
+
+
+async def test_unknown_field_names_are_capped(serve_intake: ServeIntake) -> None:
+    state = intake_state(max_events=1000)
+    client = await serve_intake(state)
+    with capture_logs() as logs:
+        for n in range(MAX_FIELD_NAMES + 10):
+            body = json.dumps({"recipient_id": "1", "name": "x", f"f{n}": 1})
+            assert (await post(client, CREATE, body, JSON))[0] < 300
+    counts = state.stats.unknown_fields
+    assert len(counts) == MAX_FIELD_NAMES + 1
+    assert counts[OTHER] == 10
+    assert sum(1 for line in logs if line["event"] == "unknown field ignored") == len(counts)
+
+
+@pytest.mark.parametrize("value", ["24,99", "abc", "€5"])
+async def test_conversion_value_not_a_number_is_delivered_as_sent(
+    serve_intake: ServeIntake, value: str
+) -> None:
+    state = intake_state()
+    client = await serve_intake(state)
+    body = f"recipient_id=1&name=PURCHASE&conversion=1&value={quote_plus(value)}"
+    status, answer = await post(client, CREATE, body, FORM)
+    assert status < 300, answer
+    [queued] = state.queue.take_all()
+    assert queued.form()["value"] == value
+    assert state.stats.lenient_values == 1
+    assert "forwarder_lenient_values_total 1.0" in await metrics_text(client)
+
+
+@pytest.mark.parametrize(
+    ("body", "ctype", "status"),
+    [
+        ("name=x&campaign_id=7", FORM, 400),  # no recipient_id
+        ("recipient_id=1&campaign_id=7", FORM, 400),  # no name
+        ("recipient_id=1&name=x", "text/plain", 415),  # not a form
+    ],
+)
+async def test_drop_in_still_refuses_what_the_remote_refuses(
+    serve_intake: ServeIntake, body: str, ctype: str, status: int
+) -> None:
+    state = intake_state()
+    client = await serve_intake(state)
+    assert (await post(client, CREATE, body, ctype))[0] == status
+    assert len(state.queue) == 0
+
+
+async def test_batch_endpoint_stays_strict(serve_intake: ServeIntake) -> None:
+    state = intake_state()
+    client = await serve_intake(state)
+    for item in (
+        {"recipient_id": "1", "name": "x", "campaign_id": 7},
+        {"recipient_id": "1", "name": "x", "conversion": 1, "value": "24,99"},
+    ):
+        status, _ = await post(client, BATCH, json.dumps([item]), JSON)
+        assert status == 400
+    assert len(state.queue) == 0
+    assert not state.stats.unknown_fields
