@@ -261,14 +261,16 @@ def _data(raw: object, index: int, errors: list[FieldError]) -> str | None:
     if isinstance(raw, dict | list):
         # Apps often hand structured data; the remote takes a string, so serialise compactly.
         # orjson first: it cannot recurse without bound (it refuses past 255 levels, in C), and
-        # its text tells cheaply whether the depth needs a look at all.
+        # its text tells cheaply whether the depth needs a look at all (nesting n levels deep
+        # takes 2n brackets).
         try:
-            text = orjson.dumps(raw, default=_fragment).decode("utf-8")
-        except TypeError:  # a lone surrogate (a JSON escape), or nesting past orjson's limit
-            text = ""
-        if (not text or text.count("[") + text.count("{") > MAX_DATA_DEPTH) and _deeper_than(
-            raw, MAX_DATA_DEPTH
-        ):
+            text = orjson.dumps(raw).decode("utf-8")
+        except TypeError:  # a kept number, a lone surrogate, or nesting past orjson's limit
+            text = _dumps_kept(raw)
+        maybe_deep = not text or (
+            len(text) > 2 * MAX_DATA_DEPTH and text.count("[") + text.count("{") > MAX_DATA_DEPTH
+        )
+        if maybe_deep and _deeper_than(raw, MAX_DATA_DEPTH):
             errors.append(
                 FieldError(index, "data", f"must not be nested more than {MAX_DATA_DEPTH} levels")
             )
@@ -290,6 +292,14 @@ def _data(raw: object, index: int, errors: list[FieldError]) -> str | None:
         errors.append(FieldError(index, "data", f"must be at most {MAX_DATA_BYTES} bytes"))
         return None
     return text
+
+
+def _dumps_kept(raw: object) -> str:
+    """`raw` serialised with its kept numbers (JsonNumber) as written; "" if orjson cannot."""
+    try:
+        return orjson.dumps(raw, default=_fragment).decode("utf-8")
+    except TypeError:
+        return ""
 
 
 def _deeper_than(value: object, limit: int) -> bool:
@@ -525,16 +535,19 @@ def events_from_items(items: Iterable[object], *, max_items: int, account: str =
     return events
 
 
-# A JSON number that orjson would not give back as written: one with a fraction or an exponent
-# (orjson makes a float of it, and `1.10` comes back as `1.1`), `-0` (an int 0), or 19 digits
-# and more (past 64 bits orjson makes a float of it; negative ones from 19 digits on). Found
-# with byte translations and searches at C speed (a regular expression over the body took ten
-# times as long): whitespace and "-" dropped, every digit made "0", "e"/"E" made "." and every
-# place a value can start ("," "[") made ":". A fraction or exponent is then ":" zeros "." (a
-# string such as "24.99" has its quote after the ":"); a long int is a run of 19 zeros.
+# A JSON number that orjson would not give back as written: a fraction or exponent whose text
+# is not the float's shortest form (orjson makes a float of it: `1.10` comes back as `1.1`, `1E5`
+# as `100000.0`), `-0` (an int 0), or 19 digits and more (past 64 bits orjson makes a float of
+# it; negative ones from 19 digits on). Found at C speed where it can be: whitespace dropped (a
+# number holds none), then a translation makes every digit "0", "e"/"E" "." and every place a
+# value can start ("," "[") ":", keeping each byte's place. A run of 19 zeros is then a long
+# int, and ":" (-) zeros "." the start of a fraction or exponent (a string such as "24.99" has
+# its quote after the ":"), whose text is then looked at. Searches with a literal start: a
+# regular expression over the raw body took ten times as long.
+_WHITESPACE = b" \t\r\n"
 _NUMBER_SHAPES = bytes.maketrans(b"eE,[123456789", b"..::000000000")
-_DROPPED = b" \t\r\n-"
-_FRACTION = re.compile(rb":0+\.")
+_FRACTIONS = (re.compile(rb":00*\."), re.compile(rb":-00*\."))
+_NUMBER = re.compile(rb"-?[0-9]+(?:\.[0-9]+)?(?:[eE][-+]?[0-9]+)?")
 _NEGATIVE_ZERO = re.compile(rb"-0(?![0-9])")
 
 
@@ -545,12 +558,22 @@ def _has_risky_number(text: str | bytes) -> bool:
     says no for such a number.
     """
     raw = text if isinstance(text, bytes) else text.encode("utf-8", "surrogatepass")
-    shapes = raw.translate(_NUMBER_SHAPES, _DROPPED)
-    return (
-        b"0000000000000000000" in shapes
-        or _FRACTION.search(shapes) is not None
-        or _NEGATIVE_ZERO.search(raw) is not None
-    )
+    compact = raw.translate(None, _WHITESPACE)
+    shapes = compact.translate(_NUMBER_SHAPES)
+    if b"0000000000000000000" in shapes or _NEGATIVE_ZERO.search(compact) is not None:
+        return True
+    for fractions in _FRACTIONS:
+        for found in fractions.finditer(shapes):
+            number = _NUMBER.match(compact, found.start() + 1)
+            if number is None or not _shortest(number.group()):
+                return True
+    return False
+
+
+def _shortest(text: bytes) -> bool:
+    # A float given in the form both repr() (string fields) and orjson (data) write it back in.
+    value = float(text)
+    return orjson.dumps(value) == text and repr(value).encode("ascii") == text
 
 
 def _reject_constant(name: str) -> object:

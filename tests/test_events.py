@@ -243,8 +243,12 @@ def test_new_event_ids_use_every_random_bit_but_the_fixed_ones() -> None:
     ("text", "expected"),
     [
         ('{"a": 1}', {"a": 1}),
-        # A number an int or a float would not give back as written keeps its text.
-        (b'{"a": [1, 2.5, "x"]}', {"a": [1, JsonNumber("2.5"), "x"]}),
+        # A float written in its shortest form is one; any other keeps its text.
+        (b'{"a": [1, 2.5, "x"]}', {"a": [1, 2.5, "x"]}),
+        (
+            b'{"a": [1, 2.50, 1e5, -0]}',
+            {"a": [1, JsonNumber("2.50"), JsonNumber("1e5"), JsonNumber("-0")]},
+        ),
         # Past 64 bits orjson would give a float: kept exact.
         (
             '{"n": 123456789012345678901234567890}',
@@ -321,7 +325,7 @@ def test_ndjson_keeps_a_long_integer_exact_on_its_line_only() -> None:
     assert parse_ndjson(body) == [
         {"n": 1},
         {"n": JsonNumber("123456789012345678901234567890")},
-        {"n": JsonNumber("2.5")},
+        {"n": 2.5},
     ]
     assert parse_ndjson('{"n": 18446744073709551617}') == [
         {"n": JsonNumber("18446744073709551617")}
@@ -369,6 +373,7 @@ _JSON_NUMBERS = st.one_of(
     st.integers().map(str),
     st.integers(min_value=-(2**80), max_value=2**80).map(str),
     st.sampled_from(["-0", "0", "1E5", "1e5", "-0.0", "1.10", "12345678901234567.5", "1e-7"]),
+    st.floats(allow_nan=False, allow_infinity=False).map(repr),  # shortest forms, orjson's way
     st.tuples(
         st.sampled_from(["", "-"]),
         _INT_PART,
@@ -463,5 +468,9 @@ def test_risky_number_check_never_misses_one(values: list[str], sep: str) -> Non
     fast = orjson.loads(text)
     assert [x.text if isinstance(x, JsonNumber) else x for x in exact] == [
         str(x) if isinstance(x, int | float) else x for x in fast
+    ]
+    # ... and orjson writes them back (data) as written too.
+    assert [x.text if isinstance(x, JsonNumber) else x for x in exact] == [
+        orjson.dumps(x).decode() if isinstance(x, int | float) else x for x in fast
     ]
     assert events._has_risky_number(text.encode()) is False
