@@ -35,7 +35,8 @@ _TEXT = st.lists(
 ).map("".join)
 _REQUIRED = _TEXT.filter(lambda text: text.strip() != "")
 # How an app may write a value: quote_plus (urlencode), quote ("%20"), or raw where that is
-# still a form (no & = + %: e.g. a trailing space as it is).
+# still a form (no & = + %: e.g. a trailing space as it is). The event_id goes first, so
+# that the app's own last field ends the body.
 
 
 def _raw(value: str) -> str:
@@ -105,7 +106,7 @@ async def _send_all(proc: DaemonProc, bodies: list[bytes], prefix: str) -> list[
             ids.append(event_id)
             async with http.post(
                 f"{proc.url}{CREATE}",
-                data=body + f"&event_id={event_id}".encode(),
+                data=f"event_id={event_id}&".encode() + body,
                 headers={"Content-Type": "application/x-www-form-urlencoded"},
             ) as response:
                 assert response.status < 300, (body, await response.text())
