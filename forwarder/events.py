@@ -565,15 +565,29 @@ def _has_risky_number(text: str | bytes) -> bool:
     for fractions in _FRACTIONS:
         for found in fractions.finditer(shapes):
             number = _NUMBER.match(compact, found.start() + 1)
-            if number is None or not _shortest(number.group()):
+            if number is None:
+                return True
+            token = number.group()
+            shortest = _shortest_seen.get(token)  # prices repeat: most are known
+            if shortest is None:
+                shortest = _shortest(token)
+            if not shortest:
                 return True
     return False
+
+
+# Float texts already looked at, and whether each is in its shortest form; bounded (~100 KB).
+_SHORTEST_SEEN_MAX = 1024
+_shortest_seen: dict[bytes, bool] = {}
 
 
 def _shortest(text: bytes) -> bool:
     # A float given in the form both repr() (string fields) and orjson (data) write it back in.
     value = float(text)
-    return orjson.dumps(value) == text and repr(value).encode("ascii") == text
+    shortest = orjson.dumps(value) == text and repr(value).encode("ascii") == text
+    if len(_shortest_seen) < _SHORTEST_SEEN_MAX:
+        _shortest_seen[text] = shortest
+    return shortest
 
 
 def _reject_constant(name: str) -> object:
