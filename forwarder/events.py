@@ -620,7 +620,8 @@ def loads_json(text: str | bytes, *, checked: bool = False) -> object:
     orjson refuses, by the standard module with hooks that keep each number's text. The standard
     module also accepts lone surrogate escapes (validation then names the field at fault) and
     its error messages name the place.
-    Raises ValueError (UnicodeDecodeError for bytes that are not UTF-8) or RecursionError.
+    Raises ValueError (UnicodeDecodeError for bytes that are not UTF-8), also for nesting too
+    deep to read (past orjson's 1024 levels, where the standard module runs out of stack).
     `checked`: the caller found no risky number in a text holding this one.
     """
     if checked or not _has_risky_number(text):
@@ -630,7 +631,12 @@ def loads_json(text: str | bytes, *, checked: bool = False) -> object:
             pass
     if isinstance(text, bytes):
         text = text.decode("utf-8")
-    return _EXACT.decode(text)
+    try:
+        return _EXACT.decode(text)
+    except RecursionError:
+        raise ValueError(
+            f"nested too deeply to read (data may nest at most {MAX_DATA_DEPTH} levels)"
+        ) from None
 
 
 def parse_ndjson(text: str) -> list[object]:

@@ -191,3 +191,22 @@ async def test_batch_endpoint_stays_strict(serve_intake: ServeIntake) -> None:
         assert status == 400
     assert len(state.queue) == 0
     assert not state.stats.unknown_fields
+
+
+@pytest.mark.parametrize(
+    ("path", "ctype", "wrap"),
+    [(CREATE, JSON, "{}"), (BATCH, JSON, "[{}]"), (BATCH, NDJSON, "{}\n")],
+    ids=["drop-in-json", "batch-json", "batch-ndjson"],
+)
+async def test_data_too_deep_to_parse_is_a_400_that_says_so(
+    serve_intake: ServeIntake, path: str, ctype: str, wrap: str
+) -> None:
+    # Past what any parser here reads (orjson: 1024 levels): the answer says why, not
+    # "maximum recursion depth exceeded".
+    state = intake_state()
+    client = await serve_intake(state)
+    item = f'{{"recipient_id": "1", "name": "x", "data": {nested(5000)}}}'
+    status, answer = await post(client, path, wrap.replace("{}", item), ctype)
+    assert status == 400, answer
+    assert "nested too deeply" in json.dumps(answer)
+    assert "recursion" not in json.dumps(answer)
