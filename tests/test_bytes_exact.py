@@ -23,6 +23,8 @@ from forwarder.credentials import basic_token
 from tests.conftest import API_KEY, DaemonProc, MockProc
 
 CREATE = "/v1/recipientEvents/create"
+# Nothing listens there: connections are refused at once.
+UNREACHABLE = "http://127.0.0.1:9/v1"
 FIELDS = ("recipient_id", "name", "value", "data", "ref")
 # Text of every kind a form can carry: spaces (trailing too), +, %, &, =, line ends, unicode
 # beyond the BMP. Not NUL (refused with a 400) nor lone surrogates (not UTF-8).
@@ -117,11 +119,17 @@ async def test_fields_reach_the_remote_byte_for_byte(mock_remote: Any, daemon: A
     mock: MockProc = await mock_remote()
     bodies = collect_bodies(40)
     memory: DaemonProc = await daemon(mock.base_url)
-    durable: DaemonProc = await daemon(mock.base_url, queue={"mode": "durable"})
+    # Durable: accepted while the remote is unreachable, so that the events are read back from
+    # the spool by the next start, which delivers them.
+    durable: DaemonProc = await daemon(
+        UNREACHABLE, queue={"mode": "durable"}, shutdown={"timeout_s": 0.5}
+    )
     sent = {}
     for proc, prefix in ((memory, "memory"), (durable, "durable")):
         for event_id, body in zip(await _send_all(proc, bodies, prefix), bodies, strict=True):
             sent[event_id] = body
+    assert await durable.stop() == 0
+    await daemon(mock.base_url, state_dir=durable.state_dir, queue={"mode": "durable"})
     received = await _delivered(mock, len(sent))
     for event_id, body in sent.items():
         fields = sent_fields(body)
