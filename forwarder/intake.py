@@ -19,6 +19,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import parse_qsl
 
 import orjson
 import structlog
@@ -35,12 +36,14 @@ from forwarder.events import (
     Event,
     EventValidationError,
     FieldError,
+    Leniency,
     describe_error,
     event_from_mapping,
     events_from_items,
     loads_json,
     parse_ndjson,
 )
+from forwarder.leniency import note as note_leniency
 from forwarder.queue import TOO_LARGE, EventQueue
 from forwarder.telemetry import Metrics, Stats
 
@@ -426,7 +429,8 @@ async def _simple_form(request: web.Request) -> dict[str, object] | None:
         return None
     try:
         body = await request.read()  # at once, the body is here; 413 past client_max_size
-        text = body.rstrip().decode("utf-8")
+        # Not stripped (aiohttp's own parser strips): a trailing space is the last value's.
+        text = body.decode("utf-8")
     except (UnicodeDecodeError, web.RequestPayloadError, HttpProcessingError):
         return None
     if "%" in text:
@@ -447,17 +451,32 @@ async def _simple_form(request: web.Request) -> dict[str, object] | None:
 async def _read_form(request: web.Request, limit: int) -> MultiDict[str]:
     """The form's text fields; anything aiohttp cannot parse becomes a 400, never a 500."""
     try:
+        if request.content_type != "multipart/form-data":
+            return _parse_urlencoded(await _read_body(request), request.charset)
         async with asyncio.timeout(request.app[STATE].body_timeout_s):
-            if request.content_type == "multipart/form-data":
-                return await _read_multipart(request, limit)
-            form = await request.post()  # urlencoded: text fields only; 413 past client_max_size
-        return MultiDict((k, v) for k, v in form.items() if isinstance(v, str))
+            return await _read_multipart(request, limit)
     except TimeoutError:
         raise _SlowBody from None
     except UnicodeDecodeError as exc:
         raise _BadBody(f"form is not valid UTF-8 (byte {exc.start})") from None
     except _FORM_ERRORS as exc:
         raise _BadBody(f"form cannot be read: {describe_error(exc)}") from None
+
+
+def _parse_urlencoded(body: bytes, charset: str | None) -> MultiDict[str]:
+    """An urlencoded body's fields as the remote's own kind parses them (PHP: split at "&",
+    "+" is a space, nothing stripped), not as request.post() does: it strips the body's end,
+    and with it a trailing space of the last value."""
+    encoding = charset or "utf-8"
+    text = body.decode(encoding)
+    pairs = parse_qsl(
+        text,
+        keep_blank_values=True,
+        encoding=encoding,
+        errors="strict",
+        max_num_fields=MAX_FORM_FIELDS,
+    )
+    return MultiDict(pairs)
 
 
 # What aiohttp raises on a form a client got wrong: bad charset names, broken multipart headers,
@@ -545,9 +564,15 @@ async def create_event(request: web.Request) -> web.Response:
             header = request.headers.get(ACCOUNT_HEADER, "")
             client_key = _client_key(request)
             fallback = _route(state.accounts, header, client_key)
-        event = event_from_mapping(raw, 0, errors, ignored=DROP_IN_IGNORED, account=fallback)
+        # Lenient where the remote is: unknown fields ignored, any conversion value taken.
+        lenient = Leniency()
+        event = event_from_mapping(
+            raw, 0, errors, ignored=DROP_IN_IGNORED, lenient=lenient, account=fallback
+        )
         if event is None or errors:
             return _invalid(state, errors)
+        if lenient.unknown_fields or lenient.odd_value:
+            note_leniency(state.stats, lenient)
         if event.account != fallback:
             _check_accounts(state, [event], fallback)
         elif client_key is not None and fallback.startswith(CLIENT_PREFIX):

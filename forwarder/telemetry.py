@@ -301,6 +301,9 @@ class Stats:
     invalid_requests: int = 0
     unauthorized: int = 0  # intake requests without the right token (401)
     body_timeouts: int = 0  # intake requests whose body did not arrive in time (408)
+    # Drop-in fields ignored as the remote ignores them, by (bounded) name: leniency.py.
+    unknown_fields: Counter[str] = field(default_factory=Counter)
+    lenient_values: int = 0  # drop-in conversions whose value is not a number, sent as is
     refused: Counter[str] = field(default_factory=Counter)
     dead_lettered: Counter[str] = field(default_factory=Counter)
     started_at: float = field(default_factory=time.time)
@@ -315,6 +318,8 @@ class Stats:
             "invalid_requests": self.invalid_requests,
             "unauthorized": self.unauthorized,
             "body_timeouts": self.body_timeouts,
+            "unknown_fields": dict(self.unknown_fields),
+            "lenient_values": self.lenient_values,
             "attempts": self.attempts,
             "retries": self.retries,
             "auth_failures": self.auth_failures,
@@ -453,6 +458,11 @@ class _StatsCollector(Collector):
                 "Intake requests without the right intake.auth_token (401).",
                 s.unauthorized,
             ),
+            (
+                "lenient_values",
+                "Drop-in events with conversion=1 whose value is not a number, sent as is.",
+                s.lenient_values,
+            ),
         )
         for name, doc, value in simple:
             yield CounterMetricFamily(f"forwarder_{name}", doc, value=value)
@@ -472,6 +482,15 @@ class _StatsCollector(Collector):
         for reason in sorted({*DEAD_LETTER_REASONS, *s.dead_lettered}):
             dead.add_metric([reason], float(s.dead_lettered[reason]))
         yield dead
+        unknown = CounterMetricFamily(
+            "forwarder_unknown_fields",
+            "Drop-in form fields ignored as the remote ignores them, by name (the first 32 "
+            "names; later ones under _other).",
+            labels=["field"],
+        )
+        for name, times in sorted(s.unknown_fields.items()):
+            unknown.add_metric([name], float(times))
+        yield unknown
         for gauge, (help_text, level) in self._gauges().items():
             yield GaugeMetricFamily(f"forwarder_{gauge}", help_text, value=level)
         for counter, (help_text, count) in self._counters().items():

@@ -57,17 +57,21 @@ async def scrape(
     mock_remote: Callable[..., Awaitable[MockProc]],
     daemon: Callable[..., Awaitable[DaemonProc]],
 ) -> str:
-    """/metrics of a daemon that has delivered an event (so every labelled family has a
-    series)."""
+    """/metrics of a daemon that has delivered two events, one with an unknown field (so every
+    labelled family has a series)."""
     mock = await mock_remote()
     d = await daemon(mock.base_url)
     async with aiohttp.ClientSession(base_url=d.url) as http:
         async with http.post("/v1/events", json=[{"recipient_id": "1", "name": "A"}]) as answer:
             assert answer.status == 202, await answer.text()
+        # A field the remote does not know, so forwarder_unknown_fields_total has its label.
+        form = {"recipient_id": "2", "name": "A", "campaign_id": "77"}
+        async with http.post("/v1/recipientEvents/create", data=form) as answer:
+            assert answer.status < 300, await answer.text()
 
         async def delivered() -> bool:
             async with http.get("/v1/stats") as answer:
-                return bool((await answer.json())["counters"]["delivered"] == 1)
+                return bool((await answer.json())["counters"]["delivered"] == 2)
 
         await wait_until(delivered, 15)
         async with http.get("/metrics") as answer:
