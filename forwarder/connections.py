@@ -26,26 +26,27 @@ the `IntakeRunner` hands to every listener:
   with a traceback for each.
 
 The request body's deadline is intake.py's (`intake.body_timeout_s`): by then a handler runs.
-This module is over 400 lines because the connection's limits share one protocol class and its
-timers; splitting them would spread that class's state over several modules.
+What such an answer says is rejections.py's. This module is over 400 lines because the
+connection's limits share one protocol class and its timers; splitting them would spread that
+class's state over several modules.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, cast
 
 import structlog
-from aiohttp import http_exceptions, web
+from aiohttp import web
 from aiohttp.http import HttpVersion11
 from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_request import BaseRequest
 
 from forwarder.logthrottle import LogThrottle
+from forwarder.rejections import INTERNAL_ERROR, UNMET_EXPECTATION, describe_rejection
 
 log = structlog.get_logger("forwarder.connections")
 # After an early answer (413, 401, 408) aiohttp reads and drops the rest of the body so the
@@ -138,48 +139,6 @@ class ConnectionGuard:
     def count_bad_request(self, status: int, fault: str, kind: str) -> None:
         """aiohttp's parser refused a request (or its Expect): a warning, no traceback."""
         self.throttle.log(log, "warning", "bad_request", key=kind, status=status, error=fault)
-
-
-def describe_rejection(exc: BaseException) -> str:
-    """What is wrong with a request aiohttp's parser refused, never echoing the request's bytes.
-
-    aiohttp's messages quote the offending bytes (llhttp's reason, then the line and a caret).
-    Only a first line made of plain words (llhttp's fixed reasons, "Too many headers received")
-    is kept; the kinds whose message is built from the request get a fixed text.
-    """
-    for kind in type(exc).__mro__:
-        fixed = _FIXED_FAULTS.get(kind)
-        if fixed is not None:
-            return fixed
-    message = getattr(exc, "message", "")
-    first = (message if isinstance(message, str) else "").split("\n", 1)[0].strip()
-    first = first.removesuffix(":").strip()
-    if _PLAIN_WORDS.fullmatch(first):
-        return first
-    return "the request is malformed"
-
-
-# Built from the request's own bytes in aiohttp's message (a line, a header, a method, a path).
-_FIXED_FAULTS: dict[type, str] = {
-    http_exceptions.LineTooLong: "a request line or header is longer than 8190 bytes",
-    http_exceptions.InvalidHeader: "a header is malformed",
-    http_exceptions.BadHttpMethod: "the method is malformed",
-    http_exceptions.BadStatusLine: "the request line is malformed",
-    http_exceptions.InvalidURLError: "the request target is malformed",
-    http_exceptions.ContentEncodingError: "the Content-Encoding cannot be decoded",
-}
-# Letters, digits, spaces and a little punctuation; an apostrophe only inside a word ("can't").
-_PLAIN_WORDS = re.compile(r"[A-Za-z](?:[A-Za-z0-9 ,.()-]|(?<=[a-z])'(?=[a-z])){0,119}")
-_UNEXPECTED_JSON = {
-    "success": False,
-    "error": "unsupported Expect header: only '100-continue' is understood",
-    "reason": "expectation_failed",
-}
-_INTERNAL_JSON = {
-    "success": False,
-    "error": "internal error while handling the request (see forwarder's log); retry later",
-    "reason": "internal_error",
-}
 
 
 class GuardedRequestHandler(RequestHandler):
@@ -335,7 +294,7 @@ class GuardedRequestHandler(RequestHandler):
         elif isinstance(exc, ConnectionError):
             # The client went away while its request was read: nobody to answer, not our fault.
             self._guard.throttle.log(log, "info", "client_disconnected", error=type(exc).__name__)
-            payload = _INTERNAL_JSON
+            payload = INTERNAL_ERROR
         else:
             self._guard.throttle.log(
                 log,
@@ -346,7 +305,7 @@ class GuardedRequestHandler(RequestHandler):
                 path=request.path,
                 exc_info=exc,
             )
-            payload = _INTERNAL_JSON
+            payload = INTERNAL_ERROR
         if request.writer.output_size > 0:  # as aiohttp: part of an answer went out already
             raise ConnectionError("an answer was partly sent already: cannot send an error")
         response = web.json_response(payload, status=status)
@@ -444,7 +403,7 @@ class _GuardedServer(web.Server):
 
     async def _unmet_expectation(self) -> web.StreamResponse:
         self._guard.count_bad_request(417, "unsupported Expect header", "Expect")
-        response = web.json_response(_UNEXPECTED_JSON, status=417)
+        response = web.json_response(UNMET_EXPECTATION, status=417)
         response.force_close()
         return response
 

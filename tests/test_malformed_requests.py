@@ -15,13 +15,14 @@ from typing import Any
 
 import aiohttp
 import pytest
-from aiohttp import web
+from aiohttp import http_exceptions, web
 from structlog.testing import capture_logs
 
 from forwarder.connections import ConnectionGuard, IntakeRunner
 from forwarder.credentials import Secret
 from forwarder.events import Event
 from forwarder.intake import IntakeState, create_app
+from forwarder.rejections import describe_rejection
 from tests.conftest import intake_state
 
 MARK = b"<EVIL-9f3a>"  # in every bad request: it must never come back
@@ -302,3 +303,25 @@ async def test_2000_refusals_write_one_line_and_a_summary(
     assert summary["suppressed"] == 1999
     assert summary["count"] == 1999
     assert summary["summary"] == "refused queue_full: 1999 more in the last 60 s"
+
+
+@pytest.mark.parametrize(
+    ("exc", "said"),
+    [
+        # aiohttp's pure-Python parser builds these from the request itself.
+        (http_exceptions.InvalidURLError("evil"), "the request target is malformed"),
+        (http_exceptions.BadStatusLine("GET evil"), "the request line is malformed"),
+        (http_exceptions.InvalidHeader(b"X-Evil"), "a header is malformed"),
+        (http_exceptions.LineTooLong("evil", 8190), "a request line or header is longer"),
+        (http_exceptions.BadHttpMessage("Duplicate 'evil' header found."), "is malformed"),
+        (http_exceptions.BadHttpMessage("Bad thing: evil"), "the request is malformed"),
+        (http_exceptions.BadHttpMessage("Invalid header value char:\n\n  b'evil'"), "value char"),
+        (http_exceptions.TransferEncodingError("Not enough data (received 5 of 9 bytes)."), "5 of"),
+    ],
+)
+def test_a_rejection_is_described_without_the_request_s_words(
+    exc: http_exceptions.HttpProcessingError, said: str
+) -> None:
+    text = describe_rejection(exc)
+    assert said in text
+    assert "evil" not in text
