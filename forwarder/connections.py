@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, cast
@@ -52,6 +53,11 @@ log = structlog.get_logger("forwarder.connections")
 # After an early answer (413, 401, 408) aiohttp reads and drops the rest of the body so the
 # client gets to read the answer; this long at most (aiohttp's own default is 10 s).
 LINGER_S = 2.0
+# The kernel's send buffer of an intake TCP connection (it doubles the value). Linux would grow
+# it to 4 MiB for a client that does not read, and the daemon would go on rendering answers
+# (thousands of /metrics pages for a client pipelining them) until that much waits unread;
+# intake's answers are small, so this much keeps a reader at full speed and a non-reader cheap.
+SEND_BUFFER_BYTES = 128 * 1024
 # Connections past max_connections that may still ask for these, one answer each.
 HEALTH_RESERVE = 8
 HEALTH_ROUTES = frozenset(
@@ -187,6 +193,9 @@ class GuardedRequestHandler(RequestHandler):
         self.reserved = guard.open >= guard.max_connections
         guard.open += 1
         self._stream = stream
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER_BYTES)
         super().connection_made(transport)
         task = self._task_handler
         if task is not None:

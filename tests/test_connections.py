@@ -124,9 +124,11 @@ async def test_a_shortened_header_timeout_applies_to_the_next_head(
 # --- answers a client does not read, the health reserve -------------------------------------
 
 BIG = b"x" * (256 * 1024)
+RENDERED = web.AppKey("rendered", list[str])
 
 
 async def _big(request: web.Request) -> web.Response:
+    request.app[RENDERED].append(request.path)
     return web.Response(body=BIG)
 
 
@@ -142,8 +144,9 @@ async def _huge_then_close(request: web.Request) -> web.Response:
 
 
 @pytest.fixture
-async def served_app() -> AsyncIterator[tuple[ConnectionGuard, int]]:
+async def served_app() -> AsyncIterator[tuple[ConnectionGuard, int, web.Application]]:
     app = web.Application()
+    app[RENDERED] = []
     for path, handler in (("/ok", _ok), ("/healthz", _ok), ("/readyz", _ok), ("/other", _ok)):
         app.router.add_get(path, handler)
     app.router.add_get("/big", _big)
@@ -158,7 +161,7 @@ async def served_app() -> AsyncIterator[tuple[ConnectionGuard, int]]:
     server = site._server
     assert isinstance(server, asyncio.Server)
     try:
-        yield guard, server.sockets[0].getsockname()[1]
+        yield guard, server.sockets[0].getsockname()[1], app
     finally:
         await runner.cleanup()
 
@@ -180,11 +183,11 @@ async def _until(condition: Any, timeout: float) -> None:
 
 @pytest.mark.parametrize("path", ["/big", "/huge"])
 async def test_a_client_that_sends_requests_and_never_reads_is_cut_off_by_the_write_timeout(
-    served_app: tuple[ConnectionGuard, int], path: str
+    served_app: tuple[ConnectionGuard, int, web.Application], path: str
 ) -> None:
     # /big: pipelined answers fill the socket, writing pauses and never resumes. /huge: one
     # answer sits unsent in the buffer of a connection aiohttp has closed (no pause at all).
-    guard, port = served_app
+    guard, port, app = served_app
     loop = asyncio.get_running_loop()
     _, writer = await _connect_not_reading(port)
     try:
@@ -197,6 +200,9 @@ async def test_a_client_that_sends_requests_and_never_reads_is_cut_off_by_the_wr
         writer.close()
     assert guard.write_timeouts == 1
     assert 0.4 <= elapsed <= 5.0, elapsed
+    # The kernel's send buffer is kept small (SEND_BUFFER_BYTES): a client that reads nothing
+    # gets a couple of answers rendered, not the dozen Linux's 4 MiB default would take.
+    assert len(app[RENDERED]) <= 5, len(app[RENDERED])
     # A client that reads gets everything, however large, without a write timeout.
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     try:
@@ -209,9 +215,9 @@ async def test_a_client_that_sends_requests_and_never_reads_is_cut_off_by_the_wr
 
 
 async def test_past_the_cap_health_checks_still_answer_on_reserve_connections(
-    served_app: tuple[ConnectionGuard, int],
+    served_app: tuple[ConnectionGuard, int, web.Application],
 ) -> None:
-    guard, port = served_app
+    guard, port, _ = served_app
     held = [await asyncio.open_connection("127.0.0.1", port) for _ in range(guard.max_connections)]
     try:
         await _until(lambda: guard.open == guard.max_connections, 5.0)
