@@ -309,7 +309,7 @@ class GuardedRequestHandler(RequestHandler):
                 log,
                 "error",
                 "request_failed",
-                key=type(exc).__name__,
+                key=type(exc).__name__ if exc is not None else str(status),
                 status=status,
                 path=request.path,
                 exc_info=exc,

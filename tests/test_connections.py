@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 from aiohttp import web
+from structlog.testing import capture_logs
 
 from forwarder.connections import (
     HEALTH_RESERVE,
@@ -143,6 +144,10 @@ async def _huge_then_close(request: web.Request) -> web.Response:
     return response
 
 
+async def _boom(request: web.Request) -> web.Response:
+    raise RuntimeError("a bug in a handler")
+
+
 @pytest.fixture
 async def served_app() -> AsyncIterator[tuple[ConnectionGuard, int, web.Application]]:
     app = web.Application()
@@ -150,6 +155,7 @@ async def served_app() -> AsyncIterator[tuple[ConnectionGuard, int, web.Applicat
     for path, handler in (("/ok", _ok), ("/healthz", _ok), ("/readyz", _ok), ("/other", _ok)):
         app.router.add_get(path, handler)
     app.router.add_get("/big", _big)
+    app.router.add_get("/boom", _boom)
     app.router.add_get("/huge", _huge_then_close)
     guard = ConnectionGuard(
         max_connections=2, header_timeout_s=5.0, keepalive_timeout_s=60.0, write_timeout_s=0.5
@@ -251,3 +257,28 @@ async def test_past_the_cap_health_checks_still_answer_on_reserve_connections(
     finally:
         for _, writer in held:
             writer.close()
+
+
+async def test_a_handler_that_raises_gets_a_json_500_and_one_error_line_with_its_traceback(
+    served_app: tuple[ConnectionGuard, int, web.Application],
+) -> None:
+    # aiohttp's handle_error, overridden: its text/plain 500 becomes the JSON error shape, and
+    # the ERROR with a traceback is logged once, then counted (the log throttle).
+    _, port, _ = served_app
+    with capture_logs() as logs:
+        for _ in range(3):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(b"GET /boom HTTP/1.1\r\nHost: forwarder\r\n\r\n")
+            async with asyncio.timeout(5):
+                answer = await reader.read()
+            writer.close()
+            head, _, body = answer.partition(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 500 ")
+            assert b"application/json" in head
+            payload = json.loads(body)
+            assert payload["reason"] == "internal_error"
+            assert "bug" not in payload["error"]
+    (line,) = [line for line in logs if line["event"] == "request_failed"]
+    assert line["log_level"] == "error"
+    assert isinstance(line["exc_info"], RuntimeError)
+    assert line["path"] == "/boom"
