@@ -85,7 +85,9 @@ class Backlog:
         except SpoolFull:
             return "spool_full"
         except SpoolError as exc:  # the commit failed (disk full, I/O error): nothing stored
-            self.throttle.log(log, "error", "spool_write_failed", error=str(exc), count=len(events))
+            self.throttle.log(
+                log, "error", "spool_write_failed", key="request", error=str(exc), count=len(events)
+            )
             return "spool_error"
         # Committed: from here on the events are safe. They join the window only if nothing
         # older is still on disk (order) and they fit; otherwise the refill brings them in.

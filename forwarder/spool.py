@@ -419,6 +419,7 @@ class Spool:
                 log,
                 "error",
                 "spool_write_failed",
+                key="commit",
                 path=str(self.path),
                 error=str(exc),
                 callers=waiting,

@@ -11,18 +11,21 @@ import asyncio
 import json
 import logging
 from collections.abc import AsyncIterator, Callable
-from typing import Any
+from typing import Any, cast
 
 import aiohttp
 import pytest
 from aiohttp import http_exceptions, web
 from structlog.testing import capture_logs
 
+from forwarder.backlog import Backlog
 from forwarder.connections import ConnectionGuard, IntakeRunner
 from forwarder.credentials import Secret
 from forwarder.events import Event
 from forwarder.intake import IntakeState, create_app
 from forwarder.rejections import describe_rejection
+from forwarder.spool import Spool
+from forwarder.spoolfile import SpoolError
 from tests.conftest import intake_state
 
 MARK = b"<EVIL-9f3a>"  # in every bad request: it must never come back
@@ -303,6 +306,51 @@ async def test_2000_refusals_write_one_line_and_a_summary(
     assert summary["suppressed"] == 1999
     assert summary["count"] == 1999
     assert summary["summary"] == "refused queue_full: 1999 more in the last 60 s"
+
+
+class _FailingSpool:
+    """Stands in for a spool on a disk that fails every commit."""
+
+    depth = 0
+
+    async def append(self, events: list[Event], *, force: bool = False) -> list[int]:
+        raise SpoolError("could not write to the spool /state/spool.db: disk I/O error")
+
+
+async def test_2000_requests_on_a_failing_disk_write_two_lines_and_their_summaries(
+    serve: Callable[[IntakeState], Any],
+) -> None:
+    # Durable mode with a disk that fails: each request is answered 503 spool_error, and each
+    # used to log both `spool_write_failed` and `refused`.
+    state = intake_state()
+    backlog = Backlog(state.queue, cast(Spool, _FailingSpool()), durable=True)
+    backlog.throttle = state.throttle  # as the daemon shares one
+    state.admit = backlog.admit
+    port = await serve(state)
+    url = f"http://127.0.0.1:{port}/v1/events"
+    statuses: list[int] = []
+    with capture_logs() as logs:
+        async with aiohttp.ClientSession() as http:
+
+            async def client() -> None:
+                for _ in range(100):
+                    async with http.post(
+                        url, data=EVENT, headers={"Content-Type": "application/json"}
+                    ) as response:
+                        statuses.append(response.status)
+
+            await asyncio.gather(*(client() for _ in range(20)))
+        assert len(logs) == 2
+        state.throttle.close()
+    assert statuses == [503] * 2000
+    assert state.stats.refused["spool_error"] == 2000
+    events = sorted((line["event"], line.get("suppressed", 0)) for line in logs)
+    assert events == [
+        ("refused", 0),
+        ("refused", 1999),
+        ("spool_write_failed", 0),
+        ("spool_write_failed", 1999),
+    ]
 
 
 @pytest.mark.parametrize(
