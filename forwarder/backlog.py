@@ -18,6 +18,7 @@ import structlog
 
 from forwarder.deadletter import DeadLetterNote
 from forwarder.events import Event
+from forwarder.logthrottle import LogThrottle
 from forwarder.queue import TOO_LARGE, EventQueue, event_size
 from forwarder.spool import Spool, SpooledEvent, SpoolFull
 from forwarder.spoolfile import SpoolError
@@ -37,6 +38,8 @@ class Backlog:
         self.spool = spool
         self.durable = durable
         self.replayed = 0  # events brought back from the spool into memory
+        # For the line a failing disk writes once per request (the daemon shares its own).
+        self.throttle = LogThrottle()
         self._loaded_seq = 0  # every spool row up to here is in memory (or settled)
         self._unloaded = spool.depth  # rows after _loaded_seq: on disk only
         # Rows in memory now. Admissions resume in any order after a shared commit, so the
@@ -82,7 +85,9 @@ class Backlog:
         except SpoolFull:
             return "spool_full"
         except SpoolError as exc:  # the commit failed (disk full, I/O error): nothing stored
-            log.error("spool_write_failed", error=str(exc), count=len(events))
+            self.throttle.log(
+                log, "error", "spool_write_failed", key="request", error=str(exc), count=len(events)
+            )
             return "spool_error"
         # Committed: from here on the events are safe. They join the window only if nothing
         # older is still on disk (order) and they fit; otherwise the refill brings them in.

@@ -88,10 +88,12 @@ class IntakeConfig:
     max_batch: int = 1000
     # Slow and idle clients (connections.py): a request's head must arrive within
     # header_timeout_s, its body within body_timeout_s; an idle kept-alive connection closes
-    # after keepalive_timeout_s; at most max_connections are open at once.
+    # after keepalive_timeout_s; at most max_connections are open at once. An answer may wait
+    # on a full socket (a client that does not read) write_timeout_s, then the connection closes.
     header_timeout_s: float = 10.0
     body_timeout_s: float = 30.0
     keepalive_timeout_s: float = 75.0
+    write_timeout_s: float = 10.0
     max_connections: int = 512
     # On the drop-in endpoint, deliver under the API key the client sends by Basic auth.
     accept_client_keys: bool = False
@@ -787,6 +789,7 @@ def _validate(config: Config, origins: Mapping[str, str]) -> Config:
     positive("intake.header_timeout_s", intake.header_timeout_s)
     positive("intake.body_timeout_s", intake.body_timeout_s)
     positive("intake.keepalive_timeout_s", intake.keepalive_timeout_s)
+    positive("intake.write_timeout_s", intake.write_timeout_s)
     within("intake.max_connections", intake.max_connections, 1, 1_000_000)
     at_least("queue.max_events", config.queue.max_events, 1)
     at_least("queue.max_bytes", config.queue.max_bytes, 1_048_576)

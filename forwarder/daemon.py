@@ -34,6 +34,7 @@ from forwarder.credentials import ApiKey, resolve_intake_token
 from forwarder.dispatcher import Dispatcher, LaneSettings
 from forwarder.events import Event
 from forwarder.intake import IntakeState, create_app
+from forwarder.logthrottle import LogThrottle
 from forwarder.queue import EventQueue
 from forwarder.remote import USER_AGENT, RemoteClient, make_ssl_context
 from forwarder.spool import Spool
@@ -136,10 +137,14 @@ class Daemon:
         self._delivery_rate = PerMinute()
         self._intake_token: ApiKey | None = None
         intake = config.intake
+        # One throttle for every log line a request can cause (logthrottle.py), flushed at stop.
+        self.log_throttle = LogThrottle()
         self.connections = ConnectionGuard(
             max_connections=intake.max_connections,
             header_timeout_s=intake.header_timeout_s,
             keepalive_timeout_s=intake.keepalive_timeout_s,
+            write_timeout_s=intake.write_timeout_s,
+            throttle=self.log_throttle,
         )
 
     def request_stop(self) -> None:
@@ -199,6 +204,11 @@ class Daemon:
             "client_accounts_freed": (
                 "Client accounts freed after being idle.",
                 self.accounts.freed,
+            ),
+            "connections_write_timeouts": (
+                "Intake connections closed: an answer waited on an unread socket past "
+                "intake.write_timeout_s.",
+                guard.write_timeouts,
             ),
         }
 
@@ -435,6 +445,7 @@ class Daemon:
         self.connections.max_connections = config.intake.max_connections
         self.connections.header_timeout_s = config.intake.header_timeout_s
         self.connections.keepalive_timeout_s = config.intake.keepalive_timeout_s
+        self.connections.write_timeout_s = config.intake.write_timeout_s
         _ensure_fd_room(config.intake.max_connections)
         self._intake_token = token
         self._state.auth_token = token.secret if token else None
@@ -599,6 +610,7 @@ class Daemon:
             log.error("startup_failed", error=f"cannot move the pending file into the spool: {exc}")
             return 1
         self.backlog = backlog = Backlog(self.queue, spool, durable=durable)
+        backlog.throttle = spool.throttle = self.log_throttle
         restored = 0
         if not durable:
             # What the last stop saved comes first, ahead of anything new (beyond the bound).
@@ -618,6 +630,7 @@ class Daemon:
             stats_extra=self._stats_extra,
             auth_token=self._intake_token.secret if self._intake_token else None,
             body_timeout_s=cfg.intake.body_timeout_s,
+            throttle=self.log_throttle,
         )
         try:
             # Reads the CA files: off the event loop. Checked at load; it could change since.
@@ -722,6 +735,7 @@ class Daemon:
             if pid_written:
                 await asyncio.to_thread(_remove_pid, state_dir)
             await self._session.close()
+        self.log_throttle.close()  # the counts of lines held back go out before the summary
         log.info(
             "stopped",
             drained=drained,

@@ -14,7 +14,6 @@ import binascii
 import dataclasses
 import hmac
 import json
-import math
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -24,6 +23,7 @@ from urllib.parse import parse_qsl
 import orjson
 import structlog
 from aiohttp import BodyPartReader, web
+from aiohttp.http import HttpVersion11
 from aiohttp.http_exceptions import HttpProcessingError
 from multidict import MultiDict
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -44,6 +44,7 @@ from forwarder.events import (
     parse_ndjson,
 )
 from forwarder.leniency import note as note_leniency
+from forwarder.logthrottle import LogThrottle
 from forwarder.queue import TOO_LARGE, EventQueue
 from forwarder.telemetry import Metrics, Stats
 
@@ -79,7 +80,8 @@ class IntakeState:
     auth_token: Secret | None = None
     # A request's body must arrive within this long of its head (intake.body_timeout_s).
     body_timeout_s: float = 30.0
-    unauthorized_logged_at: float = -math.inf
+    # Every log line intake can write once per request goes through it (logthrottle.py).
+    throttle: LogThrottle = field(default_factory=LogThrottle)
 
 
 STATE = web.AppKey("state", IntakeState)
@@ -135,8 +137,6 @@ async def guard(
 
 
 TOKEN_HEADER = "X-Forwarder-Token"
-# At most one `unauthorized` log line this often: a scanner must not flood the journal.
-UNAUTHORIZED_LOG_EVERY_S = 60.0
 _OPEN_ROUTES = frozenset({("GET", "/healthz"), ("HEAD", "/healthz")})
 
 
@@ -171,17 +171,16 @@ def _token_refusal(request: web.Request) -> web.Response | None:
     if any(_token_matches(candidate, token) for candidate in offered):
         return None
     state.stats.unauthorized += 1
-    now = time.monotonic()
-    if now - state.unauthorized_logged_at >= UNAUTHORIZED_LOG_EVERY_S:
-        state.unauthorized_logged_at = now
-        log.warning(
-            "unauthorized",
-            peer=request.remote or "unix socket",
-            path=request.path,
-            token_sent=bool(offered),
-            total=state.stats.unauthorized,
-            note=f"one line per {UNAUTHORIZED_LOG_EVERY_S:.0f}s at most",
-        )
+    # Throttled: a scanner must not flood the journal. Keyed by nothing the client chose.
+    state.throttle.log(
+        log,
+        "warning",
+        "unauthorized",
+        peer=request.remote or "unix socket",
+        path=request.path,
+        token_sent=bool(offered),
+        total=state.stats.unauthorized,
+    )
     why = "wrong" if offered else "missing"
     return _json(
         401,
@@ -196,6 +195,34 @@ def _token_refusal(request: web.Request) -> web.Response | None:
         },
         {"WWW-Authenticate": 'Bearer realm="forwarder"'},
     )
+
+
+async def expect_continue(request: web.Request) -> web.StreamResponse | None:
+    """`Expect: 100-continue` on intake's routes: refuse before the body is sent when we can.
+
+    aiohttp's own expect handler tells every client to go on, so one whose body is larger than
+    intake.max_body_bytes, or without the intake token, uploaded all of it for a 413 or a 401.
+    Here those come first, on the head alone, and the connection closes after them. An Expect
+    other than 100-continue got a 417 from the connection's gate already (connections.py).
+    """
+    if request.version != HttpVersion11:
+        return None  # HTTP/1.0 has no interim answers (aiohttp ignores Expect there too)
+    if request.headers.get("Expect", "").lower() != "100-continue":
+        return _error(417, "unsupported Expect header: only '100-continue' is understood")
+    state = request.app[STATE]
+    refusal = _token_refusal(request)
+    length = request.content_length
+    if refusal is None and length is not None and length > state.max_body_bytes:
+        state.stats.invalid_requests += 1
+        refusal = _error(
+            413, f"request body is larger than intake.max_body_bytes ({state.max_body_bytes})"
+        )
+    if refusal is not None:
+        refusal.force_close()  # the client may send the body anyway: dropped, then closed
+        return refusal
+    await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+    request.writer.output_size = 0  # the answer proper has not started (as aiohttp's handler)
+    return None
 
 
 def _json_error(request: web.Request, exc: web.HTTPException) -> web.Response:
@@ -248,7 +275,15 @@ def _refuse(state: IntakeState, reason: str, count: int) -> web.Response:
             reason=TOO_LARGE,
         )
     state.stats.refused[reason] += count
-    log.warning("refused", reason=reason, count=count, queue_depth=len(state.queue))
+    state.throttle.log(
+        log,
+        "warning",
+        "refused",
+        key=reason,
+        reason=reason,
+        count=count,
+        queue_depth=len(state.queue),
+    )
     return _json(
         503,
         {"success": False, "error": _REFUSALS[reason], "reason": reason},
@@ -705,10 +740,11 @@ def create_app(state: IntakeState) -> web.Application:
         middlewares=[guard],
     )
     app[STATE] = state
-    app.router.add_post("/v1/recipientEvents/create", create_event)
-    app.router.add_post("/v1/events", create_events)
-    app.router.add_get("/healthz", healthz)
-    app.router.add_get("/readyz", readyz)
-    app.router.add_get("/metrics", metrics)
-    app.router.add_get("/v1/stats", stats)
+    router, expect = app.router, expect_continue
+    router.add_post("/v1/recipientEvents/create", create_event, expect_handler=expect)
+    router.add_post("/v1/events", create_events, expect_handler=expect)
+    router.add_get("/healthz", healthz, expect_handler=expect)
+    router.add_get("/readyz", readyz, expect_handler=expect)
+    router.add_get("/metrics", metrics, expect_handler=expect)
+    router.add_get("/v1/stats", stats, expect_handler=expect)
     return app

@@ -26,6 +26,7 @@ import structlog
 
 from forwarder.deadletter import DeadLetterNote
 from forwarder.events import Event
+from forwarder.logthrottle import LogThrottle
 from forwarder.spoolfile import (
     INSERT_BATCHES,
     INSERT_DEAD,
@@ -126,6 +127,8 @@ class Spool:
         self.path = path
         self.max_bytes = max_bytes
         self.moved_aside = None  # the caller logs it; `moved_aside_reason` says what was wrong
+        # For the line a failing disk writes per commit of requests (the daemon shares its own).
+        self.throttle = LogThrottle()
         self.moved_aside_reason = None
         # What was recovered from a damaged file moved aside at open (the caller logs it).
         self.recovery: Recovery | None = None
@@ -416,7 +419,15 @@ class Spool:
                     dead_letter=op.dead is not None,
                 )
         if waiting:
-            log.error("spool_write_failed", path=str(self.path), error=str(exc), callers=waiting)
+            self.throttle.log(
+                log,
+                "error",
+                "spool_write_failed",
+                key="commit",
+                path=str(self.path),
+                error=str(exc),
+                callers=waiting,
+            )
 
     def _publish(self, totals: Totals) -> None:
         self.depth = totals.depth

@@ -67,6 +67,7 @@ def test_defaults_without_file() -> None:
     assert config.queue.max_bytes == 256 * 1024 * 1024
     assert (config.intake.header_timeout_s, config.intake.body_timeout_s) == (10.0, 30.0)
     assert (config.intake.keepalive_timeout_s, config.intake.max_connections) == (75.0, 512)
+    assert config.intake.write_timeout_s == 10.0
     assert config.accounts == {}
     assert config.account_names() == ("default",)
 
@@ -349,6 +350,10 @@ def test_bad_base_url(tmp_path: Path, url: str, reason: str) -> None:
         ("[intake]\nheader_timeout_s = 0\n", "intake.header_timeout_s"),
         ("[intake]\nbody_timeout_s = -1.0\n", "intake.body_timeout_s"),
         ("[intake]\nkeepalive_timeout_s = nan\n", "intake.keepalive_timeout_s"),
+        ("[intake]\nwrite_timeout_s = 0\n", "intake.write_timeout_s"),
+        ("[intake]\nwrite_timeout_s = -2.5\n", "intake.write_timeout_s"),
+        ("[intake]\nwrite_timeout_s = inf\n", "intake.write_timeout_s"),
+        ('[intake]\nwrite_timeout_s = "10"\n', "intake.write_timeout_s"),
         ("[intake]\nmax_connections = 0\n", "intake.max_connections"),
         ("[queue]\nmax_events = 0\n", "queue.max_events"),
         ("[queue]\nmax_bytes = 1048575\n", "queue.max_bytes"),
