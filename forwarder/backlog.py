@@ -39,6 +39,7 @@ REFRESH_S = 1.0
 # Rows read at least when reading an account again from where it was passed over: most of them
 # are usually passed over again (other accounts' rows, or its own past its share).
 SCAN_MIN = 64
+PASS_CHUNK = 256
 NO_BOUND = 1 << 62
 
 
@@ -66,6 +67,7 @@ class Backlog:
         self._passed: dict[str, tuple[int, int]] = {}
         # Accounts read again from where they were passed over, until the scan is back.
         self._released: set[str] = set()
+        self._starving = False  # the scan passed over an account below its share
         # Accounts whose events must stay out of the window for now (held without a lane).
         self.kept_out: Callable[[str], bool] = _never
         self._wake = asyncio.Event()
@@ -190,11 +192,12 @@ class Backlog:
         empty = not len(self.queue) and not self.queue.in_delivery
         return self.queue.free > 0 and (size <= self.queue.bytes_free or empty)
 
-    def _release(self) -> None:
+    def _release(self) -> int:
         """Read again the accounts passed over that have room now; make that room, if the window
-        is full, from accounts above their share."""
+        is full, from accounts above their share. Returns how many accounts it released."""
+        released = 0
         if not self._passed:
-            return
+            return released
         share = self._shares(set())
         for account, (seq, size) in list(self._passed.items()):
             if self.kept_out(account) or not self._room_for(account, size, share):
@@ -208,6 +211,8 @@ class Backlog:
             if seq - 1 < self._loaded_seq:
                 self._loaded_seq = seq - 1
             self._caught_up = False
+            released += 1
+        return released
 
     def _make_room(self, share: tuple[int, int]) -> None:
         """Give back to the spool the newest waiting events of the accounts above their share."""
@@ -265,51 +270,26 @@ class Backlog:
                     budget -= size
                     added[account] = (more + 1, more_bytes + size)
                     continue
+                self._starving |= mine  # below its share, but the window is full
             self._pass_over(account, row.seq, size)
         return load
 
     def _read_limit(self) -> int:
         if self._loaded_seq < self._scanned_to:  # going over rows seen before: a few at a time
             return min(REFILL_CHUNK, max(self.queue.free, SCAN_MIN))
-        return REFILL_CHUNK if self.queue.free else SCAN_MIN
+        # A full window reads only to pass rows over: fewer at a time, less memory meanwhile.
+        return REFILL_CHUNK if self.queue.free else PASS_CHUNK
 
     async def _refill(self) -> None:
         last_refresh = time.monotonic()
         while True:
-            self._release()
-            if (
-                self._exact
-                and self._loaded_seq < self._scanned_to
-                and not (self._released - self._passed.keys())
-            ):
-                # Every account read again is passed over again: what lies up to the furthest
-                # scan is theirs or other passed-over accounts', or in memory, or settled.
-                self._loaded_seq = self._scanned_to
-                self._released.clear()
-            if not self._caught_up:
-                rows = await self.spool.read_after(self._loaded_seq, self._read_limit())
-                if not rows:
-                    self._caught_up = True
-                    self._released.clear()
-                    self._exact = True
-                    self._scanned_to = max(self._scanned_to, self._loaded_seq)
-                    if not self._passed:
-                        self._unloaded = 0  # the count drifted (rows settled elsewhere): resync
-                    continue
-                new = self._sort(rows)
-                self.queue.restore([row.event for row in new], [row.seq for row in new])
-                self._in_memory.update(row.seq for row in new)
-                self._loaded_seq = rows[-1].seq
-                if self._loaded_seq >= self._scanned_to:
-                    self._scanned_to = self._loaded_seq
-                    self._exact = True
-                    self._released.clear()
-                self._unloaded = max(0, self._unloaded - len(new))
-                self.replayed += len(new)
-                # On to the end even with a full window: an account below its share may wait
-                # behind another's rows, and the room is made for it once it is found.
-                continue
+            # Cleared first: a delivery during the scan below must not go unnoticed.
             self._wake.clear()
+            self._starving = False
+            released = self._release()
+            loaded = await self._scan()
+            if loaded or (self._starving and not released):
+                continue  # another look at once: room can be made for who was just found
             # asyncio.timeout, not wait_for: on 3.11 wait_for swallows a cancellation that
             # arrives as the event is set, and this event is set on every delivery.
             with contextlib.suppress(TimeoutError):
@@ -323,6 +303,45 @@ class Backlog:
                     self._unloaded += added
                     # They may sit below rows this process appended since: read from there.
                     self._rewind(self.spool.added_after)
+
+    async def _scan(self) -> int:
+        """Read the spool on from the scan's position to its end; returns how many were loaded.
+
+        It goes on with a full window too: an account below its share may wait behind another's
+        rows, and room is made for it once it is found.
+        """
+        loaded = 0
+        while not self._caught_up:
+            if (
+                self._exact
+                and self._loaded_seq < self._scanned_to
+                and not (self._released - self._passed.keys())
+            ):
+                # Every account read again is passed over again: what lies up to the furthest
+                # scan is theirs or other passed-over accounts', or in memory, or settled.
+                self._loaded_seq = self._scanned_to
+                self._released.clear()
+            rows = await self.spool.read_after(self._loaded_seq, self._read_limit())
+            if not rows:
+                self._caught_up = True
+                self._released.clear()
+                self._exact = True
+                self._scanned_to = max(self._scanned_to, self._loaded_seq)
+                if not self._passed:
+                    self._unloaded = 0  # the count drifted (rows settled elsewhere): resync
+                break
+            new = self._sort(rows)
+            self.queue.restore([row.event for row in new], [row.seq for row in new])
+            self._in_memory.update(row.seq for row in new)
+            self._loaded_seq = rows[-1].seq
+            if self._loaded_seq >= self._scanned_to:
+                self._scanned_to = self._loaded_seq
+                self._exact = True
+                self._released.clear()
+            self._unloaded = max(0, self._unloaded - len(new))
+            self.replayed += len(new)
+            loaded += len(new)
+        return loaded
 
 
 def _never(account: str) -> bool:

@@ -5,6 +5,11 @@ The queue is the only buffer between intake and delivery, bounded both in events
 so a batch is either wholly queued or wholly refused and the app always knows which events it
 still holds.
 
+No account can take the whole bound while others are there: half of it is shared, and the
+other half is kept evenly for the accounts the queue knows (those with events or a lane waiting
+on `get`), so an account whose delivery is paused leaves every other account at least
+`max_events / (2 * accounts)` (and as much of `max_bytes`). One account alone may use it all.
+
 Each account's delivery lane takes its own events. Events of one (account, recipient) are handed
 out one at a time in acceptance order (unless ordering is off), so a recipient never sees a later
 event overtake an earlier one that is still being retried.
@@ -264,7 +269,35 @@ class EventQueue:
             size = sum(map(event_size, events))
         if size > self.bytes_free:
             return TOO_LARGE if 0 < self.max_bytes < size else QUEUE_BYTES_FULL
+        refused = self._over_reserve(events[0].account, len(events), size)
+        if refused:
+            return refused
         self._add(events, spool_seqs, size)
+        return ""
+
+    def _over_reserve(self, account: str, count: int, size: int) -> str:
+        """Why `count` events (`size` bytes) of `account` would eat into the room kept for the
+        other accounts, or "" (the caller checked the bounds themselves already)."""
+        held = self._waiting + self._in_delivery
+        # What is kept for others is under half of each bound: below half full, nothing to do.
+        if held + count <= self.max_events // 2 and (
+            self.max_bytes <= 0 or self._bytes + size <= self.max_bytes // 2
+        ):
+            return ""
+        accounts = len(self._accounts) + (account not in self._accounts)
+        if accounts <= 1:
+            return ""
+        keep = self.max_events // (2 * accounts)
+        keep_bytes = self.max_bytes // (2 * accounts) if self.max_bytes > 0 else 0
+        kept = kept_bytes = 0
+        for name, acct in self._accounts.items():
+            if name != account:
+                kept += max(0, keep - acct.depth - acct.busy)
+                kept_bytes += max(0, keep_bytes - acct.bytes)
+        if held + count + kept > self.max_events:
+            return QUEUE_FULL
+        if self.max_bytes > 0 and self._bytes + size + kept_bytes > self.max_bytes:
+            return QUEUE_BYTES_FULL
         return ""
 
     def _admit_one(self, event: Event) -> str:
@@ -275,6 +308,10 @@ class EventQueue:
         size = event_size(event)
         if self.max_bytes > 0 and size > self.max_bytes - self._bytes:
             return TOO_LARGE if size > self.max_bytes else QUEUE_BYTES_FULL
+        if len(self._accounts) > 1 or event.account not in self._accounts:
+            refused = self._over_reserve(event.account, 1, size)
+            if refused:
+                return refused
         acct = self._accounts.get(event.account) or self._account(event.account)
         self._enqueue(acct, _Entry(event, next(self._seq)))
         self._bytes += size
