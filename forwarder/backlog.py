@@ -274,6 +274,16 @@ class Backlog:
             self._pass_over(account, row.seq, size)
         return load
 
+    def _all_served(self) -> bool:
+        """Whether every account with a lane or events in memory is at its share: then passing
+        over rows with a full window would find nobody to make room for (a single account's
+        backlog is then read as the window drains, not passed over first)."""
+        share, share_bytes = self._shares(set())
+        for _name, held, held_bytes in self.queue.holdings():
+            if not held or (held < share and held_bytes < share_bytes):
+                return False
+        return True
+
     def _read_limit(self) -> int:
         if self._loaded_seq < self._scanned_to:  # going over rows seen before: a few at a time
             return min(REFILL_CHUNK, max(self.queue.free, SCAN_MIN))
@@ -321,6 +331,8 @@ class Backlog:
                 # scan is theirs or other passed-over accounts', or in memory, or settled.
                 self._loaded_seq = self._scanned_to
                 self._released.clear()
+            if not self.queue.free and self._loaded_seq >= self._scanned_to and self._all_served():
+                break  # nobody could take a row found now: read on when room frees up
             rows = await self.spool.read_after(self._loaded_seq, self._read_limit())
             if not rows:
                 self._caught_up = True

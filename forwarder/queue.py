@@ -394,6 +394,11 @@ class EventQueue:
         many as `accounts()` holds, found without building that set."""
         return len(self._accounts)
 
+    def holdings(self) -> list[tuple[str, int, int]]:
+        """(account, events held, their bytes) of every account the queue keeps state for,
+        idle lanes waiting on `get` included (with 0 and 0)."""
+        return [(a.name, a.depth + a.busy, a.bytes) for a in self._accounts.values()]
+
     def accounts(self) -> set[str]:
         """Accounts with waiting or in-delivery events."""
         return {name for name, acct in self._accounts.items() if acct.depth or acct.busy}
