@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import dataclasses
 import time
 from pathlib import Path
 
 import aiohttp
 
+from forwarder.accounts import client_account_name
 from forwarder.config import QueueConfig, RemoteConfig, ShutdownConfig
 from forwarder.daemon import Daemon
 from forwarder.deadletter import REASONS, DeadLetterNote
@@ -187,3 +189,42 @@ async def test_durable_held_events_are_dead_lettered_at_their_deadline(short_tmp
     assert {d["reason"] for d in dead} == {HELD}
     assert "queue.held_max_age_s (500 s)" in dead[0]["error"]
     assert [e["account"] for e in spooled(state)] == ["default"] * 10
+
+
+async def test_held_events_go_back_to_their_account_when_its_key_is_presented(
+    short_tmp: Path,
+) -> None:
+    key = "client-own-key-0123456789"
+    client = client_account_name(key)
+    state = short_tmp / "s"
+    await _prefill(state, [ev(n, account=client, accepted_at=time.time()) for n in range(30)])
+    config = dataclasses.replace(
+        _config(state),
+        intake=dataclasses.replace(_config(state).intake, accept_client_keys=True),
+        remote=RemoteConfig(base_url="http://127.0.0.1:9/v1"),
+        queue=QueueConfig(mode="memory", max_events=100, held_max_events=150),
+        shutdown=ShutdownConfig(timeout_s=0.1),
+    )
+    daemon = Daemon(config, _accounts(config))
+    task = await _run_until_ready(daemon)
+    try:
+        assert daemon.held is not None
+        assert daemon.held.view() == {client: 30}
+        token = base64.b64encode(f"{key}:".encode()).decode()
+        async with (
+            aiohttp.ClientSession(base_url=daemon.addresses[0]) as http,
+            http.post(
+                "/v1/recipientEvents/create",
+                data={"recipient_id": "new", "name": "PURCHASE"},
+                headers={"Authorization": f"Basic {token}"},
+            ) as response,
+        ):
+            assert response.status == 202
+        assert daemon.held.view() == {}
+        # The 30 held ones and the new one: all of them its lane's now.
+        assert daemon.queue.depth(client) + daemon.queue.in_delivery == 31
+    finally:
+        daemon.request_stop()
+        assert await asyncio.wait_for(task, 10) == 0
+    assert dead_letters(state) == []
+    assert len([e for e in spooled(state) if e["account"] == client]) == 31
