@@ -39,6 +39,7 @@ REFRESH_S = 1.0
 # Rows read at least when reading an account again from where it was passed over: most of them
 # are usually passed over again (other accounts' rows, or its own past its share).
 SCAN_MIN = 64
+# Rows read at least past the furthest scan, where what does not fit is passed over.
 PASS_CHUNK = 256
 NO_BOUND = 1 << 62
 
@@ -287,8 +288,8 @@ class Backlog:
     def _read_limit(self) -> int:
         if self._loaded_seq < self._scanned_to:  # going over rows seen before: a few at a time
             return min(REFILL_CHUNK, max(self.queue.free, SCAN_MIN))
-        # A full window reads only to pass rows over: fewer at a time, less memory meanwhile.
-        return REFILL_CHUNK if self.queue.free else PASS_CHUNK
+        # Rows that do not fit are passed over: a few more than the room, not a whole chunk.
+        return min(REFILL_CHUNK, max(self.queue.free, PASS_CHUNK))
 
     async def _refill(self) -> None:
         last_refresh = time.monotonic()

@@ -13,6 +13,9 @@ on `get`), so an account whose delivery is paused leaves every other account at 
 Each account's delivery lane takes its own events. Events of one (account, recipient) are handed
 out one at a time in acceptance order (unless ordering is off), so a recipient never sees a later
 event overtake an earlier one that is still being retried.
+
+One module although long: it is one data structure whose invariants span every method (the
+tests' `check_structure` checks them after each step), split, they would be harder to keep true.
 """
 
 from __future__ import annotations
