@@ -815,3 +815,28 @@ def test_the_byte_bound_keeps_room_for_the_others_too() -> None:
     assert accepted < 39  # room is kept for the default account's bytes
     assert queue.admit([ev("x-late", "r", account="b")]) == QUEUE_BYTES_FULL
     assert queue.offer([ev("d-1", "d1")])
+
+
+@pytest.mark.parametrize("ordered", [True, False])
+async def test_evict_gives_back_the_newest_waiting_events_and_keeps_the_rest_in_order(
+    ordered: bool,
+) -> None:
+    queue = EventQueue(100, ordered=ordered)
+    events = [ev(f"b-{n}", f"r{n % 3}", account="b") for n in range(9)]
+    queue.restore(events, range(1, 10))
+    first = await queue.get("b")  # in delivery: never evicted
+    assert first.event_id == "b-0"
+    taken = queue.evict("b", 4)
+    assert [(e.event_id, seq) for e, seq in taken] == [(f"b-{n}", n + 1) for n in range(4, 9)]
+    assert queue.held("b") == (4, sum(event_size(e) for e in events[:4]))
+    check_structure(queue)
+    queue.done(first)
+    rest = []
+    for _ in range(3):
+        got = await queue.get("b")
+        rest.append(got.event_id)
+        queue.done(got)
+    assert sorted(rest) == ["b-1", "b-2", "b-3"]
+    assert queue.held("b") == (0, 0)
+    assert queue.bytes == 0
+    check_structure(queue)
