@@ -69,6 +69,7 @@ _MAX_CONCURRENCY = 1024
 _MAX_RATE_LIMIT = 1_000_000
 # A group commit holds its callers this long at most; past 100 ms it is latency, not grouping.
 _MAX_GROUP_COMMIT_MS = 100.0
+_MAX_HELD_EVENTS = 1_000_000
 
 
 class ConfigError(Exception):
@@ -125,6 +126,11 @@ class QueueConfig:
     # Durable mode: the longest a group commit waits for company while requests keep arriving
     # (it is cut at once when they stop); more is fewer fsyncs for more latency under load.
     group_commit_ms: float = 8.0
+    # Events of an account without a delivery lane (removed from the config, or a client key not
+    # presented since a restart) are held apart from max_events: at most this many in memory...
+    held_max_events: int = 1000
+    # ...and each at most this long after it was accepted; then it is dead-lettered.
+    held_max_age_s: float = 86_400.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -803,6 +809,9 @@ def _validate(config: Config, origins: Mapping[str, str]) -> Config:
             "queue.group_commit_ms",
             f"must be within 0..{_MAX_GROUP_COMMIT_MS:g} milliseconds, got {group_ms}",
         )
+
+    within("queue.held_max_events", config.queue.held_max_events, 1, _MAX_HELD_EVENTS)
+    positive("queue.held_max_age_s", config.queue.held_max_age_s)
 
     remote = config.remote
     try:

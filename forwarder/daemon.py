@@ -33,6 +33,7 @@ from forwarder.connections import ConnectionGuard, IntakeRunner
 from forwarder.credentials import ApiKey, resolve_intake_token
 from forwarder.dispatcher import Dispatcher, LaneSettings
 from forwarder.events import Event
+from forwarder.held import HeldEvents
 from forwarder.intake import IntakeState, create_app
 from forwarder.logthrottle import LogThrottle
 from forwarder.queue import EventQueue
@@ -129,6 +130,7 @@ class Daemon:
         self._reload_task: asyncio.Task[bool] | None = None
         self._spool: Spool | None = None
         self.backlog: Backlog | None = None
+        self.held: HeldEvents | None = None
         self.notifier = Notifier.from_env()
         self._activated: list[ListenSocket] = []
         self._status_task: asyncio.Task[None] | None = None
@@ -245,6 +247,8 @@ class Daemon:
             for name in self.queue.accounts()
             if self._dispatcher is None or name not in self._dispatcher.lanes
         }
+        for name, count in (self.held.view() if self.held else {}).items():
+            held[name] = held.get(name, 0) + count
         return {
             "in_flight": self.queue.in_delivery,
             "delivery": {
@@ -264,7 +268,8 @@ class Daemon:
                 "freed": self.accounts.freed,
             },
             # Events of accounts that have no lane now: a removed account, or a client key
-            # not presented since a restart. They are kept (and saved at stop), not dropped.
+            # not presented since a restart. Held apart from the queue's bound, saved at a stop,
+            # and dead-lettered past queue.held_max_events / queue.held_max_age_s (held.py).
             "held_without_account": {k: v for k, v in held.items() if v},
             "spool": {
                 "mode": self.config.queue.mode,
@@ -302,6 +307,8 @@ class Daemon:
         self._dispatcher.add(
             account.name, self._sender(account), self._lane_settings(account, self.config)
         )
+        if self.held is not None and self.held.release(account.name) and self.backlog:
+            self.backlog.wake()  # its rows on disk may be read again too
 
     def _add_client_lane(self, account: Account) -> None:
         # Intake met a new client key: the lane must exist before the event is queued.
@@ -435,6 +442,9 @@ class Daemon:
         self.config = config
         self.queue.max_events = config.queue.max_events
         self.queue.max_bytes = config.queue.max_bytes
+        if self.held is not None:
+            self.held.max_events = config.queue.held_max_events
+            self.held.max_age_s = config.queue.held_max_age_s
         if self._spool is not None:
             self._spool.group_window_s = config.queue.group_commit_ms / 1000
         self.queue.set_ordered(config.remote.per_recipient_order)
@@ -653,16 +663,26 @@ class Daemon:
         )
         for account in self.accounts.configured.values():
             self._add_lane(account)
-        held = {
-            name: self.queue.depth(name)
-            for name in self.queue.accounts()
-            if name not in self._dispatcher.lanes
-        }
-        if held:
+        lanes = self._dispatcher.lanes
+        self.held = held = HeldEvents(
+            self.queue,
+            backlog,
+            self.stats,
+            max_events=cfg.queue.held_max_events,
+            max_age_s=cfg.queue.held_max_age_s,
+            has_lane=lanes.__contains__,
+            durable=durable,
+        )
+        held.on_room = backlog.wake
+        backlog.kept_out = held.full
+        held.start()  # the replayed events of accounts without a lane leave the queue now
+        if len(held):
             log.warning(
                 "events_held",
-                accounts=held,
+                accounts=held.view(),
                 reason="no such account configured (or a client key not presented yet)",
+                max_events=held.max_events,
+                max_age_s=held.max_age_s,
             )
         _ensure_fd_room(cfg.intake.max_connections)
         runner = IntakeRunner(
@@ -729,6 +749,7 @@ class Daemon:
                     await asyncio.gather(task, return_exceptions=True)
             await backlog.stop()
             leftovers = await self._dispatcher.stop()
+            leftovers += await held.stop()
             saved = await self._save(backlog, leftovers)
             await runner.cleanup()
             self._remove_unix_socket()

@@ -5,9 +5,17 @@ The queue is the only buffer between intake and delivery, bounded both in events
 so a batch is either wholly queued or wholly refused and the app always knows which events it
 still holds.
 
+No account can take the whole bound while others are there: half of it is shared, and the
+other half is kept evenly for the accounts the queue knows (those with events or a lane waiting
+on `get`), so an account whose delivery is paused leaves every other account at least
+`max_events / (2 * accounts)` (and as much of `max_bytes`). One account alone may use it all.
+
 Each account's delivery lane takes its own events. Events of one (account, recipient) are handed
 out one at a time in acceptance order (unless ordering is off), so a recipient never sees a later
 event overtake an earlier one that is still being retried.
+
+One module although long: it is one data structure whose invariants span every method (the
+tests' `check_structure` checks them after each step), split, they would be harder to keep true.
 """
 
 from __future__ import annotations
@@ -141,7 +149,7 @@ class _Recipient:
 class _Account:
     """One account's lane state: what its `get` callers take from and wait on."""
 
-    __slots__ = ("busy", "depth", "fifo", "line", "name", "recipients", "waiters")
+    __slots__ = ("busy", "bytes", "depth", "fifo", "line", "name", "recipients", "waiters")
 
     def __init__(self, name: str) -> None:
         self.name = name
@@ -153,6 +161,7 @@ class _Account:
         self.waiters: deque[asyncio.Future[_Entry]] = deque()
         self.depth = 0
         self.busy = 0
+        self.bytes = 0  # event_size of its waiting and in-delivery events (the backlog's shares)
 
 
 class EventQueue:
@@ -263,7 +272,35 @@ class EventQueue:
             size = sum(map(event_size, events))
         if size > self.bytes_free:
             return TOO_LARGE if 0 < self.max_bytes < size else QUEUE_BYTES_FULL
+        refused = self._over_reserve(events[0].account, len(events), size)
+        if refused:
+            return refused
         self._add(events, spool_seqs, size)
+        return ""
+
+    def _over_reserve(self, account: str, count: int, size: int) -> str:
+        """Why `count` events (`size` bytes) of `account` would eat into the room kept for the
+        other accounts, or "" (the caller checked the bounds themselves already)."""
+        held = self._waiting + self._in_delivery
+        # What is kept for others is under half of each bound: below half full, nothing to do.
+        if held + count <= self.max_events // 2 and (
+            self.max_bytes <= 0 or self._bytes + size <= self.max_bytes // 2
+        ):
+            return ""
+        accounts = len(self._accounts) + (account not in self._accounts)
+        if accounts <= 1:
+            return ""
+        keep = self.max_events // (2 * accounts)
+        keep_bytes = self.max_bytes // (2 * accounts) if self.max_bytes > 0 else 0
+        kept = kept_bytes = 0
+        for name, acct in self._accounts.items():
+            if name != account:
+                kept += max(0, keep - acct.depth - acct.busy)
+                kept_bytes += max(0, keep_bytes - acct.bytes)
+        if held + count + kept > self.max_events:
+            return QUEUE_FULL
+        if self.max_bytes > 0 and self._bytes + size + kept_bytes > self.max_bytes:
+            return QUEUE_BYTES_FULL
         return ""
 
     def _admit_one(self, event: Event) -> str:
@@ -274,9 +311,14 @@ class EventQueue:
         size = event_size(event)
         if self.max_bytes > 0 and size > self.max_bytes - self._bytes:
             return TOO_LARGE if size > self.max_bytes else QUEUE_BYTES_FULL
+        if len(self._accounts) > 1 or event.account not in self._accounts:
+            refused = self._over_reserve(event.account, 1, size)
+            if refused:
+                return refused
         acct = self._accounts.get(event.account) or self._account(event.account)
         self._enqueue(acct, _Entry(event, next(self._seq)))
         self._bytes += size
+        acct.bytes += size
         if acct.waiters:
             self._hand_out(acct)
         return ""
@@ -322,7 +364,9 @@ class EventQueue:
         entry = entries[0]
         acct, rec = self._settle(entry)
         entry.state = _State.GONE
-        self._bytes -= event_size(event)
+        size = event_size(event)
+        self._bytes -= size
+        acct.bytes -= size
         if not rec.busy:
             if rec.first is not None:  # ordered mode only
                 if not rec.in_line:
@@ -341,6 +385,22 @@ class EventQueue:
         """Waiting events of `account` (not counting those in delivery)."""
         acct = self._accounts.get(account)
         return acct.depth if acct is not None else 0
+
+    def held(self, account: str) -> tuple[int, int]:
+        """Events of `account` in memory (waiting and in delivery) and their `event_size` bytes."""
+        acct = self._accounts.get(account)
+        return (acct.depth + acct.busy, acct.bytes) if acct is not None else (0, 0)
+
+    @property
+    def known_accounts(self) -> int:
+        """Accounts the queue keeps state for (with events, or a lane waiting): at least as
+        many as `accounts()` holds, found without building that set."""
+        return len(self._accounts)
+
+    def holdings(self) -> list[tuple[str, int, int]]:
+        """(account, events held, their bytes) of every account the queue keeps state for,
+        idle lanes waiting on `get` included (with 0 and 0)."""
+        return [(a.name, a.depth + a.busy, a.bytes) for a in self._accounts.values()]
 
     def accounts(self) -> set[str]:
         """Accounts with waiting or in-delivery events."""
@@ -372,7 +432,7 @@ class EventQueue:
             acct.recipients.clear()
             acct.line.clear()
             acct.fifo.clear()
-            acct.depth = acct.busy = 0
+            acct.depth = acct.busy = acct.bytes = 0
             self._prune(acct)  # kept only while a lane is waiting on it
         waiting.sort(key=_by_seq)
         self._delivering.clear()
@@ -387,6 +447,21 @@ class EventQueue:
 
         Its events in delivery stay in delivery and are still reported with `done`.
         """
+        return [event for event, _ in self.take_account_spooled(account)]
+
+    def take_account_spooled(self, account: str) -> list[tuple[Event, int]]:
+        """`take_account`, with each event's spool row (0: in memory only)."""
+        return self.evict(account, 0)
+
+    def evict(self, account: str, keep: int, keep_bytes: int = -1) -> list[tuple[Event, int]]:
+        """Remove the newest waiting events of `account` until at most `keep` events (and, if
+        `keep_bytes` >= 0, at most that many bytes) of it are held; returns them, oldest first,
+        with their spool rows.
+
+        The backlog's window gives an account's share back this way: the events are in the
+        spool, and its older events stay, so its order is kept when they are read again.
+        Events in delivery are never taken.
+        """
         acct = self._accounts.get(account)
         if acct is None:
             return []
@@ -394,13 +469,31 @@ class EventQueue:
         acct.fifo.clear()
         entries.extend(self._unchain(acct))
         entries.sort(key=_by_seq)
-        for entry in entries:
+        held, held_bytes = acct.depth + acct.busy, acct.bytes
+        cut = len(entries)
+        while cut and (held > keep or held_bytes > keep_bytes >= 0):
+            cut -= 1
+            held -= 1
+            held_bytes -= event_size(entries[cut].event)
+        kept, taken = entries[:cut], entries[cut:]
+        for entry in taken:
             entry.state = _State.GONE
-            self._bytes -= event_size(entry.event)
-        self._waiting -= acct.depth
-        acct.depth = 0
+            size = event_size(entry.event)
+            self._bytes -= size
+            acct.bytes -= size
+        self._waiting -= len(taken)
+        acct.depth -= len(taken)
+        for entry in kept:  # back in their chains (or FIFO) in acceptance order
+            if self._ordered:
+                rec = self._recipient(acct, entry.event.recipient_id)
+                rec.push(entry)
+                if not rec.busy and not rec.in_line:
+                    rec.in_line = True
+                    acct.line.append(rec)
+            else:
+                acct.fifo.append(entry)
         self._prune(acct)
-        return [entry.event for entry in entries]
+        return [(entry.event, entry.spool_seq) for entry in taken]
 
     def _add(
         self, events: Iterable[Event], spool_seqs: Iterable[int] | None, size: int = -1
@@ -408,6 +501,8 @@ class EventQueue:
         """Queue `events` in order; `size` is their total `event_size` if the caller has it."""
         touched: dict[str, _Account] = {}
         count = 0
+        if size >= 0:
+            events = list(events)  # read again below if they are of several accounts
         if spool_seqs is None:
             pairs: Iterable[tuple[Event, int]] = zip(events, itertools.repeat(0), strict=False)
         else:
@@ -417,7 +512,9 @@ class EventQueue:
             acct = self._account(event.account)
             touched[event.account] = acct
             if size < 0:
-                added += event_size(event)
+                one = event_size(event)
+                added += one
+                acct.bytes += one
             # _enqueue's work inline: a call per event is measurable in a batch's cost.
             entry = _Entry(event, next(self._seq), spool_seq)
             acct.depth += 1
@@ -432,6 +529,12 @@ class EventQueue:
                 acct.fifo.append(entry)
             count += 1
         self._bytes += size if size >= 0 else added
+        if size >= 0:  # a request's events: one account, whose bytes are `size`
+            if len(touched) == 1:
+                next(iter(touched.values())).bytes += size
+            else:
+                for event in events:
+                    touched[event.account].bytes += event_size(event)
         for acct in touched.values():
             self._hand_out(acct)
         return count

@@ -28,7 +28,13 @@ LEVELS["error"] = logging.ERROR
 REDACTED = "[redacted]"
 # Label values exported from the start at 0, so rate() and alerts work before the first one.
 REFUSE_REASONS = ("queue_full", "queue_bytes_full", "spool_full", "spool_error", "shutting_down")
-DEAD_LETTER_REASONS = ("rejected", "redirected", "gave_up", "internal_error")
+DEAD_LETTER_REASONS = (
+    "rejected",
+    "redirected",
+    "gave_up",
+    "internal_error",
+    "held_without_account",
+)
 
 
 # What says which line this is: never redacted. `event` is our line's name (a constant of the

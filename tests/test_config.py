@@ -1012,3 +1012,32 @@ def test_a_secret_settings_value_is_scrubbed_from_any_config_error(
         with pytest.raises(ConfigError) as info:
             load_text(tmp_path, text, env)
         assert str(info.value) == "intake.auth_token: cannot use <not shown>, nor /<not shown>"
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("held_max_events = 0", "queue.held_max_events: must be within 1..1000000, got 0"),
+        ("held_max_events = 1000001", "queue.held_max_events: must be within 1..1000000, got"),
+        ("held_max_events = 1.5", "queue.held_max_events"),
+        ("held_max_events = true", "queue.held_max_events"),
+        ("held_max_age_s = 0", "queue.held_max_age_s: must be a positive number of seconds"),
+        ("held_max_age_s = -1", "queue.held_max_age_s: must be a positive number of seconds"),
+        ("held_max_age_s = nan", "queue.held_max_age_s: must be a positive number of seconds"),
+        ("held_max_age_s = inf", "queue.held_max_age_s: must be a positive number of seconds"),
+        ('held_max_age_s = "1h"', "queue.held_max_age_s"),
+    ],
+)
+def test_held_event_bounds_are_validated(tmp_path: Path, text: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=f"^{re.escape(message)}"):
+        load_text(tmp_path, f"[queue]\n{text}\n")
+
+
+def test_held_event_bounds_default_and_from_env(tmp_path: Path) -> None:
+    config = load_text(tmp_path, "")
+    assert (config.queue.held_max_events, config.queue.held_max_age_s) == (1000, 86_400.0)
+    config = load_text(tmp_path, "[queue]\nheld_max_events = 5\nheld_max_age_s = 30\n")
+    assert (config.queue.held_max_events, config.queue.held_max_age_s) == (5, 30.0)
+    env = {"FORWARDER_QUEUE_HELD_MAX_EVENTS": "7", "FORWARDER_QUEUE_HELD_MAX_AGE_S": "2.5"}
+    config = load_text(tmp_path, "", env)
+    assert (config.queue.held_max_events, config.queue.held_max_age_s) == (7, 2.5)
