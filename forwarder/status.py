@@ -256,7 +256,7 @@ def render(report: Report) -> Group:
         )
     )
     dead: Counter[str] = Counter(counters.get("dead_lettered", {}))
-    top = ", ".join(f"{reason} {n}" for reason, n in dead.most_common(3)) or "none since start"
+    top = ", ".join(f"{reason} {n}" for reason, n in dead.most_common(3)) or "none"
     lines.append(
         Text(f"dead letters: {spool.get('spool_dead_letters', 0)} kept; since start: {top}")
     )
