@@ -132,6 +132,7 @@ class Lane:
         self.delivered = 0
         # Sampled by the daemon every few seconds and by each view: delivered per minute.
         self.delivered_rate = PerMinute(clock=clock)
+        self.delivered_rate.observe(0)  # from the lane's start, so the first figure is real
         self.auth_reason = ""
 
     # --- state --------------------------------------------------------------------------------

@@ -261,10 +261,11 @@ def render(report: Report) -> Group:
         Text(f"dead letters: {spool.get('spool_dead_letters', 0)} kept; since start: {top}")
     )
     table = Table(box=box.SIMPLE, pad_edge=False, show_edge=False)
-    for column in ("account", "delivered/min", "limit/min", "queued", "in delivery"):
-        table.add_column(column, justify="left" if column == "account" else "right")
-    for column in ("concurrency", "breaker", "429s", "paused"):
-        table.add_column(column, justify="right")
+    table.add_column("account", no_wrap=True)
+    for column in ("delivered/min", "limit/min", "queued", "in delivery", "sending/limit"):
+        table.add_column(column, justify="right", no_wrap=True)
+    for column in ("breaker", "429s", "paused"):
+        table.add_column(column, justify="right", no_wrap=True)
     for name, view in sorted(stats.get("accounts", {}).items()):
         rate = view.get("rate_limit", {})
         window = float(rate.get("window_s", 60.0)) or 60.0
@@ -351,7 +352,9 @@ def cmd_status(args: argparse.Namespace) -> int:
     if args.json:
         sys.stdout.buffer.write(orjson.dumps(report.as_json(), option=orjson.OPT_INDENT_2) + b"\n")
     else:
-        Console(width=max(100, Console().width), soft_wrap=False).print(render(report))
+        # Off a terminal (a log, a monitoring check) lines are not wrapped at all.
+        console = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 200)
+        console.print(render(report))
     return int(report.verdict)
 
 
