@@ -1,4 +1,4 @@
-"""The `forwarder` command: run, reload, check-config, send, dlq, spool, mock-remote, demo."""
+"""The `forwarder` command: run, status, reload, check-config, send, dlq, spool, mock-remote…"""
 
 from __future__ import annotations
 
@@ -31,6 +31,7 @@ from forwarder.credentials import (
     resolve_intake_token,
 )
 from forwarder.dlq import add_commands
+from forwarder.status import add_command as add_status_command
 
 EXIT_CONFIG = 2
 # Set to 1 (or any value but 0) to run on asyncio's own loop even when uvloop is installed.
@@ -280,6 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.set_defaults(func=cmd_run)
 
     add_commands(sub, "TOML config file (default /etc/forwarder/forwarder.toml)")
+    add_status_command(sub, "TOML config file (default /etc/forwarder/forwarder.toml)")
 
     reload = sub.add_parser("reload", help="make the running daemon re-read its config (SIGHUP)")
     reload.add_argument("--config", help="TOML config file (default /etc/forwarder/forwarder.toml)")

@@ -178,6 +178,14 @@ class Daemon:
             "in_flight": ("Events in delivery.", self.queue.in_delivery),
             "delivery_paused": ("1 while the remote refuses a key.", int(paused)),
             "ready": ("1 when /readyz answers 200.", int(not self._not_ready_reason())),
+            "backlog_events": (
+                "Events accepted and not settled yet: waiting, in delivery or spooled.",
+                self._backlog_events(),
+            ),
+            "oldest_event_age_seconds": (
+                "Age of the oldest event not settled yet, in memory or in the spool (0: none).",
+                self._oldest_age_s(),
+            ),
             "config_reloads": ("Configuration reloads applied.", self.reloads),
             "connections_open": ("Intake connections open now.", self.connections.open),
             "connections_max": ("intake.max_connections.", self.connections.max_connections),
@@ -187,6 +195,29 @@ class Daemon:
             ),
             **self._spool_gauges(),
         }
+
+    def _not_ready_conditions(self) -> dict[str, bool]:
+        """Why /readyz says 503, as a fixed set of conditions (labels of forwarder_not_ready)."""
+        lanes = list(self._dispatcher.lanes.values()) if self._dispatcher else []
+        return {
+            "starting": not self.ready.is_set() and not self._shutting_down,
+            "shutting_down": self._shutting_down,
+            "breaker_open": any(lane.breaker.is_open and not lane.retired for lane in lanes),
+            "key_refused": any(lane.auth.is_open and not lane.retired for lane in lanes),
+        }
+
+    def _backlog_events(self) -> int:
+        # Durable mode: every unsettled event is in the spool (the queue is a window over it);
+        # memory mode: the spool holds none until a stop, the queue holds them all.
+        in_memory = len(self.queue) + self.queue.in_delivery
+        return max(in_memory, self._spool.depth if self._spool else 0)
+
+    def _oldest_age_s(self) -> float:
+        stamps = [self.queue.oldest_accepted_at()]
+        if self._spool is not None:
+            stamps.append(self._spool.oldest_accepted_at)
+        oldest = min((t for t in stamps if t), default=None)
+        return max(0.0, time.time() - oldest) if oldest else 0.0
 
     def _counters(self) -> dict[str, tuple[str, float]]:
         guard = self.connections
@@ -222,6 +253,10 @@ class Daemon:
         return {
             "spool_events": ("Events in the spool (state.dir/spool.db).", spool.depth),
             "spool_bytes": ("Bytes of events in the spool.", spool.bytes),
+            "spool_bytes_capacity": (
+                "queue.max_disk_bytes (0: no bound).",
+                self.config.queue.max_disk_bytes,
+            ),
             "spool_oldest_event_age_seconds": (
                 "Age of the oldest event in the spool (0 when empty).",
                 max(0.0, time.time() - oldest) if oldest else 0.0,
@@ -259,6 +294,10 @@ class Daemon:
                 "config_reloads": self.reloads,
             },
             "accounts": self._account_views(),
+            "backlog_events": self._backlog_events(),
+            "oldest_event_age_s": round(self._oldest_age_s(), 3),
+            "not_ready": [name for name, on in self._not_ready_conditions().items() if on],
+            "last_error": self.stats.last_error,
             "connections": self.connections.view(),
             "client_accounts": {
                 "open": len(self.accounts.clients),
@@ -290,6 +329,10 @@ class Daemon:
             await asyncio.sleep(STATUS_EVERY_S)
             reason = self._not_ready_reason()
             self.notifier.status(self._status_line(prefix=f"{reason}; " if reason else ""))
+            if self._dispatcher is not None:
+                # Per-account delivered-per-minute rates need samples even when nobody reads.
+                for lane in self._dispatcher.lanes.values():
+                    lane.delivered_rate.observe(lane.delivered)
 
     def _healthy(self) -> bool:
         """For the watchdog: the event loop turns (this runs) and every lane still pulls."""
@@ -534,7 +577,13 @@ class Daemon:
         cfg = self.config
         state_dir = cfg.state.path
         started = time.monotonic()
-        metrics = Metrics(self.stats, self._gauges, self._account_views, self._counters)
+        metrics = Metrics(
+            self.stats,
+            self._gauges,
+            self._account_views,
+            self._counters,
+            not_ready=self._not_ready_conditions,
+        )
         self._metrics = metrics
         try:
             # systemd socket activation: serve on the sockets it passed instead of binding.

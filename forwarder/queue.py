@@ -406,6 +406,23 @@ class EventQueue:
         """Accounts with waiting or in-delivery events."""
         return {name for name, acct in self._accounts.items() if acct.depth or acct.busy}
 
+    def oldest_accepted_at(self) -> float | None:
+        """When the oldest event in the queue (waiting or in delivery) was accepted; None if empty.
+
+        A walk over every recipient's head: O(recipients), so it is for a scrape or a status
+        read, never for the hot path. A recipient's first waiting event is its oldest one.
+        """
+        heads = [entry.event.accepted_at for ents in self._delivering.values() for entry in ents]
+        for acct in self._accounts.values():
+            if acct.fifo:
+                heads.append(acct.fifo[0].event.accepted_at)
+            heads.extend(
+                rec.first.event.accepted_at
+                for rec in acct.recipients.values()
+                if rec.first is not None
+            )
+        return min(heads, default=None)
+
     def take_all(self) -> list[Event]:
         """Remove and return every event, for saving at a stop; the queue is empty afterwards.
 

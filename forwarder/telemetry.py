@@ -313,6 +313,12 @@ class Stats:
     refused: Counter[str] = field(default_factory=Counter)
     dead_lettered: Counter[str] = field(default_factory=Counter)
     started_at: float = field(default_factory=time.time)
+    # The latest delivery failure (a retry, a refused key or a dead letter), for `forwarder status`.
+    last_error: dict[str, object] | None = None
+
+    def note_error(self, account: str, error: str) -> None:
+        """Remember the latest delivery failure: when, under which account, and what."""
+        self.last_error = {"at": time.time(), "account": account, "error": error}
 
     def counters(self) -> dict[str, object]:
         return {
@@ -335,6 +341,8 @@ class Stats:
 AccountViews = Callable[[], dict[str, dict[str, Any]]]
 # name -> (help, value): read at scrape time.
 Readings = Callable[[], dict[str, tuple[str, float]]]
+# condition -> whether it holds now (forwarder_not_ready{condition}).
+Conditions = Callable[[], dict[str, bool]]
 
 
 class Metrics:
@@ -346,6 +354,7 @@ class Metrics:
         gauges: Readings,
         accounts: AccountViews = dict,
         counters: Readings = dict,
+        not_ready: Conditions = dict,
     ) -> None:
         # prometheus-client adds a `<name>_created` series to every counter and histogram by
         # default, exported as an extra gauge family each: undocumented, useless for rates, and
@@ -366,7 +375,7 @@ class Metrics:
             buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1),
             registry=self.registry,
         )
-        self.registry.register(_StatsCollector(stats, gauges, counters))
+        self.registry.register(_StatsCollector(stats, gauges, counters, not_ready))
         self.registry.register(_AccountCollector(accounts))
 
 
@@ -435,10 +444,17 @@ class _AccountCollector(Collector):
 class _StatsCollector(Collector):
     """Reads Stats at scrape time, so the hot path only bumps plain integers."""
 
-    def __init__(self, stats: Stats, gauges: Readings, counters: Readings = dict) -> None:
+    def __init__(
+        self,
+        stats: Stats,
+        gauges: Readings,
+        counters: Readings = dict,
+        not_ready: Conditions = dict,
+    ) -> None:
         self._stats = stats
         self._gauges = gauges
         self._counters = counters
+        self._not_ready = not_ready
 
     def collect(self) -> Iterator[Metric]:
         s = self._stats
@@ -501,3 +517,14 @@ class _StatsCollector(Collector):
             yield GaugeMetricFamily(f"forwarder_{gauge}", help_text, value=level)
         for counter, (help_text, count) in self._counters().items():
             yield CounterMetricFamily(f"forwarder_{counter}", help_text, value=count)
+        conditions = self._not_ready()
+        if conditions:
+            # A fixed label set (not the free-text reason), so an alert can say why in a label.
+            not_ready = GaugeMetricFamily(
+                "forwarder_not_ready",
+                "1 while the condition keeps /readyz at 503.",
+                labels=["condition"],
+            )
+            for condition, holds in conditions.items():
+                not_ready.add_metric([condition], float(holds))
+            yield not_ready

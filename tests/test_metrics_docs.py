@@ -9,16 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import re
-import shutil
 import subprocess
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import aiohttp
-import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import DaemonProc, MockProc
+from tests.conftest import DaemonProc, MockProc, promtool
 from tests.test_e2e import wait_until
 
 README = Path(__file__).resolve().parent.parent / "README.md"
@@ -96,16 +94,10 @@ async def test_promtool_check_metrics_passes_without_a_warning(
     mock_remote: Callable[..., Awaitable[MockProc]],
     daemon: Callable[..., Awaitable[DaemonProc]],
 ) -> None:
-    promtool = shutil.which("promtool")
-    if promtool is None:
-        pytest.skip(
-            "promtool is not installed, so the /metrics output cannot be linted here: "
-            "install Debian's `prometheus` package (`apt-get install prometheus`), as CI does"
-        )
     text = await scrape(mock_remote, daemon)
     checked = await asyncio.to_thread(
         subprocess.run,
-        [promtool, "check", "metrics"],
+        [promtool(), "check", "metrics"],
         input=text,
         capture_output=True,
         text=True,
