@@ -221,7 +221,9 @@ async def test_a_second_daemon_on_the_same_state_dir_exits_naming_the_first(
             "log": {"format": "json"},
         },
     )
-    second = await spawn("run", "--config", str(config), env={"FORWARDER_API_KEY": "sk-x-123456"})
+    second = await spawn(
+        "run", "--config", str(config), env={"FORWARDER_API_KEY": "sk-x-0123456789abcdef"}
+    )
     try:
         line = await second.wait_for_line(
             lambda s: '"startup_failed"' in s or '"started"' in s, START_TIMEOUT_S
