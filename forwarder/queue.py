@@ -5,9 +5,17 @@ The queue is the only buffer between intake and delivery, bounded both in events
 so a batch is either wholly queued or wholly refused and the app always knows which events it
 still holds.
 
+No account can take the whole bound while others are there: half of it is shared, and the
+other half is kept evenly for the accounts the queue knows (those with events or a lane waiting
+on `get`), so an account whose delivery is paused leaves every other account at least
+`max_events / (2 * accounts)` (and as much of `max_bytes`). One account alone may use it all.
+
 Each account's delivery lane takes its own events. Events of one (account, recipient) are handed
 out one at a time in acceptance order (unless ordering is off), so a recipient never sees a later
 event overtake an earlier one that is still being retried.
+
+One module although long: it is one data structure whose invariants span every method (the
+tests' `check_structure` checks them after each step), split, they would be harder to keep true.
 """
 
 from __future__ import annotations
@@ -175,7 +183,7 @@ class _Recipient:
 class _Account:
     """One account's lane state: what its `get` callers take from and wait on."""
 
-    __slots__ = ("busy", "depth", "fifo", "line", "name", "recipients", "waiters")
+    __slots__ = ("busy", "bytes", "depth", "fifo", "line", "name", "recipients", "waiters")
 
     def __init__(self, name: str) -> None:
         self.name = name
@@ -187,6 +195,7 @@ class _Account:
         self.waiters: deque[asyncio.Future[_Entry]] = deque()
         self.depth = 0
         self.busy = 0
+        self.bytes = 0  # event_size of its waiting and in-delivery events (the backlog's shares)
 
 
 class EventQueue:
@@ -305,7 +314,35 @@ class EventQueue:
         size = sum(sizes)
         if size > self.bytes_free:
             return TOO_LARGE if 0 < self.max_bytes < size else QUEUE_BYTES_FULL
+        refused = self._over_reserve(events[0].account, len(events), size)
+        if refused:
+            return refused
         self._add(events, spool_seqs, sizes)
+        return ""
+
+    def _over_reserve(self, account: str, count: int, size: int) -> str:
+        """Why `count` events (`size` bytes) of `account` would eat into the room kept for the
+        other accounts, or "" (the caller checked the bounds themselves already)."""
+        held = self._waiting + self._in_delivery
+        # What is kept for others is under half of each bound: below half full, nothing to do.
+        if held + count <= self.max_events // 2 and (
+            self.max_bytes <= 0 or self._bytes + size <= self.max_bytes // 2
+        ):
+            return ""
+        accounts = len(self._accounts) + (account not in self._accounts)
+        if accounts <= 1:
+            return ""
+        keep = self.max_events // (2 * accounts)
+        keep_bytes = self.max_bytes // (2 * accounts) if self.max_bytes > 0 else 0
+        kept = kept_bytes = 0
+        for name, acct in self._accounts.items():
+            if name != account:
+                kept += max(0, keep - acct.depth - acct.busy)
+                kept_bytes += max(0, keep_bytes - acct.bytes)
+        if held + count + kept > self.max_events:
+            return QUEUE_FULL
+        if self.max_bytes > 0 and self._bytes + size + kept_bytes > self.max_bytes:
+            return QUEUE_BYTES_FULL
         return ""
 
     def _admit_one(self, event: Event) -> str:
@@ -316,9 +353,14 @@ class EventQueue:
         size = event_size(event)
         if self.max_bytes > 0 and size > self.max_bytes - self._bytes:
             return TOO_LARGE if size > self.max_bytes else QUEUE_BYTES_FULL
+        if len(self._accounts) > 1 or event.account not in self._accounts:
+            refused = self._over_reserve(event.account, 1, size)
+            if refused:
+                return refused
         acct = self._accounts.get(event.account) or self._account(event.account)
         self._enqueue(acct, _Entry(event, next(self._seq), 0, size))
         self._bytes += size
+        acct.bytes += size
         if acct.waiters:
             self._hand_out(acct)
         return ""
@@ -365,6 +407,7 @@ class EventQueue:
         acct, rec = self._settle(entry)
         entry.state = _State.GONE
         self._bytes -= entry.size
+        acct.bytes -= entry.size
         if not rec.busy:
             if rec.first is not None:  # ordered mode only
                 if not rec.in_line:
@@ -384,9 +427,42 @@ class EventQueue:
         acct = self._accounts.get(account)
         return acct.depth if acct is not None else 0
 
+    def held(self, account: str) -> tuple[int, int]:
+        """Events of `account` in memory (waiting and in delivery) and their `event_size` bytes."""
+        acct = self._accounts.get(account)
+        return (acct.depth + acct.busy, acct.bytes) if acct is not None else (0, 0)
+
+    @property
+    def known_accounts(self) -> int:
+        """Accounts the queue keeps state for (with events, or a lane waiting): at least as
+        many as `accounts()` holds, found without building that set."""
+        return len(self._accounts)
+
+    def holdings(self) -> list[tuple[str, int, int]]:
+        """(account, events held, their bytes) of every account the queue keeps state for,
+        idle lanes waiting on `get` included (with 0 and 0)."""
+        return [(a.name, a.depth + a.busy, a.bytes) for a in self._accounts.values()]
+
     def accounts(self) -> set[str]:
         """Accounts with waiting or in-delivery events."""
         return {name for name, acct in self._accounts.items() if acct.depth or acct.busy}
+
+    def oldest_accepted_at(self) -> float | None:
+        """When the oldest event in the queue (waiting or in delivery) was accepted; None if empty.
+
+        A walk over every recipient's head: O(recipients), so it is for a scrape or a status
+        read, never for the hot path. A recipient's first waiting event is its oldest one.
+        """
+        heads = [entry.event.accepted_at for ents in self._delivering.values() for entry in ents]
+        for acct in self._accounts.values():
+            if acct.fifo:
+                heads.append(acct.fifo[0].event.accepted_at)
+            heads.extend(
+                rec.first.event.accepted_at
+                for rec in acct.recipients.values()
+                if rec.first is not None
+            )
+        return min(heads, default=None)
 
     def take_all(self) -> list[Event]:
         """Remove and return every event, for saving at a stop; the queue is empty afterwards.
@@ -414,7 +490,7 @@ class EventQueue:
             acct.recipients.clear()
             acct.line.clear()
             acct.fifo.clear()
-            acct.depth = acct.busy = 0
+            acct.depth = acct.busy = acct.bytes = 0
             self._prune(acct)  # kept only while a lane is waiting on it
         waiting.sort(key=_by_seq)
         self._delivering.clear()
@@ -429,6 +505,21 @@ class EventQueue:
 
         Its events in delivery stay in delivery and are still reported with `done`.
         """
+        return [event for event, _ in self.take_account_spooled(account)]
+
+    def take_account_spooled(self, account: str) -> list[tuple[Event, int]]:
+        """`take_account`, with each event's spool row (0: in memory only)."""
+        return self.evict(account, 0)
+
+    def evict(self, account: str, keep: int, keep_bytes: int = -1) -> list[tuple[Event, int]]:
+        """Remove the newest waiting events of `account` until at most `keep` events (and, if
+        `keep_bytes` >= 0, at most that many bytes) of it are held; returns them, oldest first,
+        with their spool rows.
+
+        The backlog's window gives an account's share back this way: the events are in the
+        spool, and its older events stay, so its order is kept when they are read again.
+        Events in delivery are never taken.
+        """
         acct = self._accounts.get(account)
         if acct is None:
             return []
@@ -436,13 +527,30 @@ class EventQueue:
         acct.fifo.clear()
         entries.extend(self._unchain(acct))
         entries.sort(key=_by_seq)
-        for entry in entries:
+        held, held_bytes = acct.depth + acct.busy, acct.bytes
+        cut = len(entries)
+        while cut and (held > keep or held_bytes > keep_bytes >= 0):
+            cut -= 1
+            held -= 1
+            held_bytes -= entries[cut].size
+        kept, taken = entries[:cut], entries[cut:]
+        for entry in taken:
             entry.state = _State.GONE
             self._bytes -= entry.size
-        self._waiting -= acct.depth
-        acct.depth = 0
+            acct.bytes -= entry.size
+        self._waiting -= len(taken)
+        acct.depth -= len(taken)
+        for entry in kept:  # back in their chains (or FIFO) in acceptance order
+            if self._ordered:
+                rec = self._recipient(acct, entry.event.recipient_id)
+                rec.push(entry)
+                if not rec.busy and not rec.in_line:
+                    rec.in_line = True
+                    acct.line.append(rec)
+            else:
+                acct.fifo.append(entry)
         self._prune(acct)
-        return [entry.event for entry in entries]
+        return [(entry.event, entry.spool_seq) for entry in taken]
 
     def _add(
         self,
@@ -467,6 +575,7 @@ class EventQueue:
             acct = self._account(event.account)
             touched[event.account] = acct
             added += size
+            acct.bytes += size
             # _enqueue's work inline: a call per event is measurable in a batch's cost.
             entry = _Entry(event, next(self._seq), spool_seq, size)
             acct.depth += 1
