@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: venv demo test lint typecheck pytest bench bench-quick wrk soak clean
+.PHONY: venv demo test lint typecheck pytest test-tools bench bench-quick wrk soak clean
 
 $(BIN)/python:
 	$(PYTHON) -c 'import sys; sys.exit("forwarder needs Python 3.11+") if sys.version_info < (3, 11) else None'
@@ -28,8 +28,19 @@ lint: venv
 typecheck: venv
 	$(BIN)/mypy --strict
 
-pytest: venv
+pytest: venv test-tools
 	$(BIN)/pytest
+
+# promtool (Debian's prometheus package) checks and unit-tests contrib/prometheus's alert rules.
+# Installed best effort where apt-get runs as root; without it those tests say how to get it (and
+# fail under CI=true, where .ci/run installs it).
+test-tools:
+	@command -v promtool >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 \
+		&& { apt-get install -y -qq --no-install-recommends prometheus >/dev/null 2>&1 \
+		     || { apt-get update -qq >/dev/null 2>&1 \
+		          && apt-get install -y -qq --no-install-recommends prometheus >/dev/null 2>&1; }; }; } \
+		|| echo "make test: promtool is not installed (Debian/Ubuntu: sudo apt-get install prometheus);" \
+		        "the alert-rule tests will say so"
 
 test: lint typecheck pytest
 

@@ -1,4 +1,4 @@
-"""The `forwarder` command: run, reload, check-config, send, dlq, spool, mock-remote, demo."""
+"""The `forwarder` command: run, status, reload, check-config, send, dlq, spool, mock-remote…"""
 
 from __future__ import annotations
 
@@ -32,6 +32,7 @@ from forwarder.credentials import (
 )
 from forwarder.dlq import add_commands
 from forwarder.eventscli import add_events_commands
+from forwarder.status import add_command as add_status_command
 
 EXIT_CONFIG = 2
 # Set to 1 (or any value but 0) to run on asyncio's own loop even when uvloop is installed.
@@ -147,6 +148,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_reload(args: argparse.Namespace) -> int:
     """Ask the running daemon to reload its configuration (SIGHUP)."""
     from forwarder.daemon import PID_FILE
+    from forwarder.statedir import read_state_file
 
     try:
         config = load_config(Path(args.config) if args.config else None)
@@ -154,7 +156,7 @@ def cmd_reload(args: argparse.Namespace) -> int:
         return _fail(f"config error: {exc}")
     path = config.state.path / PID_FILE
     try:
-        pid = int(path.read_text(encoding="ascii").strip())
+        pid = int(read_state_file(path).decode("ascii").strip())
     except FileNotFoundError:
         return _fail(f"no running forwarder found ({path} does not exist)", 1)
     except (OSError, ValueError) as exc:
@@ -280,6 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.set_defaults(func=cmd_run)
 
     add_commands(sub, "TOML config file (default /etc/forwarder/forwarder.toml)")
+    add_status_command(sub, "TOML config file (default /etc/forwarder/forwarder.toml)")
 
     reload = sub.add_parser("reload", help="make the running daemon re-read its config (SIGHUP)")
     reload.add_argument("--config", help="TOML config file (default /etc/forwarder/forwarder.toml)")

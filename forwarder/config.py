@@ -70,6 +70,7 @@ _MAX_CONCURRENCY = 1024
 _MAX_RATE_LIMIT = 1_000_000
 # A group commit holds its callers this long at most; past 100 ms it is latency, not grouping.
 _MAX_GROUP_COMMIT_MS = 100.0
+_MAX_HELD_EVENTS = 1_000_000
 
 
 class ConfigError(Exception):
@@ -89,10 +90,12 @@ class IntakeConfig:
     max_batch: int = 1000
     # Slow and idle clients (connections.py): a request's head must arrive within
     # header_timeout_s, its body within body_timeout_s; an idle kept-alive connection closes
-    # after keepalive_timeout_s; at most max_connections are open at once.
+    # after keepalive_timeout_s; at most max_connections are open at once. An answer may wait
+    # on a full socket (a client that does not read) write_timeout_s, then the connection closes.
     header_timeout_s: float = 10.0
     body_timeout_s: float = 30.0
     keepalive_timeout_s: float = 75.0
+    write_timeout_s: float = 10.0
     max_connections: int = 512
     # On the drop-in endpoint, deliver under the API key the client sends by Basic auth.
     accept_client_keys: bool = False
@@ -121,12 +124,18 @@ class QueueConfig:
 
     mode: str = "memory"
     max_events: int = 100_000
-    # Estimated bytes of the events in memory (text plus a fixed overhead each; queue.event_size).
+    # Estimated bytes of the events in memory (their text as held, plus an overhead each;
+    # queue.event_size). Sized to fit systemd/forwarder.service's MemoryMax.
     max_bytes: int = 268_435_456
     max_disk_bytes: int = 1_073_741_824
     # Durable mode: the longest a group commit waits for company while requests keep arriving
     # (it is cut at once when they stop); more is fewer fsyncs for more latency under load.
     group_commit_ms: float = 8.0
+    # Events of an account without a delivery lane (removed from the config, or a client key not
+    # presented since a restart) are held apart from max_events: at most this many in memory...
+    held_max_events: int = 1000
+    # ...and each at most this long after it was accepted; then it is dead-lettered.
+    held_max_age_s: float = 86_400.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -303,12 +312,33 @@ _ENV_BOOLS = {"true": True, "1": True, "yes": True, "on": True}
 _ENV_BOOLS |= {"false": False, "0": False, "no": False, "off": False}
 
 
+# Settings that hold a secret, or name where one is and so may hold one pasted by mistake (a
+# token in auth_token_file, a key in api_key_env): no error about them ever shows their value,
+# whatever the mistake (a wrong type, a relative path, an unreadable file). See `_secret_key`.
+_SECRET_SETTINGS = frozenset({"intake.auth_token", "intake.auth_token_file", "remote.api_key_file"})
+_SECRET_ACCOUNT_KEYS = frozenset({"api_key_file", "api_key_env"})
+# A value this short is no secret worth hiding, and scrubbing it would garble the message.
+_MIN_SCRUBBED_CHARS = 6
+NOT_SHOWN = "<not shown>"
+
+
+def _secret_key(key: str) -> bool:
+    """Whether ``section.key`` (or ``accounts.NAME.key``) holds or names a secret."""
+    if key.startswith("accounts."):
+        return key.rpartition(".")[2] in _SECRET_ACCOUNT_KEYS
+    return key in _SECRET_SETTINGS
+
+
 def _short(value: str, limit: int = 60) -> str:
     text = repr(value)
     return text if len(text) <= limit else text[: limit - 4] + "...'"
 
 
-def _describe(value: object) -> str:
+def _describe(value: object, secret: bool = False) -> str:
+    if secret:
+        # The type only: an unquoted `auth_token = 4815...` must not come back in the error.
+        kind = _describe(value).split(" (", 1)[0]
+        return f"{kind} (the value is not shown: this setting holds or names a secret)"
     if isinstance(value, bool):
         return f"a boolean ({str(value).lower()})"
     if isinstance(value, int):
@@ -344,12 +374,16 @@ def _from_toml(kind: _Kind, value: object, key: str) -> object:
         mode = _parse_octal(value)
         if mode is not None:
             return mode
-    raise ConfigError(f"{key}: expected {_EXPECTED[kind]}, got {_describe(value)}")
+    raise ConfigError(
+        f"{key}: expected {_EXPECTED[kind]}, got {_describe(value, _secret_key(key))}"
+    )
 
 
-def _from_env(kind: _Kind, text: str, var: str) -> object:
+def _from_env(kind: _Kind, text: str, var: str, secret: bool = False) -> object:
     if kind == "str":
         return text
+    if secret:
+        raise ConfigError(f"{var}: expected {_EXPECTED[kind]} (the value is not shown)")
     stripped = text.strip()
     if kind == "int" and _INT_RE.fullmatch(stripped):
         return int(stripped)
@@ -489,7 +523,9 @@ def _env_values(
         if key not in kinds:
             hint = _suggest(key, kinds, f"{section}.")
             raise ConfigError(f"{var}: no such setting {section}.{key}{hint}")
-        values.setdefault(section, {})[key] = _from_env(kinds[key], env[var], var)
+        values.setdefault(section, {})[key] = _from_env(
+            kinds[key], env[var], var, _secret_key(f"{section}.{key}")
+        )
         origins[f"{section}.{key}"] = var
     return values, origins
 
@@ -512,7 +548,41 @@ def load_config(path: Path | None = None, env: Mapping[str, str] | None = None) 
         document = _read_toml(DEFAULT_CONFIG_PATH, missing_ok=True) or {}
     else:
         document = _read_toml(path, missing_ok=False) or {}
+    try:
+        return _load(document, environ)
+    except ConfigError as exc:
+        # Every error path already leaves secret settings' values out; this is the second line
+        # of defence, so that a message added later cannot echo one either.
+        message = str(exc)
+        for secret in _secret_values(document, environ):
+            message = message.replace(secret, NOT_SHOWN)
+        if message == str(exc):
+            raise
+        raise ConfigError(message) from None
 
+
+def _secret_values(document: Mapping[str, Any], env: Mapping[str, str]) -> list[str]:
+    """The values given to secret settings (`_secret_key`), longest first, as text."""
+    found: list[object] = []
+    for name, body in document.items():
+        if isinstance(body, dict) and name != "accounts":
+            found += [v for k, v in body.items() if _secret_key(f"{name}.{k}")]
+    tables = document.get("accounts")
+    if isinstance(tables, dict):
+        for body in tables.values():
+            if isinstance(body, dict):
+                found += [v for k, v in body.items() if k in _SECRET_ACCOUNT_KEYS]
+    for var, text in env.items():
+        section = _env_section(var[len(_ENV_PREFIX) :]) if var.startswith(_ENV_PREFIX) else None
+        key = var[len(_ENV_PREFIX) + len(section or "") + 1 :].lower()
+        if section is not None and _secret_key(f"{section}.{key}"):
+            found.append(text)
+    texts = {str(v) for v in found if isinstance(v, str | int | float)}
+    texts |= {text.strip() for text in texts}
+    return sorted((t for t in texts if len(t) >= _MIN_SCRUBBED_CHARS), key=len, reverse=True)
+
+
+def _load(document: Mapping[str, Any], environ: Mapping[str, str]) -> Config:
     values = _file_values(document)
     account_values = _account_values(document)
     key_vars = {str(a["api_key_env"]) for a in account_values.values() if "api_key_env" in a}
@@ -734,6 +804,7 @@ def _validate(config: Config, origins: Mapping[str, str]) -> Config:
     positive("intake.header_timeout_s", intake.header_timeout_s)
     positive("intake.body_timeout_s", intake.body_timeout_s)
     positive("intake.keepalive_timeout_s", intake.keepalive_timeout_s)
+    positive("intake.write_timeout_s", intake.write_timeout_s)
     within("intake.max_connections", intake.max_connections, 1, 1_000_000)
     if intake.drop_in_answer not in _DROP_IN_ANSWERS:
         allowed = ", ".join(_DROP_IN_ANSWERS)
@@ -753,6 +824,9 @@ def _validate(config: Config, origins: Mapping[str, str]) -> Config:
             "queue.group_commit_ms",
             f"must be within 0..{_MAX_GROUP_COMMIT_MS:g} milliseconds, got {group_ms}",
         )
+
+    within("queue.held_max_events", config.queue.held_max_events, 1, _MAX_HELD_EVENTS)
+    positive("queue.held_max_age_s", config.queue.held_max_age_s)
 
     remote = config.remote
     try:
@@ -787,16 +861,17 @@ def _validate(config: Config, origins: Mapping[str, str]) -> Config:
         except ValueError as exc:
             raise fail("remote.ca_bundle", str(exc)) from None
 
-    def key_file(key: str, value: str) -> None:
+    def key_file(key: str, value: str, example: str = "/etc/forwarder/api_key") -> None:
         # The value is not echoed: a key pasted here instead of a path must not reach the
         # logs (as "cannot read file sk-...") nor check-config's output.
-        if value and not value.startswith("/"):
+        if value and (not value.startswith("/") or "\0" in value):
             raise fail(
                 key,
-                "must be an absolute path to the file holding the key (e.g. "
-                "/etc/forwarder/api_key), not the key itself; the value is not shown",
+                f"must be an absolute path to the file holding the secret (e.g. {example}), "
+                "not the secret itself; the value is not shown",
             )
 
+    key_file("intake.auth_token_file", intake.auth_token_file, "/etc/forwarder/intake_token")
     key_file("remote.api_key_file", remote.api_key_file)
 
     accounts: dict[str, AccountConfig] = {}

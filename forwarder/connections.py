@@ -1,48 +1,75 @@
-"""Intake's connections: a cap on how many are open, and a deadline for each request's head.
+"""Intake's connections: a cap on how many are open, deadlines for each request's head and for
+answers a client does not read, and JSON answers for requests aiohttp's parser refuses.
 
 aiohttp's server has a keep-alive timeout for idle connections but no deadline for receiving a
-request's headers, so a client sending one header byte a second (slowloris) could hold a
-connection for ever, and nothing bounds how many connections are open. Both live here, in a
-`RequestHandler` subclass that the `IntakeRunner` hands to every listener:
+request's headers, none for a client that sends requests but never reads the answers, and nothing
+bounds how many connections are open. All of that lives here, in a `RequestHandler` subclass that
+the `IntakeRunner` hands to every listener:
 
-- At most `max_connections` are open at once. One more is answered at once with a canned 503
-  (`too_many_connections`, `Connection: close`) and closed, without being handled.
+- At most `max_connections` are open at once. Past them `HEALTH_RESERVE` more are accepted, which
+  may only ask GET/HEAD /healthz and /readyz (anything else: 503 `too_many_connections`) and are
+  closed after one answer, so a saturated intake still answers its health checks. One more is
+  answered at once with a canned 503 (`too_many_connections`, `Connection: close`) and closed,
+  without being handled.
 - A request's head (request line and headers) must arrive within `header_timeout_s`, counted from
   the moment the connection is accepted (its first request) or from the first byte of a later
   request on a kept-alive connection; otherwise the connection is closed. Idle time between
   requests is the keep-alive timeout's business (`keepalive_timeout_s`).
+- An answer may wait on a full socket for `write_timeout_s`: from the moment the transport's
+  buffer passes its high-water mark (writing paused) until it drains, or from the moment the
+  connection is closed with bytes still unsent. Past it the connection is aborted. Without this a
+  client that pipelines requests and never reads holds its connection (and a slot) for ever.
+- A request aiohttp's parser refuses (a malformed head, CL+TE, a bad chunk size, a line or header
+  count past the limits) or an unknown `Expect` gets the same JSON error shape as every other
+  answer, naming the fault without echoing the request's bytes, and one throttled warning line
+  (`logthrottle`), where aiohttp answers text/plain with the offending bytes and logs an ERROR
+  with a traceback for each.
 
 The request body's deadline is intake.py's (`intake.body_timeout_s`): by then a handler runs.
+What such an answer says is rejections.py's. This module is over 400 lines because the
+connection's limits share one protocol class and its timers; splitting them would spread that
+class's state over several modules.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-import math
-import time
+import socket
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, cast
 
 import structlog
 from aiohttp import web
+from aiohttp.http import HttpVersion11
 from aiohttp.web_protocol import RequestHandler
+from aiohttp.web_request import BaseRequest
+
+from forwarder.logthrottle import LogThrottle
+from forwarder.rejections import INTERNAL_ERROR, UNMET_EXPECTATION, describe_rejection
 
 log = structlog.get_logger("forwarder.connections")
 # After an early answer (413, 401, 408) aiohttp reads and drops the rest of the body so the
 # client gets to read the answer; this long at most (aiohttp's own default is 10 s).
 LINGER_S = 2.0
-# At most one log line about refused or slow connections this often: a flood must not flood
-# the journal too. The counters in /metrics count every one.
-LOG_EVERY_S = 60.0
+# The kernel's send buffer of an intake TCP connection (it doubles the value). Linux would grow
+# it to 4 MiB for a client that does not read, and the daemon would go on rendering answers
+# (thousands of /metrics pages for a client pipelining them) until that much waits unread;
+# intake's answers are small, so this much keeps a reader at full speed and a non-reader cheap.
+SEND_BUFFER_BYTES = 128 * 1024
+# Connections past max_connections that may still ask for these, one answer each.
+HEALTH_RESERVE = 8
+HEALTH_ROUTES = frozenset(
+    (method, path) for method in ("GET", "HEAD") for path in ("/healthz", "/readyz")
+)
 
-_REFUSAL_BODY = json.dumps(
-    {
-        "success": False,
-        "error": "too many open connections (intake.max_connections); retry later",
-        "reason": "too_many_connections",
-    }
-).encode()
+_REFUSAL_JSON = {
+    "success": False,
+    "error": "too many open connections (intake.max_connections); retry later",
+    "reason": "too_many_connections",
+}
+_REFUSAL_BODY = json.dumps(_REFUSAL_JSON).encode()
 # Written straight to the socket: the connection is never handed to aiohttp's parser.
 REFUSAL = (
     b"HTTP/1.1 503 Service Unavailable\r\n"
@@ -61,51 +88,67 @@ class ConnectionGuard:
     max_connections: int
     header_timeout_s: float
     keepalive_timeout_s: float
+    write_timeout_s: float = 10.0
+    # Every log line here can repeat once per connection or request: one throttle for them all.
+    throttle: LogThrottle = field(default_factory=LogThrottle)
     open: int = 0
     refused: int = 0  # connections past max_connections, answered 503 and closed
     header_timeouts: int = 0  # connections closed for a request head that did not arrive
-    _refused_logged_at: float = field(default=-math.inf, init=False)
-    _slow_logged_at: float = field(default=-math.inf, init=False)
+    write_timeouts: int = 0  # connections aborted: an answer waited on a full socket too long
 
     def view(self) -> dict[str, Any]:
         """For /v1/stats."""
         return {
             "open": self.open,
             "max_connections": self.max_connections,
+            "health_reserve": HEALTH_RESERVE,
             "refused": self.refused,
             "header_timeouts": self.header_timeouts,
+            "write_timeouts": self.write_timeouts,
         }
 
     def count_refused(self) -> None:
-        """A connection past the cap was refused."""
+        """A connection (or a reserve connection's request) past the cap was refused."""
         self.refused += 1
-        now = time.monotonic()
-        if now - self._refused_logged_at >= LOG_EVERY_S:
-            self._refused_logged_at = now
-            log.warning(
-                "connections_refused",
-                open=self.open,
-                max_connections=self.max_connections,
-                total=self.refused,
-                note=f"one line per {LOG_EVERY_S:.0f}s at most",
-            )
+        self.throttle.log(
+            log,
+            "warning",
+            "connections_refused",
+            open=self.open,
+            max_connections=self.max_connections,
+            total=self.refused,
+        )
 
     def count_slow(self) -> None:
         """A connection was closed for a request head that did not arrive in time."""
         self.header_timeouts += 1
-        now = time.monotonic()
-        if now - self._slow_logged_at >= LOG_EVERY_S:
-            self._slow_logged_at = now
-            log.warning(
-                "slow_client_closed",
-                header_timeout_s=self.header_timeout_s,
-                total=self.header_timeouts,
-                note=f"one line per {LOG_EVERY_S:.0f}s at most",
-            )
+        self.throttle.log(
+            log,
+            "warning",
+            "slow_client_closed",
+            header_timeout_s=self.header_timeout_s,
+            total=self.header_timeouts,
+        )
+
+    def count_write_timeout(self, unsent: int) -> None:
+        """A connection was aborted: its answers waited on a full socket past write_timeout_s."""
+        self.write_timeouts += 1
+        self.throttle.log(
+            log,
+            "warning",
+            "unread_client_closed",
+            write_timeout_s=self.write_timeout_s,
+            unsent_bytes=unsent,
+            total=self.write_timeouts,
+        )
+
+    def count_bad_request(self, status: int, fault: str, kind: str) -> None:
+        """aiohttp's parser refused a request (or its Expect): a warning, no traceback."""
+        self.throttle.log(log, "warning", "bad_request", key=kind, status=status, error=fault)
 
 
 class GuardedRequestHandler(RequestHandler):
-    """aiohttp's protocol for one connection, plus the cap and the request-head deadline."""
+    """aiohttp's protocol for one connection, plus the cap and the head and write deadlines."""
 
     __slots__ = (
         "_awaiting_head",
@@ -114,32 +157,50 @@ class GuardedRequestHandler(RequestHandler):
         "_head_timer",
         "_head_timer_at",
         "_refused",
+        "_stream",
+        "_write_timer",
+        "reserved",
     )
 
     def __init__(self, manager: web.Server, *, guard: ConnectionGuard, **kwargs: Any) -> None:
         super().__init__(manager, **kwargs)
         self._guard = guard
         self._refused = False
+        # Opened past max_connections: may only ask for HEALTH_ROUTES, one answer.
+        self.reserved = False
         self._awaiting_head = True  # no request handler running: bytes now are a request's head
         # When the head now awaited is overdue (loop time); None while none is awaited.
         self._head_deadline: float | None = None
         # At most one timer per connection, left pending when a head arrives in time: see _arm.
         self._head_timer: asyncio.TimerHandle | None = None
         self._head_timer_at = 0.0  # when it fires (uvloop's TimerHandle.when() costs a call)
+        # The transport until the connection is lost (aiohttp forgets it when it closes it, but
+        # a close waits for the unsent bytes: the write deadline must still reach it).
+        self._stream: asyncio.WriteTransport | None = None
+        self._write_timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        """Refuse past the cap (before aiohttp sees the connection), else start the deadline."""
+        """Refuse past the cap and its reserve (before aiohttp sees it), else start the deadline."""
         guard = self._guard
-        if guard.open >= guard.max_connections:
+        # A cast, not an isinstance check: uvloop's transports are not asyncio's classes.
+        stream = cast(asyncio.WriteTransport, transport)
+        if guard.open >= guard.max_connections + HEALTH_RESERVE:
             self._refused = True
             guard.count_refused()
-            # A cast, not an isinstance check: uvloop's transports are not asyncio's classes.
-            stream = cast(asyncio.WriteTransport, transport)
             stream.write(REFUSAL)
             stream.close()  # after the buffered answer is written
             return
+        self.reserved = guard.open >= guard.max_connections
         guard.open += 1
+        self._stream = stream
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER_BYTES)
         super().connection_made(transport)
+        task = self._task_handler
+        if task is not None:
+            # When aiohttp is done with the connection it closes it, unsent bytes or not.
+            task.add_done_callback(self._handler_done)
         self._arm()  # a new connection owes its first request's head from now on
 
     def connection_lost(self, exc: BaseException | None) -> None:
@@ -147,10 +208,14 @@ class GuardedRequestHandler(RequestHandler):
         if self._refused:
             return  # never counted, never handed to aiohttp
         self._guard.open -= 1
+        self._stream = None
         self._head_deadline = None
         if self._head_timer is not None:
             self._head_timer.cancel()
             self._head_timer = None
+        if self._write_timer is not None:
+            self._write_timer.cancel()
+            self._write_timer = None
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
@@ -167,6 +232,96 @@ class GuardedRequestHandler(RequestHandler):
     def request_done(self) -> None:
         """The handler has answered: bytes from now on belong to the next request's head."""
         self._awaiting_head = True
+
+    # --- answers a client does not read ---------------------------------------------------
+
+    def pause_writing(self) -> None:
+        """The transport's buffer is full: the answers in it have write_timeout_s to get out."""
+        super().pause_writing()
+        self._arm_write()
+
+    def resume_writing(self) -> None:
+        """The client read: the buffer drained below its low-water mark."""
+        super().resume_writing()
+        stream = self._stream
+        if self._write_timer is not None and stream is not None and not stream.is_closing():
+            self._write_timer.cancel()
+            self._write_timer = None
+
+    def force_close(self) -> None:
+        """aiohttp's hard close; the transport still waits for its unsent bytes, so watch it."""
+        super().force_close()
+        self._watch_close()
+
+    def _handler_done(self, task: asyncio.Task[None]) -> None:
+        self._watch_close()
+
+    def _watch_close(self) -> None:
+        stream = self._stream
+        if stream is not None and stream.is_closing() and stream.get_write_buffer_size():
+            self._arm_write()
+
+    def _arm_write(self) -> None:
+        if self._write_timer is None:
+            self._write_timer = self._loop.call_later(
+                self._guard.write_timeout_s, self._write_overdue
+            )
+
+    def _write_overdue(self) -> None:
+        self._write_timer = None
+        stream = self._stream
+        if stream is None:
+            return
+        if self.writing_paused or (stream.is_closing() and stream.get_write_buffer_size()):
+            self._guard.count_write_timeout(stream.get_write_buffer_size())
+            stream.abort()  # close() would wait for the client to read, for ever
+
+    # --- answers aiohttp makes itself -------------------------------------------------------
+
+    def handle_error(
+        self,
+        request: BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        """aiohttp's own answer to a request its parser refused, or whose handler raised.
+
+        Overridden (aiohttp calls it for both cases and has no other hook for them) so that the
+        answer is JSON like every other and never quotes the request, and the log line is a
+        throttled warning without a traceback for what a client got wrong.
+        """
+        if status < 500:
+            fault = describe_rejection(exc) if exc is not None else "the request is malformed"
+            kind = type(exc).__name__ if exc is not None else "unknown"
+            self._guard.count_bad_request(status, fault, kind)
+            payload: dict[str, Any] = {
+                "success": False,
+                "error": f"malformed HTTP request: {fault}",
+                "reason": "bad_request",
+            }
+        elif isinstance(exc, ConnectionError):
+            # The client went away while its request was read: nobody to answer, not our fault.
+            self._guard.throttle.log(log, "info", "client_disconnected", error=type(exc).__name__)
+            payload = INTERNAL_ERROR
+        else:
+            self._guard.throttle.log(
+                log,
+                "error",
+                "request_failed",
+                key=type(exc).__name__ if exc is not None else str(status),
+                status=status,
+                path=request.path,
+                exc_info=exc,
+            )
+            payload = INTERNAL_ERROR
+        if request.writer.output_size > 0:  # as aiohttp: part of an answer went out already
+            raise ConnectionError("an answer was partly sent already: cannot send an error")
+        response = web.json_response(payload, status=status)
+        response.force_close()
+        return response
+
+    # --- request heads ------------------------------------------------------------------------
 
     def _arm(self) -> None:
         # Each request on a kept-alive connection starts a deadline and nearly always meets it
@@ -205,20 +360,29 @@ class GuardedRequestHandler(RequestHandler):
 _TIMER_SLACK_S = 0.001
 
 
+_Handler = Callable[[BaseRequest], Awaitable[web.StreamResponse]]
+
+
 class _GuardedServer(web.Server):
-    """aiohttp's low-level server, making a `GuardedRequestHandler` for each connection."""
+    """aiohttp's low-level server, making a `GuardedRequestHandler` for each connection.
+
+    Every request passes `_gate` before the app sees it: a reserve connection may only ask for
+    its health routes, and an `Expect` aiohttp does not understand gets a JSON 417 (aiohttp's
+    answers text/plain, quoting the header, before any middleware could help).
+    """
 
     def __init__(
         self, guard: ConnectionGuard, handler_args: dict[str, Any], app_server: web.Server
     ) -> None:
+        self._guard = guard
+        self._handler_args = handler_args
+        self._app_handler: _Handler = app_server.request_handler
         super().__init__(
-            app_server.request_handler,
+            self._gate,
             request_factory=app_server.request_factory,
             handler_cancellation=app_server.handler_cancellation,
             **handler_args,
         )
-        self._guard = guard
-        self._handler_args = handler_args
 
     def __call__(self) -> RequestHandler:
         return GuardedRequestHandler(
@@ -229,6 +393,38 @@ class _GuardedServer(web.Server):
             # Read per connection, so a reload applies to new connections.
             keepalive_timeout=self._guard.keepalive_timeout_s,
         )
+
+    def _gate(self, request: BaseRequest) -> Awaitable[web.StreamResponse]:
+        # A plain function returning the app's awaitable: the common case costs a call and two
+        # look-ups, not another coroutine per request.
+        expect = request.headers.get("Expect")
+        protocol = request.protocol
+        if expect or (isinstance(protocol, GuardedRequestHandler) and protocol.reserved):
+            # These may be answered before intake's middleware runs (which tells the connection
+            # that the head is in): the head deadline must not cut the answer's lingering short.
+            if isinstance(protocol, GuardedRequestHandler):
+                protocol.head_received()
+            if expect and request.version == HttpVersion11 and expect.lower() != "100-continue":
+                return self._unmet_expectation()
+            if isinstance(protocol, GuardedRequestHandler) and protocol.reserved:
+                return self._reserve(request)
+        return self._app_handler(request)
+
+    async def _unmet_expectation(self) -> web.StreamResponse:
+        self._guard.count_bad_request(417, "unsupported Expect header", "Expect")
+        response = web.json_response(UNMET_EXPECTATION, status=417)
+        response.force_close()
+        return response
+
+    async def _reserve(self, request: BaseRequest) -> web.StreamResponse:
+        """A connection past the cap: its health check only, then it closes."""
+        if (request.method, request.path) in HEALTH_ROUTES:
+            response = await self._app_handler(request)
+        else:
+            self._guard.count_refused()
+            response = web.json_response(_REFUSAL_JSON, status=503, headers={"Retry-After": "1"})
+        response.force_close()
+        return response
 
 
 class IntakeRunner(web.AppRunner):

@@ -25,6 +25,11 @@ _CREDENTIAL_NAME = "api_key"
 INTAKE_TOKEN_CREDENTIAL = "intake_auth_token"
 # A token guards a listener other machines can reach: too short would be guessable.
 MIN_TOKEN_CHARS = 16
+# The shortest text taken as an API key (configured or a client's). Real keys are long random
+# strings; a shorter one ("4", "delivered") would be a word, and the log redactor, which replaces
+# every key wherever it occurs, would then mangle ordinary log text. The redactor takes nothing
+# shorter (telemetry.Redactor), so every key it is given is one it can scrub.
+MIN_KEY_CHARS = 16
 _TOKEN = "intake auth token"
 # An API key is a short token; refusing huge files avoids reading e.g. a mistakenly named log.
 _MAX_KEY_FILE_BYTES = 4096
@@ -86,10 +91,11 @@ class ApiKey:
     source: str
 
 
-def check_key_text(raw: str) -> str:
+def check_key_text(raw: str, min_chars: int = MIN_KEY_CHARS) -> str:
     """The key ``raw`` without surrounding whitespace, if usable in an Authorization header.
 
     Raises ValueError with a reason that fits after "API key ..." and never shows the content.
+    A key shorter than ``min_chars`` is refused: it could not be told apart from ordinary text.
     """
     key = raw.strip()
     if not key:
@@ -97,13 +103,19 @@ def check_key_text(raw: str) -> str:
     # Anything else would corrupt (or inject into) the auth header; typical cause: a pasted quote.
     if not key.isascii() or not key.isprintable() or any(ch.isspace() for ch in key):
         raise ValueError("must be printable ASCII without whitespace")
+    if len(key) < min_chars:
+        raise ValueError(
+            f"is shorter than {min_chars} characters: too short to be an API key "
+            "(real keys are long random strings)"
+        )
     return key
 
 
 def _make_key(raw: str, source: str, where: str | None = None, what: str = "API key") -> ApiKey:
     """Strip and check a key; errors name ``where`` (default ``source``), never the content."""
     try:
-        key = check_key_text(raw)
+        # The intake token's own length check below gives a hint how to make one.
+        key = check_key_text(raw, 1 if what == _TOKEN else MIN_KEY_CHARS)
     except ValueError as exc:
         raise ConfigError(f"{what} from {where or source} {exc}") from None
     return ApiKey(secret=Secret(key), source=source)
@@ -132,13 +144,22 @@ def _key_from_bytes(data: bytes, source: str, where: str, what: str = "API key")
 
 
 def _key_from_file(path: Path, setting: str, what: str = "API key") -> ApiKey:
-    """The key in the file ``path``, which the setting ``setting`` names."""
-    source = f"file {path}"
+    """The key in the file ``path``, which the setting ``setting`` names.
+
+    Errors name the setting, never the path: a secret pasted into the setting instead of a
+    path ("cannot read ... from file sk-...") must not be echoed. Once read, the file is one,
+    and its path is the key's `source` (the `started` line, check-config).
+    """
+    where = f"the file named by {setting}"
     try:
         data = _read_limited(path)
-    except OSError as exc:
-        raise ConfigError(f"{setting}: cannot read {what} from {source}: {_reason(exc)}") from None
-    return _key_from_bytes(data, source, source, what)
+    except (OSError, ValueError) as exc:  # ValueError: a NUL in the path
+        reason = _reason(exc) if isinstance(exc, OSError) else "not a usable path"
+        raise ConfigError(
+            f"{setting}: cannot read {what} from the file it names: {reason} "
+            "(the path is not shown: it could be a secret pasted there by mistake)"
+        ) from None
+    return _key_from_bytes(data, f"file {path}", where, what)
 
 
 def _key_from_credential(directory: str, name: str, what: str = "API key") -> ApiKey | None:
@@ -226,17 +247,19 @@ def resolve_intake_token(config: Config, env: Mapping[str, str] | None = None) -
     environ: Mapping[str, str] = os.environ if env is None else env
     intake = config.intake
     token: ApiKey | None = None
+    where = ""
     if intake.auth_token:
         token = _make_key(intake.auth_token, "intake.auth_token", what=_TOKEN)
     elif intake.auth_token_file:
         token = _key_from_file(Path(intake.auth_token_file), "intake.auth_token_file", _TOKEN)
+        where = "the file named by intake.auth_token_file"  # errors never show the setting
     elif environ.get("CREDENTIALS_DIRECTORY", ""):
         token = _key_from_credential(
             environ["CREDENTIALS_DIRECTORY"], INTAKE_TOKEN_CREDENTIAL, _TOKEN
         )
     if token is not None and len(token.secret.reveal()) < MIN_TOKEN_CHARS:
         raise ConfigError(
-            f"{_TOKEN} from {token.source} is shorter than {MIN_TOKEN_CHARS} characters; "
+            f"{_TOKEN} from {where or token.source} is shorter than {MIN_TOKEN_CHARS} characters; "
             "make a long random one, e.g. with `openssl rand -hex 32`"
         )
     return token

@@ -26,7 +26,7 @@ import aiohttp
 import structlog
 from aiohttp import web
 
-from forwarder.accounts import Account, Accounts
+from forwarder.accounts import CLIENT_IDLE_S, CLIENT_SWEEP_S, MAX_CLIENT_KEYS, Account, Accounts
 from forwarder.backlog import Backlog
 from forwarder.config import Config, ConfigError, check_exposure, resolve_group
 from forwarder.connections import ConnectionGuard, IntakeRunner
@@ -34,13 +34,23 @@ from forwarder.credentials import ApiKey, resolve_intake_token
 from forwarder.dispatcher import Dispatcher, LaneSettings
 from forwarder.events import Event
 from forwarder.eventstatus import StatusBook
+from forwarder.held import HeldEvents
 from forwarder.intake import IntakeState, create_app
+from forwarder.logthrottle import LogThrottle
 from forwarder.numbering import EventNumbers, NumbersError
 from forwarder.queue import EventQueue
 from forwarder.remote import USER_AGENT, RemoteClient, make_ssl_context
 from forwarder.spool import Spool
 from forwarder.spoolfile import SpoolError
+from forwarder.spoolrecover import Recovery
 from forwarder.spoolupgrade import load_pending, remove_pending
+from forwarder.statedir import (
+    StateDirError,
+    StateLock,
+    prepare_state_dir,
+    read_state_file,
+    replace_state_file,
+)
 from forwarder.systemd import (
     ListenSocket,
     Notifier,
@@ -107,6 +117,8 @@ class Daemon:
             accept_client_keys=config.intake.accept_client_keys,
             client_template=accounts.get(config.remote.default_account),
             on_new_client=self._add_client_lane,
+            on_clients_freed=self._free_clients,
+            busy=self._client_busy,
         )
         self.addresses: list[str] = []
         self.ready = asyncio.Event()
@@ -122,16 +134,23 @@ class Daemon:
         self.backlog: Backlog | None = None
         self.numbers: EventNumbers | None = None
         self.status: StatusBook | None = None
+        self.held: HeldEvents | None = None
         self.notifier = Notifier.from_env()
         self._activated: list[ListenSocket] = []
         self._status_task: asyncio.Task[None] | None = None
+        self._sweep_task: asyncio.Task[None] | None = None
+        self._metrics: Metrics | None = None
         self._delivery_rate = PerMinute()
         self._intake_token: ApiKey | None = None
         intake = config.intake
+        # One throttle for every log line a request can cause (logthrottle.py), flushed at stop.
+        self.log_throttle = LogThrottle()
         self.connections = ConnectionGuard(
             max_connections=intake.max_connections,
             header_timeout_s=intake.header_timeout_s,
             keepalive_timeout_s=intake.keepalive_timeout_s,
+            write_timeout_s=intake.write_timeout_s,
+            throttle=self.log_throttle,
         )
 
     def request_stop(self) -> None:
@@ -163,11 +182,46 @@ class Daemon:
             "in_flight": ("Events in delivery.", self.queue.in_delivery),
             "delivery_paused": ("1 while the remote refuses a key.", int(paused)),
             "ready": ("1 when /readyz answers 200.", int(not self._not_ready_reason())),
+            "backlog_events": (
+                "Events accepted and not settled yet: waiting, in delivery or spooled.",
+                self._backlog_events(),
+            ),
+            "oldest_event_age_seconds": (
+                "Age of the oldest event not settled yet, in memory or in the spool (0: none).",
+                self._oldest_age_s(),
+            ),
             "config_reloads": ("Configuration reloads applied.", self.reloads),
             "connections_open": ("Intake connections open now.", self.connections.open),
             "connections_max": ("intake.max_connections.", self.connections.max_connections),
+            "client_accounts": (
+                "Client-key accounts open now (intake.accept_client_keys).",
+                len(self.accounts.clients),
+            ),
             **self._spool_gauges(),
         }
+
+    def _not_ready_conditions(self) -> dict[str, bool]:
+        """Why /readyz says 503, as a fixed set of conditions (labels of forwarder_not_ready)."""
+        lanes = list(self._dispatcher.lanes.values()) if self._dispatcher else []
+        return {
+            "starting": not self.ready.is_set() and not self._shutting_down,
+            "shutting_down": self._shutting_down,
+            "breaker_open": any(lane.breaker.is_open and not lane.retired for lane in lanes),
+            "key_refused": any(lane.auth.is_open and not lane.retired for lane in lanes),
+        }
+
+    def _backlog_events(self) -> int:
+        # Durable mode: every unsettled event is in the spool (the queue is a window over it);
+        # memory mode: the spool holds none until a stop, the queue holds them all.
+        in_memory = len(self.queue) + self.queue.in_delivery
+        return max(in_memory, self._spool.depth if self._spool else 0)
+
+    def _oldest_age_s(self) -> float:
+        stamps = [self.queue.oldest_accepted_at()]
+        if self._spool is not None:
+            stamps.append(self._spool.oldest_accepted_at)
+        oldest = min((t for t in stamps if t), default=None)
+        return max(0.0, time.time() - oldest) if oldest else 0.0
 
     def _counters(self) -> dict[str, tuple[str, float]]:
         guard = self.connections
@@ -180,6 +234,19 @@ class Daemon:
                 "Intake connections closed: a request head not in within intake.header_timeout_s.",
                 guard.header_timeouts,
             ),
+            "client_accounts_refused": (
+                "Drop-in requests refused (503) because every client-account slot was taken.",
+                self.accounts.refused_at_cap,
+            ),
+            "client_accounts_freed": (
+                "Client accounts freed after being idle.",
+                self.accounts.freed,
+            ),
+            "connections_write_timeouts": (
+                "Intake connections closed: an answer waited on an unread socket past "
+                "intake.write_timeout_s.",
+                guard.write_timeouts,
+            ),
         }
 
     def _spool_gauges(self) -> dict[str, tuple[str, float]]:
@@ -190,6 +257,10 @@ class Daemon:
         return {
             "spool_events": ("Events in the spool (state.dir/spool.db).", spool.depth),
             "spool_bytes": ("Bytes of events in the spool.", spool.bytes),
+            "spool_bytes_capacity": (
+                "queue.max_disk_bytes (0: no bound).",
+                self.config.queue.max_disk_bytes,
+            ),
             "spool_oldest_event_age_seconds": (
                 "Age of the oldest event in the spool (0 when empty).",
                 max(0.0, time.time() - oldest) if oldest else 0.0,
@@ -215,6 +286,8 @@ class Daemon:
             for name in self.queue.accounts()
             if self._dispatcher is None or name not in self._dispatcher.lanes
         }
+        for name, count in (self.held.view() if self.held else {}).items():
+            held[name] = held.get(name, 0) + count
         return {
             "in_flight": self.queue.in_delivery,
             "delivery": {
@@ -225,9 +298,21 @@ class Daemon:
                 "config_reloads": self.reloads,
             },
             "accounts": self._account_views(),
+            "backlog_events": self._backlog_events(),
+            "oldest_event_age_s": round(self._oldest_age_s(), 3),
+            "not_ready": [name for name, on in self._not_ready_conditions().items() if on],
+            "last_error": self.stats.last_error,
             "connections": self.connections.view(),
+            "client_accounts": {
+                "open": len(self.accounts.clients),
+                "max": MAX_CLIENT_KEYS,
+                "idle_s": CLIENT_IDLE_S,
+                "refused": self.accounts.refused_at_cap,
+                "freed": self.accounts.freed,
+            },
             # Events of accounts that have no lane now: a removed account, or a client key
-            # not presented since a restart. They are kept (and saved at stop), not dropped.
+            # not presented since a restart. Held apart from the queue's bound, saved at a stop,
+            # and dead-lettered past queue.held_max_events / queue.held_max_age_s (held.py).
             "held_without_account": {k: v for k, v in held.items() if v},
             "spool": {
                 "mode": self.config.queue.mode,
@@ -248,6 +333,10 @@ class Daemon:
             await asyncio.sleep(STATUS_EVERY_S)
             reason = self._not_ready_reason()
             self.notifier.status(self._status_line(prefix=f"{reason}; " if reason else ""))
+            if self._dispatcher is not None:
+                # Per-account delivered-per-minute rates need samples even when nobody reads.
+                for lane in self._dispatcher.lanes.values():
+                    lane.delivered_rate.observe(lane.delivered)
 
     def _healthy(self) -> bool:
         """For the watchdog: the event loop turns (this runs) and every lane still pulls."""
@@ -265,13 +354,53 @@ class Daemon:
         self._dispatcher.add(
             account.name, self._sender(account), self._lane_settings(account, self.config)
         )
+        if self.held is not None and self.held.release(account.name) and self.backlog:
+            self.backlog.wake()  # its rows on disk may be read again too
 
     def _add_client_lane(self, account: Account) -> None:
         # Intake met a new client key: the lane must exist before the event is queued.
         if self._dispatcher is not None:
-            self._add_lane(account)
+            lane = self._dispatcher.lanes.get(account.name)
+            if lane is not None:
+                # A freed account's lane not reaped yet: take it back, never run two pumps.
+                lane.retired = False
+                lane.configure(self._lane_settings(account, self.config), self._sender(account))
+            else:
+                self._add_lane(account)
             set_secrets(self._secrets())
             log.info("client_account_added", account=account.name)
+
+    def _client_busy(self, name: str) -> bool:
+        """Whether a client account has events queued, in delivery or possibly on disk only."""
+        if self.queue.depth(name):
+            return True
+        d = self._dispatcher
+        lane = d.lanes.get(name) if d is not None else None
+        if lane is not None and not lane.idle:
+            return True
+        # Durable mode: rows not read into memory yet may be this account's. Which account a
+        # row belongs to is not counted, so while any wait on disk no client account is freed.
+        return bool(self.backlog is not None and self.backlog.on_disk_only)
+
+    def _free_clients(self, freed: list[Account]) -> None:
+        """Idle client accounts were freed: their lanes, metrics and redacted keys go too."""
+        for account in freed:
+            if self._dispatcher is not None:
+                self._dispatcher.retire(account.name)  # idle: the lane is stopped at once
+            if self._metrics is not None:
+                self._metrics.latency.remove(account.name)
+        set_secrets(self._secrets())
+        log.info(
+            "client_accounts_freed",
+            count=len(freed),
+            open=len(self.accounts.clients),
+            idle_s=CLIENT_IDLE_S,
+        )
+
+    async def _sweep_clients(self) -> None:
+        while True:
+            await asyncio.sleep(CLIENT_SWEEP_S)
+            self.accounts.free_idle()
 
     def _secrets(self) -> list[str]:
         accounts = [*self.accounts.configured.values(), *self.accounts.clients.values()]
@@ -360,6 +489,9 @@ class Daemon:
         self.config = config
         self.queue.max_events = config.queue.max_events
         self.queue.max_bytes = config.queue.max_bytes
+        if self.held is not None:
+            self.held.max_events = config.queue.held_max_events
+            self.held.max_age_s = config.queue.held_max_age_s
         if self._spool is not None:
             self._spool.group_window_s = config.queue.group_commit_ms / 1000
         self.queue.set_ordered(config.remote.per_recipient_order)
@@ -374,6 +506,7 @@ class Daemon:
         self.connections.max_connections = config.intake.max_connections
         self.connections.header_timeout_s = config.intake.header_timeout_s
         self.connections.keepalive_timeout_s = config.intake.keepalive_timeout_s
+        self.connections.write_timeout_s = config.intake.write_timeout_s
         _ensure_fd_room(config.intake.max_connections)
         self._intake_token = token
         self._state.auth_token = token.secret if token else None
@@ -452,7 +585,14 @@ class Daemon:
         cfg = self.config
         state_dir = cfg.state.path
         started = time.monotonic()
-        metrics = Metrics(self.stats, self._gauges, self._account_views, self._counters)
+        metrics = Metrics(
+            self.stats,
+            self._gauges,
+            self._account_views,
+            self._counters,
+            not_ready=self._not_ready_conditions,
+        )
+        self._metrics = metrics
         try:
             # systemd socket activation: serve on the sockets it passed instead of binding.
             self._activated = listen_sockets()
@@ -483,9 +623,24 @@ class Daemon:
                 activated.sock.close()
 
     async def _open_spool_and_run(self, state_dir: Path, metrics: Metrics, started: float) -> int:
+        try:
+            await asyncio.to_thread(prepare_state_dir, state_dir)
+            # Before the spool is opened: a second daemon on this state dir stops here.
+            lock = await asyncio.to_thread(StateLock.acquire, state_dir, "forwarder run")
+        except StateDirError as exc:
+            log.error("startup_failed", error=str(exc))
+            return 1
+        except OSError as exc:
+            log.error("startup_failed", error=f"state.dir {state_dir}: {_reason(exc)}")
+            return 1
+        try:
+            return await self._open_spool_locked(state_dir, metrics, started)
+        finally:
+            lock.release()  # after the spool is closed and the PID file removed
+
+    async def _open_spool_locked(self, state_dir: Path, metrics: Metrics, started: float) -> int:
         cfg = self.config
         try:
-            await asyncio.to_thread(_prepare_state_dir, state_dir)
             spool = await Spool.open(
                 state_dir,
                 max_bytes=cfg.queue.max_disk_bytes,
@@ -500,8 +655,11 @@ class Daemon:
                 "spool_moved_aside",
                 path=str(spool.moved_aside),
                 reason=spool.moved_aside_reason,
-                action="kept for inspection; a fresh spool is used",
+                action="kept for inspection; a fresh spool is used"
+                + ("" if spool.recovery is None else ", holding what could be read of it"),
             )
+        if spool.recovery is not None:
+            _log_recovery(spool.recovery)
         self._spool = spool
         try:
             return await self._serve(spool, metrics, started)
@@ -542,6 +700,7 @@ class Daemon:
             status=status if durable else None,
             numbers=numbers if durable else None,
         )
+        backlog.throttle = spool.throttle = self.log_throttle
         restored = 0
         if not durable:
             # What the last stop saved comes first, ahead of anything new (beyond the bound).
@@ -564,6 +723,7 @@ class Daemon:
             drop_in_answer=cfg.intake.drop_in_answer,
             numbers=None if durable else numbers,
             status=status,
+            throttle=self.log_throttle,
         )
         try:
             # Reads the CA files: off the event loop. Checked at load; it could change since.
@@ -590,16 +750,26 @@ class Daemon:
         )
         for account in self.accounts.configured.values():
             self._add_lane(account)
-        held = {
-            name: self.queue.depth(name)
-            for name in self.queue.accounts()
-            if name not in self._dispatcher.lanes
-        }
-        if held:
+        lanes = self._dispatcher.lanes
+        self.held = held = HeldEvents(
+            self.queue,
+            backlog,
+            self.stats,
+            max_events=cfg.queue.held_max_events,
+            max_age_s=cfg.queue.held_max_age_s,
+            has_lane=lanes.__contains__,
+            durable=durable,
+        )
+        held.on_room = backlog.wake
+        backlog.kept_out = held.full
+        held.start()  # the replayed events of accounts without a lane leave the queue now
+        if len(held):
             log.warning(
                 "events_held",
-                accounts=held,
+                accounts=held.view(),
                 reason="no such account configured (or a client key not presented yet)",
+                max_events=held.max_events,
+                max_age_s=held.max_age_s,
             )
         _ensure_fd_room(cfg.intake.max_connections)
         runner = IntakeRunner(
@@ -620,6 +790,7 @@ class Daemon:
             self.ready.set()
             self.notifier.ready(self._status_line())
             self._status_task = asyncio.create_task(self._report_status(), name="sd-status")
+            self._sweep_task = asyncio.create_task(self._sweep_clients(), name="client-sweep")
             log.info(
                 "started",
                 listening=self.addresses,
@@ -660,18 +831,21 @@ class Daemon:
         finally:
             self._shutting_down = True
             self._state.accepting = False
-            if self._status_task is not None:
-                self._status_task.cancel()
-                await asyncio.gather(self._status_task, return_exceptions=True)
+            for task in (self._status_task, self._sweep_task):
+                if task is not None:
+                    task.cancel()
+                    await asyncio.gather(task, return_exceptions=True)
             await backlog.stop()
             await status.stop()
             leftovers = await self._dispatcher.stop()
+            leftovers += await held.stop()
             saved = await self._save(backlog, leftovers)
             await runner.cleanup()
             self._remove_unix_socket()
             if pid_written:
                 await asyncio.to_thread(_remove_pid, state_dir)
             await self._session.close()
+        self.log_throttle.close()  # the counts of lines held back go out before the summary
         log.info(
             "stopped",
             drained=drained,
@@ -810,34 +984,35 @@ def _ensure_fd_room(max_connections: int) -> None:
         )
 
 
+def _log_recovery(recovery: Recovery) -> None:
+    """One line for what was brought over from a damaged spool; an error if not everything."""
+    fields = recovery.to_dict()
+    fields["action"] = (
+        "readable events are sent first; rows that are no events become dead letters (damaged)"
+        if recovery.complete
+        else f"the rest is not readable; see: forwarder spool inspect {recovery.source}"
+    )
+    (log.warning if recovery.complete else log.error)("spool_recovered", **fields)
+
+
 def _reason(exc: BaseException) -> str:
     return (exc.strerror if isinstance(exc, OSError) else None) or str(exc)
 
 
 def _write_pid(state_dir: Path) -> None:
     # For `forwarder reload`: the PID of the daemon serving this state directory.
-    path = state_dir / PID_FILE
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(f"{os.getpid()}\n", encoding="ascii")
-    os.replace(tmp, path)
+    replace_state_file(state_dir / PID_FILE, f"{os.getpid()}\n".encode("ascii"))
 
 
 def _remove_pid(state_dir: Path) -> None:
     path = state_dir / PID_FILE
     with contextlib.suppress(FileNotFoundError, ValueError, OSError):
-        if int(path.read_text(encoding="ascii")) == os.getpid():
+        if int(read_state_file(path).decode("ascii")) == os.getpid():
             path.unlink()
 
 
 def _host_for_url(host: str) -> str:
     return f"[{host}]" if ":" in host else host
-
-
-def _prepare_state_dir(path: Path) -> None:
-    path.mkdir(mode=0o700, parents=True, exist_ok=True)
-    probe = path / ".write-test"
-    probe.write_bytes(b"")
-    probe.unlink()
 
 
 # Pending connections the kernel holds for a listener (aiohttp's default).

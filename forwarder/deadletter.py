@@ -14,8 +14,11 @@ from typing import Any
 from forwarder.events import Event
 
 # Why an event was dead-lettered (`redirected`: the remote answered 3xx, see remote.py;
-# `damaged`: a spool row that no longer parses as an event).
-REASONS = ("rejected", "redirected", "gave_up", "internal_error", "damaged")
+# `damaged`: a spool row that no longer parses as an event; `held_without_account`: its account
+# had no lane past queue.held_max_age_s or queue.held_max_events, see held.py).
+REASONS = (
+    "rejected", "redirected", "gave_up", "internal_error", "damaged", "held_without_account",
+)  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True)

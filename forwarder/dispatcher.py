@@ -34,6 +34,7 @@ from forwarder.limiter import (
 from forwarder.queue import EventQueue
 from forwarder.remote import Result, Verdict
 from forwarder.retry import run_with_retries
+from forwarder.systemd import PerMinute
 from forwarder.telemetry import Stats
 
 log = structlog.get_logger("forwarder.dispatcher")
@@ -101,6 +102,7 @@ class Lane:
         self._stats = stats
         self._latency = latency.labels(account=name) if latency is not None else None
         self._sleep = sleep
+        self._clock = clock
         remote = settings.remote
         self.limiter = RateLimiter(settings.per_minute, clock=clock)
         self.concurrency = ConcurrencyController(
@@ -132,6 +134,9 @@ class Lane:
         self.on_outcome: Callable[[], None] = lambda: None
         self.retired = False
         self.delivered = 0
+        # Sampled by the daemon every few seconds and by each view: delivered per minute.
+        self.delivered_rate = PerMinute(clock=clock)
+        self.delivered_rate.observe(0)  # from the lane's start, so the first figure is real
         self.auth_reason = ""
 
     # --- state --------------------------------------------------------------------------------
@@ -168,12 +173,15 @@ class Lane:
             "queued": self._queue.depth(self.name),
             "in_delivery": self.in_delivery,
             "delivered": self.delivered,
+            "delivered_per_min": round(self.delivered_rate.observe(self.delivered), 1),
             "rate_limit": {
                 "limit_per_window": self.limiter.limit,
                 "window_s": self.limiter.window_s,
                 "remaining": self.limiter.remaining,
                 "tokens": round(self.limiter.tokens, 3),
                 "rate_limited": self.limiter.rate_limited,
+                # Seconds left of a pause a 429 imposed on the whole account (0: none).
+                "paused_for_s": round(max(0.0, self.limiter.gate_until - self._clock()), 3),
             },
             "concurrency": {
                 "limit": self.concurrency.limit,
@@ -203,6 +211,7 @@ class Lane:
     def configure(self, settings: LaneSettings, sender: Sender | None = None) -> None:
         """Apply reloaded settings; events in delivery carry on, later attempts see them."""
         remote = settings.remote
+        self.limiter.relearn_window()  # a window length learned wrongly is corrected by a reload
         if settings.per_minute != self.settings.per_minute:
             self.limiter.set_per_minute(settings.per_minute)
         self.concurrency.configure(
@@ -417,6 +426,7 @@ class Lane:
         if result.verdict is Verdict.AUTH:
             self._stats.auth_failures += 1
             self.auth_reason = f"remote refused the API key (HTTP {result.status}): {result.error}"
+            self._stats.note_error(self.name, self.auth_reason)
             if self.auth.failure(result.error, probe=auth_probe):
                 log.error(
                     "delivery_paused",
@@ -429,6 +439,7 @@ class Lane:
             log.info("delivery_resumed")
             self._notify_gates()
         if result.transient_failure:
+            self._stats.note_error(self.name, result.error)
             if self.breaker.failure(result.error, probe=breaker_probe):
                 # Logged when it opens; a failed probe only says when the next one goes.
                 if not breaker_probe:
@@ -489,6 +500,7 @@ class Lane:
         self, reason: str, status: int | None, error: str, attempts: int, first_at: float
     ) -> DeadLetterNote:
         self._stats.dead_lettered[reason] += 1
+        self._stats.note_error(self.name, f"dead-lettered ({reason}): {error}")
         return DeadLetterNote(
             reason=reason,
             status=status,

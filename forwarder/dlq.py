@@ -21,6 +21,7 @@ from typing import Any
 
 from forwarder.config import ConfigError, load_config
 from forwarder.events import Event
+from forwarder.spoolcli import add_file_commands
 from forwarder.spoolfile import (
     CHUNK_ROWS,
     DEAD_COLUMNS,
@@ -42,6 +43,7 @@ from forwarder.spoolfile import (
     row_entries,
     side_file,
 )
+from forwarder.statedir import running_holder
 
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
@@ -161,7 +163,15 @@ def cmd_replay(args: argparse.Namespace) -> int:
         total = len(ids) if ids is not None else spool_stats(conn)["dead_letters_total"]
         with _progress(total, "replaying") as update:
             moved = replay_dead_letters(conn, ids, progress=update)
-        print(f"replayed {moved} dead letter(s) into the spool; a running forwarder sends them")
+        # Beside a running daemon by design (SQLite orders the writes): its lock is only read.
+        state_dir = _database_path(conn).parent
+        holder = running_holder(state_dir)
+        sends = (
+            f"the running forwarder (PID {holder}) sends them"
+            if holder is not None
+            else f"no forwarder runs on {state_dir} now: the next start sends them"
+        )
+        print(f"replayed {moved} dead letter(s) into the spool; {sends}")
         if ids is not None and moved < len(set(ids)):
             return _fail(f"{len(set(ids)) - moved} id(s) not found (or not a valid event)")
         return 0
@@ -229,11 +239,12 @@ def add_commands(sub: Any, config_help: str) -> None:
     purge.add_argument("--before", type=parse_when, required=True, help="ISO date/time or age")
     purge.set_defaults(func=cmd_purge)
 
-    spool = sub.add_parser("spool", help="inspect the spool")
+    spool = sub.add_parser("spool", help="inspect the spool, or recover a damaged one")
     spool_verbs = spool.add_subparsers(dest="spool_command", required=True)
     stats = spool_verbs.add_parser("stats", help="events, bytes, oldest event, dead letters")
     stats.add_argument("--json", action="store_true")
     stats.set_defaults(func=cmd_stats)
+    add_file_commands(spool_verbs, config_help)
 
     for parser in (listing, show, replay, purge, stats):
         parser.add_argument("--config", help=config_help)
@@ -399,13 +410,17 @@ def spooled_events(conn: sqlite3.Connection) -> list[Event]:
     return events
 
 
+def _database_path(conn: sqlite3.Connection) -> Path:
+    return Path(next(row[2] for row in conn.execute("PRAGMA database_list") if row[1] == "main"))
+
+
 def spool_stats(conn: sqlite3.Connection) -> dict[str, Any]:
     """What the spool holds: events, bytes, oldest, max seq, dead letters by reason, file sizes.
 
     "bytes" is the size of the rows that hold unsettled events (their encoded events: what
     `queue.max_disk_bytes` bounds); "file_bytes" is what the files take.
     """
-    path = Path(next(row[2] for row in conn.execute("PRAGMA database_list") if row[1] == "main"))
+    path = _database_path(conn)
     conn.execute("BEGIN")  # one snapshot for every count
     try:
         t = load_totals_in(conn)

@@ -13,8 +13,8 @@ import os
 import re
 import time
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, cast
 
 import orjson
 
@@ -23,6 +23,11 @@ MAX_NAME_CHARS = 255
 MAX_VALUE_CHARS = 1024
 MAX_REF_CHARS = 255
 MAX_DATA_BYTES = 64 * 1024
+# `data` given as a JSON object or array may nest this deep, no deeper. Real templating data is a
+# few levels deep; 64 stays far below what orjson serialises (255 levels), what PHP's json_decode
+# reads by default (512, the remote's kind) and Python's recursion limit, so nothing past
+# validation can fail on depth.
+MAX_DATA_DEPTH = 64
 EVENT_ID_RE = re.compile(r"[A-Za-z0-9._:-]{10,255}")
 # Names of configured accounts ([accounts.NAME]); client-key accounts are "client:" + a digest.
 ACCOUNT_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
@@ -138,6 +143,35 @@ class Event:
         return event
 
 
+class JsonNumber:
+    """A JSON number kept as the app wrote it (`1.10`, `1E5`, `-0`, digits past 64 bits).
+
+    What `loads_json` gives for a number that a float or an int would not give back as written:
+    a string field takes its text, and `data` is serialised with the text as it came.
+    """
+
+    __slots__ = ("text",)
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+    def __repr__(self) -> str:
+        return f"JsonNumber({self.text!r})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, JsonNumber) and other.text == self.text
+
+    def __hash__(self) -> int:
+        return hash(self.text)
+
+
+def _fragment(value: object) -> orjson.Fragment:
+    # orjson's `default`: a kept number goes into the output as its own text.
+    if type(value) is JsonNumber:
+        return orjson.Fragment(value.text)
+    raise TypeError(f"cannot serialise {type(value).__name__}")
+
+
 def _text(
     raw: object, field: str, index: int, errors: list[FieldError], *, numbers: bool
 ) -> str | None:
@@ -155,9 +189,14 @@ def _text(
         return raw
     if isinstance(raw, str):  # a str subclass: never from JSON or a form, but be exact
         return _text(str(raw), field, index, errors, numbers=numbers)
+    if numbers and type(raw) is JsonNumber:
+        if _is_int(raw.text) or math.isfinite(float(raw.text)):
+            return raw.text  # the number as the app wrote it
+        errors.append(FieldError(index, field, "must be a finite number"))
+        return None
     if numbers and isinstance(raw, int) and not isinstance(raw, bool):
-        return str(raw)
-    if numbers and isinstance(raw, float):
+        return str(raw)  # loads_json gives an int only where its text is the number's text
+    if numbers and isinstance(raw, float):  # not from loads_json, which keeps every float's text
         if not math.isfinite(raw):
             errors.append(FieldError(index, field, "must be a finite number"))
             return None
@@ -192,7 +231,7 @@ def _json_kind(raw: object) -> str:
         return "null"
     if isinstance(raw, bool):
         return "a boolean"
-    if isinstance(raw, int | float):
+    if isinstance(raw, int | float | JsonNumber):
         return "a number"
     if isinstance(raw, str):
         return "a string"
@@ -208,6 +247,8 @@ def _conversion(raw: object, index: int, errors: list[FieldError]) -> bool | Non
         return raw
     if isinstance(raw, int) and raw in (0, 1):
         return bool(raw)
+    if type(raw) is JsonNumber and raw.text in ("0", "-0", "1"):
+        return raw.text == "1"
     if isinstance(raw, str):
         folded = raw.strip().lower()
         if folded in _TRUE:
@@ -223,15 +264,24 @@ def _conversion(raw: object, index: int, errors: list[FieldError]) -> bool | Non
 def _data(raw: object, index: int, errors: list[FieldError]) -> str | None:
     if isinstance(raw, dict | list):
         # Apps often hand structured data; the remote takes a string, so serialise compactly.
+        # orjson first: it cannot recurse without bound (it refuses past 255 levels, in C), and
+        # its text tells cheaply whether the depth needs a look at all (nesting n levels deep
+        # takes 2n brackets).
         try:
             text = orjson.dumps(raw).decode("utf-8")
-        except TypeError:  # a lone surrogate (a JSON escape), or nesting past orjson's limit
-            text = _slow_dumps(raw)
-            if not _is_utf8(text):
-                errors.append(
-                    FieldError(index, "data", "must be valid Unicode (no lone surrogates)")
-                )
-                return None
+        except TypeError:  # a kept number, a lone surrogate, or nesting past orjson's limit
+            text = _dumps_kept(raw)
+        maybe_deep = not text or (
+            len(text) > 2 * MAX_DATA_DEPTH and text.count("[") + text.count("{") > MAX_DATA_DEPTH
+        )
+        if maybe_deep and _deeper_than(raw, MAX_DATA_DEPTH):
+            errors.append(
+                FieldError(index, "data", f"must not be nested more than {MAX_DATA_DEPTH} levels")
+            )
+            return None
+        if not text:
+            errors.append(FieldError(index, "data", "must be valid Unicode (no lone surrogates)"))
+            return None
     else:
         maybe = _text(raw, "data", index, errors, numbers=False)
         if maybe is None:
@@ -248,8 +298,24 @@ def _data(raw: object, index: int, errors: list[FieldError]) -> str | None:
     return text
 
 
-def _slow_dumps(raw: object) -> str:
-    return json.dumps(raw, separators=(",", ":"), ensure_ascii=False)
+def _dumps_kept(raw: object) -> str:
+    """`raw` serialised with its kept numbers (JsonNumber) as written; "" if orjson cannot."""
+    try:
+        return orjson.dumps(raw, default=_fragment).decode("utf-8")
+    except TypeError:
+        return ""
+
+
+def _deeper_than(value: object, limit: int) -> bool:
+    """Whether arrays and objects in `value` nest more than `limit` levels (no recursion)."""
+    stack: list[tuple[object, int]] = [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > limit:
+            return True
+        children = node.values() if isinstance(node, dict) else cast(list[object], node)
+        stack.extend((child, depth + 1) for child in children if isinstance(child, dict | list))
+    return False
 
 
 def new_event_id() -> str:
@@ -318,12 +384,25 @@ def _optional(
     return text
 
 
+@dataclass(slots=True)
+class Leniency:
+    """What the drop-in endpoint took as the remote would, where /v1/events refuses it.
+
+    `unknown_fields`: names of fields it ignored; `odd_value`: a conversion's value that is not a
+    plain number, delivered as sent.
+    """
+
+    unknown_fields: list[str] = field(default_factory=list)
+    odd_value: bool = False
+
+
 def event_from_mapping(
     raw: Mapping[str, object],
     index: int,
     errors: list[FieldError],
     *,
     ignored: frozenset[str] = frozenset(),
+    lenient: Leniency | None = None,
     now: float | None = None,
     account: str = "",
     new_id: str = "",
@@ -331,7 +410,9 @@ def event_from_mapping(
     """Validate one event given as a mapping (form or JSON object).
 
     Problems are appended to `errors`; returns the Event only when this item had none. Keys in
-    `ignored` (the drop-in endpoint's `api_key`) are tolerated and dropped. `account` is the
+    `ignored` (the drop-in endpoint's `api_key`) are tolerated and dropped. With `lenient` (the
+    drop-in endpoint), what the remote takes is taken too and noted there: unknown fields are
+    dropped, and a conversion's value need not be a number. `account` is the
     account of an event that names none (the request's; "" means the default account). `new_id`
     is the event_id of an event that brings none ("": one is made).
     """
@@ -339,7 +420,10 @@ def event_from_mapping(
     if not _FIELD_SET.issuperset(raw):
         for key in raw:
             if key not in _FIELD_SET and key not in ignored:
-                errors.append(FieldError(index, str(key), "unknown field"))
+                if lenient is not None:
+                    lenient.unknown_fields.append(str(key))
+                else:
+                    errors.append(FieldError(index, str(key), "unknown field"))
 
     get = raw.get
     recipient_id = _required(get("recipient_id"), "recipient_id", MAX_ID_CHARS, index, errors, True)
@@ -353,9 +437,12 @@ def event_from_mapping(
     if (raw_data := get("data")) is not None:
         data = _data(raw_data, index, errors) or ""
     if conversion and value and not _is_number(value):
-        errors.append(
-            FieldError(index, "value", "must be a number when conversion is true (e.g. 24.99)")
-        )
+        if lenient is not None:
+            lenient.odd_value = True
+        else:
+            errors.append(
+                FieldError(index, "value", "must be a number when conversion is true (e.g. 24.99)")
+            )
 
     event_id = ""
     raw_id = get("event_id")
@@ -395,6 +482,10 @@ def event_from_mapping(
         time.time() if now is None else now,
         account,
     )
+
+
+def _is_int(text: str) -> bool:
+    return text.lstrip("-").isdigit()
 
 
 def _is_number(text: str) -> bool:
@@ -448,49 +539,115 @@ def events_from_items(items: Iterable[object], *, max_items: int, account: str =
     return events
 
 
-# Every ASCII digit turned into "0": a run of 20 digits is then a plain substring search, at C
-# speed. The regular expression [0-9]{20} took a tenth of all batch intake (110 µs over a 10 KB
-# NDJSON body, against 11 µs for this).
-_ZERO_DIGITS = str.maketrans("123456789", "000000000")
-_ZERO_DIGITS_B = bytes.maketrans(b"123456789", b"000000000")
+# A JSON number that orjson would not give back as written: a fraction or exponent whose text
+# is not the float's shortest form (orjson makes a float of it: `1.10` comes back as `1.1`, `1E5`
+# as `100000.0`), `-0` (an int 0), or 19 digits and more (past 64 bits orjson makes a float of
+# it; negative ones from 19 digits on). Found at C speed where it can be: whitespace dropped (a
+# number holds none), then a translation makes every digit "0", "e"/"E" "." and every place a
+# value can start ("," "[") ":", keeping each byte's place. A run of 19 zeros is then a long
+# int, and ":" (-) zeros "." the start of a fraction or exponent (a string such as "24.99" has
+# its quote after the ":"), whose text is then looked at. Searches with a literal start: a
+# regular expression over the raw body took ten times as long.
+_WHITESPACE = b" \t\r\n"
+_NUMBER_SHAPES = bytes.maketrans(b"eE,[123456789", b"..::000000000")
+_FRACTIONS = (re.compile(rb":00*\."), re.compile(rb":-00*\."))
+_NUMBER = re.compile(rb"-?[0-9]+(?:\.[0-9]+)?(?:[eE][-+]?[0-9]+)?")
+_NEGATIVE_ZERO = re.compile(rb"-0(?![0-9])")
 
 
-def _has_long_digits(text: str | bytes) -> bool:
-    """Whether `text` holds a run of 20 ASCII digits (in a string or not)."""
-    if isinstance(text, bytes):
-        return b"00000000000000000000" in text.translate(_ZERO_DIGITS_B)
-    return "00000000000000000000" in text.translate(_ZERO_DIGITS)
+def _has_risky_number(text: str | bytes) -> bool:
+    """Whether `text` may hold a JSON number that orjson would not keep as written.
+
+    May say yes for a number-like string (the exact way then parses it, only slower); never
+    says no for such a number.
+    """
+    raw = text if isinstance(text, bytes) else text.encode("utf-8", "surrogatepass")
+    compact = raw.translate(None, _WHITESPACE)
+    shapes = compact.translate(_NUMBER_SHAPES)
+    if b"0000000000000000000" in shapes or _NEGATIVE_ZERO.search(compact) is not None:
+        return True
+    for fractions in _FRACTIONS:
+        for found in fractions.finditer(shapes):
+            number = _NUMBER.match(compact, found.start() + 1)
+            if number is None:
+                return True
+            token = number.group()
+            shortest = _shortest_seen.get(token)  # prices repeat: most are known
+            if shortest is None:
+                shortest = _shortest(token)
+            if not shortest:
+                return True
+    return False
+
+
+# Float texts already looked at, and whether each is in its shortest form; bounded (~100 KB).
+_SHORTEST_SEEN_MAX = 1024
+_shortest_seen: dict[bytes, bool] = {}
+
+
+def _shortest(text: bytes) -> bool:
+    # A float given in the form both repr() (string fields) and orjson (data) write it back in.
+    value = float(text)
+    shortest = orjson.dumps(value) == text and repr(value).encode("ascii") == text
+    if len(_shortest_seen) < _SHORTEST_SEEN_MAX:
+        _shortest_seen[text] = shortest
+    return shortest
 
 
 def _reject_constant(name: str) -> object:
     raise ValueError(f"{name} is not valid JSON")
 
 
+# Digits an int may have and still be read as one by the exact way: below 19 every integer's
+# text is its value's text, and orjson serialises it again (past 64 bits it cannot).
+_EXACT_INT_DIGITS = 18
+
+
+def _exact_int(text: str) -> int | JsonNumber:
+    if text == "-0" or len(text) > _EXACT_INT_DIGITS:
+        return JsonNumber(text)
+    return int(text)
+
+
+# One decoder for every call: json.loads with hooks builds a new one each time.
+_EXACT = json.JSONDecoder(
+    parse_constant=_reject_constant, parse_float=JsonNumber, parse_int=_exact_int
+)
+
+
 def loads_json(text: str | bytes, *, checked: bool = False) -> object:
     """Parse JSON, refusing NaN/Infinity (which the standard module accepts by default).
 
-    orjson parses valid input (about twice as fast as the standard module); input it refuses is
-    parsed again by the standard module, which accepts lone surrogate escapes (validation then
-    names the field at fault) and whose error messages name the place.
-    Raises ValueError (UnicodeDecodeError for bytes that are not UTF-8) or RecursionError.
-    `checked`: the caller found no run of 20 digits in a text holding this one.
+    Every number comes back as the app wrote it: an int whose text is its own, or a JsonNumber
+    keeping the text (fractions, exponents, -0, ints of 19 digits and more). Input free of such
+    numbers is parsed by orjson (about twice as fast as the standard module); the rest, and input
+    orjson refuses, by the standard module with hooks that keep each number's text. The standard
+    module also accepts lone surrogate escapes (validation then names the field at fault) and
+    its error messages name the place.
+    Raises ValueError (UnicodeDecodeError for bytes that are not UTF-8), also for nesting too
+    deep to read (past orjson's 1024 levels, where the standard module runs out of stack).
+    `checked`: the caller found no risky number in a text holding this one.
     """
-    # orjson reads an integer past 64 bits as a float, silently; such input (any run of 20
-    # digits, in a string or not) takes the exact path.
-    if checked or not _has_long_digits(text):
+    if checked or not _has_risky_number(text):
         try:
             return orjson.loads(text)
         except orjson.JSONDecodeError:
             pass
     if isinstance(text, bytes):
         text = text.decode("utf-8")
-    return json.loads(text, parse_constant=_reject_constant)
+    try:
+        return _EXACT.decode(text)
+    except RecursionError:
+        raise ValueError(
+            f"nested too deeply to read (data may nest at most {MAX_DATA_DEPTH} levels)"
+        ) from None
 
 
 def parse_ndjson(text: str) -> list[object]:
     """Split an NDJSON body into items; a line that does not parse becomes a FieldError item."""
     items: list[object] = []
-    checked = not _has_long_digits(text)  # once for the body, not once a line
+    # Once for the body, not once a line; a body with a risky number looks at each line.
+    checked = not _has_risky_number(text)
     # Only "\n" ends a line: splitlines() would also split at U+2028 inside a JSON string.
     for line in text.split("\n"):
         if not line.strip():

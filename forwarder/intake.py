@@ -14,28 +14,30 @@ import binascii
 import dataclasses
 import hmac
 import json
-import math
 import sqlite3
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import parse_qsl
 
 import orjson
 import structlog
 from aiohttp import BodyPartReader, web
+from aiohttp.http import HttpVersion11
 from aiohttp.http_exceptions import HttpProcessingError
 from multidict import MultiDict
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from forwarder import __version__
-from forwarder.accounts import AccountError, Accounts
+from forwarder.accounts import CLIENT_PREFIX, AccountError, Accounts
 from forwarder.connections import GuardedRequestHandler
 from forwarder.credentials import Secret
 from forwarder.events import (
     Event,
     EventValidationError,
     FieldError,
+    Leniency,
     describe_error,
     event_from_mapping,
     events_from_items,
@@ -43,6 +45,8 @@ from forwarder.events import (
     parse_ndjson,
 )
 from forwarder.eventstatus import StatusBook, parse_key
+from forwarder.leniency import note as note_leniency
+from forwarder.logthrottle import LogThrottle
 from forwarder.numbering import EventNumbers
 from forwarder.queue import TOO_LARGE, EventQueue
 from forwarder.spoolfile import SpoolError
@@ -80,7 +84,8 @@ class IntakeState:
     auth_token: Secret | None = None
     # A request's body must arrive within this long of its head (intake.body_timeout_s).
     body_timeout_s: float = 30.0
-    unauthorized_logged_at: float = -math.inf
+    # Every log line intake can write once per request goes through it (logthrottle.py).
+    throttle: LogThrottle = field(default_factory=LogThrottle)
     # intake.drop_in_answer: "remote" (200, data = the event number) or "accepted" (202).
     drop_in_answer: str = "remote"
     # Memory mode: the event numbers intake gives (durable mode's are spool positions).
@@ -142,8 +147,6 @@ async def guard(
 
 
 TOKEN_HEADER = "X-Forwarder-Token"
-# At most one `unauthorized` log line this often: a scanner must not flood the journal.
-UNAUTHORIZED_LOG_EVERY_S = 60.0
 _OPEN_ROUTES = frozenset({("GET", "/healthz"), ("HEAD", "/healthz")})
 
 
@@ -178,17 +181,16 @@ def _token_refusal(request: web.Request) -> web.Response | None:
     if any(_token_matches(candidate, token) for candidate in offered):
         return None
     state.stats.unauthorized += 1
-    now = time.monotonic()
-    if now - state.unauthorized_logged_at >= UNAUTHORIZED_LOG_EVERY_S:
-        state.unauthorized_logged_at = now
-        log.warning(
-            "unauthorized",
-            peer=request.remote or "unix socket",
-            path=request.path,
-            token_sent=bool(offered),
-            total=state.stats.unauthorized,
-            note=f"one line per {UNAUTHORIZED_LOG_EVERY_S:.0f}s at most",
-        )
+    # Throttled: a scanner must not flood the journal. Keyed by nothing the client chose.
+    state.throttle.log(
+        log,
+        "warning",
+        "unauthorized",
+        peer=request.remote or "unix socket",
+        path=request.path,
+        token_sent=bool(offered),
+        total=state.stats.unauthorized,
+    )
     why = "wrong" if offered else "missing"
     return _json(
         401,
@@ -203,6 +205,34 @@ def _token_refusal(request: web.Request) -> web.Response | None:
         },
         {"WWW-Authenticate": 'Bearer realm="forwarder"'},
     )
+
+
+async def expect_continue(request: web.Request) -> web.StreamResponse | None:
+    """`Expect: 100-continue` on intake's routes: refuse before the body is sent when we can.
+
+    aiohttp's own expect handler tells every client to go on, so one whose body is larger than
+    intake.max_body_bytes, or without the intake token, uploaded all of it for a 413 or a 401.
+    Here those come first, on the head alone, and the connection closes after them. An Expect
+    other than 100-continue got a 417 from the connection's gate already (connections.py).
+    """
+    if request.version != HttpVersion11:
+        return None  # HTTP/1.0 has no interim answers (aiohttp ignores Expect there too)
+    if request.headers.get("Expect", "").lower() != "100-continue":
+        return _error(417, "unsupported Expect header: only '100-continue' is understood")
+    state = request.app[STATE]
+    refusal = _token_refusal(request)
+    length = request.content_length
+    if refusal is None and length is not None and length > state.max_body_bytes:
+        state.stats.invalid_requests += 1
+        refusal = _error(
+            413, f"request body is larger than intake.max_body_bytes ({state.max_body_bytes})"
+        )
+    if refusal is not None:
+        refusal.force_close()  # the client may send the body anyway: dropped, then closed
+        return refusal
+    await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+    request.writer.output_size = 0  # the answer proper has not started (as aiohttp's handler)
+    return None
 
 
 def _json_error(request: web.Request, exc: web.HTTPException) -> web.Response:
@@ -255,7 +285,15 @@ def _refuse(state: IntakeState, reason: str, count: int) -> web.Response:
             reason=TOO_LARGE,
         )
     state.stats.refused[reason] += count
-    log.warning("refused", reason=reason, count=count, queue_depth=len(state.queue))
+    state.throttle.log(
+        log,
+        "warning",
+        "refused",
+        key=reason,
+        reason=reason,
+        count=count,
+        queue_depth=len(state.queue),
+    )
     return _json(
         503,
         {"success": False, "error": _REFUSALS[reason], "reason": reason},
@@ -317,6 +355,15 @@ def _route(router: Accounts, header: str, client_key: str | None) -> str:
         raise _Unroutable([FieldError(-1, exc.field, str(exc))], exc.status) from None
 
 
+def _open_client(router: Accounts | None, client_key: str) -> None:
+    """Create (or touch) the account of a valid request's client key; raises _Unroutable."""
+    assert router is not None
+    try:
+        router.open_client(client_key)
+    except AccountError as exc:
+        raise _Unroutable([FieldError(-1, exc.field, str(exc))], exc.status) from None
+
+
 def _check_accounts(state: IntakeState, events: list[Event], fallback: str) -> None:
     """Every account an event names must be configured; raises _Unroutable (with the items)."""
     router = state.accounts
@@ -345,7 +392,10 @@ class _Unroutable(Exception):
 
 def _unroutable(state: IntakeState, exc: _Unroutable, single: bool) -> web.Response:
     if exc.status != 400:
-        return _error(exc.status, str(exc), errors=[e.to_dict() for e in exc.errors])
+        payload = {"success": False, "error": str(exc), "errors": [e.to_dict() for e in exc.errors]}
+        # A 503 (every client-account slot taken) passes: the app keeps the event and retries.
+        retry = {"Retry-After": RETRY_AFTER_S} if exc.status == 503 else None
+        return _json(exc.status, payload, retry)
     if single:
         exc.errors = [dataclasses.replace(e, index=0) for e in exc.errors]
     return _invalid(state, exc.errors)
@@ -424,7 +474,8 @@ async def _simple_form(request: web.Request) -> dict[str, object] | None:
         return None
     try:
         body = await request.read()  # at once, the body is here; 413 past client_max_size
-        text = body.rstrip().decode("utf-8")
+        # Not stripped (aiohttp's own parser strips): a trailing space is the last value's.
+        text = body.decode("utf-8")
     except (UnicodeDecodeError, web.RequestPayloadError, HttpProcessingError):
         return None
     if "%" in text:
@@ -445,17 +496,32 @@ async def _simple_form(request: web.Request) -> dict[str, object] | None:
 async def _read_form(request: web.Request, limit: int) -> MultiDict[str]:
     """The form's text fields; anything aiohttp cannot parse becomes a 400, never a 500."""
     try:
+        if request.content_type != "multipart/form-data":
+            return _parse_urlencoded(await _read_body(request), request.charset)
         async with asyncio.timeout(request.app[STATE].body_timeout_s):
-            if request.content_type == "multipart/form-data":
-                return await _read_multipart(request, limit)
-            form = await request.post()  # urlencoded: text fields only; 413 past client_max_size
-        return MultiDict((k, v) for k, v in form.items() if isinstance(v, str))
+            return await _read_multipart(request, limit)
     except TimeoutError:
         raise _SlowBody from None
     except UnicodeDecodeError as exc:
         raise _BadBody(f"form is not valid UTF-8 (byte {exc.start})") from None
     except _FORM_ERRORS as exc:
         raise _BadBody(f"form cannot be read: {describe_error(exc)}") from None
+
+
+def _parse_urlencoded(body: bytes, charset: str | None) -> MultiDict[str]:
+    """An urlencoded body's fields as the remote's own kind parses them (PHP: split at "&",
+    "+" is a space, nothing stripped), not as request.post() does: it strips the body's end,
+    and with it a trailing space of the last value."""
+    encoding = charset or "utf-8"
+    text = body.decode(encoding)
+    pairs = parse_qsl(
+        text,
+        keep_blank_values=True,
+        encoding=encoding,
+        errors="strict",
+        max_num_fields=MAX_FORM_FIELDS,
+    )
+    return MultiDict(pairs)
 
 
 # What aiohttp raises on a form a client got wrong: bad charset names, broken multipart headers,
@@ -541,14 +607,25 @@ async def create_event(request: web.Request) -> web.Response:
         return _slow_body(state)
     try:
         fallback = ""
+        client_key = None
         if state.accounts is not None and raw.get("account") is None:
             header = request.headers.get(ACCOUNT_HEADER, "")
-            fallback = _route(state.accounts, header, _client_key(request))
-        event = event_from_mapping(raw, 0, errors, ignored=DROP_IN_IGNORED, account=fallback)
+            client_key = _client_key(request)
+            fallback = _route(state.accounts, header, client_key)
+        # Lenient where the remote is: unknown fields ignored, any conversion value taken.
+        lenient = Leniency()
+        event = event_from_mapping(
+            raw, 0, errors, ignored=DROP_IN_IGNORED, lenient=lenient, account=fallback
+        )
         if event is None or errors:
             return _invalid(state, errors)
+        if lenient.unknown_fields or lenient.odd_value:
+            note_leniency(state.stats, lenient)
         if event.account != fallback:
             _check_accounts(state, [event], fallback)
+        elif client_key is not None and fallback.startswith(CLIENT_PREFIX):
+            # Only now, the request found valid, may a new client key take an account.
+            _open_client(state.accounts, client_key)
     except _Unroutable as exc:
         return _unroutable(state, exc, single=True)
     if state.numbers is not None:
@@ -723,11 +800,12 @@ def create_app(state: IntakeState) -> web.Application:
         middlewares=[guard],
     )
     app[STATE] = state
-    app.router.add_post("/v1/recipientEvents/create", create_event)
-    app.router.add_post("/v1/events", create_events)
-    app.router.add_get("/v1/events/{id}", event_status)
-    app.router.add_get("/healthz", healthz)
-    app.router.add_get("/readyz", readyz)
-    app.router.add_get("/metrics", metrics)
-    app.router.add_get("/v1/stats", stats)
+    router, expect = app.router, expect_continue
+    router.add_post("/v1/recipientEvents/create", create_event, expect_handler=expect)
+    router.add_post("/v1/events", create_events, expect_handler=expect)
+    router.add_get("/healthz", healthz, expect_handler=expect)
+    router.add_get("/readyz", readyz, expect_handler=expect)
+    router.add_get("/metrics", metrics, expect_handler=expect)
+    router.add_get("/v1/stats", stats, expect_handler=expect)
+    router.add_get("/v1/events/{id}", event_status, expect_handler=expect)
     return app

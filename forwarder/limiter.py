@@ -16,9 +16,13 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from forwarder.ratewindow import MAX_WINDOW_S as MAX_PACED_WINDOW_S
+from forwarder.ratewindow import WindowLearner
+
 Clock = Callable[[], float]
 
-# Longest window the limiter believes a server's rate window can be.
+# Longest reset the limiter believes for the end of a server's window (its length, for pacing,
+# is bounded tighter: `ratewindow`).
 MAX_WINDOW_S = 3600.0
 # The pacing bucket holds this many seconds of the rate: a backlog goes out evenly, and a lane
 # coming back from a pause (gate, breaker, spent quota) does not burst a whole second at once.
@@ -47,15 +51,14 @@ class RateLimiter:
     requests it started in the server's current window and never starts more than the server's
     quota; each answer's `X-RateLimit-Limit`, `-Remaining` and `-Reset` correct the quota, the
     window's end and its length (so a plan upgrade, or another client using the same key, is
-    noticed). A 429 closes the gate for the whole account until the reset: retries take tokens
-    like any request.
+    noticed; the length is learned without trusting one answer: `ratewindow`). A 429 closes the
+    gate for the whole account until the reset: retries take tokens like any request.
     """
 
     def __init__(self, per_minute: int, *, clock: Clock = time.monotonic) -> None:
         self._clock = clock
         self.limit = per_minute  # requests per window
-        self.window_s = 60.0
-        self._learned_window = 0.0
+        self._window = WindowLearner()
         now = clock()
         self._epoch = 0
         self._started = 0  # requests started in this window
@@ -66,6 +69,11 @@ class RateLimiter:
         self._refilled_at = now
         self.gate_until = 0.0
         self.rate_limited = 0  # 429s seen
+
+    @property
+    def window_s(self) -> float:
+        """The server's rate window, as learned so far (60 s until answers say otherwise)."""
+        return self._window.window_s
 
     @property
     def rate(self) -> float:
@@ -91,6 +99,10 @@ class RateLimiter:
     def set_per_minute(self, per_minute: int) -> None:
         """Apply a configured quota (reload). Server headers still correct it afterwards."""
         self.limit = max(1, round(per_minute * self.window_s / 60.0))
+
+    def relearn_window(self) -> None:
+        """Forget the window lengths learned from past windows (a reload): answers teach it anew."""
+        self._window.forget()
 
     def reserve(self) -> Ticket | float:
         """Take permission for one request now, or return how many seconds to wait first."""
@@ -123,9 +135,6 @@ class RateLimiter:
         if limit is not None and limit > 0:
             self.limit = limit
         if reset_s is not None and 0 <= reset_s <= MAX_WINDOW_S:
-            # The longest reset ever seen is the window's length (seen right after it starts).
-            self._learned_window = max(self._learned_window, reset_s, 1.0)
-            self.window_s = self._learned_window
             end = now + reset_s
             if ticket.epoch == self._epoch:
                 if not self._confirmed:
@@ -136,12 +145,16 @@ class RateLimiter:
                 else:
                     # Reset is rounded up, so every answer gives an upper bound: keep the lowest.
                     self._window_end = min(self._window_end, end)
+                # Only answers about the current window tell its length.
+                self._window.observe(reset_s, now)
         if remaining is not None and ticket.epoch == self._epoch:
             used_by_server = self.limit - remaining
             self._external = max(self._external, used_by_server - self._started)
         if rate_limited:
             self.rate_limited += 1
-            waits = [w for w in (reset_s, retry_after) if w is not None and w > 0]
+            # The reset counts up to a window's longest (`_wait_hint`'s reason); Retry-After whole.
+            reset_wait = min(reset_s, MAX_PACED_WINDOW_S) if reset_s is not None else None
+            waits = [w for w in (reset_wait, retry_after) if w is not None and w > 0]
             wait = max(waits) if waits else DEFAULT_429_WAIT_S
             self.gate_until = max(self.gate_until, now + wait)
             # Nothing more fits in this window; the next one starts when the gate opens.
@@ -150,6 +163,7 @@ class RateLimiter:
             self._external = self.limit
 
     def _new_window(self, now: float, end: float, *, confirmed: bool) -> None:
+        self._window.next_window()
         self._epoch += 1
         self._started = 0
         self._external = 0

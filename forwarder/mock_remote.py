@@ -27,6 +27,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import asdict, dataclass, field, fields
 from datetime import UTC, datetime
 from typing import Any, Final, TypedDict
+from urllib.parse import parse_qsl
 
 from aiohttp import web
 
@@ -493,7 +494,15 @@ class MockRemote:
 
     async def _read_form(self, request: web.Request) -> dict[str, str]:
         try:
-            form = await request.post()
+            form: Mapping[str, object]
+            if request.content_type == "multipart/form-data":
+                form = await request.post()
+            else:
+                # Parsed from the raw body as the real platform (PHP) parses it: split at "&",
+                # "+" a space, nothing stripped, the last of a repeated field wins.
+                # request.post() strips the body's end, and with it a last value's trailing
+                # space.
+                form = dict(parse_qsl((await request.read()).decode(), keep_blank_values=True))
         except web.HTTPRequestEntityTooLarge as exc:
             raise _Rejected(413, "Request body too large") from exc
         except ValueError as exc:

@@ -5,9 +5,17 @@ The queue is the only buffer between intake and delivery, bounded both in events
 so a batch is either wholly queued or wholly refused and the app always knows which events it
 still holds.
 
+No account can take the whole bound while others are there: half of it is shared, and the
+other half is kept evenly for the accounts the queue knows (those with events or a lane waiting
+on `get`), so an account whose delivery is paused leaves every other account at least
+`max_events / (2 * accounts)` (and as much of `max_bytes`). One account alone may use it all.
+
 Each account's delivery lane takes its own events. Events of one (account, recipient) are handed
 out one at a time in acceptance order (unless ordering is off), so a recipient never sees a later
 event overtake an earlier one that is still being retried.
+
+One module although long: it is one data structure whose invariants span every method (the
+tests' `check_structure` checks them after each step), split, they would be harder to keep true.
 """
 
 from __future__ import annotations
@@ -16,6 +24,7 @@ import asyncio
 import contextlib
 import enum
 import itertools
+import sys
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 
@@ -32,19 +41,52 @@ QUEUE_FULL = "queue_full"
 QUEUE_BYTES_FULL = "queue_bytes_full"
 TOO_LARGE = "too_large"
 
+# CPython stores a str at 1, 2 or 4 bytes a character, the widest its text needs: one emoji makes
+# a 64 KiB text 256 KiB. And the first time C code asks a non-ASCII str for its UTF-8 form
+# (orjson does: the spool's rows, the save at a stop) the str keeps that copy for its life, up to
+# 2, 3 or 4 bytes a character more. A non-ASCII str's header, measured rather than assumed:
+_WIDE_HEAD = sys.getsizeof("\u00e9") - 2
+# The most UTF-8 bytes a character can take, by its bytes in memory (3: see _wide_extra).
+_UTF8_MAX = (0, 2, 3, 4, 4)
+
 
 def event_size(event: Event) -> int:
-    """The bytes `queue.max_bytes` counts for an event: its text's characters plus a fixed overhead.
+    """The bytes `queue.max_bytes` counts for an event: what its text can take in memory, plus a
+    fixed overhead.
 
-    A cheap estimate (attribute reads and `len`, once per event), not an exact measure: text
-    beyond ASCII takes more than a byte a character in memory too.
+    ASCII text (the common case, checked in O(1)) counts a byte a character; other text what
+    `_wide_extra` adds. The queue keeps the figure with the event: it must subtract what it
+    added, and a str's size grows when its UTF-8 copy is cached.
     """
     e = event
-    text = (
-        len(e.account) + len(e.event_id) + len(e.recipient_id) + len(e.name) + len(e.value)
-        + len(e.data) + len(e.ref)
+    r, n, v, d, f = e.recipient_id, e.name, e.value, e.data, e.ref
+    size = (
+        len(e.account) + len(e.event_id) + len(r) + len(n) + len(v) + len(d) + len(f)
+        + EVENT_OVERHEAD_BYTES
     )  # fmt: skip
-    return text + EVENT_OVERHEAD_BYTES
+    if r.isascii() and n.isascii() and v.isascii() and d.isascii() and f.isascii():
+        return size  # event_id and account are ASCII by validation
+    if not d.isascii():
+        size += _wide_extra(d)
+    if not v.isascii():
+        size += _wide_extra(v)
+    if not r.isascii():
+        size += _wide_extra(r)
+    if not n.isascii():
+        size += _wide_extra(n)
+    if not f.isascii():
+        size += _wide_extra(f)
+    return size
+
+
+def _wide_extra(text: str, _sizeof: Callable[[object], int] = sys.getsizeof) -> int:
+    """What a non-ASCII str can take in memory beyond a byte a character: its characters at
+    their width, plus the UTF-8 copy CPython may cache with it (O(1), from `sys.getsizeof`)."""
+    chars = len(text) + 1  # with the terminating NUL
+    # Exact for a str without its UTF-8 copy. With one the quotient comes out larger (3 counts
+    # 3 + 4): more, never less, than the str can take.
+    width = min(4, max(1, (_sizeof(text) - _WIDE_HEAD) // chars))
+    return _WIDE_HEAD + chars * (width + _UTF8_MAX[width]) - chars + 1
 
 
 class _State(enum.Enum):
@@ -56,17 +98,17 @@ class _State(enum.Enum):
 class _Entry:
     """One accepted event and its bookkeeping. Compared by identity, never by the event's value.
 
-    Its `event_size` is not kept but computed again when it leaves: an int of its own would cost
-    about 40 bytes an event, and the queue relies on events not changing anyway (it finds an
-    event's account and recipient again from the event itself).
+    It keeps its `event_size`, subtracted when it leaves: computed again then, it could come
+    out larger than what was added (a str's size grows once its UTF-8 form is cached).
     """
 
-    __slots__ = ("event", "next", "seq", "spool_seq", "state", "ticket")
+    __slots__ = ("event", "next", "seq", "size", "spool_seq", "state", "ticket")
 
-    def __init__(self, event: Event, seq: int, spool_seq: int = 0) -> None:
+    def __init__(self, event: Event, seq: int, spool_seq: int = 0, size: int = 0) -> None:
         self.event = event
         self.seq = seq  # acceptance order across all accounts
         self.spool_seq = spool_seq  # its row in the spool; 0 when it is in memory only
+        self.size = size  # its event_size when admitted
         self.state = _State.WAITING
         self.ticket = 0  # the order in which get() took it, for take_all
         # The recipient's next waiting entry (ordered mode; see _Recipient); None when last or
@@ -141,7 +183,7 @@ class _Recipient:
 class _Account:
     """One account's lane state: what its `get` callers take from and wait on."""
 
-    __slots__ = ("busy", "depth", "fifo", "line", "name", "recipients", "waiters")
+    __slots__ = ("busy", "bytes", "depth", "fifo", "line", "name", "recipients", "waiters")
 
     def __init__(self, name: str) -> None:
         self.name = name
@@ -153,6 +195,7 @@ class _Account:
         self.waiters: deque[asyncio.Future[_Entry]] = deque()
         self.depth = 0
         self.busy = 0
+        self.bytes = 0  # event_size of its waiting and in-delivery events (the backlog's shares)
 
 
 class EventQueue:
@@ -240,30 +283,66 @@ class EventQueue:
         return max(0, self.max_bytes - self._bytes)
 
     def offer(
-        self, events: list[Event], spool_seqs: list[int] | None = None, size: int = -1
+        self,
+        events: list[Event],
+        spool_seqs: list[int] | None = None,
+        sizes: list[int] | None = None,
     ) -> bool:
         """Queue all of `events`, or none of them if they do not all fit (see `admit`)."""
-        return not self.admit(events, spool_seqs, size)
+        return not self.admit(events, spool_seqs, sizes)
 
     def admit(
-        self, events: list[Event], spool_seqs: list[int] | None = None, size: int = -1
+        self,
+        events: list[Event],
+        spool_seqs: list[int] | None = None,
+        sizes: list[int] | None = None,
     ) -> str:
         """Queue all of `events` or none; returns "" or why not.
 
         The reasons: `QUEUE_FULL` (past `max_events`), `QUEUE_BYTES_FULL` (past `max_bytes`), and
         `TOO_LARGE` when the events alone exceed `max_bytes`, so waiting would never help.
-        `spool_seqs` are the events' rows in the spool, reported back by `done`; `size` is their
-        total `event_size` if the caller has it already.
+        `spool_seqs` are the events' rows in the spool, reported back by `done`; `sizes` their
+        `event_size`s if the caller has them already (taken before the spool's encoding cached
+        their text's UTF-8 form, which would make them come out larger).
         """
         if len(events) == 1 and spool_seqs is None:
             return self._admit_one(events[0])
         if len(events) > self.free:
             return QUEUE_FULL
-        if size < 0:
-            size = sum(map(event_size, events))
+        if sizes is None:
+            sizes = list(map(event_size, events))
+        size = sum(sizes)
         if size > self.bytes_free:
             return TOO_LARGE if 0 < self.max_bytes < size else QUEUE_BYTES_FULL
-        self._add(events, spool_seqs, size)
+        refused = self._over_reserve(events[0].account, len(events), size)
+        if refused:
+            return refused
+        self._add(events, spool_seqs, sizes)
+        return ""
+
+    def _over_reserve(self, account: str, count: int, size: int) -> str:
+        """Why `count` events (`size` bytes) of `account` would eat into the room kept for the
+        other accounts, or "" (the caller checked the bounds themselves already)."""
+        held = self._waiting + self._in_delivery
+        # What is kept for others is under half of each bound: below half full, nothing to do.
+        if held + count <= self.max_events // 2 and (
+            self.max_bytes <= 0 or self._bytes + size <= self.max_bytes // 2
+        ):
+            return ""
+        accounts = len(self._accounts) + (account not in self._accounts)
+        if accounts <= 1:
+            return ""
+        keep = self.max_events // (2 * accounts)
+        keep_bytes = self.max_bytes // (2 * accounts) if self.max_bytes > 0 else 0
+        kept = kept_bytes = 0
+        for name, acct in self._accounts.items():
+            if name != account:
+                kept += max(0, keep - acct.depth - acct.busy)
+                kept_bytes += max(0, keep_bytes - acct.bytes)
+        if held + count + kept > self.max_events:
+            return QUEUE_FULL
+        if self.max_bytes > 0 and self._bytes + size + kept_bytes > self.max_bytes:
+            return QUEUE_BYTES_FULL
         return ""
 
     def _admit_one(self, event: Event) -> str:
@@ -274,9 +353,14 @@ class EventQueue:
         size = event_size(event)
         if self.max_bytes > 0 and size > self.max_bytes - self._bytes:
             return TOO_LARGE if size > self.max_bytes else QUEUE_BYTES_FULL
+        if len(self._accounts) > 1 or event.account not in self._accounts:
+            refused = self._over_reserve(event.account, 1, size)
+            if refused:
+                return refused
         acct = self._accounts.get(event.account) or self._account(event.account)
-        self._enqueue(acct, _Entry(event, next(self._seq)))
+        self._enqueue(acct, _Entry(event, next(self._seq), 0, size))
         self._bytes += size
+        acct.bytes += size
         if acct.waiters:
             self._hand_out(acct)
         return ""
@@ -322,7 +406,8 @@ class EventQueue:
         entry = entries[0]
         acct, rec = self._settle(entry)
         entry.state = _State.GONE
-        self._bytes -= event_size(event)
+        self._bytes -= entry.size
+        acct.bytes -= entry.size
         if not rec.busy:
             if rec.first is not None:  # ordered mode only
                 if not rec.in_line:
@@ -341,6 +426,22 @@ class EventQueue:
         """Waiting events of `account` (not counting those in delivery)."""
         acct = self._accounts.get(account)
         return acct.depth if acct is not None else 0
+
+    def held(self, account: str) -> tuple[int, int]:
+        """Events of `account` in memory (waiting and in delivery) and their `event_size` bytes."""
+        acct = self._accounts.get(account)
+        return (acct.depth + acct.busy, acct.bytes) if acct is not None else (0, 0)
+
+    @property
+    def known_accounts(self) -> int:
+        """Accounts the queue keeps state for (with events, or a lane waiting): at least as
+        many as `accounts()` holds, found without building that set."""
+        return len(self._accounts)
+
+    def holdings(self) -> list[tuple[str, int, int]]:
+        """(account, events held, their bytes) of every account the queue keeps state for,
+        idle lanes waiting on `get` included (with 0 and 0)."""
+        return [(a.name, a.depth + a.busy, a.bytes) for a in self._accounts.values()]
 
     def accounts(self) -> set[str]:
         """Accounts with waiting or in-delivery events."""
@@ -370,6 +471,23 @@ class EventQueue:
                     yield entry
                     entry = entry.next
 
+    def oldest_accepted_at(self) -> float | None:
+        """When the oldest event in the queue (waiting or in delivery) was accepted; None if empty.
+
+        A walk over every recipient's head: O(recipients), so it is for a scrape or a status
+        read, never for the hot path. A recipient's first waiting event is its oldest one.
+        """
+        heads = [entry.event.accepted_at for ents in self._delivering.values() for entry in ents]
+        for acct in self._accounts.values():
+            if acct.fifo:
+                heads.append(acct.fifo[0].event.accepted_at)
+            heads.extend(
+                rec.first.event.accepted_at
+                for rec in acct.recipients.values()
+                if rec.first is not None
+            )
+        return min(heads, default=None)
+
     def take_all(self) -> list[Event]:
         """Remove and return every event, for saving at a stop; the queue is empty afterwards.
 
@@ -396,7 +514,7 @@ class EventQueue:
             acct.recipients.clear()
             acct.line.clear()
             acct.fifo.clear()
-            acct.depth = acct.busy = 0
+            acct.depth = acct.busy = acct.bytes = 0
             self._prune(acct)  # kept only while a lane is waiting on it
         waiting.sort(key=_by_seq)
         self._delivering.clear()
@@ -411,6 +529,21 @@ class EventQueue:
 
         Its events in delivery stay in delivery and are still reported with `done`.
         """
+        return [event for event, _ in self.take_account_spooled(account)]
+
+    def take_account_spooled(self, account: str) -> list[tuple[Event, int]]:
+        """`take_account`, with each event's spool row (0: in memory only)."""
+        return self.evict(account, 0)
+
+    def evict(self, account: str, keep: int, keep_bytes: int = -1) -> list[tuple[Event, int]]:
+        """Remove the newest waiting events of `account` until at most `keep` events (and, if
+        `keep_bytes` >= 0, at most that many bytes) of it are held; returns them, oldest first,
+        with their spool rows.
+
+        The backlog's window gives an account's share back this way: the events are in the
+        spool, and its older events stay, so its order is kept when they are read again.
+        Events in delivery are never taken.
+        """
         acct = self._accounts.get(account)
         if acct is None:
             return []
@@ -418,32 +551,57 @@ class EventQueue:
         acct.fifo.clear()
         entries.extend(self._unchain(acct))
         entries.sort(key=_by_seq)
-        for entry in entries:
+        held, held_bytes = acct.depth + acct.busy, acct.bytes
+        cut = len(entries)
+        while cut and (held > keep or held_bytes > keep_bytes >= 0):
+            cut -= 1
+            held -= 1
+            held_bytes -= entries[cut].size
+        kept, taken = entries[:cut], entries[cut:]
+        for entry in taken:
             entry.state = _State.GONE
-            self._bytes -= event_size(entry.event)
-        self._waiting -= acct.depth
-        acct.depth = 0
+            self._bytes -= entry.size
+            acct.bytes -= entry.size
+        self._waiting -= len(taken)
+        acct.depth -= len(taken)
+        for entry in kept:  # back in their chains (or FIFO) in acceptance order
+            if self._ordered:
+                rec = self._recipient(acct, entry.event.recipient_id)
+                rec.push(entry)
+                if not rec.busy and not rec.in_line:
+                    rec.in_line = True
+                    acct.line.append(rec)
+            else:
+                acct.fifo.append(entry)
         self._prune(acct)
-        return [entry.event for entry in entries]
+        return [(entry.event, entry.spool_seq) for entry in taken]
 
     def _add(
-        self, events: Iterable[Event], spool_seqs: Iterable[int] | None, size: int = -1
+        self,
+        events: Iterable[Event],
+        spool_seqs: Iterable[int] | None,
+        sizes: Iterable[int] | None = None,
     ) -> int:
-        """Queue `events` in order; `size` is their total `event_size` if the caller has it."""
+        """Queue `events` in order; `sizes` are their `event_size`s if the caller has them."""
         touched: dict[str, _Account] = {}
         count = 0
-        if spool_seqs is None:
-            pairs: Iterable[tuple[Event, int]] = zip(events, itertools.repeat(0), strict=False)
-        else:
-            pairs = zip(list(events), list(spool_seqs), strict=True)
+        if not isinstance(events, list):
+            events = list(events)
+        seqs: Iterable[int] = itertools.repeat(0)
+        if spool_seqs is not None:
+            seqs = list(spool_seqs)
+            if len(seqs) != len(events):
+                raise ValueError("events and spool_seqs differ in length")
+        if sizes is None:
+            sizes = map(event_size, events)
         added = 0
-        for event, spool_seq in pairs:
+        for event, spool_seq, size in zip(events, seqs, sizes, strict=False):
             acct = self._account(event.account)
             touched[event.account] = acct
-            if size < 0:
-                added += event_size(event)
+            added += size
+            acct.bytes += size
             # _enqueue's work inline: a call per event is measurable in a batch's cost.
-            entry = _Entry(event, next(self._seq), spool_seq)
+            entry = _Entry(event, next(self._seq), spool_seq, size)
             acct.depth += 1
             self._waiting += 1
             if self._ordered:
@@ -455,7 +613,7 @@ class EventQueue:
             else:
                 acct.fifo.append(entry)
             count += 1
-        self._bytes += size if size >= 0 else added
+        self._bytes += added
         for acct in touched.values():
             self._hand_out(acct)
         return count

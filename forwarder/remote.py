@@ -10,7 +10,6 @@ along a redirect: a 3xx is not followed but dead-lettered as `redirected`.
 
 from __future__ import annotations
 
-import contextlib
 import email.utils
 import enum
 import json
@@ -24,17 +23,26 @@ from urllib.parse import quote_plus, urlsplit
 
 import aiohttp
 import orjson
+import structlog
 from yarl import URL
 
 from forwarder import __version__
 from forwarder.credentials import Secret, basic_token, secret_forms
 from forwarder.events import Event
+from forwarder.ratewindow import MAX_WINDOW_S
+
+log = structlog.get_logger("forwarder.remote")
 
 USER_AGENT = f"forwarder/{__version__}"
 MAX_RESPONSE_BYTES = 64 * 1024
 MAX_ERROR_CHARS = 300
-# A server's wait hint beyond this is treated as nonsense rather than obeyed for days.
+# A remote id given as text longer than this is not an id (the remote's ids are integers).
+MAX_REMOTE_ID_CHARS = 64
+# A server's wait hint (Retry-After, X-RateLimit-Reset) beyond this is nonsense: ignored, not
+# obeyed for days.
 MAX_HINT_S = 3600.0
+# An X-RateLimit-Limit or -Remaining beyond this is nonsense (plans go to 3 000 a minute): ignored.
+MAX_QUOTA = 1_000_000_000
 RETRYABLE_STATUSES = frozenset({408, 425, 429, 500, 502, 503, 504})
 AUTH_STATUSES = frozenset({401, 403})
 # The dead-letter reason of a 3xx: the base URL is wrong (moved, http->https), not the event.
@@ -77,7 +85,7 @@ class Result:
 
     verdict: Verdict
     status: int | None = None
-    remote_id: object = None
+    remote_id: int | str | None = None  # the remote's id of the event (`_remote_id`)
     error: str = ""
     retry_after: float | None = None
     duplicate: bool = False  # 409: the remote already has this event under its idempotency key
@@ -105,50 +113,90 @@ class Result:
         return self.verdict is Verdict.RETRY and not self.rate_limited
 
 
+def _malformed(header: str) -> None:
+    """Say that a header the remote sent was nonsense and is ignored: once per header name.
+
+    Every answer may carry the same broken header; one line says it, later ones add nothing.
+    The value is not logged: it could be anything the remote echoes, cut where no redactor
+    would recognise it.
+    """
+    if header not in _REPORTED:
+        _REPORTED.add(header)
+        log.warning(
+            "remote_header_ignored",
+            header=header,
+            note="not a number in range (or, for Retry-After, an HTTP date); ignored here and "
+            "in later answers, which are not logged again",
+        )
+
+
+# Header names already reported by `_malformed` (process-wide: the remote is one remote).
+_REPORTED: set[str] = set()
+
+
+def _retry_after(headers: Mapping[str, str]) -> float | None:
+    """Retry-After in seconds (delta-seconds or an HTTP date), or None if absent or nonsense."""
+    text = headers.get("Retry-After", "").strip()
+    if not text:
+        return None
+    try:
+        seconds = float(text)
+    except ValueError:
+        try:
+            when = email.utils.parsedate_to_datetime(text)
+        except (ValueError, TypeError, OverflowError, IndexError):
+            when = None
+        if when is None or when.tzinfo is None:
+            _malformed("Retry-After")
+            return None
+        seconds = max(when.timestamp() - time.time(), 0.0)  # a past date: now (clock skew)
+    if not 0 <= seconds <= MAX_HINT_S:  # also NaN
+        _malformed("Retry-After")
+        return None
+    return seconds
+
+
 def _wait_hint(headers: Mapping[str, str], *, rate_limited: bool) -> float | None:
     """Seconds the server asks us to wait: Retry-After, and on a 429 also X-RateLimit-Reset.
 
     X-RateLimit-Reset comes on every answer; it is a reason to wait only when the quota is spent.
+    A malformed hint is ignored (the status is retried as any other), never an error.
     """
-    hints: list[float] = []
-    retry_after = headers.get("Retry-After")
-    if retry_after:
-        try:
-            hints.append(float(retry_after))
-        except ValueError:
-            when = email.utils.parsedate_to_datetime(retry_after) if retry_after else None
-            if when is not None and when.tzinfo is not None:
-                hints.append(when.timestamp() - time.time())
-    reset = headers.get("X-RateLimit-Reset") if rate_limited else None
-    if reset:
-        with contextlib.suppress(ValueError):
-            hints.append(float(reset))
-    hints = [min(max(h, 0.0), MAX_HINT_S) for h in hints if h == h]  # h == h drops NaN
+    reset = _header_number(headers, "X-RateLimit-Reset", MAX_HINT_S) if rate_limited else None
+    if reset is not None:
+        # A spent quota comes back when the window ends, and no window is longer than a minute:
+        # one odd reset must not hold the account for an hour (an explicit Retry-After may).
+        reset = min(reset, MAX_WINDOW_S)
+    hints = [hint for hint in (_retry_after(headers), reset) if hint is not None]
     return max(hints) if hints else None
 
 
-def _header_number(headers: Mapping[str, str], name: str) -> float | None:
-    text = headers.get(name)
+def _header_number(headers: Mapping[str, str], name: str, maximum: float) -> float | None:
+    """A number header in 0..`maximum`; None if absent, and (logged once) if anything else."""
+    text = headers.get(name, "").strip()
     if not text:
         return None
     try:
         value = float(text)
     except ValueError:
+        value = math.nan
+    if not 0 <= value <= maximum:  # also NaN and infinities
+        _malformed(name)
         return None
-    return value if math.isfinite(value) and value >= 0 else None
+    return value
 
 
 def _take_rate_headers(result: Result, headers: Mapping[str, str]) -> None:
     """`X-RateLimit-*` into `result`; missing or malformed headers are left out."""
-    limit = _header_number(headers, "X-RateLimit-Limit")
-    remaining = _header_number(headers, "X-RateLimit-Remaining")
-    reset = _header_number(headers, "X-RateLimit-Reset")
+    limit = _header_number(headers, "X-RateLimit-Limit", MAX_QUOTA)
+    remaining = _header_number(headers, "X-RateLimit-Remaining", MAX_QUOTA)
+    reset = _header_number(headers, "X-RateLimit-Reset", MAX_HINT_S)
     if limit is not None and limit >= 1:
         result.rate_limit = int(limit)
     if remaining is not None:
         result.rate_remaining = int(remaining)
     if reset is not None:
-        result.rate_reset_s = min(reset, MAX_HINT_S)
+        result.rate_reset_s = reset
 
 
 def _json_body(body: bytes) -> object:
@@ -162,6 +210,22 @@ def _json_body(body: bytes) -> object:
         return json.loads(body)
     except (ValueError, RecursionError):
         return None
+
+
+def _remote_id(data: object) -> int | str | None:
+    """The remote's id of a created event from its answer's `data`: a scalar, else None.
+
+    The remote answers an integer. A 64-bit integer or a short printable string is kept as an
+    id; anything else (an object, a list, a boolean, a float, a long text) is not an id, and is
+    neither kept nor logged: the remote could echo anything there, the key included.
+    """
+    if isinstance(data, bool):
+        return None
+    if isinstance(data, int):
+        return data if -(2**63) <= data < 2**63 else None
+    if isinstance(data, str) and len(data) <= MAX_REMOTE_ID_CHARS and data.isprintable():
+        return data
+    return None
 
 
 def _error_text(body: bytes, fallback: str) -> str:
@@ -212,7 +276,7 @@ def _classify(status: int, body: bytes, headers: Mapping[str, str], reason: str)
     if 200 <= status < 300:
         parsed = _json_body(body)
         if isinstance(parsed, dict) and parsed.get("success") is True:
-            return Result(Verdict.DELIVERED, status, remote_id=parsed.get("data"))
+            return Result(Verdict.DELIVERED, status, remote_id=_remote_id(parsed.get("data")))
         if isinstance(parsed, dict) and parsed.get("success") is False:
             return Result(Verdict.PERMANENT, status, error=_error_text(body, fallback))
         # The remote took the request (2xx) but said so oddly: sending again could duplicate it.
@@ -223,7 +287,7 @@ def _classify(status: int, body: bytes, headers: Mapping[str, str], reason: str)
         )
     if status == 409:
         parsed = _json_body(body)
-        remote_id = parsed.get("data") if isinstance(parsed, dict) else None
+        remote_id = _remote_id(parsed.get("data")) if isinstance(parsed, dict) else None
         return Result(Verdict.DELIVERED, status, remote_id=remote_id, duplicate=True)
     error = _error_text(body, fallback)
     if status in AUTH_STATUSES:
@@ -325,6 +389,8 @@ class RemoteClient:
             detail = str(exc)
             result = Result(Verdict.RETRY, error=f"{kind}: {detail}" if detail else kind)
         result.error = self._scrub(result.error)
+        if isinstance(result.remote_id, str):
+            result.remote_id = self._scrub(result.remote_id)
         result.latency_s = time.monotonic() - started
         return result
 

@@ -26,6 +26,7 @@ import structlog
 
 from forwarder.deadletter import DeadLetterNote
 from forwarder.events import Event
+from forwarder.logthrottle import LogThrottle
 from forwarder.outcomestore import INSERT_OUTCOME, OutcomeRow, lift_rows
 from forwarder.spoolfile import (
     INSERT_BATCHES,
@@ -57,12 +58,14 @@ from forwarder.spoolfile import (
     load_totals,
     move_aside,
     nonempty,
+    refuse_links,
     rollback,
     row_entries,
     settle,
     settled_between,
     side_file,
 )
+from forwarder.spoolrecover import Recovery, finish_recovery, recover_aside
 from forwarder.spoolupgrade import (
     upgrade,
 )
@@ -127,7 +130,11 @@ class Spool:
         self.path = path
         self.max_bytes = max_bytes
         self.moved_aside = None  # the caller logs it; `moved_aside_reason` says what was wrong
+        # For the line a failing disk writes per commit of requests (the daemon shares its own).
+        self.throttle = LogThrottle()
         self.moved_aside_reason = None
+        # What was recovered from a damaged file moved aside at open (the caller logs it).
+        self.recovery: Recovery | None = None
         self.depth = 0
         self.bytes = 0  # the stored rows' sizes: bytes of their encoded events (see encode_rows)
         self.max_seq = 0
@@ -444,7 +451,15 @@ class Spool:
                     dead_letter=op.dead is not None,
                 )
         if waiting:
-            log.error("spool_write_failed", path=str(self.path), error=str(exc), callers=waiting)
+            self.throttle.log(
+                log,
+                "error",
+                "spool_write_failed",
+                key="commit",
+                path=str(self.path),
+                error=str(exc),
+                callers=waiting,
+            )
 
     def _publish(self, totals: Totals) -> None:
         self.depth = totals.depth
@@ -468,11 +483,18 @@ class Spool:
     def _open_job(self, state_dir: Path) -> tuple[Path | None, str | None, Totals]:
         state_dir.mkdir(parents=True, exist_ok=True)
         path = self.path
+        refuse_links(path)
+        finish_recovery(path)
         problem = inspect_file(path)
         if problem is None and not path.exists() and nonempty(side_file(path, "-wal")):
             # A log without its database would be replayed into the new file: keep it apart.
             problem = "a write-ahead log without its database"
-        moved = None if problem is None else move_aside(path)
+        moved = None
+        if problem is not None and problem.startswith("damaged"):
+            # What SQLite can still read of it becomes the spool; the file itself goes aside.
+            moved, self.recovery = recover_aside(path)
+        elif problem is not None:
+            moved = move_aside(path)
         conn = connect_daemon(path)
         try:
             damaged = upgrade(conn, path)

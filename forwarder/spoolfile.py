@@ -54,7 +54,8 @@ BUSY_TIMEOUT_S = 5.0
 CHUNK_ROWS = 1000
 
 _MAGIC = b"SQLite format 3\x00"
-_SIDE_FILES = ("-wal", "-shm")
+SIDE_FILES = ("-wal", "-shm")  # SQLite's files beside a database in WAL mode
+_SIDE_FILES = SIDE_FILES
 # Result codes (primary) that mean the bytes are bad, as opposed to locked, missing or I/O.
 _SQLITE_CORRUPT = 11
 _SQLITE_NOTADB = 26
@@ -422,6 +423,13 @@ def side_file(path: Path, suffix: str) -> Path:
     return path.with_name(path.name + suffix)
 
 
+def refuse_links(path: Path) -> None:
+    """SpoolError if the database or its -wal/-shm is a symbolic link (SQLite would follow it)."""
+    for suffix in ("", *_SIDE_FILES):
+        if (name := side_file(path, suffix)).is_symlink():
+            raise SpoolError(f"{name} is a symbolic link (not followed; remove it)")
+
+
 def nonempty(path: Path) -> bool:
     try:
         return path.stat().st_size > 0
@@ -758,6 +766,7 @@ def open_readonly_or_fail(state_dir: Path, *, quick_check: bool = True) -> sqlit
     BUSY_TIMEOUT_S for the daemon's lock. Pass `quick_check=False` to skip the full-file check.
     """
     path = state_dir / SPOOL_FILE
+    refuse_links(path)
     if not path.is_file():
         raise SpoolError(f"no spool at {path}")
     problem = _inspect_header(path)

@@ -40,6 +40,7 @@ from forwarder.spoolfile import (
     jsonable,
     rollback,
 )
+from forwarder.statedir import open_state_file
 
 log = structlog.get_logger("forwarder.spool")
 
@@ -201,7 +202,7 @@ def save_pending(state_dir: Path, events: list[Event]) -> Path:
     """
     path = state_dir / PENDING_FILE
     lines = "".join(json.dumps(e.to_dict(), ensure_ascii=False) + "\n" for e in events)
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    fd = open_state_file(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
     with os.fdopen(fd, "a", encoding="utf-8") as handle:
         handle.write(lines)
         handle.flush()
@@ -218,10 +219,12 @@ def load_pending(state_dir: Path) -> PendingLoad:
     """
     path = state_dir / PENDING_FILE
     result = PendingLoad()
-    if not path.exists():
+    try:
+        fd = open_state_file(path, os.O_RDONLY | os.O_NONBLOCK)
+    except FileNotFoundError:
         return result
     rejected: list[str] = []
-    with path.open(encoding="utf-8", errors="replace") as handle:
+    with os.fdopen(fd, encoding="utf-8", errors="replace") as handle:
         for line in handle:
             if not line.strip():
                 continue
@@ -231,7 +234,8 @@ def load_pending(state_dir: Path) -> PendingLoad:
                 rejected.append(line if line.endswith("\n") else line + "\n")
     if rejected:
         result.damaged_lines = len(rejected)
-        with (state_dir / REJECTED_FILE).open("a", encoding="utf-8") as handle:
+        fd = open_state_file(state_dir / REJECTED_FILE, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+        with os.fdopen(fd, "a", encoding="utf-8") as handle:
             handle.writelines(rejected)
     return result
 

@@ -17,31 +17,54 @@ from typing import Any, TextIO
 
 import orjson
 import structlog
-from prometheus_client import CollectorRegistry, Histogram
+from prometheus_client import CollectorRegistry, Histogram, disable_created_metrics
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from forwarder.credentials import secret_forms
+from forwarder.credentials import MIN_KEY_CHARS, secret_forms
 
 LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING}
 LEVELS["error"] = logging.ERROR
 REDACTED = "[redacted]"
 # Label values exported from the start at 0, so rate() and alerts work before the first one.
 REFUSE_REASONS = ("queue_full", "queue_bytes_full", "spool_full", "spool_error", "shutting_down")
-DEAD_LETTER_REASONS = ("rejected", "redirected", "gave_up", "internal_error")
+DEAD_LETTER_REASONS = (
+    "rejected",
+    "redirected",
+    "gave_up",
+    "internal_error",
+    "held_without_account",
+)
+
+
+# What says which line this is: never redacted. `event` is our line's name (a constant of the
+# code; a stdlib record's free-text message is scrubbed apart, `_scrub_message`); the ids and
+# the event's name are what a reader looks a line up by. None of them can carry one of our
+# secrets by our doing: ids we make are random UUIDs, account names are configured names or a
+# digest of a client's key, and an app's own event_id, recipient_id and name are the app's data,
+# sent to the remote and spooled as they are (a key an app writes there is one it chose to send).
+PROTECTED_KEYS = frozenset(
+    {"event", "event_id", "recipient_id", "name", "account", "level", "timestamp", "logger"}
+)
 
 
 def _forms(secrets: Iterable[str]) -> tuple[str, ...]:
     # Each key also as its Basic token and percent-encoded; longest first across keys too.
-    forms = {form for secret in secrets for form in secret_forms(secret)}
+    # Text shorter than a key can be is never taken: "4" or "delivered" would mangle every line.
+    forms = {
+        form for secret in secrets if len(secret) >= MIN_KEY_CHARS for form in secret_forms(secret)
+    }
     return tuple(sorted(forms, key=len, reverse=True))
 
 
 class Redactor:
-    """A structlog processor that replaces every known secret in a log line's values.
+    """A structlog processor that replaces every known secret in a log line's keys and values.
 
     A secret is caught in each of its forms (`credentials.secret_forms`): as itself, as the
-    base64 of a Basic header, and percent-encoded.
+    base64 of a Basic header, and percent-encoded. Secrets shorter than
+    `credentials.MIN_KEY_CHARS` are not taken (no key is that short: they are refused where
+    keys come in), and the values of `PROTECTED_KEYS` are never touched, so redaction can
+    never take a line's name or ids away.
     """
 
     def __init__(self, secrets: Iterable[str] = ()) -> None:
@@ -54,7 +77,11 @@ class Redactor:
                     value = value.replace(secret, REDACTED)
             return value
         if isinstance(value, dict):
-            return {k: self.scrub(v) for k, v in value.items()}
+            # Keys too: a remote's answer can carry a secret as an object key.
+            return {
+                (self.scrub(k) if isinstance(k, str) else k): self.scrub(v)
+                for k, v in value.items()
+            }
         if isinstance(value, list | tuple):
             return [self.scrub(v) for v in value]
         if isinstance(value, BaseException):
@@ -65,8 +92,15 @@ class Redactor:
         self, logger: object, method: str, event_dict: MutableMapping[str, Any]
     ) -> MutableMapping[str, Any]:
         if self.secrets:
-            for key, value in event_dict.items():
-                event_dict[key] = self.scrub(value)
+            for key, value in list(event_dict.items()):
+                if key in PROTECTED_KEYS:
+                    continue
+                name = self.scrub(key)
+                if isinstance(name, str) and name != key:  # a key is a field's name: rare
+                    del event_dict[key]
+                    event_dict[name] = self.scrub(value)
+                else:
+                    event_dict[key] = self.scrub(value)
         return event_dict
 
 
@@ -179,6 +213,15 @@ _gate = _LevelGate()
 _redactor = Redactor()
 
 
+def _scrub_message(
+    logger: object, method: str, event_dict: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
+    """A stdlib record's `event` is its message, free text (aiohttp's): scrubbed like a value."""
+    if _redactor.secrets and "event" in event_dict:
+        event_dict["event"] = _redactor.scrub(event_dict["event"])
+    return event_dict
+
+
 def set_log_level(level: str) -> None:
     """Change the level of every logger now (a config reload)."""
     levelno = LEVELS.get(level, logging.INFO)
@@ -237,7 +280,11 @@ def configure_logging(
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(
             foreign_pre_chain=[*shared, structlog.stdlib.add_logger_name],
-            processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, *tail],
+            processors=[
+                structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+                _scrub_message,
+                *tail,
+            ],
         )
     )
     root = logging.getLogger()
@@ -260,9 +307,18 @@ class Stats:
     invalid_requests: int = 0
     unauthorized: int = 0  # intake requests without the right token (401)
     body_timeouts: int = 0  # intake requests whose body did not arrive in time (408)
+    # Drop-in fields ignored as the remote ignores them, by (bounded) name: leniency.py.
+    unknown_fields: Counter[str] = field(default_factory=Counter)
+    lenient_values: int = 0  # drop-in conversions whose value is not a number, sent as is
     refused: Counter[str] = field(default_factory=Counter)
     dead_lettered: Counter[str] = field(default_factory=Counter)
     started_at: float = field(default_factory=time.time)
+    # The latest delivery failure (a retry, a refused key or a dead letter), for `forwarder status`.
+    last_error: dict[str, object] | None = None
+
+    def note_error(self, account: str, error: str) -> None:
+        """Remember the latest delivery failure: when, under which account, and what."""
+        self.last_error = {"at": time.time(), "account": account, "error": error}
 
     def counters(self) -> dict[str, object]:
         return {
@@ -274,6 +330,8 @@ class Stats:
             "invalid_requests": self.invalid_requests,
             "unauthorized": self.unauthorized,
             "body_timeouts": self.body_timeouts,
+            "unknown_fields": dict(self.unknown_fields),
+            "lenient_values": self.lenient_values,
             "attempts": self.attempts,
             "retries": self.retries,
             "auth_failures": self.auth_failures,
@@ -283,6 +341,8 @@ class Stats:
 AccountViews = Callable[[], dict[str, dict[str, Any]]]
 # name -> (help, value): read at scrape time.
 Readings = Callable[[], dict[str, tuple[str, float]]]
+# condition -> whether it holds now (forwarder_not_ready{condition}).
+Conditions = Callable[[], dict[str, bool]]
 
 
 class Metrics:
@@ -294,7 +354,13 @@ class Metrics:
         gauges: Readings,
         accounts: AccountViews = dict,
         counters: Readings = dict,
+        not_ready: Conditions = dict,
     ) -> None:
+        # prometheus-client adds a `<name>_created` series to every counter and histogram by
+        # default, exported as an extra gauge family each: undocumented, useless for rates, and
+        # a second family per metric. The switch is process-wide (read at every scrape); the
+        # daemon's only registry is made here.
+        disable_created_metrics()  # type: ignore[no-untyped-call]  # (untyped upstream)
         self.registry = CollectorRegistry()
         self.latency = Histogram(
             "forwarder_delivery_attempt_seconds",
@@ -309,7 +375,7 @@ class Metrics:
             buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1),
             registry=self.registry,
         )
-        self.registry.register(_StatsCollector(stats, gauges, counters))
+        self.registry.register(_StatsCollector(stats, gauges, counters, not_ready))
         self.registry.register(_AccountCollector(accounts))
 
 
@@ -378,10 +444,17 @@ class _AccountCollector(Collector):
 class _StatsCollector(Collector):
     """Reads Stats at scrape time, so the hot path only bumps plain integers."""
 
-    def __init__(self, stats: Stats, gauges: Readings, counters: Readings = dict) -> None:
+    def __init__(
+        self,
+        stats: Stats,
+        gauges: Readings,
+        counters: Readings = dict,
+        not_ready: Conditions = dict,
+    ) -> None:
         self._stats = stats
         self._gauges = gauges
         self._counters = counters
+        self._not_ready = not_ready
 
     def collect(self) -> Iterator[Metric]:
         s = self._stats
@@ -407,6 +480,11 @@ class _StatsCollector(Collector):
                 "Intake requests without the right intake.auth_token (401).",
                 s.unauthorized,
             ),
+            (
+                "lenient_values",
+                "Drop-in events with conversion=1 whose value is not a number, sent as is.",
+                s.lenient_values,
+            ),
         )
         for name, doc, value in simple:
             yield CounterMetricFamily(f"forwarder_{name}", doc, value=value)
@@ -426,7 +504,27 @@ class _StatsCollector(Collector):
         for reason in sorted({*DEAD_LETTER_REASONS, *s.dead_lettered}):
             dead.add_metric([reason], float(s.dead_lettered[reason]))
         yield dead
+        unknown = CounterMetricFamily(
+            "forwarder_unknown_fields",
+            "Drop-in form fields ignored as the remote ignores them, by name (the first 32 "
+            "names; later ones under _other).",
+            labels=["field"],
+        )
+        for name, times in sorted(s.unknown_fields.items()):
+            unknown.add_metric([name], float(times))
+        yield unknown
         for gauge, (help_text, level) in self._gauges().items():
             yield GaugeMetricFamily(f"forwarder_{gauge}", help_text, value=level)
         for counter, (help_text, count) in self._counters().items():
             yield CounterMetricFamily(f"forwarder_{counter}", help_text, value=count)
+        conditions = self._not_ready()
+        if conditions:
+            # A fixed label set (not the free-text reason), so an alert can say why in a label.
+            not_ready = GaugeMetricFamily(
+                "forwarder_not_ready",
+                "1 while the condition keeps /readyz at 503.",
+                labels=["condition"],
+            )
+            for condition, holds in conditions.items():
+                not_ready.add_metric([condition], float(holds))
+            yield not_ready

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -18,7 +19,7 @@ from forwarder.accounts import (
     load_accounts,
 )
 from forwarder.config import ConfigError, load_config
-from forwarder.credentials import ApiKey, Secret
+from forwarder.credentials import MIN_KEY_CHARS, ApiKey, Secret
 from tests.conftest import ServeIntake, intake_state
 
 CLIENT_KEY = "client-key-0123456789"
@@ -72,7 +73,10 @@ def test_a_client_key_gets_one_account_named_by_a_digest() -> None:
     assert name.startswith("client:")
     assert len(name) == len("client:") + 16
     assert CLIENT_KEY not in name
-    assert r.route("", client_key=CLIENT_KEY) == name  # the same key, the same account
+    assert made == []  # named, not created: intake validates the request first
+    assert r.open_client(CLIENT_KEY) == name
+    assert r.open_client(CLIENT_KEY) == name  # the same key, the same account
+    assert r.route("", client_key=CLIENT_KEY) == name
     assert [a.name for a in made] == [name]
     assert made[0].key.reveal() == CLIENT_KEY
     assert made[0].base_url == "https://api-eu1.stannp.com/v1"
@@ -92,12 +96,72 @@ def test_a_malformed_client_key_is_refused_without_echoing_it() -> None:
 def test_client_keys_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(acc, "MAX_CLIENT_KEYS", 2)
     r = router(accept=True)
-    r.route("", client_key="key-a-0123456789")
-    r.route("", client_key="key-b-0123456789")
+    r.open_client("key-a-0123456789")
+    r.open_client("key-b-0123456789")
     with pytest.raises(AccountError) as error:
-        r.route("", client_key="key-c-0123456789")
+        r.open_client("key-c-0123456789")
     assert error.value.status == 503
-    assert r.route("", client_key="key-a-0123456789").startswith("client:")  # known ones work
+    assert r.refused_at_cap == 1  # counted
+    assert r.open_client("key-a-0123456789").startswith("client:")  # known ones work
+
+
+@pytest.mark.parametrize("short", ["4", "delivered", "k" * (MIN_KEY_CHARS - 1)])
+def test_a_client_key_too_short_to_be_a_key_is_refused(short: str) -> None:
+    made: list[Account] = []
+    r = router(accept=True, made=made)
+    attempts: list[Callable[[], str]] = [
+        lambda: r.route("", client_key=short),
+        lambda: r.open_client(short),
+    ]
+    for attempt in attempts:
+        with pytest.raises(AccountError) as error:
+            attempt()
+        assert error.value.field == "Authorization"
+        assert f"shorter than {MIN_KEY_CHARS} characters" in str(error.value)
+        assert short not in str(error.value)
+    assert made == []
+    assert r.clients == {}
+    assert r.open_client("k" * MIN_KEY_CHARS).startswith("client:")
+
+
+def test_idle_client_accounts_are_freed_and_their_slots_reused(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(acc, "MAX_CLIENT_KEYS", 2)
+    now = [1000.0]
+    busy: set[str] = set()
+    freed: list[list[str]] = []
+    template = account("default")
+    r = Accounts(
+        {"default": template},
+        default="default",
+        accept_client_keys=True,
+        client_template=template,
+        on_clients_freed=lambda accounts: freed.append([a.name for a in accounts]),
+        busy=busy.__contains__,
+        clock=lambda: now[0],
+    )
+    a = r.open_client("key-a-0123456789")
+    b = r.open_client("key-b-0123456789")
+    busy.add(a)  # a has events queued: never freed while it has
+    now[0] += acc.CLIENT_IDLE_S - 1
+    with pytest.raises(AccountError):
+        r.open_client("key-c-0123456789")  # b is not idle long enough yet
+    assert r.refused_at_cap == 1
+    now[0] += acc.CLIENT_SWEEP_S  # b idle past CLIENT_IDLE_S; the bound looks again
+    c = r.open_client("key-c-0123456789")
+    assert freed == [[b]]
+    assert sorted(r.clients) == sorted([a, c])
+    assert r.freed == 1
+    busy.discard(a)  # a's last event done: its idle time starts now, at the last sighting
+    r.free_idle()
+    assert a in r.clients
+    now[0] += acc.CLIENT_IDLE_S
+    r.free_idle()
+    assert freed == [[b], [a, c]]
+    assert r.clients == {}
+    # A freed key is welcome back: a new account under the same name.
+    assert r.open_client("key-b-0123456789") == b
 
 
 def test_load_accounts_resolves_every_key(tmp_path: Path) -> None:
@@ -111,7 +175,7 @@ def test_load_accounts_resolves_every_key(tmp_path: Path) -> None:
         "rate_limit_per_minute = 600\n"
     )
     config = load_config(config_path, env={})
-    loaded = load_accounts(config, env={"FORWARDER_API_KEY": "eu-env-key-0123"})
+    loaded = load_accounts(config, env={"FORWARDER_API_KEY": "eu-env-key-0123456"})
     assert sorted(loaded) == ["default", "us"]
     assert loaded["us"].key.reveal() == "us-file-key-0123"
     assert loaded["us"].per_minute == 600
@@ -127,7 +191,7 @@ def test_the_default_key_is_optional_when_another_account_is_the_default(tmp_pat
         '[remote]\ndefault_account = "us"\n[accounts.us]\napi_key_env = "US_KEY"\n'
     )
     config = load_config(config_path, env={})
-    assert sorted(load_accounts(config, env={"US_KEY": "us-env-key-0123"})) == ["us"]
+    assert sorted(load_accounts(config, env={"US_KEY": "us-env-key-0123456"})) == ["us"]
 
 
 def test_configured_accounts_without_a_default_key() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import grp
 import math
@@ -12,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from forwarder import cli, events
 from forwarder import config as cfg
-from forwarder import events
 from forwarder.config import (
     AccountConfig,
     Config,
@@ -27,7 +28,7 @@ from forwarder.config import (
     render_effective,
 )
 from forwarder.credentials import ApiKey, Secret, resolve_account_keys, resolve_api_key
-from tests.conftest import TlsFiles
+from tests.conftest import Proc, TlsFiles, spawn
 
 SHIPPED_CONFIG = Path(__file__).resolve().parent.parent / "config" / "forwarder.toml"
 KEY = "sk_live_0123456789abcdef"
@@ -66,6 +67,7 @@ def test_defaults_without_file() -> None:
     assert config.queue.max_bytes == 256 * 1024 * 1024
     assert (config.intake.header_timeout_s, config.intake.body_timeout_s) == (10.0, 30.0)
     assert (config.intake.keepalive_timeout_s, config.intake.max_connections) == (75.0, 512)
+    assert config.intake.write_timeout_s == 10.0
     assert config.accounts == {}
     assert config.account_names() == ("default",)
 
@@ -348,6 +350,10 @@ def test_bad_base_url(tmp_path: Path, url: str, reason: str) -> None:
         ("[intake]\nheader_timeout_s = 0\n", "intake.header_timeout_s"),
         ("[intake]\nbody_timeout_s = -1.0\n", "intake.body_timeout_s"),
         ("[intake]\nkeepalive_timeout_s = nan\n", "intake.keepalive_timeout_s"),
+        ("[intake]\nwrite_timeout_s = 0\n", "intake.write_timeout_s"),
+        ("[intake]\nwrite_timeout_s = -2.5\n", "intake.write_timeout_s"),
+        ("[intake]\nwrite_timeout_s = inf\n", "intake.write_timeout_s"),
+        ('[intake]\nwrite_timeout_s = "10"\n', "intake.write_timeout_s"),
         ("[intake]\nmax_connections = 0\n", "intake.max_connections"),
         ("[queue]\nmax_events = 0\n", "queue.max_events"),
         ("[queue]\nmax_bytes = 1048575\n", "queue.max_bytes"),
@@ -861,3 +867,198 @@ def test_render_effective_floats_stay_floats() -> None:
     document = tomllib.loads(render_effective(Config(), None))
     assert isinstance(document["remote"]["timeout_s"], float)
     assert math.isclose(document["retry"]["initial_backoff_s"], 0.5)
+
+
+# --- secret settings: no error ever shows their value ---------------------------------------------
+
+# Each case: a config file's text and environment, and the secret in them (or its distinctive
+# part) that no error may show. Every secret setting, with the mistakes one makes: a wrong type
+# (an unquoted token), a secret pasted where a path or a variable name belongs, the env var form.
+PASTED = "tok0123456789abcdefSECRET"
+SECRET_MISTAKES: dict[str, tuple[str, dict[str, str], str]] = {
+    "auth_token unquoted digits": ("[intake]\nauth_token = 4815162342108423\n", {}, "4815162342"),
+    "auth_token unquoted float": ("[intake]\nauth_token = 4815162342.1084\n", {}, "4815162342"),
+    "auth_token with a space": (f'[intake]\nauth_token = "{PASTED} x"\n', {}, PASTED),
+    "auth_token too short": ('[intake]\nauth_token = "SECRETtok42"\n', {}, "SECRETtok42"),
+    "auth_token_file holds the token": (f'[intake]\nauth_token_file = "{PASTED}"\n', {}, PASTED),
+    "auth_token_file holds a /token": (f'[intake]\nauth_token_file = "/{PASTED}="\n', {}, PASTED),
+    "auth_token_file unquoted digits": (
+        "[intake]\nauth_token_file = 4815162342108423\n",
+        {},
+        "4815162342",
+    ),
+    "auth_token_file with a NUL": (
+        f'[intake]\nauth_token_file = "/{PASTED}\\u0000x"\n',
+        {},
+        PASTED,
+    ),
+    "FORWARDER_INTAKE_AUTH_TOKEN too short": (
+        "",
+        {"FORWARDER_INTAKE_AUTH_TOKEN": "SECRETtok42"},
+        "SECRETtok42",
+    ),
+    "FORWARDER_INTAKE_AUTH_TOKEN with a space": (
+        "",
+        {"FORWARDER_INTAKE_AUTH_TOKEN": f"{PASTED} x"},
+        PASTED,
+    ),
+    "FORWARDER_INTAKE_AUTH_TOKEN_FILE holds the token": (
+        "",
+        {"FORWARDER_INTAKE_AUTH_TOKEN_FILE": PASTED},
+        PASTED,
+    ),
+    "FORWARDER_INTAKE_AUTH_TOKEN_FILE holds a /token": (
+        "",
+        {"FORWARDER_INTAKE_AUTH_TOKEN_FILE": f"/{PASTED}"},
+        PASTED,
+    ),
+    "api_key_file holds the key": (f'[remote]\napi_key_file = "{PASTED}"\n', {}, PASTED),
+    "api_key_file holds a /key": (
+        f'[remote]\napi_key_file = "/{PASTED}"\n',
+        {"FORWARDER_API_KEY": ""},  # unset: the file is looked at
+        PASTED,
+    ),
+    "api_key_file unquoted digits": (
+        "[remote]\napi_key_file = 4815162342108423\n",
+        {},
+        "4815162342",
+    ),
+    "FORWARDER_REMOTE_API_KEY_FILE holds a /key": (
+        "",
+        {"FORWARDER_REMOTE_API_KEY_FILE": f"/{PASTED}", "FORWARDER_API_KEY": ""},
+        PASTED,
+    ),
+    "account api_key_file holds a /key": (
+        f'[accounts.us]\napi_key_file = "/{PASTED}"\n',
+        {},
+        PASTED,
+    ),
+    "account api_key_file unquoted digits": (
+        "[accounts.us]\napi_key_file = 4815162342108423\n",
+        {},
+        "4815162342",
+    ),
+    "account api_key_env holds the key": (
+        f'[accounts.us]\napi_key_env = "sk-live-{PASTED}"\n',
+        {},
+        PASTED,
+    ),
+    "account api_key_env holds a key shaped like a name": (
+        f'[accounts.us]\napi_key_env = "sk_live_{PASTED}"\n',
+        {},
+        PASTED,
+    ),
+    "account api_key_env unquoted digits": (
+        "[accounts.us]\napi_key_env = 4815162342108423\n",
+        {},
+        "4815162342",
+    ),
+}
+
+
+def _check_config(
+    tmp_path: Path, text: str, env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = write(tmp_path, text)
+    for var in [v for v in os.environ if v.startswith("FORWARDER_")]:
+        monkeypatch.delenv(var)
+    monkeypatch.delenv("CREDENTIALS_DIRECTORY", raising=False)
+    monkeypatch.setenv("FORWARDER_API_KEY", KEY)
+    for var, value in env.items():
+        monkeypatch.setenv(var, value)
+    assert cli.main(["check-config", "--config", str(path)]) == 2
+
+
+@pytest.mark.parametrize("case", sorted(SECRET_MISTAKES))
+def test_no_config_error_shows_a_secret_settings_value(
+    case: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    text, env, secret = SECRET_MISTAKES[case]
+    _check_config(tmp_path, text, env, monkeypatch)
+    out, err = capsys.readouterr()
+    assert err.startswith("forwarder: config error: "), err
+    assert secret not in err
+    assert secret not in out
+
+
+async def test_check_config_never_shows_a_secret_settings_value(tmp_path: Path) -> None:
+    # The command itself, as an operator runs it: one case of each kind, as subprocesses.
+    base = {"FORWARDER_API_KEY": KEY}
+
+    async def run(n: int, text: str, env: dict[str, str]) -> Proc:
+        path = write(tmp_path, text, f"case{n}.toml")
+        proc = await spawn("check-config", "--config", str(path), env={**base, **env})
+        await proc.wait(60)
+        return proc
+
+    kinds = (
+        "auth_token unquoted digits",
+        "auth_token_file holds a /token",
+        "FORWARDER_INTAKE_AUTH_TOKEN_FILE holds the token",
+        "api_key_file holds a /key",
+        "account api_key_env holds a key shaped like a name",
+    )
+    cases = [SECRET_MISTAKES[case] for case in kinds]
+    procs = await asyncio.gather(*(run(n, text, env) for n, (text, env, _) in enumerate(cases)))
+    for proc, (_, _, secret) in zip(procs, cases, strict=True):
+        assert proc.process.returncode == 2, proc.stderr
+        assert proc.stderr[0].startswith("forwarder: config error: ")
+        assert secret not in "\n".join(proc.stderr + proc.stdout)
+
+
+def test_every_setting_that_holds_or_names_a_secret_is_marked() -> None:
+    names = [f"{section}.{key}" for section, kinds in cfg._FIELD_KINDS.items() for key in kinds]
+    names += [f"accounts.us.{key}" for key in cfg._ACCOUNT_KINDS]
+    secret = [n for n in names if any(w in n for w in ("token", "api_key", "password", "secret"))]
+    assert secret  # the list below is not vacuous
+    assert [n for n in secret if not cfg._secret_key(n)] == []
+
+
+def test_a_secret_settings_value_is_scrubbed_from_any_config_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The second line of defence: whatever a (future) check says, the value does not show.
+    def echo(document: dict[str, object], env: object) -> Config:
+        raise ConfigError(f"intake.auth_token: cannot use {PASTED}, nor /{PASTED}")
+
+    monkeypatch.setattr(cfg, "_load", echo)
+    for text, env in (
+        (f'[intake]\nauth_token = "{PASTED}"\n', {}),
+        ("", {"FORWARDER_INTAKE_AUTH_TOKEN": PASTED}),
+        (f'[accounts.us]\napi_key_env = "{PASTED}"\n', {}),
+    ):
+        with pytest.raises(ConfigError) as info:
+            load_text(tmp_path, text, env)
+        assert str(info.value) == "intake.auth_token: cannot use <not shown>, nor /<not shown>"
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("held_max_events = 0", "queue.held_max_events: must be within 1..1000000, got 0"),
+        ("held_max_events = 1000001", "queue.held_max_events: must be within 1..1000000, got"),
+        ("held_max_events = 1.5", "queue.held_max_events"),
+        ("held_max_events = true", "queue.held_max_events"),
+        ("held_max_age_s = 0", "queue.held_max_age_s: must be a positive number of seconds"),
+        ("held_max_age_s = -1", "queue.held_max_age_s: must be a positive number of seconds"),
+        ("held_max_age_s = nan", "queue.held_max_age_s: must be a positive number of seconds"),
+        ("held_max_age_s = inf", "queue.held_max_age_s: must be a positive number of seconds"),
+        ('held_max_age_s = "1h"', "queue.held_max_age_s"),
+    ],
+)
+def test_held_event_bounds_are_validated(tmp_path: Path, text: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=f"^{re.escape(message)}"):
+        load_text(tmp_path, f"[queue]\n{text}\n")
+
+
+def test_held_event_bounds_default_and_from_env(tmp_path: Path) -> None:
+    config = load_text(tmp_path, "")
+    assert (config.queue.held_max_events, config.queue.held_max_age_s) == (1000, 86_400.0)
+    config = load_text(tmp_path, "[queue]\nheld_max_events = 5\nheld_max_age_s = 30\n")
+    assert (config.queue.held_max_events, config.queue.held_max_age_s) == (5, 30.0)
+    env = {"FORWARDER_QUEUE_HELD_MAX_EVENTS": "7", "FORWARDER_QUEUE_HELD_MAX_AGE_S": "2.5"}
+    config = load_text(tmp_path, "", env)
+    assert (config.queue.held_max_events, config.queue.held_max_age_s) == (7, 2.5)

@@ -9,6 +9,7 @@ import pytest
 
 from forwarder.config import AccountConfig, Config, ConfigError, IntakeConfig, RemoteConfig
 from forwarder.credentials import (
+    MIN_KEY_CHARS,
     ApiKey,
     Secret,
     check_key_text,
@@ -35,21 +36,21 @@ def with_accounts(*accounts: AccountConfig) -> Config:
 
 
 def test_api_key_resolution_order(tmp_path: Path) -> None:
-    key_file = write(tmp_path, "from-file\n", "api_key_file")
+    key_file = write(tmp_path, "from-file-0123456789\n", "api_key_file")
     creds = tmp_path / "creds"
     creds.mkdir()
-    (creds / "api_key").write_text("  from-credential \n", encoding="utf-8")
+    (creds / "api_key").write_text("  from-credential-0123456789 \n", encoding="utf-8")
 
-    env = {"FORWARDER_API_KEY": "from-env", "CREDENTIALS_DIRECTORY": str(creds)}
+    env = {"FORWARDER_API_KEY": "from-env-0123456789", "CREDENTIALS_DIRECTORY": str(creds)}
     key = resolve_api_key(with_key_file(key_file), env)
-    assert key == ApiKey(Secret("from-env"), "environment FORWARDER_API_KEY")
+    assert key == ApiKey(Secret("from-env-0123456789"), "environment FORWARDER_API_KEY")
 
     env["FORWARDER_API_KEY"] = ""  # empty counts as unset
     key = resolve_api_key(with_key_file(key_file), env)
-    assert key == ApiKey(Secret("from-file"), f"file {key_file}")
+    assert key == ApiKey(Secret("from-file-0123456789"), f"file {key_file}")
 
     key = resolve_api_key(Config(), env)
-    assert key == ApiKey(Secret("from-credential"), "systemd credential api_key")
+    assert key == ApiKey(Secret("from-credential-0123456789"), "systemd credential api_key")
 
     assert resolve_api_key(Config(), {}) is None
 
@@ -65,21 +66,30 @@ def test_api_key_from_os_environ(monkeypatch: pytest.MonkeyPatch) -> None:
     assert key.secret.reveal() == KEY
 
 
-def test_api_key_missing_file_names_path(tmp_path: Path) -> None:
+# Errors about a key file name the setting, never its value: it may be a key pasted there.
+UNREADABLE = "{}: cannot read {} from the file it names: {} (the path is not shown"
+
+
+def test_api_key_missing_file_names_the_setting_not_the_path(tmp_path: Path) -> None:
     path = tmp_path / "missing_key"
-    with pytest.raises(ConfigError, match=rf"^remote\.api_key_file: .*{re.escape(str(path))}"):
+    message = UNREADABLE.format("remote.api_key_file", "API key", "No such file or directory")
+    with pytest.raises(ConfigError, match=f"^{re.escape(message)}") as info:
         resolve_api_key(with_key_file(path), {})
+    assert str(tmp_path) not in str(info.value)
 
 
 def test_api_key_unreadable_file(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match=re.escape(f"from file {tmp_path}")):
+    message = UNREADABLE.format("remote.api_key_file", "API key", "Is a directory")
+    with pytest.raises(ConfigError, match=f"^{re.escape(message)}") as info:
         resolve_api_key(with_key_file(tmp_path), {})  # a directory
+    assert str(tmp_path) not in str(info.value)
 
 
 @pytest.mark.parametrize("content", ["", "  \n\t\n"])
 def test_api_key_empty_file(tmp_path: Path, content: str) -> None:
     path = write(tmp_path, content, "api_key")
-    with pytest.raises(ConfigError, match=re.escape(f"API key from file {path} is empty")):
+    message = "API key from the file named by remote.api_key_file is empty"
+    with pytest.raises(ConfigError, match=re.escape(message)):
         resolve_api_key(with_key_file(path), {})
 
 
@@ -106,6 +116,22 @@ def test_api_key_error_never_contains_key(tmp_path: Path, bad: str) -> None:
         assert KEY not in repr(info.value)
 
 
+@pytest.mark.parametrize("short", ["4", "delivered", KEY[: MIN_KEY_CHARS - 1]])
+def test_a_key_too_short_to_be_redacted_is_refused(tmp_path: Path, short: str) -> None:
+    # The log redactor takes nothing shorter (it would mangle ordinary words): so no key is.
+    path = write(tmp_path, short, "api_key")
+    account = AccountConfig("us", api_key_env="US_KEY")
+    for resolve in (
+        lambda: resolve_api_key(Config(), {"FORWARDER_API_KEY": short}),
+        lambda: resolve_api_key(with_key_file(path), {}),
+        lambda: resolve_account_keys(with_accounts(account), {"US_KEY": short}),
+    ):
+        with pytest.raises(ConfigError, match=f"shorter than {MIN_KEY_CHARS} characters") as info:
+            resolve()
+        assert KEY[: MIN_KEY_CHARS - 1] not in str(info.value)  # never echoed
+    assert resolve_api_key(Config(), {"FORWARDER_API_KEY": KEY[:MIN_KEY_CHARS]}) is not None
+
+
 def test_secret_hides_value() -> None:
     secret = Secret(KEY)
     assert repr(secret) == "<secret>"
@@ -124,35 +150,37 @@ def test_secret_hides_value() -> None:
 
 
 def test_account_key_resolution_order(tmp_path: Path) -> None:
-    key_file = write(tmp_path, "from-file\n", "us.key")
+    key_file = write(tmp_path, "from-file-0123456789\n", "us.key")
     creds = tmp_path / "creds"
     creds.mkdir()
-    (creds / "api_key.us").write_text(" from-credential\n", encoding="utf-8")
+    (creds / "api_key.us").write_text(" from-credential-0123456789\n", encoding="utf-8")
     (creds / "api_key").write_text("default-credential", encoding="utf-8")
     both = AccountConfig("us", api_key_file=str(key_file), api_key_env="US_KEY")
 
-    env = {"US_KEY": "from-env", "CREDENTIALS_DIRECTORY": str(creds)}
+    env = {"US_KEY": "from-env-0123456789", "CREDENTIALS_DIRECTORY": str(creds)}
     keys = resolve_account_keys(with_accounts(both), env)
-    assert keys == {"us": ApiKey(Secret("from-env"), "environment US_KEY")}
+    assert keys == {"us": ApiKey(Secret("from-env-0123456789"), "environment US_KEY")}
 
     env["US_KEY"] = ""  # empty counts as unset
     keys = resolve_account_keys(with_accounts(both), env)
-    assert keys == {"us": ApiKey(Secret("from-file"), f"file {key_file}")}
+    assert keys == {"us": ApiKey(Secret("from-file-0123456789"), f"file {key_file}")}
 
     for account in (AccountConfig("us"), AccountConfig("us", api_key_env="US_KEY")):
         keys = resolve_account_keys(with_accounts(account), env)
-        assert keys == {"us": ApiKey(Secret("from-credential"), "systemd credential api_key.us")}
+        assert keys == {
+            "us": ApiKey(Secret("from-credential-0123456789"), "systemd credential api_key.us")
+        }
 
 
 def test_account_keys_for_several_accounts(tmp_path: Path) -> None:
-    uk_file = write(tmp_path, "uk-key", "uk.key")
+    uk_file = write(tmp_path, "uk-key-0123456789", "uk.key")
     config = with_accounts(
         AccountConfig("us", api_key_env="US_KEY"), AccountConfig("uk", api_key_file=str(uk_file))
     )
-    keys = resolve_account_keys(config, {"US_KEY": " us-key\n"})
+    keys = resolve_account_keys(config, {"US_KEY": " us-key-0123456789\n"})
     assert {name: key.secret.reveal() for name, key in keys.items()} == {
-        "uk": "uk-key",
-        "us": "us-key",
+        "uk": "uk-key-0123456789",
+        "us": "us-key-0123456789",
     }
     assert resolve_account_keys(Config(), {}) == {}
 
@@ -186,12 +214,13 @@ def test_account_without_key(tmp_path: Path, account: AccountConfig, env: dict[s
     )
 
 
-def test_account_missing_file_names_key_and_path(tmp_path: Path) -> None:
+def test_account_missing_file_names_the_setting_not_the_path(tmp_path: Path) -> None:
     path = tmp_path / "missing.key"
     account = AccountConfig("us", api_key_file=str(path))
-    message = f"accounts.us.api_key_file: cannot read API key from file {path}: "
-    with pytest.raises(ConfigError, match=f"^{re.escape(message)}No such file or directory$"):
+    message = UNREADABLE.format("accounts.us.api_key_file", "API key", "No such file or directory")
+    with pytest.raises(ConfigError, match=f"^{re.escape(message)}") as info:
         resolve_account_keys(with_accounts(account), {})
+    assert str(tmp_path) not in str(info.value)
 
 
 def test_account_blank_env_is_an_error() -> None:
@@ -205,7 +234,8 @@ def test_account_blank_env_is_an_error() -> None:
 def test_account_empty_file_or_credential(tmp_path: Path, content: str) -> None:
     path = write(tmp_path, content, "api_key.us")
     account = AccountConfig("us", api_key_file=str(path))
-    with pytest.raises(ConfigError, match=re.escape(f"API key from file {path} is empty")):
+    message = "API key from the file named by accounts.us.api_key_file is empty"
+    with pytest.raises(ConfigError, match=re.escape(message)):
         resolve_account_keys(with_accounts(account), {})
     with pytest.raises(ConfigError, match=re.escape(f"systemd credential api_key.us ({path})")):
         resolve_account_keys(
@@ -329,8 +359,9 @@ def test_intake_token_must_be_long_and_plain_and_is_never_shown(
 
 def test_intake_token_file_errors_name_the_setting(tmp_path: Path) -> None:
     missing = tmp_path / "nope"
-    with pytest.raises(
-        ConfigError,
-        match=rf"^intake\.auth_token_file: cannot read intake auth token from file {missing}: ",
-    ):
+    message = UNREADABLE.format(
+        "intake.auth_token_file", "intake auth token", "No such file or directory"
+    )
+    with pytest.raises(ConfigError, match=f"^{re.escape(message)}") as info:
         resolve_intake_token(with_token(token_file=str(missing)), {})
+    assert str(tmp_path) not in str(info.value)

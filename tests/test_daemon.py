@@ -236,6 +236,7 @@ async def test_reload_applies_what_it_can_and_refuses_a_bad_config(short_tmp: Pa
                 header_timeout_s=3.0,
                 body_timeout_s=4.0,
                 keepalive_timeout_s=5.0,
+                write_timeout_s=6.0,
             ),
             remote=dataclasses.replace(
                 base.remote, rate_limit_per_minute=120, max_concurrency=3, per_recipient_order=False
@@ -269,6 +270,7 @@ async def test_reload_applies_what_it_can_and_refuses_a_bad_config(short_tmp: Pa
             3.0,
             5.0,
         )
+        assert guard.write_timeout_s == 6.0
         assert daemon._state is not None
         assert daemon._state.body_timeout_s == 4.0
         assert daemon.config.intake.http_listen == "127.0.0.1:0"  # kept: needs a restart

@@ -236,3 +236,14 @@ async def test_a_bug_dead_letters_the_event_and_keeps_the_worker(make_rig: MakeR
     assert rig.dispatcher.lanes[""].in_delivery == 0
     rig.queue.offer([event(3)])
     await rig.settle(3)  # the lane still delivers after the bug
+
+
+async def test_a_reload_relearns_the_rate_window(
+    make_rig: MakeRig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rig = await make_rig()
+    lane = rig.dispatcher.lanes[""]
+    relearned: list[bool] = []
+    monkeypatch.setattr(lane.limiter, "relearn_window", lambda: relearned.append(True))
+    lane.configure(lane.settings)  # a reload that changes nothing still relearns the window
+    assert relearned == [True]

@@ -77,6 +77,8 @@ async def test_dead_letters_can_be_listed_shown_replayed_and_purged(
         code, out, _ = await run("dlq", "replay", str(first), "--config", config)
         assert code == 0
         assert "replayed 1" in out[0]
+        # Beside the daemon, whose lock it reads (never takes): it names who sends them.
+        assert f"the running forwarder (PID {d.proc.process.pid}) sends them" in out[0]
         code, out, _ = await run("dlq", "replay", "--all", "--config", config)
         assert code == 0
         assert "replayed 2" in out[0]

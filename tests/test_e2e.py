@@ -15,7 +15,7 @@ from tests.conftest import API_KEY, DaemonProc, MockProc, dead_letters, spooled,
 
 StartMock = Callable[..., Awaitable[MockProc]]
 StartDaemon = Callable[..., Awaitable[DaemonProc]]
-BASIC = "Basic " + base64.b64encode(b"app-own-key:").decode()
+BASIC = "Basic " + base64.b64encode(b"app-own-key-0123456789:").decode()
 
 
 async def _post(

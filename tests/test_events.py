@@ -3,19 +3,22 @@
 from __future__ import annotations
 
 import json
+import math
 import os
-import re
 import uuid
 
+import orjson
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from forwarder import events
 from forwarder.events import (
+    MAX_DATA_DEPTH,
     Event,
     EventValidationError,
     FieldError,
+    JsonNumber,
     event_from_mapping,
     events_from_items,
     loads_json,
@@ -240,11 +243,19 @@ def test_new_event_ids_use_every_random_bit_but_the_fixed_ones() -> None:
     ("text", "expected"),
     [
         ('{"a": 1}', {"a": 1}),
+        # A float written in its shortest form is one; any other keeps its text.
         (b'{"a": [1, 2.5, "x"]}', {"a": [1, 2.5, "x"]}),
+        (
+            b'{"a": [1, 2.50, 1e5, -0]}',
+            {"a": [1, JsonNumber("2.50"), JsonNumber("1e5"), JsonNumber("-0")]},
+        ),
         # Past 64 bits orjson would give a float: kept exact.
-        ('{"n": 123456789012345678901234567890}', {"n": 123456789012345678901234567890}),
-        (b'{"n": -12345678901234567890123}', {"n": -12345678901234567890123}),
-        ('{"n": 18446744073709551615}', {"n": 18446744073709551615}),
+        (
+            '{"n": 123456789012345678901234567890}',
+            {"n": JsonNumber("123456789012345678901234567890")},
+        ),
+        (b'{"n": -12345678901234567890123}', {"n": JsonNumber("-12345678901234567890123")}),
+        ('{"n": 18446744073709551615}', {"n": JsonNumber("18446744073709551615")}),
         # A lone surrogate escape: kept, so that validation can name the field.
         ('{"s": "\\ud800"}', {"s": "\ud800"}),
     ],
@@ -261,17 +272,19 @@ def test_loads_json_refuses_what_is_not_json(text: str | bytes) -> None:
         loads_json(text)
 
 
-def test_data_object_is_serialised_compactly_even_past_orjson() -> None:
+def test_data_object_is_serialised_compactly_with_its_numbers_as_written() -> None:
     errors: list[FieldError] = []
     deep: object = 1
-    for _ in range(300):  # deeper than orjson serialises
+    for _ in range(MAX_DATA_DEPTH - 2):  # the deepest data allowed: data > "deep" > ...
         deep = [deep]
+    parsed = loads_json(b'{"big": 1180591620717411303424, "price": 1.10}')
+    assert isinstance(parsed, dict)
     event = event_from_mapping(
-        {"recipient_id": "1", "name": "X", "data": {"big": 2**70, "deep": deep}}, 0, errors
+        {"recipient_id": "1", "name": "X", "data": {**parsed, "deep": deep}}, 0, errors
     )
     assert not errors
     assert event is not None
-    assert event.data.startswith('{"big":1180591620717411303424,"deep":[[[')
+    assert event.data.startswith('{"big":1180591620717411303424,"price":1.10,"deep":[[[')
 
 
 def test_events_of_one_name_share_one_copy_of_it() -> None:
@@ -307,14 +320,157 @@ def test_the_shared_names_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
     assert events._names == {}  # a str subclass is never kept
 
 
-@given(st.text(alphabet="0123456789 ,[]x\u00e9\n", max_size=80))
-def test_long_digit_check_matches_the_regular_expression(text: str) -> None:
-    expected = re.search(r"[0-9]{20}", text) is not None
-    assert events._has_long_digits(text) is expected
-    assert events._has_long_digits(text.encode()) is expected
-
-
 def test_ndjson_keeps_a_long_integer_exact_on_its_line_only() -> None:
     body = '{"n": 1}\n{"n": 123456789012345678901234567890}\n{"n": 2.5}\n'
-    assert parse_ndjson(body) == [{"n": 1}, {"n": 123456789012345678901234567890}, {"n": 2.5}]
-    assert parse_ndjson('{"n": 18446744073709551617}') == [{"n": 18446744073709551617}]
+    assert parse_ndjson(body) == [
+        {"n": 1},
+        {"n": JsonNumber("123456789012345678901234567890")},
+        {"n": 2.5},
+    ]
+    assert parse_ndjson('{"n": 18446744073709551617}') == [
+        {"n": JsonNumber("18446744073709551617")}
+    ]
+
+
+def _nested(depth: int) -> str:
+    """JSON arrays `depth` levels deep around a 1."""
+    return "[" * depth + "1" + "]" * depth
+
+
+@pytest.mark.parametrize("depth", [MAX_DATA_DEPTH + 1, 300, 1000])
+def test_data_nested_too_deep_is_refused_naming_the_field(depth: int) -> None:
+    # 300 and 1000: past what orjson serialises, where the standard module's encoder (the old
+    # fallback) raised RecursionError, a 500 at intake.
+    items = parse_ndjson(f'{{"recipient_id": "1", "name": "x", "data": {_nested(depth)}}}\n')
+    with pytest.raises(EventValidationError) as caught:
+        events_from_items(items, max_items=10)
+    [error] = caught.value.errors
+    assert (error.index, error.field) == (0, "data")
+    assert f"more than {MAX_DATA_DEPTH} levels" in error.message
+
+
+def test_data_nested_to_the_limit_is_kept() -> None:
+    items = parse_ndjson(f'{{"recipient_id": "1", "name": "x", "data": {_nested(MAX_DATA_DEPTH)}}}')
+    [event] = events_from_items(items, max_items=10)
+    assert event.data == _nested(MAX_DATA_DEPTH).replace(" ", "")
+
+
+def test_data_as_a_string_is_not_looked_into() -> None:
+    # A string is the app's own text: forwarder never parses nor re-encodes it, so no depth
+    # applies; the remote gets it as sent.
+    deep = _nested(5000)
+    event, errors = _one({"recipient_id": "1", "name": "x", "data": deep})
+    assert not errors
+    assert event is not None
+    assert event.data == deep
+
+
+# Every shape a JSON number can take: ints of any size and sign (-0 too), fractions with
+# trailing zeros, exponents in either case with or without a sign.
+_DIGITS = st.text(alphabet="0123456789", min_size=1, max_size=25)
+_INT_PART = st.one_of(st.just("0"), st.from_regex(r"\A[1-9][0-9]{0,24}\Z"))
+_JSON_NUMBERS = st.one_of(
+    st.integers().map(str),
+    st.integers(min_value=-(2**80), max_value=2**80).map(str),
+    st.sampled_from(["-0", "0", "1E5", "1e5", "-0.0", "1.10", "12345678901234567.5", "1e-7"]),
+    st.floats(allow_nan=False, allow_infinity=False).map(repr),  # shortest forms, orjson's way
+    st.tuples(
+        st.sampled_from(["", "-"]),
+        _INT_PART,
+        st.one_of(st.just(""), _DIGITS.map(lambda d: "." + d)),
+        st.one_of(
+            st.just(""),
+            st.tuples(
+                st.sampled_from(["e", "E"]), st.sampled_from(["", "+", "-"]), st.integers(0, 300)
+            ).map(lambda p: f"{p[0]}{p[1]}{p[2]}"),
+        ),
+    ).map("".join),
+)
+
+
+@given(number=_JSON_NUMBERS, spaced=st.booleans())
+def test_json_numbers_arrive_as_written(number: str, spaced: bool) -> None:
+    # What the app wrote is what the remote receives: recipient_id and value take the number's
+    # text, and data keeps it inside the object, in the fast (orjson) way and the exact one.
+    sep = ": " if spaced else ":"
+    line = (
+        f'{{"recipient_id"{sep}{number}, "name"{sep}"x", "value"{sep}{number}, '
+        f'"data"{sep}{{"n"{sep}{number}, "list"{sep}[1, {number}]}}}}'
+    )
+    plain = '{"recipient_id": "7", "name": "y", "data": {"n": 12}}'
+    # Alone, among lines without risky numbers, and as one JSON array.
+    bodies = [line, f"{plain}\n{line}\n{plain}"]
+    batches = [parse_ndjson(body) for body in bodies]
+    array = loads_json(f"[{plain}, {line}]".encode())
+    assert isinstance(array, list)
+    batches.append(array)
+    finite = number.lstrip("-").isdigit() or math.isfinite(float(number))
+    for items in batches:
+        if not finite:  # past a float's range: refused as before, never sent as "inf"
+            with pytest.raises(EventValidationError, match="finite"):
+                events_from_items(items, max_items=10)
+            continue
+        event = next(e for e in events_from_items(items, max_items=10) if e.name == "x")
+        assert event.recipient_id == number
+        assert event.value == number
+        assert event.data == f'{{"n":{number},"list":[1,{number}]}}'
+        assert json.loads(event.data)["n"] == json.loads(number)
+
+
+def test_numbers_the_red_team_sent_arrive_as_written() -> None:
+    body = (
+        '{"recipient_id": -9300000000000000001, "name": "x", '
+        '"data": {"order": -9999999999999999999, "price": 1.10}}\n'
+        '{"recipient_id": 12345678901234567.5, "name": "y"}\n'
+    )
+    first, second = events_from_items(parse_ndjson(body), max_items=10)
+    assert first.recipient_id == "-9300000000000000001"
+    assert first.data == '{"order":-9999999999999999999,"price":1.10}'
+    assert second.recipient_id == "12345678901234567.5"
+
+
+@pytest.mark.parametrize(("number", "expected"), [("1", True), ("0", False), ("-0", False)])
+def test_conversion_as_a_kept_number(number: str, expected: bool) -> None:
+    [item] = parse_ndjson(f'{{"recipient_id": "1", "name": "x", "conversion": {number}, "v": 1.5}}')
+    assert isinstance(item, dict)
+    item.pop("v")
+    event, errors = _one(item)
+    assert not errors
+    assert event is not None
+    assert event.conversion is expected
+
+
+def test_a_number_where_a_string_is_required_is_still_refused() -> None:
+    [item] = parse_ndjson('{"recipient_id": "1", "name": 1.50, "ref": -0}')
+    assert isinstance(item, dict)
+    _, errors = _one(item)
+    assert {e.field for e in errors} == {"name", "ref"}
+    assert all("got a number" in e.message for e in errors)
+
+
+@given(
+    st.lists(
+        st.one_of(_JSON_NUMBERS, st.text(alphabet="0123456789.eE-+ ,:[x", max_size=30).map(repr)),
+        max_size=6,
+    ),
+    st.sampled_from([",", ", ", ",\n ", " ,\t"]),
+)
+def test_risky_number_check_never_misses_one(values: list[str], sep: str) -> None:
+    # Values and number-like strings ('...' made "..."): whatever the check lets through to
+    # orjson must come back with every number as written.
+    text = "[" + sep.join(v.replace("'", '"') if v.startswith("'") else v for v in values) + "]"
+    try:
+        exact = json.loads(text, parse_float=JsonNumber, parse_int=JsonNumber)
+    except ValueError:
+        return  # a string repr with a backslash or a quote: not the point here
+    if events._has_risky_number(text):
+        return
+    fast = orjson.loads(text)
+    assert [x.text if isinstance(x, JsonNumber) else x for x in exact] == [
+        str(x) if isinstance(x, int | float) else x for x in fast
+    ]
+    # ... and orjson writes them back (data) as written too.
+    assert [x.text if isinstance(x, JsonNumber) else x for x in exact] == [
+        orjson.dumps(x).decode() if isinstance(x, int | float) else x for x in fast
+    ]
+    assert events._has_risky_number(text.encode()) is False

@@ -10,6 +10,7 @@ simulations drive the limiters against models of a remote: a fixed-window rate l
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import heapq
 import math
@@ -27,6 +28,7 @@ from forwarder.limiter import (
     RateLimiter,
     Ticket,
 )
+from forwarder.ratewindow import KEEP
 
 
 class FakeClock:
@@ -181,7 +183,7 @@ def test_the_window_length_is_the_longest_reset_seen() -> None:
     limiter = RateLimiter(6000, clock=clock)  # configured as 6000 per 60 s
     ticket = take(limiter)
     limiter.observe(ticket, limit=600, remaining=599, reset_s=6)
-    assert limiter.window_s == 6.0
+    assert limiter.window_s == 6.0  # a single answer may shorten the assumed 60 s
     assert limiter.limit == 600
     assert limiter.rate == pytest.approx(100.0)
     assert limiter.capacity == pytest.approx(25.0)
@@ -274,6 +276,8 @@ def test_a_429_closes_the_gate_for_everybody_until_the_reset() -> None:
         (5, 2.0, 5.0),  # ... a shorter one does not
         (None, 3.0, 3.0),
         (None, None, DEFAULT_429_WAIT_S),  # no hint at all
+        (3600, None, 60.0),  # a spent quota is back within a window: a minute at most
+        (3600, 120.0, 120.0),  # ... but an explicit Retry-After is honoured
     ],
 )
 def test_a_429_waits_for_the_longest_hint(
@@ -376,11 +380,13 @@ def simulate_rate(
     window_s: float = 6.0,
     latency_s: float = 0.005,
     concurrency: int = 8,
+    outliers: dict[int, int] | None = None,
 ) -> FixedWindowServer:
     """A client with an endless backlog: reserve, send, observe the answer `latency_s` later.
 
     Up to `concurrency` requests are in flight; the server sees each halfway through its round
     trip. The fake clock jumps from one event to the next for `windows` * `window_s` seconds.
+    `outliers` maps a request's number (from 1) to the reset its answer claims instead.
     """
     clock = FakeClock()
     limiter = RateLimiter(per_minute, clock=clock)
@@ -406,6 +412,8 @@ def simulate_rate(
             if isinstance(reserved, Ticket):
                 sent += 1
                 answer = server.hit(clock.now + latency_s / 2)
+                if outliers and sent in outliers:
+                    answer = dataclasses.replace(answer, reset_s=outliers[sent])
                 heapq.heappush(in_flight, (clock.now + latency_s, sent, reserved, answer))
                 continue
             next_try = clock.now + reserved
@@ -448,6 +456,84 @@ def test_simulation_with_a_longer_round_trip_still_no_429() -> None:
     server = simulate_rate(6000, windows=windows, quota=quota, latency_s=0.05)
     assert sum(w.rate_limited for w in server.windows) == 0
     assert sum(w.delivered for w in server.windows) >= 0.98 * quota * windows
+
+
+@pytest.mark.parametrize(("quota", "window_s", "windows"), [(300, 60.0, 5), (600, 6.0, 20)])
+def test_simulation_one_outlier_reset_does_not_slow_delivery(
+    quota: int, window_s: float, windows: int
+) -> None:
+    # One answer says the quota resets in an hour. Taken as the window's length, it paced the
+    # real remote's 300 a minute at one request every 12 s, until a restart.
+    per_minute = round(quota * 60 / window_s)
+    server = simulate_rate(
+        per_minute, windows=windows, quota=quota, window_s=window_s, outliers={30: 3600}
+    )
+    assert sum(w.rate_limited for w in server.windows) == 0
+    assert sum(w.delivered for w in server.windows) >= 0.98 * quota * windows
+
+
+def test_simulation_outliers_that_agree_are_outvoted() -> None:
+    # Two answers in a row claim an hour; the next ones of their window say it ends sooner.
+    windows, quota = 20, 600
+    server = simulate_rate(
+        6000, windows=windows, quota=quota, concurrency=1, outliers={30: 3600, 31: 3600}
+    )
+    assert sum(w.rate_limited for w in server.windows) == 0
+    assert sum(w.delivered for w in server.windows) >= 0.98 * quota * windows
+
+
+def feed_window(limiter: RateLimiter, clock: FakeClock, length_s: float) -> None:
+    """A server window of `length_s` from its start: three answers 0.1 s apart, then its end."""
+    start = clock.now
+    for _ in range(3):
+        ticket = take_waiting(limiter, clock)
+        reset = math.ceil(length_s - (clock.now - start))
+        limiter.observe(ticket, limit=600, remaining=599, reset_s=reset)
+        clock.advance(0.1)
+    clock.advance(max(0.0, start + length_s - clock.now))
+
+
+def test_a_single_answer_never_lengthens_the_window_and_an_outlier_agrees_with_nobody() -> None:
+    clock = FakeClock()
+    limiter = RateLimiter(600, clock=clock)
+    ticket = take(limiter)
+    limiter.observe(ticket, limit=600, reset_s=3600)  # alone: no more than the assumed minute
+    assert limiter.window_s == 60.0
+    clock.advance(0.5)
+    ticket = take_waiting(limiter, clock)
+    limiter.observe(ticket, limit=600, reset_s=6)  # the hour's window ends 6 s from now
+    assert limiter.window_s == 6.0
+    clock.advance(1.0)
+    ticket = take_waiting(limiter, clock)
+    limiter.observe(ticket, limit=600, reset_s=5)  # agrees with the last answer, not the first
+    assert limiter.window_s == 6.0
+    assert limiter.rate == pytest.approx(100.0)
+
+
+def test_a_learned_window_decays_when_the_remote_changes_it() -> None:
+    clock = FakeClock()
+    limiter = RateLimiter(600, clock=clock)
+    for _ in range(2):
+        feed_window(limiter, clock, 60.0)
+    assert limiter.window_s == 60.0
+    for _ in range(KEEP):  # the remote now counts per 6 s: the minute is still remembered ...
+        feed_window(limiter, clock, 6.0)
+        assert limiter.window_s == 60.0
+    feed_window(limiter, clock, 6.0)  # ... for KEEP windows, no longer
+    assert limiter.window_s == 6.0
+
+
+def test_a_reload_forgets_the_window_lengths_of_past_windows() -> None:
+    clock = FakeClock()
+    limiter = RateLimiter(600, clock=clock)
+    for length in (60.0, 60.0, 6.0):
+        feed_window(limiter, clock, length)
+    ticket = take_waiting(limiter, clock)  # the next 6 s window begins
+    limiter.observe(ticket, limit=600, reset_s=6)
+    assert limiter.window_s == 60.0
+    limiter.relearn_window()
+    assert limiter.window_s == 6.0  # what the current window shows
+    assert limiter.rate == pytest.approx(100.0)
 
 
 # --- ConcurrencyController ----------------------------------------------------------------------

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import sys
 import tracemalloc
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
+import orjson
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -117,6 +120,38 @@ def test_event_size_is_the_text_plus_a_fixed_overhead() -> None:
         data='{"a":1}', ref="camp-9", account="us",
     )  # fmt: skip
     assert event_size(e) == 10 + 3 + 8 + 5 + 7 + 6 + 2 + EVENT_OVERHEAD_BYTES
+
+
+@pytest.mark.parametrize("char", ["\u00e9", "\u20ac", "\U0001f600"])
+def test_event_size_counts_non_ascii_text_as_it_is_held_in_memory(char: str) -> None:
+    # Latin-1, BMP and astral text: 1, 2 and 4 bytes a character in a str, and its UTF-8 copy
+    # (2, 3 and 4 bytes) once orjson has encoded it (the spool, the save at a stop).
+    wide = replace(sized("a1", 0), recipient_id=char * 255, value=char * 1024, data=char * 5000)
+    size = event_size(wide)
+    orjson.dumps(wide.to_dict())  # the UTF-8 copies are cached now
+    held = sum(sys.getsizeof(text) for text in (wide.recipient_id, wide.value, wide.data))
+    extra = size - event_size(sized("a1", 0))
+    assert held - 8 <= extra <= held + 16  # every byte it holds, and hardly more
+
+
+async def test_the_byte_count_gives_back_what_it_took_when_text_grows_its_utf8_copy() -> None:
+    queue = EventQueue(100, max_bytes=0)
+    texts = ["\u00e9" * 100, "\u20ac" * 100, "\U0001f600" * 100]
+    events = [replace(sized(f"a{n}", 0, f"r{n}"), data=text) for n, text in enumerate(texts)]
+    before = list(map(event_size, events))
+    assert queue.admit(events[:2]) == ""
+    assert queue.admit(events[2:]) == ""
+    assert queue.bytes == sum(before)
+    for event in events:
+        orjson.dumps(event.data)  # as the spool or the save would, while they are queued
+    # Their text takes more memory now, so event_size says more; what was added must still be
+    # what is given back, or the count would drift below what the queue holds.
+    assert all(event_size(e) > size for e, size in zip(events[:2], before, strict=False))
+    got = await queue.get("")
+    queue.done(got)
+    assert queue.bytes == sum(before) - before[0]
+    assert ids(queue.take_account("")) == ["a1", "a2"]
+    assert queue.bytes == 0
 
 
 async def test_the_byte_bound_refuses_what_does_not_fit_and_counts_events_in_delivery() -> None:
@@ -603,6 +638,8 @@ def check_structure(queue: EventQueue) -> None:
         assert len(acct.line) == len(in_line)
         assert {id(rec) for rec in acct.line} == {id(rec) for rec in in_line}
         assert acct.busy == sum(rec.busy for rec in acct.recipients.values())
+        out = [e for es in queue._delivering.values() for e in es if e.event.account == acct.name]
+        assert acct.bytes == sum(event_size(e.event) for e in entries + out)
         waiting += acct.depth
     assert waiting == len(queue)
     for delivering in queue._delivering.values():
@@ -610,6 +647,18 @@ def check_structure(queue: EventQueue) -> None:
 
 
 ACCOUNTS = ("", "a", "b")
+
+
+def leaves_kept_room(queue: EventQueue, account: str, batch: list[Event]) -> bool:
+    """The rule, written out: past half the bound, each other account the queue knows keeps
+    room for max_events / (2 * accounts) of its own events."""
+    total = len(queue) + queue.in_delivery + len(batch)
+    others = [name for name in queue._accounts if name != account]
+    keep = queue.max_events // (2 * (len(others) + 1))
+    kept = sum(max(0, keep - queue.held(name)[0]) for name in others)
+    return total <= queue.max_events // 2 or total + kept <= queue.max_events
+
+
 RECIPIENTS = ("r1", "r2", "r3")
 # (kind, x, y): x and y pick the account, recipients, batch size, task or held event; the loop
 # then runs the woken tasks when y >= 8, so cancels hit both waiting and just-handed gets.
@@ -662,7 +711,7 @@ async def run_ops(
                 for n in range(1 + y % 2)
             ]
             serial += len(batch)
-            fits = len(batch) <= queue.free
+            fits = len(batch) <= queue.free and leaves_kept_room(queue, batch[0].account, batch)
             assert queue.offer(batch) is fits
             if fits:
                 accepted.extend(batch)
@@ -765,3 +814,64 @@ async def test_one_event_admits_queue_count_and_wake_like_a_batch(ordered: bool)
     one.done(waiting.result())
     expected = ["a1", "c1", "a2"] if ordered else ["a1", "a2", "c1"]  # round-robin, or FIFO
     assert take_and_done(one, "", 3) == take_and_done(batch, "", 3) == expected
+
+
+async def test_a_paused_account_cannot_take_the_room_kept_for_the_others() -> None:
+    # Memory mode: "b" is paused (nothing of it is taken) while the default account's lane waits.
+    queue = EventQueue(100, max_bytes=0)
+    lane = asyncio.create_task(queue.get(""))  # the default account's lane, idle
+    await asyncio.sleep(0)
+    try:
+        accepted = sum(queue.offer([ev(f"b-{n}", f"r{n}", account="b")]) for n in range(150))
+        assert accepted == 75  # half shared, and the other half kept: 25 each for 2 accounts
+        assert queue.admit([ev("b-late", account="b")]) == QUEUE_FULL
+        # The default account still gets in: the first event goes to its lane at once.
+        assert queue.offer([ev("d-0", "d0")])
+        assert (await asyncio.wait_for(lane, 1)).event_id == "d-0"
+        assert all(queue.offer([ev(f"d-{n}", f"d{n}")]) for n in range(1, 25))
+        assert queue.admit([ev("d-late", "dx")]) == QUEUE_FULL  # the bound itself still holds
+        assert len(queue) + queue.in_delivery == 100
+    finally:
+        lane.cancel()
+        await asyncio.gather(lane, return_exceptions=True)
+
+
+def test_one_account_alone_may_use_the_whole_bound() -> None:
+    queue = EventQueue(10, max_bytes=0)
+    assert all(queue.offer([ev(f"b-{n}", f"r{n}", account="b")]) for n in range(10))
+    assert queue.admit([ev("b-late", account="b")]) == QUEUE_FULL
+
+
+def test_the_byte_bound_keeps_room_for_the_others_too() -> None:
+    one = event_size(ev("x-0", "r0", account="b"))
+    queue = EventQueue(1000, max_bytes=40 * one)
+    queue.offer([ev("d-0", "d0")])
+    accepted = sum(queue.offer([ev(f"x-{n}", f"r{n}", account="b")]) for n in range(60))
+    assert accepted < 39  # room is kept for the default account's bytes
+    assert queue.admit([ev("x-late", "r", account="b")]) == QUEUE_BYTES_FULL
+    assert queue.offer([ev("d-1", "d1")])
+
+
+@pytest.mark.parametrize("ordered", [True, False])
+async def test_evict_gives_back_the_newest_waiting_events_and_keeps_the_rest_in_order(
+    ordered: bool,
+) -> None:
+    queue = EventQueue(100, ordered=ordered)
+    events = [ev(f"b-{n}", f"r{n % 3}", account="b") for n in range(9)]
+    queue.restore(events, range(1, 10))
+    first = await queue.get("b")  # in delivery: never evicted
+    assert first.event_id == "b-0"
+    taken = queue.evict("b", 4)
+    assert [(e.event_id, seq) for e, seq in taken] == [(f"b-{n}", n + 1) for n in range(4, 9)]
+    assert queue.held("b") == (4, sum(event_size(e) for e in events[:4]))
+    check_structure(queue)
+    queue.done(first)
+    rest = []
+    for _ in range(3):
+        got = await queue.get("b")
+        rest.append(got.event_id)
+        queue.done(got)
+    assert sorted(rest) == ["b-1", "b-2", "b-3"]
+    assert queue.held("b") == (0, 0)
+    assert queue.bytes == 0
+    check_structure(queue)

@@ -5,13 +5,14 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import socket
 from collections.abc import Awaitable, Callable
 from urllib.parse import urlsplit
 
 import aiohttp
 import pytest
 
-from forwarder.connections import REFUSAL
+from forwarder.connections import HEALTH_RESERVE, REFUSAL
 from tests.conftest import DaemonProc, MockProc
 
 StartMock = Callable[..., Awaitable[MockProc]]
@@ -149,15 +150,37 @@ async def test_a_body_that_does_not_arrive_in_time_gets_408_and_the_connection_c
     assert stats["counters"]["accepted"] == 0
 
 
-async def test_past_max_connections_a_new_connection_gets_503_and_is_closed(
+async def test_past_max_connections_only_health_checks_answer_then_new_connections_get_503(
     mock_remote: StartMock, daemon: StartDaemon
 ) -> None:
     mock = await mock_remote()
     d = await daemon(mock.base_url, intake={"max_connections": 5, "header_timeout_s": 30.0})
     address = _address(d)
     idle = [await asyncio.open_connection(*address) for _ in range(5)]
+    reserve: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
     try:
         await asyncio.sleep(0.2)  # the daemon has accepted them all
+        # The cap is reached: a health check still answers, on a connection of the reserve
+        # that closes after it; anything else there gets the refusal.
+        for request, status in (
+            (b"GET /healthz HTTP/1.1\r\nHost: forwarder\r\n\r\n", b"200"),
+            (b"GET /readyz HTTP/1.1\r\nHost: forwarder\r\n\r\n", b"200"),
+            (b"GET /v1/stats HTTP/1.1\r\nHost: forwarder\r\n\r\n", b"503"),
+        ):
+            reader, writer = await asyncio.open_connection(*address)
+            try:
+                writer.write(request)
+                answer = await _closed_by_server(reader, 5.0)
+            finally:
+                writer.close()
+            head, _, body = answer.partition(b"\r\n\r\n")
+            assert head.split(b" ", 2)[1] == status, answer
+            assert b"Connection: close" in head
+            if status == b"503":
+                assert json.loads(body)["reason"] == "too_many_connections"
+        # The reserve is bounded: once it is held too, a new connection gets the canned 503.
+        reserve = [await asyncio.open_connection(*address) for _ in range(HEALTH_RESERVE)]
+        await asyncio.sleep(0.2)
         reader, writer = await asyncio.open_connection(*address)
         try:
             answer = await _closed_by_server(reader, 2.0)
@@ -167,22 +190,82 @@ async def test_past_max_connections_a_new_connection_gets_503_and_is_closed(
         head, _, body = answer.partition(b"\r\n\r\n")
         assert head.startswith(b"HTTP/1.1 503 ")
         assert json.loads(body)["reason"] == "too_many_connections"
-        _, first = idle.pop()
-        first.close()  # one slot frees up
-        await first.wait_closed()
+        for _, held in [*reserve, idle.pop()]:
+            held.close()  # slots free up
+            await held.wait_closed()
+        reserve = []
         await asyncio.sleep(0.2)
         async with aiohttp.ClientSession(base_url=d.url) as http:
             async with http.post("/v1/events", json=[{"recipient_id": "1", "name": "A"}]) as r:
                 assert r.status == 202
             async with http.get("/v1/stats") as response:
                 connections = (await response.json())["connections"]
-        assert connections["refused"] == 1
+        assert connections["refused"] == 2  # the /v1/stats on the reserve, the canned one
         assert connections["max_connections"] == 5
+        assert connections["health_reserve"] == HEALTH_RESERVE
         assert connections["open"] == 5  # four idle ones and this client's
     finally:
-        for _, writer in idle:
+        for _, writer in [*idle, *reserve]:
             writer.close()
     assert len(d.proc.events("connections_refused")) == 1
+
+
+async def test_clients_that_pipeline_and_never_read_are_closed_and_health_answers_meanwhile(
+    mock_remote: StartMock, daemon: StartDaemon
+) -> None:
+    # The red team's case, smaller: clients send thousands of GET /metrics and read nothing.
+    # They hold every slot until the write timeout closes them; /healthz answers all along.
+    write_timeout = 2.0
+    mock = await mock_remote()
+    d = await daemon(
+        mock.base_url,
+        intake={"max_connections": 10, "write_timeout_s": write_timeout, "header_timeout_s": 60.0},
+    )
+    host, port = _address(d)
+    loop = asyncio.get_running_loop()
+    hogs: list[asyncio.StreamWriter] = []
+    try:
+        for _ in range(10):
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # fills up soon
+            sock.setblocking(False)
+            await loop.sock_connect(sock, (host, port))
+            _, writer = await asyncio.open_connection(sock=sock)
+            writer.write(b"GET /metrics HTTP/1.1\r\nHost: forwarder\r\n\r\n" * 3000)
+            hogs.append(writer)
+        began = loop.time()
+        await asyncio.sleep(0.2)  # the daemon has accepted them all
+        for path in ("/healthz", "/readyz"):
+            reader, writer = await asyncio.open_connection(host, port)
+            try:
+                writer.write(f"GET {path} HTTP/1.1\r\nHost: forwarder\r\n\r\n".encode())
+                answer = await _closed_by_server(reader, 5.0)
+            finally:
+                writer.close()
+            assert answer.startswith(b"HTTP/1.1 200 "), answer
+        # Once the write timeout has closed them, everyone is served again.
+        async with aiohttp.ClientSession(base_url=d.url) as http:
+            async with asyncio.timeout(write_timeout + 15):
+                while True:
+                    async with http.get("/v1/stats") as response:
+                        if response.status == 200:
+                            connections = (await response.json())["connections"]
+                            if connections["write_timeouts"] == 10:
+                                break
+                        else:
+                            assert response.status == 503
+                    await asyncio.sleep(0.1)
+            elapsed = loop.time() - began
+            async with http.get("/metrics") as response:
+                metrics = await response.text()
+    finally:
+        for writer in hogs:
+            writer.close()
+    assert connections["open"] == 1  # this client's
+    assert write_timeout <= elapsed <= write_timeout + 15, elapsed
+    assert "forwarder_connections_write_timeouts_total 10.0" in metrics
+    (line,) = d.proc.events("unread_client_closed")  # one line, not ten
+    assert line["write_timeout_s"] == write_timeout
 
 
 @pytest.mark.parametrize("case", ["new", "kept_alive_idle", "kept_alive_slow_head"])
