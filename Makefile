@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: venv demo test lint typecheck pytest test-tools bench bench-quick wrk soak clean
+.PHONY: venv demo test docs lint typecheck pytest test-tools bench bench-quick wrk soak clean
 
 $(BIN)/python:
 	$(PYTHON) -c 'import sys; sys.exit("forwarder needs Python 3.11+") if sys.version_info < (3, 11) else None'
@@ -11,9 +11,10 @@ $(BIN)/python:
 	$(BIN)/python -m pip install --quiet --upgrade pip
 
 # The speed extra (uvloop) too: mypy checks the typed import, and the e2e tests run the
-# daemon on uvloop while the in-process ones run on asyncio's loop.
+# daemon on uvloop while the in-process ones run on asyncio's loop. The docs extra (mkdocs):
+# `make test` builds the docs site.
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install --quiet -e '.[test,speed]'
+	$(BIN)/python -m pip install --quiet -e '.[test,speed,docs]'
 	touch $@
 
 venv: $(VENV)/.installed
@@ -42,12 +43,18 @@ test-tools:
 		|| echo "make test: promtool is not installed (Debian/Ubuntu: sudo apt-get install prometheus);" \
 		        "the alert-rule tests will say so"
 
-test: lint typecheck pytest
+# The docs site (mkdocs.yml, docs/) into site/, strict: a broken link, a missing page or a page
+# left out of the nav fails the build. Part of `make test`, so CI fails on a broken link. (Not
+# --quiet: it hides the warnings that strict mode counts, and the build then passes.)
+docs: venv
+	$(BIN)/mkdocs build --strict
+
+test: lint typecheck docs pytest
 
 clean:
-	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache *.egg-info
+	rm -rf $(VENV) site .mypy_cache .ruff_cache .pytest_cache *.egg-info
 
-# The benchmark suite (README, "Performance"): one table, and every round's numbers in
+# The benchmark suite (docs/performance.md): one table, and every round's numbers in
 # bench-results.json. `make bench-quick` for a short run; more options with BENCH_ARGS, e.g.
 # `make bench BENCH_ARGS="--only delivery --profile"` (bench_suite.py --help lists them).
 BENCH_ARGS ?=

@@ -272,29 +272,41 @@ def _rate(text: str) -> float:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="forwarder", description="Forward recipient events from local apps to the remote API."
+        prog="forwarder",
+        description="Forward recipient events from local apps to the remote API.",
+        # A path in the repository: there is no hosted site (`make docs` builds one into site/).
+        epilog="Docs: docs/index.md; every command and option: docs/reference/cli.md",
     )
     parser.add_argument("--version", action="version", version=f"forwarder {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    run = sub.add_parser("run", help="run the daemon")
+    run = sub.add_parser("run", help="run the daemon", epilog="Docs: docs/reference/cli.md")
     run.add_argument("--config", help="TOML config file (default /etc/forwarder/forwarder.toml)")
     run.set_defaults(func=cmd_run)
 
     add_commands(sub, "TOML config file (default /etc/forwarder/forwarder.toml)")
     add_status_command(sub, "TOML config file (default /etc/forwarder/forwarder.toml)")
 
-    reload = sub.add_parser("reload", help="make the running daemon re-read its config (SIGHUP)")
+    reload = sub.add_parser(
+        "reload",
+        help="make the running daemon re-read its config (SIGHUP)",
+        epilog="Docs: docs/how-to/reload.md",
+    )
     reload.add_argument("--config", help="TOML config file (default /etc/forwarder/forwarder.toml)")
     reload.set_defaults(func=cmd_reload)
 
-    check = sub.add_parser("check-config", help="validate and print the effective config")
+    check = sub.add_parser(
+        "check-config",
+        help="validate and print the effective config",
+        epilog="Docs: docs/reference/configuration.md",
+    )
     check.add_argument("--config", help="TOML config file (default /etc/forwarder/forwarder.toml)")
     check.set_defaults(func=cmd_check_config)
 
     send = sub.add_parser(
         "send",
         help="send one event to a running daemon (token: $FORWARDER_INTAKE_AUTH_TOKEN, if set)",
+        epilog="Docs: docs/tutorial.md#send-events-by-hand",
     )
     where = send.add_mutually_exclusive_group()
     where.add_argument("--url", default="http://127.0.0.1:8787", help="daemon's HTTP address")
@@ -311,7 +323,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_events_commands(sub)
 
-    mock = sub.add_parser("mock-remote", help="serve a faithful fake of the remote API")
+    mock = sub.add_parser(
+        "mock-remote",
+        help="serve a faithful fake of the remote API",
+        epilog="Docs: docs/reference/remote-api.md",
+    )
     mock.add_argument("--host", default="127.0.0.1")
     mock.add_argument("--port", type=int, default=8788, help="0 picks a free port")
     mock.add_argument(
@@ -343,7 +359,11 @@ def build_parser() -> argparse.ArgumentParser:
     mock.add_argument("--seed", type=int, default=None, help="seed for reproducible faults")
     mock.set_defaults(func=cmd_mock_remote)
 
-    demo = sub.add_parser("demo", help="run a mock remote and the daemon, and send events")
+    demo = sub.add_parser(
+        "demo",
+        help="run a mock remote and the daemon, and send events",
+        epilog="Docs: docs/tutorial.md",
+    )
     demo.add_argument("--events", type=int, default=40, help="how many events (default 40)")
     demo.set_defaults(func=cmd_demo)
     return parser

@@ -216,32 +216,42 @@ def cmd_stats(args: argparse.Namespace) -> int:
 
 def add_commands(sub: Any, config_help: str) -> None:
     """Register `dlq` and `spool` on the `forwarder` parser's subcommands."""
-    dlq = sub.add_parser("dlq", help="list, show, replay or purge dead letters")
+    dlq_docs = "Docs: docs/how-to/dead-letters.md"
+    spool_docs = "Docs: docs/how-to/dead-letters.md#damaged-spools"
+    dlq = sub.add_parser("dlq", help="list, show, replay or purge dead letters", epilog=dlq_docs)
     verbs = dlq.add_subparsers(dest="dlq_command", required=True)
 
-    listing = verbs.add_parser("list", help="list dead letters, oldest first")
+    listing = verbs.add_parser("list", help="list dead letters, oldest first", epilog=dlq_docs)
     listing.add_argument("--since", type=parse_when, help="ISO date/time or age (7d, 12h)")
     listing.add_argument("--reason", help="rejected, gave_up, internal_error or damaged")
     listing.add_argument("--limit", type=int, help="at most this many")
     listing.add_argument("--json", action="store_true", help="one JSON object per line")
     listing.set_defaults(func=cmd_list)
 
-    show = verbs.add_parser("show", help="one dead letter in full")
+    show = verbs.add_parser("show", help="one dead letter in full", epilog=dlq_docs)
     show.add_argument("id", type=int)
     show.set_defaults(func=cmd_show)
 
-    replay = verbs.add_parser("replay", help="send dead letters again (same idempotency key)")
+    replay = verbs.add_parser(
+        "replay", help="send dead letters again (same idempotency key)", epilog=dlq_docs
+    )
     replay.add_argument("ids", type=int, nargs="*", metavar="ID")
     replay.add_argument("--all", action="store_true", help="every dead letter")
     replay.set_defaults(func=cmd_replay)
 
-    purge = verbs.add_parser("purge", help="delete dead letters from before a date")
+    purge = verbs.add_parser(
+        "purge", help="delete dead letters from before a date", epilog=dlq_docs
+    )
     purge.add_argument("--before", type=parse_when, required=True, help="ISO date/time or age")
     purge.set_defaults(func=cmd_purge)
 
-    spool = sub.add_parser("spool", help="inspect the spool, or recover a damaged one")
+    spool = sub.add_parser(
+        "spool", help="inspect the spool, or recover a damaged one", epilog=spool_docs
+    )
     spool_verbs = spool.add_subparsers(dest="spool_command", required=True)
-    stats = spool_verbs.add_parser("stats", help="events, bytes, oldest event, dead letters")
+    stats = spool_verbs.add_parser(
+        "stats", help="events, bytes, oldest event, dead letters", epilog=spool_docs
+    )
     stats.add_argument("--json", action="store_true")
     stats.set_defaults(func=cmd_stats)
     add_file_commands(spool_verbs, config_help)

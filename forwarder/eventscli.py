@@ -69,12 +69,14 @@ async def _events_show(
 
 def add_events_commands(sub: Any) -> None:
     """Register `events show` on the `forwarder` parser's subcommands."""
-    events = sub.add_parser("events", help="ask the running daemon about events")
+    docs = "Docs: docs/reference/http-api.md"
+    events = sub.add_parser("events", help="ask the running daemon about events", epilog=docs)
     events_sub = events.add_subparsers(dest="events_command", required=True)
     show = events_sub.add_parser(
         "show",
         help="what became of one event: queued, in_delivery, delivered (the remote's id) or"
         " dead_lettered (token: $FORWARDER_INTAKE_AUTH_TOKEN, if set)",
+        epilog=docs,
     )
     show.add_argument("id", help="the event's number (the drop-in answer's data) or event_id")
     where = show.add_mutually_exclusive_group()

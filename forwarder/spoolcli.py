@@ -107,8 +107,11 @@ def cmd_recover(args: argparse.Namespace) -> int:
 
 def add_file_commands(spool_verbs: Any, config_help: str) -> None:
     """Register `forwarder spool inspect FILE` and `forwarder spool recover FILE`."""
+    docs = "Docs: docs/how-to/dead-letters.md#damaged-spools"
     inspect = spool_verbs.add_parser(
-        "inspect", help="what can still be read of a (moved-aside) spool file; changes nothing"
+        "inspect",
+        help="what can still be read of a (moved-aside) spool file; changes nothing",
+        epilog=docs,
     )
     inspect.add_argument("file", metavar="FILE")
     inspect.add_argument("--json", action="store_true", help="the counts as one JSON object")
@@ -117,7 +120,9 @@ def add_file_commands(spool_verbs: Any, config_help: str) -> None:
     )
     inspect.set_defaults(func=cmd_inspect)
     recover = spool_verbs.add_parser(
-        "recover", help="bring a spool file's readable events into the spool (daemon stopped)"
+        "recover",
+        help="bring a spool file's readable events into the spool (daemon stopped)",
+        epilog=docs,
     )
     recover.add_argument("file", metavar="FILE")
     recover.add_argument("--json", action="store_true")

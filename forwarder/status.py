@@ -367,6 +367,7 @@ def add_command(sub: Any, config_help: str) -> None:
             "Read the running daemon's /v1/stats and print its health at a glance. "
             f"Exit status: 0 healthy, 1 degraded, 2 unreachable. See {DOCS}."
         ),
+        epilog=f"Docs: {DOCS}",
     )
     status.add_argument("--config", help=config_help)
     where = status.add_mutually_exclusive_group()
