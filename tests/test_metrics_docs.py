@@ -1,4 +1,4 @@
-"""What a running daemon exports on /metrics is what the README's Metrics section lists.
+"""What a running daemon exports on /metrics is what docs/reference/metrics.md lists.
 
 Every exported family is documented with its type and labels, every documented family is
 exported, no `*_created` family sneaks in, and `promtool check metrics` (Debian's `prometheus`
@@ -19,16 +19,16 @@ from prometheus_client.parser import text_string_to_metric_families
 from tests.conftest import DaemonProc, MockProc, promtool
 from tests.test_e2e import wait_until
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+PAGE = Path(__file__).resolve().parent.parent / "docs" / "reference" / "metrics.md"
 # | `forwarder_name` | type | `label`, `label` | what it is |
 ROW = re.compile(r"^\| `(forwarder_\w+)` \| (\w+) \|([^|]*)\|")
 
 
 def documented() -> dict[str, tuple[str, frozenset[str]]]:
-    """The README's Metrics section: family -> (type, labels)."""
-    text = README.read_text()
-    section = text.split("\n### Metrics\n", 1)[1]
-    section = re.split(r"\n#{1,3} ", section, maxsplit=1)[0]
+    """The metrics page's Families table: family -> (type, labels)."""
+    text = PAGE.read_text()
+    section = text.split("\n## Families\n", 1)[1]
+    section = re.split(r"\n#{1,2} ", section, maxsplit=1)[0]
     families: dict[str, tuple[str, frozenset[str]]] = {}
     for line in section.splitlines():
         match = ROW.match(line)
@@ -36,7 +36,7 @@ def documented() -> dict[str, tuple[str, frozenset[str]]]:
             name, kind, labels = match.groups()
             assert name not in families, f"{name} is listed twice"
             families[name] = (kind, frozenset(re.findall(r"`(\w+)`", labels)))
-    assert len(families) > 20, "the README's Metrics table was not found"
+    assert len(families) > 20, "the Families table of docs/reference/metrics.md was not found"
     return families
 
 
@@ -84,8 +84,8 @@ async def test_every_exported_family_is_documented_and_every_documented_one_expo
     text = await scrape(mock_remote, daemon)
     assert "_created" not in text
     have, docs = exported(text), documented()
-    assert sorted(set(have) - set(docs)) == [], "exported but not in the README's Metrics"
-    assert sorted(set(docs) - set(have)) == [], "in the README's Metrics but not exported"
+    assert sorted(set(have) - set(docs)) == [], "exported but not in docs/reference/metrics.md"
+    assert sorted(set(docs) - set(have)) == [], "in docs/reference/metrics.md but not exported"
     wrong = {name: (have[name], docs[name]) for name in have if have[name] != docs[name]}
     assert wrong == {}, "(exported type and labels, documented type and labels) differ"
 
