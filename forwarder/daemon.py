@@ -85,6 +85,9 @@ RESTART_ONLY = (
     "remote.timeout_s",
     "remote.connect_timeout_s",
     "remote.ca_bundle",
+    # The storage backend and its disk bound are chosen when the spool is opened.
+    "queue.mode",
+    "queue.max_disk_bytes",
     "state.dir",
     "log.format",
 )

@@ -241,7 +241,14 @@ async def test_reload_applies_what_it_can_and_refuses_a_bad_config(short_tmp: Pa
             remote=dataclasses.replace(
                 base.remote, rate_limit_per_minute=120, max_concurrency=3, per_recipient_order=False
             ),
-            queue=QueueConfig(max_events=50, max_bytes=2 << 20, group_commit_ms=20),
+            queue=QueueConfig(
+                max_events=50,
+                max_bytes=2 << 20,
+                group_commit_ms=20,
+                # Read at start only: a reload names them and keeps the running values.
+                mode="durable",
+                max_disk_bytes=1 << 21,
+            ),
             accounts={"us": us},
         )
         default_key = ApiKey(Secret("sk-daemon-test-0000"), "test")
@@ -251,7 +258,13 @@ async def test_reload_applies_what_it_can_and_refuses_a_bad_config(short_tmp: Pa
             assert await daemon.request_reload()
         (line,) = [entry for entry in logs if entry["event"] == "reloaded"]
         assert line["accounts_added"] == ["us"]
-        assert line["restart_needed"] == ["intake.http_listen"]
+        assert line["restart_needed"] == [
+            "intake.http_listen",
+            "queue.mode",
+            "queue.max_disk_bytes",
+        ]
+        assert daemon.config.queue.mode == base.queue.mode
+        assert daemon.config.queue.max_disk_bytes == base.queue.max_disk_bytes
         assert "remote.rate_limit_per_minute" in line["changed"]
         lanes = daemon._dispatcher.lanes if daemon._dispatcher else {}
         assert sorted(lanes) == ["default", "us"]
