@@ -12,8 +12,6 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import aiohttp
-
 from forwarder import __version__
 from forwarder.accounts import NO_DEFAULT_KEY, Account, load_accounts
 from forwarder.config import (
@@ -30,6 +28,7 @@ from forwarder.credentials import (
     resolve_api_key,
     resolve_intake_token,
 )
+from forwarder.daemonclient import Target, Unreachable, request_once
 from forwarder.dlq import add_commands
 from forwarder.eventscli import add_events_commands
 from forwarder.status import add_command as add_status_command
@@ -209,25 +208,14 @@ def cmd_send(args: argparse.Namespace) -> int:
 async def _send(
     url: str, socket_path: str | None, form: dict[str, str], timeout: float, token: str = ""
 ) -> int:
-    headers = {"Authorization": f"Bearer {token}"} if token else {}
-    connector: aiohttp.BaseConnector | None = None
-    if socket_path:
-        connector = aiohttp.UnixConnector(path=socket_path)
-        url = "http://localhost"
-    target = f"{url.rstrip('/')}/v1/recipientEvents/create"
+    target = Target(url, socket_path, token)
     try:
-        async with (
-            aiohttp.ClientSession(
-                connector=connector, timeout=aiohttp.ClientTimeout(total=timeout)
-            ) as session,
-            session.post(target, data=form, headers=headers) as response,
-        ):
-            body = await response.text()
-            status = response.status
-    except (aiohttp.ClientError, TimeoutError) as exc:
-        where = socket_path or url
-        return _fail(f"cannot reach forwarder at {where}: {exc or type(exc).__name__}", 1)
-    print(body)
+        status, body = await request_once(
+            target, "POST", "/v1/recipientEvents/create", timeout_s=timeout, data=form
+        )
+    except Unreachable as exc:
+        return _fail(f"cannot reach forwarder at {target.describe()}: {exc}", 1)
+    print(body.decode(errors="replace"))
     return 0 if status in (200, 202) else 1  # intake.drop_in_answer "remote" or "accepted"
 
 

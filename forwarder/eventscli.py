@@ -15,7 +15,7 @@ import sys
 from typing import Any
 from urllib.parse import quote
 
-import aiohttp
+from forwarder.daemonclient import Target, Unreachable, request_once
 
 
 def fail(message: str, code: int) -> int:
@@ -35,24 +35,14 @@ async def _events_show(
 ) -> int:
     # Asked of the daemon, not read from the spool: only the daemon knows the events in memory
     # and in delivery, and memory mode keeps outcomes nowhere else.
-    headers = {"Authorization": f"Bearer {token}"} if token else {}
-    connector: aiohttp.BaseConnector | None = None
-    if socket_path:
-        connector = aiohttp.UnixConnector(path=socket_path)
-        url = "http://localhost"
-    target = f"{url.rstrip('/')}/v1/events/{quote(key, safe='')}"
+    target = Target(url, socket_path, token)
     try:
-        async with (
-            aiohttp.ClientSession(
-                connector=connector, timeout=aiohttp.ClientTimeout(total=timeout)
-            ) as session,
-            session.get(target, headers=headers) as response,
-        ):
-            body = await response.text()
-            status = response.status
-    except (aiohttp.ClientError, TimeoutError) as exc:
-        where = socket_path or url
-        return fail(f"cannot reach forwarder at {where}: {exc or type(exc).__name__}", 1)
+        status, raw = await request_once(
+            target, "GET", f"/v1/events/{quote(key, safe='')}", timeout_s=timeout
+        )
+    except Unreachable as exc:
+        return fail(f"cannot reach forwarder at {target.describe()}: {exc}", 1)
+    body = raw.decode(errors="replace")
     try:
         answer = json.loads(body)
     except ValueError:

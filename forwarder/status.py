@@ -31,6 +31,7 @@ from rich.text import Text
 
 from forwarder.config import ConfigError, load_config
 from forwarder.credentials import resolve_intake_token
+from forwarder.daemonclient import Target, Unreachable, request
 
 # An event this old is worth a look, even while it is flowing: at the default 300 requests a
 # minute, an hour is a backlog of 18 000 events. The remote forgets idempotency keys after 24 h.
@@ -45,23 +46,6 @@ class Verdict(enum.IntEnum):
     HEALTHY = 0
     DEGRADED = 1
     UNREACHABLE = 2
-
-
-@dataclass(frozen=True)
-class Target:
-    """Where the daemon answers, and the intake token it wants (if any)."""
-
-    url: str
-    socket: str | None = None
-    token: str = field(default="", repr=False)
-
-    def describe(self) -> str:
-        """Where we looked, for the first line (never the token)."""
-        return f"unix:{self.socket}" if self.socket else self.url
-
-
-class Unreachable(Exception):
-    """The daemon did not answer /v1/stats with its JSON."""
 
 
 @dataclass(frozen=True)
@@ -135,18 +119,9 @@ def locate(
 
 async def read(session: aiohttp.ClientSession, target: Target, timeout_s: float) -> Reading:
     """GET /v1/stats once; Unreachable when there is no such daemon or it answers no JSON."""
-    headers = {"Authorization": f"Bearer {target.token}"} if target.token else {}
-    try:
-        async with session.get(
-            f"{target.url}/v1/stats",
-            headers=headers,
-            timeout=aiohttp.ClientTimeout(total=timeout_s),
-        ) as response:
-            body = await response.read()
-            if response.status != 200:
-                raise Unreachable(f"/v1/stats answered HTTP {response.status}")
-    except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-        raise Unreachable(f"{type(exc).__name__}: {exc}".rstrip(": ")) from exc
+    status, body = await request(session, target, "GET", "/v1/stats", timeout_s=timeout_s)
+    if status != 200:
+        raise Unreachable(f"/v1/stats answered HTTP {status}")
     try:
         stats = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
@@ -299,8 +274,7 @@ def render(report: Report) -> Group:
 
 
 async def _once(target: Target, timeout_s: float, max_age_s: float) -> Report:
-    connector = aiohttp.UnixConnector(path=target.socket) if target.socket else None
-    async with aiohttp.ClientSession(connector=connector) as session:
+    async with target.session() as session:
         try:
             reading = await read(session, target, timeout_s)
         except Unreachable as exc:
@@ -310,9 +284,8 @@ async def _once(target: Target, timeout_s: float, max_age_s: float) -> Report:
 
 async def _watch(target: Target, args: argparse.Namespace, last: list[Report]) -> None:
     """Redraw until Ctrl-C; `last` keeps the latest report, so the exit status is its verdict."""
-    connector = aiohttp.UnixConnector(path=target.socket) if target.socket else None
     before: Reading | None = None
-    async with aiohttp.ClientSession(connector=connector) as session:
+    async with target.session() as session:
         with Live(render(last[-1]), auto_refresh=False) as live:
             while True:
                 try:
