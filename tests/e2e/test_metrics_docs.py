@@ -17,9 +17,9 @@ import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import DaemonProc, MockProc, promtool
-from tests.test_e2e import wait_until
+from tests.e2e.test_e2e import wait_until
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+README = Path(__file__).resolve().parents[2] / "README.md"
 # | `forwarder_name` | type | `label`, `label` | what it is |
 ROW = re.compile(r"^\| `(forwarder_\w+)` \| (\w+) \|([^|]*)\|")
 
