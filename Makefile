@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: venv demo test lint typecheck pytest test-tools bench bench-quick wrk soak clean
+.PHONY: venv demo test test-fast lint typecheck pytest test-tools bench bench-quick wrk soak clean
 
 $(BIN)/python:
 	$(PYTHON) -c 'import sys; sys.exit("forwarder needs Python 3.11+") if sys.version_info < (3, 11) else None'
@@ -43,6 +43,11 @@ test-tools:
 		        "the alert-rule tests will say so"
 
 test: lint typecheck pytest
+
+# Unit and integration tests only (tests/unit, tests/integration): no `forwarder run` subprocess,
+# about a minute on 2 cores. `make test` runs these and the e2e tests, and lints and type-checks.
+test-fast: venv test-tools
+	$(BIN)/pytest -m "not e2e"
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache *.egg-info
