@@ -44,10 +44,11 @@ test-tools:
 
 test: lint typecheck pytest
 
-# Unit and integration tests only (tests/unit, tests/integration): no `forwarder run` subprocess,
-# about a minute on 2 cores. `make test` runs these and the e2e tests, and lints and type-checks.
+# Unit and integration tests only (tests/unit, tests/integration: no `forwarder run` subprocess),
+# one worker per core: under a minute on 2 cores. `make test` runs these and the e2e tests (one
+# at a time: they time daemons), and lints and type-checks.
 test-fast: venv test-tools
-	$(BIN)/pytest -m "not e2e"
+	$(BIN)/pytest -m "not e2e" -n auto
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache *.egg-info
