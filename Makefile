@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: venv demo test docs lint typecheck pytest test-tools bench bench-quick wrk soak clean
+.PHONY: venv demo test test-fast docs lint typecheck pytest test-tools bench bench-quick wrk soak clean
 
 $(BIN)/python:
 	$(PYTHON) -c 'import sys; sys.exit("forwarder needs Python 3.11+") if sys.version_info < (3, 11) else None'
@@ -50,6 +50,12 @@ docs: venv
 	$(BIN)/mkdocs build --strict
 
 test: lint typecheck docs pytest
+
+# Unit and integration tests only (tests/unit, tests/integration: no `forwarder run` subprocess),
+# one worker per core: under a minute on 2 cores. `make test` runs these and the e2e tests (one
+# at a time: they time daemons), and lints and type-checks.
+test-fast: venv test-tools
+	$(BIN)/pytest -m "not e2e" -n auto
 
 clean:
 	rm -rf $(VENV) site .mypy_cache .ruff_cache .pytest_cache *.egg-info

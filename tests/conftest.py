@@ -1,4 +1,16 @@
-"""Fixtures that run the real programs: `forwarder mock-remote` and `forwarder run` as subprocesses.
+"""Shared fixtures and helpers, and the layout of the tests.
+
+The tests are laid out by kind, and each kind gets the pytest marker of its folder (the
+`pytest_collection_modifyitems` hook below; the markers are registered in pyproject.toml):
+`tests/unit/` (marker `unit`) is pure logic with injected clocks: no sockets, no subprocesses;
+`tests/integration/` (`integration`) runs in-process aiohttp servers and daemons, SQLite spool
+files, and a real `forwarder mock-remote` or one-shot CLI subprocess talking to in-process code;
+`tests/e2e/` (`e2e`) starts `forwarder run` as a subprocess (the `daemon` fixture). A file that
+mixes kinds sits where its slowest test belongs. `make test` runs all of them; `make test-fast`
+runs `-m "not e2e"`. `tests/benchmarks/` holds the benchmarks and soaks, which pytest does not
+collect.
+
+The fixtures run the real programs: `forwarder mock-remote` and `forwarder run` as subprocesses.
 
 Each factory cleans up what it made: processes are stopped (SIGTERM, then SIGKILL after a bounded
 wait) and temporary directories removed. Ports are always 0; Unix socket paths are kept short.
@@ -390,3 +402,31 @@ def tls_files(tmp_path_factory: pytest.TempPathFactory) -> TlsFiles:
     run("x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-days", "2",
         "-CAcreateserial", "-out", "server.pem", "-extfile", "server.ext")  # fmt: skip
     return TlsFiles(where / "ca.pem", where / "server.pem", where / "server.key")
+
+
+# The kinds of test, by the folder a test lives in (see the module docstring).
+KINDS = ("unit", "integration", "e2e")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark each test with the kind of its folder, so `-m "not e2e"` picks the fast ones.
+
+    A test file outside the three folders would get no kind and slip into every selection, so it
+    stops the run, naming the file.
+    """
+    tests_dir = Path(__file__).resolve().parent
+    strays: set[str] = set()
+    for item in items:
+        path = item.path.resolve()
+        if not path.is_relative_to(tests_dir):
+            continue
+        kind = path.relative_to(tests_dir).parts[0]
+        if kind in KINDS:
+            item.add_marker(kind)
+        else:
+            strays.add(str(path.relative_to(tests_dir.parent)))
+    if strays:
+        raise pytest.UsageError(
+            f"tests outside tests/{{{','.join(KINDS)}}}/: {', '.join(sorted(strays))}; "
+            "move each file to the folder of its kind (tests/conftest.py says which is which)"
+        )

@@ -23,7 +23,7 @@ Then, from the mock's record, forwarder's `/v1/stats`, `/metrics` and its log:
   timeout for every hang and for every answer that came too late for it (the differences
   between what the mock answered and what forwarder counted).
 
-The CI test (`tests/test_soak_faults.py`) runs a few seconds of it per queue mode through the
+The CI test (`tests/e2e/test_soak_faults.py`) runs a few seconds of it per queue mode through the
 conftest fixtures; this script runs it at length (not collected by pytest: not `test_*.py`):
 
     .venv/bin/python tests/benchmarks/soak_faults.py [--seconds 60] [--clients 16] [--mode both]

@@ -20,7 +20,7 @@ from tests.conftest import DaemonProc, MockProc, promtool
 StartMock = Callable[..., Awaitable[MockProc]]
 StartDaemon = Callable[..., Awaitable[DaemonProc]]
 
-CONTRIB = Path(__file__).resolve().parent.parent / "contrib"
+CONTRIB = Path(__file__).resolve().parents[2] / "contrib"
 RULES = CONTRIB / "prometheus" / "forwarder-rules.yml"
 RULE_TESTS = CONTRIB / "prometheus" / "forwarder-rules.test.yml"
 DASHBOARD = CONTRIB / "grafana" / "forwarder.json"

@@ -30,7 +30,7 @@ from forwarder.config import (
 from forwarder.credentials import ApiKey, Secret, resolve_account_keys, resolve_api_key
 from tests.conftest import Proc, TlsFiles, spawn
 
-SHIPPED_CONFIG = Path(__file__).resolve().parent.parent / "config" / "forwarder.toml"
+SHIPPED_CONFIG = Path(__file__).resolve().parents[2] / "config" / "forwarder.toml"
 KEY = "sk_live_0123456789abcdef"
 
 

@@ -17,9 +17,9 @@ import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import DaemonProc, MockProc, promtool
-from tests.test_e2e import wait_until
+from tests.e2e.test_e2e import wait_until
 
-PAGE = Path(__file__).resolve().parent.parent / "docs" / "reference" / "metrics.md"
+PAGE = Path(__file__).resolve().parents[2] / "docs" / "reference" / "metrics.md"
 # | `forwarder_name` | type | `label`, `label` | what it is |
 ROW = re.compile(r"^\| `(forwarder_\w+)` \| (\w+) \|([^|]*)\|")
 

@@ -173,7 +173,7 @@ async def _until(check: Callable[[], Awaitable[bool]]) -> None:
 
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="no systemd tools")
 async def test_the_unit_files_pass_systemd_analyze_verify(short_tmp: Path) -> None:
-    units = Path(__file__).resolve().parent.parent / "systemd"
+    units = Path(__file__).resolve().parents[2] / "systemd"
     for unit in units.iterdir():
         text = unit.read_text()
         # verify checks that ExecStart's binary exists; it is installed to /opt only on a host.

@@ -17,7 +17,7 @@ import pytest
 
 from forwarder.cli import build_parser
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 DOCS = ROOT / "docs"
 LINK = re.compile(r"\bdocs/([\w./-]+\.md)(?:#([\w-]+))?")
 

@@ -28,7 +28,7 @@ import pytest
 from aiohttp import web
 
 from tests.conftest import DaemonProc, MockProc, Proc, dead_letters, spawn, spooled
-from tests.test_e2e import wait_until
+from tests.e2e.test_e2e import wait_until
 
 KEY = "sk-SECRET-canary-1234567890"
 FORMS = (KEY, base64.b64encode(f"{KEY}:".encode()).decode())

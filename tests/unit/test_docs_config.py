@@ -17,7 +17,7 @@ from pathlib import Path
 from forwarder.config import AccountConfig, Config
 from forwarder.daemon import RESTART_ONLY
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 PAGE = ROOT / "docs" / "reference" / "configuration.md"
 TOML = ROOT / "config" / "forwarder.toml"
 # | `section.key` | default | bounds | applied | secret | meaning |

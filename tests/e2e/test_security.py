@@ -20,7 +20,7 @@ from forwarder.credentials import ApiKey, Secret
 from forwarder.daemon import Daemon
 from forwarder.systemd import ListenSocket
 from tests.conftest import API_KEY, DaemonProc, MockProc, spawn, unix_session, write_config
-from tests.test_e2e import wait_until
+from tests.e2e.test_e2e import wait_until
 
 StartMock = Callable[..., Awaitable[MockProc]]
 StartDaemon = Callable[..., Awaitable[DaemonProc]]

@@ -36,7 +36,7 @@ from tests.conftest import (
     spooled,
     write_config,
 )
-from tests.test_daemon import KEY
+from tests.integration.test_daemon import KEY
 
 StartMock = Callable[..., Awaitable[MockProc]]
 StartDaemon = Callable[..., Awaitable[DaemonProc]]

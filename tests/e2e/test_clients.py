@@ -26,7 +26,7 @@ import pytest
 import requests
 
 from tests.conftest import DaemonProc, MockProc, unix_session
-from tests.test_e2e import wait_until
+from tests.e2e.test_e2e import wait_until
 
 StartMock = Callable[..., Awaitable[MockProc]]
 StartDaemon = Callable[..., Awaitable[DaemonProc]]

@@ -34,7 +34,7 @@ from tests.conftest import DaemonProc, MockProc
 StartMock = Callable[..., Awaitable[MockProc]]
 StartDaemon = Callable[..., Awaitable[DaemonProc]]
 MIB = 1024 * 1024
-UNIT = Path(__file__).resolve().parent.parent / "systemd" / "forwarder.service"
+UNIT = Path(__file__).resolve().parents[2] / "systemd" / "forwarder.service"
 # The peak may use this share of MemoryMax at most: the rest is for what RSS does not show
 # (the cgroup also counts page cache and kernel memory) and for concurrent requests.
 SHARE = 0.7

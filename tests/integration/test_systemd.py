@@ -33,7 +33,7 @@ from forwarder.systemd import (
     watchdog_interval,
 )
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture

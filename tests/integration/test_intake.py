@@ -595,7 +595,7 @@ REJECTED: list[tuple[dict[str, object], str, str]] = [
 
 
 # Refused by /v1/events only: the drop-in endpoint takes them as the remote does
-# (tests/test_input_fidelity.py).
+# (tests/integration/test_input_fidelity.py).
 STRICT_ONLY: list[tuple[dict[str, object], str, str]] = [
     (event(conversion=True, value="abc"), "value", "number"),
     (event(conversion="yes", value="12,50"), "value", "number"),

@@ -20,7 +20,7 @@ from forwarder.queue import EventQueue
 from forwarder.spool import Spool
 from forwarder.telemetry import DEAD_LETTER_REASONS, Stats
 from tests.conftest import dead_letters, spooled
-from tests.test_daemon import _accounts, _config, _run_until_ready
+from tests.integration.test_daemon import _accounts, _config, _run_until_ready
 
 CLIENT = "client:0123456789abcdef"
 

@@ -31,9 +31,9 @@ from forwarder.events import Event
 from forwarder.queue import EventQueue
 from forwarder.remote import RemoteClient, classify
 from forwarder.telemetry import Redactor, Stats, configure_logging, flush_logs
-from tests.test_dispatcher import FAST, RecordingOutcomes
-from tests.test_limiter import FakeClock
-from tests.test_telemetry import reset_logging  # noqa: F401 (a fixture)
+from tests.unit.test_dispatcher import FAST, RecordingOutcomes
+from tests.unit.test_limiter import FakeClock
+from tests.unit.test_telemetry import reset_logging  # noqa: F401 (a fixture)
 
 KEY = "sk-answers-0123456789abcdef"
 TOKEN = base64.b64encode(f"{KEY}:".encode()).decode()

@@ -14,7 +14,7 @@ from typing import Any
 import aiohttp
 
 from tests.conftest import API_KEY, DaemonProc, MockProc, spooled
-from tests.test_flow import post_batch, stats_of, wait_until
+from tests.e2e.test_flow import post_batch, stats_of, wait_until
 
 StartMock = Callable[..., Awaitable[MockProc]]
 StartDaemon = Callable[..., Awaitable[DaemonProc]]

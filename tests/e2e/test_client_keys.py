@@ -24,8 +24,8 @@ from forwarder.credentials import MIN_KEY_CHARS, ApiKey, Secret, basic_token
 from forwarder.daemon import Daemon
 from forwarder.telemetry import REDACTED, Redactor, configure_logging
 from tests.conftest import API_KEY, DaemonProc, MockProc, ServeIntake, intake_state
-from tests.test_accounts import account
-from tests.test_e2e import wait_until
+from tests.e2e.test_e2e import wait_until
+from tests.integration.test_accounts import account
 
 CLIENT_KEY = "client-own-key-0123456789"
 WORDS = ("4", "delivered", "x" * (MIN_KEY_CHARS - 1))
