@@ -27,23 +27,14 @@ import structlog
 from aiohttp import web
 
 from forwarder.accounts import CLIENT_IDLE_S, CLIENT_SWEEP_S, MAX_CLIENT_KEYS, Account, Accounts
-from forwarder.backlog import Backlog
 from forwarder.config import Config, ConfigError, check_exposure, resolve_group
 from forwarder.connections import ConnectionGuard, IntakeRunner
 from forwarder.credentials import ApiKey, resolve_intake_token
 from forwarder.dispatcher import Dispatcher, LaneSettings
 from forwarder.events import Event
-from forwarder.eventstatus import StatusBook
-from forwarder.held import HeldEvents
 from forwarder.intake import IntakeState, create_app
 from forwarder.logthrottle import LogThrottle
-from forwarder.numbering import EventNumbers, NumbersError
-from forwarder.queue import EventQueue
 from forwarder.remote import USER_AGENT, RemoteClient, make_ssl_context
-from forwarder.spool import Spool
-from forwarder.spoolfile import SpoolError
-from forwarder.spoolrecover import Recovery
-from forwarder.spoolupgrade import load_pending, remove_pending
 from forwarder.statedir import (
     StateDirError,
     StateLock,
@@ -51,6 +42,15 @@ from forwarder.statedir import (
     read_state_file,
     replace_state_file,
 )
+from forwarder.storage.backlog import Backlog
+from forwarder.storage.eventstatus import StatusBook
+from forwarder.storage.held import HeldEvents
+from forwarder.storage.numbering import EventNumbers, NumbersError
+from forwarder.storage.queue import EventQueue
+from forwarder.storage.sqlite.file import SpoolError
+from forwarder.storage.sqlite.recover import Recovery
+from forwarder.storage.sqlite.spool import Spool
+from forwarder.storage.sqlite.upgrade import load_pending, remove_pending
 from forwarder.systemd import (
     ListenSocket,
     Notifier,

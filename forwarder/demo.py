@@ -22,7 +22,7 @@ from forwarder.credentials import ApiKey, Secret
 from forwarder.daemon import Daemon
 from forwarder.dlq import list_dead_letters
 from forwarder.mock_remote import MockOptions, start_mock
-from forwarder.spoolfile import open_readonly_or_fail
+from forwarder.storage.sqlite.file import open_readonly_or_fail
 from forwarder.telemetry import configure_logging
 
 DEMO_KEY = "demo-key-not-secret"

@@ -23,7 +23,6 @@ from tenacity import RetryCallState
 from forwarder.config import RemoteConfig, RetryConfig
 from forwarder.deadletter import DeadLetterNote
 from forwarder.events import Event
-from forwarder.eventstatus import Outcome, StatusBook
 from forwarder.limiter import (
     BreakerState,
     CircuitBreaker,
@@ -31,9 +30,10 @@ from forwarder.limiter import (
     RateLimiter,
     Ticket,
 )
-from forwarder.queue import EventQueue
 from forwarder.remote import Result, Verdict
 from forwarder.retry import run_with_retries
+from forwarder.storage.eventstatus import Outcome, StatusBook
+from forwarder.storage.queue import EventQueue
 from forwarder.systemd import PerMinute
 from forwarder.telemetry import Stats
 

@@ -22,7 +22,8 @@ from typing import Any
 from forwarder.config import ConfigError, load_config
 from forwarder.events import Event
 from forwarder.spoolcli import add_file_commands
-from forwarder.spoolfile import (
+from forwarder.statedir import running_holder
+from forwarder.storage.sqlite.file import (
     CHUNK_ROWS,
     DEAD_COLUMNS,
     IN_CHUNK,
@@ -43,7 +44,6 @@ from forwarder.spoolfile import (
     row_entries,
     side_file,
 )
-from forwarder.statedir import running_holder
 
 EXIT_FAILURE = 1
 EXIT_USAGE = 2

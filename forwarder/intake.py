@@ -44,12 +44,12 @@ from forwarder.events import (
     loads_json,
     parse_ndjson,
 )
-from forwarder.eventstatus import StatusBook, parse_key
 from forwarder.leniency import note as note_leniency
 from forwarder.logthrottle import LogThrottle
-from forwarder.numbering import EventNumbers
-from forwarder.queue import TOO_LARGE, EventQueue
-from forwarder.spoolfile import SpoolError
+from forwarder.storage.eventstatus import StatusBook, parse_key
+from forwarder.storage.numbering import EventNumbers
+from forwarder.storage.queue import TOO_LARGE, EventQueue
+from forwarder.storage.sqlite.file import SpoolError
 from forwarder.telemetry import Metrics, Stats
 
 log = structlog.get_logger("forwarder.intake")

@@ -15,7 +15,7 @@ from contextlib import closing
 from pathlib import Path
 from typing import Any
 
-from forwarder.spoolfile import (
+from forwarder.storage.sqlite.file import (
     SPOOL_FILE,
     BatchRow,
     SpoolError,
@@ -25,7 +25,7 @@ from forwarder.spoolfile import (
     refuse_links,
     row_entries,
 )
-from forwarder.spoolrecover import recover_into, salvage
+from forwarder.storage.sqlite.recover import recover_into, salvage
 
 
 def _print_events(rows: list[tuple[BatchRow, list[int]]]) -> None:

@@ -38,11 +38,11 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 from forwarder.dlq import list_dead_letters
-from forwarder.eventstatus import StatusBook
 from forwarder.intake import IntakeState, create_app
-from forwarder.numbering import BLOCK, EventNumbers
-from forwarder.queue import EventQueue
-from forwarder.spoolfile import SPOOL_FILE, open_readonly_or_fail
+from forwarder.storage.eventstatus import StatusBook
+from forwarder.storage.numbering import BLOCK, EventNumbers
+from forwarder.storage.queue import EventQueue
+from forwarder.storage.sqlite.file import SPOOL_FILE, open_readonly_or_fail
 from forwarder.telemetry import Metrics, Stats
 
 

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from forwarder.events import Event, events_from_items, loads_json
-from forwarder.queue import EventQueue
+from forwarder.storage.queue import EventQueue
 
 # The script runs with its own directory on sys.path; mypy sees the file as tests.benchmarks.*.
 if TYPE_CHECKING:

@@ -24,10 +24,10 @@ from forwarder.cli import main
 from forwarder.deadletter import DeadLetterNote
 from forwarder.dlq import list_dead_letters, spool_stats, spooled_events
 from forwarder.events import Event
-from forwarder.spool import Spool
-from forwarder.spoolfile import PAGE_SIZE, SPOOL_FILE, open_readonly_or_fail
-from forwarder.spoolrecover import salvage
 from forwarder.statedir import StateLock
+from forwarder.storage.sqlite.file import PAGE_SIZE, SPOOL_FILE, open_readonly_or_fail
+from forwarder.storage.sqlite.recover import salvage
+from forwarder.storage.sqlite.spool import Spool
 from tests.conftest import DaemonProc, MockProc, write_config
 
 StartMock = Callable[..., Awaitable[MockProc]]

@@ -15,9 +15,6 @@ import structlog
 from forwarder.config import Config, IntakeConfig, RemoteConfig, StateConfig
 from forwarder.daemon import Daemon
 from forwarder.events import Event
-from forwarder.spool import Spool
-from forwarder.spoolfile import SPOOL_FILE, SpoolError
-from forwarder.spoolupgrade import PENDING_FILE, REJECTED_FILE, load_pending, save_pending
 from forwarder.statedir import (
     LOCK_FILE,
     StateDirError,
@@ -28,6 +25,9 @@ from forwarder.statedir import (
     prepare_state_dir,
     replace_state_file,
 )
+from forwarder.storage.sqlite.file import SPOOL_FILE, SpoolError
+from forwarder.storage.sqlite.spool import Spool
+from forwarder.storage.sqlite.upgrade import PENDING_FILE, REJECTED_FILE, load_pending, save_pending
 from tests.conftest import (
     START_TIMEOUT_S,
     DaemonProc,

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from forwarder import backlog as backlog_module
-from forwarder.backlog import Backlog
 from forwarder.events import Event
-from forwarder.queue import TOO_LARGE, EventQueue, event_size
-from forwarder.spool import Spool, SpooledEvent
+from forwarder.storage import backlog as backlog_module
+from forwarder.storage.backlog import Backlog
+from forwarder.storage.queue import TOO_LARGE, EventQueue, event_size
+from forwarder.storage.sqlite.spool import Spool, SpooledEvent
 
 
 def ev(n: int, data_chars: int = 100) -> Event:

@@ -16,7 +16,6 @@ import structlog
 from aiohttp import web
 
 from forwarder.accounts import Account, configured_accounts
-from forwarder.backlog import Backlog
 from forwarder.config import (
     AccountConfig,
     Config,
@@ -30,6 +29,7 @@ from forwarder.config import (
 from forwarder.credentials import ApiKey, Secret
 from forwarder.daemon import Daemon
 from forwarder.events import Event
+from forwarder.storage.backlog import Backlog
 from tests.conftest import TlsFiles, dead_letters, spooled
 
 KEY = configured_accounts(Config(), ApiKey(Secret("sk-daemon-test-0000"), "test"), {})

@@ -9,13 +9,18 @@ from typing import Any
 
 import pytest
 
-from forwarder import outcomestore
 from forwarder.deadletter import DeadLetterNote
 from forwarder.events import Event
-from forwarder.eventstatus import Outcome, StatusBook, parse_key
-from forwarder.queue import EventQueue
-from forwarder.spool import Spool
-from forwarder.spoolfile import ROW_BITS, SCHEMA_VERSION, SPOOL_FILE, open_readonly_or_fail
+from forwarder.storage.eventstatus import Outcome, StatusBook, parse_key
+from forwarder.storage.queue import EventQueue
+from forwarder.storage.sqlite import outcomes as outcomestore
+from forwarder.storage.sqlite.file import (
+    ROW_BITS,
+    SCHEMA_VERSION,
+    SPOOL_FILE,
+    open_readonly_or_fail,
+)
+from forwarder.storage.sqlite.spool import Spool
 from tests.conftest import ServeIntake, intake_state
 
 

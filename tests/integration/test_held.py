@@ -15,9 +15,9 @@ from forwarder.config import QueueConfig, RemoteConfig, ShutdownConfig
 from forwarder.daemon import Daemon
 from forwarder.deadletter import REASONS, DeadLetterNote
 from forwarder.events import Event
-from forwarder.held import HELD, HeldEvents
-from forwarder.queue import EventQueue
-from forwarder.spool import Spool
+from forwarder.storage.held import HELD, HeldEvents
+from forwarder.storage.queue import EventQueue
+from forwarder.storage.sqlite.spool import Spool
 from forwarder.telemetry import DEAD_LETTER_REASONS, Stats
 from tests.conftest import dead_letters, spooled
 from tests.integration.test_daemon import _accounts, _config, _run_until_ready

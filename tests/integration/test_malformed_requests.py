@@ -18,14 +18,14 @@ import pytest
 from aiohttp import http_exceptions, web
 from structlog.testing import capture_logs
 
-from forwarder.backlog import Backlog
 from forwarder.connections import ConnectionGuard, IntakeRunner
 from forwarder.credentials import Secret
 from forwarder.events import Event
 from forwarder.intake import IntakeState, create_app
 from forwarder.rejections import describe_rejection
-from forwarder.spool import Spool
-from forwarder.spoolfile import SpoolError
+from forwarder.storage.backlog import Backlog
+from forwarder.storage.sqlite.file import SpoolError
+from forwarder.storage.sqlite.spool import Spool
 from tests.conftest import intake_state
 
 MARK = b"<EVIL-9f3a>"  # in every bad request: it must never come back

@@ -28,8 +28,8 @@ from forwarder.config import RemoteConfig
 from forwarder.credentials import Secret
 from forwarder.dispatcher import Dispatcher, LaneSettings
 from forwarder.events import Event
-from forwarder.queue import EventQueue
 from forwarder.remote import RemoteClient, classify
+from forwarder.storage.queue import EventQueue
 from forwarder.telemetry import Redactor, Stats, configure_logging, flush_logs
 from tests.unit.test_dispatcher import FAST, RecordingOutcomes
 from tests.unit.test_limiter import FakeClock

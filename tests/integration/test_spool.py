@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-import forwarder.spoolupgrade as spoolupgrade
+import forwarder.storage.sqlite.upgrade as spoolupgrade
 from forwarder.deadletter import DeadLetterNote
 from forwarder.dlq import (
     get_dead_letter,
@@ -26,8 +26,7 @@ from forwarder.dlq import (
     spooled_events,
 )
 from forwarder.events import Event
-from forwarder.spool import Spool, SpoolFull
-from forwarder.spoolfile import (
+from forwarder.storage.sqlite.file import (
     APPLICATION_ID,
     PAGE_SIZE,
     ROW_BITS,
@@ -38,6 +37,7 @@ from forwarder.spoolfile import (
     SpoolError,
     open_readonly_or_fail,
 )
+from forwarder.storage.sqlite.spool import Spool, SpoolFull
 
 DEAD: dict[str, Any] = {
     "status": 400,

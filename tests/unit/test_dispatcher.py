@@ -14,8 +14,8 @@ from forwarder.config import RemoteConfig, RetryConfig
 from forwarder.deadletter import DeadLetterNote
 from forwarder.dispatcher import Dispatcher, LaneSettings
 from forwarder.events import Event
-from forwarder.queue import EventQueue
 from forwarder.remote import Result, Verdict
+from forwarder.storage.queue import EventQueue
 from forwarder.telemetry import Stats
 
 FAST = RetryConfig(initial_backoff_s=0.001, max_backoff_s=0.01, max_elapsed_s=5.0)

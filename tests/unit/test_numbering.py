@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from forwarder import numbering
-from forwarder.numbering import (
+from forwarder.storage import numbering
+from forwarder.storage.numbering import (
     BLOCK,
     NUMBERS_FILE,
     EventNumbers,

@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from forwarder.events import Event
-from forwarder.queue import (
+from forwarder.storage.queue import (
     EVENT_OVERHEAD_BYTES,
     QUEUE_BYTES_FULL,
     QUEUE_FULL,
@@ -26,7 +26,7 @@ from forwarder.queue import (
     _State,
     event_size,
 )
-from forwarder.spoolupgrade import load_pending, remove_pending, save_pending
+from forwarder.storage.sqlite.upgrade import load_pending, remove_pending, save_pending
 
 
 def event(n: int) -> Event:

@@ -24,7 +24,7 @@ import structlog
 from forwarder.deadletter import DeadLetterNote
 from forwarder.dispatcher import Outcomes
 from forwarder.events import Event
-from forwarder.queue import EventQueue
+from forwarder.storage.queue import EventQueue
 from forwarder.telemetry import Stats
 
 log = structlog.get_logger("forwarder.held")

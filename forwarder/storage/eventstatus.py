@@ -20,13 +20,13 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import structlog
 
-from forwarder import outcomestore
 from forwarder.events import EVENT_ID_RE, Event
-from forwarder.outcomestore import OutcomeRow
+from forwarder.storage.sqlite import outcomes as outcomestore
+from forwarder.storage.sqlite.outcomes import OutcomeRow
 
 if TYPE_CHECKING:
-    from forwarder.queue import EventQueue
-    from forwarder.spool import Spool
+    from forwarder.storage.queue import EventQueue
+    from forwarder.storage.sqlite.spool import Spool
 
 log = structlog.get_logger("forwarder.eventstatus")
 PURGE_EVERY_S = 60.0

@@ -22,7 +22,8 @@ from typing import Any
 import structlog
 
 from forwarder.events import Event
-from forwarder.spoolfile import (
+from forwarder.statedir import open_state_file
+from forwarder.storage.sqlite.file import (
     CHUNK_ROWS,
     INSERT_BATCH_AT,
     INSERT_DEAD,
@@ -40,7 +41,6 @@ from forwarder.spoolfile import (
     jsonable,
     rollback,
 )
-from forwarder.statedir import open_state_file
 
 log = structlog.get_logger("forwarder.spool")
 

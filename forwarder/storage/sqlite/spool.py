@@ -27,8 +27,7 @@ import structlog
 from forwarder.deadletter import DeadLetterNote
 from forwarder.events import Event
 from forwarder.logthrottle import LogThrottle
-from forwarder.outcomestore import INSERT_OUTCOME, OutcomeRow, lift_rows
-from forwarder.spoolfile import (
+from forwarder.storage.sqlite.file import (
     INSERT_BATCHES,
     INSERT_DEAD,
     READ_ROWS,
@@ -65,8 +64,9 @@ from forwarder.spoolfile import (
     settled_between,
     side_file,
 )
-from forwarder.spoolrecover import Recovery, finish_recovery, recover_aside
-from forwarder.spoolupgrade import (
+from forwarder.storage.sqlite.outcomes import INSERT_OUTCOME, OutcomeRow, lift_rows
+from forwarder.storage.sqlite.recover import Recovery, finish_recovery, recover_aside
+from forwarder.storage.sqlite.upgrade import (
     upgrade,
 )
 

@@ -27,12 +27,12 @@ import structlog
 
 from forwarder.deadletter import DeadLetterNote
 from forwarder.events import Event
-from forwarder.eventstatus import StatusBook
 from forwarder.logthrottle import LogThrottle
-from forwarder.numbering import EventNumbers
-from forwarder.queue import TOO_LARGE, EventQueue, event_size
-from forwarder.spool import Spool, SpooledEvent, SpoolFull
-from forwarder.spoolfile import SpoolError
+from forwarder.storage.eventstatus import StatusBook
+from forwarder.storage.numbering import EventNumbers
+from forwarder.storage.queue import TOO_LARGE, EventQueue, event_size
+from forwarder.storage.sqlite.file import SpoolError
+from forwarder.storage.sqlite.spool import Spool, SpooledEvent, SpoolFull
 
 log = structlog.get_logger("forwarder.backlog")
 # Rows read from disk per refill: big enough to amortise a query, small against memory.

@@ -37,7 +37,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from forwarder.spoolfile import (
+from forwarder.storage.sqlite.file import (
     APPLICATION_ID,
     DEAD_COLUMNS,
     INSERT_DEAD,
