@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from forwarder import __version__
-from forwarder.accounts import NO_DEFAULT_KEY, Account, load_accounts
 from forwarder.config import (
     DEFAULT_ACCOUNT,
     Config,
@@ -31,6 +30,7 @@ from forwarder.credentials import (
 from forwarder.daemonclient import Target, Unreachable, request_once
 from forwarder.dlq import add_commands
 from forwarder.eventscli import add_events_commands
+from forwarder.intake.accounts import NO_DEFAULT_KEY, Account, load_accounts
 from forwarder.status import add_command as add_status_command
 
 EXIT_CONFIG = 2

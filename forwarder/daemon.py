@@ -26,15 +26,21 @@ import aiohttp
 import structlog
 from aiohttp import web
 
-from forwarder.accounts import CLIENT_IDLE_S, CLIENT_SWEEP_S, MAX_CLIENT_KEYS, Account, Accounts
 from forwarder.config import Config, ConfigError, check_exposure, resolve_group
-from forwarder.connections import ConnectionGuard, IntakeRunner
 from forwarder.credentials import ApiKey, resolve_intake_token
-from forwarder.dispatcher import Dispatcher, LaneSettings
+from forwarder.delivery.dispatcher import Dispatcher, LaneSettings
+from forwarder.delivery.remote import USER_AGENT, RemoteClient, make_ssl_context
 from forwarder.events import Event
-from forwarder.intake import IntakeState, create_app
+from forwarder.intake.accounts import (
+    CLIENT_IDLE_S,
+    CLIENT_SWEEP_S,
+    MAX_CLIENT_KEYS,
+    Account,
+    Accounts,
+)
+from forwarder.intake.app import IntakeState, create_app
+from forwarder.intake.connections import ConnectionGuard, IntakeRunner
 from forwarder.logthrottle import LogThrottle
-from forwarder.remote import USER_AGENT, RemoteClient, make_ssl_context
 from forwarder.statedir import (
     StateDirError,
     StateLock,

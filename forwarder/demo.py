@@ -16,11 +16,11 @@ from typing import Any
 
 import aiohttp
 
-from forwarder.accounts import configured_accounts
 from forwarder.config import load_config
 from forwarder.credentials import ApiKey, Secret
 from forwarder.daemon import Daemon
 from forwarder.dlq import list_dead_letters
+from forwarder.intake.accounts import configured_accounts
 from forwarder.mock_remote import MockOptions, start_mock
 from forwarder.storage.sqlite.file import open_readonly_or_fail
 from forwarder.telemetry import configure_logging

@@ -38,7 +38,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 from forwarder.dlq import list_dead_letters
-from forwarder.intake import IntakeState, create_app
+from forwarder.intake.app import IntakeState, create_app
 from forwarder.storage.eventstatus import StatusBook
 from forwarder.storage.numbering import BLOCK, EventNumbers
 from forwarder.storage.queue import EventQueue

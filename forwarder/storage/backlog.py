@@ -25,7 +25,7 @@ from collections.abc import Callable
 
 import structlog
 
-from forwarder.deadletter import DeadLetterNote
+from forwarder.delivery.deadletter import DeadLetterNote
 from forwarder.events import Event
 from forwarder.logthrottle import LogThrottle
 from forwarder.storage.eventstatus import StatusBook

@@ -21,8 +21,8 @@ from collections.abc import Callable
 
 import structlog
 
-from forwarder.deadletter import DeadLetterNote
-from forwarder.dispatcher import Outcomes
+from forwarder.delivery.deadletter import DeadLetterNote
+from forwarder.delivery.dispatcher import Outcomes
 from forwarder.events import Event
 from forwarder.storage.queue import EventQueue
 from forwarder.telemetry import Stats

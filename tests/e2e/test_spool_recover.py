@@ -21,7 +21,7 @@ import pytest
 import structlog
 
 from forwarder.cli import main
-from forwarder.deadletter import DeadLetterNote
+from forwarder.delivery.deadletter import DeadLetterNote
 from forwarder.dlq import list_dead_letters, spool_stats, spooled_events
 from forwarder.events import Event
 from forwarder.statedir import StateLock

@@ -9,8 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from forwarder import accounts as acc
-from forwarder.accounts import (
+from forwarder.config import ConfigError, load_config
+from forwarder.credentials import MIN_KEY_CHARS, ApiKey, Secret
+from forwarder.intake import accounts as acc
+from forwarder.intake.accounts import (
     Account,
     AccountError,
     Accounts,
@@ -18,8 +20,6 @@ from forwarder.accounts import (
     configured_accounts,
     load_accounts,
 )
-from forwarder.config import ConfigError, load_config
-from forwarder.credentials import MIN_KEY_CHARS, ApiKey, Secret
 from tests.conftest import ServeIntake, intake_state
 
 CLIENT_KEY = "client-key-0123456789"

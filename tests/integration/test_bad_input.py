@@ -28,7 +28,7 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 from forwarder.events import FIELDS, Event
-from forwarder.intake import IntakeState, create_app
+from forwarder.intake.app import IntakeState, create_app
 from tests.conftest import ServeIntake, intake_state
 
 CREATE = "/v1/recipientEvents/create"

@@ -12,7 +12,7 @@ import pytest
 from aiohttp import web
 from structlog.testing import capture_logs
 
-from forwarder.connections import (
+from forwarder.intake.connections import (
     HEALTH_RESERVE,
     REFUSAL,
     ConnectionGuard,

@@ -15,7 +15,6 @@ import pytest
 import structlog
 from aiohttp import web
 
-from forwarder.accounts import Account, configured_accounts
 from forwarder.config import (
     AccountConfig,
     Config,
@@ -29,6 +28,7 @@ from forwarder.config import (
 from forwarder.credentials import ApiKey, Secret
 from forwarder.daemon import Daemon
 from forwarder.events import Event
+from forwarder.intake.accounts import Account, configured_accounts
 from forwarder.storage.backlog import Backlog
 from tests.conftest import TlsFiles, dead_letters, spooled
 

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from forwarder.deadletter import DeadLetterNote
+from forwarder.delivery.deadletter import DeadLetterNote
 from forwarder.events import Event
 from forwarder.storage.eventstatus import Outcome, StatusBook, parse_key
 from forwarder.storage.queue import EventQueue

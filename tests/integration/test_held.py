@@ -10,11 +10,11 @@ from pathlib import Path
 
 import aiohttp
 
-from forwarder.accounts import client_account_name
 from forwarder.config import QueueConfig, RemoteConfig, ShutdownConfig
 from forwarder.daemon import Daemon
-from forwarder.deadletter import REASONS, DeadLetterNote
+from forwarder.delivery.deadletter import REASONS, DeadLetterNote
 from forwarder.events import Event
+from forwarder.intake.accounts import client_account_name
 from forwarder.storage.held import HELD, HeldEvents
 from forwarder.storage.queue import EventQueue
 from forwarder.storage.sqlite.spool import Spool

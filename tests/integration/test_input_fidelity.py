@@ -14,7 +14,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from forwarder.events import MAX_DATA_DEPTH
-from forwarder.leniency import MAX_FIELD_NAMES, OTHER
+from forwarder.intake.leniency import MAX_FIELD_NAMES, OTHER
 from tests.conftest import IntakeClient, ServeIntake, intake_state
 
 CREATE = "/v1/recipientEvents/create"

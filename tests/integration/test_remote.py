@@ -24,8 +24,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from forwarder.credentials import Secret
-from forwarder.events import Event
-from forwarder.remote import (
+from forwarder.delivery.remote import (
     MAX_ERROR_CHARS,
     REDIRECTED,
     USER_AGENT,
@@ -36,6 +35,7 @@ from forwarder.remote import (
     encode_form,
     make_ssl_context,
 )
+from forwarder.events import Event
 from tests.conftest import TlsFiles
 
 BASE = "https://api.example.test/v1"

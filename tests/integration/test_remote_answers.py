@@ -22,13 +22,13 @@ import structlog
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from forwarder import dispatcher as dispatcher_module
-from forwarder import remote as remote_module
 from forwarder.config import RemoteConfig
 from forwarder.credentials import Secret
-from forwarder.dispatcher import Dispatcher, LaneSettings
+from forwarder.delivery import dispatcher as dispatcher_module
+from forwarder.delivery import remote as remote_module
+from forwarder.delivery.dispatcher import Dispatcher, LaneSettings
+from forwarder.delivery.remote import RemoteClient, classify
 from forwarder.events import Event
-from forwarder.remote import RemoteClient, classify
 from forwarder.storage.queue import EventQueue
 from forwarder.telemetry import Redactor, Stats, configure_logging, flush_logs
 from tests.unit.test_dispatcher import FAST, RecordingOutcomes

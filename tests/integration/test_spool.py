@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 import forwarder.storage.sqlite.upgrade as spoolupgrade
-from forwarder.deadletter import DeadLetterNote
+from forwarder.delivery.deadletter import DeadLetterNote
 from forwarder.dlq import (
     get_dead_letter,
     list_dead_letters,

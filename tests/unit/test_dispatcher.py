@@ -11,10 +11,10 @@ from typing import Any
 import pytest
 
 from forwarder.config import RemoteConfig, RetryConfig
-from forwarder.deadletter import DeadLetterNote
-from forwarder.dispatcher import Dispatcher, LaneSettings
+from forwarder.delivery.deadletter import DeadLetterNote
+from forwarder.delivery.dispatcher import Dispatcher, LaneSettings
+from forwarder.delivery.remote import Result, Verdict
 from forwarder.events import Event
-from forwarder.remote import Result, Verdict
 from forwarder.storage.queue import EventQueue
 from forwarder.telemetry import Stats
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from forwarder.limiter import (
+from forwarder.delivery.flow.limiter import (
     DEFAULT_429_WAIT_S,
     BreakerState,
     CircuitBreaker,
@@ -28,7 +28,7 @@ from forwarder.limiter import (
     RateLimiter,
     Ticket,
 )
-from forwarder.ratewindow import KEEP
+from forwarder.delivery.flow.ratewindow import KEEP
 
 
 class FakeClock:

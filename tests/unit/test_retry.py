@@ -7,8 +7,8 @@ import asyncio
 from tenacity import RetryCallState
 
 from forwarder.config import RetryConfig
-from forwarder.remote import Result, Verdict
-from forwarder.retry import build_retrying, run_with_retries
+from forwarder.delivery.remote import Result, Verdict
+from forwarder.delivery.retry import build_retrying, run_with_retries
 
 RETRY = Result(Verdict.RETRY, 503, error="unavailable")
 

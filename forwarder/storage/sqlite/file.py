@@ -35,7 +35,7 @@ from typing import Any, Final
 
 import orjson
 
-from forwarder.deadletter import DeadLetterNote
+from forwarder.delivery.deadletter import DeadLetterNote
 from forwarder.events import Event, shared_name
 
 SPOOL_FILE = "spool.db"

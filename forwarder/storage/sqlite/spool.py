@@ -24,7 +24,7 @@ from typing import Any, TypeVar
 
 import structlog
 
-from forwarder.deadletter import DeadLetterNote
+from forwarder.delivery.deadletter import DeadLetterNote
 from forwarder.events import Event
 from forwarder.logthrottle import LogThrottle
 from forwarder.storage.sqlite.file import (

@@ -30,8 +30,6 @@ from multidict import MultiDict
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from forwarder import __version__
-from forwarder.accounts import CLIENT_PREFIX, AccountError, Accounts
-from forwarder.connections import GuardedRequestHandler
 from forwarder.credentials import Secret
 from forwarder.events import (
     Event,
@@ -44,7 +42,9 @@ from forwarder.events import (
     loads_json,
     parse_ndjson,
 )
-from forwarder.leniency import note as note_leniency
+from forwarder.intake.accounts import CLIENT_PREFIX, AccountError, Accounts
+from forwarder.intake.connections import GuardedRequestHandler
+from forwarder.intake.leniency import note as note_leniency
 from forwarder.logthrottle import LogThrottle
 from forwarder.storage.eventstatus import StatusBook, parse_key
 from forwarder.storage.numbering import EventNumbers

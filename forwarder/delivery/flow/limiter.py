@@ -16,8 +16,8 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from forwarder.ratewindow import MAX_WINDOW_S as MAX_PACED_WINDOW_S
-from forwarder.ratewindow import WindowLearner
+from forwarder.delivery.flow.ratewindow import MAX_WINDOW_S as MAX_PACED_WINDOW_S
+from forwarder.delivery.flow.ratewindow import WindowLearner
 
 Clock = Callable[[], float]
 

@@ -21,17 +21,17 @@ from prometheus_client import Histogram
 from tenacity import RetryCallState
 
 from forwarder.config import RemoteConfig, RetryConfig
-from forwarder.deadletter import DeadLetterNote
-from forwarder.events import Event
-from forwarder.limiter import (
+from forwarder.delivery.deadletter import DeadLetterNote
+from forwarder.delivery.flow.limiter import (
     BreakerState,
     CircuitBreaker,
     ConcurrencyController,
     RateLimiter,
     Ticket,
 )
-from forwarder.remote import Result, Verdict
-from forwarder.retry import run_with_retries
+from forwarder.delivery.remote import Result, Verdict
+from forwarder.delivery.retry import run_with_retries
+from forwarder.events import Event
 from forwarder.storage.eventstatus import Outcome, StatusBook
 from forwarder.storage.queue import EventQueue
 from forwarder.systemd import PerMinute

@@ -14,7 +14,7 @@ from tenacity import (
 )
 
 from forwarder.config import RetryConfig
-from forwarder.remote import Result, Verdict
+from forwarder.delivery.remote import Result, Verdict
 
 
 class wait_jitter_or_hint:

@@ -1,0 +1,3 @@
+"""Flow control for delivery: the per-account rate limiter, concurrency controller and
+breaker (`limiter`), and the rate windows they learn from the remote's headers.
+"""
