@@ -4,6 +4,6 @@ from __future__ import annotations
 
 import sys
 
-from forwarder.cli import main
+from forwarder.cli.main import main
 
 sys.exit(main())

@@ -37,13 +37,13 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
-from forwarder.dlq import list_dead_letters
+from forwarder.cli.dlq import list_dead_letters
 from forwarder.intake.app import IntakeState, create_app
+from forwarder.ops.telemetry import Metrics, Stats
 from forwarder.storage.eventstatus import StatusBook
 from forwarder.storage.numbering import BLOCK, EventNumbers
 from forwarder.storage.queue import EventQueue
 from forwarder.storage.sqlite.file import SPOOL_FILE, open_readonly_or_fail
-from forwarder.telemetry import Metrics, Stats
 
 
 def promtool() -> str:
@@ -215,7 +215,7 @@ class DaemonProc:
 
 def spooled(state_dir: Path) -> list[dict[str, Any]]:
     """The events in a state dir's spool, oldest first (read as `forwarder` itself would)."""
-    from forwarder.dlq import spooled_events
+    from forwarder.cli.dlq import spooled_events
 
     if not (state_dir / SPOOL_FILE).exists():
         return []

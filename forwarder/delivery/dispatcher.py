@@ -20,7 +20,7 @@ import structlog
 from prometheus_client import Histogram
 from tenacity import RetryCallState
 
-from forwarder.config import RemoteConfig, RetryConfig
+from forwarder.config.schema import RemoteConfig, RetryConfig
 from forwarder.delivery.deadletter import DeadLetterNote
 from forwarder.delivery.flow.limiter import (
     BreakerState,
@@ -32,10 +32,10 @@ from forwarder.delivery.flow.limiter import (
 from forwarder.delivery.remote import Result, Verdict
 from forwarder.delivery.retry import run_with_retries
 from forwarder.events import Event
+from forwarder.ops.systemd import PerMinute
+from forwarder.ops.telemetry import Stats
 from forwarder.storage.eventstatus import Outcome, StatusBook
 from forwarder.storage.queue import EventQueue
-from forwarder.systemd import PerMinute
-from forwarder.telemetry import Stats
 
 log = structlog.get_logger("forwarder.dispatcher")
 

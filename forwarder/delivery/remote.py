@@ -27,9 +27,9 @@ import structlog
 from yarl import URL
 
 from forwarder import __version__
-from forwarder.credentials import Secret, basic_token, secret_forms
 from forwarder.delivery.flow.ratewindow import MAX_WINDOW_S
 from forwarder.events import Event
+from forwarder.ops.credentials import Secret, basic_token, secret_forms
 
 log = structlog.get_logger("forwarder.remote")
 

@@ -13,7 +13,7 @@ from tenacity import (
     wait_random_exponential,
 )
 
-from forwarder.config import RetryConfig
+from forwarder.config.schema import RetryConfig
 from forwarder.delivery.remote import Result, Verdict
 
 

@@ -19,8 +19,8 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-from forwarder.config import DEFAULT_ACCOUNT, Config, ConfigError
-from forwarder.credentials import (
+from forwarder.config.schema import DEFAULT_ACCOUNT, Config, ConfigError
+from forwarder.ops.credentials import (
     ApiKey,
     Secret,
     check_key_text,

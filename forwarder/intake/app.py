@@ -30,7 +30,6 @@ from multidict import MultiDict
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from forwarder import __version__
-from forwarder.credentials import Secret
 from forwarder.events import (
     Event,
     EventValidationError,
@@ -45,12 +44,13 @@ from forwarder.events import (
 from forwarder.intake.accounts import CLIENT_PREFIX, AccountError, Accounts
 from forwarder.intake.connections import GuardedRequestHandler
 from forwarder.intake.leniency import note as note_leniency
-from forwarder.logthrottle import LogThrottle
+from forwarder.ops.credentials import Secret
+from forwarder.ops.logthrottle import LogThrottle
+from forwarder.ops.telemetry import Metrics, Stats
 from forwarder.storage.eventstatus import StatusBook, parse_key
 from forwarder.storage.numbering import EventNumbers
 from forwarder.storage.queue import TOO_LARGE, EventQueue
 from forwarder.storage.sqlite.file import SpoolError
-from forwarder.telemetry import Metrics, Stats
 
 log = structlog.get_logger("forwarder.intake")
 RETRY_AFTER_S = "5"

@@ -47,7 +47,7 @@ from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_request import BaseRequest
 
 from forwarder.intake.rejections import INTERNAL_ERROR, UNMET_EXPECTATION, describe_rejection
-from forwarder.logthrottle import LogThrottle
+from forwarder.ops.logthrottle import LogThrottle
 
 log = structlog.get_logger("forwarder.connections")
 # After an early answer (413, 401, 408) aiohttp reads and drops the rest of the body so the

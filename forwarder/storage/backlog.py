@@ -27,7 +27,7 @@ import structlog
 
 from forwarder.delivery.deadletter import DeadLetterNote
 from forwarder.events import Event
-from forwarder.logthrottle import LogThrottle
+from forwarder.ops.logthrottle import LogThrottle
 from forwarder.storage.eventstatus import StatusBook
 from forwarder.storage.numbering import EventNumbers
 from forwarder.storage.queue import TOO_LARGE, EventQueue, event_size

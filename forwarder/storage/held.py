@@ -24,8 +24,8 @@ import structlog
 from forwarder.delivery.deadletter import DeadLetterNote
 from forwarder.delivery.dispatcher import Outcomes
 from forwarder.events import Event
+from forwarder.ops.telemetry import Stats
 from forwarder.storage.queue import EventQueue
-from forwarder.telemetry import Stats
 
 log = structlog.get_logger("forwarder.held")
 

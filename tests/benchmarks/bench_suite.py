@@ -539,7 +539,7 @@ def summarize_profile(path: Path, top: int = 12) -> dict[str, Any]:
             for frame in frames
             if "forwarder/" in frame
         }
-        for module in inside - {"forwarder/__main__.py", "forwarder/cli.py"}:
+        for module in inside - {"forwarder/__main__.py", "forwarder/cli/main.py"}:
             modules[module] += count
     if not total:
         return {"samples": 0}

@@ -19,7 +19,7 @@ import aiohttp
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from forwarder.credentials import basic_token
+from forwarder.ops.credentials import basic_token
 from tests.conftest import API_KEY, DaemonProc, MockProc
 
 CREATE = "/v1/recipientEvents/create"

@@ -16,13 +16,13 @@ import pytest
 import structlog
 from prometheus_client import generate_latest
 
-from forwarder import telemetry
-from forwarder.config import Config, IntakeConfig, RemoteConfig, StateConfig
-from forwarder.credentials import MIN_KEY_CHARS, ApiKey, Secret, basic_token
-from forwarder.daemon import Daemon
+from forwarder.config.schema import Config, IntakeConfig, RemoteConfig, StateConfig
+from forwarder.daemon.lifecycle import Daemon
 from forwarder.intake import accounts as acc
 from forwarder.intake.accounts import Accounts, client_account_name, configured_accounts
-from forwarder.telemetry import REDACTED, Redactor, configure_logging
+from forwarder.ops import telemetry
+from forwarder.ops.credentials import MIN_KEY_CHARS, ApiKey, Secret, basic_token
+from forwarder.ops.telemetry import REDACTED, Redactor, configure_logging
 from tests.conftest import API_KEY, DaemonProc, MockProc, ServeIntake, intake_state
 from tests.e2e.test_e2e import wait_until
 from tests.integration.test_accounts import account

@@ -11,7 +11,7 @@ from datetime import UTC, datetime
 import aiohttp
 import pytest
 
-from forwarder.dlq import parse_when
+from forwarder.cli.dlq import parse_when
 from tests.conftest import DaemonProc, MockProc, dead_letters, spawn
 
 StartMock = Callable[..., Awaitable[MockProc]]

@@ -13,12 +13,12 @@ import aiohttp
 import pytest
 import structlog
 
-from forwarder import daemon as daemon_module
-from forwarder.config import Config, IntakeConfig, StateConfig
-from forwarder.credentials import ApiKey, Secret
-from forwarder.daemon import Daemon
+from forwarder.config.schema import Config, IntakeConfig, StateConfig
+from forwarder.daemon import lifecycle as daemon_module
+from forwarder.daemon.lifecycle import Daemon
 from forwarder.intake.accounts import Account, configured_accounts
-from forwarder.systemd import ListenSocket
+from forwarder.ops.credentials import ApiKey, Secret
+from forwarder.ops.systemd import ListenSocket
 from tests.conftest import API_KEY, DaemonProc, MockProc, spawn, unix_session, write_config
 from tests.e2e.test_e2e import wait_until
 

@@ -20,11 +20,11 @@ import aiohttp
 import pytest
 import structlog
 
-from forwarder.cli import main
+from forwarder.cli.dlq import list_dead_letters, spool_stats, spooled_events
+from forwarder.cli.main import main
 from forwarder.delivery.deadletter import DeadLetterNote
-from forwarder.dlq import list_dead_letters, spool_stats, spooled_events
 from forwarder.events import Event
-from forwarder.statedir import StateLock
+from forwarder.ops.statedir import StateLock
 from forwarder.storage.sqlite.file import PAGE_SIZE, SPOOL_FILE, open_readonly_or_fail
 from forwarder.storage.sqlite.recover import salvage
 from forwarder.storage.sqlite.spool import Spool

@@ -12,10 +12,10 @@ from typing import Any
 import pytest
 import structlog
 
-from forwarder.config import Config, IntakeConfig, RemoteConfig, StateConfig
-from forwarder.daemon import Daemon
+from forwarder.config.schema import Config, IntakeConfig, RemoteConfig, StateConfig
+from forwarder.daemon.lifecycle import Daemon
 from forwarder.events import Event
-from forwarder.statedir import (
+from forwarder.ops.statedir import (
     LOCK_FILE,
     StateDirError,
     StateDirLocked,

@@ -14,7 +14,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from forwarder.status import Reading, Verdict, assess
+from forwarder.cli.status import Reading, Verdict, assess
 from tests.conftest import DaemonProc, MockProc
 
 StartMock = Callable[..., Awaitable[MockProc]]

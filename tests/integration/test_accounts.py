@@ -9,8 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from forwarder.config import ConfigError, load_config
-from forwarder.credentials import MIN_KEY_CHARS, ApiKey, Secret
+from forwarder.config.schema import ConfigError, load_config
 from forwarder.intake import accounts as acc
 from forwarder.intake.accounts import (
     Account,
@@ -20,6 +19,7 @@ from forwarder.intake.accounts import (
     configured_accounts,
     load_accounts,
 )
+from forwarder.ops.credentials import MIN_KEY_CHARS, ApiKey, Secret
 from tests.conftest import ServeIntake, intake_state
 
 CLIENT_KEY = "client-key-0123456789"

@@ -13,9 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from forwarder import cli, events
-from forwarder import config as cfg
-from forwarder.config import (
+from forwarder import events
+from forwarder.cli import main as cli
+from forwarder.config import schema as cfg
+from forwarder.config.schema import (
     AccountConfig,
     Config,
     ConfigError,
@@ -27,7 +28,7 @@ from forwarder.config import (
     load_config,
     render_effective,
 )
-from forwarder.credentials import ApiKey, Secret, resolve_account_keys, resolve_api_key
+from forwarder.ops.credentials import ApiKey, Secret, resolve_account_keys, resolve_api_key
 from tests.conftest import Proc, TlsFiles, spawn
 
 SHIPPED_CONFIG = Path(__file__).resolve().parents[2] / "config" / "forwarder.toml"

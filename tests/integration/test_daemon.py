@@ -15,7 +15,7 @@ import pytest
 import structlog
 from aiohttp import web
 
-from forwarder.config import (
+from forwarder.config.schema import (
     AccountConfig,
     Config,
     ConfigError,
@@ -25,10 +25,10 @@ from forwarder.config import (
     ShutdownConfig,
     StateConfig,
 )
-from forwarder.credentials import ApiKey, Secret
-from forwarder.daemon import Daemon
+from forwarder.daemon.lifecycle import Daemon
 from forwarder.events import Event
 from forwarder.intake.accounts import Account, configured_accounts
+from forwarder.ops.credentials import ApiKey, Secret
 from forwarder.storage.backlog import Backlog
 from tests.conftest import TlsFiles, dead_letters, spooled
 

@@ -11,7 +11,7 @@ import types
 
 import pytest
 
-from forwarder.cli import (
+from forwarder.cli.main import (
     GC_THRESHOLDS,
     EventLoopChoice,
     _event_loop_runner,

@@ -10,15 +10,15 @@ from pathlib import Path
 
 import aiohttp
 
-from forwarder.config import QueueConfig, RemoteConfig, ShutdownConfig
-from forwarder.daemon import Daemon
+from forwarder.config.schema import QueueConfig, RemoteConfig, ShutdownConfig
+from forwarder.daemon.lifecycle import Daemon
 from forwarder.delivery.deadletter import REASONS, DeadLetterNote
 from forwarder.events import Event
 from forwarder.intake.accounts import client_account_name
+from forwarder.ops.telemetry import DEAD_LETTER_REASONS, Stats
 from forwarder.storage.held import HELD, HeldEvents
 from forwarder.storage.queue import EventQueue
 from forwarder.storage.sqlite.spool import Spool
-from forwarder.telemetry import DEAD_LETTER_REASONS, Stats
 from tests.conftest import dead_letters, spooled
 from tests.integration.test_daemon import _accounts, _config, _run_until_ready
 

@@ -18,11 +18,11 @@ import pytest
 from aiohttp import http_exceptions, web
 from structlog.testing import capture_logs
 
-from forwarder.credentials import Secret
 from forwarder.events import Event
 from forwarder.intake.app import IntakeState, create_app
 from forwarder.intake.connections import ConnectionGuard, IntakeRunner
 from forwarder.intake.rejections import describe_rejection
+from forwarder.ops.credentials import Secret
 from forwarder.storage.backlog import Backlog
 from forwarder.storage.sqlite.file import SpoolError
 from forwarder.storage.sqlite.spool import Spool

@@ -16,8 +16,8 @@ from typing import Any
 import aiohttp
 import pytest
 
-from forwarder.cli import build_parser, cmd_mock_remote
-from forwarder.mock_remote import (
+from forwarder.cli.main import build_parser, cmd_mock_remote
+from forwarder.testing.mock_remote import (
     IDEMPOTENCY_TTL_S,
     MockOptions,
     RunningMock,
@@ -779,7 +779,7 @@ async def test_key_never_logged(
 async def test_serve_mock_cli_contract(session: aiohttp.ClientSession) -> None:
     code = (
         "import asyncio\n"
-        "from forwarder.mock_remote import MockOptions, serve_mock\n"
+        "from forwarder.testing.mock_remote import MockOptions, serve_mock\n"
         "asyncio.run(serve_mock(MockOptions(), '127.0.0.1', 0))\n"
     )
     proc = await asyncio.create_subprocess_exec(

@@ -23,7 +23,6 @@ from aioresponses import core as aioresponses_core
 from hypothesis import given
 from hypothesis import strategies as st
 
-from forwarder.credentials import Secret
 from forwarder.delivery.remote import (
     MAX_ERROR_CHARS,
     REDIRECTED,
@@ -36,6 +35,7 @@ from forwarder.delivery.remote import (
     make_ssl_context,
 )
 from forwarder.events import Event
+from forwarder.ops.credentials import Secret
 from tests.conftest import TlsFiles
 
 BASE = "https://api.example.test/v1"

@@ -22,15 +22,15 @@ import structlog
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from forwarder.config import RemoteConfig
-from forwarder.credentials import Secret
+from forwarder.config.schema import RemoteConfig
 from forwarder.delivery import dispatcher as dispatcher_module
 from forwarder.delivery import remote as remote_module
 from forwarder.delivery.dispatcher import Dispatcher, LaneSettings
 from forwarder.delivery.remote import RemoteClient, classify
 from forwarder.events import Event
+from forwarder.ops.credentials import Secret
+from forwarder.ops.telemetry import Redactor, Stats, configure_logging, flush_logs
 from forwarder.storage.queue import EventQueue
-from forwarder.telemetry import Redactor, Stats, configure_logging, flush_logs
 from tests.unit.test_dispatcher import FAST, RecordingOutcomes
 from tests.unit.test_limiter import FakeClock
 from tests.unit.test_telemetry import reset_logging  # noqa: F401 (a fixture)

@@ -16,8 +16,7 @@ from typing import Any
 import pytest
 
 import forwarder.storage.sqlite.upgrade as spoolupgrade
-from forwarder.delivery.deadletter import DeadLetterNote
-from forwarder.dlq import (
+from forwarder.cli.dlq import (
     get_dead_letter,
     list_dead_letters,
     purge_dead_letters,
@@ -25,6 +24,7 @@ from forwarder.dlq import (
     spool_stats,
     spooled_events,
 )
+from forwarder.delivery.deadletter import DeadLetterNote
 from forwarder.events import Event
 from forwarder.storage.sqlite.file import (
     APPLICATION_ID,

@@ -20,8 +20,8 @@ from typing import Any
 import pytest
 import structlog
 
-from forwarder.config import load_config
-from forwarder.systemd import (
+from forwarder.config.schema import load_config
+from forwarder.ops.systemd import (
     STOP_TIMEOUT_VAR,
     Notifier,
     PerMinute,
@@ -337,7 +337,7 @@ def test_a_watchdog_needs_a_positive_interval() -> None:
 # and prints what listen_sockets() made of them.
 CHILD = r"""
 import fcntl, json, os, sys
-from forwarder.systemd import listen_sockets
+from forwarder.ops.systemd import listen_sockets
 
 inherited = [int(fd) for fd in sys.argv[1].split(",")]
 # Out of the way first: an inherited fd may already sit at 3 or 4.
@@ -557,7 +557,7 @@ def test_systemd_socket_activate_passes_a_socket_we_adopt(short_dir: Path) -> No
     path = str(short_dir / "act.sock")
     child = r"""
 import json, os
-from forwarder.systemd import listen_sockets
+from forwarder.ops.systemd import listen_sockets
 (found,) = listen_sockets()
 found.sock.setblocking(True)
 conn, _ = found.sock.accept()

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from forwarder.cli import build_parser
+from forwarder.cli.main import build_parser
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCS = ROOT / "docs"

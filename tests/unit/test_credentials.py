@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from forwarder.config import AccountConfig, Config, ConfigError, IntakeConfig, RemoteConfig
-from forwarder.credentials import (
+from forwarder.config.schema import AccountConfig, Config, ConfigError, IntakeConfig, RemoteConfig
+from forwarder.ops.credentials import (
     MIN_KEY_CHARS,
     ApiKey,
     Secret,

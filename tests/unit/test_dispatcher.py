@@ -10,13 +10,13 @@ from typing import Any
 
 import pytest
 
-from forwarder.config import RemoteConfig, RetryConfig
+from forwarder.config.schema import RemoteConfig, RetryConfig
 from forwarder.delivery.deadletter import DeadLetterNote
 from forwarder.delivery.dispatcher import Dispatcher, LaneSettings
 from forwarder.delivery.remote import Result, Verdict
 from forwarder.events import Event
+from forwarder.ops.telemetry import Stats
 from forwarder.storage.queue import EventQueue
-from forwarder.telemetry import Stats
 
 FAST = RetryConfig(initial_backoff_s=0.001, max_backoff_s=0.01, max_elapsed_s=5.0)
 

@@ -14,8 +14,8 @@ import re
 import tomllib
 from pathlib import Path
 
-from forwarder.config import AccountConfig, Config
-from forwarder.daemon import RESTART_ONLY
+from forwarder.config.schema import AccountConfig, Config
+from forwarder.daemon.lifecycle import RESTART_ONLY
 
 ROOT = Path(__file__).resolve().parents[2]
 PAGE = ROOT / "docs" / "reference" / "configuration.md"

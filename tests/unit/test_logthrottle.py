@@ -9,7 +9,7 @@ from typing import Any
 import structlog
 from structlog.testing import capture_logs
 
-from forwarder.logthrottle import OVERFLOW_KEY, LogThrottle
+from forwarder.ops.logthrottle import OVERFLOW_KEY, LogThrottle
 
 log = structlog.get_logger("tests.logthrottle")
 

@@ -6,7 +6,7 @@ import asyncio
 
 from tenacity import RetryCallState
 
-from forwarder.config import RetryConfig
+from forwarder.config.schema import RetryConfig
 from forwarder.delivery.remote import Result, Verdict
 from forwarder.delivery.retry import build_retrying, run_with_retries
 

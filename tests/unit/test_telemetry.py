@@ -15,7 +15,7 @@ import pytest
 import structlog
 from prometheus_client import generate_latest
 
-from forwarder.telemetry import Metrics, Stats, configure_logging, flush_logs
+from forwarder.ops.telemetry import Metrics, Stats, configure_logging, flush_logs
 
 KEY = "sk-telemetry-0123456789"
 

@@ -26,7 +26,7 @@ import structlog
 
 from forwarder.delivery.deadletter import DeadLetterNote
 from forwarder.events import Event
-from forwarder.logthrottle import LogThrottle
+from forwarder.ops.logthrottle import LogThrottle
 from forwarder.storage.sqlite.file import (
     INSERT_BATCHES,
     INSERT_DEAD,

@@ -22,7 +22,7 @@ from typing import Any
 import structlog
 
 from forwarder.events import Event
-from forwarder.statedir import open_state_file
+from forwarder.ops.statedir import open_state_file
 from forwarder.storage.sqlite.file import (
     CHUNK_ROWS,
     INSERT_BATCH_AT,

@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from forwarder.config import Config, ConfigError
+from forwarder.config.schema import Config, ConfigError
 
 API_KEY_VAR = "FORWARDER_API_KEY"
 _CREDENTIAL_NAME = "api_key"

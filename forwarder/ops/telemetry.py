@@ -21,7 +21,7 @@ from prometheus_client import CollectorRegistry, Histogram, disable_created_metr
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from forwarder.credentials import MIN_KEY_CHARS, secret_forms
+from forwarder.ops.credentials import MIN_KEY_CHARS, secret_forms
 
 LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING}
 LEVELS["error"] = logging.ERROR

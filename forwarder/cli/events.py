@@ -15,7 +15,7 @@ import sys
 from typing import Any
 from urllib.parse import quote
 
-from forwarder.daemonclient import Target, Unreachable, request_once
+from forwarder.cli.daemonclient import Target, Unreachable, request_once
 
 
 def fail(message: str, code: int) -> int:

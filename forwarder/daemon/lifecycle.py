@@ -26,8 +26,7 @@ import aiohttp
 import structlog
 from aiohttp import web
 
-from forwarder.config import Config, ConfigError, check_exposure, resolve_group
-from forwarder.credentials import ApiKey, resolve_intake_token
+from forwarder.config.schema import Config, ConfigError, check_exposure, resolve_group
 from forwarder.delivery.dispatcher import Dispatcher, LaneSettings
 from forwarder.delivery.remote import USER_AGENT, RemoteClient, make_ssl_context
 from forwarder.events import Event
@@ -40,24 +39,16 @@ from forwarder.intake.accounts import (
 )
 from forwarder.intake.app import IntakeState, create_app
 from forwarder.intake.connections import ConnectionGuard, IntakeRunner
-from forwarder.logthrottle import LogThrottle
-from forwarder.statedir import (
+from forwarder.ops.credentials import ApiKey, resolve_intake_token
+from forwarder.ops.logthrottle import LogThrottle
+from forwarder.ops.statedir import (
     StateDirError,
     StateLock,
     prepare_state_dir,
     read_state_file,
     replace_state_file,
 )
-from forwarder.storage.backlog import Backlog
-from forwarder.storage.eventstatus import StatusBook
-from forwarder.storage.held import HeldEvents
-from forwarder.storage.numbering import EventNumbers, NumbersError
-from forwarder.storage.queue import EventQueue
-from forwarder.storage.sqlite.file import SpoolError
-from forwarder.storage.sqlite.recover import Recovery
-from forwarder.storage.sqlite.spool import Spool
-from forwarder.storage.sqlite.upgrade import load_pending, remove_pending
-from forwarder.systemd import (
+from forwarder.ops.systemd import (
     ListenSocket,
     Notifier,
     PerMinute,
@@ -68,7 +59,16 @@ from forwarder.systemd import (
     stop_timeout_s,
     watchdog_interval,
 )
-from forwarder.telemetry import Metrics, Stats, flush_logs, set_log_level, set_secrets
+from forwarder.ops.telemetry import Metrics, Stats, flush_logs, set_log_level, set_secrets
+from forwarder.storage.backlog import Backlog
+from forwarder.storage.eventstatus import StatusBook
+from forwarder.storage.held import HeldEvents
+from forwarder.storage.numbering import EventNumbers, NumbersError
+from forwarder.storage.queue import EventQueue
+from forwarder.storage.sqlite.file import SpoolError
+from forwarder.storage.sqlite.recover import Recovery
+from forwarder.storage.sqlite.spool import Spool
+from forwarder.storage.sqlite.upgrade import load_pending, remove_pending
 
 log = structlog.get_logger("forwarder.daemon")
 # aiohttp's grace for requests still being answered when the listeners close.

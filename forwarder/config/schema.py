@@ -28,7 +28,7 @@ from typing import Any, Literal
 from urllib.parse import urlsplit
 
 if typing.TYPE_CHECKING:
-    from forwarder.credentials import ApiKey
+    from forwarder.ops.credentials import ApiKey
 
 __all__ = [
     "DEFAULT_ACCOUNT",

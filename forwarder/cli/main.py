@@ -13,7 +13,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from forwarder import __version__
-from forwarder.config import (
+from forwarder.cli.daemonclient import Target, Unreachable, request_once
+from forwarder.cli.dlq import add_commands
+from forwarder.cli.events import add_events_commands
+from forwarder.cli.status import add_command as add_status_command
+from forwarder.config.schema import (
     DEFAULT_ACCOUNT,
     Config,
     ConfigError,
@@ -21,17 +25,13 @@ from forwarder.config import (
     load_config,
     render_effective,
 )
-from forwarder.credentials import (
+from forwarder.intake.accounts import NO_DEFAULT_KEY, Account, load_accounts
+from forwarder.ops.credentials import (
     ApiKey,
     resolve_account_keys,
     resolve_api_key,
     resolve_intake_token,
 )
-from forwarder.daemonclient import Target, Unreachable, request_once
-from forwarder.dlq import add_commands
-from forwarder.eventscli import add_events_commands
-from forwarder.intake.accounts import NO_DEFAULT_KEY, Account, load_accounts
-from forwarder.status import add_command as add_status_command
 
 EXIT_CONFIG = 2
 # Set to 1 (or any value but 0) to run on asyncio's own loop even when uvloop is installed.
@@ -122,8 +122,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     """Run the daemon in the foreground (systemd keeps it in the background)."""
     import structlog
 
-    from forwarder.daemon import Daemon
-    from forwarder.telemetry import configure_logging
+    from forwarder.daemon.lifecycle import Daemon
+    from forwarder.ops.telemetry import configure_logging
 
     try:
         config, accounts = _load(args.config)
@@ -146,8 +146,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_reload(args: argparse.Namespace) -> int:
     """Ask the running daemon to reload its configuration (SIGHUP)."""
-    from forwarder.daemon import PID_FILE
-    from forwarder.statedir import read_state_file
+    from forwarder.daemon.lifecycle import PID_FILE
+    from forwarder.ops.statedir import read_state_file
 
     try:
         config = load_config(Path(args.config) if args.config else None)
@@ -221,7 +221,7 @@ async def _send(
 
 def cmd_mock_remote(args: argparse.Namespace) -> int:
     """Serve the fake remote API."""
-    from forwarder.mock_remote import MockOptions, serve_mock
+    from forwarder.testing.mock_remote import MockOptions, serve_mock
 
     try:
         options = MockOptions(
@@ -246,7 +246,7 @@ def cmd_mock_remote(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """Start a mock remote and the daemon together and show events flowing."""
-    from forwarder.demo import run_demo
+    from forwarder.testing.demo import run_demo
 
     return asyncio.run(run_demo(events=args.events))
 

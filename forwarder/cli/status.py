@@ -29,9 +29,9 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from forwarder.config import ConfigError, load_config
-from forwarder.credentials import resolve_intake_token
-from forwarder.daemonclient import Target, Unreachable, request
+from forwarder.cli.daemonclient import Target, Unreachable, request
+from forwarder.config.schema import ConfigError, load_config
+from forwarder.ops.credentials import resolve_intake_token
 
 # An event this old is worth a look, even while it is flowing: at the default 300 requests a
 # minute, an hour is a backlog of 18 000 events. The remote forgets idempotency keys after 24 h.

@@ -16,14 +16,14 @@ from typing import Any
 
 import aiohttp
 
-from forwarder.config import load_config
-from forwarder.credentials import ApiKey, Secret
-from forwarder.daemon import Daemon
-from forwarder.dlq import list_dead_letters
+from forwarder.cli.dlq import list_dead_letters
+from forwarder.config.schema import load_config
+from forwarder.daemon.lifecycle import Daemon
 from forwarder.intake.accounts import configured_accounts
-from forwarder.mock_remote import MockOptions, start_mock
+from forwarder.ops.credentials import ApiKey, Secret
+from forwarder.ops.telemetry import configure_logging
 from forwarder.storage.sqlite.file import open_readonly_or_fail
-from forwarder.telemetry import configure_logging
+from forwarder.testing.mock_remote import MockOptions, start_mock
 
 DEMO_KEY = "demo-key-not-secret"
 NAMES = ("PAGE_VIEW", "PRODUCT_VIEW", "PRODUCT_TO_BASKET", "SIGNUP")

@@ -19,10 +19,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from forwarder.config import ConfigError, load_config
+from forwarder.cli.spool import add_file_commands
+from forwarder.config.schema import ConfigError, load_config
 from forwarder.events import Event
-from forwarder.spoolcli import add_file_commands
-from forwarder.statedir import running_holder
+from forwarder.ops.statedir import running_holder
 from forwarder.storage.sqlite.file import (
     CHUNK_ROWS,
     DEAD_COLUMNS,

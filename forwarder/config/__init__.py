@@ -1,0 +1,3 @@
+"""Configuration: the settings schema, loading TOML and environment overrides, validation
+and rendering (`schema`).
+"""

@@ -1,0 +1,1 @@
+"""The daemon: building the components, start, reload and the stop order (`lifecycle`)."""
