@@ -88,7 +88,7 @@ class Event:
     accepted_at: float = 0.0
     # The account it is delivered under; "" means the default account.
     account: str = ""
-    # Its event number (numbering.py), set once it is queued: in memory mode by intake, in
+    # Its event number (storage/numbering.py), set once it is queued: in memory mode by intake, in
     # durable mode its spool position. 0: none. Not part of its value (equality, records).
     number: int = dataclasses.field(default=0, compare=False)
 

@@ -2,7 +2,7 @@
 
 `inspect` shows what can still be read of a spool file (a moved-aside one, usually) and changes
 nothing; `recover` brings that into the spool of a stopped daemon, holding the state dir's lock
-meanwhile. The reading itself is `spoolrecover.py`'s, the same the daemon runs at start.
+meanwhile. The reading itself is `storage/sqlite/recover.py`'s, the same the daemon runs at start.
 """
 
 from __future__ import annotations

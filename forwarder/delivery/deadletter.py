@@ -15,7 +15,7 @@ from forwarder.events import Event
 
 # Why an event was dead-lettered (`redirected`: the remote answered 3xx, see remote.py;
 # `damaged`: a spool row that no longer parses as an event; `held_without_account`: its account
-# had no lane past queue.held_max_age_s or queue.held_max_events, see held.py).
+# had no lane past queue.held_max_age_s or queue.held_max_events, see storage/held.py).
 REASONS = (
     "rejected", "redirected", "gave_up", "internal_error", "damaged", "held_without_account",
 )  # fmt: skip

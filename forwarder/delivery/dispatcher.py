@@ -3,7 +3,7 @@
 A lane pulls its account's events from the shared queue (which holds back later events of a
 recipient while one is in delivery), and sends each under its account's flow control: the
 circuit breaker and the refused-key gate, the rate limiter, and the concurrency limit (see
-`limiter.py`). It is the only place that decides what happens to an event after an attempt:
+`flow/limiter.py`). It is the only place that decides what happens to an event after an attempt:
 delivered, retried (by the tenacity policy in `retry.py`), or dead-lettered.
 """
 

@@ -4,8 +4,8 @@ The client never touches the queue and never retries: it turns one attempt into 
 `verdict` tells the dispatcher what to do next.
 
 The API key travels only to the configured base URL's origin (scheme, host, port), only over
-verified TLS (or plain http to a loopback host, which config.py allows for the mock), and never
-along a redirect: a 3xx is not followed but dead-lettered as `redirected`.
+verified TLS (or plain http to a loopback host, which config/schema.py allows for the mock), and
+never along a redirect: a 3xx is not followed but dead-lettered as `redirected`.
 """
 
 from __future__ import annotations

@@ -84,7 +84,7 @@ class IntakeState:
     auth_token: Secret | None = None
     # A request's body must arrive within this long of its head (intake.body_timeout_s).
     body_timeout_s: float = 30.0
-    # Every log line intake can write once per request goes through it (logthrottle.py).
+    # Every log line intake can write once per request goes through it (ops/logthrottle.py).
     throttle: LogThrottle = field(default_factory=LogThrottle)
     # intake.drop_in_answer: "remote" (200, data = the event number) or "accepted" (202).
     drop_in_answer: str = "remote"

@@ -25,7 +25,7 @@ the `IntakeRunner` hands to every listener:
   (`logthrottle`), where aiohttp answers text/plain with the offending bytes and logs an ERROR
   with a traceback for each.
 
-The request body's deadline is intake.py's (`intake.body_timeout_s`): by then a handler runs.
+The request body's deadline is app.py's (`intake.body_timeout_s`): by then a handler runs.
 What such an answer says is rejections.py's. This module is over 400 lines because the
 connection's limits share one protocol class and its timers; splitting them would spread that
 class's state over several modules.

@@ -307,7 +307,7 @@ class Stats:
     invalid_requests: int = 0
     unauthorized: int = 0  # intake requests without the right token (401)
     body_timeouts: int = 0  # intake requests whose body did not arrive in time (408)
-    # Drop-in fields ignored as the remote ignores them, by (bounded) name: leniency.py.
+    # Drop-in fields ignored as the remote ignores them, by (bounded) name: intake/leniency.py.
     unknown_fields: Counter[str] = field(default_factory=Counter)
     lenient_values: int = 0  # drop-in conversions whose value is not a number, sent as is
     refused: Counter[str] = field(default_factory=Counter)

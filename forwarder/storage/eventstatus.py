@@ -4,7 +4,7 @@ An event is `queued` (in the queue, or in the spool), `in_delivery` (attempted, 
 again), `delivered` or `dead_lettered`; unknown once its outcome is forgotten. The delivery lanes
 tell the `StatusBook` of attempts and outcomes. Outcomes are kept `state.outcome_retention_s`
 (the remote's idempotency window by default): in memory, at most `state.outcome_max_count` of
-them (the oldest go first), and in durable mode also in the spool (outcomestore.py), written
+them (the oldest go first), and in durable mode also in the spool (sqlite/outcomes.py), written
 by the transaction that settles the event. A purge pass every `PURGE_EVERY_S` deletes a bounded
 number of expired ones.
 """

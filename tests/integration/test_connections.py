@@ -1,4 +1,5 @@
-"""Intake's connections (connections.py), in process: head and write deadlines, the reserve."""
+"""Intake's connections (intake/connections.py), in process: head and write deadlines, the
+reserve."""
 
 from __future__ import annotations
 

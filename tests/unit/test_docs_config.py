@@ -1,10 +1,10 @@
 """The configuration reference and the shipped config/forwarder.toml name every setting there is.
 
-The settings are the fields of forwarder/config.py's dataclasses, one section each, plus the keys
-of an ``[accounts.NAME]`` table. docs/reference/configuration.md must list each exactly once in
-its table, and nothing else; its defaults and its reload-or-restart column must agree with the
-code. config/forwarder.toml must set each section key to its default, and show each account key
-in its commented example.
+The settings are the fields of forwarder/config/schema.py's dataclasses, one section each, plus the
+keys of an ``[accounts.NAME]`` table. docs/reference/configuration.md must list each exactly once in
+its table, and nothing else; its defaults and its reload-or-restart column must agree with the code.
+config/forwarder.toml must set each section key to its default, and show each account key in its
+commented example.
 """
 
 from __future__ import annotations

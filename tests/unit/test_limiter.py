@@ -1,4 +1,4 @@
-"""The flow-control state machines of `forwarder/limiter.py`, driven by a fake clock.
+"""The flow-control state machines of `forwarder/delivery/flow/limiter.py`, driven by a fake clock.
 
 No test sleeps: time is a number the test advances. Besides unit tests of each rule,
 simulations drive the limiters against models of a remote: a fixed-window rate limiter like

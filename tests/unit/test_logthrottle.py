@@ -1,4 +1,5 @@
-"""The log throttle (logthrottle.py): first line at once, then one summary per key and interval."""
+"""The log throttle (ops/logthrottle.py): first line at once, then one summary per key and
+interval."""
 
 from __future__ import annotations
 

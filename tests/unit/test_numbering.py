@@ -1,4 +1,4 @@
-"""Event numbers: reserved in blocks in state.dir, never given out twice (numbering.py)."""
+"""Event numbers: reserved in blocks in state.dir, never given out twice (storage/numbering.py)."""
 
 from __future__ import annotations
 

@@ -15,7 +15,7 @@ A file that is not ours (another application_id), is from a newer forwarder, or 
 never deleted: it is moved aside to `spool.db.damaged-<UTC time>` and a fresh one is started.
 
 This module holds what the daemon's handle (`spool.py`), the upgrades of older schemas
-(`spoolupgrade.py`) and the command line (`dlq.py`) share: the schema and its statements, the
+(`upgrade.py`) and the command line (`cli/dlq.py`) share: the schema and its statements, the
 row codec, opening and checking the file, and the primitives that count and settle rows.
 """
 
@@ -62,7 +62,7 @@ _SQLITE_NOTADB = 26
 # Values per `IN (...)` list: below the 999 bound-parameter limit of older SQLite builds.
 IN_CHUNK = 500
 
-# Schema 4: what became of settled events, for GET /v1/events/{id} (outcomestore.py).
+# Schema 4: what became of settled events, for GET /v1/events/{id} (outcomes.py).
 # remote_id has no declared type: the remote's id is kept as it came (an integer, or text).
 OUTCOMES_SCHEMA = (
     """CREATE TABLE IF NOT EXISTS outcomes (

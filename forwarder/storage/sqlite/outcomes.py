@@ -5,10 +5,10 @@ settles the event (spool.py), so the spool never says "settled" without saying h
 than `state.outcome_retention_s` are deleted a bounded number at a time. Every function here
 runs on the spool's thread with its connection (`Spool.query`).
 
-A queued event's number is its spool position (`seq = row << ROW_BITS | index`, numbering.py):
-finding it is one primary-key read however long the backlog. An event_id has no index in the
-rows (one would cost every append); looking one up in the rows is a scan of the backlog's bodies
-in SQLite (`instr`), the rare path: apps that keep the number need not take it.
+A queued event's number is its spool position (`seq = row << ROW_BITS | index`,
+storage/numbering.py): finding it is one primary-key read however long the backlog. An event_id has
+no index in the rows (one would cost every append); looking one up in the rows is a scan of the
+backlog's bodies in SQLite (`instr`), the rare path: apps that keep the number need not take it.
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ then swapped in, so a crash on the way never leaves the events behind); the dama
 moved aside (`spoolfile.move_aside`), and the daemon logs what was brought over and what could
 not be read. `forwarder spool inspect FILE` shows the same for any
 moved-aside file without changing it, and `forwarder spool recover FILE` brings one into the
-spool of a stopped daemon (both in `spoolcli.py`).
+spool of a stopped daemon (both in `cli/spool.py`).
 
 How it reads. The file is opened read-only (`immutable=1` when it has no WAL to replay, so
 nothing is created beside it) with `PRAGMA writable_schema=ON`: without it SQLite refuses the

@@ -2,10 +2,10 @@
 
 Every database call runs on one dedicated thread (the event loop never waits on SQLite), and
 appends, removals and dead letters that arrive close together share one transaction and one
-fsync (group commit). The file itself (schema, row encoding, checks) is `spoolfile.py`; the
+fsync (group commit). The file itself (schema, row encoding, checks) is `file.py`; the
 `forwarder dlq` and `forwarder spool` commands, which run in their own process and may work on
 the database while the daemon has it open (WAL lets readers and one writer coexist), are
-`dlq.py`.
+`cli/dlq.py`.
 """
 
 from __future__ import annotations
@@ -324,7 +324,7 @@ class Spool:
         return await self._run(self._query_job, job, *args)
 
     async def lift_seq(self, number: int) -> None:
-        """Every event seq given out from now on is above `number` (numbering.py)."""
+        """Every event seq given out from now on is above `number` (storage/numbering.py)."""
         totals = await self._run(self._lift_job, number)
         self._publish(totals)
 

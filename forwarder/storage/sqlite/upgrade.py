@@ -1,9 +1,9 @@
 """What older versions left behind, brought forward when the daemon opens its spool.
 
 Spools of schema 1 (a JSON body per event) and 2 (typed columns per event) are upgraded in place
-to rows per append (schema 3, see `spoolfile.py`), in one transaction, every event keeping its
+to rows per append (schema 3, see `file.py`), in one transaction, every event keeping its
 order; a row that cannot be read goes to the dead letters whole. Schema 4 adds the `outcomes`
-table (outcomestore.py) to a schema 3 file and changes nothing else. Before the spool existed, a
+table (outcomes.py) to a schema 3 file and changes nothing else. Before the spool existed, a
 clean stop saved its leftovers to `pending.jsonl`: the daemon moves such a file into the spool
 at start, so one replay path serves every version's leftovers.
 """
