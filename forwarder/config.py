@@ -7,6 +7,14 @@ setting: `credentials.resolve_api_key` finds it in the environment, a file or a 
 
 Besides the ``[remote]`` section's own account (named ``default``), ``[accounts.NAME]`` tables
 declare further accounts of the same API; `credentials.resolve_account_keys` finds their keys.
+
+Each setting is declared once, as a ``setting(default, doc=..., lo=..., reload=..., secret=...)``
+field of its section (forwarder/setting.py): its range check (`_validate`), whether a reload
+applies it (`RESTART_ONLY`), `check-config`'s masking (`render_effective`), the shipped
+config/forwarder.toml and the reference page's key table (forwarder/settings_doc.py) all come from
+that declaration. The declarations, with their documentation, are most of this module's length;
+they are one piece with the loader and checks that read them (the package split moves the
+schema, loading and rendering apart).
 """
 
 from __future__ import annotations
