@@ -7,6 +7,14 @@ setting: `credentials.resolve_api_key` finds it in the environment, a file or a 
 
 Besides the ``[remote]`` section's own account (named ``default``), ``[accounts.NAME]`` tables
 declare further accounts of the same API; `credentials.resolve_account_keys` finds their keys.
+
+Each setting is declared once, as a ``setting(default, doc=..., lo=..., reload=..., secret=...)``
+field of its section (forwarder/config/setting.py): its range check (`_validate`), whether a
+reload applies it (`RESTART_ONLY`), `check-config`'s masking (`render_effective`), the shipped
+config/forwarder.toml and the reference page's key table (forwarder/config/generate.py) all come
+from that declaration. The declarations, with their documentation, are most of this module's length;
+they are one piece with the loader and checks that read them (the package split moves the
+schema, loading and rendering apart).
 """
 
 from __future__ import annotations
@@ -15,7 +23,6 @@ import dataclasses
 import difflib
 import grp
 import ipaddress
-import math
 import os
 import re
 import ssl
@@ -30,9 +37,12 @@ from urllib.parse import urlsplit
 if typing.TYPE_CHECKING:
     from forwarder.ops.credentials import ApiKey
 
+from forwarder.config.setting import Setting, bounds_error, setting, settings_of
+
 __all__ = [
     "DEFAULT_ACCOUNT",
     "DEFAULT_CONFIG_PATH",
+    "RESTART_ONLY",
     "AccountConfig",
     "Config",
     "ConfigError",
@@ -59,7 +69,6 @@ _MAX_UNIX_SOCKET_PATH = 107
 _LOG_LEVELS = ("debug", "info", "warning", "error")
 _LOG_FORMATS = ("auto", "json", "console")
 _QUEUE_MODES = ("memory", "durable")
-_DROP_IN_ANSWERS = ("remote", "accepted")
 
 # The [remote] section's own account: events that name no account go here by default.
 DEFAULT_ACCOUNT = "default"
@@ -81,31 +90,152 @@ class ConfigError(Exception):
 class IntakeConfig:
     """``[intake]``: how local applications hand events to the daemon."""
 
-    http_listen: str = "127.0.0.1:8787"
-    unix_socket: str = ""
-    unix_socket_mode: int = 0o660
-    # Group of the socket file, a name or a gid; "" leaves the daemon's own group.
-    unix_socket_group: str = ""
-    max_body_bytes: int = 1_048_576
-    max_batch: int = 1000
-    # Slow and idle clients (connections.py): a request's head must arrive within
-    # header_timeout_s, its body within body_timeout_s; an idle kept-alive connection closes
-    # after keepalive_timeout_s; at most max_connections are open at once. An answer may wait
-    # on a full socket (a client that does not read) write_timeout_s, then the connection closes.
-    header_timeout_s: float = 10.0
-    body_timeout_s: float = 30.0
-    keepalive_timeout_s: float = 75.0
-    write_timeout_s: float = 10.0
-    max_connections: int = 512
-    # On the drop-in endpoint, deliver under the API key the client sends by Basic auth.
-    accept_client_keys: bool = False
-    # The token every request but GET /healthz must carry (credentials.resolve_intake_token);
-    # required when a TCP listener is not on loopback. Never shown: repr=False, masked on output.
-    auth_token: str = field(default="", repr=False)
-    auth_token_file: str = ""
-    # The drop-in endpoint's answer: "remote" is the remote's own (200, data = the event
-    # number); "accepted" is 202 with data = {"id": event_id, "status": "queued"}.
-    drop_in_answer: str = "remote"
+    http_listen: str = setting(
+        "127.0.0.1:8787",
+        doc='TCP address for the local HTTP intake, "host:port"; IPv6 as "[::1]:8787"; "" '
+        "disables TCP.",
+        reload=False,
+        bounds='`host:port` or `[v6]:port`, port 0..65535; `""` disables TCP; at least one of '
+        "`http_listen` and `unix_socket` must be set; a host that is not loopback needs an intake "
+        "token",
+        ref="TCP address of the HTTP intake. Under socket activation the sockets systemd passes "
+        "are used instead",
+    )
+    unix_socket: str = setting(
+        "",
+        doc='Path of a unix socket for the HTTP intake; "" disables it. At least one listener must '
+        "be enabled.",
+        reload=False,
+        bounds=f'a path of at most {_MAX_UNIX_SOCKET_PATH} bytes, no NUL; `""` disables it',
+        ref="Unix socket of the HTTP intake. A stale socket file nothing accepts on is replaced; "
+        "a symlink, a non-socket or a live socket at the path is an error",
+    )
+    unix_socket_mode: int = setting(
+        0o660,
+        doc='Permissions of the unix socket, octal: write 0o660 or "0660" (a bare 660 would be '
+        "decimal).",
+        lo=0,
+        hi=0o777,
+        octal=True,
+        reload=False,
+        bounds='`0o000`..`0o777`; write `0o660` or `"0660"` (a bare `660` is decimal)',
+        ref="file mode of the socket, set between `bind()` and `listen()`",
+    )
+    unix_socket_group: str = setting(
+        "",
+        doc='Group of the unix socket, a group name or a number (gid); "" keeps the daemon\'s own '
+        "group.\nThe daemon's user must be root or a member of it. Mode and group are set before "
+        "the socket\naccepts its first connection. (Under socket activation, forwarder.socket's "
+        "SocketMode= and\nSocketGroup= apply instead.)",
+        reload=False,
+        bounds='a group name that exists, or a gid; `""` keeps the daemon\'s own group',
+        ref="group of the socket; the daemon's user must be root or a member of it",
+    )
+    max_body_bytes: int = setting(
+        1_048_576,
+        doc="Largest accepted request body, bytes (default 1 MiB; at least 1024).",
+        lo=1024,
+        reload=False,
+        ref="larger request bodies get 413 (with `Expect: 100-continue`, before the body is sent)",
+    )
+    max_batch: int = setting(
+        1000,
+        doc="Most events accepted in one request.",
+        lo=1,
+        ref="most events in one `POST /v1/events` request",
+    )
+    header_timeout_s: float = setting(
+        10.0,
+        doc="Slow and idle clients. A request's head (request line and headers) must arrive "
+        "within\nheader_timeout_s: counted from the connection's opening for its first request, "
+        "from the first\nbyte of each later one; else the connection is closed. Its body must "
+        "arrive within\nbody_timeout_s of the head, else 408. A kept-alive connection idle for "
+        "keepalive_timeout_s is\nclosed. An answer may wait on a full socket (a client that sends "
+        "requests but does not read\nthe answers) for write_timeout_s, then the connection is "
+        "closed. At most max_connections are\nopen at once (the Unix socket's included); past "
+        "them 8 more may open for GET /healthz and\n/readyz only, and one more gets a 503 at once "
+        "and is closed. Seconds (positive, finite); a\nreload applies them to new connections and "
+        "requests.",
+        unit="seconds",
+        ref="a request's head (request line and headers) must arrive within this long of the "
+        "connection's opening, or of the first byte of a later request on it; else the "
+        "connection is closed without an answer",
+    )
+    body_timeout_s: float = setting(
+        30.0,
+        doc="",
+        unit="seconds",
+        ref="a request's body must arrive within this long of its head, else 408 `body_timeout` "
+        "and the connection closes",
+    )
+    keepalive_timeout_s: float = setting(
+        75.0,
+        doc="",
+        unit="seconds",
+        ref="a kept-alive connection idle this long between requests is closed",
+    )
+    write_timeout_s: float = setting(
+        10.0,
+        doc="",
+        unit="seconds",
+        ref="an answer may wait this long on a full socket (a client that does not read its "
+        "answers), then the connection is aborted",
+    )
+    max_connections: int = setting(
+        512,
+        doc="",
+        lo=1,
+        hi=1_000_000,
+        ref="most open intake connections, TCP and Unix socket together; past it 8 more may ask "
+        "`GET /healthz` and `/readyz` only, and any other gets 503 `too_many_connections` and is "
+        "closed. At start the soft limit on open files is raised to this + 256 if the hard limit "
+        "allows",
+    )
+    accept_client_keys: bool = setting(
+        False,
+        doc="On the drop-in endpoint, deliver under the API key the client sends by Basic auth\n"
+        "(true), instead of the configured account's key (false).",
+        ref="on the drop-in endpoint, deliver under the API key an app sends by Basic auth, as a "
+        "client account of its own (see [Accounts and client keys](../how-to/accounts.md))",
+    )
+    # Read through credentials.resolve_intake_token, never directly.
+    auth_token: str = setting(
+        "",
+        doc='A token apps must present on every request but GET /healthz, as "Authorization: '
+        'Bearer TOKEN"\n(or "X-Forwarder-Token: TOKEN" when Authorization carries the app\'s own '
+        "API key, see\naccept_client_keys); others get 401. Required when http_listen is not a "
+        "loopback address\n(forwarder refuses to start otherwise, systemd's sockets included). "
+        "Printable ASCII, no spaces,\nat least 16 characters (`openssl rand -hex 32`). Taken from "
+        "the first of: auth_token (here or\nFORWARDER_INTAKE_AUTH_TOKEN), the file auth_token_file "
+        "(an absolute path), the systemd credential\nintake_auth_token. Prefer the file (mode "
+        "0600) to writing it here. A reload re-reads it.\nErrors about either never show its value "
+        "(a token pasted into auth_token_file included).",
+        secret="holds",
+        bounds='printable ASCII without whitespace, at least 16 characters; `""`: none',
+        ref="a token every request but `GET /healthz` must carry (`Authorization: Bearer …` or "
+        "`X-Forwarder-Token`); required when a listener is not loopback. Prefer "
+        "`auth_token_file` or `FORWARDER_INTAKE_AUTH_TOKEN` to writing it in the file",
+    )
+    auth_token_file: str = setting(
+        "",
+        doc="",
+        secret="names",
+        bounds="an absolute path",
+        applied="reload (the file is re-read too)",
+        ref="file holding the token, used when `auth_token` is empty; then the systemd "
+        "credential `intake_auth_token`",
+    )
+    drop_in_answer: str = setting(
+        "remote",
+        doc='The drop-in endpoint\'s answer once the event is queued: "remote" answers as the '
+        'remote does,\n200 {"success": true, "data": <forwarder\'s event number>}; "accepted" '
+        'answers\n202 {"success": true, "data": {"id": "<event_id>", "status": "queued"}} '
+        "(before 15.1).",
+        choices=("remote", "accepted"),
+        ref='the drop-in endpoint\'s answer: `"remote"` is the remote\'s own, `200 {"success": '
+        'true, "data": <event number>}`; `"accepted"` is `202` with `data` = `{"id": event_id, '
+        '"status": "queued"}` (see [the HTTP API](http-api.md#post-v1recipienteventscreate))',
+    )
 
     @property
     def tcp_address(self) -> tuple[str, int] | None:
@@ -122,55 +252,243 @@ class IntakeConfig:
 class QueueConfig:
     """``[queue]``: where accepted events wait: memory only, or the spool on disk as well."""
 
-    mode: str = "memory"
-    max_events: int = 100_000
-    # Estimated bytes of the events in memory (their text as held, plus an overhead each;
-    # queue.event_size). Sized to fit systemd/forwarder.service's MemoryMax.
-    max_bytes: int = 268_435_456
-    max_disk_bytes: int = 1_073_741_824
-    # Durable mode: the longest a group commit waits for company while requests keep arriving
-    # (it is cut at once when they stop); more is fewer fsyncs for more latency under load.
-    group_commit_ms: float = 8.0
-    # Events of an account without a delivery lane (removed from the config, or a client key not
-    # presented since a restart) are held apart from max_events: at most this many in memory...
-    held_max_events: int = 1000
-    # ...and each at most this long after it was accepted; then it is dead-lettered.
-    held_max_age_s: float = 86_400.0
+    mode: str = setting(
+        "memory",
+        doc='"memory": accepted events wait in memory; a clean stop saves the rest to '
+        'state.dir/spool.db,\nbut a kill -9, an OOM kill or a power cut loses them. "durable": '
+        "every event is committed to\nstate.dir/spool.db (SQLite, WAL, fsynced; requests arriving "
+        "together share one commit) before\nthe app gets its 202, and survives any crash.",
+        choices=_QUEUE_MODES,
+        # The storage backend is chosen when the spool is opened.
+        reload=False,
+        applied="restart ¹",
+        ref='`"durable"`: every event is committed to `state.dir/spool.db` (fsynced) before '
+        'intake answers; `"memory"`: events wait in memory and a clean stop saves the rest into '
+        "the spool (see [Durability](../explanation/durability.md))",
+    )
+    max_events: int = setting(
+        100_000,
+        doc="Events held in memory (waiting plus in delivery). In memory mode the queue's "
+        "capacity: past it\nintake answers 503. In durable mode the window over the spool: the "
+        "rest waits on disk. Shared\nfairly between accounts: past half of it each other account "
+        "keeps max_events / (2 * accounts)\nfor itself, and the durable window gives each account "
+        "with events 1/N of it (max_bytes alike).",
+        lo=1,
+        ref="events in memory (waiting plus in delivery). Memory mode: past it intake answers 503 "
+        "`queue_full`. Durable mode: the window over the spool; the rest waits on disk. Shared "
+        "fairly between accounts",
+    )
+    max_bytes: int = setting(
+        268_435_456,
+        doc="Estimated bytes of the events in memory (waiting plus in delivery; default 256 MiB, "
+        "at least\n1 MiB): each event counts what its text fields can take in memory (ASCII a "
+        "byte a character;\nother text up to 8, as CPython holds it with its UTF-8 copy) plus "
+        "1024 for Python's own objects.\nThe default fits the shipped unit's MemoryMax=512M with "
+        "room for the save at a stop; raise it\nonly with MemoryMax (see "
+        "docs/how-to/tuning.md).\nMemory mode: past it intake answers 503 queue_bytes_full (a "
+        "request whose events alone exceed it\ngets 413). Durable mode: the window over the spool "
+        "stops filling. A reload applies it.",
+        lo=1_048_576,
+        default_doc="`268435456` (256 MiB)",
+        ref="estimated bytes of the events in memory, the second bound beside `max_events` (see "
+        "[the memory bound](../explanation/durability.md)); past it 503 `queue_bytes_full`, and a "
+        "request whose events alone exceed it gets 413 `too_large`; in durable mode it bounds "
+        "the window. Lowering it drops nothing",
+    )
+    max_disk_bytes: int = setting(
+        1_073_741_824,
+        doc="Durable mode: most event data in the spool, as bytes of the stored (encoded) events "
+        "(1 Gi);\npast it intake answers 503.",
+        lo=1_048_576,
+        # The spool's disk bound is set when it is opened.
+        reload=False,
+        applied="restart ¹",
+        default_doc="`1073741824` (1 GiB)",
+        ref="durable mode: most event data in the spool, as bytes of the stored (encoded) "
+        "events; past it 503 `spool_full`",
+    )
+    group_commit_ms: float = setting(
+        8.0,
+        doc="Durable mode: the longest a group commit waits for more requests while they keep "
+        "arriving\n(0-100 ms; it is cut at once when they stop). Longer: fewer fsyncs under load, "
+        "more latency.",
+        lo=0,
+        # Past 100 ms it is latency, not grouping.
+        hi=_MAX_GROUP_COMMIT_MS,
+        unit="milliseconds",
+        ref="durable mode: the longest a group commit waits for more requests while they keep "
+        "arriving (cut at once when they stop); longer means fewer fsyncs under load and more "
+        "latency per request",
+    )
+    held_max_events: int = setting(
+        1000,
+        doc="Events of an account without a delivery lane (removed from the config, or a client "
+        "key not\npresented again since a restart) are held apart, not counted in max_events: at "
+        "most this many\n(1-1000000) in memory. Memory mode dead-letters the oldest past it; "
+        "durable mode leaves the rest\nin the spool until there is room. A reload applies it.",
+        lo=1,
+        hi=_MAX_HELD_EVENTS,
+        ref="events of accounts without a lane (removed from the config, or a client key not "
+        "presented since a restart) held apart from `max_events`; memory mode dead-letters the "
+        "oldest past it (`held_without_account`), durable mode leaves the rest in the spool",
+    )
+    held_max_age_s: float = setting(
+        86_400.0,
+        doc="The longest an event is held, in seconds since it was accepted (default a day); "
+        "then it is\ndead-lettered with the reason held_without_account. Its account coming back "
+        "ends the hold.",
+        unit="seconds",
+        ref="a held event is dead-lettered (`held_without_account`) once this long after it was "
+        "accepted; its account coming back first ends the hold",
+    )
 
 
 @dataclass(frozen=True, slots=True)
 class RemoteConfig:
     """``[remote]``: the direct-mail API the events are delivered to."""
 
-    base_url: str = "https://api-eu1.stannp.com/v1"
-    api_key_file: str = ""
-    # The account's request quota; [accounts.NAME] tables inherit it unless they set their own.
-    rate_limit_per_minute: int = 300
-    # 0: adaptive between min_concurrency and max_concurrency; N: fixed at N.
-    concurrency: int = 0
-    min_concurrency: int = 1
-    max_concurrency: int = 64
-    # Deliver the events of one account and recipient_id in the order they were accepted.
-    per_recipient_order: bool = True
-    # Consecutive transient failures that open the circuit breaker, then the probe interval.
-    breaker_failures: int = 5
-    breaker_probe_initial_s: float = 1.0
-    breaker_probe_max_s: float = 60.0
-    default_account: str = DEFAULT_ACCOUNT
-    timeout_s: float = 30.0
-    connect_timeout_s: float = 5.0
-    auth_retry_s: float = 60.0
-    # A PEM file of CA certificates that replaces the system's trust store; "": the system's.
-    ca_bundle: str = ""
+    base_url: str = setting(
+        "https://api-eu1.stannp.com/v1",
+        doc="Base URL of the direct-mail API. Must be https:// (plain http:// only to a loopback "
+        "host).",
+        bounds="an absolute `https://` URL without user, query or fragment; `http://` only to a "
+        "loopback host (the mock)",
+        ref="the remote of the `default` account (US/Canada: `https://api-us1.stannp.com/v1`); a "
+        "change is used from the next attempt on",
+    )
+    api_key_file: str = setting(
+        "",
+        doc='Absolute path of the file holding the API key; "" means not used (see the key '
+        "sources at\nthe top). A value that is not an absolute path is refused, without being "
+        "shown.",
+        secret="names",
+        bounds="an absolute path",
+        applied="reload (the file is re-read too)",
+        ref="file holding the `default` account's API key (after `FORWARDER_API_KEY`, before the "
+        "credential `api_key`; see below)",
+    )
+    rate_limit_per_minute: int = setting(
+        300,
+        doc="The account's request quota, requests per minute (1..1000000).",
+        lo=1,
+        hi=_MAX_RATE_LIMIT,
+        ref="the account's quota, the rate limiter's starting point; the remote's "
+        "`X-RateLimit-*` headers then correct it. `[accounts.NAME]` tables inherit it",
+    )
+    concurrency: int = setting(
+        0,
+        doc="Requests in flight to the API at once: 0 adapts it between min_concurrency and\n"
+        "max_concurrency (raised while it pays in throughput, halved on errors); 1..1024 fixes "
+        "it.",
+        lo=0,
+        hi=_MAX_CONCURRENCY,
+        ref="requests in flight per account: `0` adapts between `min_concurrency` and "
+        "`max_concurrency` (see [Flow control](../explanation/flow-control.md)); `N` fixes it",
+    )
+    min_concurrency: int = setting(
+        1,
+        doc="Bounds for adaptive concurrency: 1 <= min_concurrency <= max_concurrency <= 1024.",
+        lo=1,
+        hi=_MAX_CONCURRENCY,
+        bounds=f"1..{_MAX_CONCURRENCY}, at most `max_concurrency`",
+        ref="lower bound of adaptive concurrency",
+    )
+    max_concurrency: int = setting(
+        64,
+        doc="",
+        lo=1,
+        hi=_MAX_CONCURRENCY,
+        ref="upper bound of adaptive concurrency",
+    )
+    per_recipient_order: bool = setting(
+        True,
+        doc="Deliver the events of one account and recipient_id in the order they were accepted.",
+        ref="deliver the events of one account and `recipient_id` in the order they were "
+        "accepted; `false`: plain FIFO per account",
+    )
+    breaker_failures: int = setting(
+        5,
+        doc="Consecutive transient failures that open the circuit breaker (1..10000).",
+        lo=1,
+        hi=10_000,
+        ref="consecutive transient failures (timeouts, dropped connections, 5xx; not 429) that "
+        "open an account's circuit breaker",
+    )
+    breaker_probe_initial_s: float = setting(
+        1.0,
+        doc="While the breaker is open, probe the API after this long, seconds; the interval "
+        "grows\nup to breaker_probe_max_s while probes fail.",
+        unit="seconds",
+        bounds="seconds, at most `breaker_probe_max_s`",
+        ref="while the breaker is open, one probe after this long, doubling while probes fail…",
+    )
+    breaker_probe_max_s: float = setting(60.0, doc="", unit="seconds", ref="…up to this")
+    default_account: str = setting(
+        DEFAULT_ACCOUNT,
+        doc='Account for events that name none: "default" (this section\'s) or the NAME of an '
+        "[accounts.NAME].",
+        bounds='`"default"` or the NAME of an `[accounts.NAME]` table',
+        ref='the account events go to when they name none (`"default"` is the `[remote]` '
+        "section's own); when it names another, the `[remote]` key is optional",
+    )
+    timeout_s: float = setting(
+        30.0,
+        doc="Total time allowed for one request, seconds.",
+        unit="seconds",
+        reload=False,
+        ref="total time for one request to the remote",
+    )
+    connect_timeout_s: float = setting(
+        5.0,
+        doc="Time allowed to establish the connection, seconds.",
+        unit="seconds",
+        reload=False,
+        ref="time to connect to the remote",
+    )
+    auth_retry_s: float = setting(
+        60.0,
+        doc="After the API rejects the key, wait this long before trying again, seconds.",
+        unit="seconds",
+        ref="after a 401/403, delivery pauses and one event probes the key this often",
+    )
+    ca_bundle: str = setting(
+        "",
+        doc="A PEM file of CA certificates to verify the API's TLS certificate with, instead of "
+        "the\nsystem's trust store (e.g. behind a TLS-inspecting proxy); \"\" uses the system's. "
+        "Certificates\nand host names are always verified: there is no switch to turn that off. "
+        "Needs a restart.",
+        reload=False,
+        bounds='a readable PEM file holding at least one CA certificate; `""`: the system\'s '
+        "trust store",
+        ref="CA certificates to verify the remote with, instead of the system's. Certificates "
+        "and host names are always verified",
+    )
 
 
 @dataclass(frozen=True, slots=True)
 class RetryConfig:
     """``[retry]``: exponential backoff for failed deliveries."""
 
-    initial_backoff_s: float = 0.5
-    max_backoff_s: float = 60.0
-    max_elapsed_s: float = 3600.0
+    initial_backoff_s: float = setting(
+        0.5,
+        doc="First delay before retrying a failed delivery, seconds; doubles up to max_backoff_s.",
+        unit="seconds",
+        bounds="seconds, at most `max_backoff_s`",
+        ref="first wait before a retry (exponential backoff with full jitter)",
+    )
+    max_backoff_s: float = setting(
+        60.0,
+        doc="Longest delay between retries, seconds.",
+        unit="seconds",
+        ref="longest wait between retries",
+    )
+    max_elapsed_s: float = setting(
+        3600.0,
+        doc="Give up on an event after retrying for this long, seconds (default 1 hour).",
+        unit="seconds",
+        ref="give up (dead-letter, reason `gave_up`) when the next attempt would start later "
+        "than this after the first",
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -181,11 +499,37 @@ class StateConfig:
     ``STATE_DIRECTORY`` instead when the key is not set anywhere.
     """
 
-    dir: str = _FALLBACK_STATE_DIR
-    # How long an event's outcome is kept for GET /v1/events/{id} (the remote's idempotency
-    # window), and how many outcomes memory holds at most (the oldest are forgotten first).
-    outcome_retention_s: float = 86_400.0
-    outcome_max_count: int = 20_000
+    dir: str = setting(
+        _FALLBACK_STATE_DIR,
+        doc="Directory for durable state. If this key is absent, systemd's $STATE_DIRECTORY\n"
+        "(StateDirectory=) is used, else /var/lib/forwarder. It must be ours and not writable\n"
+        "by group or others (0700 is made if it is missing); one daemon at a time uses it.",
+        reload=False,
+        default_doc=f'`$STATE_DIRECTORY` or `"{_FALLBACK_STATE_DIR}"`',
+        bounds="not empty; a directory owned by the daemon's user and not writable by group or "
+        "others (made 0700 if missing)",
+        ref="the spool (`spool.db`: events, dead letters, outcomes), the lock, the PID file and "
+        "the event-number file. When the key is set nowhere, systemd's `$STATE_DIRECTORY` (its "
+        "first entry) is used, else `/var/lib/forwarder`. One daemon per directory",
+    )
+    outcome_retention_s: float = setting(
+        86_400.0,
+        doc="How long GET /v1/events/{id} remembers what became of an event (delivered, "
+        "dead-lettered):\n86400 s is the remote's idempotency window. Memory holds at most "
+        "outcome_max_count of them\n(the oldest go first); durable mode also keeps them in the "
+        "spool for the whole period.",
+        unit="seconds",
+        ref="how long `GET /v1/events/{id}` remembers what became of an event (the remote's "
+        "idempotency window)",
+    )
+    outcome_max_count: int = setting(
+        20_000,
+        doc="",
+        lo=0,
+        hi=100_000_000,
+        ref="outcomes held in memory at most, about 0.4 kB each (the oldest are forgotten first; "
+        "`0`: none); durable mode also keeps them in the spool for the whole retention",
+    )
 
     @property
     def path(self) -> Path:
@@ -197,15 +541,36 @@ class StateConfig:
 class ShutdownConfig:
     """``[shutdown]``: graceful shutdown."""
 
-    timeout_s: float = 20.0
+    timeout_s: float = setting(
+        20.0,
+        doc="On shutdown, time allowed to finish in-flight work before stopping, seconds.",
+        unit="seconds",
+        ref="how long a stop keeps delivering before saving the rest into the spool (under "
+        "systemd it also ends 5 s before `FORWARDER_SYSTEMD_STOP_TIMEOUT_S`; see "
+        "[Shutdown](../explanation/shutdown.md))",
+    )
 
 
 @dataclass(frozen=True, slots=True)
 class LogConfig:
     """``[log]``: logging level and output format."""
 
-    level: str = "info"
-    format: str = "auto"
+    level: str = setting(
+        "info",
+        doc="Least severe level logged: debug, info, warning or error.",
+        choices=_LOG_LEVELS,
+        fold_case=True,
+        ref="least severe level logged",
+    )
+    format: str = setting(
+        "auto",
+        doc='Log output: "json", "console", or "auto" (chosen by where the output goes).',
+        choices=_LOG_FORMATS,
+        fold_case=True,
+        reload=False,
+        ref="`json`: one JSON object per line; `console`: coloured lines; `auto`: console on a "
+        "TTY, JSON otherwise",
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -218,10 +583,41 @@ class AccountConfig:
     """
 
     name: str
-    base_url: str = ""
-    api_key_file: str = ""
-    api_key_env: str = ""
-    rate_limit_per_minute: int = 0
+    base_url: str = setting(
+        "",
+        doc="Base URL of this account's API; default: remote.base_url.",
+        example="https://api-us1.stannp.com/v1",
+        default_doc="`remote.base_url`",
+        bounds="as `remote.base_url`",
+        ref="the account's remote",
+    )
+    api_key_file: str = setting(
+        "",
+        doc="File holding this account's API key.",
+        secret="names",
+        example="/etc/forwarder/us.key",
+        bounds="an absolute path",
+        applied="reload (the file is re-read too)",
+        ref="file holding the account's key",
+    )
+    api_key_env: str = setting(
+        "",
+        doc="Name of an environment variable holding this account's API key.",
+        secret="names",
+        example="FORWARDER_US_KEY",
+        bounds="an environment variable's name (letters, digits and `_`, not starting with a "
+        "digit)",
+        ref="variable holding the account's key",
+    )
+    rate_limit_per_minute: int = setting(
+        0,
+        doc="This account's request quota per minute; default: remote.rate_limit_per_minute.",
+        lo=1,
+        hi=_MAX_RATE_LIMIT,
+        example=600,
+        default_doc="`remote.rate_limit_per_minute`",
+        ref="the account's quota per minute",
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -273,9 +669,6 @@ _SECTIONS: dict[str, type[Any]] = {
     "log": LogConfig,
 }
 
-# Octal file modes are ints but also accept strings of octal digits ("0660").
-_MODE_KEYS = frozenset({"intake.unix_socket_mode"})
-
 _EXPECTED: dict[_Kind, str] = {
     "str": "a string",
     "int": "an integer",
@@ -285,22 +678,27 @@ _EXPECTED: dict[_Kind, str] = {
 }
 
 
-def _field_kinds(section: str, cls: type[Any]) -> dict[str, _Kind]:
+def _field_kinds(cls: type[Any]) -> dict[str, _Kind]:
     hints = typing.get_type_hints(cls)
     by_type: dict[object, _Kind] = {str: "str", int: "int", float: "float", bool: "bool"}
-    kinds: dict[str, _Kind] = {}
-    for f in dataclasses.fields(cls):
-        kinds[f.name] = "mode" if f"{section}.{f.name}" in _MODE_KEYS else by_type[hints[f.name]]
-    return kinds
+    # Octal file modes are ints but also accept strings of octal digits ("0660").
+    return {
+        f.name: "mode" if meta.octal else by_type[hints[f.name]] for f, meta in settings_of(cls)
+    }
 
 
 _FIELD_KINDS: dict[str, dict[str, _Kind]] = {
-    name: _field_kinds(name, cls) for name, cls in _SECTIONS.items()
+    name: _field_kinds(cls) for name, cls in _SECTIONS.items()
 }
-# The keys of an [accounts.NAME] table: `name` is the table's name, not a key in it.
-_ACCOUNT_KINDS: dict[str, _Kind] = {
-    key: kind for key, kind in _field_kinds("accounts", AccountConfig).items() if key != "name"
+# The keys of an [accounts.NAME] table (`name` is the table's name, not a setting).
+_ACCOUNT_KINDS: dict[str, _Kind] = _field_kinds(AccountConfig)
+# Every setting's declaration by `section.key` (and an account table's by key).
+SETTINGS: dict[str, Setting] = {
+    f"{name}.{f.name}": meta for name, cls in _SECTIONS.items() for f, meta in settings_of(cls)
 }
+_ACCOUNT_SETTINGS: dict[str, Setting] = {f.name: meta for f, meta in settings_of(AccountConfig)}
+# Settings a reload cannot change in a running process: they need a restart.
+RESTART_ONLY: tuple[str, ...] = tuple(key for key, meta in SETTINGS.items() if not meta.reload)
 
 
 # --- value conversion ---------------------------------------------------------------------------
@@ -315,8 +713,7 @@ _ENV_BOOLS |= {"false": False, "0": False, "no": False, "off": False}
 # Settings that hold a secret, or name where one is and so may hold one pasted by mistake (a
 # token in auth_token_file, a key in api_key_env): no error about them ever shows their value,
 # whatever the mistake (a wrong type, a relative path, an unreadable file). See `_secret_key`.
-_SECRET_SETTINGS = frozenset({"intake.auth_token", "intake.auth_token_file", "remote.api_key_file"})
-_SECRET_ACCOUNT_KEYS = frozenset({"api_key_file", "api_key_env"})
+_SECRET_ACCOUNT_KEYS = frozenset(key for key, meta in _ACCOUNT_SETTINGS.items() if meta.secret)
 # A value this short is no secret worth hiding, and scrubbing it would garble the message.
 _MIN_SCRUBBED_CHARS = 6
 NOT_SHOWN = "<not shown>"
@@ -326,7 +723,8 @@ def _secret_key(key: str) -> bool:
     """Whether ``section.key`` (or ``accounts.NAME.key``) holds or names a secret."""
     if key.startswith("accounts."):
         return key.rpartition(".")[2] in _SECRET_ACCOUNT_KEYS
-    return key in _SECRET_SETTINGS
+    meta = SETTINGS.get(key)
+    return meta is not None and meta.secret != ""
 
 
 def _short(value: str, limit: int = 60) -> str:
@@ -757,18 +1155,22 @@ def _validate(config: Config, origins: Mapping[str, str]) -> Config:
         where = f"{key} (from {origins[key]})" if key in origins else key
         return ConfigError(f"{where}: {detail}")
 
-    def at_least(key: str, value: int, low: int) -> None:
-        if value < low:
-            raise fail(key, f"must be at least {low}, got {value}")
-
-    def within(key: str, value: int, low: int, high: int) -> None:
-        if not low <= value <= high:
-            raise fail(key, f"must be within {low}..{high}, got {value}")
-
-    def positive(key: str, value: float) -> None:
-        # `not (value > 0)` also catches NaN.
-        if not (value > 0) or not math.isfinite(value):
-            raise fail(key, f"must be a positive number of seconds, got {value}")
+    # The per-field bounds and choices, from each setting's declaration; the checks after it
+    # are the rules a per-field bound cannot say (other settings, the file system, syntax).
+    folded: dict[str, dict[str, str]] = {}
+    for key, meta in SETTINGS.items():
+        section, name = key.split(".")
+        value = getattr(getattr(config, section), name)
+        if meta.fold_case and isinstance(value, str):
+            value = folded.setdefault(section, {})[name] = value.lower()
+        error = bounds_error(meta, value)
+        if error is not None:
+            raise fail(key, error)
+    for name, account in sorted(config.accounts.items()):
+        for key, meta in _ACCOUNT_SETTINGS.items():
+            error = bounds_error(meta, getattr(account, key))
+            if error is not None:
+                raise fail(f"accounts.{name}.{key}", error)
 
     intake = config.intake
     if intake.http_listen:
@@ -789,72 +1191,29 @@ def _validate(config: Config, origins: Mapping[str, str]) -> Config:
         raise ConfigError(
             "intake.http_listen and intake.unix_socket are both empty: enable at least one listener"
         )
-    if not 0 <= intake.unix_socket_mode <= 0o777:
-        raise fail(
-            "intake.unix_socket_mode",
-            f"must be within 0o000..0o777, got {intake.unix_socket_mode:#o}",
-        )
     if intake.unix_socket_group:
         try:
             resolve_group(intake.unix_socket_group)
         except ValueError as exc:
             raise fail("intake.unix_socket_group", str(exc)) from None
-    at_least("intake.max_body_bytes", intake.max_body_bytes, 1024)
-    at_least("intake.max_batch", intake.max_batch, 1)
-    positive("intake.header_timeout_s", intake.header_timeout_s)
-    positive("intake.body_timeout_s", intake.body_timeout_s)
-    positive("intake.keepalive_timeout_s", intake.keepalive_timeout_s)
-    positive("intake.write_timeout_s", intake.write_timeout_s)
-    within("intake.max_connections", intake.max_connections, 1, 1_000_000)
-    if intake.drop_in_answer not in _DROP_IN_ANSWERS:
-        allowed = ", ".join(_DROP_IN_ANSWERS)
-        raise fail(
-            "intake.drop_in_answer",
-            f"must be one of {allowed}; got {_short(intake.drop_in_answer)}",
-        )
-    at_least("queue.max_events", config.queue.max_events, 1)
-    at_least("queue.max_bytes", config.queue.max_bytes, 1_048_576)
-    if config.queue.mode not in _QUEUE_MODES:
-        allowed = ", ".join(_QUEUE_MODES)
-        raise fail("queue.mode", f"must be one of {allowed}; got {_short(config.queue.mode)}")
-    at_least("queue.max_disk_bytes", config.queue.max_disk_bytes, 1_048_576)
-    group_ms = config.queue.group_commit_ms
-    if not (0 <= group_ms <= _MAX_GROUP_COMMIT_MS):  # `not (...)` also catches NaN
-        raise fail(
-            "queue.group_commit_ms",
-            f"must be within 0..{_MAX_GROUP_COMMIT_MS:g} milliseconds, got {group_ms}",
-        )
-
-    within("queue.held_max_events", config.queue.held_max_events, 1, _MAX_HELD_EVENTS)
-    positive("queue.held_max_age_s", config.queue.held_max_age_s)
 
     remote = config.remote
     try:
         base_url = _normalise_base_url(remote.base_url)
     except ValueError as exc:
         raise fail("remote.base_url", str(exc)) from None
-    within("remote.rate_limit_per_minute", remote.rate_limit_per_minute, 1, _MAX_RATE_LIMIT)
-    within("remote.concurrency", remote.concurrency, 0, _MAX_CONCURRENCY)
-    within("remote.min_concurrency", remote.min_concurrency, 1, _MAX_CONCURRENCY)
-    within("remote.max_concurrency", remote.max_concurrency, 1, _MAX_CONCURRENCY)
     if remote.min_concurrency > remote.max_concurrency:
         raise fail(
             "remote.min_concurrency",
             f"must not exceed remote.max_concurrency ({remote.max_concurrency}), "
             f"got {remote.min_concurrency}",
         )
-    within("remote.breaker_failures", remote.breaker_failures, 1, 10_000)
-    positive("remote.breaker_probe_initial_s", remote.breaker_probe_initial_s)
-    positive("remote.breaker_probe_max_s", remote.breaker_probe_max_s)
     if remote.breaker_probe_initial_s > remote.breaker_probe_max_s:
         raise fail(
             "remote.breaker_probe_initial_s",
             f"must not exceed remote.breaker_probe_max_s ({remote.breaker_probe_max_s}), "
             f"got {remote.breaker_probe_initial_s}",
         )
-    positive("remote.timeout_s", remote.timeout_s)
-    positive("remote.connect_timeout_s", remote.connect_timeout_s)
-    positive("remote.auth_retry_s", remote.auth_retry_s)
     if remote.ca_bundle:
         try:
             _check_ca_bundle(remote.ca_bundle)
@@ -881,7 +1240,6 @@ def _validate(config: Config, origins: Mapping[str, str]) -> Config:
             account_url = _normalise_base_url(account.base_url)
         except ValueError as exc:
             raise fail(f"{where}.base_url", str(exc)) from None
-        within(f"{where}.rate_limit_per_minute", account.rate_limit_per_minute, 1, _MAX_RATE_LIMIT)
         if account.api_key_env and not _ENV_NAME_RE.fullmatch(account.api_key_env):
             # The value is not echoed: a key pasted here by mistake must not reach the logs.
             raise fail(
@@ -900,9 +1258,6 @@ def _validate(config: Config, origins: Mapping[str, str]) -> Config:
         )
 
     retry = config.retry
-    positive("retry.initial_backoff_s", retry.initial_backoff_s)
-    positive("retry.max_backoff_s", retry.max_backoff_s)
-    positive("retry.max_elapsed_s", retry.max_elapsed_s)
     if retry.initial_backoff_s > retry.max_backoff_s:
         raise fail(
             "retry.initial_backoff_s",
@@ -912,23 +1267,15 @@ def _validate(config: Config, origins: Mapping[str, str]) -> Config:
 
     if not config.state.dir:
         raise fail("state.dir", "must not be empty")
-    positive("state.outcome_retention_s", config.state.outcome_retention_s)
-    within("state.outcome_max_count", config.state.outcome_max_count, 0, 100_000_000)
-    positive("shutdown.timeout_s", config.shutdown.timeout_s)
 
-    level = config.log.level.lower()
-    if level not in _LOG_LEVELS:
-        raise fail("log.level", f"must be one of {', '.join(_LOG_LEVELS)}; got {_short(level)}")
-    log_format = config.log.format.lower()
-    if log_format not in _LOG_FORMATS:
-        raise fail(
-            "log.format", f"must be one of {', '.join(_LOG_FORMATS)}; got {_short(log_format)}"
-        )
-
+    sections: dict[str, Any] = {
+        name: dataclasses.replace(getattr(config, name), **values)
+        for name, values in folded.items()
+    }
     return dataclasses.replace(
         config,
+        **sections,
         remote=dataclasses.replace(remote, base_url=base_url),
-        log=LogConfig(level=level, format=log_format),
         accounts=accounts,
     )
 
@@ -979,8 +1326,7 @@ def _key_comment(key: ApiKey | None) -> str:
     return "not configured" if key is None else f"**** (from {_comment_safe(key.source)})"
 
 
-# Settings whose values are secrets: shown as MASK when set.
-_SECRET_KEYS = frozenset({"intake.auth_token"})
+# Settings whose values are secrets are shown as MASK when set.
 MASK = "****"
 
 
@@ -1003,7 +1349,7 @@ def render_effective(
         lines += ["", f"[{name}]"]
         for key_name, kind in kinds.items():
             value = getattr(section, key_name)
-            if f"{name}.{key_name}" in _SECRET_KEYS and value:
+            if SETTINGS[f"{name}.{key_name}"].secret == "holds" and value:
                 value = MASK
             lines.append(f"{key_name} = {_toml_value(kind, value)}")
     for name, account in sorted(config.accounts.items()):

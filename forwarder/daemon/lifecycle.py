@@ -26,7 +26,13 @@ import aiohttp
 import structlog
 from aiohttp import web
 
-from forwarder.config.schema import Config, ConfigError, check_exposure, resolve_group
+from forwarder.config.schema import (
+    RESTART_ONLY,
+    Config,
+    ConfigError,
+    check_exposure,
+    resolve_group,
+)
 from forwarder.delivery.dispatcher import Dispatcher, LaneSettings
 from forwarder.delivery.remote import USER_AGENT, RemoteClient, make_ssl_context
 from forwarder.events import Event
@@ -81,23 +87,6 @@ STOP_RESERVE_S = 5.0
 # File descriptors wanted besides intake's connections: listeners, the spool, the remote's
 # connections, logs.
 FD_RESERVE = 256
-# Settings a reload cannot change in a running process: they need a restart.
-RESTART_ONLY = (
-    "intake.http_listen",
-    "intake.unix_socket",
-    "intake.unix_socket_mode",
-    "intake.unix_socket_group",
-    "intake.max_body_bytes",
-    "remote.timeout_s",
-    "remote.connect_timeout_s",
-    "remote.ca_bundle",
-    # The storage backend and its disk bound are chosen when the spool is opened.
-    "queue.mode",
-    "queue.max_disk_bytes",
-    "state.dir",
-    "log.format",
-)
-
 # What a reload reads: the new config and its accounts (keys resolved), or a ConfigError.
 Loader = Callable[[], tuple[Config, dict[str, Account]]]
 
@@ -486,6 +475,7 @@ class Daemon:
             return False
         old = self.config
         changed = _changed_keys(old, config)
+        # Settings declared with reload=False (config.RESTART_ONLY) need a restart to change.
         restart_needed = [key for key in changed if key in RESTART_ONLY]
         # What cannot change at run time keeps its running value, so `self.config` stays true.
         for key in restart_needed:
