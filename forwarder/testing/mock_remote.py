@@ -1,7 +1,7 @@
 """A faithful fake of the remote API's ``recipientEvents/create`` endpoint.
 
-Used by the tests, the demo and anyone without an account. It follows the facts in
-``REMOTE_API.md``: Basic or ``api_key`` query auth, a fixed per-key rate window with the
+Used by the tests, the demo and anyone without an account. It follows the remote's facts as
+docs/reference/remote-api.md records them: Basic or ``api_key`` query auth, a fixed per-key rate window with the
 ``X-RateLimit-*`` headers on every answer, form validation, 24-hour idempotency keys with
 409/422, and JSON error bodies. On top it injects faults (5xx answers, dropped connections,
 requests that are performed but never answered, and 429s as if another client had spent the
@@ -418,7 +418,7 @@ class MockRemote:
             )
         if self._roll(opts.throttle_rate):
             # Another client on the key spent the quota: nothing is performed, and the answer
-            # says so the way the real one would, with a Retry-After on top (REMOTE_API.md).
+            # says so the way the real one would, with a Retry-After on top (remote-api.md).
             self.stats.throttled += 1
             reset = headers["X-RateLimit-Reset"]
             headers.update({"X-RateLimit-Remaining": "0", "Retry-After": reset})
