@@ -1,11 +1,11 @@
 """A faithful fake of the remote API's ``recipientEvents/create`` endpoint.
 
 Used by the tests, the demo and anyone without an account. It follows the remote's facts as
-docs/reference/remote-api.md records them: Basic or ``api_key`` query auth, a fixed per-key rate window with the
-``X-RateLimit-*`` headers on every answer, form validation, 24-hour idempotency keys with
-409/422, and JSON error bodies. On top it injects faults (5xx answers, dropped connections,
-requests that are performed but never answered, and 429s as if another client had spent the
-quota) at configurable rates, optionally seeded.
+docs/reference/remote-api.md records them: Basic or ``api_key`` query auth, a fixed per-key
+rate window with the ``X-RateLimit-*`` headers on every answer, form validation, 24-hour
+idempotency keys with 409/422, and JSON error bodies. On top it injects faults (5xx answers,
+dropped connections, requests that are performed but never answered, and 429s as if another
+client had spent the quota) at configurable rates, optionally seeded.
 
 Inspect and steer it over HTTP under ``/_mock/`` (``events``, ``faults``, ``reset``) or, in
 process, through :class:`MockRemote`'s attributes. ``/_mock/events`` lists the created events
