@@ -268,9 +268,11 @@ async def test_reload_applies_what_it_can_and_refuses_a_bad_config(short_tmp: Pa
         assert "remote.rate_limit_per_minute" in line["changed"]
         lanes = daemon._dispatcher.lanes if daemon._dispatcher else {}
         assert sorted(lanes) == ["default", "us"]
-        assert lanes["default"].limiter.limit == 120  # 120/minute over a 60 s window
+        assert (
+            lanes["default"].budget.view()["limit_per_window"] == 120
+        )  # 120/minute over a 60 s window
         assert lanes["default"].concurrency.maximum == 3
-        assert lanes["us"].limiter.limit == 600
+        assert lanes["us"].budget.view()["limit_per_window"] == 600
         assert daemon.queue.max_events == 50
         assert daemon.queue.max_bytes == 2 << 20
         assert daemon._spool is not None

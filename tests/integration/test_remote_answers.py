@@ -24,6 +24,9 @@ from aiohttp.test_utils import TestServer
 
 from forwarder.config.schema import RemoteConfig
 from forwarder.delivery import dispatcher as dispatcher_module
+from forwarder.delivery import gates as gates_module
+from forwarder.delivery import lane as lane_module
+from forwarder.delivery import outcomes as outcomes_module
 from forwarder.delivery import remote as remote_module
 from forwarder.delivery.dispatcher import Dispatcher, LaneSettings
 from forwarder.delivery.remote import RemoteClient, classify
@@ -179,7 +182,7 @@ def log_output(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) 
     out = io.StringIO()
     configure_logging("info", "json", secrets=[KEY], stream=out)
     # Module loggers keep the stream of the configuration they were first used under.
-    for module in (dispatcher_module, remote_module):
+    for module in (dispatcher_module, lane_module, gates_module, outcomes_module, remote_module):
         monkeypatch.setattr(module, "log", structlog.get_logger(module.__name__), raising=False)
     return out
 

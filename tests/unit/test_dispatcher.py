@@ -12,7 +12,9 @@ import pytest
 
 from forwarder.config.schema import RemoteConfig, RetryConfig
 from forwarder.delivery.deadletter import DeadLetterNote
-from forwarder.delivery.dispatcher import Dispatcher, LaneSettings
+from forwarder.delivery.dispatcher import BudgetFactory, Dispatcher, LaneSettings
+from forwarder.delivery.flow.budget import RateBudget
+from forwarder.delivery.flow.limiter import Ticket
 from forwarder.delivery.remote import Result, Verdict
 from forwarder.events import Event
 from forwarder.ops.telemetry import Stats
@@ -90,12 +92,13 @@ async def make_rig(tmp_path: Path) -> AsyncIterator[MakeRig]:
         concurrency: int = 2,
         retry: RetryConfig = FAST,
         auth_retry_s: float = 0.02,
+        budgets: BudgetFactory | None = None,
     ) -> Rig:
         queue = EventQueue(1000)
         stats = Stats()
         outcomes = RecordingOutcomes()
         sender = sender or ScriptedSender()
-        dispatcher = Dispatcher(queue, outcomes=outcomes, stats=stats)
+        dispatcher = Dispatcher(queue, outcomes=outcomes, stats=stats, budgets=budgets)
         remote = RemoteConfig(concurrency=concurrency, auth_retry_s=auth_retry_s)
         # Events made here name no account (""): the lane of that name delivers them.
         dispatcher.add("", sender, LaneSettings(per_minute=1_000_000, remote=remote, retry=retry))
@@ -244,6 +247,73 @@ async def test_a_reload_relearns_the_rate_window(
     rig = await make_rig()
     lane = rig.dispatcher.lanes[""]
     relearned: list[bool] = []
-    monkeypatch.setattr(lane.limiter, "relearn_window", lambda: relearned.append(True))
+    monkeypatch.setattr(lane.budget, "relearn_window", lambda: relearned.append(True))
     lane.configure(lane.settings)  # a reload that changes nothing still relearns the window
     assert relearned == [True]
+
+
+@dataclass
+class ScriptedBudget:
+    """A rate budget that is not the local one: what a shared (Redis) budget would be to a lane."""
+
+    per_minute: int
+    waits: int = 2  # try_acquire says "wait" this many times before it hands out tickets
+    acquired: int = 0  # tickets handed out by the awaited path
+    observed: list[tuple[int, int | None, bool]] = field(default_factory=list)
+    reloads: list[str] = field(default_factory=list)
+
+    def try_acquire(self) -> Ticket | float:
+        if self.waits:
+            self.waits -= 1
+            return 0.5
+        return Ticket(7)
+
+    async def acquire(self) -> Ticket:
+        self.acquired += 1
+        return Ticket(7)
+
+    def observe(
+        self,
+        ticket: Ticket,
+        *,
+        limit: int | None = None,
+        remaining: int | None = None,
+        reset_s: float | None = None,
+        rate_limited: bool = False,
+        retry_after: float | None = None,
+    ) -> None:
+        self.observed.append((ticket.epoch, remaining, rate_limited))
+
+    @property
+    def paused_until(self) -> float:
+        return 0.0
+
+    def view(self) -> dict[str, Any]:
+        return {"shared": True, "per_minute": self.per_minute}
+
+    def set_per_minute(self, per_minute: int) -> None:
+        self.reloads.append(f"per_minute={per_minute}")
+
+    def relearn_window(self) -> None:
+        self.reloads.append("relearn")
+
+
+async def test_a_lane_delivers_under_the_budget_it_is_handed(make_rig: MakeRig) -> None:
+    budgets: dict[str, ScriptedBudget] = {}
+
+    def factory(name: str, per_minute: int) -> RateBudget:
+        budgets[name] = ScriptedBudget(per_minute)
+        return budgets[name]
+
+    answer = Result(Verdict.DELIVERED, 200, remote_id=1, rate_remaining=41)
+    rig = await make_rig(ScriptedSender(default=lambda: answer), concurrency=1, budgets=factory)
+    rig.queue.offer([event(n) for n in range(4)])
+    await rig.settle(4)
+    budget = budgets[""]
+    assert budget.per_minute == 1_000_000  # built from the lane's settings
+    assert budget.acquired == 2  # each "wait" from the fast path went to the awaited path
+    assert budget.observed == [(7, 41, False)] * 4  # every answer, for its own ticket
+    lane = rig.dispatcher.lanes[""]
+    assert lane.view()["rate_limit"] == {"shared": True, "per_minute": 1_000_000}
+    lane.configure(LaneSettings(600, lane.settings.remote, lane.settings.retry))
+    assert budget.reloads == ["relearn", "per_minute=600"]
