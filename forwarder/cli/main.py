@@ -146,7 +146,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_reload(args: argparse.Namespace) -> int:
     """Ask the running daemon to reload its configuration (SIGHUP)."""
-    from forwarder.daemon.lifecycle import PID_FILE
+    from forwarder.daemon.listeners import PID_FILE
     from forwarder.ops.statedir import read_state_file
 
     try:
