@@ -15,7 +15,8 @@ import structlog
 
 from forwarder.config.schema import Config
 from forwarder.daemon.listeners import StartupError, reason
-from forwarder.delivery.dispatcher import Dispatcher, LaneSettings
+from forwarder.delivery.dispatcher import Dispatcher
+from forwarder.delivery.lane import LaneSettings
 from forwarder.delivery.remote import USER_AGENT, RemoteClient, make_ssl_context
 from forwarder.intake.accounts import CLIENT_IDLE_S, CLIENT_SWEEP_S, Account
 from forwarder.ops.telemetry import Metrics, set_secrets

@@ -18,7 +18,7 @@ import structlog
 
 from forwarder.config.schema import RESTART_ONLY, Config, ConfigError, check_exposure
 from forwarder.daemon.listeners import ensure_fd_room, exposed_listeners
-from forwarder.delivery.dispatcher import LaneSettings
+from forwarder.delivery.lane import LaneSettings
 from forwarder.intake.accounts import Account
 from forwarder.ops.credentials import resolve_intake_token
 from forwarder.ops.telemetry import set_log_level, set_secrets

@@ -18,10 +18,8 @@ from collections.abc import Callable
 from prometheus_client import Histogram
 
 from forwarder.delivery.flow.budget import RateBudget, Sleep, local_budget
-from forwarder.delivery.lane import Lane as Lane
-from forwarder.delivery.lane import LaneSettings as LaneSettings
-from forwarder.delivery.lane import Sender as Sender
-from forwarder.delivery.outcomes import Outcomes as Outcomes
+from forwarder.delivery.lane import Lane, LaneSettings, Sender
+from forwarder.delivery.outcomes import Outcomes
 from forwarder.events import Event
 from forwarder.ops.telemetry import Stats
 from forwarder.storage.eventstatus import StatusBook

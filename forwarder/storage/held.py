@@ -22,7 +22,7 @@ from collections.abc import Callable
 import structlog
 
 from forwarder.delivery.deadletter import DeadLetterNote
-from forwarder.delivery.dispatcher import Outcomes
+from forwarder.delivery.outcomes import Outcomes
 from forwarder.events import Event
 from forwarder.ops.telemetry import Stats
 from forwarder.storage.queue import EventQueue

@@ -28,7 +28,8 @@ from forwarder.delivery import gates as gates_module
 from forwarder.delivery import lane as lane_module
 from forwarder.delivery import outcomes as outcomes_module
 from forwarder.delivery import remote as remote_module
-from forwarder.delivery.dispatcher import Dispatcher, LaneSettings
+from forwarder.delivery.dispatcher import Dispatcher
+from forwarder.delivery.lane import LaneSettings
 from forwarder.delivery.remote import RemoteClient, classify
 from forwarder.events import Event
 from forwarder.ops.credentials import Secret
