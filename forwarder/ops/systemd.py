@@ -12,6 +12,10 @@ All of it is a few lines of stdlib over documented, stable protocols:
 
 systemd does not tell a service its ``TimeoutStopSec=``; the unit repeats it in
 ``Environment=FORWARDER_SYSTEMD_STOP_TIMEOUT_S=`` (read by :func:`stop_timeout_s`).
+
+One module (just over 400 lines) for systemd's side of the daemon's life: the three protocols are
+small and share the environment parsing. `PerMinute`, the rate the STATUS= line shows, is here
+for that line; the lanes reuse it.
 """
 
 from __future__ import annotations

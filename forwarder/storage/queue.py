@@ -562,17 +562,12 @@ class EventQueue:
             entry.state = _State.GONE
             self._bytes -= entry.size
             acct.bytes -= entry.size
-        self._waiting -= len(taken)
-        acct.depth -= len(taken)
-        for entry in kept:  # back in their chains (or FIFO) in acceptance order
-            if self._ordered:
-                rec = self._recipient(acct, entry.event.recipient_id)
-                rec.push(entry)
-                if not rec.busy and not rec.in_line:
-                    rec.in_line = True
-                    acct.line.append(rec)
-            else:
-                acct.fifo.append(entry)
+        # Every entry left the account's waiting ones above; the kept go back, in acceptance
+        # order, as new ones do.
+        self._waiting -= len(entries)
+        acct.depth -= len(entries)
+        for entry in kept:
+            self._enqueue(acct, entry)
         self._prune(acct)
         return [(entry.event, entry.spool_seq) for entry in taken]
 
@@ -619,7 +614,8 @@ class EventQueue:
         return count
 
     def _enqueue(self, acct: _Account, entry: _Entry) -> None:
-        """Add a new entry (the newest) to the account's waiting ones (`_add` inlines this)."""
+        """Add an entry (the newest) to the account's waiting ones (`_add` inlines this; `evict`
+        puts back what it keeps)."""
         acct.depth += 1
         self._waiting += 1
         if self._ordered:

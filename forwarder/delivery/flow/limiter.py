@@ -4,6 +4,11 @@ Each piece is a small state machine driven by an injected clock, so it is unit-t
 clock and no sleeps; the dispatcher does the waiting. None of it is a library: aiolimiter and
 friends are pure leaky buckets that cannot be corrected from a server's `X-RateLimit-*` headers,
 and no maintained asyncio package implements AIMD concurrency or a breaker with a single probe.
+
+The three are one module (over 400 lines) because they are one account's flow control read
+together: the lane consults all three per attempt, they share the clock and `Ticket`, and each is
+small (100-250 lines). The rate budget seam (`budget.py`) wraps only the rate limiter, which is
+the part a shared (fleet) backend replaces.
 """
 
 from __future__ import annotations
