@@ -1,0 +1,219 @@
+"""The partitions' streams: append, read in order, claim a dead member's entries, settle fenced.
+
+One stream entry is one event (field `e`: the event as a JSON array, the spool's entry form),
+so each event is acknowledged on its own. Appends of one request go in one MULTI/EXEC per
+account (all of its keys share one slot), so a request is stored whole or not at all, and the
+caller answers intake only after Redis acknowledged it.
+
+Settling is one script: the partition's lease must still hold "MEMBER GENERATION", then `XACK`
+and `XDEL` together. A stale holder's settle is refused (and counted by the caller); `XDEL`
+beside `XACK` keeps the stream from growing without end (an acked entry is not removed by
+`XACK`, the faststream and taskiq-redis leak). Dead letters move to the account's `dead` stream
+in the same fenced way.
+
+A partition's consumer group is created on first need (`XGROUP CREATE ... 0 MKSTREAM`), and a
+`NOGROUP` answer (the stream deleted, a Redis restarted without its AOF) creates it again.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any, NamedTuple
+
+import orjson
+
+from forwarder.events import Event
+from forwarder.fleet.leases import Lease
+from forwarder.fleet.queuekeys import GROUP, AccountKeys, accounts_key
+from forwarder.storage.sqlite.file import event_from_entry
+
+FIELD = b"e"
+# Ids per settle script call: Lua's unpack() has a stack limit of a few thousand values.
+SETTLE_CHUNK = 500
+
+# KEYS: lease, stream. ARGV: "MEMBER GEN", group, id... → acked count, or -1 (not our lease).
+SETTLE = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return -1 end
+local n = redis.call('XACK', KEYS[2], ARGV[2], unpack(ARGV, 3))
+redis.call('XDEL', KEYS[2], unpack(ARGV, 3))
+return n
+"""
+
+# KEYS: lease, stream, dead. ARGV: "MEMBER GEN", group, id, field, value, ... → 1, or -1.
+DEAD_LETTER = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return -1 end
+redis.call('XADD', KEYS[3], '*', unpack(ARGV, 4))
+redis.call('XACK', KEYS[2], ARGV[2], ARGV[3])
+redis.call('XDEL', KEYS[2], ARGV[3])
+return 1
+"""
+
+
+class Entry(NamedTuple):
+    """An event read from a partition's stream."""
+
+    partition: int
+    entry_id: bytes
+    event: Event | None  # None: the entry does not hold an event (damaged)
+    raw: bytes  # the entry's field as stored
+
+
+def encode_event(event: Event) -> bytes:
+    """The stream form of an event: the spool's entry array (see storage/sqlite/file.py)."""
+    return orjson.dumps(
+        (
+            event.event_id,
+            event.recipient_id,
+            event.name,
+            event.value,
+            event.conversion,
+            event.data,
+            event.ref,
+            event.accepted_at,
+            event.account,
+        )
+    )
+
+
+def decode_event(raw: bytes) -> Event | None:
+    """The event a stream entry holds, or None if it holds none."""
+    try:
+        return event_from_entry(orjson.loads(raw))
+    except (ValueError, orjson.JSONDecodeError):
+        return None
+
+
+def _is_nogroup(exc: Exception) -> bool:
+    return str(exc).startswith("NOGROUP")
+
+
+class Streams:
+    """One member's reads and writes of the partitions' streams."""
+
+    def __init__(self, redis: Any, *, prefix: str, member: str) -> None:
+        self._redis = redis
+        self.prefix = prefix
+        self.member = member
+        self._settle = redis.register_script(SETTLE)
+        self._dead_letter = redis.register_script(DEAD_LETTER)
+        self._known_accounts: set[str] = set()
+
+    def keys(self, account: str) -> AccountKeys:
+        """The keys of `account`."""
+        return AccountKeys(self.prefix, account)
+
+    # -- intake -----------------------------------------------------------------------------
+
+    async def append(self, account: str, entries: Sequence[tuple[int, bytes]]) -> list[bytes]:
+        """Add (partition, encoded event) entries of one account, all or none, in order; returns
+        their ids once Redis acknowledged the transaction."""
+        keys = self.keys(account)
+        if account not in self._known_accounts:
+            await self._redis.sadd(accounts_key(self.prefix), account)
+            self._known_accounts.add(account)
+        pipe = self._redis.pipeline(transaction=True)
+        for partition, raw in entries:
+            pipe.xadd(keys.stream(partition), {FIELD: raw})
+        ids: list[bytes] = await pipe.execute()
+        return ids
+
+    # -- delivery ---------------------------------------------------------------------------
+
+    async def ensure_group(self, account: str, partition: int) -> None:
+        """Create the partition's consumer group (and stream) unless it exists."""
+        try:
+            await self._redis.xgroup_create(
+                self.keys(account).stream(partition), GROUP, id="0", mkstream=True
+            )
+        except Exception as exc:
+            if not str(exc).startswith("BUSYGROUP"):
+                raise
+
+    async def read(
+        self, account: str, partition: int, count: int, *, pending: bool = False
+    ) -> list[Entry]:
+        """Up to `count` entries of the partition in stream order: new ones (handed to this
+        member), or with `pending` those already handed to it and not settled."""
+        stream = self.keys(account).stream(partition)
+        start = "0" if pending else ">"
+        try:
+            answer = await self._redis.xreadgroup(GROUP, self.member, {stream: start}, count=count)
+        except Exception as exc:
+            if not _is_nogroup(exc):
+                raise
+            await self.ensure_group(account, partition)
+            answer = await self._redis.xreadgroup(GROUP, self.member, {stream: start}, count=count)
+        return [
+            self._entry(partition, entry_id, fields)
+            for _stream, rows in answer or ()
+            for entry_id, fields in rows
+        ]
+
+    async def claim(
+        self, account: str, partition: int, min_idle_ms: int, count: int
+    ) -> list[Entry]:
+        """Take over up to `count` entries other members were handed and left unsettled for
+        `min_idle_ms` (a dead member's), oldest first."""
+        stream = self.keys(account).stream(partition)
+        try:
+            answer = await self._redis.xautoclaim(
+                stream, GROUP, self.member, min_idle_ms, start_id="0-0", count=count
+            )
+        except Exception as exc:
+            if not _is_nogroup(exc):
+                raise
+            await self.ensure_group(account, partition)
+            return []
+        rows = answer[1]
+        return [self._entry(partition, entry_id, fields) for entry_id, fields in rows]
+
+    async def pending_of_others(self, account: str, partition: int) -> int:
+        """How many of the partition's handed-out entries other members have not settled."""
+        try:
+            summary = await self._redis.xpending(self.keys(account).stream(partition), GROUP)
+        except Exception as exc:
+            if not _is_nogroup(exc):
+                raise
+            return 0
+        mine = self.member.encode()
+        total = int(summary["pending"])
+        for consumer in summary.get("consumers") or ():
+            name = consumer["name"]
+            if (name.encode() if isinstance(name, str) else name) == mine:
+                total -= int(consumer["pending"])
+        return total
+
+    async def settle(self, lease: Lease, entry_ids: Iterable[bytes]) -> int:
+        """Acknowledge and delete delivered entries if the lease still holds; returns how many
+        were acknowledged, or -1 when the lease is not ours any more (nothing acknowledged)."""
+        keys = self.keys(lease.account)
+        ids = list(entry_ids)
+        acked = 0
+        for start in range(0, len(ids), SETTLE_CHUNK):
+            n = int(
+                await self._settle(
+                    keys=[keys.lease(lease.partition), keys.stream(lease.partition)],
+                    args=[lease.token, GROUP, *ids[start : start + SETTLE_CHUNK]],
+                )
+            )
+            if n < 0:
+                return -1
+            acked += n
+        return acked
+
+    async def dead_letter(self, lease: Lease, entry_id: bytes, fields: dict[str, str]) -> bool:
+        """Move an entry to the account's dead letters if the lease still holds."""
+        keys = self.keys(lease.account)
+        flat: list[str | bytes] = []
+        for name, value in fields.items():
+            flat += [name, value]
+        done = await self._dead_letter(
+            keys=[keys.lease(lease.partition), keys.stream(lease.partition), keys.dead],
+            args=[lease.token, GROUP, entry_id, *flat],
+        )
+        return int(done) == 1
+
+    @staticmethod
+    def _entry(partition: int, entry_id: bytes, fields: dict[bytes, bytes] | None) -> Entry:
+        raw = (fields or {}).get(FIELD, b"")
+        return Entry(partition, entry_id, decode_event(raw) if raw else None, raw)
