@@ -69,7 +69,7 @@ _ENV_PREFIX = "FORWARDER_"
 _MAX_UNIX_SOCKET_PATH = 107
 _LOG_LEVELS = ("debug", "info", "warning", "error")
 _LOG_FORMATS = ("auto", "json", "console")
-_QUEUE_MODES = ("memory", "durable")
+_QUEUE_MODES = ("memory", "durable", "fleet")
 
 # The [remote] section's own account: events that name no account go here by default.
 DEFAULT_ACCOUNT = "default"
@@ -258,14 +258,18 @@ class QueueConfig:
         doc='"memory": accepted events wait in memory; a clean stop saves the rest to '
         'state.dir/spool.db,\nbut a kill -9, an OOM kill or a power cut loses them. "durable": '
         "every event is committed to\nstate.dir/spool.db (SQLite, WAL, fsynced; requests arriving "
-        "together share one commit) before\nthe app gets its 202, and survives any crash.",
+        "together share one commit) before\nthe app gets its 202, and survives any crash. "
+        '"fleet": events go to Redis streams shared by\nevery host of the fleet (needs '
+        "fleet.redis_url; the local spool while Redis is unreachable).",
         choices=_QUEUE_MODES,
         # The storage backend is chosen when the spool is opened.
         reload=False,
         applied="restart ¹",
         ref='`"durable"`: every event is committed to `state.dir/spool.db` (fsynced) before '
         'intake answers; `"memory"`: events wait in memory and a clean stop saves the rest into '
-        "the spool (see [Durability](../explanation/durability.md))",
+        "the spool (see [Durability](../explanation/durability.md)); "
+        '`"fleet"`: events go to Redis streams every host of the fleet delivers from '
+        "([Fleet mode](../how-to/fleet.md))",
     )
     max_events: int = setting(
         100_000,
@@ -1374,6 +1378,10 @@ def _validate(config: Config, origins: Mapping[str, str]) -> Config:
 def _validate_fleet(config: Config, fail: Callable[[str, str], ConfigError]) -> None:
     """The `[fleet]` rules a per-field bound cannot say: URL syntax, names, related timings."""
     fleet = config.fleet
+    if config.queue.mode == "fleet" and not fleet.redis_url:
+        raise fail(
+            "queue.mode", '"fleet" needs fleet.redis_url (the Redis server the fleet shares)'
+        )
     if fleet.redis_url:
         # The URL is not echoed: it may hold a password pasted by mistake.
         parts = urlsplit(fleet.redis_url)
