@@ -130,12 +130,19 @@ class Streams:
                 raise
 
     async def read(
-        self, account: str, partition: int, count: int, *, pending: bool = False
+        self,
+        account: str,
+        partition: int,
+        count: int,
+        *,
+        pending: bool = False,
+        after: bytes = b"0",
     ) -> list[Entry]:
         """Up to `count` entries of the partition in stream order: new ones (handed to this
-        member), or with `pending` those already handed to it and not settled."""
+        member), or with `pending` those already handed to it, unsettled, with ids after
+        `after`."""
         stream = self.keys(account).stream(partition)
-        start = "0" if pending else ">"
+        start: str | bytes = after if pending else ">"
         try:
             answer = await self._redis.xreadgroup(GROUP, self.member, {stream: start}, count=count)
         except Exception as exc:
@@ -146,6 +153,26 @@ class Streams:
         return [
             self._entry(partition, entry_id, fields)
             for _stream, rows in answer or ()
+            for entry_id, fields in rows
+        ]
+
+    async def read_new(self, account: str, partitions: Sequence[int], count: int) -> list[Entry]:
+        """New entries of several partitions of one account in one call (one slot), up to
+        `count` of each, each partition's in stream order."""
+        keys = self.keys(account)
+        streams = {keys.stream(p): ">" for p in partitions}
+        by_stream = {keys.stream(p).encode(): p for p in partitions}
+        try:
+            answer = await self._redis.xreadgroup(GROUP, self.member, streams, count=count)
+        except Exception as exc:
+            if not _is_nogroup(exc):
+                raise
+            for p in partitions:
+                await self.ensure_group(account, p)
+            answer = await self._redis.xreadgroup(GROUP, self.member, streams, count=count)
+        return [
+            self._entry(by_stream[stream], entry_id, fields)
+            for stream, rows in answer or ()
             for entry_id, fields in rows
         ]
 

@@ -1,0 +1,256 @@
+"""A fleet member's ownership, window and fallback against a real Redis and a real queue:
+partitions shared out, events delivered once and settled, a dead member's partition taken over
+in order, a drained member handing its partitions over, the local spool moved into Redis."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+import redis.asyncio as aioredis
+
+from forwarder.delivery.deadletter import DeadLetterNote
+from forwarder.events import Event
+from forwarder.fleet.fallback import Fallback
+from forwarder.fleet.leases import Leases
+from forwarder.fleet.ownership import Ownership, consumers_key, drain_key, share
+from forwarder.fleet.partition import partition_of
+from forwarder.fleet.queuekeys import AccountKeys
+from forwarder.fleet.streams import Streams, encode_event
+from forwarder.fleet.window import FleetWindow
+from forwarder.storage.queue import EventQueue
+from forwarder.storage.sqlite.spool import Spool
+from tests.redisserver import RedisServer
+
+PREFIX = "fwtest"
+ACCOUNT = "acme"
+PARTITIONS = 4
+
+
+@pytest.fixture
+async def client(redis_server: RedisServer) -> AsyncIterator[aioredis.Redis]:
+    conn = redis_server.client()
+    try:
+        yield conn
+    finally:
+        await conn.aclose()
+
+
+class Member:
+    """One member's pieces, as the fleet log wires them, without the daemon."""
+
+    def __init__(
+        self, client: aioredis.Redis, name: str, *, lease_s: float = 1.0, claim_ms: int = 600
+    ) -> None:
+        self.queue = EventQueue(1000)
+        self.streams = Streams(client, prefix=PREFIX, member=name)
+        self.leases = Leases(client, prefix=PREFIX, member=name, lease_s=lease_s)
+        self.window = FleetWindow(
+            self.streams, self.queue, claim_idle_ms=claim_ms, valid=self.leases.valid
+        )
+        self.ownership = Ownership(
+            client,
+            self.leases,
+            prefix=PREFIX,
+            partitions=PARTITIONS,
+            claim_idle_ms=claim_ms,
+            accounts=lambda: [ACCOUNT],
+            in_flight=self.window.in_flight,
+            gained=self.window.gained,
+            lost=self.window.stopped,
+        )
+
+    async def round(self) -> None:
+        self.ownership.check_expired()
+        await self.ownership.tick()
+        await self.window.fill()
+
+    async def deliver_all(self) -> list[Event]:
+        """Take every event the window holds, settle each, flush."""
+        got = []
+        while len(self.queue):
+            event = await asyncio.wait_for(self.queue.get(ACCOUNT), 1)
+            got.append(event)
+            self.window.settle(self.queue.done(event))
+        await self.window.flush()
+        return got
+
+
+def events(n: int, recipients: int = 8) -> list[Event]:
+    return [
+        Event(
+            event_id=f"evt-{i:010d}", recipient_id=f"r-{i % recipients}", name="X", account=ACCOUNT
+        )
+        for i in range(n)
+    ]
+
+
+async def append(streams: Streams, batch: list[Event]) -> None:
+    await streams.append(
+        ACCOUNT, [(partition_of(e.recipient_id, PARTITIONS), encode_event(e)) for e in batch]
+    )
+
+
+def test_every_partition_has_one_owner_among_live_members() -> None:
+    members = ["a", "b", "c"]
+    shares = [share(m, members, ["acme", "other"], 16) for m in members]
+    assert set().union(*shares) == {(a, p) for a in ("acme", "other") for p in range(16)}
+    assert sum(len(s) for s in shares) == 32
+    assert all(10 <= len(s) <= 12 for s in shares)
+    assert share("d", members, ["acme"], 16) == set()
+
+
+async def test_two_members_share_the_partitions_and_deliver_everything_once(
+    client: aioredis.Redis,
+) -> None:
+    a, b = Member(client, "host-a"), Member(client, "host-b")
+    for _ in range(2):  # the first round sees only itself, the second both
+        await a.round()
+        await b.round()
+    await a.round()
+    assert len(a.ownership.held) == len(b.ownership.held) == 2
+    assert not a.ownership.held.keys() & b.ownership.held.keys()
+    sent = events(40)
+    await append(a.streams, sent)
+    await a.window.fill()
+    await b.window.fill()
+    got = await a.deliver_all() + await b.deliver_all()
+    assert sorted(e.event_id for e in got) == [e.event_id for e in sent]
+    for recipient in {e.recipient_id for e in sent}:
+        mine = [e.event_id for e in got if e.recipient_id == recipient]
+        assert mine == sorted(mine)
+    keys = AccountKeys(PREFIX, ACCOUNT)
+    assert [await client.xlen(keys.stream(p)) for p in range(PARTITIONS)] == [0] * PARTITIONS
+    assert a.window.counters.settled + b.window.counters.settled == 40
+
+
+async def test_a_dead_members_partitions_are_taken_over_in_order(client: aioredis.Redis) -> None:
+    a, b = Member(client, "host-a", lease_s=0.6), Member(client, "host-b", lease_s=0.6)
+    await a.round()  # host-a alone: every partition
+    assert len(a.ownership.held) == PARTITIONS
+    sent = events(20)
+    await append(a.streams, sent)
+    await a.window.fill()
+    assert len(a.queue) == 20  # host-a took them all, then dies without a word
+    await b.round()
+    assert b.ownership.held == {}  # host-a's leases still run
+    deadline = asyncio.get_running_loop().time() + 10
+    got: list[Event] = []
+    while len(got) < 20:
+        assert asyncio.get_running_loop().time() < deadline, f"only {len(got)} taken over"
+        await asyncio.sleep(0.2)
+        await b.round()
+        got += await b.deliver_all()
+    assert [e.event_id for e in got if e.recipient_id == "r-3"] == [
+        e.event_id for e in sent if e.recipient_id == "r-3"
+    ]
+    assert sorted(e.event_id for e in got) == [e.event_id for e in sent]
+    assert b.window.counters.claimed == 20
+
+
+async def test_a_stale_members_settles_are_refused_and_counted(client: aioredis.Redis) -> None:
+    a = Member(client, "host-a", lease_s=0.3)
+    await a.round()
+    await append(a.streams, events(4, recipients=4))
+    await a.window.fill()
+    taken = [await a.queue.get(ACCOUNT) for _ in range(4)]
+    await asyncio.sleep(0.4)  # host-a stalls past its lease; another takes the partitions
+    await client.zrem(consumers_key(PREFIX), "host-a")  # its beat ran out too
+    b = Member(client, "host-b")
+    await b.round()
+    assert len(b.ownership.held) == PARTITIONS
+    for event in taken:
+        a.window.settle(a.queue.done(event))
+    await a.window.flush()
+    assert a.window.counters.stale_settles == 4
+    assert a.window.counters.settled == 0
+
+
+async def test_a_lost_lease_takes_the_partitions_waiting_events_out_of_the_window(
+    client: aioredis.Redis,
+) -> None:
+    a = Member(client, "host-a", lease_s=0.3)
+    await a.round()
+    await append(a.streams, events(12))
+    await a.window.fill()
+    assert len(a.queue) == 12
+    await asyncio.sleep(0.35)
+    a.ownership.check_expired()  # not renewed in time: stop before Redis lets go
+    assert len(a.queue) == 0
+    assert a.ownership.held == {}
+
+
+async def test_a_drained_member_hands_its_partitions_over(client: aioredis.Redis) -> None:
+    a, b = Member(client, "host-a"), Member(client, "host-b")
+    for _ in range(2):
+        await a.round()
+        await b.round()
+    await append(a.streams, events(16))
+    await a.window.fill()
+    await client.sadd(drain_key(PREFIX), "host-a")
+    await a.round()  # drained: its waiting events leave the window, its leases go
+    assert a.ownership.draining
+    assert a.ownership.held == {}
+    assert len(a.queue) == 0
+    await b.round()
+    await b.round()
+    assert len(b.ownership.held) == PARTITIONS
+    for _ in range(3):
+        await b.window.fill()
+    got = await b.deliver_all()
+    assert sorted(e.event_id for e in got) == [e.event_id for e in events(16)]
+
+
+async def test_a_dead_letter_is_fenced_and_kept(client: aioredis.Redis) -> None:
+    a = Member(client, "host-a")
+    await a.round()
+    await append(a.streams, events(1))
+    await a.window.fill()
+    event = await a.queue.get(ACCOUNT)
+    note = DeadLetterNote("rejected", 422, "bad", 1, 1.0, 2.0)
+    a.window.dead_letter(a.queue.done(event), event, note)
+    await a.window.flush()
+    assert a.window.counters.dead_lettered == 1
+    rows = await client.xrange(AccountKeys(PREFIX, ACCOUNT).dead)
+    assert [(f or {}).get(b"reason") for _id, f in rows or ()] == [b"rejected"]
+
+
+async def test_the_local_spool_moves_into_redis_in_order_once_it_answers(
+    client: aioredis.Redis, tmp_path: Path
+) -> None:
+    streams = Streams(client, prefix=PREFIX, member="host-a")
+    redis_up = False
+
+    async def to_redis(batch: list[Event]) -> None:
+        if not redis_up:
+            raise ConnectionError("redis away")
+        await append(streams, batch)
+
+    spool = await Spool.open(tmp_path)
+    try:
+        fallback = Fallback(spool, to_redis)
+        fallback.start()
+        sent = events(30)
+        for start in range(0, 30, 10):
+            assert await fallback.append(sent[start : start + 10], "redis away") == ""
+        assert fallback.active
+        assert spool.depth == 30
+        redis_up = True
+        deadline = asyncio.get_running_loop().time() + 5
+        while fallback.active:
+            assert asyncio.get_running_loop().time() < deadline
+            await asyncio.sleep(0.05)
+        assert spool.depth == 0
+        assert fallback.moved == 30
+        member = Member(client, "host-a")
+        await member.round()
+        got = await member.deliver_all()
+        assert sorted(e.event_id for e in got) == [e.event_id for e in sent]
+        for recipient in {e.recipient_id for e in sent}:
+            mine = [e.event_id for e in got if e.recipient_id == recipient]
+            assert mine == sorted(mine)
+        await fallback.stop()
+    finally:
+        await spool.close()
