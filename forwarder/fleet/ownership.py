@@ -6,7 +6,8 @@ the members being drained (`{P}:drain`), and works out its share: partition N of
 to the live consumer at position (N + crc32(A)) mod count in name order, so every member
 computes the same split without talking to the others. It renews the leases it holds, acquires
 the ones of its share it lacks, and gives up the ones no longer its own once nothing of them is
-in delivery (`release` hands their unsettled entries to the next holder at once).
+in delivery (`release` hands their unsettled entries to the next holder at once). A member
+named in `{P}:drain` (`forwarder fleet drain`) wants nothing; its next start ends the drain.
 
 The consumers are a set of their own rather than the budget's `P:members`: a host with
 `fleet.redis_url` but another queue.mode beats there too, and must not be given partitions.
@@ -35,9 +36,10 @@ STALE_LEASES = 3
 # How many of its unsettled entries a member hands over when it gives a partition up.
 HAND_OVER_LIMIT = 100_000
 
-# KEYS: consumers, drain. ARGV: member, stale ms, beat (1: beat, 0: leave the set).
-# → {live members..., "", draining members...}
+# KEYS: consumers, drain. ARGV: member, stale ms, beat (1: beat, 0: leave the set), rejoin (1:
+# a start, which ends a drain of this member). → {live members..., "", draining members...}
 BEAT = """
+if ARGV[4] == '1' then redis.call('SREM', KEYS[2], ARGV[1]) end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 if ARGV[3] == '1' then
@@ -116,6 +118,7 @@ class Ownership:
         self.live: list[str] = []
         self.draining = False  # this member is drained: it gives up its leases and takes none
         self.lost_count = 0  # leases lost (not renewed in time, or taken over)
+        self._first = True  # the first round after a start ends an earlier drain of this member
 
     def lease(self, account: str, partition: int) -> Lease | None:
         """The lease to deliver from (account, partition) under, if this member may now."""
@@ -138,8 +141,9 @@ class Ownership:
         stale_ms = int(self.leases.lease_s * STALE_LEASES * 1000)
         answer = await self._beat(
             keys=[consumers_key(self.prefix), drain_key(self.prefix)],
-            args=[self.member, stale_ms, 0 if self.draining else 1],
+            args=[self.member, stale_ms, 0 if self.draining else 1, 1 if self._first else 0],
         )
+        self._first = False
         names = [_text(v) for v in answer]
         split = names.index("")
         live, drained = names[:split], set(names[split + 1 :])
@@ -177,7 +181,7 @@ class Ownership:
             await self.release(key)
         await self._beat(
             keys=[consumers_key(self.prefix), drain_key(self.prefix)],
-            args=[self.member, int(self.leases.lease_s * STALE_LEASES * 1000), 0],
+            args=[self.member, int(self.leases.lease_s * STALE_LEASES * 1000), 0, 0],
         )
 
     def _drop(self, key: tuple[str, int], lease: Lease, *, why: str) -> None:

@@ -13,6 +13,7 @@ import redis.asyncio as aioredis
 
 from forwarder.delivery.deadletter import DeadLetterNote
 from forwarder.events import Event
+from forwarder.fleet import queuestatus
 from forwarder.fleet.fallback import Fallback
 from forwarder.fleet.leases import Leases
 from forwarder.fleet.ownership import Ownership, consumers_key, drain_key, share
@@ -254,3 +255,28 @@ async def test_the_local_spool_moves_into_redis_in_order_once_it_answers(
         await fallback.stop()
     finally:
         await spool.close()
+
+
+async def test_the_queue_status_shows_lengths_pending_and_holders(client: aioredis.Redis) -> None:
+    a = Member(client, "host-a")
+    await a.round()
+    await append(a.streams, events(10, recipients=1))  # one recipient: one partition
+    partition = partition_of("r-0", PARTITIONS)
+    await a.window.fill()
+    await asyncio.wait_for(a.queue.get(ACCOUNT), 1)  # one in delivery, nine waiting
+    status = await queuestatus.account_queue(client, PREFIX, ACCOUNT, PARTITIONS)
+    assert status.length == 10
+    assert status.pending == 10  # every loaded entry is handed to host-a
+    assert status.partitions[partition].holder.startswith("host-a ")
+    assert await queuestatus.known_accounts(client, PREFIX, ["default"]) == [ACCOUNT, "default"]
+    assert (await queuestatus.consumers(client, PREFIX))[0] == ["host-a"]
+
+
+async def test_a_drain_ends_when_the_member_starts_again(client: aioredis.Redis) -> None:
+    await queuestatus.drain(client, PREFIX, "host-a")
+    assert (await queuestatus.consumers(client, PREFIX))[1] == ["host-a"]
+    a = Member(client, "host-a")  # a new start of the drained member
+    await a.round()
+    assert not a.ownership.draining
+    assert len(a.ownership.held) == PARTITIONS
+    assert not await queuestatus.undrain(client, PREFIX, "host-a")
