@@ -19,8 +19,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from forwarder.cli import fleetdlq
 from forwarder.cli.spool import add_file_commands
-from forwarder.config.schema import ConfigError, load_config
+from forwarder.config.schema import Config, ConfigError, load_config
 from forwarder.events import Event
 from forwarder.ops.statedir import running_holder
 from forwarder.storage.sqlite.file import (
@@ -90,6 +91,14 @@ def _spool(args: argparse.Namespace) -> Iterator[sqlite3.Connection]:
         conn.close()
 
 
+def _fleet(args: argparse.Namespace) -> Config | None:
+    """queue.mode "fleet" (and no --spool): the dead letters are in Redis."""
+    try:
+        return fleetdlq.fleet_config(args)
+    except ConfigError:
+        return None  # said by the spool path, as before
+
+
 def _run(args: argparse.Namespace, work: Callable[[sqlite3.Connection], int]) -> int:
     try:
         with _spool(args) as conn:
@@ -128,6 +137,8 @@ def _line(letter: DeadLetter) -> str:
 
 def cmd_list(args: argparse.Namespace) -> int:
     """List dead letters, oldest first."""
+    if (fleet := _fleet(args)) is not None:
+        return fleetdlq.cmd_list(args, fleet)
 
     def work(conn: sqlite3.Connection) -> int:
         letters = list_dead_letters(conn, since=args.since, reason=args.reason, limit=args.limit)
@@ -142,6 +153,10 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 def cmd_show(args: argparse.Namespace) -> int:
     """Show one dead letter in full (JSON)."""
+    if (fleet := _fleet(args)) is not None:
+        return fleetdlq.cmd_show(args, fleet)
+    if isinstance(args.id, str):
+        return _fail("dlq show: ACCOUNT/ENTRY-ID ids are fleet dead letters", EXIT_USAGE)
 
     def work(conn: sqlite3.Connection) -> int:
         letter = get_dead_letter(conn, args.id)
@@ -157,6 +172,10 @@ def cmd_replay(args: argparse.Namespace) -> int:
     """Put dead letters back into the spool, with their idempotency keys."""
     if not args.all and not args.ids:
         return _fail("dlq replay: name dead-letter ids, or --all", EXIT_USAGE)
+    if (fleet := _fleet(args)) is not None:
+        return fleetdlq.cmd_replay(args, fleet)
+    if any(isinstance(i, str) for i in args.ids):
+        return _fail("dlq replay: ACCOUNT/ENTRY-ID ids are fleet dead letters", EXIT_USAGE)
 
     def work(conn: sqlite3.Connection) -> int:
         ids: list[int] | None = None if args.all else list(args.ids)
@@ -181,6 +200,8 @@ def cmd_replay(args: argparse.Namespace) -> int:
 
 def cmd_purge(args: argparse.Namespace) -> int:
     """Delete dead letters dead-lettered before a date."""
+    if (fleet := _fleet(args)) is not None:
+        return fleetdlq.cmd_purge(args, fleet)
 
     def work(conn: sqlite3.Connection) -> int:
         total = spool_stats(conn)["dead_letters_total"] if sys.stderr.isatty() else 0
@@ -214,6 +235,15 @@ def cmd_stats(args: argparse.Namespace) -> int:
     return _run(args, work)
 
 
+def _dead_letter_id(text: str) -> int | str:
+    """A spool dead letter's number, or a fleet one's ACCOUNT/ENTRY-ID."""
+    if text.isdigit():
+        return int(text)
+    if "/" in text:
+        return text
+    raise argparse.ArgumentTypeError(f"{text!r} is neither a number nor ACCOUNT/ENTRY-ID")
+
+
 def add_commands(sub: Any, config_help: str) -> None:
     """Register `dlq` and `spool` on the `forwarder` parser's subcommands."""
     dlq_docs = "Docs: docs/how-to/dead-letters.md"
@@ -229,13 +259,13 @@ def add_commands(sub: Any, config_help: str) -> None:
     listing.set_defaults(func=cmd_list)
 
     show = verbs.add_parser("show", help="one dead letter in full", epilog=dlq_docs)
-    show.add_argument("id", type=int)
+    show.add_argument("id", type=_dead_letter_id, help="a number; ACCOUNT/ENTRY-ID in fleet mode")
     show.set_defaults(func=cmd_show)
 
     replay = verbs.add_parser(
         "replay", help="send dead letters again (same idempotency key)", epilog=dlq_docs
     )
-    replay.add_argument("ids", type=int, nargs="*", metavar="ID")
+    replay.add_argument("ids", type=_dead_letter_id, nargs="*", metavar="ID")
     replay.add_argument("--all", action="store_true", help="every dead letter")
     replay.set_defaults(func=cmd_replay)
 
@@ -258,6 +288,12 @@ def add_commands(sub: Any, config_help: str) -> None:
 
     for parser in (listing, show, replay, purge, stats):
         parser.add_argument("--config", help=config_help)
+    for parser in (listing, show, replay, purge):
+        parser.add_argument(
+            "--spool",
+            action="store_true",
+            help='queue.mode "fleet": this host\'s local spool instead of Redis',
+        )
 
 
 # -- the spool as the commands see it (synchronous, a connection of their own) ------------------
