@@ -39,7 +39,7 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from forwarder.cli.dlq import list_dead_letters
 from forwarder.intake.app import IntakeState, create_app
-from forwarder.ops.telemetry import Metrics, Stats
+from forwarder.ops.metrics import Metrics, Stats
 from forwarder.storage.eventstatus import StatusBook
 from forwarder.storage.numbering import BLOCK, EventNumbers
 from forwarder.storage.queue import EventQueue

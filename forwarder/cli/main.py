@@ -123,7 +123,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     import structlog
 
     from forwarder.daemon.lifecycle import Daemon
-    from forwarder.ops.telemetry import configure_logging
+    from forwarder.ops.logs import configure_logging
 
     try:
         config, accounts = _load(args.config)

@@ -46,7 +46,7 @@ from forwarder.intake.connections import GuardedRequestHandler
 from forwarder.intake.leniency import note as note_leniency
 from forwarder.ops.credentials import Secret
 from forwarder.ops.logthrottle import LogThrottle
-from forwarder.ops.telemetry import Metrics, Stats
+from forwarder.ops.metrics import Metrics, Stats
 from forwarder.storage.eventstatus import StatusBook, parse_key
 from forwarder.storage.numbering import EventNumbers
 from forwarder.storage.queue import TOO_LARGE, EventQueue

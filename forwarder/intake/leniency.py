@@ -14,7 +14,7 @@ import re
 import structlog
 
 from forwarder.events import Leniency
-from forwarder.ops.telemetry import Stats
+from forwarder.ops.metrics import Stats
 
 log = structlog.get_logger("forwarder.intake")
 

@@ -21,7 +21,7 @@ from forwarder.config.schema import load_config
 from forwarder.daemon.lifecycle import Daemon
 from forwarder.intake.accounts import configured_accounts
 from forwarder.ops.credentials import ApiKey, Secret
-from forwarder.ops.telemetry import configure_logging
+from forwarder.ops.logs import configure_logging
 from forwarder.storage.sqlite.file import open_readonly_or_fail
 from forwarder.testing.mock_remote import MockOptions, start_mock
 
