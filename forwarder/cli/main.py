@@ -221,7 +221,8 @@ async def _send(
 
 def cmd_mock_remote(args: argparse.Namespace) -> int:
     """Serve the fake remote API."""
-    from forwarder.testing.mock_remote import MockOptions, serve_mock
+    from forwarder.testing.mock_options import MockOptions
+    from forwarder.testing.mock_server import serve_mock
 
     try:
         options = MockOptions(
