@@ -13,7 +13,7 @@ import re
 
 import structlog
 
-from forwarder.events import Leniency
+from forwarder.events.validate import Leniency
 from forwarder.ops.metrics import Stats
 
 log = structlog.get_logger("forwarder.intake")

@@ -36,7 +36,8 @@ from typing import Any, Final
 import orjson
 
 from forwarder.delivery.deadletter import DeadLetterNote
-from forwarder.events import Event, shared_name
+from forwarder.events import Event
+from forwarder.events.model import shared_name
 
 SPOOL_FILE = "spool.db"
 PAGE_SIZE = 16384  # for new spool files (see connect_daemon)
