@@ -44,6 +44,7 @@ from forwarder.storage.eventstatus import StatusBook
 from forwarder.storage.numbering import BLOCK, EventNumbers
 from forwarder.storage.queue import EventQueue
 from forwarder.storage.sqlite.file import SPOOL_FILE, open_readonly_or_fail
+from tests.redisserver import RedisServer, running_redis
 
 
 def promtool() -> str:
@@ -402,6 +403,13 @@ def tls_files(tmp_path_factory: pytest.TempPathFactory) -> TlsFiles:
     run("x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-days", "2",
         "-CAcreateserial", "-out", "server.pem", "-extfile", "server.ext")  # fmt: skip
     return TlsFiles(where / "ca.pem", where / "server.pem", where / "server.key")
+
+
+@pytest.fixture
+async def redis_server() -> AsyncIterator[RedisServer]:
+    """A real `redis-server` of this test's own (tests/redisserver.py); fails if not installed."""
+    async with running_redis() as server:
+        yield server
 
 
 # The kinds of test, by the folder a test lives in (see the module docstring).
