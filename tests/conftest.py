@@ -37,9 +37,9 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
-from forwarder.cli.dlq import list_dead_letters
+from forwarder.cli.spooldb import list_dead_letters
 from forwarder.intake.app import IntakeState, create_app
-from forwarder.ops.telemetry import Metrics, Stats
+from forwarder.ops.metrics import Metrics, Stats
 from forwarder.storage.eventstatus import StatusBook
 from forwarder.storage.numbering import BLOCK, EventNumbers
 from forwarder.storage.queue import EventQueue
@@ -216,7 +216,7 @@ class DaemonProc:
 
 def spooled(state_dir: Path) -> list[dict[str, Any]]:
     """The events in a state dir's spool, oldest first (read as `forwarder` itself would)."""
-    from forwarder.cli.dlq import spooled_events
+    from forwarder.cli.spooldb import spooled_events
 
     if not (state_dir / SPOOL_FILE).exists():
         return []

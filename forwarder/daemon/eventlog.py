@@ -20,7 +20,7 @@ from forwarder.config.schema import Config
 from forwarder.daemon.listeners import StartupError, reason
 from forwarder.events import Event
 from forwarder.ops.logthrottle import LogThrottle
-from forwarder.ops.telemetry import Metrics
+from forwarder.ops.metrics import Metrics
 from forwarder.storage.backlog import Backlog
 from forwarder.storage.eventstatus import StatusBook
 from forwarder.storage.numbering import EventNumbers, NumbersError

@@ -15,7 +15,7 @@ A file that is not ours (another application_id), is from a newer forwarder, or 
 never deleted: it is moved aside to `spool.db.damaged-<UTC time>` and a fresh one is started.
 
 This module holds what the daemon's handle (`spool.py`), the upgrades of older schemas
-(`upgrade.py`) and the command line (`cli/dlq.py`) share: the schema and its statements, the
+(`upgrade.py`) and the command line (`cli/spooldb.py`) share: the schema and its statements, the
 row codec, opening and checking the file, and the primitives that count and settle rows.
 """
 
@@ -36,7 +36,8 @@ from typing import Any, Final
 import orjson
 
 from forwarder.delivery.deadletter import DeadLetterNote
-from forwarder.events import Event, shared_name
+from forwarder.events import Event
+from forwarder.events.model import shared_name
 
 SPOOL_FILE = "spool.db"
 PAGE_SIZE = 16384  # for new spool files (see connect_daemon)

@@ -5,7 +5,7 @@ appends, removals and dead letters that arrive close together share one transact
 fsync (group commit). The file itself (schema, row encoding, checks) is `file.py`; the
 `forwarder dlq` and `forwarder spool` commands, which run in their own process and may work on
 the database while the daemon has it open (WAL lets readers and one writer coexist), are
-`cli/dlq.py`.
+`cli/dlq.py` (their reads and writes of the spool: `cli/spooldb.py`).
 """
 
 from __future__ import annotations
