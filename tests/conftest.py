@@ -329,7 +329,7 @@ def intake_state(
     """
     queue = EventQueue(max_events, max_bytes=max_bytes)
     stats = Stats()
-    status = StatusBook(retention_s=86400.0, max_count=1000, durable=False)
+    status = StatusBook(retention_s=86400.0, max_count=1000)
     status.queue = queue
 
     def gauges() -> dict[str, tuple[str, float]]:
