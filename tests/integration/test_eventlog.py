@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import sqlite3
 import time
 from pathlib import Path
 
@@ -24,7 +25,9 @@ from forwarder.storage.durable import DurableLog
 from forwarder.storage.log import BACKENDS, EventLog, LogDeps, backend, open_event_log
 from forwarder.storage.memory import MemoryLog
 from forwarder.storage.queue import EventQueue
+from forwarder.storage.sqlite import file, recover
 from forwarder.storage.sqlite.file import SPOOL_FILE
+from forwarder.storage.sqlite.spool import Spool
 from tests.conftest import dead_letters, spooled
 from tests.integration.test_daemon import _accounts, _config, _run_until_ready
 
@@ -259,3 +262,25 @@ async def test_memory_mode_writes_spool_db_only_when_a_stop_has_events_left(
     assert daemon.log is not None
     assert daemon.log.restored == 3
     assert len(spooled(state)) == 3
+
+
+async def test_a_new_spool_file_appears_whole(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Memory mode creates spool.db while the daemon runs: a `forwarder dlq` reading meanwhile
+    # must find no file or a set-up one, never an empty file ("damaged: bad header").
+    built: list[tuple[str, bool]] = []
+    connect = file.connect_daemon
+
+    def watched(path: Path) -> sqlite3.Connection:
+        built.append((path.name, (tmp_path / SPOOL_FILE).exists()))
+        return connect(path)
+
+    monkeypatch.setattr(recover, "connect_daemon", watched)
+    spool = await Spool.open(tmp_path)
+    await spool.close()
+    assert built == [(SPOOL_FILE + recover.CREATING, False)]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [SPOOL_FILE]
+    spool = await Spool.open(tmp_path)  # an existing file is opened as it is
+    await spool.close()
+    assert len(built) == 1

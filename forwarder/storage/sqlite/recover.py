@@ -426,6 +426,19 @@ def recover_aside(path: Path) -> tuple[Path, Recovery]:
     return moved, recovery
 
 
+CREATING = ".creating"  # the suffix of a new spool being set up
+
+
+def create_fresh(path: Path) -> None:
+    """Create the spool at `path` (none is there) set up under another name, then renamed: a
+    `forwarder dlq` reading meanwhile finds no spool or a whole one, never a half-made file
+    (memory mode creates it while the daemon runs, for a dead letter)."""
+    building = side_file(path, CREATING)
+    _remove_spool(building)  # a crash's leftover
+    connect_daemon(building).close()
+    _rename_spool(building, path)
+
+
 def finish_recovery(path: Path) -> None:
     """Complete or undo a recovery a crash interrupted (see `recover_aside`)."""
     building = side_file(path, RECOVERING)

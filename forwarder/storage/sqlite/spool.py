@@ -65,7 +65,7 @@ from forwarder.storage.sqlite.file import (
     side_file,
 )
 from forwarder.storage.sqlite.outcomes import INSERT_OUTCOME, OutcomeRow, lift_rows
-from forwarder.storage.sqlite.recover import Recovery, finish_recovery, recover_aside
+from forwarder.storage.sqlite.recover import Recovery, create_fresh, finish_recovery, recover_aside
 from forwarder.storage.sqlite.upgrade import (
     upgrade,
 )
@@ -495,6 +495,8 @@ class Spool:
             moved, self.recovery = recover_aside(path)
         elif problem is not None:
             moved = move_aside(path)
+        if not path.exists():
+            create_fresh(path)
         conn = connect_daemon(path)
         try:
             damaged = upgrade(conn, path)
