@@ -37,29 +37,15 @@ class DurableLog:
         self, spool: Spool, numbers: EventNumbers, status: StatusBook, backlog: Backlog
     ) -> None:
         self.spool = spool
-        self._numbers = numbers
-        self._status = status
+        self.numbers = numbers  # the counter, kept above every spool position
+        self.status = status  # outcomes are kept in the spool too
+        self.queue: EventQueue = backlog.queue  # the window over the spool
         self.backlog = backlog
         # The lanes' settling goes straight to the backlog: no call in between on the hot path.
         self.delivered: Callable[[Event, int], None] = backlog.delivered
         self.dead_lettered: Callable[[Event, int, DeadLetterNote], None] = backlog.dead_lettered
         self.append = backlog.admit
         self.wake = backlog.wake
-
-    @property
-    def queue(self) -> EventQueue:
-        """The window over the spool."""
-        return self.backlog.queue
-
-    @property
-    def status(self) -> StatusBook:
-        """What became of events; outcomes are kept in the spool too."""
-        return self._status
-
-    @property
-    def numbers(self) -> EventNumbers:
-        """The counter, kept above every spool position."""
-        return self._numbers
 
     @property
     def kept_out(self) -> Callable[[str], bool]:
@@ -81,15 +67,7 @@ class DurableLog:
 
     def stored(self) -> Stored:
         """The spool's counters."""
-        spool, backlog = self.spool, self.backlog
-        return Stored(
-            spool.depth,
-            spool.bytes,
-            spool.oldest_accepted_at,
-            spool.dead_letters,
-            backlog.on_disk_only,
-            backlog.replayed,
-        )
+        return spooled.stored(self.backlog)
 
     def set_group_commit(self, window_s: float) -> None:
         """The longest a group commit waits for more requests."""
@@ -98,16 +76,16 @@ class DurableLog:
     def start(self) -> None:
         """Start filling the window and purging old outcomes."""
         self.backlog.start()
-        self._status.start()
+        self.status.start()
 
     async def stop(self) -> None:
         """Stop both (events not in the window stay in the spool)."""
         await self.backlog.stop()
-        await self._status.stop()
+        await self.status.stop()
 
     async def release(self, leftovers: list[tuple[Event, int]]) -> int:
         """Every event has its row already; one without (none expected) is written."""
-        return await spooled.save_leftovers(self.backlog, self._numbers, leftovers)
+        return await spooled.save_leftovers(self.backlog, self.numbers, leftovers)
 
     async def close(self) -> None:
         """Commit what is queued and close the spool."""

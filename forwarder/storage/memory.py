@@ -28,7 +28,6 @@ from forwarder.storage.backlog import Backlog
 from forwarder.storage.eventstatus import StatusBook
 from forwarder.storage.log import EventLog, LogDeps, LogError, Stored
 from forwarder.storage.numbering import EventNumbers
-from forwarder.storage.queue import EventQueue
 from forwarder.storage.sqlite.spool import Spool
 
 log = structlog.get_logger("forwarder.daemon")
@@ -50,9 +49,10 @@ class MemoryLog:
     ) -> None:
         self._config = config
         self._deps = deps
-        self._queue = deps.queue
-        self._numbers = numbers
-        self._status = status
+        self.queue = deps.queue  # every event waits in the queue itself
+        self.numbers = numbers
+        self.intake_numbers = numbers  # intake numbers each event as it parses it
+        self.status = status  # outcomes are kept in memory only
         self._backlog = backlog
         self.restored = restored
         # Admission is the queue's own: no coroutine per request.
@@ -64,26 +64,6 @@ class MemoryLog:
         # Dead letters that came before the spool was open, and the task opening it.
         self._waiting: list[tuple[Event, int, DeadLetterNote]] = []
         self._opening: asyncio.Task[Backlog | None] | None = None
-
-    @property
-    def queue(self) -> EventQueue:
-        """The queue itself: every event waits there."""
-        return self._queue
-
-    @property
-    def status(self) -> StatusBook:
-        """What became of events, kept in memory only."""
-        return self._status
-
-    @property
-    def numbers(self) -> EventNumbers:
-        """The counter intake takes numbers from."""
-        return self._numbers
-
-    @property
-    def intake_numbers(self) -> EventNumbers:
-        """Intake numbers each event as it parses it."""
-        return self._numbers
 
     @property
     def spool(self) -> Spool | None:
@@ -103,7 +83,7 @@ class MemoryLog:
 
     async def append(self, events: list[Event]) -> str:
         """Into the queue, all or none (as `try_append`, which intake calls instead)."""
-        return self._queue.admit(events)
+        return self.queue.admit(events)
 
     def delivered(self, event: Event, spool_seq: int) -> None:
         """A delivered event: only one read from the spool has a row to remove."""
@@ -133,18 +113,9 @@ class MemoryLog:
 
     def stored(self) -> Stored:
         """The spool's counters; all zero while there is none."""
-        backlog = self._backlog
-        if backlog is None:
+        if self._backlog is None:
             return Stored(0, 0, None, 0, 0, 0)
-        spool = backlog.spool
-        return Stored(
-            spool.depth,
-            spool.bytes,
-            spool.oldest_accepted_at,
-            spool.dead_letters,
-            backlog.on_disk_only,
-            backlog.replayed,
-        )
+        return spooled.stored(self._backlog)
 
     @property
     def group_window_s(self) -> float:
@@ -160,7 +131,7 @@ class MemoryLog:
     def start(self) -> None:
         """Purge old outcomes; read rows other processes add to an open spool."""
         self._started = True
-        self._status.start()
+        self.status.start()
         if self._backlog is not None:
             self._backlog.start()
 
@@ -169,7 +140,7 @@ class MemoryLog:
         self._started = False
         if self._backlog is not None:
             await self._backlog.stop()
-        await self._status.stop()
+        await self.status.stop()
 
     async def release(self, leftovers: list[tuple[Event, int]]) -> int:
         """Save the events that are in memory only to the spool, opening it if need be."""
@@ -182,7 +153,7 @@ class MemoryLog:
                 [event for event, spool_seq in leftovers if not spool_seq],
             )
             return 0
-        return await spooled.save_leftovers(backlog, self._numbers, leftovers)
+        return await spooled.save_leftovers(backlog, self.numbers, leftovers)
 
     async def close(self) -> None:
         """Wait for an open under way; commit what is queued and close the spool."""
@@ -211,7 +182,7 @@ class MemoryLog:
         spool.group_window_s = self._group_window_s
         try:
             # Rows added while running (`forwarder dlq replay`) numbered above the block.
-            await spooled.lift_seq(self._config, spool, self._numbers.ceiling)
+            await spooled.lift_seq(self._config, spool, self.numbers.ceiling)
         except LogError as exc:
             await spool.close()
             self._journal_waiting(exc)

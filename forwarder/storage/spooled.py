@@ -18,7 +18,7 @@ import structlog
 from forwarder.config.schema import Config
 from forwarder.events import Event
 from forwarder.storage.backlog import Backlog
-from forwarder.storage.log import LogError
+from forwarder.storage.log import LogError, Stored
 from forwarder.storage.numbering import EventNumbers, NumbersError
 from forwarder.storage.sqlite.file import SPOOL_FILE, SpoolError
 from forwarder.storage.sqlite.recover import Recovery
@@ -103,6 +103,19 @@ async def lift_seq(cfg: Config, spool: Spool, number: int) -> None:
         await spool.lift_seq(number)
     except (sqlite3.Error, SpoolError) as exc:
         raise LogError(f"state.dir {cfg.state.path}: event numbers: {exc}") from None
+
+
+def stored(backlog: Backlog) -> Stored:
+    """What the spool under `backlog` holds, for the view."""
+    spool = backlog.spool
+    return Stored(
+        spool.depth,
+        spool.bytes,
+        spool.oldest_accepted_at,
+        spool.dead_letters,
+        backlog.on_disk_only,
+        backlog.replayed,
+    )
 
 
 def log_replay(restored: int, backlog: Backlog) -> None:
