@@ -43,7 +43,8 @@ from forwarder.ops.telemetry import Metrics, Stats
 from forwarder.storage.eventstatus import StatusBook
 from forwarder.storage.numbering import BLOCK, EventNumbers
 from forwarder.storage.queue import EventQueue
-from forwarder.storage.sqlite.file import SPOOL_FILE, open_readonly_or_fail
+from forwarder.storage.sqlite.file import SPOOL_FILE
+from forwarder.storage.sqlite.opening import open_readonly_or_fail
 
 
 def promtool() -> str:

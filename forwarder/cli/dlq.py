@@ -23,6 +23,14 @@ from forwarder.cli.spool import add_file_commands
 from forwarder.config.schema import ConfigError, load_config
 from forwarder.events import Event
 from forwarder.ops.statedir import running_holder
+from forwarder.storage.sqlite.codec import (
+    DeadLetter,
+    dead_letter_from_row,
+    decode_body,
+    encode_rows,
+    event_from_entry,
+    row_entries,
+)
 from forwarder.storage.sqlite.file import (
     CHUNK_ROWS,
     DEAD_COLUMNS,
@@ -30,21 +38,10 @@ from forwarder.storage.sqlite.file import (
     ROW_BITS,
     SELECT_BATCHES,
     SPOOL_FILE,
-    DeadLetter,
     SpoolError,
-    chunks,
-    dead_letter_from_row,
-    decode_body,
-    encode_rows,
-    event_from_entry,
-    insert_batches,
-    last_seq,
-    load_totals_in,
-    open_readonly_or_fail,
-    rollback,
-    row_entries,
-    side_file,
 )
+from forwarder.storage.sqlite.opening import open_readonly_or_fail, side_file
+from forwarder.storage.sqlite.rows import chunks, insert_batches, last_seq, load_totals_in, rollback
 
 EXIT_FAILURE = 1
 EXIT_USAGE = 2

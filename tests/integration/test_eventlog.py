@@ -25,7 +25,7 @@ from forwarder.storage.durable import DurableLog
 from forwarder.storage.log import BACKENDS, EventLog, LogDeps, backend, open_event_log
 from forwarder.storage.memory import MemoryLog
 from forwarder.storage.queue import EventQueue
-from forwarder.storage.sqlite import file, recover
+from forwarder.storage.sqlite import opening, recover
 from forwarder.storage.sqlite.file import SPOOL_FILE
 from forwarder.storage.sqlite.spool import Spool
 from tests.conftest import dead_letters, spooled
@@ -270,7 +270,7 @@ async def test_a_new_spool_file_appears_whole(
     # Memory mode creates spool.db while the daemon runs: a `forwarder dlq` reading meanwhile
     # must find no file or a set-up one, never an empty file ("damaged: bad header").
     built: list[tuple[str, bool]] = []
-    connect = file.connect_daemon
+    connect = opening.connect_daemon
 
     def watched(path: Path) -> sqlite3.Connection:
         built.append((path.name, (tmp_path / SPOOL_FILE).exists()))

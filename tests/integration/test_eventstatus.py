@@ -14,12 +14,8 @@ from forwarder.events import Event
 from forwarder.storage.eventstatus import Outcome, StatusBook, parse_key
 from forwarder.storage.queue import EventQueue
 from forwarder.storage.sqlite import outcomes as outcomestore
-from forwarder.storage.sqlite.file import (
-    ROW_BITS,
-    SCHEMA_VERSION,
-    SPOOL_FILE,
-    open_readonly_or_fail,
-)
+from forwarder.storage.sqlite.file import ROW_BITS, SCHEMA_VERSION, SPOOL_FILE
+from forwarder.storage.sqlite.opening import open_readonly_or_fail
 from forwarder.storage.sqlite.spool import Spool
 from tests.conftest import ServeIntake, intake_state
 

@@ -37,6 +37,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from forwarder.storage.sqlite.codec import damaged_row, row_entries
 from forwarder.storage.sqlite.file import (
     APPLICATION_ID,
     DEAD_COLUMNS,
@@ -44,19 +45,12 @@ from forwarder.storage.sqlite.file import (
     ROW_BITS,
     ROW_EVENTS,
     SCHEMA_VERSION,
-    SIDE_FILES,
     BatchRow,
     DeadRow,
     SpoolError,
-    connect_daemon,
-    damaged_row,
-    fsync_dir,
-    insert_batches,
-    move_aside,
-    rollback,
-    row_entries,
-    side_file,
 )
+from forwarder.storage.sqlite.opening import SIDE_FILES, connect_daemon, move_aside, side_file
+from forwarder.storage.sqlite.rows import fsync_dir, insert_batches, rollback
 
 _MIN_KEY = -(1 << 63)
 _MAX_KEY = (1 << 63) - 1
