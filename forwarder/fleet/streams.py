@@ -25,7 +25,7 @@ import orjson
 from forwarder.events import Event
 from forwarder.fleet.leases import Lease
 from forwarder.fleet.queuekeys import GROUP, AccountKeys, accounts_key
-from forwarder.storage.sqlite.file import event_from_entry
+from forwarder.storage.sqlite.codec import event_from_entry
 
 FIELD = b"e"
 # Ids per settle script call: Lua's unpack() has a stack limit of a few thousand values.
