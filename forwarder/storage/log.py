@@ -9,7 +9,9 @@ opens it, imported only when chosen, as uvicorn's protocol registries do):
   holds something (the last stop's leftovers, dead letters) or a stop or a dead letter must
   write it;
 - `"durable"` (`durable.py`): every event is committed to the spool before intake answers, and
-  memory holds a window over it.
+  memory holds a window over it;
+- `"fleet"` (`forwarder/fleet/fleetlog.py`): Redis streams shared by the fleet, the local spool
+  while Redis is unreachable.
 
 A shared queue (Redis Streams, issue 17) is one more entry here and one more module beside
 these; intake, the dispatcher and the lanes do not change (docs/explanation/architecture.md).
@@ -161,6 +163,7 @@ Opener = Callable[[Config, LogDeps], Awaitable[EventLog]]
 BACKENDS: dict[str, str] = {
     "memory": "forwarder.storage.memory:open_log",
     "durable": "forwarder.storage.durable:open_log",
+    "fleet": "forwarder.fleet.fleetlog:open_log",
 }
 
 
