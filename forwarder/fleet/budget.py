@@ -93,6 +93,8 @@ class RedisRateBudget:
         self._give_back = 0
         self._give_back_epoch = 0
         self._answer: _Answer | None = None
+        # The account's quota per window as last learnt (the shared state, a remote's header).
+        self._limit = self.local.limit
         self._paused_until = 0.0
         self._pushes: set[asyncio.Task[None]] = set()
         self._registered = False
@@ -147,6 +149,8 @@ class RedisRateBudget:
                 push = asyncio.get_running_loop().create_task(self._push())
                 self._pushes.add(push)
                 push.add_done_callback(self._pushes.discard)
+        if limit is not None and limit > 0:
+            self._limit = limit
         self.local.observe(
             local_ticket,
             limit=limit,
@@ -167,9 +171,8 @@ class RedisRateBudget:
         """The shared state as of the last call, for /v1/stats (the keys of the local view)."""
         shared = self._shared
         now = self._clock()
-        limit = shared.get("limit", self.local.limit)
         return {
-            "limit_per_window": limit,
+            "limit_per_window": self._limit,
             "window_s": self.local.window_s,
             "remaining": shared.get("remaining", self.local.remaining),
             "tokens": self._tokens,
@@ -185,6 +188,7 @@ class RedisRateBudget:
     def set_per_minute(self, per_minute: int) -> None:
         """Apply a configured quota (reload): the start value; the remote's headers win."""
         self.local.set_per_minute(per_minute)
+        self._limit = self.local.limit
 
     def relearn_window(self) -> None:
         """Forget the learned window length (reload)."""
@@ -214,13 +218,11 @@ class RedisRateBudget:
             self._tokens = 0
 
     def _batch(self) -> int:
-        limit = int(self._shared.get("limit", self.local.limit))
-        return max(1, math.floor(limit / self.local.window_s * BATCH_S))
+        return max(1, math.floor(self._limit / self.local.window_s * BATCH_S))
 
     def _fallback_limit(self) -> int:
         """The quota this host takes alone when Redis is out: its share of the fleet's limit."""
-        limit = int(self._shared.get("limit", self.local.limit))
-        return max(1, limit // self._mode.live_members)
+        return max(1, self._limit // self._mode.live_members)
 
     # --- Redis ----------------------------------------------------------------------------------
 
@@ -247,7 +249,7 @@ class RedisRateBudget:
             want,
             back,
             self._give_back_epoch,
-            self.local.limit,
+            self._limit,
             _ms(self.local.window_s),
             _ms(BURST_S),
             _ms(RESET_GRANULARITY_S),
@@ -268,7 +270,8 @@ class RedisRateBudget:
             int(x) for x in result
         )
         now = self._clock()
-        self._shared = {"limit": limit, "remaining": remaining, "rate_limited": limited}
+        self._limit = limit
+        self._shared = {"remaining": remaining, "rate_limited": limited}
         self._paused_until = now + paused_ms / 1000 if paused_ms else 0.0
         if granted:
             self.taken += granted

@@ -143,7 +143,7 @@ class FleetClient:
                 f"({type(exc).__name__}): check by hand that appendonly is yes and "
                 "maxmemory-policy is noeviction (docs/how-to/fleet.md)"
             ]
-        return server_warnings({_text(k): _text(v) for k, v in got.items()})
+        return server_warnings({as_text(k): as_text(v) for k, v in got.items()})
 
     async def aclose(self) -> None:
         """Close the client and its connection pool."""
@@ -213,5 +213,6 @@ def _unavailable_errors() -> tuple[type[BaseException], ...]:
     return (RedisConnectionError, RedisTimeoutError, OSError)
 
 
-def _text(value: object) -> str:
+def as_text(value: object) -> str:
+    """A Redis reply (bytes) as text."""
     return value.decode() if isinstance(value, bytes) else str(value)
