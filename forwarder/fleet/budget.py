@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from forwarder.delivery.flow.budget import MAX_WAIT_SLICE_S, Sleep
-from forwarder.delivery.flow.limiter import (
+from forwarder.delivery.flow.ratelimit import (
     BURST_S,
     DEFAULT_429_WAIT_S,
     RESET_GRANULARITY_S,

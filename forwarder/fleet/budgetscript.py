@@ -1,6 +1,6 @@
 """The Lua script of the shared rate budget: one atomic step on `{P:A}:budget`, on Redis's clock.
 
-It is `RateLimiter` (delivery/flow/limiter.py) moved into Redis, so every host of the fleet
+It is `RateLimiter` (delivery/flow/ratelimit.py) moved into Redis, so every host of the fleet
 counts against one state: a pacing bucket (GCRA: `tat`, the theoretical arrival time, with a
 burst of `burst_ms` worth of the rate) under a count of the tokens handed out in the remote's
 current window (`used`, plus `external`: what the remote counted beyond them), the window's end

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import pytest
 
 from forwarder.config.schema import FleetConfig
-from forwarder.delivery.flow.limiter import Ticket
+from forwarder.delivery.flow.ratelimit import Ticket
 from forwarder.fleet.budget import RedisRateBudget, SharedTicket
 from forwarder.fleet.connection import FleetClient, connect
 from forwarder.fleet.mode import FleetMode

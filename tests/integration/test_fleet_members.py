@@ -10,7 +10,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from forwarder.config.schema import FleetConfig
-from forwarder.delivery.flow.limiter import Ticket
+from forwarder.delivery.flow.ratelimit import Ticket
 from forwarder.fleet.budget import RedisRateBudget, SharedTicket
 from forwarder.fleet.connection import FleetClient, connect
 from forwarder.fleet.members import Members, read_members

@@ -14,7 +14,7 @@ from forwarder.config.schema import RemoteConfig, RetryConfig
 from forwarder.delivery.deadletter import DeadLetterNote
 from forwarder.delivery.dispatcher import BudgetFactory, Dispatcher
 from forwarder.delivery.flow.budget import RateBudget
-from forwarder.delivery.flow.limiter import Ticket
+from forwarder.delivery.flow.ratelimit import Ticket
 from forwarder.delivery.lane import LaneSettings
 from forwarder.delivery.remote import Result, Verdict
 from forwarder.events import Event
