@@ -17,8 +17,10 @@ from typing import Any, TypeVar
 
 from forwarder.config.schema import Config, load_config
 from forwarder.fleet import deadletters
+from forwarder.fleet.connection import connect
+from forwarder.fleet.host import member_name
 from forwarder.fleet.queuestatus import known_accounts
-from forwarder.fleet.redisclient import open_client
+from forwarder.ops.credentials import resolve_redis_password
 
 T = TypeVar("T")
 
@@ -33,11 +35,13 @@ def fleet_config(args: argparse.Namespace) -> Config | None:
 
 def _run(config: Config, work: Callable[[Any], Awaitable[T]]) -> T:
     async def main() -> T:
-        client = open_client(config)
+        fleet = connect(
+            config.fleet, member=member_name(config), password=resolve_redis_password(config)
+        )
         try:
-            return await work(client)
+            return await work(fleet.client)
         finally:
-            await client.aclose()
+            await fleet.aclose()
 
     return asyncio.run(main())
 

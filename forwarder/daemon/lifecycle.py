@@ -7,10 +7,11 @@ reversed by construction:
 1. systemd's listen sockets (closed last), the intake token and the exposure check;
 2. the systemd notifier and watchdog (from the start: a slow replay must not look like a hang);
 3. the state directory, checked and locked (a second daemon stops here);
-4. the event log (`queue.mode`'s backend from `storage.log.BACKENDS`), with what the last stop
-   saved replayed; the `stopped` summary;
-5. the HTTP client session (one for every account); with `fleet.redis_url`, the fleet's Redis
-   client and heartbeat (forwarder/fleet/host.py), whose budgets the lanes get;
+4. with `fleet.redis_url`, the fleet's Redis client and heartbeat (forwarder/fleet/host.py),
+   whose budgets the lanes get and whose client the "fleet" event log uses; then the event log
+   (`queue.mode`'s backend from `storage.log.BACKENDS`), with what the last stop saved
+   replayed; the `stopped` summary;
+5. the HTTP client session (one for every account);
 6. intake's app and runner (not listening yet) and the PID file; they go after the save;
 7. the dispatcher with a lane per account, held events, and delivery started (its teardown
    stops delivery and releases what is left to the event log);
@@ -242,10 +243,25 @@ class Daemon:
             raise StartupError(f"state.dir {state_dir}: {reason(exc)}") from None
         stack.callback(lock.release)
 
+        # 4a. The fleet (fleet.redis_url): Redis, the heartbeat, the accounts' shared budgets;
+        # before the event log, whose "fleet" backend uses the same client.
+        if cfg.fleet.enabled:
+            try:
+                self.fleet = await FleetHost.start(cfg, in_delivery=lambda: self.queue.in_delivery)
+            except ConfigError as exc:
+                raise StartupError(str(exc)) from None
+            stack.push_async_callback(self.fleet.stop)
+
         # 4. The event log, with the last stop's events; closed after everything that uses it.
         try:
             events = self.log = await open_event_log(
-                cfg, LogDeps(self.queue, self.log_throttle, metrics.spool_commit.observe)
+                cfg,
+                LogDeps(
+                    self.queue,
+                    self.log_throttle,
+                    metrics.spool_commit.observe,
+                    fleet=self.fleet.client if self.fleet else None,
+                ),
             )
         except LogError as exc:
             raise StartupError(str(exc)) from None
@@ -255,14 +271,6 @@ class Daemon:
         # 5. One HTTP session for every account: the lanes' concurrency limits bound it.
         self._session = await client_session(cfg)
         stack.push_async_callback(self._session.close)
-
-        # 5b. The fleet (fleet.redis_url): Redis, the heartbeat, the accounts' shared budgets.
-        if cfg.fleet.enabled:
-            try:
-                self.fleet = await FleetHost.start(cfg, in_delivery=lambda: self.queue.in_delivery)
-            except ConfigError as exc:
-                raise StartupError(str(exc)) from None
-            stack.push_async_callback(self.fleet.stop)
 
         # 6. Intake's app and runner (not listening yet), and the PID file for `forwarder reload`.
         self._state = listeners.intake_state(self, metrics, events)

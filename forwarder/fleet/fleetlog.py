@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import socket
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -25,13 +24,15 @@ import structlog
 from forwarder.config.schema import Config, ConfigError
 from forwarder.delivery.deadletter import DeadLetterNote
 from forwarder.events import Event
+from forwarder.fleet.connection import connect
 from forwarder.fleet.fallback import Fallback
+from forwarder.fleet.host import member_name
 from forwarder.fleet.leases import Leases
 from forwarder.fleet.ownership import Ownership
 from forwarder.fleet.partition import partition_of
-from forwarder.fleet.redisclient import open_client
 from forwarder.fleet.streams import Streams, encode_event
 from forwarder.fleet.window import FleetWindow
+from forwarder.ops.credentials import resolve_redis_password
 from forwarder.storage import spooled
 from forwarder.storage.eventstatus import StatusBook
 from forwarder.storage.log import EventLog, LogDeps, LogError, Stored
@@ -49,11 +50,6 @@ CALL_TIMEOUT_S = 5.0
 POLL_S = 0.05
 # Settles wait this long for company before they are sent (one script call for many).
 FLUSH_S = 0.005
-
-
-def member_name(config: Config) -> str:
-    """This host's member name: fleet.member, else the host name."""
-    return config.fleet.member or socket.gethostname()
 
 
 class FleetLog:
@@ -299,19 +295,22 @@ def _never(account: str) -> bool:
 
 
 async def open_log(config: Config, deps: LogDeps) -> EventLog:
-    """Connect to Redis (no I/O yet), open the local spool for the fallback and the numbers."""
-    redis, close_redis = _connect(config)
+    """The daemon's Redis client (or one of its own), the local spool for the fallback, the
+    numbers and the outcomes. No Redis I/O: Redis down at start is a fallback, not an error."""
+    redis, close_redis = await _client(config, deps)
     try:
         spool = await spooled.open_spool(config, deps.on_commit)
     except BaseException:
-        await close_redis()
+        if close_redis is not None:
+            await close_redis()
         raise
     try:
         numbers = await spooled.open_numbers(config, spool)
         await spooled.lift_seq(config, spool, numbers.ceiling)
     except BaseException:
         await spool.close()
-        await close_redis()
+        if close_redis is not None:
+            await close_redis()
         raise
     status = StatusBook(
         retention_s=config.state.outcome_retention_s, max_count=config.state.outcome_max_count
@@ -322,10 +321,15 @@ async def open_log(config: Config, deps: LogDeps) -> EventLog:
     return FleetLog(config, deps, redis, numbers, status, spool, close_redis)
 
 
-def _connect(config: Config) -> tuple[Any, Callable[[], Awaitable[None]]]:
-    """The Redis client of this log and how to close it."""
+async def _client(
+    config: Config, deps: LogDeps
+) -> tuple[Any, Callable[[], Awaitable[None]] | None]:
+    """The raw redis-py client to use, and how to close it if this log opened it."""
+    if deps.fleet is not None:
+        return deps.fleet.client, None
     try:
-        client = open_client(config)
+        password = await asyncio.to_thread(resolve_redis_password, config)
+        fleet = connect(config.fleet, member=member_name(config), password=password)
     except ConfigError as exc:
         raise LogError(str(exc)) from None
-    return client, client.aclose
+    return fleet.client, fleet.aclose

@@ -27,7 +27,7 @@ from __future__ import annotations
 import importlib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import NamedTuple, Protocol, cast
+from typing import TYPE_CHECKING, NamedTuple, Protocol, cast
 
 from forwarder.config.schema import Config
 from forwarder.delivery.deadletter import DeadLetterNote
@@ -36,6 +36,9 @@ from forwarder.ops.logthrottle import LogThrottle
 from forwarder.storage.eventstatus import StatusBook
 from forwarder.storage.numbering import EventNumbers
 from forwarder.storage.queue import EventQueue
+
+if TYPE_CHECKING:  # redis-py is the optional `fleet` extra
+    from forwarder.fleet.connection import FleetClient
 
 
 class LogError(Exception):
@@ -60,6 +63,7 @@ class LogDeps:
     queue: EventQueue  # the window the lanes read from (the daemon's, reloads resize it)
     throttle: LogThrottle  # the daemon's one throttle for lines a request can repeat
     on_commit: Callable[[float], None] | None = None  # each commit's duration (a histogram)
+    fleet: FleetClient | None = None  # the process's Redis client, with fleet.redis_url
 
 
 class EventLog(Protocol):
