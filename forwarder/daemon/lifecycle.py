@@ -265,6 +265,8 @@ class Daemon:
             )
         except LogError as exc:
             raise StartupError(str(exc)) from None
+        if self.fleet is not None:
+            self.fleet.attach_queue(events)
         stack.push_async_callback(events.close)
         stack.push_async_callback(self._log_stopped, stopped)
 

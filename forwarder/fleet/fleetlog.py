@@ -24,12 +24,14 @@ import structlog
 from forwarder.config.schema import Config, ConfigError
 from forwarder.delivery.deadletter import DeadLetterNote
 from forwarder.events import Event
+from forwarder.fleet import queuestatus, queueview
 from forwarder.fleet.connection import connect
 from forwarder.fleet.fallback import Fallback
 from forwarder.fleet.host import member_name
 from forwarder.fleet.leases import Leases
 from forwarder.fleet.ownership import Ownership
 from forwarder.fleet.partition import partition_of
+from forwarder.fleet.queueview import QueueTotals
 from forwarder.fleet.streams import Streams, encode_event
 from forwarder.fleet.window import FleetWindow
 from forwarder.ops.credentials import resolve_redis_password
@@ -48,6 +50,8 @@ APPEND_TIMEOUT_S = 2.0
 CALL_TIMEOUT_S = 5.0
 # An idle window looks for new entries this often (appends on this host wake it at once).
 POLL_S = 0.05
+# The stream lengths and pending counts shown are read this often.
+TOTALS_S = 5.0
 # Settles wait this long for company before they are sent (one script call for many).
 FLUSH_S = 0.005
 
@@ -100,6 +104,7 @@ class FleetLog:
         self._fill_wake = asyncio.Event()
         self._flush_wake = asyncio.Event()
         self.redis_errors = 0
+        self.totals = QueueTotals()
 
     @property
     def queue(self) -> EventQueue:
@@ -151,6 +156,7 @@ class FleetLog:
             by_account.setdefault(event.account, []).append(entry)
         for account, entries in by_account.items():
             await self.streams.append(account, entries)
+            self.totals.appended += len(entries)
 
     # -- delivery -----------------------------------------------------------------------------
 
@@ -190,6 +196,18 @@ class FleetLog:
     def set_group_commit(self, window_s: float) -> None:
         """The local spool's group commit."""
         self.fallback.spool.group_window_s = window_s
+
+    def queue_view(self) -> dict[str, Any]:
+        """The `queue` object of /v1/stats's `fleet`."""
+        return queueview.view(self.ownership, self.window, self.fallback, self.totals)
+
+    def queue_gauges(self) -> dict[str, tuple[str, float]]:
+        """`forwarder_fleet_queue_*` gauges."""
+        return queueview.gauges(self.ownership, self.fallback, self.totals)
+
+    def queue_counters(self) -> dict[str, tuple[str, float]]:
+        """`forwarder_fleet_queue_*` counters."""
+        return queueview.counters(self.ownership, self.window, self.fallback, self.totals)
 
     # -- the lifecycle ------------------------------------------------------------------------
 
@@ -239,16 +257,34 @@ class FleetLog:
 
     async def _own_loop(self) -> None:
         period = self._config.fleet.lease_s / 3
+        next_totals = 0.0
+        loop = asyncio.get_running_loop()
         while True:
             try:
                 async with asyncio.timeout(min(CALL_TIMEOUT_S, period * 2)):
                     await self.ownership.tick()
+                if loop.time() >= next_totals:
+                    next_totals = loop.time() + TOTALS_S
+                    async with asyncio.timeout(CALL_TIMEOUT_S):
+                        await self._read_totals()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
                 self._redis_failed("ownership", exc)
             self._fill_wake.set()
             await asyncio.sleep(period)
+
+    async def _read_totals(self) -> None:
+        """Stream lengths, pending counts and dead letters of this host's accounts."""
+        length = pending = dead = 0
+        for account in self._config.account_names():
+            status = await queuestatus.account_queue(
+                self._redis, self.streams.prefix, account, self._partitions
+            )
+            length, pending = length + status.length, pending + status.pending
+            dead += status.dead_letters
+        totals = self.totals
+        totals.length, totals.pending, totals.dead_letters = length, pending, dead
 
     async def _fill_loop(self) -> None:
         while True:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import socket
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import structlog
 
@@ -26,6 +26,23 @@ from forwarder.fleet.mode import FleetMode
 from forwarder.ops.credentials import resolve_redis_password
 
 log = structlog.get_logger("forwarder.fleet")
+
+
+@runtime_checkable
+class SharedQueue(Protocol):
+    """What the fleet event log (queue.mode "fleet") adds to the fleet's view and metrics."""
+
+    def queue_view(self) -> dict[str, Any]:
+        """The `queue` object inside /v1/stats's `fleet`."""
+        ...
+
+    def queue_gauges(self) -> dict[str, tuple[str, float]]:
+        """`forwarder_fleet_queue_*` gauges."""
+        ...
+
+    def queue_counters(self) -> dict[str, tuple[str, float]]:
+        """`forwarder_fleet_queue_*` counters."""
+        ...
 
 
 def member_name(config: Config) -> str:
@@ -43,6 +60,11 @@ class FleetHost:
         self.mode = FleetMode()
         self.members = Members(client, self.mode, version=__version__, in_delivery=in_delivery)
         self.budgets_made: dict[str, RedisRateBudget] = {}
+        self.queue: SharedQueue | None = None  # with queue.mode "fleet": the event log
+
+    def attach_queue(self, log: object) -> None:
+        """Show the shared queue too, if the daemon's event log is the fleet's."""
+        self.queue = log if isinstance(log, SharedQueue) else None
 
     @classmethod
     async def start(cls, config: Config, *, in_delivery: Callable[[], int]) -> FleetHost:
@@ -90,6 +112,7 @@ class FleetHost:
             "redis_calls": stats.total,
             "redis_errors": sum(stats.errors.values()),
             "budget_tokens_taken": self.tokens_taken(),
+            **({"queue": self.queue.queue_view()} if self.queue else {}),
         }
 
     def tokens_taken(self) -> int:
@@ -107,6 +130,7 @@ class FleetHost:
                 "Live fleet members this host last saw (itself included).",
                 self.mode.live_members,
             ),
+            **(self.queue.queue_gauges() if self.queue else {}),
         }
 
     def counters(self) -> dict[str, tuple[str, float]]:
@@ -127,4 +151,5 @@ class FleetHost:
                 self.tokens_taken(),
             ),
             "fleet_fallbacks": ("Times this host fell back to local budgets.", self.mode.fallbacks),
+            **(self.queue.queue_counters() if self.queue else {}),
         }

@@ -69,6 +69,12 @@ async def send(host: DaemonProc, events: list[dict[str, str]]) -> None:
         assert response.status == 202, await response.text()
 
 
+async def stats(host: DaemonProc) -> dict[str, Any]:
+    async with aiohttp.ClientSession() as http, http.get(f"{host.url}/v1/stats") as response:
+        result: dict[str, Any] = await response.json()
+        return result
+
+
 async def created_all(mock: MockProc, total: int, timeout: float) -> list[dict[str, Any]]:
     """The remote's created events once `total` distinct ones are there (fails after timeout)."""
     loop = asyncio.get_running_loop()
@@ -116,6 +122,14 @@ async def test_three_hosts_deliver_every_event_once_in_order_through_a_kill(
         await send(host, batch(sent, 50))
         sent += 50
     check(await created_all(mock, sent, timeout=20), sent)
+    # The survivors took the dead host's unsettled entries over, and say so.
+    claimed = 0
+    for host in hosts[1:]:
+        queue = (await stats(host))["fleet"]["queue"]
+        assert queue["partitions_held"] >= 1
+        assert queue["intake"] == "redis"
+        claimed += queue["claimed"]
+    assert claimed > 0
 
 
 async def test_redis_frozen_restarted_and_away_during_intake_loses_nothing(

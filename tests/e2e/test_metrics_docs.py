@@ -57,10 +57,15 @@ async def scrape(
     daemon: Callable[..., Awaitable[DaemonProc]],
     redis: RedisServer,
 ) -> str:
-    """/metrics of a daemon in a fleet (so the fleet's families are there) that has delivered
-    two events, one with an unknown field (so every labelled family has a series)."""
+    """/metrics of a daemon in a fleet, queue.mode "fleet" (so the fleet's and the shared queue's
+    families are there) that has delivered two events, one with an unknown field (so every
+    labelled family has a series)."""
     mock = await mock_remote()
-    d = await daemon(mock.base_url, fleet={"redis_url": redis.url, "member": "scraped"})
+    d = await daemon(
+        mock.base_url,
+        queue={"mode": "fleet"},
+        fleet={"redis_url": redis.url, "member": "scraped"},
+    )
     async with aiohttp.ClientSession(base_url=d.url) as http:
         async with http.post("/v1/events", json=[{"recipient_id": "1", "name": "A"}]) as answer:
             assert answer.status == 202, await answer.text()
