@@ -346,6 +346,9 @@ class Daemon:
         self.shutting_down = True
         if self._state is not None:
             self._state.accepting = False
+        if self.fleet is not None:
+            # The drain delivers this host's window, not the fleet's whole shared queue.
+            self.fleet.stop_loading()
 
     async def _log_stopped(self, stopped: _Stopped) -> None:
         """The one summary line, once everything after the event log is closed."""

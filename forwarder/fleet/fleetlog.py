@@ -105,6 +105,7 @@ class FleetLog:
         self._flush_wake = asyncio.Event()
         self.redis_errors = 0
         self.totals = QueueTotals()
+        self._loading = True  # False once the daemon stops: the drain takes nothing new
 
     @property
     def queue(self) -> EventQueue:
@@ -164,11 +165,13 @@ class FleetLog:
         """Settle a delivered event's entry (batched, fenced)."""
         self.window.settle(spool_seq)
         self._flush_wake.set()
+        self._fill_wake.set()  # its partition has room for one more
 
     def dead_lettered(self, event: Event, spool_seq: int, note: DeadLetterNote) -> None:
         """Move a failed event's entry to the account's dead letters (fenced)."""
         self.window.dead_letter(spool_seq, event, note)
         self._flush_wake.set()
+        self._fill_wake.set()
 
     def wake(self) -> None:
         """Room was made in the window: load more."""
@@ -196,6 +199,10 @@ class FleetLog:
     def set_group_commit(self, window_s: float) -> None:
         """The local spool's group commit."""
         self.fallback.spool.group_window_s = window_s
+
+    def stop_loading(self) -> None:
+        """The daemon is stopping: the drain delivers what is in the window, nothing new."""
+        self._loading = self.window.loading = False
 
     def queue_view(self) -> dict[str, Any]:
         """The `queue` object of /v1/stats's `fleet`."""
@@ -290,6 +297,9 @@ class FleetLog:
         while True:
             self.ownership.check_expired()
             loaded = 0
+            if not self._loading:
+                await asyncio.sleep(POLL_S)
+                continue
             try:
                 async with asyncio.timeout(CALL_TIMEOUT_S):
                     loaded = await self.window.fill()

@@ -44,6 +44,10 @@ class SharedQueue(Protocol):
         """`forwarder_fleet_queue_*` counters."""
         ...
 
+    def stop_loading(self) -> None:
+        """The daemon is stopping: load no more events from the shared queue."""
+        ...
+
 
 def member_name(config: Config) -> str:
     """`fleet.member`, else the host name (its first label, as `fleet.member` allows)."""
@@ -65,6 +69,11 @@ class FleetHost:
     def attach_queue(self, log: object) -> None:
         """Show the shared queue too, if the daemon's event log is the fleet's."""
         self.queue = log if isinstance(log, SharedQueue) else None
+
+    def stop_loading(self) -> None:
+        """At a stop: the shared queue (if any) loads nothing more; the drain empties the window."""
+        if self.queue is not None:
+            self.queue.stop_loading()
 
     @classmethod
     async def start(cls, config: Config, *, in_delivery: Callable[[], int]) -> FleetHost:

@@ -33,6 +33,9 @@ from forwarder.storage.queue import EventQueue
 PENDING, CLAIMING, NEW = "pending", "claiming", "new"
 # Entries read from one partition in one call.
 BATCH = 500
+# At most this many of a partition's events in this host's window (loaded, no outcome yet): a
+# host does not hoard what another could deliver, and a stop's drain has little to finish.
+PARTITION_WINDOW = 64
 # How often a partition waiting for another member's entries to go idle looks again.
 CLAIM_RETRY_S = 0.5
 
@@ -98,6 +101,9 @@ class FleetWindow:
         self._dead: list[tuple[_Part, Lease, bytes, dict[str, str]]] = []
         self.counters = WindowCounters()
         self.member = streams.member
+        # False once the daemon stops: entries read after that stay pending in Redis (handed to
+        # the next holder at the release) instead of entering a window that is draining.
+        self.loading = True
 
     # -- ownership's callbacks ----------------------------------------------------------------
 
@@ -213,15 +219,19 @@ class FleetWindow:
             room = self._queue.free
             if room <= 0:
                 return loaded
+            ahead = PARTITION_WINDOW - part.in_window
+            if ahead <= 0:
+                continue
             if part.phase != NEW:
-                loaded += await self._catch_up(part, min(room, BATCH))
+                loaded += await self._catch_up(part, min(room, ahead, BATCH))
             if part.phase == NEW:
                 new_by_account.setdefault(part.lease.account, []).append(part)
         for account, parts in new_by_account.items():
             room = self._queue.free
             if room <= 0:
                 break
-            count = max(1, min(BATCH, room // len(parts)))
+            ahead = min(PARTITION_WINDOW - part.in_window for part in parts)
+            count = max(1, min(BATCH, room // len(parts), ahead))
             by_partition = {part.lease.partition: part for part in parts}
             entries = await self._streams.read_new(account, sorted(by_partition), count)
             for partition, part in by_partition.items():
@@ -256,6 +266,8 @@ class FleetWindow:
         return self._load(part, entries)
 
     def _load(self, part: _Part, entries: list[Entry]) -> int:
+        if not self.loading:
+            return 0
         events: list[Event] = []
         handles: list[int] = []
         for entry in entries:

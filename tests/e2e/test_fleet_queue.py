@@ -98,7 +98,7 @@ def check(events: list[dict[str, Any]], total: int) -> None:
         assert values == sorted(values), f"{recipient} out of order: {values}"
 
 
-async def test_three_hosts_deliver_every_event_once_in_order_through_a_kill(
+async def test_three_hosts_deliver_every_event_once_in_order_through_a_kill_and_a_stop(
     daemon: Daemon, mock_remote: Mock, redis_server: RedisServer
 ) -> None:
     mock = await mock_remote()
@@ -130,6 +130,22 @@ async def test_three_hosts_deliver_every_event_once_in_order_through_a_kill(
         assert queue["intake"] == "redis"
         claimed += queue["claimed"]
     assert claimed > 0
+    # A clean stop drains this host's window only (not the fleet's backlog: the backlog here
+    # outlasts shutdown.timeout_s), then hands its partitions and unsettled entries over at
+    # once: the last host delivers everything.
+    await mock.set_faults(latency_ms=20)
+    for _ in range(3):
+        await send(hosts[2], batch(sent, 500))
+        sent += 500
+    await asyncio.sleep(0.5)
+    assert await hosts[1].stop() == 0
+    logs = hosts[1].proc.logs()
+    at = next(i for i, r in enumerate(logs) if r.get("event") == "stopping")
+    after = [r for r in logs[at:] if r.get("event") == "delivered"]
+    # What it delivered after the signal was in its window then: it loaded nothing more.
+    assert len(after) <= logs[at]["queued"] + logs[at]["in_flight"]
+    await mock.set_faults(latency_ms=0)
+    check(await created_all(mock, sent, timeout=20), sent)
 
 
 async def test_redis_frozen_restarted_and_away_during_intake_loses_nothing(

@@ -20,7 +20,7 @@ from forwarder.fleet.ownership import Ownership, consumers_key, drain_key, share
 from forwarder.fleet.partition import partition_of
 from forwarder.fleet.queuekeys import AccountKeys
 from forwarder.fleet.streams import Streams, encode_event
-from forwarder.fleet.window import FleetWindow
+from forwarder.fleet.window import PARTITION_WINDOW, FleetWindow
 from forwarder.storage.queue import EventQueue
 from forwarder.storage.sqlite.spool import Spool
 from tests.redisserver import RedisServer
@@ -280,3 +280,15 @@ async def test_a_drain_ends_when_the_member_starts_again(client: aioredis.Redis)
     assert not a.ownership.draining
     assert len(a.ownership.held) == PARTITIONS
     assert not await queuestatus.undrain(client, PREFIX, "host-a")
+
+
+async def test_a_partitions_window_is_bounded(client: aioredis.Redis) -> None:
+    a = Member(client, "host-a")
+    await a.round()
+    await append(a.streams, events(PARTITION_WINDOW + 50, recipients=1))  # one partition
+    for _ in range(3):
+        await a.window.fill()
+    assert len(a.queue) == PARTITION_WINDOW  # the rest waits in Redis for whoever is free
+    await a.deliver_all()
+    await a.window.fill()
+    assert len(a.queue) == 50
