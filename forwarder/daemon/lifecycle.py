@@ -34,7 +34,8 @@ import time
 import aiohttp
 import structlog
 
-from forwarder.config.schema import Config, ConfigError, check_exposure
+from forwarder.config.schema import Config, ConfigError
+from forwarder.config.validate import check_exposure
 from forwarder.daemon import listeners
 from forwarder.daemon.accountlanes import AccountLanes, client_session
 from forwarder.daemon.eventlog import open_backlog, open_spool, save_leftovers

@@ -20,7 +20,8 @@ from typing import TYPE_CHECKING
 import structlog
 from aiohttp import web
 
-from forwarder.config.schema import Config, IntakeConfig, resolve_group
+from forwarder.config.address import resolve_group
+from forwarder.config.schema import Config, IntakeConfig
 from forwarder.intake.app import IntakeState
 from forwarder.ops.metrics import Metrics
 from forwarder.ops.statedir import read_state_file, replace_state_file
