@@ -43,7 +43,8 @@ from forwarder.ops.metrics import Metrics, Stats
 from forwarder.storage.eventstatus import StatusBook
 from forwarder.storage.numbering import BLOCK, EventNumbers
 from forwarder.storage.queue import EventQueue
-from forwarder.storage.sqlite.file import SPOOL_FILE, open_readonly_or_fail
+from forwarder.storage.sqlite.file import SPOOL_FILE
+from forwarder.storage.sqlite.opening import open_readonly_or_fail
 from tests.redisserver import RedisServer, running_redis
 
 
@@ -330,7 +331,7 @@ def intake_state(
     """
     queue = EventQueue(max_events, max_bytes=max_bytes)
     stats = Stats()
-    status = StatusBook(retention_s=86400.0, max_count=1000, durable=False)
+    status = StatusBook(retention_s=86400.0, max_count=1000)
     status.queue = queue
 
     def gauges() -> dict[str, tuple[str, float]]:

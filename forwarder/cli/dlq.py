@@ -33,7 +33,9 @@ from forwarder.cli.spooldb import (
 from forwarder.config.load import load_config
 from forwarder.config.schema import ConfigError
 from forwarder.ops.statedir import running_holder
-from forwarder.storage.sqlite.file import DeadLetter, SpoolError, open_readonly_or_fail
+from forwarder.storage.sqlite.codec import DeadLetter
+from forwarder.storage.sqlite.file import SPOOL_FILE, SpoolError
+from forwarder.storage.sqlite.opening import open_readonly_or_fail
 
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
@@ -70,9 +72,16 @@ def _fail(message: str, code: int = EXIT_FAILURE) -> int:
     return code
 
 
+class _NoSpool(Exception):
+    """The state directory has no spool: memory mode writes one only when it must."""
+
+
 @contextmanager
 def _spool(args: argparse.Namespace) -> Iterator[sqlite3.Connection]:
     config = load_config(Path(args.config) if args.config else None)
+    path = config.state.path / SPOOL_FILE
+    if not path.exists() and not path.is_symlink():  # a link is refused by the open, with why
+        raise _NoSpool(str(path))
     conn = open_readonly_or_fail(config.state.path)
     try:
         yield conn
@@ -80,10 +89,18 @@ def _spool(args: argparse.Namespace) -> Iterator[sqlite3.Connection]:
         conn.close()
 
 
-def _run(args: argparse.Namespace, work: Callable[[sqlite3.Connection], int]) -> int:
+def _run(
+    args: argparse.Namespace, work: Callable[[sqlite3.Connection], int], *, missing: int = 0
+) -> int:
+    """`work` on the spool; with no spool file, a line saying so and the exit code `missing`."""
     try:
         with _spool(args) as conn:
             return work(conn)
+    except _NoSpool as exc:
+        # Not an error: memory mode creates it only when a stop leaves events or an event is
+        # dead-lettered.
+        print(f"forwarder: no spool at {exc}: no dead letters and no saved events", file=sys.stderr)
+        return missing
     except ConfigError as exc:
         return _fail(f"config error: {exc}", EXIT_USAGE)
     except SpoolError as exc:
@@ -140,7 +157,7 @@ def cmd_show(args: argparse.Namespace) -> int:
         print(json.dumps(letter.to_dict(), ensure_ascii=False, indent=2))
         return 0
 
-    return _run(args, work)
+    return _run(args, work, missing=EXIT_FAILURE)
 
 
 def cmd_replay(args: argparse.Namespace) -> int:

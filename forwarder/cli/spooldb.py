@@ -14,25 +14,23 @@ from pathlib import Path
 from typing import Any
 
 from forwarder.events import Event
+from forwarder.storage.sqlite.codec import (
+    DeadLetter,
+    dead_letter_from_row,
+    decode_body,
+    encode_rows,
+    event_from_entry,
+    row_entries,
+)
 from forwarder.storage.sqlite.file import (
     CHUNK_ROWS,
     DEAD_COLUMNS,
     IN_CHUNK,
     ROW_BITS,
     SELECT_BATCHES,
-    DeadLetter,
-    chunks,
-    dead_letter_from_row,
-    decode_body,
-    encode_rows,
-    event_from_entry,
-    insert_batches,
-    last_seq,
-    load_totals_in,
-    rollback,
-    row_entries,
-    side_file,
 )
+from forwarder.storage.sqlite.opening import side_file
+from forwarder.storage.sqlite.rows import chunks, insert_batches, last_seq, load_totals_in, rollback
 
 
 def list_dead_letters(

@@ -22,7 +22,7 @@ from forwarder.daemon.lifecycle import Daemon
 from forwarder.intake.accounts import configured_accounts
 from forwarder.ops.credentials import ApiKey, Secret
 from forwarder.ops.logs import configure_logging
-from forwarder.storage.sqlite.file import open_readonly_or_fail
+from forwarder.storage.sqlite.opening import open_readonly_or_fail
 from forwarder.testing.mock_options import MockOptions
 from forwarder.testing.mock_server import start_mock
 
