@@ -43,9 +43,10 @@ from forwarder.daemon.reload import Loader, reload
 from forwarder.daemon.view import StatusView
 from forwarder.delivery.dispatcher import Dispatcher
 from forwarder.intake.accounts import Account, Accounts
-from forwarder.intake.app import IntakeState, create_app
+from forwarder.intake.app import create_app
 from forwarder.intake.guard import ConnectionGuard
 from forwarder.intake.runner import IntakeRunner
+from forwarder.intake.state import IntakeState
 from forwarder.ops.credentials import ApiKey, resolve_intake_token
 from forwarder.ops.logs import flush_logs, set_secrets
 from forwarder.ops.logthrottle import LogThrottle

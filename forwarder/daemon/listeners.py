@@ -22,7 +22,7 @@ from aiohttp import web
 
 from forwarder.config.address import resolve_group
 from forwarder.config.schema import Config, IntakeConfig
-from forwarder.intake.app import IntakeState
+from forwarder.intake.state import IntakeState
 from forwarder.ops.metrics import Metrics
 from forwarder.ops.statedir import read_state_file, replace_state_file
 from forwarder.ops.systemd import ListenSocket
