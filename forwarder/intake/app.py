@@ -342,10 +342,11 @@ async def healthz(request: web.Request) -> web.Response:
 
 async def readyz(request: web.Request) -> web.Response:
     """GET /readyz: 200 when events flow; 503 with the reason while they cannot."""
-    reason = request.app[STATE].not_ready_reason()
+    state = request.app[STATE]
+    reason = state.not_ready_reason()
     if reason:
-        return json_answer(503, {"ready": False, "reason": reason})
-    return json_answer(200, {"ready": True})
+        return json_answer(503, {"ready": False, "reason": reason, **state.ready_detail()})
+    return json_answer(200, {"ready": True, **state.ready_detail()})
 
 
 async def metrics(request: web.Request) -> web.Response:

@@ -35,6 +35,8 @@ class IntakeState:
     # Returns "" when ready, or why not (delivery paused, shutting down).
     not_ready_reason: Callable[[], str] = field(default=lambda: "")
     stats_extra: Callable[[], dict[str, Any]] = field(default=dict)
+    # What /readyz adds to its answer (the fleet mode); {} without a fleet.
+    ready_detail: Callable[[], dict[str, Any]] = field(default=dict)
     # The token every request but GET /healthz must carry; None: no token required.
     auth_token: Secret | None = None
     # A request's body must arrive within this long of its head (intake.body_timeout_s).
