@@ -32,8 +32,9 @@ from forwarder.ops.logthrottle import LogThrottle
 from forwarder.storage.eventstatus import StatusBook
 from forwarder.storage.numbering import EventNumbers
 from forwarder.storage.queue import TOO_LARGE, EventQueue, event_size
+from forwarder.storage.sqlite.committer import SpooledEvent
 from forwarder.storage.sqlite.file import SpoolError
-from forwarder.storage.sqlite.spool import Spool, SpooledEvent, SpoolFull
+from forwarder.storage.sqlite.spool import Spool, SpoolFull
 
 log = structlog.get_logger("forwarder.backlog")
 # Rows read from disk per refill: big enough to amortise a query, small against memory.
