@@ -15,6 +15,10 @@ is; the account is read again from there when it has room. An account below its 
 finds the window full takes the room back from accounts above theirs (their newest waiting
 events leave memory; they are still in the spool). So a paused, broken or slow account holds
 its share at most and never holds back another.
+
+One module although past 400 lines: admission, the fair shares and the refill's scan keep one
+set of positions (`_loaded_seq`, `_scanned_to`, `_passed`, `_in_memory`) true together; split,
+each part would reach into the others' state.
 """
 
 from __future__ import annotations

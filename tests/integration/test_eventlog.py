@@ -25,7 +25,7 @@ from forwarder.storage.durable import DurableLog
 from forwarder.storage.log import BACKENDS, EventLog, LogDeps, backend, open_event_log
 from forwarder.storage.memory import MemoryLog
 from forwarder.storage.queue import EventQueue
-from forwarder.storage.sqlite import opening, recover
+from forwarder.storage.sqlite import opening, swap
 from forwarder.storage.sqlite.file import SPOOL_FILE
 from forwarder.storage.sqlite.spool import Spool
 from tests.conftest import dead_letters, spooled
@@ -276,10 +276,10 @@ async def test_a_new_spool_file_appears_whole(
         built.append((path.name, (tmp_path / SPOOL_FILE).exists()))
         return connect(path)
 
-    monkeypatch.setattr(recover, "connect_daemon", watched)
+    monkeypatch.setattr(swap, "connect_daemon", watched)
     spool = await Spool.open(tmp_path)
     await spool.close()
-    assert built == [(SPOOL_FILE + recover.CREATING, False)]
+    assert built == [(SPOOL_FILE + swap.CREATING, False)]
     assert sorted(p.name for p in tmp_path.iterdir()) == [SPOOL_FILE]
     spool = await Spool.open(tmp_path)  # an existing file is opened as it is
     await spool.close()

@@ -5,6 +5,10 @@ out a group's window, commits the group in one transaction (one fsync), reads an
 and moves damaged rows to the dead letters. It reports back to the loop side only through
 `_post`, which runs the loop side's `_apply`, `_refuse` or `_fail` there, in order. The state
 both halves touch is set up by `Spool.__init__`; what is shared with the loop is under `_lock`.
+
+One module although past 400 lines: every method runs on the one thread against its one
+connection and the thread's counters (`_t`), which a commit, a refresh and a read's quarantine
+each bring up to date the same way.
 """
 
 from __future__ import annotations
@@ -52,7 +56,7 @@ from forwarder.storage.sqlite.opening import (
     side_file,
 )
 from forwarder.storage.sqlite.outcomes import INSERT_OUTCOME, OutcomeRow
-from forwarder.storage.sqlite.recover import Recovery, create_fresh, finish_recovery, recover_aside
+from forwarder.storage.sqlite.recover import Recovery
 from forwarder.storage.sqlite.rows import (
     Totals,
     commit_timed,
@@ -65,6 +69,7 @@ from forwarder.storage.sqlite.rows import (
     settle,
     settled_between,
 )
+from forwarder.storage.sqlite.swap import create_fresh, finish_recovery, recover_aside
 from forwarder.storage.sqlite.upgrade import (
     upgrade,
 )
