@@ -28,7 +28,7 @@ import re
 import ssl
 import tomllib
 import typing
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -46,6 +46,7 @@ __all__ = [
     "AccountConfig",
     "Config",
     "ConfigError",
+    "FleetConfig",
     "IntakeConfig",
     "LogConfig",
     "QueueConfig",
@@ -573,6 +574,92 @@ class LogConfig:
     )
 
 
+# Redis URL schemes redis-py connects with: plain, TLS, a Unix socket.
+_REDIS_SCHEMES = ("redis", "rediss", "unix")
+_MEMBER_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+_KEY_PREFIX_RE = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
+
+
+@dataclass(frozen=True, slots=True)
+class FleetConfig:
+    """``[fleet]``: many hosts sharing one account's rate budget (and queue) through Redis."""
+
+    redis_url: str = setting(
+        "",
+        doc='Redis 7 shared by the fleet: "redis://host:6379/0", "rediss://host:6380/0" (TLS) or\n'
+        '"unix:///run/redis/redis.sock". "" (the default): no fleet, every budget is this '
+        "host's own.\nNo password in the URL: it comes from redis_password_file or the systemd "
+        "credential\nredis_password, so it never reaches a log.",
+        secret="names",
+        reload=False,
+        example="rediss://redis.internal:6380/0",
+        bounds='a `redis://`, `rediss://` or `unix://` URL without a password; `""`: off',
+        ref="the Redis server the fleet shares ; set, the "
+        "accounts' rate budgets are shared by every host that names the same server and prefix",
+    )
+    redis_password_file: str = setting(
+        "",
+        doc="File holding the Redis password (then the systemd credential redis_password).",
+        secret="names",
+        reload=False,
+        bounds="an absolute path",
+        ref="file holding the Redis password (`AUTH`); without it the systemd credential "
+        "`redis_password` is used when present, else no password",
+    )
+    member: str = setting(
+        "",
+        doc='This host\'s name in the fleet; "" means the host name. Unique per host, stable '
+        "across restarts.",
+        reload=False,
+        default_doc="the host name",
+        bounds="letters, digits, `_`, `.` and `-`, 1 to 64, starting with a letter or digit",
+        ref="this host's member name: its heartbeat, its consumer name and its leases. Stable "
+        "across restarts, unique in the fleet",
+    )
+    partitions: int = setting(
+        16,
+        doc='queue.mode "fleet": partitions of each account\'s stream (a recipient always '
+        "maps to the same one).\nThe same on every host; changing it needs the fleet stopped "
+        "and drained.",
+        lo=1,
+        hi=1024,
+        reload=False,
+        ref="partitions of each account's shared stream; a recipient's events stay in one, so "
+        "their order holds. The same on every host",
+    )
+    claim_idle_s: float = setting(
+        60.0,
+        reload=False,
+        doc="A dead member's unacknowledged events are taken over after this long (longer than "
+        "a request's\nremote.timeout_s).",
+        unit="seconds",
+        ref="how long an event handed to a member may stay unacknowledged before another member "
+        "claims it; must exceed `remote.timeout_s`",
+    )
+    lease_s: float = setting(
+        10.0,
+        reload=False,
+        doc="A partition's lease: renewed every lease_s / 3; a host that cannot renew stops "
+        "delivering\nfrom it before the lease ends.",
+        unit="seconds",
+        ref="how long a host owns a partition without renewing it; a stopped or cut-off host's "
+        "partitions move to the others after this",
+    )
+    key_prefix: str = setting(
+        "forwarder",
+        doc="The prefix of every Redis key (two fleets on one server need two prefixes).",
+        reload=False,
+        bounds="letters, digits, `_`, `.`, `:` and `-`, 1 to 64",
+        ref="the start of every key forwarder writes; an account's keys are "
+        "`{PREFIX:ACCOUNT}:…`, one hash slot per account",
+    )
+
+    @property
+    def enabled(self) -> bool:
+        """Whether this host is part of a fleet (a Redis server is named)."""
+        return bool(self.redis_url)
+
+
 @dataclass(frozen=True, slots=True)
 class AccountConfig:
     """``[accounts.NAME]``: a further account of the remote API, with its own key and quota.
@@ -631,6 +718,7 @@ class Config:
     state: StateConfig = field(default_factory=StateConfig)
     shutdown: ShutdownConfig = field(default_factory=ShutdownConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    fleet: FleetConfig = field(default_factory=FleetConfig)
     # [accounts.NAME] tables by name; the [remote] account ("default") is not in here.
     accounts: dict[str, AccountConfig] = field(default_factory=dict)
 
@@ -667,6 +755,7 @@ _SECTIONS: dict[str, type[Any]] = {
     "state": StateConfig,
     "shutdown": ShutdownConfig,
     "log": LogConfig,
+    "fleet": FleetConfig,
 }
 
 _EXPECTED: dict[_Kind, str] = {
@@ -1268,6 +1357,8 @@ def _validate(config: Config, origins: Mapping[str, str]) -> Config:
     if not config.state.dir:
         raise fail("state.dir", "must not be empty")
 
+    _validate_fleet(config, fail)
+
     sections: dict[str, Any] = {
         name: dataclasses.replace(getattr(config, name), **values)
         for name, values in folded.items()
@@ -1278,6 +1369,61 @@ def _validate(config: Config, origins: Mapping[str, str]) -> Config:
         remote=dataclasses.replace(remote, base_url=base_url),
         accounts=accounts,
     )
+
+
+def _validate_fleet(config: Config, fail: Callable[[str, str], ConfigError]) -> None:
+    """The `[fleet]` rules a per-field bound cannot say: URL syntax, names, related timings."""
+    fleet = config.fleet
+    if fleet.redis_url:
+        # The URL is not echoed: it may hold a password pasted by mistake.
+        parts = urlsplit(fleet.redis_url)
+        if parts.scheme not in _REDIS_SCHEMES:
+            raise fail(
+                "fleet.redis_url",
+                f"must start with {', '.join(s + '://' for s in _REDIS_SCHEMES)}; "
+                "the value is not shown",
+            )
+        if parts.password is not None:
+            raise fail(
+                "fleet.redis_url",
+                "must not hold a password (it would be logged with the URL); put it in "
+                "fleet.redis_password_file or the systemd credential redis_password; "
+                "the value is not shown",
+            )
+        if parts.scheme == "unix" and not parts.path.startswith("/"):
+            raise fail("fleet.redis_url", "a unix:// URL needs an absolute socket path")
+        if parts.scheme != "unix" and not parts.hostname:
+            raise fail("fleet.redis_url", "names no host; the value is not shown")
+    if fleet.redis_password_file and (
+        not fleet.redis_password_file.startswith("/") or "\0" in fleet.redis_password_file
+    ):
+        raise fail(
+            "fleet.redis_password_file",
+            "must be an absolute path to the file holding the password, not the password "
+            "itself; the value is not shown",
+        )
+    if fleet.member and not _MEMBER_RE.fullmatch(fleet.member):
+        raise fail(
+            "fleet.member",
+            "letters, digits, _, . and - only, 1 to 64, starting with a letter or digit, "
+            f"got {_short(fleet.member)}",
+        )
+    if not _KEY_PREFIX_RE.fullmatch(fleet.key_prefix):
+        raise fail(
+            "fleet.key_prefix",
+            f"letters, digits, _, ., : and - only, 1 to 64, got {_short(fleet.key_prefix)}",
+        )
+    if fleet.claim_idle_s <= config.remote.timeout_s:
+        raise fail(
+            "fleet.claim_idle_s",
+            f"must exceed remote.timeout_s ({config.remote.timeout_s}): an event still in a "
+            f"request must not be claimed by another host, got {fleet.claim_idle_s}",
+        )
+    if fleet.lease_s >= fleet.claim_idle_s:
+        raise fail(
+            "fleet.lease_s",
+            f"must be shorter than fleet.claim_idle_s ({fleet.claim_idle_s}), got {fleet.lease_s}",
+        )
 
 
 # --- rendering ----------------------------------------------------------------------------------

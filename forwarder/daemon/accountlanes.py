@@ -19,7 +19,8 @@ from forwarder.delivery.dispatcher import Dispatcher
 from forwarder.delivery.lane import LaneSettings
 from forwarder.delivery.remote import USER_AGENT, RemoteClient, make_ssl_context
 from forwarder.intake.accounts import CLIENT_IDLE_S, CLIENT_SWEEP_S, Account
-from forwarder.ops.telemetry import Metrics, set_secrets
+from forwarder.ops.logs import set_secrets
+from forwarder.ops.metrics import Metrics
 from forwarder.storage.held import HeldEvents
 from forwarder.storage.log import EventLog
 

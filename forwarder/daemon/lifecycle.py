@@ -43,9 +43,12 @@ from forwarder.daemon.view import StatusView
 from forwarder.delivery.dispatcher import Dispatcher
 from forwarder.intake.accounts import Account, Accounts
 from forwarder.intake.app import IntakeState, create_app
-from forwarder.intake.connections import ConnectionGuard, IntakeRunner
+from forwarder.intake.guard import ConnectionGuard
+from forwarder.intake.runner import IntakeRunner
 from forwarder.ops.credentials import ApiKey, resolve_intake_token
+from forwarder.ops.logs import flush_logs, set_secrets
 from forwarder.ops.logthrottle import LogThrottle
+from forwarder.ops.metrics import Metrics, Stats
 from forwarder.ops.statedir import StateDirError, StateLock, prepare_state_dir
 from forwarder.ops.systemd import (
     ListenSocket,
@@ -56,7 +59,6 @@ from forwarder.ops.systemd import (
     stop_timeout_s,
     watchdog_interval,
 )
-from forwarder.ops.telemetry import Metrics, Stats, flush_logs, set_secrets
 from forwarder.storage.held import HeldEvents
 from forwarder.storage.log import EventLog, LogDeps, LogError, open_event_log
 from forwarder.storage.queue import EventQueue

@@ -22,9 +22,9 @@ from aiohttp import web
 
 from forwarder.config.schema import Config, IntakeConfig, resolve_group
 from forwarder.intake.app import IntakeState
+from forwarder.ops.metrics import Metrics
 from forwarder.ops.statedir import read_state_file, replace_state_file
 from forwarder.ops.systemd import ListenSocket
-from forwarder.ops.telemetry import Metrics
 from forwarder.storage.log import EventLog
 
 if TYPE_CHECKING:

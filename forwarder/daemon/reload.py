@@ -21,7 +21,7 @@ from forwarder.daemon.listeners import ensure_fd_room, exposed_listeners
 from forwarder.delivery.lane import LaneSettings
 from forwarder.intake.accounts import Account
 from forwarder.ops.credentials import resolve_intake_token
-from forwarder.ops.telemetry import set_log_level, set_secrets
+from forwarder.ops.logs import set_log_level, set_secrets
 
 if TYPE_CHECKING:
     from forwarder.daemon.lifecycle import Daemon

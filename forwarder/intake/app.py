@@ -30,23 +30,16 @@ from multidict import MultiDict
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from forwarder import __version__
-from forwarder.events import (
-    Event,
-    EventValidationError,
-    FieldError,
-    Leniency,
-    describe_error,
-    event_from_mapping,
-    events_from_items,
-    loads_json,
-    parse_ndjson,
-)
+from forwarder.events import Event
+from forwarder.events.model import EventValidationError, FieldError
+from forwarder.events.parse import describe_error, loads_json, parse_ndjson
+from forwarder.events.validate import Leniency, event_from_mapping, events_from_items
 from forwarder.intake.accounts import CLIENT_PREFIX, AccountError, Accounts
 from forwarder.intake.connections import GuardedRequestHandler
 from forwarder.intake.leniency import note as note_leniency
 from forwarder.ops.credentials import Secret
 from forwarder.ops.logthrottle import LogThrottle
-from forwarder.ops.telemetry import Metrics, Stats
+from forwarder.ops.metrics import Metrics, Stats
 from forwarder.storage.eventstatus import StatusBook, parse_key
 from forwarder.storage.log import EventLog
 from forwarder.storage.numbering import EventNumbers

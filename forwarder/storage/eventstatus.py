@@ -20,7 +20,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import structlog
 
-from forwarder.events import EVENT_ID_RE, Event
+from forwarder.events import Event
+from forwarder.events.model import EVENT_ID_RE
 from forwarder.storage.sqlite import outcomes as outcomestore
 from forwarder.storage.sqlite.outcomes import OutcomeRow
 

@@ -24,7 +24,7 @@ import structlog
 from forwarder.delivery.deadletter import DeadLetterNote
 from forwarder.delivery.outcomes import Outcomes
 from forwarder.events import Event
-from forwarder.ops.telemetry import Stats
+from forwarder.ops.metrics import Stats
 from forwarder.storage.queue import EventQueue
 
 log = structlog.get_logger("forwarder.held")

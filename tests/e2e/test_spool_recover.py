@@ -20,8 +20,8 @@ import aiohttp
 import pytest
 import structlog
 
-from forwarder.cli.dlq import list_dead_letters, spool_stats, spooled_events
 from forwarder.cli.main import main
+from forwarder.cli.spooldb import list_dead_letters, spool_stats, spooled_events
 from forwarder.delivery.deadletter import DeadLetterNote
 from forwarder.events import Event
 from forwarder.ops.statedir import StateLock

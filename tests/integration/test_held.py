@@ -15,7 +15,7 @@ from forwarder.daemon.lifecycle import Daemon
 from forwarder.delivery.deadletter import REASONS, DeadLetterNote
 from forwarder.events import Event
 from forwarder.intake.accounts import client_account_name
-from forwarder.ops.telemetry import DEAD_LETTER_REASONS, Stats
+from forwarder.ops.metrics import DEAD_LETTER_REASONS, Stats
 from forwarder.storage.held import HELD, HeldEvents
 from forwarder.storage.queue import EventQueue
 from forwarder.storage.sqlite.spool import Spool

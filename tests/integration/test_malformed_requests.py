@@ -20,8 +20,9 @@ from structlog.testing import capture_logs
 
 from forwarder.events import Event
 from forwarder.intake.app import IntakeState, create_app
-from forwarder.intake.connections import ConnectionGuard, IntakeRunner
+from forwarder.intake.guard import ConnectionGuard
 from forwarder.intake.rejections import describe_rejection
+from forwarder.intake.runner import IntakeRunner
 from forwarder.ops.credentials import Secret
 from forwarder.storage.backlog import Backlog
 from forwarder.storage.durable import DurableLog

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 import forwarder.storage.sqlite.upgrade as spoolupgrade
-from forwarder.cli.dlq import (
+from forwarder.cli.spooldb import (
     get_dead_letter,
     list_dead_letters,
     purge_dead_letters,

@@ -16,7 +16,8 @@ from typing import Any
 import orjson
 
 from forwarder.delivery.deadletter import DeadLetterNote
-from forwarder.events import Event, shared_name
+from forwarder.events import Event
+from forwarder.events.model import shared_name
 from forwarder.storage.sqlite.file import ROW_EVENTS, BatchRow, DeadRow
 
 

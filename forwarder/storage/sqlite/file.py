@@ -15,7 +15,7 @@ A file that is not ours (another application_id), is from a newer forwarder, or 
 never deleted: it is moved aside to `spool.db.damaged-<UTC time>` and a fresh one is started.
 
 What the daemon's handle (`spool.py`), the upgrades of older schemas (`upgrade.py`) and the
-command line (`cli/dlq.py`) share is in four modules: this one (the schema and its statements),
+command line (`cli/spooldb.py`) share is in four modules: this one (the schema and its statements),
 `codec.py` (the row codec), `opening.py` (opening and checking the file, moving it aside) and
 `rows.py` (the primitives that count and settle rows).
 """

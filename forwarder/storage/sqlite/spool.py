@@ -7,7 +7,8 @@ requests and the idle watch that cuts a group short, and what a commit's results
 loop; the thread's side (the group commit, reads, damaged rows) is `committer.py`. The file
 itself is `file.py` (schema), `codec.py`, `opening.py` and `rows.py`; the `forwarder dlq` and
 `forwarder spool` commands, which run in their own process and may work on the database while
-the daemon has it open (WAL lets readers and one writer coexist), are `cli/dlq.py`.
+the daemon has it open (WAL lets readers and one writer coexist), are `cli/dlq.py` (their reads
+and writes of the spool: `cli/spooldb.py`).
 
 One module although past 400 lines: it is one class's loop side, whose operations, request queue
 and result handlers share the reserved bytes, the pending requests and the counters.
