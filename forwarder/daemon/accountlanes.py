@@ -47,6 +47,7 @@ class AccountLanes:
             stats=d.stats,
             latency=metrics.latency,
             status=events.status,
+            budgets=d.fleet.budgets if d.fleet else None,
         )
         for account in d.accounts.configured.values():
             self.add_lane(account)

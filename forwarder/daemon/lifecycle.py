@@ -9,7 +9,8 @@ reversed by construction:
 3. the state directory, checked and locked (a second daemon stops here);
 4. the event log (`queue.mode`'s backend from `storage.log.BACKENDS`), with what the last stop
    saved replayed; the `stopped` summary;
-5. the HTTP client session (one for every account);
+5. the HTTP client session (one for every account); with `fleet.redis_url`, the fleet's Redis
+   client and heartbeat (forwarder/fleet/host.py), whose budgets the lanes get;
 6. intake's app and runner (not listening yet) and the PID file; they go after the save;
 7. the dispatcher with a lane per account, held events, and delivery started (its teardown
    stops delivery and releases what is left to the event log);
@@ -41,6 +42,7 @@ from forwarder.daemon.listeners import StartupError, reason
 from forwarder.daemon.reload import Loader, reload
 from forwarder.daemon.view import StatusView
 from forwarder.delivery.dispatcher import Dispatcher
+from forwarder.fleet.host import FleetHost
 from forwarder.intake.accounts import Account, Accounts
 from forwarder.intake.app import IntakeState, create_app
 from forwarder.intake.guard import ConnectionGuard
@@ -118,6 +120,7 @@ class Daemon:
         self._reload_task: asyncio.Task[bool] | None = None
         self._dispatcher: Dispatcher | None = None
         self._session: aiohttp.ClientSession | None = None
+        self.fleet: FleetHost | None = None
         self._state: IntakeState | None = None
         self._metrics: Metrics | None = None
         self._stopped = _Stopped()
@@ -252,6 +255,14 @@ class Daemon:
         # 5. One HTTP session for every account: the lanes' concurrency limits bound it.
         self._session = await client_session(cfg)
         stack.push_async_callback(self._session.close)
+
+        # 5b. The fleet (fleet.redis_url): Redis, the heartbeat, the accounts' shared budgets.
+        if cfg.fleet.enabled:
+            try:
+                self.fleet = await FleetHost.start(cfg, in_delivery=lambda: self.queue.in_delivery)
+            except ConfigError as exc:
+                raise StartupError(str(exc)) from None
+            stack.push_async_callback(self.fleet.stop)
 
         # 6. Intake's app and runner (not listening yet), and the PID file for `forwarder reload`.
         self._state = listeners.intake_state(self, metrics, events)

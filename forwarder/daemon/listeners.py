@@ -58,6 +58,7 @@ def intake_state(daemon: Daemon, metrics: Metrics, events: EventLog) -> IntakeSt
         log=events,
         not_ready_reason=daemon.view.not_ready_reason,
         stats_extra=daemon.view.stats_extra,
+        ready_detail=daemon.view.ready_detail,
         auth_token=daemon.intake_token.secret if daemon.intake_token else None,
         body_timeout_s=cfg.intake.body_timeout_s,
         drop_in_answer=cfg.intake.drop_in_answer,

@@ -66,6 +66,7 @@ class StatusView:
                 len(d.accounts.clients),
             ),
             **self.spool_gauges(),
+            **(d.fleet.gauges() if d.fleet else {}),
         }
 
     def not_ready_conditions(self) -> dict[str, bool]:
@@ -122,6 +123,7 @@ class StatusView:
                 "intake.write_timeout_s.",
                 guard.write_timeouts,
             ),
+            **(d.fleet.counters() if d.fleet else {}),
         }
 
     def spool_gauges(self) -> dict[str, tuple[str, float]]:
@@ -199,16 +201,28 @@ class StatusView:
                 "mode": d.config.queue.mode,
                 **{name: value for name, (_, value) in self.spool_gauges().items()},
             },
+            **({"fleet": d.fleet.view()} if d.fleet else {}),
         }
+
+    def ready_detail(self) -> dict[str, Any]:
+        """What /readyz adds to its answer: the fleet mode (a host in fallback is ready)."""
+        fleet = self._d.fleet
+        if fleet is None:
+            return {}
+        return {"fleet": {"mode": fleet.mode.name, "live_members": fleet.mode.live_members}}
 
     def status_line(self, prefix: str = "") -> str:
         """systemd's STATUS= line."""
         d = self._d
-        return prefix + format_status(
-            queued=len(d.queue) + (d.log.on_disk_only if d.log else 0),
-            in_delivery=d.queue.in_delivery,
-            delivered_per_min=self._delivery_rate.observe(d.stats.delivered),
-            spool=d.log.stored().events if d.log else 0,
+        return (
+            prefix
+            + format_status(
+                queued=len(d.queue) + (d.log.on_disk_only if d.log else 0),
+                in_delivery=d.queue.in_delivery,
+                delivered_per_min=self._delivery_rate.observe(d.stats.delivered),
+                spool=d.log.stored().events if d.log else 0,
+            )
+            + (f", fleet {d.fleet.mode.name} ({d.fleet.mode.live_members} live)" if d.fleet else "")
         )
 
     def started(self, restored: int) -> dict[str, Any]:

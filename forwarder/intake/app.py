@@ -74,6 +74,8 @@ class IntakeState:
     # Returns "" when ready, or why not (delivery paused, shutting down).
     not_ready_reason: Callable[[], str] = field(default=lambda: "")
     stats_extra: Callable[[], dict[str, Any]] = field(default=dict)
+    # What /readyz adds to its answer (the fleet mode); {} without a fleet.
+    ready_detail: Callable[[], dict[str, Any]] = field(default=dict)
     # The token every request but GET /healthz must carry; None: no token required.
     auth_token: Secret | None = None
     # A request's body must arrive within this long of its head (intake.body_timeout_s).
@@ -756,10 +758,11 @@ async def healthz(request: web.Request) -> web.Response:
 
 async def readyz(request: web.Request) -> web.Response:
     """GET /readyz: 200 when events flow; 503 with the reason while they cannot."""
-    reason = request.app[STATE].not_ready_reason()
+    state = request.app[STATE]
+    reason = state.not_ready_reason()
     if reason:
-        return _json(503, {"ready": False, "reason": reason})
-    return _json(200, {"ready": True})
+        return _json(503, {"ready": False, "reason": reason, **state.ready_detail()})
+    return _json(200, {"ready": True, **state.ready_detail()})
 
 
 async def metrics(request: web.Request) -> web.Response:

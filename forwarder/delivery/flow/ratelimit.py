@@ -72,6 +72,11 @@ class RateLimiter:
         return self._window.window_s
 
     @property
+    def epoch(self) -> int:
+        """The number of the window the limiter counts in now (a `Ticket` carries it)."""
+        return self._epoch
+
+    @property
     def rate(self) -> float:
         """Pace in requests per second."""
         return self.limit / self.window_s

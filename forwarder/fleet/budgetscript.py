@@ -1,0 +1,141 @@
+"""The Lua script of the shared rate budget: one atomic step on `{P:A}:budget`, on Redis's clock.
+
+It is `RateLimiter` (delivery/flow/ratelimit.py) moved into Redis, so every host of the fleet
+counts against one state: a pacing bucket (GCRA: `tat`, the theoretical arrival time, with a
+burst of `burst_ms` worth of the rate) under a count of the tokens handed out in the remote's
+current window (`used`, plus `external`: what the remote counted beyond them), the window's end
+learned from `X-RateLimit-Reset`, and the pause a 429 imposes on the whole account.
+
+One call does, in order: give back a host's unused tokens (of the same window), apply the newest
+answer a host saw (its limit, remaining, reset, 429), and take up to `want` tokens. Every time
+is `redis.call('TIME')` in milliseconds; a host sends only durations (how old its answer is,
+what the reset said), so a host whose clock is off changes nothing. The script touches one key,
+so it runs on a cluster too.
+
+KEYS[1]: the budget hash. ARGV: want, give_back, give_back_epoch, default_limit, window_ms,
+burst_ms, granularity_ms, default_429_ms, max_pause_ms, ttl_ms, then the answer: has_answer
+(0/1), epoch, age_ms, limit, remaining, reset_ms, rate_limited (0/1), retry_after_ms (-1: none).
+Returns {granted, epoch, wait_ms, window_left_ms, paused_left_ms, limit, remaining, window_ms,
+rate_limited}.
+"""
+
+from __future__ import annotations
+
+BUDGET_LUA = """
+local key = KEYS[1]
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local want = tonumber(ARGV[1])
+local back = tonumber(ARGV[2])
+local back_epoch = tonumber(ARGV[3])
+local default_limit = tonumber(ARGV[4])
+local window = tonumber(ARGV[5])
+local burst_ms = tonumber(ARGV[6])
+local granularity = tonumber(ARGV[7])
+local default_429 = tonumber(ARGV[8])
+local max_pause = tonumber(ARGV[9])
+local ttl = tonumber(ARGV[10])
+
+local s = redis.call('HMGET', key, 'limit', 'window_end', 'confirmed', 'epoch', 'used',
+  'external', 'tat', 'paused_until', 'rate_limited')
+local limit = tonumber(s[1]) or default_limit
+local window_end = tonumber(s[2]) or (now + window)
+local confirmed = tonumber(s[3]) or 0
+local epoch = tonumber(s[4]) or 0
+local used = tonumber(s[5]) or 0
+local external = tonumber(s[6]) or 0
+local tat = tonumber(s[7]) or now
+local paused = tonumber(s[8]) or 0
+local limited = tonumber(s[9]) or 0
+
+local function new_window(ends, conf)
+  epoch = epoch + 1
+  used = 0
+  external = 0
+  window_end = ends
+  confirmed = conf
+end
+
+-- Tokens a host took and did not use, of the window they were counted in.
+if back > 0 and back_epoch == epoch then
+  used = math.max(0, used - back)
+  tat = math.max(now, tat - back * window / limit)
+end
+
+-- The newest answer a host saw, `age` ms ago.
+if ARGV[11] == '1' then
+  local obs_epoch = tonumber(ARGV[12])
+  local at = now - tonumber(ARGV[13])
+  local o_limit = tonumber(ARGV[14])
+  local o_remaining = tonumber(ARGV[15])
+  local o_reset = tonumber(ARGV[16])
+  local o_retry = tonumber(ARGV[18])
+  local started_new = false
+  if o_limit > 0 then limit = o_limit end
+  if o_reset >= 0 and obs_epoch == epoch then
+    local ends = at + o_reset
+    if confirmed == 0 then
+      window_end = ends
+      confirmed = 1
+    elseif ends > window_end + granularity then
+      -- The remote started a window we had not counted in: what it counted so far is all we know.
+      new_window(ends, 1)
+      started_new = true
+    else
+      -- A reset is rounded up: every answer is an upper bound, the lowest is the best.
+      window_end = math.min(window_end, ends)
+    end
+  end
+  if o_remaining >= 0 then
+    if obs_epoch == epoch then
+      external = math.max(external, limit - o_remaining - used)
+    elseif started_new then
+      external = math.max(0, limit - o_remaining)
+    end
+  end
+  if ARGV[17] == '1' then
+    limited = limited + 1
+    local wait = -1
+    if o_reset >= 0 then wait = math.min(o_reset, max_pause) end
+    if o_retry > wait then wait = o_retry end
+    if wait <= 0 then wait = default_429 end
+    paused = math.max(paused, at + wait)
+    -- Nothing more fits in this window; the next starts when the pause ends.
+    window_end = at + wait
+    confirmed = 1
+    external = limit
+  end
+end
+
+local granted = 0
+local wait = 0
+if now < paused then
+  wait = paused - now
+else
+  if now >= window_end then new_window(now + window, 0) end
+  local remaining = limit - used - external
+  if remaining <= 0 then
+    wait = math.max(window_end - now, 1)
+  elseif want > 0 then
+    local interval = window / limit
+    local cap = math.max(1, burst_ms / interval)
+    if tat < now then tat = now end
+    local avail = math.floor((now + cap * interval - tat) / interval)
+    granted = math.max(0, math.min(want, avail, remaining))
+    if granted > 0 then
+      tat = tat + granted * interval
+      used = used + granted
+    else
+      wait = math.max(1, math.ceil(tat + interval - cap * interval - now))
+    end
+  end
+end
+
+redis.call('HSET', key, 'limit', limit, 'window_ms', window, 'window_end', window_end,
+  'confirmed', confirmed, 'epoch', epoch, 'used', used, 'external', external,
+  'tat', string.format('%.3f', tat), 'paused_until', paused, 'rate_limited', limited,
+  'updated', now)
+redis.call('PEXPIRE', key, ttl)
+return {granted, epoch, math.ceil(wait), math.max(0, window_end - now),
+  math.max(0, paused - now), limit, math.max(0, limit - used - external), window, limited}
+"""

@@ -1,0 +1,115 @@
+"""The members' heartbeat, and the budget's fallback when Redis stops answering."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+
+import pytest
+from structlog.testing import capture_logs
+
+from forwarder.config.schema import FleetConfig
+from forwarder.delivery.flow.ratelimit import Ticket
+from forwarder.fleet.budget import RedisRateBudget, SharedTicket
+from forwarder.fleet.connection import FleetClient, connect
+from forwarder.fleet.members import Members, read_members
+from forwarder.fleet.mode import FleetMode
+from tests.redisserver import RedisServer
+
+BEAT_S = 0.1
+
+
+def client_of(server: RedisServer, member: str) -> FleetClient:
+    return connect(
+        FleetConfig(redis_url=server.url, member=member, key_prefix="fwdtest"),
+        member=member,
+        password=None,
+        socket_timeout_s=0.2,
+    )
+
+
+@pytest.fixture
+async def clients(redis_server: RedisServer) -> AsyncIterator[tuple[FleetClient, FleetClient]]:
+    a, b = client_of(redis_server, "host-a"), client_of(redis_server, "host-b")
+    yield a, b
+    await a.aclose()
+    await b.aclose()
+
+
+async def until(condition: object, timeout_s: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():  # type: ignore[operator]
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.02)
+
+
+async def test_heartbeats_count_the_live_members(
+    clients: tuple[FleetClient, FleetClient],
+) -> None:
+    a, b = clients
+    mode_a, mode_b = FleetMode(), FleetMode()
+    members_a = Members(a, mode_a, version="1.2.3", in_delivery=lambda: 4, interval_s=BEAT_S)
+    members_b = Members(b, mode_b, version="1.2.3", interval_s=BEAT_S)
+    assert await members_a.beat() == 1
+    assert await members_b.beat() == 2
+    listed = {m["member"]: m for m in await read_members(a, BEAT_S)}
+    assert set(listed) == {"host-a", "host-b"}
+    assert listed["host-a"]["mode"] == "fleet"
+    assert listed["host-a"]["in_delivery"] == 4
+    assert listed["host-a"]["live"] is True
+    # b stops beating: a few heartbeats later a counts itself alone.
+    await asyncio.sleep(BEAT_S * 3.5)
+    assert await members_a.beat() == 1
+    listed = {m["member"]: m for m in await read_members(a, BEAT_S)}
+    assert listed["host-b"]["live"] is False
+
+
+async def test_a_clean_stop_leaves_the_set(clients: tuple[FleetClient, FleetClient]) -> None:
+    a, b = clients
+    members_b = Members(b, FleetMode(), version="x", interval_s=BEAT_S)
+    members_b.start()
+    await until(lambda: members_b.beats >= 1)
+    await members_b.stop()
+    assert await Members(a, FleetMode(), version="x", interval_s=BEAT_S).beat() == 1
+
+
+async def test_the_budget_falls_back_while_redis_is_frozen_and_comes_back(
+    redis_server: RedisServer, clients: tuple[FleetClient, FleetClient]
+) -> None:
+    a, b = clients
+    mode = FleetMode()
+    members = Members(a, mode, version="x", interval_s=BEAT_S)
+    await Members(b, FleetMode(), version="x", interval_s=BEAT_S).beat()
+    members.start()
+    host = RedisRateBudget("acme", 600, fleet=a, mode=mode)
+    try:
+        await until(lambda: mode.live_members == 2)
+        ticket = await host.acquire()
+        assert isinstance(ticket, SharedTicket)
+        host.observe(ticket, limit=100, remaining=99, reset_s=60.0)
+        with capture_logs() as logs:
+            redis_server.freeze()
+            try:
+                started = time.monotonic()
+                # Bounded: the call times out, the host falls back and serves locally.
+                ticket = await asyncio.wait_for(host.acquire(), 5.0)
+                assert time.monotonic() - started < 4.0
+                assert not isinstance(ticket, SharedTicket)
+                assert isinstance(ticket, Ticket)
+                assert mode.name == "fallback"
+                # The learnt limit shared by the live members last seen (itself and b).
+                assert host.view()["fallback_limit"] == 50
+                assert host.local.limit == 50
+            finally:
+                redis_server.resume()
+            await until(lambda: not mode.fallback)
+        events = [entry["event"] for entry in logs]
+        assert events.count("fleet_fallback") == 1
+        assert events.count("fleet_recovered") == 1
+        # Back on Redis: tokens come from the shared budget again.
+        await asyncio.sleep(0.6)  # the shared pacing allows another token
+        ticket = await asyncio.wait_for(host.acquire(), 5.0)
+        assert isinstance(ticket, SharedTicket)
+    finally:
+        await members.stop()
