@@ -15,6 +15,7 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+import structlog
 
 from forwarder.config.schema import Config, QueueConfig, RemoteConfig, ShutdownConfig, StateConfig
 from forwarder.daemon.lifecycle import Daemon
@@ -284,3 +285,27 @@ async def test_a_new_spool_file_appears_whole(
     spool = await Spool.open(tmp_path)  # an existing file is opened as it is
     await spool.close()
     assert len(built) == 1
+
+
+async def test_memory_mode_journals_what_it_cannot_write(tmp_path: Path) -> None:
+    # The spool cannot be created (a link where it would be): the dead letter and a stop's
+    # leftovers are written whole into the log, the last place left.
+    log = await opened(tmp_path, "memory")
+    log.start()
+    (tmp_path / SPOOL_FILE).symlink_to(tmp_path / "elsewhere.db")
+    with structlog.testing.capture_logs() as logs:
+        assert await append(log, [ev(1), ev(2, "r2")]) == ""
+        event, seq = await take(log)
+        log.dead_lettered(event, seq, note())
+        async with asyncio.timeout(5):
+            while not any(line["event"] == "dead_letters_unsaved" for line in logs):
+                await asyncio.sleep(0.01)
+        assert await stop(log) == 0
+    (dead,) = [line for line in logs if line["event"] == "dead_letters_unsaved"]
+    assert (dead["count"], dead["reasons"]) == (1, ["rejected"])
+    assert dead["events"][0]["event_id"] == "log-000001"
+    assert "symbolic link" in dead["error"]
+    (unsaved,) = [line for line in logs if line["event"] == "pending_unsaved"]
+    assert [e["event_id"] for e in unsaved["events"]] == ["log-000002"]
+    assert "symbolic link" in unsaved["error"]
+    assert not (tmp_path / "elsewhere.db").exists()  # the link was never followed
