@@ -31,7 +31,8 @@ from forwarder.cli.spooldb import (
     replay_dead_letters,
     spool_stats,
 )
-from forwarder.config.schema import Config, ConfigError, load_config
+from forwarder.config.load import load_config
+from forwarder.config.schema import Config, ConfigError
 from forwarder.ops.statedir import running_holder
 from forwarder.storage.sqlite.codec import DeadLetter
 from forwarder.storage.sqlite.file import SPOOL_FILE, SpoolError

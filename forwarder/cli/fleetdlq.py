@@ -15,7 +15,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
-from forwarder.config.schema import Config, load_config
+from forwarder.config.load import load_config
+from forwarder.config.schema import Config
 from forwarder.fleet import deadletters
 from forwarder.fleet.connection import connect
 from forwarder.fleet.host import member_name

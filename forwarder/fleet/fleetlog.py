@@ -364,7 +364,10 @@ async def open_log(config: Config, deps: LogDeps) -> EventLog:
     status.queue = deps.queue
     if spool.depth:
         log.info("fleet_spool_found", count=spool.depth, action="moved into Redis first")
-    return FleetLog(config, deps, redis, numbers, status, spool, close_redis)
+    shared = FleetLog(config, deps, redis, numbers, status, spool, close_redis)
+    if deps.fleet is not None:
+        deps.fleet.attach_queue(shared)  # /v1/stats, the metrics and the stop show and reach it
+    return shared
 
 
 async def _client(
@@ -372,7 +375,7 @@ async def _client(
 ) -> tuple[Any, Callable[[], Awaitable[None]] | None]:
     """The raw redis-py client to use, and how to close it if this log opened it."""
     if deps.fleet is not None:
-        return deps.fleet.client, None
+        return deps.fleet.client.client, None
     try:
         password = await asyncio.to_thread(resolve_redis_password, config)
         fleet = connect(config.fleet, member=member_name(config), password=password)

@@ -37,8 +37,8 @@ from forwarder.storage.eventstatus import StatusBook
 from forwarder.storage.numbering import EventNumbers
 from forwarder.storage.queue import EventQueue
 
-if TYPE_CHECKING:  # redis-py is the optional `fleet` extra
-    from forwarder.fleet.connection import FleetClient
+if TYPE_CHECKING:
+    from forwarder.fleet.host import FleetHost
 
 
 class LogError(Exception):
@@ -63,7 +63,9 @@ class LogDeps:
     queue: EventQueue  # the window the lanes read from (the daemon's, reloads resize it)
     throttle: LogThrottle  # the daemon's one throttle for lines a request can repeat
     on_commit: Callable[[float], None] | None = None  # each commit's duration (a histogram)
-    fleet: FleetClient | None = None  # the process's Redis client, with fleet.redis_url
+    # The process's one Redis client and heartbeat (fleet.redis_url), for a shared queue: it is
+    # started before the log and stopped after it.
+    fleet: FleetHost | None = None
 
 
 class EventLog(Protocol):

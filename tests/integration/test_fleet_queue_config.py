@@ -6,13 +6,14 @@ from pathlib import Path
 
 import pytest
 
-from forwarder.config import schema as cfg
-from forwarder.config.schema import ConfigError, load_config
+from forwarder.config import load as config_load
+from forwarder.config.load import load_config
+from forwarder.config.schema import ConfigError
 
 
 @pytest.fixture(autouse=True)
 def _no_system_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(cfg, "DEFAULT_CONFIG_PATH", tmp_path / "absent" / "forwarder.toml")
+    monkeypatch.setattr(config_load, "DEFAULT_CONFIG_PATH", tmp_path / "absent" / "forwarder.toml")
 
 
 def test_fleet_mode_with_a_redis_server(tmp_path: Path) -> None:
