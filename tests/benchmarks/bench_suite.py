@@ -26,6 +26,11 @@ Scenarios (`--only NAME`, repeatable):
   of the 640 events/s that allows.
 - memory: RSS with 100 000 events queued (memory mode, delivery blocked) minus idle RSS. Goal
   <= 100 MB; bytes per queued event reported.
+- fleet_intake: NDJSON batches of 100 to POST /v1/events, queue.mode "fleet" (each request's
+  events appended to the shared streams of one `redis-server`, AOF on, appendfsync always,
+  before the 202) against queue.mode "durable" (committed and fsynced to the spool), same run,
+  alternating; delivery blocked. Goal >= 0.5x durable's accepted events/s. Redis runs beside
+  the load generator, not on the daemon's core.
 - intake_latency: 1 000 requests/s offered open-loop (paced; each request on a free keep-alive
   connection, timed from its write to the end of its answer) while the remote is down
   (connections refused, default breaker). p50/p99/max; goal p99 <= 2 ms. The bare server's
@@ -57,7 +62,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -122,7 +127,15 @@ else:
     )
 
 HERE = Path(__file__).resolve().parent
-SCENARIOS = ("ingest", "batch", "delivery", "latency_bound", "memory", "intake_latency")
+SCENARIOS = (
+    "ingest",
+    "batch",
+    "delivery",
+    "latency_bound",
+    "memory",
+    "intake_latency",
+    "fleet_intake",
+)
 PROFILED = ("ingest", "delivery")
 INGEST_GOAL = 0.8
 BATCH_GOAL_EPS = 100_000.0
@@ -141,6 +154,7 @@ FILL_BATCH = 1000
 FILL_CONNECTIONS = 4
 REFUSED_KEY = "a-key-the-mock-does-not-know-yet"
 AUTH_PROBE_S = 0.2
+FLEET_INTAKE_GOAL = 0.5
 
 
 def _progress(message: str) -> None:
@@ -995,6 +1009,85 @@ async def scenario_intake_latency(suite: Suite) -> None:
         )
 
 
+@contextlib.asynccontextmanager
+async def redis_server(work: Path) -> AsyncIterator[str]:
+    """A `redis-server` on a free port with a fresh directory (AOF, fsync always); its URL."""
+    server = shutil.which("redis-server")
+    if server is None:
+        raise RuntimeError("redis-server is not installed (apt-get install redis-server)")
+    port = free_port()
+    directory = work / f"redis-{port}"
+    directory.mkdir(parents=True)
+    process = await asyncio.create_subprocess_exec(
+        server, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(directory),
+        "--appendonly", "yes", "--appendfsync", "always", "--save", "",
+        "--maxmemory-policy", "noeviction", "--loglevel", "warning",
+        stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        for _ in range(200):
+            with contextlib.suppress(OSError):
+                _reader, writer = await asyncio.open_connection("127.0.0.1", port)
+                writer.close()
+                break
+            await asyncio.sleep(0.05)
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        await stop_process(process, 10.0)
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+async def scenario_fleet_intake(suite: Suite) -> None:
+    """Batches of 100: queue.mode "fleet" (Redis streams) against "durable" (the spool)."""
+    args = suite.args
+    body = ndjson_body(BATCH_SIZE)
+    # The window small and delivery blocked: these measure the append, not the queue.
+    blocked = blocked_delivery(suite.blackhole.url)
+
+    async def measure_mode(loop: str, mode: str, extra: dict[str, dict[str, object]]) -> Sample:
+        sections = {"queue": {"mode": mode, "max_events": 10_000}, **blocked, **extra}
+        daemon = await suite.daemon(loop, sections, name=f"intake-{mode}")
+        try:
+            return await suite.load.run(
+                daemon.port, daemon.pid, BATCH_PATH, body, NDJSON_TYPE, BATCH_SIZE, args.seconds
+            )
+        finally:
+            await daemon.kill()
+            shutil.rmtree(daemon.state_dir, ignore_errors=True)
+
+    async def durable(loop: str) -> Sample:
+        return await measure_mode(loop, "durable", {})
+
+    async def fleet(loop: str) -> Sample:
+        async with redis_server(suite.work) as url:
+            return await measure_mode(
+                loop, "fleet", {"fleet": {"redis_url": url, "member": "bench"}}
+            )
+
+    runs = await suite.alternate(args.rounds, {"durable": durable, "fleet": fleet})
+    suite.data["fleet_intake"] = _sample_data(runs)
+    for loop, by in runs.items():
+        fl = _median([s.events_per_s for s in by["fleet"]])
+        du = _median([s.events_per_s for s in by["durable"]])
+        paired = [
+            round(f.events_per_s / d.events_per_s, 2)
+            for f, d in zip(by["fleet"], by["durable"], strict=True)
+        ]
+        suite.data["fleet_intake"][loop]["paired_ratios"] = paired
+        suite.rows.append(
+            Row(
+                "batch intake, queue.mode fleet",
+                loop,
+                f"{_fmt(fl)} ev/s",
+                f"{_fmt(du)} ev/s durable",
+                f"{fl / du:.2f}x" if du else "-",
+                f">= {FLEET_INTAKE_GOAL}x durable",
+                bool(du) and fl / du >= FLEET_INTAKE_GOAL,
+            )
+        )
+
+
 RUNNERS: dict[str, Callable[[Suite], Awaitable[None]]] = {
     "ingest": scenario_ingest,
     "batch": scenario_batch,
@@ -1002,6 +1095,7 @@ RUNNERS: dict[str, Callable[[Suite], Awaitable[None]]] = {
     "latency_bound": scenario_latency_bound,
     "memory": scenario_memory,
     "intake_latency": scenario_intake_latency,
+    "fleet_intake": scenario_fleet_intake,
 }
 
 
