@@ -250,6 +250,13 @@ def _validate_fleet(config: Config, fail: Callable[[str, str], ConfigError]) -> 
         raise fail(
             "queue.mode", '"fleet" needs fleet.redis_url (the Redis server the fleet shares)'
         )
+    if config.queue.mode == "fleet" and config.intake.accept_client_keys:
+        # Another host could not deliver a client account's events: the key is this host's only.
+        raise fail(
+            "intake.accept_client_keys",
+            'cannot be used with queue.mode "fleet": only the host that saw a client key could '
+            "deliver its events; use configured accounts",
+        )
     if fleet.redis_url:
         # The URL is not echoed: it may hold a password pasted by mistake.
         parts = urlsplit(fleet.redis_url)
