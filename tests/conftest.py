@@ -34,6 +34,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+import redis.asyncio as aioredis
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
@@ -412,6 +413,16 @@ async def redis_server() -> AsyncIterator[RedisServer]:
     """A real `redis-server` of this test's own (tests/redisserver.py); fails if not installed."""
     async with running_redis() as server:
         yield server
+
+
+@pytest.fixture
+async def redis_client(redis_server: RedisServer) -> AsyncIterator[aioredis.Redis]:
+    """A client of the test's Redis (answers as bytes), closed after the test."""
+    client = redis_server.client()
+    try:
+        yield client
+    finally:
+        await client.aclose()
 
 
 # The kinds of test, by the folder a test lives in (see the module docstring).

@@ -147,3 +147,15 @@ async def running_redis(*, password: str = "") -> AsyncIterator[RedisServer]:
             yield server
         finally:
             await server.stop()
+
+
+def fleet_config_file(directory: Path, server: RedisServer, *, prefix: str, partitions: int) -> str:
+    """A config file for `forwarder` commands: queue.mode "fleet" on `server`; its path."""
+    path = directory / "forwarder.toml"
+    path.write_text(
+        f'[queue]\nmode = "fleet"\n[state]\ndir = "{directory / "state"}"\n'
+        f'[fleet]\nredis_url = "{server.url}"\nkey_prefix = "{prefix}"\n'
+        f"partitions = {partitions}\n",
+        encoding="utf-8",
+    )
+    return str(path)

@@ -139,14 +139,20 @@ class FleetWindow:
 
     # -- the lanes' outcomes --------------------------------------------------------------------
 
+    def _outcome(self, handle: int) -> _Loaded | None:
+        """The loaded entry `handle` names, now waiting to be written to Redis."""
+        loaded = self._loaded.pop(handle, None)
+        if loaded is not None:
+            loaded.part.in_window -= 1
+            loaded.part.unflushed += 1
+        return loaded
+
     def settle(self, handle: int) -> None:
         """A delivered event: its entry is acknowledged and deleted at the next flush."""
-        loaded = self._loaded.pop(handle, None)
+        loaded = self._outcome(handle)
         if loaded is None:
             return
         part = loaded.part
-        part.in_window -= 1
-        part.unflushed += 1
         batch = self._settles.get(id(part.lease))
         if batch is None:
             batch = self._settles[id(part.lease)] = _Settles(part.lease, part)
@@ -154,12 +160,10 @@ class FleetWindow:
 
     def dead_letter(self, handle: int, event: Event, note: DeadLetterNote) -> None:
         """A failed event: its entry moves to the account's dead letters at the next flush."""
-        loaded = self._loaded.pop(handle, None)
+        loaded = self._outcome(handle)
         if loaded is None:
             return
         part = loaded.part
-        part.in_window -= 1
-        part.unflushed += 1
         self._dead.append((part, part.lease, loaded.entry_id, self.dead_fields(event, note)))
 
     def dead_fields(self, event: Event, note: DeadLetterNote) -> dict[str, str]:

@@ -16,21 +16,14 @@ from forwarder.fleet.leases import Leases
 from forwarder.fleet.ownership import drain_key
 from forwarder.fleet.partition import partition_of
 from forwarder.fleet.streams import Streams, encode_event
-from tests.redisserver import RedisServer
+from tests.redisserver import RedisServer, fleet_config_file
 
 PREFIX = "fwcli"
 PARTITIONS = 4
 
 
 def config_file(tmp_path: Path, server: RedisServer) -> str:
-    path = tmp_path / "forwarder.toml"
-    path.write_text(
-        f'[queue]\nmode = "fleet"\n[state]\ndir = "{tmp_path / "state"}"\n'
-        f'[fleet]\nredis_url = "{server.url}"\nkey_prefix = "{PREFIX}"\n'
-        f"partitions = {PARTITIONS}\n",
-        encoding="utf-8",
-    )
-    return str(path)
+    return fleet_config_file(tmp_path, server, prefix=PREFIX, partitions=PARTITIONS)
 
 
 async def test_drain_and_undrain_name_the_member(

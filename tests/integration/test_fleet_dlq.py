@@ -19,7 +19,7 @@ from forwarder.fleet.queuekeys import AccountKeys
 from forwarder.fleet.streams import Streams, encode_event
 from forwarder.fleet.window import FleetWindow
 from forwarder.storage.queue import EventQueue
-from tests.redisserver import RedisServer
+from tests.redisserver import RedisServer, fleet_config_file
 
 PREFIX = "fwdlq"
 ACCOUNT = "default"
@@ -40,14 +40,7 @@ async def dead_letter(client: aioredis.Redis, event: Event) -> None:
 
 
 def config(tmp_path: Path, server: RedisServer) -> str:
-    path = tmp_path / "forwarder.toml"
-    path.write_text(
-        f'[queue]\nmode = "fleet"\n[state]\ndir = "{tmp_path / "state"}"\n'
-        f'[fleet]\nredis_url = "{server.url}"\nkey_prefix = "{PREFIX}"\n'
-        f"partitions = {PARTITIONS}\n",
-        encoding="utf-8",
-    )
-    return str(path)
+    return fleet_config_file(tmp_path, server, prefix=PREFIX, partitions=PARTITIONS)
 
 
 async def run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:

@@ -5,10 +5,8 @@ in order, a drained member handing its partitions over, the local spool moved in
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from pathlib import Path
 
-import pytest
 import redis.asyncio as aioredis
 
 from forwarder.delivery.deadletter import DeadLetterNote
@@ -23,36 +21,26 @@ from forwarder.fleet.streams import Streams, encode_event
 from forwarder.fleet.window import PARTITION_WINDOW, FleetWindow
 from forwarder.storage.queue import EventQueue
 from forwarder.storage.sqlite.spool import Spool
-from tests.redisserver import RedisServer
 
 PREFIX = "fwtest"
 ACCOUNT = "acme"
 PARTITIONS = 4
 
 
-@pytest.fixture
-async def client(redis_server: RedisServer) -> AsyncIterator[aioredis.Redis]:
-    conn = redis_server.client()
-    try:
-        yield conn
-    finally:
-        await conn.aclose()
-
-
 class Member:
     """One member's pieces, as the fleet log wires them, without the daemon."""
 
     def __init__(
-        self, client: aioredis.Redis, name: str, *, lease_s: float = 1.0, claim_ms: int = 600
+        self, redis_client: aioredis.Redis, name: str, *, lease_s: float = 1.0, claim_ms: int = 600
     ) -> None:
         self.queue = EventQueue(1000)
-        self.streams = Streams(client, prefix=PREFIX, member=name)
-        self.leases = Leases(client, prefix=PREFIX, member=name, lease_s=lease_s)
+        self.streams = Streams(redis_client, prefix=PREFIX, member=name)
+        self.leases = Leases(redis_client, prefix=PREFIX, member=name, lease_s=lease_s)
         self.window = FleetWindow(
             self.streams, self.queue, claim_idle_ms=claim_ms, valid=self.leases.valid
         )
         self.ownership = Ownership(
-            client,
+            redis_client,
             self.leases,
             prefix=PREFIX,
             partitions=PARTITIONS,
@@ -104,9 +92,9 @@ def test_every_partition_has_one_owner_among_live_members() -> None:
 
 
 async def test_two_members_share_the_partitions_and_deliver_everything_once(
-    client: aioredis.Redis,
+    redis_client: aioredis.Redis,
 ) -> None:
-    a, b = Member(client, "host-a"), Member(client, "host-b")
+    a, b = Member(redis_client, "host-a"), Member(redis_client, "host-b")
     for _ in range(2):  # the first round sees only itself, the second both
         await a.round()
         await b.round()
@@ -123,12 +111,14 @@ async def test_two_members_share_the_partitions_and_deliver_everything_once(
         mine = [e.event_id for e in got if e.recipient_id == recipient]
         assert mine == sorted(mine)
     keys = AccountKeys(PREFIX, ACCOUNT)
-    assert [await client.xlen(keys.stream(p)) for p in range(PARTITIONS)] == [0] * PARTITIONS
+    assert [await redis_client.xlen(keys.stream(p)) for p in range(PARTITIONS)] == [0] * PARTITIONS
     assert a.window.counters.settled + b.window.counters.settled == 40
 
 
-async def test_a_dead_members_partitions_are_taken_over_in_order(client: aioredis.Redis) -> None:
-    a, b = Member(client, "host-a", lease_s=0.6), Member(client, "host-b", lease_s=0.6)
+async def test_a_dead_members_partitions_are_taken_over_in_order(
+    redis_client: aioredis.Redis,
+) -> None:
+    a, b = Member(redis_client, "host-a", lease_s=0.6), Member(redis_client, "host-b", lease_s=0.6)
     await a.round()  # host-a alone: every partition
     assert len(a.ownership.held) == PARTITIONS
     sent = events(20)
@@ -151,15 +141,17 @@ async def test_a_dead_members_partitions_are_taken_over_in_order(client: aioredi
     assert b.window.counters.claimed == 20
 
 
-async def test_a_stale_members_settles_are_refused_and_counted(client: aioredis.Redis) -> None:
-    a = Member(client, "host-a", lease_s=0.3)
+async def test_a_stale_members_settles_are_refused_and_counted(
+    redis_client: aioredis.Redis,
+) -> None:
+    a = Member(redis_client, "host-a", lease_s=0.3)
     await a.round()
     await append(a.streams, events(4, recipients=4))
     await a.window.fill()
     taken = [await a.queue.get(ACCOUNT) for _ in range(4)]
     await asyncio.sleep(0.4)  # host-a stalls past its lease; another takes the partitions
-    await client.zrem(consumers_key(PREFIX), "host-a")  # its beat ran out too
-    b = Member(client, "host-b")
+    await redis_client.zrem(consumers_key(PREFIX), "host-a")  # its beat ran out too
+    b = Member(redis_client, "host-b")
     await b.round()
     assert len(b.ownership.held) == PARTITIONS
     for event in taken:
@@ -170,9 +162,9 @@ async def test_a_stale_members_settles_are_refused_and_counted(client: aioredis.
 
 
 async def test_a_lost_lease_takes_the_partitions_waiting_events_out_of_the_window(
-    client: aioredis.Redis,
+    redis_client: aioredis.Redis,
 ) -> None:
-    a = Member(client, "host-a", lease_s=0.3)
+    a = Member(redis_client, "host-a", lease_s=0.3)
     await a.round()
     await append(a.streams, events(12))
     await a.window.fill()
@@ -183,14 +175,14 @@ async def test_a_lost_lease_takes_the_partitions_waiting_events_out_of_the_windo
     assert a.ownership.held == {}
 
 
-async def test_a_drained_member_hands_its_partitions_over(client: aioredis.Redis) -> None:
-    a, b = Member(client, "host-a"), Member(client, "host-b")
+async def test_a_drained_member_hands_its_partitions_over(redis_client: aioredis.Redis) -> None:
+    a, b = Member(redis_client, "host-a"), Member(redis_client, "host-b")
     for _ in range(2):
         await a.round()
         await b.round()
     await append(a.streams, events(16))
     await a.window.fill()
-    await client.sadd(drain_key(PREFIX), "host-a")
+    await redis_client.sadd(drain_key(PREFIX), "host-a")
     await a.round()  # drained: its waiting events leave the window, its leases go
     assert a.ownership.draining
     assert a.ownership.held == {}
@@ -204,8 +196,8 @@ async def test_a_drained_member_hands_its_partitions_over(client: aioredis.Redis
     assert sorted(e.event_id for e in got) == [e.event_id for e in events(16)]
 
 
-async def test_a_dead_letter_is_fenced_and_kept(client: aioredis.Redis) -> None:
-    a = Member(client, "host-a")
+async def test_a_dead_letter_is_fenced_and_kept(redis_client: aioredis.Redis) -> None:
+    a = Member(redis_client, "host-a")
     await a.round()
     await append(a.streams, events(1))
     await a.window.fill()
@@ -214,14 +206,14 @@ async def test_a_dead_letter_is_fenced_and_kept(client: aioredis.Redis) -> None:
     a.window.dead_letter(a.queue.done(event), event, note)
     await a.window.flush()
     assert a.window.counters.dead_lettered == 1
-    rows = await client.xrange(AccountKeys(PREFIX, ACCOUNT).dead)
+    rows = await redis_client.xrange(AccountKeys(PREFIX, ACCOUNT).dead)
     assert [(f or {}).get(b"reason") for _id, f in rows or ()] == [b"rejected"]
 
 
 async def test_the_local_spool_moves_into_redis_in_order_once_it_answers(
-    client: aioredis.Redis, tmp_path: Path
+    redis_client: aioredis.Redis, tmp_path: Path
 ) -> None:
-    streams = Streams(client, prefix=PREFIX, member="host-a")
+    streams = Streams(redis_client, prefix=PREFIX, member="host-a")
     redis_up = False
 
     async def to_redis(batch: list[Event]) -> None:
@@ -245,7 +237,7 @@ async def test_the_local_spool_moves_into_redis_in_order_once_it_answers(
             await asyncio.sleep(0.05)
         assert spool.depth == 0
         assert fallback.moved == 30
-        member = Member(client, "host-a")
+        member = Member(redis_client, "host-a")
         await member.round()
         got = await member.deliver_all()
         assert sorted(e.event_id for e in got) == [e.event_id for e in sent]
@@ -257,33 +249,38 @@ async def test_the_local_spool_moves_into_redis_in_order_once_it_answers(
         await spool.close()
 
 
-async def test_the_queue_status_shows_lengths_pending_and_holders(client: aioredis.Redis) -> None:
-    a = Member(client, "host-a")
+async def test_the_queue_status_shows_lengths_pending_and_holders(
+    redis_client: aioredis.Redis,
+) -> None:
+    a = Member(redis_client, "host-a")
     await a.round()
     await append(a.streams, events(10, recipients=1))  # one recipient: one partition
     partition = partition_of("r-0", PARTITIONS)
     await a.window.fill()
     await asyncio.wait_for(a.queue.get(ACCOUNT), 1)  # one in delivery, nine waiting
-    status = await queuestatus.account_queue(client, PREFIX, ACCOUNT, PARTITIONS)
+    status = await queuestatus.account_queue(redis_client, PREFIX, ACCOUNT, PARTITIONS)
     assert status.length == 10
     assert status.pending == 10  # every loaded entry is handed to host-a
     assert status.partitions[partition].holder.startswith("host-a ")
-    assert await queuestatus.known_accounts(client, PREFIX, ["default"]) == [ACCOUNT, "default"]
-    assert (await queuestatus.consumers(client, PREFIX))[0] == ["host-a"]
+    assert await queuestatus.known_accounts(redis_client, PREFIX, ["default"]) == [
+        ACCOUNT,
+        "default",
+    ]
+    assert (await queuestatus.consumers(redis_client, PREFIX))[0] == ["host-a"]
 
 
-async def test_a_drain_ends_when_the_member_starts_again(client: aioredis.Redis) -> None:
-    await queuestatus.drain(client, PREFIX, "host-a")
-    assert (await queuestatus.consumers(client, PREFIX))[1] == ["host-a"]
-    a = Member(client, "host-a")  # a new start of the drained member
+async def test_a_drain_ends_when_the_member_starts_again(redis_client: aioredis.Redis) -> None:
+    await queuestatus.drain(redis_client, PREFIX, "host-a")
+    assert (await queuestatus.consumers(redis_client, PREFIX))[1] == ["host-a"]
+    a = Member(redis_client, "host-a")  # a new start of the drained member
     await a.round()
     assert not a.ownership.draining
     assert len(a.ownership.held) == PARTITIONS
-    assert not await queuestatus.undrain(client, PREFIX, "host-a")
+    assert not await queuestatus.undrain(redis_client, PREFIX, "host-a")
 
 
-async def test_a_partitions_window_is_bounded(client: aioredis.Redis) -> None:
-    a = Member(client, "host-a")
+async def test_a_partitions_window_is_bounded(redis_client: aioredis.Redis) -> None:
+    a = Member(redis_client, "host-a")
     await a.round()
     await append(a.streams, events(PARTITION_WINDOW + 50, recipients=1))  # one partition
     for _ in range(3):
