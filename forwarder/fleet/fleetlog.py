@@ -267,6 +267,7 @@ class FleetLog:
         next_totals = 0.0
         loop = asyncio.get_running_loop()
         while True:
+            _raise_if_cancelled()
             try:
                 async with asyncio.timeout(min(CALL_TIMEOUT_S, period * 2)):
                     await self.ownership.tick()
@@ -295,6 +296,7 @@ class FleetLog:
 
     async def _fill_loop(self) -> None:
         while True:
+            _raise_if_cancelled()
             self.ownership.check_expired()
             loaded = 0
             if not self._loading:
@@ -310,12 +312,11 @@ class FleetLog:
                 await asyncio.sleep(POLL_S * 4)
             if not loaded:
                 self._fill_wake.clear()
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(POLL_S):
-                        await self._fill_wake.wait()
+                await _wait(self._fill_wake, POLL_S)
 
     async def _flush_loop(self) -> None:
         while True:
+            _raise_if_cancelled()
             await self._flush_wake.wait()
             await asyncio.sleep(FLUSH_S)
             self._flush_wake.clear()
@@ -338,6 +339,22 @@ class FleetLog:
 
 def _never(account: str) -> bool:
     return False
+
+
+def _raise_if_cancelled() -> None:
+    """Python 3.11's asyncio.timeout can turn a cancellation that races its expiry into a
+    TimeoutError; a loop that goes on after one must still stop when it was cancelled."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
+
+
+async def _wait(event: asyncio.Event, timeout: float) -> None:
+    """Wait for `event`, at most `timeout` seconds; a cancellation is never swallowed."""
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(timeout):
+            await event.wait()
+    _raise_if_cancelled()
 
 
 async def open_log(config: Config, deps: LogDeps) -> EventLog:
