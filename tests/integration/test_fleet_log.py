@@ -85,9 +85,10 @@ async def test_appended_events_are_delivered_in_order_and_settled(
             return sum([await redis_client.xlen(KEYS.stream(p)) for p in range(2)]) == 0
 
         await until(settled)
-        event = (await log.append([ev(20)]), await take(log))[1]
+        assert await log.append([ev(20)]) == ""
+        event, handle = await take(log)
         note = DeadLetterNote("rejected", 422, "no", 1, time.time(), time.time())
-        log.dead_lettered(event[0], event[1], note)
+        log.dead_lettered(event, handle, note)
 
         async def dead() -> bool:
             return bool(await redis_client.xlen(KEYS.dead) == 1)
