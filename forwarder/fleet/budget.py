@@ -18,6 +18,7 @@ members last seen; the host goes back to Redis once the heartbeat reaches it aga
 from __future__ import annotations
 
 import asyncio
+import functools
 import math
 import time
 from dataclasses import dataclass
@@ -34,7 +35,7 @@ from forwarder.delivery.flow.ratelimit import (
 )
 from forwarder.delivery.flow.ratewindow import MAX_WINDOW_S as MAX_PACED_WINDOW_S
 from forwarder.fleet.budgetscript import BUDGET_LUA
-from forwarder.fleet.connection import FleetClient, RedisUnavailable
+from forwarder.fleet.connection import FleetClient, RedisUnavailable, as_text
 from forwarder.fleet.mode import FleetMode
 
 # A host takes this long's worth of the account's rate per round trip (at least one token).
@@ -309,3 +310,32 @@ def _answer_args(answer: _Answer | None, now: float) -> list[int | str]:
         "1" if answer.rate_limited else "0",
         _ms(answer.retry_after) if answer.retry_after is not None else -1,
     ]
+
+
+async def read_budgets(fleet: FleetClient) -> dict[str, dict[str, Any]]:
+    """Every account's shared budget as it stands (for `forwarder fleet status`), by name."""
+    client = fleet.client
+    seconds, micros = await fleet.call("time", client.time)
+    now = int(seconds) * 1000 + int(micros) // 1000
+    accounts = fleet.key("accounts")
+    names = sorted(
+        as_text(n) for n in await fleet.call("accounts", lambda: client.smembers(accounts))
+    )
+    budgets = {}
+    for name in names:
+        key = fleet.account_key(name, "budget")
+        raw = await fleet.call("budget_read", functools.partial(client.hgetall, key))
+        state = {as_text(k): float(as_text(v)) for k, v in raw.items()}
+        if not state:
+            continue  # expired: the account has not been used for a day
+        limit = int(state.get("limit", 0))
+        budgets[name] = {
+            "limit_per_window": limit,
+            "window_s": state.get("window_ms", 0.0) / 1000,
+            "remaining": max(0, limit - int(state.get("used", 0)) - int(state.get("external", 0))),
+            "window_ends_in_s": round(max(0.0, state.get("window_end", 0.0) - now) / 1000, 3),
+            "paused_for_s": round(max(0.0, state.get("paused_until", 0.0) - now) / 1000, 3),
+            "rate_limited": int(state.get("rate_limited", 0)),
+            "updated_s_ago": round(max(0.0, now - state.get("updated", now)) / 1000, 3),
+        }
+    return budgets
