@@ -3,8 +3,9 @@
 It implements the `RateBudget` seam (delivery/flow/budget.py), so the lane does not know it is
 shared. The shared state lives in `{P:A}:budget` and changes only through one Lua script
 (`budgetscript.py`, on Redis's clock). A host takes tokens a few at a time (about `BATCH_S` of
-the account's rate, at least one), so `try_acquire` is a local decrement on the fast path and
-only `acquire` waits for a round trip. Tokens not used within `TOKEN_TTL_S`, or by the end of the
+the account's rate, at least one), reserved up to `AHEAD_S` before they may be sent, so
+`try_acquire` is a local decrement on the fast path and only `acquire` waits for a round trip
+(and for the reserved batch's time). Tokens not used within `TOKEN_TTL_S`, or by the end of the
 window they were counted in, are dropped and given back with the next call (an idle host does
 not hoard). What the remote answers (`X-RateLimit-*`, a 429 and its wait) goes to Redis with the
 next call; a 429 at once, so it pauses the whole fleet.
@@ -38,8 +39,11 @@ from forwarder.fleet.budgetscript import BUDGET_LUA
 from forwarder.fleet.connection import FleetClient, RedisUnavailable, as_text
 from forwarder.fleet.mode import FleetMode
 
-# A host takes this long's worth of the account's rate per round trip (at least one token).
-BATCH_S = 0.1
+# A host takes this long's worth of the account's rate per round trip (at least one token,
+# at most the burst: BURST_S).
+BATCH_S = 0.2
+# A batch may be reserved this far ahead of when it may be sent (the host waits for it).
+AHEAD_S = 0.5
 # Tokens not used within this are dropped (and given back): an idle host does not hoard.
 TOKEN_TTL_S = 0.5
 # The budget hash outlives its last use by this long (an account gone from every host).
@@ -90,6 +94,7 @@ class RedisRateBudget:
         self._lock = asyncio.Lock()
         self._tokens = 0
         self._epoch = 0  # the fleet's window the tokens in hand count in
+        self._tokens_from = 0.0
         self._tokens_until = 0.0
         self._give_back = 0
         self._give_back_epoch = 0
@@ -205,6 +210,8 @@ class RedisRateBudget:
             return self.paused_until - now
         if self._tokens and now >= self._tokens_until:
             self._drop_tokens()
+        if self._tokens and now < self._tokens_from:
+            return self._tokens_from - now  # reserved, not to be sent yet
         if self._tokens:
             self._tokens -= 1
             return SharedTicket(self._epoch, self.local.epoch)
@@ -258,6 +265,7 @@ class RedisRateBudget:
             _ms(MAX_PACED_WINDOW_S),
             KEY_TTL_MS,
             *_answer_args(answer, now),
+            _ms(AHEAD_S),
         ]
         try:
             self.calls += 1
@@ -267,9 +275,18 @@ class RedisRateBudget:
         except RedisUnavailable as exc:
             self._mode.lost(str(exc))
             return 0.0
-        granted, epoch, wait_ms, window_left_ms, paused_ms, limit, remaining, _, limited = (
-            int(x) for x in result
-        )
+        (
+            granted,
+            epoch,
+            wait_ms,
+            window_left_ms,
+            paused_ms,
+            limit,
+            remaining,
+            _,
+            limited,
+            delay_ms,
+        ) = (int(x) for x in result)
         now = self._clock()
         self._limit = limit
         self._shared = {"remaining": remaining, "rate_limited": limited}
@@ -277,7 +294,8 @@ class RedisRateBudget:
         if granted:
             self.taken += granted
             self._tokens, self._epoch = granted, epoch
-            self._tokens_until = now + min(TOKEN_TTL_S, window_left_ms / 1000)
+            self._tokens_from = now + delay_ms / 1000
+            self._tokens_until = now + min(delay_ms / 1000 + TOKEN_TTL_S, window_left_ms / 1000)
             return 0.0
         return max(wait_ms / 1000, 0.001)
 

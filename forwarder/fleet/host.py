@@ -89,6 +89,7 @@ class FleetHost:
             "key_prefix": self.client.prefix,
             "redis_calls": stats.total,
             "redis_errors": sum(stats.errors.values()),
+            "redis_seconds": round(sum(stats.seconds.values()), 6),
             "budget_tokens_taken": self.tokens_taken(),
         }
 

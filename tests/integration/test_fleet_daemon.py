@@ -69,6 +69,7 @@ async def test_a_fleet_daemon_shares_its_budgets_and_shows_its_mode(
             "key_prefix": "fwdtest",
             "redis_calls": stats["fleet"]["redis_calls"],  # type: ignore[index]
             "redis_errors": 0,
+            "redis_seconds": stats["fleet"]["redis_seconds"],  # type: ignore[index]
             "budget_tokens_taken": 0,
         }
         ready = await _get_json(daemon, "/readyz")
