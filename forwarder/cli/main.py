@@ -124,7 +124,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     import structlog
 
     from forwarder.daemon.lifecycle import Daemon
-    from forwarder.ops.telemetry import configure_logging
+    from forwarder.ops.logs import configure_logging
 
     try:
         config, accounts = _load(args.config)
@@ -222,7 +222,8 @@ async def _send(
 
 def cmd_mock_remote(args: argparse.Namespace) -> int:
     """Serve the fake remote API."""
-    from forwarder.testing.mock_remote import MockOptions, serve_mock
+    from forwarder.testing.mock_options import MockOptions
+    from forwarder.testing.mock_server import serve_mock
 
     try:
         options = MockOptions(

@@ -1413,13 +1413,14 @@ def _validate_fleet(config: Config, fail: Callable[[str, str], ConfigError]) -> 
             "fleet.key_prefix",
             f"letters, digits, _, ., : and - only, 1 to 64, got {_short(fleet.key_prefix)}",
         )
-    if fleet.claim_idle_s <= config.remote.timeout_s:
+    # The timings matter only in a fleet: a host alone may have any remote.timeout_s.
+    if fleet.enabled and fleet.claim_idle_s <= config.remote.timeout_s:
         raise fail(
             "fleet.claim_idle_s",
             f"must exceed remote.timeout_s ({config.remote.timeout_s}): an event still in a "
             f"request must not be claimed by another host, got {fleet.claim_idle_s}",
         )
-    if fleet.lease_s >= fleet.claim_idle_s:
+    if fleet.enabled and fleet.lease_s >= fleet.claim_idle_s:
         raise fail(
             "fleet.lease_s",
             f"must be shorter than fleet.claim_idle_s ({fleet.claim_idle_s}), got {fleet.lease_s}",

@@ -21,7 +21,7 @@ from forwarder.delivery.flow.budget import RateBudget, Sleep, local_budget
 from forwarder.delivery.lane import Lane, LaneSettings, Sender
 from forwarder.delivery.outcomes import Outcomes
 from forwarder.events import Event
-from forwarder.ops.telemetry import Stats
+from forwarder.ops.metrics import Stats
 from forwarder.storage.eventstatus import StatusBook
 from forwarder.storage.queue import EventQueue
 

@@ -21,7 +21,7 @@ from forwarder.config.schema import RemoteConfig
 from forwarder.delivery.flow.breaker import BreakerState, CircuitBreaker
 from forwarder.delivery.flow.budget import MAX_WAIT_SLICE_S
 from forwarder.delivery.remote import Result, Verdict
-from forwarder.ops.telemetry import Stats
+from forwarder.ops.metrics import Stats
 
 log = structlog.get_logger("forwarder.dispatcher")
 

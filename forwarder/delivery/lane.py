@@ -29,8 +29,8 @@ from forwarder.delivery.outcomes import OutcomeRecorder, Outcomes, Tally
 from forwarder.delivery.remote import Result, Verdict
 from forwarder.delivery.retry import run_with_retries
 from forwarder.events import Event
+from forwarder.ops.metrics import Stats
 from forwarder.ops.systemd import PerMinute
-from forwarder.ops.telemetry import Stats
 from forwarder.storage.eventstatus import StatusBook
 from forwarder.storage.queue import EventQueue
 

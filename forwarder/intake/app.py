@@ -30,24 +30,18 @@ from multidict import MultiDict
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from forwarder import __version__
-from forwarder.events import (
-    Event,
-    EventValidationError,
-    FieldError,
-    Leniency,
-    describe_error,
-    event_from_mapping,
-    events_from_items,
-    loads_json,
-    parse_ndjson,
-)
+from forwarder.events import Event
+from forwarder.events.model import EventValidationError, FieldError
+from forwarder.events.parse import describe_error, loads_json, parse_ndjson
+from forwarder.events.validate import Leniency, event_from_mapping, events_from_items
 from forwarder.intake.accounts import CLIENT_PREFIX, AccountError, Accounts
 from forwarder.intake.connections import GuardedRequestHandler
 from forwarder.intake.leniency import note as note_leniency
 from forwarder.ops.credentials import Secret
 from forwarder.ops.logthrottle import LogThrottle
-from forwarder.ops.telemetry import Metrics, Stats
+from forwarder.ops.metrics import Metrics, Stats
 from forwarder.storage.eventstatus import StatusBook, parse_key
+from forwarder.storage.log import EventLog
 from forwarder.storage.numbering import EventNumbers
 from forwarder.storage.queue import TOO_LARGE, EventQueue
 from forwarder.storage.sqlite.file import SpoolError
@@ -75,8 +69,8 @@ class IntakeState:
     accepting: bool = True
     # Routes events to accounts; None leaves every event on the default account ("").
     accounts: Accounts | None = None
-    # Admission through the backlog (returns "" or why not); None: straight into the queue.
-    admit: Callable[[list[Event]], Awaitable[str]] | None = None
+    # Where accepted events go (storage/log.py); None: straight into the queue.
+    log: EventLog | None = None
     # Returns "" when ready, or why not (delivery paused, shutting down).
     not_ready_reason: Callable[[], str] = field(default=lambda: "")
     stats_extra: Callable[[], dict[str, Any]] = field(default=dict)
@@ -90,7 +84,7 @@ class IntakeState:
     throttle: LogThrottle = field(default_factory=LogThrottle)
     # intake.drop_in_answer: "remote" (200, data = the event number) or "accepted" (202).
     drop_in_answer: str = "remote"
-    # Memory mode: the event numbers intake gives (durable mode's are spool positions).
+    # The event numbers intake gives (the log's `intake_numbers`; None: the log numbers them).
     numbers: EventNumbers | None = None
     # What became of events, for GET /v1/events/{id}; None: the route answers 404.
     status: StatusBook | None = None
@@ -307,10 +301,13 @@ async def _admit(state: IntakeState, events: list[Event]) -> str:
     """Queue all of `events` or none; returns "" or the reason for refusing them."""
     if not state.accepting:
         return "shutting_down"
-    if state.admit is not None:
-        reason = await state.admit(events)  # durable mode: committed to the spool first
-    else:
+    if state.log is None:
         reason = state.queue.admit(events)
+    # At once when the log can (memory); awaited when it commits first (durable).
+    elif (at_once := state.log.try_append(events)) is not None:
+        reason = at_once
+    else:
+        reason = await state.log.append(events)
     if not reason:
         state.stats.accepted += len(events)
     return reason
@@ -631,7 +628,7 @@ async def create_event(request: web.Request) -> web.Response:
     except _Unroutable as exc:
         return _unroutable(state, exc, single=True)
     if state.numbers is not None:
-        event.number = state.numbers.take()  # memory mode; durable: the spool position
+        event.number = state.numbers.take()  # else the log's append gives its position
     if reason := await _admit(state, [event]):
         return _refuse(state, reason, 1)
     # The answer's JSON put together from constant parts: an event_id is letters, digits and

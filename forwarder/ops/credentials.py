@@ -28,7 +28,7 @@ MIN_TOKEN_CHARS = 16
 # The shortest text taken as an API key (configured or a client's). Real keys are long random
 # strings; a shorter one ("4", "delivered") would be a word, and the log redactor, which replaces
 # every key wherever it occurs, would then mangle ordinary log text. The redactor takes nothing
-# shorter (telemetry.Redactor), so every key it is given is one it can scrub.
+# shorter (logs.Redactor), so every key it is given is one it can scrub.
 MIN_KEY_CHARS = 16
 _TOKEN = "intake auth token"
 # An API key is a short token; refusing huge files avoids reading e.g. a mistakenly named log.

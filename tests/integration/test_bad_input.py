@@ -27,7 +27,8 @@ from aiohttp.test_utils import TestClient
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
-from forwarder.events import FIELDS, Event
+from forwarder.events import Event
+from forwarder.events.validate import FIELDS
 from forwarder.intake.app import IntakeState, create_app
 from tests.conftest import ServeIntake, intake_state
 

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 
-from forwarder import events
 from forwarder.cli import main as cli
 from forwarder.config import schema as cfg
 from forwarder.config.schema import (
@@ -28,6 +27,7 @@ from forwarder.config.schema import (
     load_config,
     render_effective,
 )
+from forwarder.events import model as event_model
 from forwarder.ops.credentials import ApiKey, Secret, resolve_account_keys, resolve_api_key
 from tests.conftest import Proc, TlsFiles, spawn
 
@@ -577,7 +577,7 @@ def test_account_lookup(tmp_path: Path) -> None:
 
 def test_account_name_rule_matches_events() -> None:
     # Events name their account; a name the config accepts must be one an event can carry.
-    assert cfg._ACCOUNT_NAME_RE.pattern == events.ACCOUNT_RE.pattern
+    assert cfg._ACCOUNT_NAME_RE.pattern == event_model.ACCOUNT_RE.pattern
 
 
 @pytest.mark.parametrize(

@@ -10,6 +10,7 @@ from forwarder.config import schema as cfg
 from forwarder.config.schema import ConfigError, load_config
 
 PASSWORD = "hunter2-redis-SECRET"
+FLEET = 'redis_url = "redis://127.0.0.1:6379"\n'
 
 
 @pytest.fixture(autouse=True)
@@ -57,8 +58,8 @@ def test_redis_urls_accepted(tmp_path: Path, url: str) -> None:
         ('key_prefix = "a{b}"', "fleet.key_prefix", "letters, digits"),
         ("partitions = 0", "fleet.partitions", ""),
         ("partitions = 5000", "fleet.partitions", ""),
-        ("claim_idle_s = 5.0", "fleet.claim_idle_s", "remote.timeout_s"),
-        ("lease_s = 90.0", "fleet.lease_s", "fleet.claim_idle_s"),
+        (f"{FLEET}claim_idle_s = 5.0", "fleet.claim_idle_s", "remote.timeout_s"),
+        (f"{FLEET}lease_s = 90.0", "fleet.lease_s", "fleet.claim_idle_s"),
         ("lease_s = -1.0", "fleet.lease_s", ""),
     ],
 )
@@ -83,3 +84,11 @@ def test_restart_only_fleet_settings() -> None:
     assert {"fleet.redis_url", "fleet.partitions", "fleet.member", "fleet.key_prefix"} <= set(
         cfg.RESTART_ONLY
     )
+
+
+def test_fleet_timings_bind_only_in_a_fleet(tmp_path: Path) -> None:
+    # A host alone may wait on the remote as long as it likes.
+    config = load(tmp_path, "", extra="[remote]\ntimeout_s = 120.0\n")
+    assert config.remote.timeout_s == 120.0
+    with pytest.raises(ConfigError, match=r"^fleet\.claim_idle_s"):
+        load(tmp_path, FLEET, extra="[remote]\ntimeout_s = 120.0\n")

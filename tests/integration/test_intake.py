@@ -26,10 +26,11 @@ from hypothesis import strategies as st
 from multidict import CIMultiDictProxy
 from prometheus_client.parser import text_string_to_metric_families
 
-from forwarder.events import MAX_DATA_BYTES, MAX_NAME_CHARS, Event
+from forwarder.events import Event
+from forwarder.events.model import MAX_DATA_BYTES, MAX_NAME_CHARS
 from forwarder.intake.app import IntakeState, _parse_urlencoded, _simple_form
 from forwarder.ops.credentials import Secret
-from forwarder.ops.telemetry import Stats
+from forwarder.ops.metrics import Stats
 from forwarder.storage.queue import EventQueue, event_size
 from tests.conftest import ServeIntake, intake_state
 

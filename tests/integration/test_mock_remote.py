@@ -17,12 +17,9 @@ import aiohttp
 import pytest
 
 from forwarder.cli.main import build_parser, cmd_mock_remote
-from forwarder.testing.mock_remote import (
-    IDEMPOTENCY_TTL_S,
-    MockOptions,
-    RunningMock,
-    start_mock,
-)
+from forwarder.testing.mock_options import MockOptions
+from forwarder.testing.mock_platform import IDEMPOTENCY_TTL_S
+from forwarder.testing.mock_server import RunningMock, start_mock
 
 MockFactory = Callable[..., Awaitable[RunningMock]]
 
@@ -784,7 +781,8 @@ async def test_key_never_logged(
 async def test_serve_mock_cli_contract(session: aiohttp.ClientSession) -> None:
     code = (
         "import asyncio\n"
-        "from forwarder.testing.mock_remote import MockOptions, serve_mock\n"
+        "from forwarder.testing.mock_options import MockOptions\n"
+        "from forwarder.testing.mock_server import serve_mock\n"
         "asyncio.run(serve_mock(MockOptions(), '127.0.0.1', 0))\n"
     )
     proc = await asyncio.create_subprocess_exec(

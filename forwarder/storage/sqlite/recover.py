@@ -37,6 +37,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from forwarder.storage.sqlite.codec import damaged_row, row_entries
 from forwarder.storage.sqlite.file import (
     APPLICATION_ID,
     DEAD_COLUMNS,
@@ -44,19 +45,12 @@ from forwarder.storage.sqlite.file import (
     ROW_BITS,
     ROW_EVENTS,
     SCHEMA_VERSION,
-    SIDE_FILES,
     BatchRow,
     DeadRow,
     SpoolError,
-    connect_daemon,
-    damaged_row,
-    fsync_dir,
-    insert_batches,
-    move_aside,
-    rollback,
-    row_entries,
-    side_file,
 )
+from forwarder.storage.sqlite.opening import SIDE_FILES, connect_daemon, move_aside, side_file
+from forwarder.storage.sqlite.rows import fsync_dir, insert_batches, rollback
 
 _MIN_KEY = -(1 << 63)
 _MAX_KEY = (1 << 63) - 1
@@ -424,6 +418,19 @@ def recover_aside(path: Path) -> tuple[Path, Recovery]:
     _rename_spool(building, path)
     recovery.source = str(moved)
     return moved, recovery
+
+
+CREATING = ".creating"  # the suffix of a new spool being set up
+
+
+def create_fresh(path: Path) -> None:
+    """Create the spool at `path` (none is there) set up under another name, then renamed: a
+    `forwarder dlq` reading meanwhile finds no spool or a whole one, never a half-made file
+    (memory mode creates it while the daemon runs, for a dead letter)."""
+    building = side_file(path, CREATING)
+    _remove_spool(building)  # a crash's leftover
+    connect_daemon(building).close()
+    _rename_spool(building, path)
 
 
 def finish_recovery(path: Path) -> None:

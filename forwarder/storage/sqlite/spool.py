@@ -2,10 +2,10 @@
 
 Every database call runs on one dedicated thread (the event loop never waits on SQLite), and
 appends, removals and dead letters that arrive close together share one transaction and one
-fsync (group commit). The file itself (schema, row encoding, checks) is `file.py`; the
-`forwarder dlq` and `forwarder spool` commands, which run in their own process and may work on
-the database while the daemon has it open (WAL lets readers and one writer coexist), are
-`cli/dlq.py`.
+fsync (group commit). The file itself is `file.py` (schema), `codec.py`, `opening.py` and
+`rows.py`; the `forwarder dlq` and `forwarder spool` commands, which run in their own process
+and may work on the database while the daemon has it open (WAL lets readers and one writer
+coexist), are `cli/dlq.py` (their reads and writes of the spool: `cli/spooldb.py`).
 """
 
 from __future__ import annotations
@@ -27,6 +27,15 @@ import structlog
 from forwarder.delivery.deadletter import DeadLetterNote
 from forwarder.events import Event
 from forwarder.ops.logthrottle import LogThrottle
+from forwarder.storage.sqlite.codec import (
+    damaged_event,
+    damaged_row,
+    dead_row,
+    encode_rows,
+    event_from_entry,
+    is_utf8,
+    row_entries,
+)
 from forwarder.storage.sqlite.file import (
     INSERT_BATCHES,
     INSERT_DEAD,
@@ -39,33 +48,30 @@ from forwarder.storage.sqlite.file import (
     BatchRow,
     DeadRow,
     SpoolError,
-    Totals,
-    commit_timed,
+)
+from forwarder.storage.sqlite.opening import (
     connect_daemon,
-    damaged_event,
-    damaged_row,
-    dead_row,
-    drop_row,
-    encode_rows,
-    event_from_entry,
-    highest_row,
-    insert_batches,
     inspect_file,
-    is_utf8,
-    last_seq,
-    load_oldest,
-    load_totals,
     move_aside,
     nonempty,
     refuse_links,
-    rollback,
-    row_entries,
-    settle,
-    settled_between,
     side_file,
 )
 from forwarder.storage.sqlite.outcomes import INSERT_OUTCOME, OutcomeRow, lift_rows
-from forwarder.storage.sqlite.recover import Recovery, finish_recovery, recover_aside
+from forwarder.storage.sqlite.recover import Recovery, create_fresh, finish_recovery, recover_aside
+from forwarder.storage.sqlite.rows import (
+    Totals,
+    commit_timed,
+    drop_row,
+    highest_row,
+    insert_batches,
+    last_seq,
+    load_oldest,
+    load_totals,
+    rollback,
+    settle,
+    settled_between,
+)
 from forwarder.storage.sqlite.upgrade import (
     upgrade,
 )
@@ -495,6 +501,8 @@ class Spool:
             moved, self.recovery = recover_aside(path)
         elif problem is not None:
             moved = move_aside(path)
+        if not path.exists():
+            create_fresh(path)
         conn = connect_daemon(path)
         try:
             damaged = upgrade(conn, path)
