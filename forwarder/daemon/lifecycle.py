@@ -263,6 +263,7 @@ class Daemon:
             except ConfigError as exc:
                 raise StartupError(str(exc)) from None
             stack.push_async_callback(self.fleet.stop)
+            set_secrets(self.lanes.secrets())  # the Redis password is redacted from here on
 
         # 6. Intake's app and runner (not listening yet), and the PID file for `forwarder reload`.
         self._state = listeners.intake_state(self, metrics, events)

@@ -207,3 +207,24 @@ async def test_a_batch_is_reserved_ahead_not_polled_for(fleet: FleetClient) -> N
     assert isinstance(ticket, SharedTicket)
     assert second.calls == 1
     assert 0.1 <= waited <= 0.4
+
+
+async def test_a_flushed_script_cache_and_a_restarted_server_are_healed(
+    fleet: FleetClient, redis_server: RedisServer
+) -> None:
+    mode = FleetMode()
+    host = budget(fleet, 600, mode=mode)
+
+    async def shared_ticket() -> Ticket:
+        while isinstance(host.try_acquire(), Ticket):
+            pass  # what is in hand: the next ticket needs Redis
+        return await asyncio.wait_for(host.acquire(), 5.0)
+
+    assert isinstance(await shared_ticket(), SharedTicket)
+    await fleet.client.script_flush()  # NOSCRIPT on the next EVALSHA: loaded again
+    assert isinstance(await shared_ticket(), SharedTicket)
+    await redis_server.stop()
+    await redis_server.start()  # same data directory: the budget is still there
+    assert isinstance(await shared_ticket(), SharedTicket)
+    assert mode.fallbacks == 0
+    assert await fleet.client.hget(KEY, "used") is not None
