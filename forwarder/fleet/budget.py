@@ -236,9 +236,10 @@ class RedisRateBudget:
 
     async def _push(self) -> None:
         """Write a 429 to the shared state at once (the fleet pauses)."""
-        async with self._lock:
-            if self._answer is not None and not self._mode.fallback:
-                await self._call(0)
+        # Not behind the waiters' lock: a call taking no tokens may overlap theirs (each
+        # takes what it sends before its first await, and each reply is a whole snapshot).
+        if self._answer is not None and not self._mode.fallback:
+            await self._call(0)
 
     async def _call(self, want: int) -> float:
         """One script call: give back, tell the newest answer, take up to `want` tokens.
