@@ -171,3 +171,24 @@ def run_captured(args: argparse.Namespace) -> tuple[int, str]:
     with contextlib.redirect_stdout(out):
         code = cmd_fleet_status(args)
     return code, out.getvalue()
+
+
+async def test_a_full_redis_refusing_writes_is_fallback_not_a_crash(
+    redis_server: RedisServer, clients: tuple[FleetClient, FleetClient]
+) -> None:
+    a, _ = clients
+    mode = FleetMode()
+    host = RedisRateBudget("acme", 600, fleet=a, mode=mode)
+    admin = redis_server.client()
+    try:
+        await admin.config_set("maxmemory", "1")  # noeviction: every write is refused (OOM)
+        with capture_logs() as logs:
+            ticket = await asyncio.wait_for(host.acquire(), 5.0)
+        assert mode.fallback
+        assert not isinstance(ticket, SharedTicket)
+        (line,) = [entry for entry in logs if entry["event"] == "fleet_fallback"]
+        assert "refused" in line["reason"]
+        assert "OutOfMemoryError" in line["reason"]
+    finally:
+        await admin.config_set("maxmemory", "0")
+        await admin.aclose()
