@@ -38,7 +38,8 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 from forwarder.cli.spooldb import list_dead_letters
-from forwarder.intake.app import IntakeState, create_app
+from forwarder.intake.app import create_app
+from forwarder.intake.state import IntakeState
 from forwarder.ops.metrics import Metrics, Stats
 from forwarder.storage.eventstatus import StatusBook
 from forwarder.storage.numbering import BLOCK, EventNumbers

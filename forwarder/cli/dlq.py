@@ -30,7 +30,8 @@ from forwarder.cli.spooldb import (
     replay_dead_letters,
     spool_stats,
 )
-from forwarder.config.schema import ConfigError, load_config
+from forwarder.config.load import load_config
+from forwarder.config.schema import ConfigError
 from forwarder.ops.statedir import running_holder
 from forwarder.storage.sqlite.codec import DeadLetter
 from forwarder.storage.sqlite.file import SPOOL_FILE, SpoolError

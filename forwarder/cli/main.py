@@ -18,14 +18,10 @@ from forwarder.cli.dlq import add_commands
 from forwarder.cli.events import add_events_commands
 from forwarder.cli.fleet import add_command as add_fleet_command
 from forwarder.cli.status import add_command as add_status_command
-from forwarder.config.schema import (
-    DEFAULT_ACCOUNT,
-    Config,
-    ConfigError,
-    check_exposure,
-    load_config,
-    render_effective,
-)
+from forwarder.config.load import load_config
+from forwarder.config.render import render_effective
+from forwarder.config.schema import DEFAULT_ACCOUNT, Config, ConfigError
+from forwarder.config.validate import check_exposure
 from forwarder.intake.accounts import NO_DEFAULT_KEY, Account, load_accounts
 from forwarder.ops.credentials import (
     ApiKey,

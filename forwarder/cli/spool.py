@@ -55,7 +55,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 def cmd_recover(args: argparse.Namespace) -> int:
     """Bring what can be read of a spool file into the spool of a stopped daemon."""
-    from forwarder.config.schema import ConfigError, load_config
+    from forwarder.config.load import load_config
+    from forwarder.config.schema import ConfigError
     from forwarder.ops.statedir import StateDirError, StateLock, prepare_state_dir
 
     source = Path(args.file)

@@ -7,16 +7,18 @@ reversed by construction:
 1. systemd's listen sockets (closed last), the intake token and the exposure check;
 2. the systemd notifier and watchdog (from the start: a slow replay must not look like a hang);
 3. the state directory, checked and locked (a second daemon stops here);
-4. the event log (`queue.mode`'s backend from `storage.log.BACKENDS`), with what the last stop
+4. with `fleet.redis_url`, the fleet's Redis client and heartbeat (forwarder/fleet/host.py),
+   whose budgets the lanes get: before the event log, which a shared queue keeps on it, so it
+   is there for the log's release at a stop;
+5. the event log (`queue.mode`'s backend from `storage.log.BACKENDS`), with what the last stop
    saved replayed; the `stopped` summary;
-5. the HTTP client session (one for every account); with `fleet.redis_url`, the fleet's Redis
-   client and heartbeat (forwarder/fleet/host.py), whose budgets the lanes get;
-6. intake's app and runner (not listening yet) and the PID file; they go after the save;
-7. the dispatcher with a lane per account, held events, and delivery started (its teardown
+6. the HTTP client session (one for every account);
+7. intake's app and runner (not listening yet) and the PID file; they go after the save;
+8. the dispatcher with a lane per account, held events, and delivery started (its teardown
    stops delivery and releases what is left to the event log);
-8. intake's sites bound (systemd's sockets or ours): the daemon is ready;
-9. systemd status reporting and the idle-client sweep;
-10. intake stops taking work (answers 503, apps keep their events): the first thing at a stop.
+9. intake's sites bound (systemd's sockets or ours): the daemon is ready;
+10. systemd status reporting and the idle-client sweep;
+11. intake stops taking work (answers 503, apps keep their events): the first thing at a stop.
 
 Between start and stop, `_serve` waits for a signal and drains for up to `shutdown.timeout_s`
 (a second signal stops at once). The steps' details live beside this module (the event log's
@@ -35,7 +37,8 @@ import time
 import aiohttp
 import structlog
 
-from forwarder.config.schema import Config, ConfigError, check_exposure
+from forwarder.config.schema import Config, ConfigError
+from forwarder.config.validate import check_exposure
 from forwarder.daemon import listeners
 from forwarder.daemon.accountlanes import AccountLanes, client_session
 from forwarder.daemon.listeners import StartupError, reason
@@ -44,9 +47,10 @@ from forwarder.daemon.view import StatusView
 from forwarder.delivery.dispatcher import Dispatcher
 from forwarder.fleet.host import FleetHost
 from forwarder.intake.accounts import Account, Accounts
-from forwarder.intake.app import IntakeState, create_app
+from forwarder.intake.app import create_app
 from forwarder.intake.guard import ConnectionGuard
 from forwarder.intake.runner import IntakeRunner
+from forwarder.intake.state import IntakeState
 from forwarder.ops.credentials import ApiKey, resolve_intake_token
 from forwarder.ops.logs import flush_logs, set_secrets
 from forwarder.ops.logthrottle import LogThrottle
@@ -242,21 +246,7 @@ class Daemon:
             raise StartupError(f"state.dir {state_dir}: {reason(exc)}") from None
         stack.callback(lock.release)
 
-        # 4. The event log, with the last stop's events; closed after everything that uses it.
-        try:
-            events = self.log = await open_event_log(
-                cfg, LogDeps(self.queue, self.log_throttle, metrics.spool_commit.observe)
-            )
-        except LogError as exc:
-            raise StartupError(str(exc)) from None
-        stack.push_async_callback(events.close)
-        stack.push_async_callback(self._log_stopped, stopped)
-
-        # 5. One HTTP session for every account: the lanes' concurrency limits bound it.
-        self._session = await client_session(cfg)
-        stack.push_async_callback(self._session.close)
-
-        # 5b. The fleet (fleet.redis_url): Redis, the heartbeat, the accounts' shared budgets.
+        # 4. The fleet (fleet.redis_url): Redis, the heartbeat, the accounts' shared budgets.
         if cfg.fleet.enabled:
             try:
                 self.fleet = await FleetHost.start(cfg, in_delivery=lambda: self.queue.in_delivery)
@@ -265,7 +255,22 @@ class Daemon:
             stack.push_async_callback(self.fleet.stop)
             set_secrets(self.lanes.secrets())  # the Redis password is redacted from here on
 
-        # 6. Intake's app and runner (not listening yet), and the PID file for `forwarder reload`.
+        # 5. The event log, with the last stop's events; closed after everything that uses it.
+        try:
+            events = self.log = await open_event_log(
+                cfg,
+                LogDeps(self.queue, self.log_throttle, metrics.spool_commit.observe, self.fleet),
+            )
+        except LogError as exc:
+            raise StartupError(str(exc)) from None
+        stack.push_async_callback(events.close)
+        stack.push_async_callback(self._log_stopped, stopped)
+
+        # 6. One HTTP session for every account: the lanes' concurrency limits bound it.
+        self._session = await client_session(cfg)
+        stack.push_async_callback(self._session.close)
+
+        # 7. Intake's app and runner (not listening yet), and the PID file for `forwarder reload`.
         self._state = listeners.intake_state(self, metrics, events)
         listeners.ensure_fd_room(cfg.intake.max_connections)
         runner = IntakeRunner(
@@ -275,24 +280,24 @@ class Daemon:
         await asyncio.to_thread(listeners.write_pid, state_dir)
         stack.push_async_callback(self._close_intake, runner)
 
-        # 7. Delivery: a lane per account, events held without one, and the pumps started.
+        # 8. Delivery: a lane per account, events held without one, and the pumps started.
         dispatcher = self.lanes.start_delivery(metrics, events)
         stopped.delivering = True
         stack.push_async_callback(self._stop_delivery, dispatcher, stopped)
 
-        # 8. Intake's sites: from here apps' events are taken.
+        # 9. Intake's sites: from here apps' events are taken.
         self.addresses += await listeners.start_sites(runner, self.activated, cfg.intake)
         self.ready.set()
         self.notifier.ready(self.view.status_line())
 
-        # 9. Background work while serving.
+        # 10. Background work while serving.
         for work, name in (
             (self._report_status, "sd-status"),
             (self.lanes.sweep_clients, "client-sweep"),
         ):
             stack.push_async_callback(_cancel, asyncio.create_task(work(), name=name))
 
-        # 10. The first thing at a stop: intake stops taking work.
+        # 11. The first thing at a stop: intake stops taking work.
         stack.callback(self._stop_taking_work)
         log.info("started", **self.view.started(events.restored))
 

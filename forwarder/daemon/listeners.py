@@ -20,8 +20,9 @@ from typing import TYPE_CHECKING
 import structlog
 from aiohttp import web
 
-from forwarder.config.schema import Config, IntakeConfig, resolve_group
-from forwarder.intake.app import IntakeState
+from forwarder.config.address import resolve_group
+from forwarder.config.schema import Config, IntakeConfig
+from forwarder.intake.state import IntakeState
 from forwarder.ops.metrics import Metrics
 from forwarder.ops.statedir import read_state_file, replace_state_file
 from forwarder.ops.systemd import ListenSocket

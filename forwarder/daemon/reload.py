@@ -16,7 +16,8 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from forwarder.config.schema import RESTART_ONLY, Config, ConfigError, check_exposure
+from forwarder.config.schema import RESTART_ONLY, Config, ConfigError
+from forwarder.config.validate import check_exposure
 from forwarder.daemon.listeners import ensure_fd_room, exposed_listeners
 from forwarder.delivery.lane import LaneSettings
 from forwarder.intake.accounts import Account

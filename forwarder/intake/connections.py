@@ -25,7 +25,7 @@ bounds how many connections are open. All of that lives in `GuardedRequestHandle
   (`logthrottle`), where aiohttp answers text/plain with the offending bytes and logs an ERROR
   with a traceback for each.
 
-The request body's deadline is app.py's (`intake.body_timeout_s`): by then a handler runs.
+The request body's deadline is bodies.py's (`intake.body_timeout_s`): by then a handler runs.
 What such an answer says is rejections.py's. The limits a reload may change and the counters are
 guard.py's (`ConnectionGuard`); the server and runner that hand this class to every listener,
 and the gate each request passes before the app, are runner.py's.

@@ -15,6 +15,10 @@ is; the account is read again from there when it has room. An account below its 
 finds the window full takes the room back from accounts above theirs (their newest waiting
 events leave memory; they are still in the spool). So a paused, broken or slow account holds
 its share at most and never holds back another.
+
+One module although past 400 lines: admission, the fair shares and the refill's scan keep one
+set of positions (`_loaded_seq`, `_scanned_to`, `_passed`, `_in_memory`) true together; split,
+each part would reach into the others' state.
 """
 
 from __future__ import annotations
@@ -32,8 +36,9 @@ from forwarder.ops.logthrottle import LogThrottle
 from forwarder.storage.eventstatus import StatusBook
 from forwarder.storage.numbering import EventNumbers
 from forwarder.storage.queue import TOO_LARGE, EventQueue, event_size
+from forwarder.storage.sqlite.committer import SpooledEvent
 from forwarder.storage.sqlite.file import SpoolError
-from forwarder.storage.sqlite.spool import Spool, SpooledEvent, SpoolFull
+from forwarder.storage.sqlite.spool import Spool, SpoolFull
 
 log = structlog.get_logger("forwarder.backlog")
 # Rows read from disk per refill: big enough to amortise a query, small against memory.

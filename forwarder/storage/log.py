@@ -25,7 +25,7 @@ from __future__ import annotations
 import importlib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import NamedTuple, Protocol, cast
+from typing import TYPE_CHECKING, NamedTuple, Protocol, cast
 
 from forwarder.config.schema import Config
 from forwarder.delivery.deadletter import DeadLetterNote
@@ -34,6 +34,9 @@ from forwarder.ops.logthrottle import LogThrottle
 from forwarder.storage.eventstatus import StatusBook
 from forwarder.storage.numbering import EventNumbers
 from forwarder.storage.queue import EventQueue
+
+if TYPE_CHECKING:
+    from forwarder.fleet.host import FleetHost
 
 
 class LogError(Exception):
@@ -58,6 +61,9 @@ class LogDeps:
     queue: EventQueue  # the window the lanes read from (the daemon's, reloads resize it)
     throttle: LogThrottle  # the daemon's one throttle for lines a request can repeat
     on_commit: Callable[[float], None] | None = None  # each commit's duration (a histogram)
+    # The process's one Redis client and heartbeat (fleet.redis_url), for a shared queue: it is
+    # started before the log and stopped after it.
+    fleet: FleetHost | None = None
 
 
 class EventLog(Protocol):

@@ -64,6 +64,7 @@ class MemoryLog:
         # Dead letters that came before the spool was open, and the task opening it.
         self._waiting: list[tuple[Event, int, DeadLetterNote]] = []
         self._opening: asyncio.Task[Backlog | None] | None = None
+        self._open_error: LogError | None = None  # why the last open failed
 
     @property
     def spool(self) -> Spool | None:
@@ -147,9 +148,9 @@ class MemoryLog:
         if not any(not spool_seq for _event, spool_seq in leftovers):
             return 0
         backlog = await self._open()
-        if backlog is None:  # the error is logged with the dead letters, the events here
+        if backlog is None:  # the events go into the journal, with why
             spooled.journal_unsaved(
-                LogError("the spool could not be opened"),
+                self._open_error or LogError("the spool could not be opened"),
                 [event for event, spool_seq in leftovers if not spool_seq],
             )
             return 0
@@ -177,6 +178,7 @@ class MemoryLog:
         try:
             spool = await spooled.open_spool(self._config, self._deps.on_commit)
         except LogError as exc:
+            self._open_error = exc
             self._journal_waiting(exc)
             return None
         spool.group_window_s = self._group_window_s
@@ -185,6 +187,7 @@ class MemoryLog:
             await spooled.lift_seq(self._config, spool, self.numbers.ceiling)
         except LogError as exc:
             await spool.close()
+            self._open_error = exc
             self._journal_waiting(exc)
             return None
         backlog = self._backlog = _backlog(spool, self._deps)

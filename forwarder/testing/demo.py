@@ -17,7 +17,7 @@ from typing import Any
 import aiohttp
 
 from forwarder.cli.spooldb import list_dead_letters
-from forwarder.config.schema import load_config
+from forwarder.config.load import load_config
 from forwarder.daemon.lifecycle import Daemon
 from forwarder.intake.accounts import configured_accounts
 from forwarder.ops.credentials import ApiKey, Secret

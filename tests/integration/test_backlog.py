@@ -13,7 +13,8 @@ from forwarder.events import Event
 from forwarder.storage import backlog as backlog_module
 from forwarder.storage.backlog import Backlog
 from forwarder.storage.queue import TOO_LARGE, EventQueue, event_size
-from forwarder.storage.sqlite.spool import Spool, SpooledEvent
+from forwarder.storage.sqlite.committer import SpooledEvent
+from forwarder.storage.sqlite.spool import Spool
 
 
 def ev(n: int, data_chars: int = 100) -> Event:

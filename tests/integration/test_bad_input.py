@@ -29,7 +29,8 @@ from hypothesis import strategies as st
 
 from forwarder.events import Event
 from forwarder.events.validate import FIELDS
-from forwarder.intake.app import IntakeState, create_app
+from forwarder.intake.app import create_app
+from forwarder.intake.state import IntakeState
 from tests.conftest import ServeIntake, intake_state
 
 CREATE = "/v1/recipientEvents/create"

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+import structlog
 
 from forwarder.config.schema import Config, QueueConfig, RemoteConfig, ShutdownConfig, StateConfig
 from forwarder.daemon.lifecycle import Daemon
@@ -25,7 +26,7 @@ from forwarder.storage.durable import DurableLog
 from forwarder.storage.log import BACKENDS, EventLog, LogDeps, backend, open_event_log
 from forwarder.storage.memory import MemoryLog
 from forwarder.storage.queue import EventQueue
-from forwarder.storage.sqlite import opening, recover
+from forwarder.storage.sqlite import opening, swap
 from forwarder.storage.sqlite.file import SPOOL_FILE
 from forwarder.storage.sqlite.spool import Spool
 from tests.conftest import dead_letters, spooled
@@ -276,11 +277,35 @@ async def test_a_new_spool_file_appears_whole(
         built.append((path.name, (tmp_path / SPOOL_FILE).exists()))
         return connect(path)
 
-    monkeypatch.setattr(recover, "connect_daemon", watched)
+    monkeypatch.setattr(swap, "connect_daemon", watched)
     spool = await Spool.open(tmp_path)
     await spool.close()
-    assert built == [(SPOOL_FILE + recover.CREATING, False)]
+    assert built == [(SPOOL_FILE + swap.CREATING, False)]
     assert sorted(p.name for p in tmp_path.iterdir()) == [SPOOL_FILE]
     spool = await Spool.open(tmp_path)  # an existing file is opened as it is
     await spool.close()
     assert len(built) == 1
+
+
+async def test_memory_mode_journals_what_it_cannot_write(tmp_path: Path) -> None:
+    # The spool cannot be created (a link where it would be): the dead letter and a stop's
+    # leftovers are written whole into the log, the last place left.
+    log = await opened(tmp_path, "memory")
+    log.start()
+    (tmp_path / SPOOL_FILE).symlink_to(tmp_path / "elsewhere.db")
+    with structlog.testing.capture_logs() as logs:
+        assert await append(log, [ev(1), ev(2, "r2")]) == ""
+        event, seq = await take(log)
+        log.dead_lettered(event, seq, note())
+        async with asyncio.timeout(5):
+            while not any(line["event"] == "dead_letters_unsaved" for line in logs):
+                await asyncio.sleep(0.01)
+        assert await stop(log) == 0
+    (dead,) = [line for line in logs if line["event"] == "dead_letters_unsaved"]
+    assert (dead["count"], dead["reasons"]) == (1, ["rejected"])
+    assert dead["events"][0]["event_id"] == "log-000001"
+    assert "symbolic link" in dead["error"]
+    (unsaved,) = [line for line in logs if line["event"] == "pending_unsaved"]
+    assert [e["event_id"] for e in unsaved["events"]] == ["log-000002"]
+    assert "symbolic link" in unsaved["error"]
+    assert not (tmp_path / "elsewhere.db").exists()  # the link was never followed

@@ -6,8 +6,10 @@ from pathlib import Path
 
 import pytest
 
+from forwarder.config import load as config_load
 from forwarder.config import schema as cfg
-from forwarder.config.schema import ConfigError, load_config
+from forwarder.config.load import load_config
+from forwarder.config.schema import ConfigError
 
 PASSWORD = "hunter2-redis-SECRET"
 FLEET = 'redis_url = "redis://127.0.0.1:6379"\n'
@@ -15,7 +17,7 @@ FLEET = 'redis_url = "redis://127.0.0.1:6379"\n'
 
 @pytest.fixture(autouse=True)
 def _no_system_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(cfg, "DEFAULT_CONFIG_PATH", tmp_path / "absent" / "forwarder.toml")
+    monkeypatch.setattr(config_load, "DEFAULT_CONFIG_PATH", tmp_path / "absent" / "forwarder.toml")
 
 
 def load(tmp_path: Path, fleet: str, extra: str = "") -> cfg.Config:

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from forwarder.config.schema import ConfigError, FleetConfig, load_config
+from forwarder.config.load import load_config
+from forwarder.config.schema import ConfigError, FleetConfig
 from forwarder.fleet.connection import FleetClient, RedisUnavailable, connect, server_warnings
 from forwarder.ops.credentials import Secret, resolve_redis_password
 from tests.redisserver import RedisServer, free_port, running_redis

@@ -19,10 +19,11 @@ from aiohttp import http_exceptions, web
 from structlog.testing import capture_logs
 
 from forwarder.events import Event
-from forwarder.intake.app import IntakeState, create_app
+from forwarder.intake.app import create_app
 from forwarder.intake.guard import ConnectionGuard
 from forwarder.intake.rejections import describe_rejection
 from forwarder.intake.runner import IntakeRunner
+from forwarder.intake.state import IntakeState
 from forwarder.ops.credentials import Secret
 from forwarder.storage.backlog import Backlog
 from forwarder.storage.durable import DurableLog
