@@ -15,7 +15,8 @@ from typing import Any
 
 import orjson
 
-from forwarder.config.schema import Config, ConfigError, load_config
+from forwarder.config.load import load_config
+from forwarder.config.schema import Config, ConfigError
 from forwarder.fleet.budget import read_budgets
 from forwarder.fleet.connection import RedisUnavailable, connect
 from forwarder.fleet.host import member_name
