@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import sys
 from pathlib import Path
 
 import aiohttp
+import pytest
+import structlog
 
 from forwarder.config.schema import Config, FleetConfig, IntakeConfig, StateConfig
 from forwarder.daemon.lifecycle import Daemon
@@ -139,3 +142,16 @@ async def test_the_redis_password_is_read_from_its_file_and_redacted(short_tmp: 
         finally:
             daemon.request_stop()
             assert await asyncio.wait_for(task, 10) == 0
+
+
+async def test_without_redis_py_the_start_fails_saying_how_to_install_it(
+    short_tmp: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # redis-py missing: `import redis.asyncio` fails as it would without the extra.
+    monkeypatch.setitem(sys.modules, "redis.asyncio", None)
+    daemon = Daemon(_config(short_tmp / "s", "redis://127.0.0.1:6379/0"), KEY)
+    with structlog.testing.capture_logs() as logs:
+        assert await asyncio.wait_for(daemon.run(), 10) == 1
+    (failed,) = [entry for entry in logs if entry["event"] == "startup_failed"]
+    assert "pip install 'forwarder[fleet]'" in failed["error"]
+    assert "fleet.redis_url" in failed["error"]
