@@ -82,7 +82,7 @@ async def test_a_fleet_daemon_shares_its_budgets_and_shows_its_mode(
         metrics = await _get(daemon, "/metrics")
         assert "forwarder_fleet_mode 1.0" in metrics
         assert "forwarder_fleet_members 1.0" in metrics
-        assert "fleet fleet (1 live)" in daemon.view.status_line()
+        assert daemon.view.status_line().endswith(", fleet mode (1 live)")
         admin = redis_server.client()
         assert await admin.zscore("fwdtest:members", "web-1") is not None
         daemon.request_stop()
