@@ -34,6 +34,7 @@ from forwarder.delivery.flow.ratelimit import (
     RateLimiter,
     Ticket,
 )
+from forwarder.delivery.flow.ratewindow import DEFAULT_WINDOW_S
 from forwarder.delivery.flow.ratewindow import MAX_WINDOW_S as MAX_PACED_WINDOW_S
 from forwarder.fleet.budgetscript import BUDGET_LUA
 from forwarder.fleet.connection import FleetClient, RedisUnavailable, as_text
@@ -101,6 +102,7 @@ class RedisRateBudget:
         self._answer: _Answer | None = None
         # The account's quota per window as last learnt (the shared state, a remote's header).
         self._limit = self.local.limit
+        self._window_s = self.local.window_s  # the fleet's, as of the last call
         self._paused_until = 0.0
         self._pushes: set[asyncio.Task[None]] = set()
         self._registered = False
@@ -179,7 +181,7 @@ class RedisRateBudget:
         now = self._clock()
         return {
             "limit_per_window": self._limit,
-            "window_s": self.local.window_s,
+            "window_s": self._window_s,
             "remaining": shared.get("remaining", self.local.remaining),
             "tokens": self._tokens,
             "rate_limited": self.local.rate_limited,
@@ -226,7 +228,13 @@ class RedisRateBudget:
             self._tokens = 0
 
     def _batch(self) -> int:
-        return max(1, math.floor(self._limit / self.local.window_s * BATCH_S))
+        return max(1, math.floor(self._limit / self._window_s * BATCH_S))
+
+    def _window_ms(self) -> int:
+        """The window's length this host learnt, or 0 while it has learnt none (the fleet's
+        counts then: a host that just started must not pace the fleet by a minute)."""
+        window = self.local.window_s
+        return 0 if window == DEFAULT_WINDOW_S else _ms(window)
 
     def _fallback_limit(self) -> int:
         """The quota this host takes alone when Redis is out: its share of the fleet's limit."""
@@ -259,7 +267,7 @@ class RedisRateBudget:
             back,
             self._give_back_epoch,
             self._limit,
-            _ms(self.local.window_s),
+            self._window_ms(),
             _ms(BURST_S),
             _ms(RESET_GRANULARITY_S),
             _ms(DEFAULT_429_WAIT_S),
@@ -284,12 +292,13 @@ class RedisRateBudget:
             paused_ms,
             limit,
             remaining,
-            _,
+            window_ms,
             limited,
             delay_ms,
         ) = (int(x) for x in result)
         now = self._clock()
         self._limit = limit
+        self._window_s = window_ms / 1000
         self._shared = {"remaining": remaining, "rate_limited": limited}
         self._paused_until = now + paused_ms / 1000 if paused_ms else 0.0
         if granted:

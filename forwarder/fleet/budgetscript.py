@@ -12,7 +12,8 @@ is `redis.call('TIME')` in milliseconds; a host sends only durations (how old it
 what the reset said), so a host whose clock is off changes nothing. The script touches one key,
 so it runs on a cluster too.
 
-KEYS[1]: the budget hash. ARGV: want, give_back, give_back_epoch, default_limit, window_ms,
+KEYS[1]: the budget hash. ARGV: want, give_back, give_back_epoch, default_limit, window_ms (0:
+the host has learnt none, use the fleet's),
 burst_ms, granularity_ms, default_429_ms, max_pause_ms, ttl_ms, then the answer: has_answer
 (0/1), epoch, age_ms, limit, remaining, reset_ms, rate_limited (0/1), retry_after_ms (-1: none),
 and ahead_ms. Returns {granted, epoch, wait_ms, window_left_ms, paused_left_ms, limit,
@@ -42,7 +43,9 @@ local ttl = tonumber(ARGV[10])
 local ahead_ms = tonumber(ARGV[19])
 
 local s = redis.call('HMGET', key, 'limit', 'window_end', 'confirmed', 'epoch', 'used',
-  'external', 'tat', 'paused_until', 'rate_limited')
+  'external', 'tat', 'paused_until', 'rate_limited', 'window_ms')
+-- 0: the host has not learnt the window's length yet (just started, or a reload): the fleet's.
+if window <= 0 then window = tonumber(s[10]) or 60000 end
 local limit = tonumber(s[1]) or default_limit
 local window_end = tonumber(s[2]) or (now + window)
 local confirmed = tonumber(s[3]) or 0

@@ -228,3 +228,26 @@ async def test_a_flushed_script_cache_and_a_restarted_server_are_healed(
     assert isinstance(await shared_ticket(), SharedTicket)
     assert mode.fallbacks == 0
     assert await fleet.client.hget(KEY, "used") is not None
+
+
+async def test_a_host_that_just_started_paces_by_the_fleets_window(fleet: FleetClient) -> None:
+    veteran = budget(fleet, 1200)
+    ticket = await veteran.acquire()
+    # The remote's window is 2 s with 40 a window: the veteran learns it and tells the fleet.
+    veteran.observe(ticket, limit=40, remaining=39, reset_s=2.0)
+    while isinstance(veteran.try_acquire(), Ticket):
+        pass
+    await veteran.acquire()
+    assert await fleet.client.hget(KEY, "window_ms") == b"2000"
+    # A newcomer has learnt nothing (a minute, by default): the fleet's 2 s window paces it,
+    # so its batch moves the shared pacing by 50 ms a token, not 1.5 s.
+    newcomer = budget(fleet, 1200)
+    assert newcomer.local.window_s == 60.0
+    await newcomer.acquire()
+    assert await fleet.client.hget(KEY, "window_ms") == b"2000"
+    assert newcomer.view()["window_s"] == 2.0
+    started = time.monotonic()
+    while isinstance(veteran.try_acquire(), Ticket):
+        pass
+    await veteran.acquire()
+    assert time.monotonic() - started < 0.6
