@@ -312,7 +312,7 @@ def both_paused_default(http: aiohttp.ClientSession) -> Callable[[], Awaitable[b
     return paused
 
 
-@pytest.mark.timeout(60)
+@pytest.mark.timeout(120)  # 26 CLI processes at once: about 30 s on 2 busy cores
 async def test_config_and_key_file_errors_never_show_the_key(short_tmp: Path) -> None:
     seen = Seen()
     config = short_tmp / "forwarder.toml"
