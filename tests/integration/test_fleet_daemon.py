@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from pathlib import Path
 
 import aiohttp
@@ -12,7 +13,8 @@ from forwarder.daemon.lifecycle import Daemon
 from forwarder.fleet.budget import RedisRateBudget
 from forwarder.intake.accounts import configured_accounts
 from forwarder.ops.credentials import ApiKey, Secret
-from tests.redisserver import RedisServer, free_port
+from forwarder.ops.logs import Redactor
+from tests.redisserver import RedisServer, free_port, running_redis
 
 KEY = configured_accounts(Config(), ApiKey(Secret("sk-daemon-test-0000"), "test"), {})
 
@@ -69,6 +71,7 @@ async def test_a_fleet_daemon_shares_its_budgets_and_shows_its_mode(
             "key_prefix": "fwdtest",
             "redis_calls": stats["fleet"]["redis_calls"],  # type: ignore[index]
             "redis_errors": 0,
+            "redis_seconds": stats["fleet"]["redis_seconds"],  # type: ignore[index]
             "budget_tokens_taken": 0,
         }
         ready = await _get_json(daemon, "/readyz")
@@ -111,3 +114,28 @@ async def test_no_fleet_no_fleet_object(short_tmp: Path) -> None:
     finally:
         daemon.request_stop()
         assert await asyncio.wait_for(task, 10) == 0
+
+
+async def test_the_redis_password_is_read_from_its_file_and_redacted(short_tmp: Path) -> None:
+    password = "redis-daemon-SECRET-5c4d3e2f1a0b"
+    secret_file = short_tmp / "redis-password"
+    secret_file.write_text(password, encoding="utf-8")
+    async with running_redis(password=password) as server:
+        config = _config(short_tmp / "s", server.url)
+        config = dataclasses.replace(
+            config,
+            fleet=dataclasses.replace(config.fleet, redis_password_file=str(secret_file)),
+        )
+        daemon = Daemon(config, KEY)
+        task = await _started(daemon)
+        try:
+            assert daemon.fleet is not None
+            assert daemon.fleet.mode.name == "fleet"  # authenticated
+            assert password in daemon.lanes.secrets()
+            # What the daemon's log redactor is given scrubs it from any line.
+            assert password not in str(Redactor(daemon.lanes.secrets()).scrub(f"pw={password}"))
+            stats = await _get(daemon, "/v1/stats")
+            assert password not in stats
+        finally:
+            daemon.request_stop()
+            assert await asyncio.wait_for(task, 10) == 0
