@@ -16,6 +16,7 @@ from forwarder import __version__
 from forwarder.cli.daemonclient import Target, Unreachable, request_once
 from forwarder.cli.dlq import add_commands
 from forwarder.cli.events import add_events_commands
+from forwarder.cli.fleet import add_command as add_fleet_command
 from forwarder.cli.status import add_command as add_status_command
 from forwarder.config.load import load_config
 from forwarder.config.render import render_effective
@@ -271,6 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_commands(sub, "TOML config file (default /etc/forwarder/forwarder.toml)")
     add_status_command(sub, "TOML config file (default /etc/forwarder/forwarder.toml)")
+    add_fleet_command(sub, "TOML config file (default /etc/forwarder/forwarder.toml)")
 
     reload = sub.add_parser(
         "reload",

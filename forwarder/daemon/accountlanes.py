@@ -143,11 +143,13 @@ class AccountLanes:
         )
 
     def secrets(self) -> list[str]:
-        """Every secret the logs must redact: the accounts' keys and the intake token."""
+        """Every secret the logs must redact: the accounts' keys, the intake token and the
+        fleet's Redis password."""
         d = self._d
         accounts = [*d.accounts.configured.values(), *d.accounts.clients.values()]
         token = [d.intake_token.secret.reveal()] if d.intake_token else []
-        return [a.key.reveal() for a in accounts] + token
+        redis = [d.fleet.password.reveal()] if d.fleet and d.fleet.password else []
+        return [a.key.reveal() for a in accounts] + token + redis
 
 
 async def client_session(cfg: Config) -> aiohttp.ClientSession:

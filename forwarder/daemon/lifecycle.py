@@ -253,6 +253,7 @@ class Daemon:
             except ConfigError as exc:
                 raise StartupError(str(exc)) from None
             stack.push_async_callback(self.fleet.stop)
+            set_secrets(self.lanes.secrets())  # the Redis password is redacted from here on
 
         # 5. The event log, with the last stop's events; closed after everything that uses it.
         try:

@@ -222,7 +222,7 @@ class StatusView:
                 delivered_per_min=self._delivery_rate.observe(d.stats.delivered),
                 spool=d.log.stored().events if d.log else 0,
             )
-            + (f", fleet {d.fleet.mode.name} ({d.fleet.mode.live_members} live)" if d.fleet else "")
+            + (f", {d.fleet.mode.name} mode ({d.fleet.mode.live_members} live)" if d.fleet else "")
         )
 
     def started(self, restored: int) -> dict[str, Any]:

@@ -3,8 +3,9 @@
 It implements the `RateBudget` seam (delivery/flow/budget.py), so the lane does not know it is
 shared. The shared state lives in `{P:A}:budget` and changes only through one Lua script
 (`budgetscript.py`, on Redis's clock). A host takes tokens a few at a time (about `BATCH_S` of
-the account's rate, at least one), so `try_acquire` is a local decrement on the fast path and
-only `acquire` waits for a round trip. Tokens not used within `TOKEN_TTL_S`, or by the end of the
+the account's rate, at least one), reserved up to `AHEAD_S` before they may be sent, so
+`try_acquire` is a local decrement on the fast path and only `acquire` waits for a round trip
+(and for the reserved batch's time). Tokens not used within `TOKEN_TTL_S`, or by the end of the
 window they were counted in, are dropped and given back with the next call (an idle host does
 not hoard). What the remote answers (`X-RateLimit-*`, a 429 and its wait) goes to Redis with the
 next call; a 429 at once, so it pauses the whole fleet.
@@ -18,6 +19,7 @@ members last seen; the host goes back to Redis once the heartbeat reaches it aga
 from __future__ import annotations
 
 import asyncio
+import functools
 import math
 import time
 from dataclasses import dataclass
@@ -32,13 +34,17 @@ from forwarder.delivery.flow.ratelimit import (
     RateLimiter,
     Ticket,
 )
+from forwarder.delivery.flow.ratewindow import DEFAULT_WINDOW_S
 from forwarder.delivery.flow.ratewindow import MAX_WINDOW_S as MAX_PACED_WINDOW_S
 from forwarder.fleet.budgetscript import BUDGET_LUA
-from forwarder.fleet.connection import FleetClient, RedisUnavailable
+from forwarder.fleet.connection import FleetClient, RedisUnavailable, as_text
 from forwarder.fleet.mode import FleetMode
 
-# A host takes this long's worth of the account's rate per round trip (at least one token).
-BATCH_S = 0.1
+# A host takes this long's worth of the account's rate per round trip (at least one token,
+# at most the burst: BURST_S).
+BATCH_S = 0.2
+# A batch may be reserved this far ahead of when it may be sent (the host waits for it).
+AHEAD_S = 0.5
 # Tokens not used within this are dropped (and given back): an idle host does not hoard.
 TOKEN_TTL_S = 0.5
 # The budget hash outlives its last use by this long (an account gone from every host).
@@ -89,12 +95,14 @@ class RedisRateBudget:
         self._lock = asyncio.Lock()
         self._tokens = 0
         self._epoch = 0  # the fleet's window the tokens in hand count in
+        self._tokens_from = 0.0
         self._tokens_until = 0.0
         self._give_back = 0
         self._give_back_epoch = 0
         self._answer: _Answer | None = None
         # The account's quota per window as last learnt (the shared state, a remote's header).
         self._limit = self.local.limit
+        self._window_s = self.local.window_s  # the fleet's, as of the last call
         self._paused_until = 0.0
         self._pushes: set[asyncio.Task[None]] = set()
         self._registered = False
@@ -173,7 +181,7 @@ class RedisRateBudget:
         now = self._clock()
         return {
             "limit_per_window": self._limit,
-            "window_s": self.local.window_s,
+            "window_s": self._window_s,
             "remaining": shared.get("remaining", self.local.remaining),
             "tokens": self._tokens,
             "rate_limited": self.local.rate_limited,
@@ -204,6 +212,8 @@ class RedisRateBudget:
             return self.paused_until - now
         if self._tokens and now >= self._tokens_until:
             self._drop_tokens()
+        if self._tokens and now < self._tokens_from:
+            return self._tokens_from - now  # reserved, not to be sent yet
         if self._tokens:
             self._tokens -= 1
             return SharedTicket(self._epoch, self.local.epoch)
@@ -218,7 +228,13 @@ class RedisRateBudget:
             self._tokens = 0
 
     def _batch(self) -> int:
-        return max(1, math.floor(self._limit / self.local.window_s * BATCH_S))
+        return max(1, math.floor(self._limit / self._window_s * BATCH_S))
+
+    def _window_ms(self) -> int:
+        """The window's length this host learnt, or 0 while it has learnt none (the fleet's
+        counts then: a host that just started must not pace the fleet by a minute)."""
+        window = self.local.window_s
+        return 0 if window == DEFAULT_WINDOW_S else _ms(window)
 
     def _fallback_limit(self) -> int:
         """The quota this host takes alone when Redis is out: its share of the fleet's limit."""
@@ -228,9 +244,10 @@ class RedisRateBudget:
 
     async def _push(self) -> None:
         """Write a 429 to the shared state at once (the fleet pauses)."""
-        async with self._lock:
-            if self._answer is not None and not self._mode.fallback:
-                await self._call(0)
+        # Not behind the waiters' lock: a call taking no tokens may overlap theirs (each
+        # takes what it sends before its first await, and each reply is a whole snapshot).
+        if self._answer is not None and not self._mode.fallback:
+            await self._call(0)
 
     async def _call(self, want: int) -> float:
         """One script call: give back, tell the newest answer, take up to `want` tokens.
@@ -250,13 +267,14 @@ class RedisRateBudget:
             back,
             self._give_back_epoch,
             self._limit,
-            _ms(self.local.window_s),
+            self._window_ms(),
             _ms(BURST_S),
             _ms(RESET_GRANULARITY_S),
             _ms(DEFAULT_429_WAIT_S),
             _ms(MAX_PACED_WINDOW_S),
             KEY_TTL_MS,
             *_answer_args(answer, now),
+            _ms(AHEAD_S),
         ]
         try:
             self.calls += 1
@@ -266,17 +284,28 @@ class RedisRateBudget:
         except RedisUnavailable as exc:
             self._mode.lost(str(exc))
             return 0.0
-        granted, epoch, wait_ms, window_left_ms, paused_ms, limit, remaining, _, limited = (
-            int(x) for x in result
-        )
+        (
+            granted,
+            epoch,
+            wait_ms,
+            window_left_ms,
+            paused_ms,
+            limit,
+            remaining,
+            window_ms,
+            limited,
+            delay_ms,
+        ) = (int(x) for x in result)
         now = self._clock()
         self._limit = limit
+        self._window_s = window_ms / 1000
         self._shared = {"remaining": remaining, "rate_limited": limited}
         self._paused_until = now + paused_ms / 1000 if paused_ms else 0.0
         if granted:
             self.taken += granted
             self._tokens, self._epoch = granted, epoch
-            self._tokens_until = now + min(TOKEN_TTL_S, window_left_ms / 1000)
+            self._tokens_from = now + delay_ms / 1000
+            self._tokens_until = now + min(delay_ms / 1000 + TOKEN_TTL_S, window_left_ms / 1000)
             return 0.0
         return max(wait_ms / 1000, 0.001)
 
@@ -309,3 +338,32 @@ def _answer_args(answer: _Answer | None, now: float) -> list[int | str]:
         "1" if answer.rate_limited else "0",
         _ms(answer.retry_after) if answer.retry_after is not None else -1,
     ]
+
+
+async def read_budgets(fleet: FleetClient) -> dict[str, dict[str, Any]]:
+    """Every account's shared budget as it stands (for `forwarder fleet status`), by name."""
+    client = fleet.client
+    seconds, micros = await fleet.call("time", client.time)
+    now = int(seconds) * 1000 + int(micros) // 1000
+    accounts = fleet.key("accounts")
+    names = sorted(
+        as_text(n) for n in await fleet.call("accounts", lambda: client.smembers(accounts))
+    )
+    budgets = {}
+    for name in names:
+        key = fleet.account_key(name, "budget")
+        raw = await fleet.call("budget_read", functools.partial(client.hgetall, key))
+        state = {as_text(k): float(as_text(v)) for k, v in raw.items()}
+        if not state:
+            continue  # expired: the account has not been used for a day
+        limit = int(state.get("limit", 0))
+        budgets[name] = {
+            "limit_per_window": limit,
+            "window_s": state.get("window_ms", 0.0) / 1000,
+            "remaining": max(0, limit - int(state.get("used", 0)) - int(state.get("external", 0))),
+            "window_ends_in_s": round(max(0.0, state.get("window_end", 0.0) - now) / 1000, 3),
+            "paused_for_s": round(max(0.0, state.get("paused_until", 0.0) - now) / 1000, 3),
+            "rate_limited": int(state.get("rate_limited", 0)),
+            "updated_s_ago": round(max(0.0, now - state.get("updated", now)) / 1000, 3),
+        }
+    return budgets

@@ -12,11 +12,16 @@ is `redis.call('TIME')` in milliseconds; a host sends only durations (how old it
 what the reset said), so a host whose clock is off changes nothing. The script touches one key,
 so it runs on a cluster too.
 
-KEYS[1]: the budget hash. ARGV: want, give_back, give_back_epoch, default_limit, window_ms,
+KEYS[1]: the budget hash. ARGV: want, give_back, give_back_epoch, default_limit, window_ms (0:
+the host has learnt none, use the fleet's),
 burst_ms, granularity_ms, default_429_ms, max_pause_ms, ttl_ms, then the answer: has_answer
-(0/1), epoch, age_ms, limit, remaining, reset_ms, rate_limited (0/1), retry_after_ms (-1: none).
-Returns {granted, epoch, wait_ms, window_left_ms, paused_left_ms, limit, remaining, window_ms,
-rate_limited}.
+(0/1), epoch, age_ms, limit, remaining, reset_ms, rate_limited (0/1), retry_after_ms (-1: none),
+and ahead_ms. Returns {granted, epoch, wait_ms, window_left_ms, paused_left_ms, limit,
+remaining, window_ms, rate_limited, delay_ms}.
+
+Tokens are reserved, GCRA's way: a batch is granted at once with the time it conforms (at most
+`ahead_ms` from now, and before the window's end), and `tat` moves past it. The host waits that
+long and sends them: one call per batch, none wasted on polling while other hosts take turns.
 """
 
 from __future__ import annotations
@@ -35,9 +40,12 @@ local granularity = tonumber(ARGV[7])
 local default_429 = tonumber(ARGV[8])
 local max_pause = tonumber(ARGV[9])
 local ttl = tonumber(ARGV[10])
+local ahead_ms = tonumber(ARGV[19])
 
 local s = redis.call('HMGET', key, 'limit', 'window_end', 'confirmed', 'epoch', 'used',
-  'external', 'tat', 'paused_until', 'rate_limited')
+  'external', 'tat', 'paused_until', 'rate_limited', 'window_ms')
+-- 0: the host has not learnt the window's length yet (just started, or a reload): the fleet's.
+if window <= 0 then window = tonumber(s[10]) or 60000 end
 local limit = tonumber(s[1]) or default_limit
 local window_end = tonumber(s[2]) or (now + window)
 local confirmed = tonumber(s[3]) or 0
@@ -109,6 +117,7 @@ end
 
 local granted = 0
 local wait = 0
+local delay = 0
 if now < paused then
   wait = paused - now
 else
@@ -117,16 +126,24 @@ else
   if remaining <= 0 then
     wait = math.max(window_end - now, 1)
   elseif want > 0 then
+    -- GCRA: a token conforms from tat - tau on; the k-th of a batch, (k - 1) intervals later.
     local interval = window / limit
-    local cap = math.max(1, burst_ms / interval)
+    local cap = math.max(1, math.floor(burst_ms / interval))
+    local tau = (cap - 1) * interval
     if tat < now then tat = now end
-    local avail = math.floor((now + cap * interval - tat) / interval)
-    granted = math.max(0, math.min(want, avail, remaining))
-    if granted > 0 then
-      tat = tat + granted * interval
-      used = used + granted
+    local k = math.min(want, remaining, cap)
+    local ready = math.max(now, tat + (k - 1) * interval - tau)
+    if ready - now > ahead_ms then
+      wait = ready - now - ahead_ms
+    elseif ready >= window_end then
+      -- Sent after the window ends, they would count in the next one: wait for it.
+      wait = math.max(window_end - now, 1)
     else
-      wait = math.max(1, math.ceil(tat + interval - cap * interval - now))
+      -- Reserved: the host sends them from `ready` on (a wait of at most ahead_ms).
+      granted = k
+      delay = ready - now
+      tat = tat + k * interval
+      used = used + k
     end
   end
 end
@@ -137,5 +154,6 @@ redis.call('HSET', key, 'limit', limit, 'window_ms', window, 'window_end', windo
   'updated', now)
 redis.call('PEXPIRE', key, ttl)
 return {granted, epoch, math.ceil(wait), math.max(0, window_end - now),
-  math.max(0, paused - now), limit, math.max(0, limit - used - external), window, limited}
+  math.max(0, paused - now), limit, math.max(0, limit - used - external), window, limited,
+  math.ceil(delay)}
 """

@@ -54,7 +54,13 @@ MAX_CONNECTIONS = 32
 
 
 class RedisUnavailable(Exception):
-    """Redis did not answer a call in time, or the connection failed (no secret in the text)."""
+    """Redis did not answer a call in time, the connection failed, or the server refused the
+    command (`refused`: out of memory with noeviction, a read-only replica, an ACL). No secret
+    is in the text."""
+
+    def __init__(self, message: str, *, refused: bool = False) -> None:
+        super().__init__(message)
+        self.refused = refused
 
 
 def import_redis() -> ModuleType:
@@ -97,6 +103,7 @@ class FleetClient:
         self.member = member
         self.stats = CallStats()
         self._errors: tuple[type[BaseException], ...] = _unavailable_errors()
+        self._refusals: tuple[type[BaseException], ...] = _refusal_errors()
 
     def __repr__(self) -> str:
         # Neither the URL's details nor the password: only what identifies the fleet.
@@ -125,6 +132,12 @@ class FleetClient:
             raise RedisUnavailable(f"redis {op}: no answer within {timeout_s:g} s") from None
         except self._errors as exc:
             raise RedisUnavailable(f"redis {op}: {type(exc).__name__}") from None
+        except self._refusals as exc:
+            # The server's own words (e.g. "OOM command not allowed..."); never our arguments.
+            reason = str(exc).split("\n", 1)[0][:120]
+            raise RedisUnavailable(
+                f"redis {op}: refused ({type(exc).__name__}: {reason})", refused=True
+            ) from None
         finally:
             self.stats.record(op, time.perf_counter() - started, failed=failed)
 
@@ -135,13 +148,13 @@ class FleetClient:
                 "config_get",
                 lambda: self.client.config_get("appendonly", "appendfsync", "maxmemory-policy"),
             )
-        except RedisUnavailable:
-            raise
-        except Exception as exc:  # a managed server refuses CONFIG: a warning, not a failure
+        except RedisUnavailable as exc:
+            if not exc.refused:
+                raise
+            # A managed server refuses CONFIG: a warning, not a failure.
             return [
-                "the Redis server refused CONFIG GET "
-                f"({type(exc).__name__}): check by hand that appendonly is yes and "
-                "maxmemory-policy is noeviction (docs/how-to/fleet.md)"
+                f"the Redis server refused CONFIG GET ({exc}): check by hand that appendonly "
+                "is yes and maxmemory-policy is noeviction (docs/how-to/fleet.md)"
             ]
         return server_warnings({as_text(k): as_text(v) for k, v in got.items()})
 
@@ -211,6 +224,13 @@ def _unavailable_errors() -> tuple[type[BaseException], ...]:
 
     # BusyLoadingError (a restart reading its AOF) is a ConnectionError in redis-py.
     return (RedisConnectionError, RedisTimeoutError, OSError)
+
+
+def _refusal_errors() -> tuple[type[BaseException], ...]:
+    from redis.exceptions import RedisError
+
+    # Whatever else the server answers with an error: the call failed, the host falls back.
+    return (RedisError,)
 
 
 def as_text(value: object) -> str:

@@ -23,7 +23,7 @@ from forwarder.fleet.budget import RedisRateBudget
 from forwarder.fleet.connection import FleetClient, RedisUnavailable, connect
 from forwarder.fleet.members import Members
 from forwarder.fleet.mode import FleetMode
-from forwarder.ops.credentials import resolve_redis_password
+from forwarder.ops.credentials import Secret, resolve_redis_password
 
 log = structlog.get_logger("forwarder.fleet")
 
@@ -59,8 +59,16 @@ def member_name(config: Config) -> str:
 class FleetHost:
     """The fleet client, the mode, the heartbeat and the budgets of one daemon."""
 
-    def __init__(self, client: FleetClient, *, in_delivery: Callable[[], int]) -> None:
+    def __init__(
+        self,
+        client: FleetClient,
+        *,
+        in_delivery: Callable[[], int],
+        password: Secret | None = None,
+    ) -> None:
         self.client = client
+        # Kept only for the log redactor (AccountLanes.secrets); sent by the client alone.
+        self.password = password
         self.mode = FleetMode()
         self.members = Members(client, self.mode, version=__version__, in_delivery=in_delivery)
         self.budgets_made: dict[str, RedisRateBudget] = {}
@@ -81,7 +89,7 @@ class FleetHost:
         redis-py is missing or the password cannot be read; Redis being down is no error."""
         password = await asyncio.to_thread(resolve_redis_password, config)
         client = connect(config.fleet, member=member_name(config), password=password)
-        host = cls(client, in_delivery=in_delivery)
+        host = cls(client, in_delivery=in_delivery, password=password)
         try:
             for warning in await client.check_server():
                 log.warning("fleet_redis_settings", warning=warning)
@@ -120,6 +128,7 @@ class FleetHost:
             "key_prefix": self.client.prefix,
             "redis_calls": stats.total,
             "redis_errors": sum(stats.errors.values()),
+            "redis_seconds": round(sum(stats.seconds.values()), 6),
             "budget_tokens_taken": self.tokens_taken(),
             **({"queue": self.queue.queue_view()} if self.queue else {}),
         }

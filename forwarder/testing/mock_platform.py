@@ -12,7 +12,7 @@ import math
 import random
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Final, TypedDict
 
@@ -32,6 +32,8 @@ __all__ = [
 ]
 
 IDEMPOTENCY_TTL_S: Final = 24 * 60 * 60.0
+# Rate windows whose request counts MockStats keeps.
+KEPT_WINDOWS: Final = 1000
 # What the headers advertise when rate_limit is 0 (unlimited): clients still see a sane quota.
 UNLIMITED_LIMIT: Final = 1_000_000
 
@@ -46,7 +48,9 @@ class MockStats:
     (``throttle_rate``). ``first_rate_limited_at`` and ``last_rate_limited_at`` are the UNIX
     times (wall clock, not the mock's injectable monotonic clock) of the first and the latest
     quota 429, None before any: a benchmark can tell from them whether rate limiting happened
-    only in the first window.
+    only in the first window. ``window_counts`` holds the requests of each of the last
+    `KEPT_WINDOWS` rate windows (the current one last, 429s included): a test of a fleet sees
+    whether any window went over the quota.
     """
 
     requests: int = 0
@@ -62,6 +66,7 @@ class MockStats:
     timeouts: int = 0
     first_rate_limited_at: float | None = None
     last_rate_limited_at: float | None = None
+    window_counts: list[int] = field(default_factory=list)
 
 
 class EventRecord(TypedDict):
@@ -231,6 +236,9 @@ class MockPlatform:
         # The current window_s: a window shortened through /_mock/faults ends sooner.
         if window is None or now - window.started >= self.options.window_s:
             window = self._windows[key] = _Window(started=now)
+            counts = self.stats.window_counts
+            counts.append(0)
+            del counts[:-KEPT_WINDOWS]
         return window
 
     def _rate_headers(self, window: _Window | None, now: float) -> dict[str, str]:

@@ -184,6 +184,7 @@ class MockRemote(MockPlatform):
         now = self.clock()
         window = self._window(key, now)
         window.count += 1
+        self.stats.window_counts[-1] = window.count
         headers = self._rate_headers(window, now)
         quota = opts.quota()
         if quota > 0 and window.count > quota:

@@ -119,11 +119,11 @@ async def test_two_hosts_sharing_one_budget_never_exceed_a_window(fleet: FleetCl
 
 
 async def test_the_fast_path_takes_no_round_trip(fleet: FleetClient) -> None:
-    host = budget(fleet, 6000)  # 100 a second: batches of 10
+    host = budget(fleet, 6000)  # 100 a second: batches of 0.2 s, 20 tokens
     first = await host.acquire()
     assert isinstance(first, SharedTicket)
     assert host.calls == 1
-    local = [host.try_acquire() for _ in range(9)]
+    local = [host.try_acquire() for _ in range(19)]
     assert all(isinstance(t, SharedTicket) for t in local)
     assert host.calls == 1
     assert host.try_acquire() == 0.0  # none in hand: acquire goes to Redis
@@ -133,11 +133,11 @@ async def test_unused_tokens_go_back(fleet: FleetClient) -> None:
     host = budget(fleet, 6000)
     await host.acquire()
     admin = fleet.client
-    assert await admin.hget(KEY, "used") == b"10"
-    await asyncio.sleep(0.6)  # the nine left in hand expire
+    assert await admin.hget(KEY, "used") == b"20"
+    await asyncio.sleep(0.6)  # the 19 left in hand expire
     assert not isinstance(host.try_acquire(), Ticket)
     await host.acquire()
-    assert await admin.hget(KEY, "used") == b"11"  # 10 - 9 given back + 10 taken
+    assert await admin.hget(KEY, "used") == b"21"  # 20 - 19 given back + 20 taken
 
 
 async def test_one_hosts_429_pauses_the_fleet_and_its_limit_is_the_fleets(
@@ -194,3 +194,60 @@ def offset_clock(offset: float) -> Callable[[], float]:
 
 def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
+
+
+async def test_a_batch_is_reserved_ahead_not_polled_for(fleet: FleetClient) -> None:
+    # 100 a second, batches of 20 with a burst of 25: the second host's batch conforms 150 ms
+    # later; it is granted at once with that delay, and the host waits it out without calling.
+    first, second = budget(fleet, 6000), budget(fleet, 6000)
+    await first.acquire()
+    started = time.monotonic()
+    ticket = await second.acquire()
+    waited = time.monotonic() - started
+    assert isinstance(ticket, SharedTicket)
+    assert second.calls == 1
+    assert 0.1 <= waited <= 0.4
+
+
+async def test_a_flushed_script_cache_and_a_restarted_server_are_healed(
+    fleet: FleetClient, redis_server: RedisServer
+) -> None:
+    mode = FleetMode()
+    host = budget(fleet, 600, mode=mode)
+
+    async def shared_ticket() -> Ticket:
+        while isinstance(host.try_acquire(), Ticket):
+            pass  # what is in hand: the next ticket needs Redis
+        return await asyncio.wait_for(host.acquire(), 5.0)
+
+    assert isinstance(await shared_ticket(), SharedTicket)
+    await fleet.client.script_flush()  # NOSCRIPT on the next EVALSHA: loaded again
+    assert isinstance(await shared_ticket(), SharedTicket)
+    await redis_server.stop()
+    await redis_server.start()  # same data directory: the budget is still there
+    assert isinstance(await shared_ticket(), SharedTicket)
+    assert mode.fallbacks == 0
+    assert await fleet.client.hget(KEY, "used") is not None
+
+
+async def test_a_host_that_just_started_paces_by_the_fleets_window(fleet: FleetClient) -> None:
+    veteran = budget(fleet, 1200)
+    ticket = await veteran.acquire()
+    # The remote's window is 2 s with 40 a window: the veteran learns it and tells the fleet.
+    veteran.observe(ticket, limit=40, remaining=39, reset_s=2.0)
+    while isinstance(veteran.try_acquire(), Ticket):
+        pass
+    await veteran.acquire()
+    assert await fleet.client.hget(KEY, "window_ms") == b"2000"
+    # A newcomer has learnt nothing (a minute, by default): the fleet's 2 s window paces it,
+    # so its batch moves the shared pacing by 50 ms a token, not 1.5 s.
+    newcomer = budget(fleet, 1200)
+    assert newcomer.local.window_s == 60.0
+    await newcomer.acquire()
+    assert await fleet.client.hget(KEY, "window_ms") == b"2000"
+    assert newcomer.view()["window_s"] == 2.0
+    started = time.monotonic()
+    while isinstance(veteran.try_acquire(), Ticket):
+        pass
+    await veteran.acquire()
+    assert time.monotonic() - started < 0.6

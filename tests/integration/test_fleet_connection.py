@@ -40,6 +40,7 @@ async def test_password_from_a_file_authenticates_and_never_shows(tmp_path: Path
             assert PASSWORD not in repr(client)
             assert PASSWORD not in str(client)
             assert PASSWORD not in repr(password)
+            assert PASSWORD not in repr(client.client)  # redis-py's own repr
         finally:
             await client.aclose()
 

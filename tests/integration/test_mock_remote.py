@@ -718,6 +718,8 @@ async def test_events_and_reset_endpoints(
         "timeouts": 0,
         "first_rate_limited_at": None,
         "last_rate_limited_at": None,
+        # One rate window so far, with the one authenticated request in it.
+        "window_counts": [1],
     }
 
     async with session.post(f"{base}/_mock/reset") as resp:
@@ -725,8 +727,11 @@ async def test_events_and_reset_endpoints(
     async with session.get(f"{base}/_mock/events") as resp:
         listed = await resp.json()
     assert listed["events"] == []
-    counters = {k: v for k, v in listed["stats"].items() if not k.endswith("_at")}
+    counters = {
+        k: v for k, v in listed["stats"].items() if not k.endswith("_at") and k != "window_counts"
+    }
     assert set(counters.values()) == {0}
+    assert listed["stats"]["window_counts"] == []
     assert listed["stats"]["first_rate_limited_at"] is None
 
     # Idempotency store and rate window are forgotten; ids restart.
