@@ -1,7 +1,9 @@
 """`forwarder fleet …`: the fleet as Redis holds it, read straight from Redis (no daemon asked).
 
-`forwarder fleet status` lists the members (last heartbeat, mode, in delivery) and each
-account's shared budget (limit, remaining, paused until); `--json` prints the same as JSON.
+`forwarder fleet status` lists the members (last heartbeat, mode, in delivery, partitions
+held), each account's shared budget (limit, remaining, paused until) and shared queue (stream
+length, pending, dead letters; cli/fleetqueue.py); `--json` prints the same as JSON.
+`forwarder fleet drain` / `undrain` are cli/fleetqueue.py's.
 Exit status: 0 when read, 2 when there is no fleet configured or Redis cannot be reached.
 """
 
@@ -15,6 +17,7 @@ from typing import Any
 
 import orjson
 
+from forwarder.cli.fleetqueue import add_queue_commands, read_queues, render_queues
 from forwarder.config.load import load_config
 from forwarder.config.schema import Config, ConfigError
 from forwarder.fleet.budget import read_budgets
@@ -45,6 +48,7 @@ def add_command(sub: Any, config_help: str) -> None:
     status.add_argument("--config", help=config_help)
     status.add_argument("--json", action="store_true", help="print the state as JSON")
     status.set_defaults(func=cmd_fleet_status)
+    add_queue_commands(commands, config_help, DOCS)
 
 
 def cmd_fleet_status(args: argparse.Namespace) -> int:
@@ -76,22 +80,25 @@ async def read_fleet(config: Config) -> dict[str, Any]:
             "key_prefix": config.fleet.key_prefix,
             "members": await read_members(fleet),
             "budgets": await read_budgets(fleet),
+            "queue": await fleet.call("queue_status", lambda: read_queues(fleet.client, config)),
         }
     finally:
         await fleet.aclose()
 
 
 def render(state: dict[str, Any]) -> str:
-    """The state as two plain tables."""
+    """The state as plain tables: members, shared budgets, the shared queue."""
     lines = [f"fleet {state['key_prefix']}", "", "members:"]
     members = state["members"]
     if not members:
         lines.append("  (none)")
+    held = state["queue"]["partitions_held"]
     for m in members:
         live = "live" if m["live"] else "gone"
         lines.append(
             f"  {m['member']:<24} {live:<4}  heartbeat {m['last_heartbeat_s']:>8.1f}s ago  "
-            f"mode {m['mode'] or '?':<8}  in delivery {m['in_delivery']}  {m['version']}"
+            f"mode {m['mode'] or '?':<8}  in delivery {m['in_delivery']}  "
+            f"partitions {held.get(m['member'], 0)}  {m['version']}"
         )
     lines += ["", "shared budgets:"]
     budgets = state["budgets"]
@@ -103,4 +110,5 @@ def render(state: dict[str, Any]) -> str:
             f"  {name:<24} limit {b['limit_per_window']}/{b['window_s']:g}s  "
             f"remaining {b['remaining']}  {paused}  429s {b['rate_limited']}"
         )
+    lines += ["", *render_queues(state["queue"])]
     return "\n".join(lines) + "\n"

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 from pathlib import Path
 
 import pytest
 
 from forwarder.cli import fleetqueue
+from forwarder.cli.main import main
 from forwarder.config.load import load_config
 from forwarder.events import Event
 from forwarder.fleet.leases import Leases
@@ -30,9 +32,10 @@ async def test_drain_and_undrain_name_the_member(
     redis_server: RedisServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     path = config_file(tmp_path, redis_server)
-    args = argparse.Namespace(config=path, member="host-b")
-    assert await asyncio.to_thread(fleetqueue.cmd_drain, args) == 0
+    # Through the command line: `forwarder fleet drain` is registered on `forwarder fleet`.
+    assert await asyncio.to_thread(main, ["fleet", "drain", "host-b", "--config", path]) == 0
     assert "host-b is drained" in capsys.readouterr().out
+    args = argparse.Namespace(config=path, member="host-b")
     client = redis_server.client()
     try:
         assert await client.smembers(drain_key(PREFIX)) == {b"host-b"}
@@ -83,3 +86,23 @@ async def test_the_status_shows_streams_pending_and_holders(
     assert "default" in text
     assert "stream 5" in text
     assert "pending 2" in text
+
+
+async def test_fleet_status_shows_the_shared_queue(
+    redis_server: RedisServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = config_file(tmp_path, redis_server)
+    client = redis_server.client()
+    try:
+        streams = Streams(client, prefix=PREFIX, member="host-a")
+        event = Event(event_id="evt-cli-status", recipient_id="r-1", name="X", account="default")
+        await streams.append("default", [(partition_of("r-1", PARTITIONS), encode_event(event))])
+    finally:
+        await client.aclose()
+    assert await asyncio.to_thread(main, ["fleet", "status", "--config", path]) == 0
+    out = capsys.readouterr().out
+    assert "shared queue:" in out
+    assert "stream 1" in out
+    assert await asyncio.to_thread(main, ["fleet", "status", "--json", "--config", path]) == 0
+    state = json.loads(capsys.readouterr().out)
+    assert state["queue"]["accounts"][0]["length"] == 1
