@@ -25,7 +25,7 @@ from forwarder.delivery.flow.budget import RateBudget, Sleep
 from forwarder.delivery.flow.concurrency import ConcurrencyController
 from forwarder.delivery.flow.ratelimit import Ticket
 from forwarder.delivery.gates import Gates, Pass
-from forwarder.delivery.outcomes import OutcomeRecorder, Outcomes, Tally
+from forwarder.delivery.outcomes import Fence, Fenced, OutcomeRecorder, Outcomes, Tally
 from forwarder.delivery.remote import Result, Verdict
 from forwarder.delivery.retry import run_with_retries
 from forwarder.events import Event
@@ -86,6 +86,8 @@ class Lane:
         )
         self.gates = Gates(name, remote, stats=stats, clock=clock)
         self.record = OutcomeRecorder(name, outcomes, stats=stats, status=status)
+        # A shared queue may take an event back before an attempt (its lease moved on).
+        self._fence = outcomes if isinstance(outcomes, Fence) else None
         self.settings = settings
         self._pump: asyncio.Task[None] | None = None
         self._deliveries: set[asyncio.Task[None]] = set()
@@ -230,6 +232,10 @@ class Lane:
                 result = await self._attempt(event, tally)
             dead = record.finish(event, result, tally)
             remote_id = result.remote_id
+        except Fenced:
+            # Another host holds its partition now and delivers it: no outcome here.
+            self._queue.done(event)
+            return
         except Exception as exc:  # a bug, not the remote: keep the event, keep the lane
             dead = record.internal_error(event, exc, tally)
         except asyncio.CancelledError:
@@ -279,6 +285,8 @@ class Lane:
             ticket = self.budget.try_acquire()
             if not isinstance(ticket, Ticket):
                 ticket = await self.budget.acquire()
+            if self._fence is not None and not self._fence.may_deliver(event):
+                raise Fenced(event.event_id)
             tally.attempts += 1
             if tally.attempts == 1:
                 tally.first_at = time.time()

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import structlog
 from tenacity import RetryCallState
@@ -30,6 +30,19 @@ class Outcomes(Protocol):
     def delivered(self, event: Event, spool_seq: int) -> None: ...
 
     def dead_lettered(self, event: Event, spool_seq: int, note: DeadLetterNote) -> None: ...
+
+
+@runtime_checkable
+class Fence(Protocol):
+    """An `Outcomes` sink that may take an event back before an attempt: a shared queue whose
+    partition lease this host lost (forwarder/fleet/window.py). The lane then drops the event
+    without an outcome; the host that holds the partition now delivers it."""
+
+    def may_deliver(self, event: Event) -> bool: ...
+
+
+class Fenced(Exception):
+    """The event's partition is no longer this host's: no attempt, no outcome."""
 
 
 @dataclass(slots=True)

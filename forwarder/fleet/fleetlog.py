@@ -173,6 +173,11 @@ class FleetLog:
         self._flush_wake.set()
         self._fill_wake.set()
 
+    def may_deliver(self, event: Event) -> bool:
+        """Before each attempt (the lanes' `Fence`): the event's partition is still held here
+        under the lease it was read with; else the lane drops it and its holder delivers it."""
+        return self.window.may_deliver(event)
+
     def wake(self) -> None:
         """Room was made in the window: load more."""
         self._fill_wake.set()

@@ -43,6 +43,7 @@ def view(
         "claimed": c.claimed,
         "settled": c.settled,
         "stale_settles": c.stale_settles,
+        "fenced": c.fenced,
         "leases_lost": ownership.lost_count,
     }
 
@@ -105,6 +106,10 @@ def counters(
         "fleet_queue_stale_settles": (
             "Settles refused because the partition's lease had moved on (fencing).",
             c.stale_settles,
+        ),
+        "fleet_queue_fenced": (
+            "Events a lane gave back before an attempt: their partition's lease had moved on.",
+            c.fenced,
         ),
         "fleet_queue_leases_lost": (
             "Partition leases this host lost (not renewed in time, or taken over).",

@@ -57,6 +57,7 @@ class _Part:
 class _Loaded:
     part: _Part
     entry_id: bytes
+    ref: int  # id() of the event, the key of `_handle_of`
 
 
 @dataclass(slots=True)
@@ -68,6 +69,7 @@ class WindowCounters:
     settled: int = 0
     dead_lettered: int = 0
     stale_settles: int = 0  # settles refused: the lease had moved on (fencing)
+    fenced: int = 0  # events taken back from a lane before an attempt: the lease had moved on
 
 
 @dataclass(slots=True)
@@ -96,6 +98,7 @@ class FleetWindow:
         self._clock = clock
         self._parts: dict[tuple[str, int], _Part] = {}
         self._loaded: dict[int, _Loaded] = {}
+        self._handle_of: dict[int, int] = {}  # id() of a loaded event → its handle
         self._handles = itertools.count(1)
         self._settles: dict[int, _Settles] = {}  # by id() of the lease
         self._dead: list[tuple[_Part, Lease, bytes, dict[str, str]]] = []
@@ -125,6 +128,7 @@ class FleetWindow:
             loaded = self._loaded.get(handle)
             if loaded is not None and loaded.part is part:
                 del self._loaded[handle]
+                self._handle_of.pop(loaded.ref, None)
                 part.in_window -= 1
             else:
                 keep.append((event, handle))
@@ -143,9 +147,30 @@ class FleetWindow:
         """The loaded entry `handle` names, now waiting to be written to Redis."""
         loaded = self._loaded.pop(handle, None)
         if loaded is not None:
+            self._handle_of.pop(loaded.ref, None)
             loaded.part.in_window -= 1
             loaded.part.unflushed += 1
         return loaded
+
+    def may_deliver(self, event: Event) -> bool:
+        """Whether a lane may still send `event`: its partition is still held here under the
+        lease it was read with. If not, the event leaves the window without an outcome (its
+        entry stays pending in Redis for the partition's holder) and is counted."""
+        handle = self._handle_of.get(id(event))
+        if handle is None:
+            return True  # not one of the window's (nothing to fence)
+        loaded = self._loaded.get(handle)
+        if loaded is not None:
+            part = loaded.part
+            key = (part.lease.account, part.lease.partition)
+            if part.loading and self._valid(part.lease) and self._parts.get(key) is part:
+                return True
+            del self._loaded[handle]
+            part.in_window -= 1
+            self._forget_if_idle(key, part)
+        del self._handle_of[id(event)]
+        self.counters.fenced += 1
+        return False
 
     def settle(self, handle: int) -> None:
         """A delivered event: its entry is acknowledged and deleted at the next flush."""
@@ -280,7 +305,8 @@ class FleetWindow:
                 self._unreadable(part, entry)
                 continue
             handle = next(self._handles)
-            self._loaded[handle] = _Loaded(part, entry.entry_id)
+            self._loaded[handle] = _Loaded(part, entry.entry_id, id(entry.event))
+            self._handle_of[id(entry.event)] = handle
             events.append(entry.event)
             handles.append(handle)
         if events:

@@ -289,3 +289,24 @@ async def test_a_partitions_window_is_bounded(redis_client: aioredis.Redis) -> N
     await a.deliver_all()
     await a.window.fill()
     assert len(a.queue) == 50
+
+
+async def test_an_event_in_a_lanes_hands_is_fenced_once_the_lease_is_lost(
+    redis_client: aioredis.Redis,
+) -> None:
+    a = Member(redis_client, "host-a", lease_s=0.3)
+    await a.round()
+    await append(a.streams, events(2, recipients=1))
+    await a.window.fill()
+    first = await asyncio.wait_for(a.queue.get(ACCOUNT), 1)  # a lane holds it
+    assert a.window.may_deliver(first)
+    await asyncio.sleep(0.35)
+    a.ownership.check_expired()  # the lease ran out here: the partition is stopped
+    assert not a.window.may_deliver(first)
+    a.queue.done(first)  # the lane drops it without an outcome
+    assert a.window.counters.fenced == 1
+    assert a.window.in_flight(ACCOUNT, partition_of("r-0", PARTITIONS)) == 0
+    # Its entry still waits in Redis, handed to host-a, for the partition's next holder.
+    keys = AccountKeys(PREFIX, ACCOUNT)
+    pending = await redis_client.xpending(keys.stream(partition_of("r-0", PARTITIONS)), "deliver")
+    assert pending["pending"] == 2
