@@ -28,16 +28,20 @@ from forwarder.fleet.queuekeys import AccountKeys
 MARGIN_SHARE = 0.1
 MIN_MARGIN_S = 0.1
 
-# KEYS: lease, generation. ARGV: member, lease ms. → {generation, ""} or {0, current holder}.
+# KEYS: lease, generation, hand-over mark. ARGV: member, lease ms.
+# → {generation, "", clean} or {0, current holder, 0}; clean is 1 when the last holder released
+# the partition (its mark still there) or there was none: nothing of it can be in flight.
 ACQUIRE = """
 local cur = redis.call('GET', KEYS[1])
 if cur then
   local holder = string.match(cur, '^(%S+) ')
-  if holder ~= ARGV[1] then return {0, cur} end
+  if holder ~= ARGV[1] then return {0, cur, 0} end
 end
 local gen = redis.call('INCR', KEYS[2])
 redis.call('SET', KEYS[1], ARGV[1] .. ' ' .. gen, 'PX', ARGV[2])
-return {gen, ''}
+local clean = 0
+if redis.call('DEL', KEYS[3]) == 1 or gen == 1 then clean = 1 end
+return {gen, '', clean}
 """
 
 # KEYS: lease. ARGV: "MEMBER GEN", lease ms. → 1 renewed, 0 not ours any more.
@@ -49,7 +53,7 @@ end
 return 0
 """
 
-# KEYS: lease, stream. ARGV: "MEMBER GEN", group, member, idle ms, max entries.
+# KEYS: lease, stream, hand-over mark. ARGV: "MEMBER GEN", group, member, idle ms, max entries.
 # Our unsettled entries are marked idle for idle ms, so the next holder claims them at once
 # instead of waiting fleet.claim_idle_s: we hand them over, nothing of ours is in flight.
 RELEASE = """
@@ -71,6 +75,7 @@ if redis.call('EXISTS', KEYS[2]) == 1 then
   end
 end
 redis.call('DEL', KEYS[1])
+redis.call('SET', KEYS[3], ARGV[1], 'PX', ARGV[4])
 return handed
 """
 
@@ -84,6 +89,9 @@ class Lease:
     member: str
     generation: int
     valid_until: float  # monotonic: deliver from the partition only before this
+    # Taken from a holder that released it (or from none): nothing of an earlier holder can be
+    # in flight, so its entries are taken over at once instead of after fleet.claim_idle_s.
+    clean: bool = True
 
     @property
     def token(self) -> str:
@@ -121,13 +129,14 @@ class Leases:
         """Take the partition's lease if it is free (or ours); None: another member holds it."""
         keys = AccountKeys(self._prefix, account)
         sent_at = self._clock()
-        gen, _holder = await self._acquire(
-            keys=[keys.lease(partition), keys.generation(partition)],
+        gen, _holder, clean = await self._acquire(
+            keys=[keys.lease(partition), keys.generation(partition), keys.handover(partition)],
             args=[self.member, self._lease_ms],
         )
         if not gen:
             return None
-        return Lease(account, partition, self.member, int(gen), self._deadline(sent_at))
+        deadline = self._deadline(sent_at)
+        return Lease(account, partition, self.member, int(gen), deadline, bool(clean))
 
     async def renew(self, lease: Lease) -> bool:
         """Extend the lease; False: it is not ours any more (the caller stops at once)."""
@@ -149,7 +158,11 @@ class Leases:
         lease.valid_until = 0.0
         return int(
             await self._release(
-                keys=[keys.lease(lease.partition), keys.stream(lease.partition)],
+                keys=[
+                    keys.lease(lease.partition),
+                    keys.stream(lease.partition),
+                    keys.handover(lease.partition),
+                ],
                 args=[lease.token, group, self.member, idle_ms, max(1, limit)],
             )
         )

@@ -35,6 +35,10 @@ class AccountKeys:
         """The partition's generation counter (one more at each acquisition)."""
         return f"{self.tag}:gen:{partition}"
 
+    def handover(self, partition: int) -> str:
+        """Set by a clean release, taken by the next acquisition: no wait before claiming."""
+        return f"{self.tag}:handover:{partition}"
+
     @property
     def dead(self) -> str:
         """The account's dead letters (a stream)."""

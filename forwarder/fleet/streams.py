@@ -28,6 +28,8 @@ from forwarder.fleet.queuekeys import GROUP, AccountKeys, accounts_key
 from forwarder.storage.sqlite.codec import event_from_entry
 
 FIELD = b"e"
+# Pending entries of a partition looked at per claim (a few windows' worth at most).
+PENDING_SCAN = 10_000
 # Ids per settle script call: Lua's unpack() has a stack limit of a few thousand values.
 SETTLE_CHUNK = 500
 
@@ -193,6 +195,30 @@ class Streams:
             return []
         rows = answer[1]
         return [self._entry(partition, entry_id, fields) for entry_id, fields in rows]
+
+    async def claim_others(self, account: str, partition: int, count: int) -> list[Entry]:
+        """Take over up to `count` entries other members were handed and left unsettled, in
+        stream order whatever their idle time (the caller waits until none of theirs can be in
+        flight); this member's own pending entries are left alone (they are in its window)."""
+        stream = self.keys(account).stream(partition)
+        try:
+            rows = await self._redis.xpending_range(stream, GROUP, "-", "+", PENDING_SCAN)
+        except Exception as exc:
+            if not _is_nogroup(exc):
+                raise
+            await self.ensure_group(account, partition)
+            return []
+        mine = self.member.encode()
+        ids = [
+            row["message_id"]
+            for row in rows
+            if (row["consumer"] if isinstance(row["consumer"], bytes) else row["consumer"].encode())
+            != mine
+        ][:count]
+        if not ids:
+            return []
+        claimed = await self._redis.xclaim(stream, GROUP, self.member, 0, ids)
+        return [self._entry(partition, entry_id, fields) for entry_id, fields in claimed]
 
     async def pending_of_others(self, account: str, partition: int) -> int:
         """How many of the partition's handed-out entries other members have not settled."""

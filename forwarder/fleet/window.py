@@ -51,6 +51,7 @@ class _Part:
     in_window: int = 0  # loaded, no outcome yet
     unflushed: int = 0  # outcome known, not settled in Redis yet
     next_claim_at: float = 0.0
+    claim_all_at: float = 0.0  # from then on every other member's entry is claimed, in order
 
 
 @dataclass(slots=True)
@@ -111,8 +112,14 @@ class FleetWindow:
     # -- ownership's callbacks ----------------------------------------------------------------
 
     def gained(self, lease: Lease) -> None:
-        """A partition was acquired: read it from the start of what is ours."""
-        self._parts[(lease.account, lease.partition)] = _Part(lease)
+        """A partition was acquired: read it from the start of what is ours. Taken over from a
+        holder that did not release it, the others' entries are claimed only once
+        fleet.claim_idle_s has passed: that holder stopped before its lease ended, and a request
+        it had sent by then has had its answer (claim_idle_s > remote.timeout_s)."""
+        part = _Part(lease)
+        if not lease.clean:
+            part.claim_all_at = self._clock() + self._claim_idle_ms / 1000
+        self._parts[(lease.account, lease.partition)] = part
 
     def stopped(self, lease: Lease) -> None:
         """Stop loading from the partition and take its waiting events out of the window (its
@@ -281,12 +288,12 @@ class FleetWindow:
             if entries:
                 return self._load(part, entries)
         now = self._clock()
-        if now < part.next_claim_at:
+        if now < max(part.next_claim_at, part.claim_all_at):
             return 0
         part.next_claim_at = now + CLAIM_RETRY_S
-        entries = await self._streams.claim(
-            lease.account, lease.partition, self._claim_idle_ms, count
-        )
+        # Everything the others left, whatever its idle time, so it comes in stream order: an
+        # entry claimed and put back by a third holder is not overtaken by a later one.
+        entries = await self._streams.claim_others(lease.account, lease.partition, count)
         self.counters.claimed += len(entries)
         if not entries and not await self._streams.pending_of_others(
             lease.account, lease.partition

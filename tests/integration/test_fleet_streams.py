@@ -212,3 +212,33 @@ async def test_a_dead_letter_moves_to_the_dead_stream(redis_client: aioredis.Red
     assert await redis_client.xlen(KEYS.stream(0)) == 0
     rows = await redis_client.xrange(KEYS.dead)
     assert [(fields or {}).get(b"reason") for _id, fields in rows or ()] == [b"rejected"]
+
+
+async def test_claiming_takes_the_others_entries_in_order_and_leaves_its_own(
+    redis_client: aioredis.Redis,
+) -> None:
+    sa, sb = streams(redis_client, "host-a"), streams(redis_client, "host-b")
+    await append(sa, [event(i) for i in range(4)])
+    assert len(await sa.read(ACCOUNT, 0, 2)) == 2  # host-a: 0, 1
+    assert len(await sb.read(ACCOUNT, 0, 2)) == 2  # host-b: 2, 3 (its own, in its window)
+    claimed = await sb.claim_others(ACCOUNT, 0, 10)
+    assert [e.event for e in claimed] == [event(0), event(1)]
+    assert await sb.pending_of_others(ACCOUNT, 0) == 0
+    assert await sb.claim_others(ACCOUNT, 0, 10) == []
+
+
+async def test_a_lease_says_whether_its_last_holder_released_it(
+    redis_client: aioredis.Redis,
+) -> None:
+    la, lb = leases(redis_client, "host-a", lease_s=0.2), leases(redis_client, "host-b")
+    first = await la.acquire(ACCOUNT, 0)
+    assert first is not None
+    assert first.clean  # nobody held it before
+    await asyncio.sleep(0.3)  # host-a's lease runs out: nothing says its requests ended
+    taken = await lb.acquire(ACCOUNT, 0)
+    assert taken is not None
+    assert not taken.clean
+    assert await lb.release(taken, group=GROUP, idle_ms=1000, limit=10) == 0
+    handed = await la.acquire(ACCOUNT, 0)
+    assert handed is not None
+    assert handed.clean  # released: nothing of host-b's in flight
