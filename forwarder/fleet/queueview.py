@@ -99,7 +99,7 @@ def counters(
             fallback.entered,
         ),
         "fleet_queue_claimed": (
-            "Entries taken over from other members (XAUTOCLAIM).",
+            "Entries taken over from other members (XCLAIM).",
             c.claimed,
         ),
         "fleet_queue_settled": ("Entries acknowledged and deleted after their outcome.", c.settled),

@@ -13,6 +13,11 @@ in the same fenced way.
 
 A partition's consumer group is created on first need (`XGROUP CREATE ... 0 MKSTREAM`), and a
 `NOGROUP` answer (the stream deleted, a Redis restarted without its AOF) creates it again.
+
+Taking a partition over claims the other members' pending entries with `XPENDING` + `XCLAIM`
+(never `XAUTOCLAIM`, which also re-hands this member's own entries, already in its window);
+when is the window's call (window.py). No claim waits on a lock without an expiry (the
+taskiq-redis bug): the partition's lease, which expires, decides who claims.
 """
 
 from __future__ import annotations
@@ -177,24 +182,6 @@ class Streams:
             for stream, rows in answer or ()
             for entry_id, fields in rows
         ]
-
-    async def claim(
-        self, account: str, partition: int, min_idle_ms: int, count: int
-    ) -> list[Entry]:
-        """Take over up to `count` entries other members were handed and left unsettled for
-        `min_idle_ms` (a dead member's), oldest first."""
-        stream = self.keys(account).stream(partition)
-        try:
-            answer = await self._redis.xautoclaim(
-                stream, GROUP, self.member, min_idle_ms, start_id="0-0", count=count
-            )
-        except Exception as exc:
-            if not _is_nogroup(exc):
-                raise
-            await self.ensure_group(account, partition)
-            return []
-        rows = answer[1]
-        return [self._entry(partition, entry_id, fields) for entry_id, fields in rows]
 
     async def claim_others(self, account: str, partition: int, count: int) -> list[Entry]:
         """Take over up to `count` entries other members were handed and left unsettled, in

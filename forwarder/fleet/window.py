@@ -3,10 +3,11 @@ their settling in Redis.
 
 A partition this member just acquired is read in three phases, so a recipient's events go out
 in stream order across a hand-over: first the entries handed to this member before (a restart
-under the same name: `XREADGROUP` from id 0), then the entries other members left unsettled
-(`XAUTOCLAIM` once they were idle `fleet.claim_idle_s`; at once after a clean hand-over, see
-leases.py), and only when no other member holds any of the partition's entries, new ones
-(`XREADGROUP >`, every held partition of an account in one call).
+under the same name: `XREADGROUP` from id 0), then every entry other members left unsettled,
+in stream order (`XPENDING` + `XCLAIM`, never this member's own: `XAUTOCLAIM` would hand back
+entries already in its window), at once after a clean hand-over (leases.py) and otherwise
+`fleet.claim_idle_s` after the acquisition, and only when no other member holds any of the
+partition's entries, new ones (`XREADGROUP >`, every held partition of an account in one call).
 
 Each loaded event gets a handle, the `spool_seq` the lanes give back with its outcome; the
 settle (`XACK` + `XDEL`, fenced by the lease it was read under) is batched and sent by the

@@ -138,7 +138,7 @@ async def test_a_stale_holders_settle_is_refused(redis_client: aioredis.Redis) -
     assert await redis_client.xlen(KEYS.dead) == 0
 
 
-async def test_a_dead_members_entries_are_claimed_after_they_were_idle(
+async def test_a_dead_members_entries_are_claimed(
     redis_client: aioredis.Redis,
 ) -> None:
     sa, sb = streams(redis_client, "host-a"), streams(redis_client, "host-b")
@@ -146,9 +146,7 @@ async def test_a_dead_members_entries_are_claimed_after_they_were_idle(
     first = await sa.read(ACCOUNT, 0, 10)  # host-a takes them, then dies
     assert len(first) == 4
     assert await sb.pending_of_others(ACCOUNT, 0) == 4
-    assert await sb.claim(ACCOUNT, 0, min_idle_ms=300, count=10) == []
-    await asyncio.sleep(0.35)
-    claimed = await sb.claim(ACCOUNT, 0, min_idle_ms=300, count=10)
+    claimed = await sb.claim_others(ACCOUNT, 0, 10)
     assert [e.event for e in claimed] == [e.event for e in first]
     assert await sb.pending_of_others(ACCOUNT, 0) == 0
     lease = await leases(redis_client, "host-b").acquire(ACCOUNT, 0)
@@ -172,7 +170,7 @@ async def test_a_released_lease_hands_its_entries_over_at_once(
     b = await lb.acquire(ACCOUNT, 0)
     assert b is not None
     # No wait for claim_idle_s: the releasing member said it has nothing in flight.
-    claimed = await sb.claim(ACCOUNT, 0, min_idle_ms=60_000, count=10)
+    claimed = await sb.claim_others(ACCOUNT, 0, 10)
     assert [e.event for e in claimed] == [event(i) for i in range(3)]
     assert await la.release(a, group=GROUP, idle_ms=60_000, limit=100) == -1
 
@@ -198,7 +196,7 @@ async def test_a_missing_group_is_created_again(redis_client: aioredis.Redis) ->
     await append(s, [event(7)])
     assert [e.event for e in await s.read(ACCOUNT, 0, 10)] == [event(7)]
     await redis_client.delete(KEYS.stream(0))
-    assert await s.claim(ACCOUNT, 0, min_idle_ms=0, count=10) == []
+    assert await s.claim_others(ACCOUNT, 0, 10) == []
     assert await s.pending_of_others(ACCOUNT, 0) == 0
 
 
