@@ -310,3 +310,23 @@ async def test_an_event_in_a_lanes_hands_is_fenced_once_the_lease_is_lost(
     keys = AccountKeys(PREFIX, ACCOUNT)
     pending = await redis_client.xpending(keys.stream(partition_of("r-0", PARTITIONS)), "deliver")
     assert pending["pending"] == 2
+
+
+async def test_a_partition_not_released_is_claimed_only_claim_idle_s_after_taking_it(
+    redis_client: aioredis.Redis,
+) -> None:
+    a = Member(redis_client, "host-a", lease_s=0.3, claim_ms=800)
+    await a.round()
+    await append(a.streams, events(5))
+    await a.window.fill()  # host-a holds them, then stops answering
+    await asyncio.sleep(0.35)
+    await redis_client.zrem(consumers_key(PREFIX), "host-a")
+    b = Member(redis_client, "host-b", claim_ms=800)
+    await b.round()
+    assert len(b.ownership.held) == PARTITIONS
+    assert await b.window.fill() == 0  # a request of host-a's could still be in flight
+    await asyncio.sleep(0.9)
+    for _ in range(3):
+        await b.window.fill()
+    got = await b.deliver_all()
+    assert sorted(e.event_id for e in got) == [e.event_id for e in events(5)]
