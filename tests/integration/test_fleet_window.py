@@ -325,8 +325,11 @@ async def test_a_partition_not_released_is_claimed_only_claim_idle_s_after_takin
     await b.round()
     assert len(b.ownership.held) == PARTITIONS
     assert await b.window.fill() == 0  # a request of host-a's could still be in flight
-    await asyncio.sleep(0.9)
-    for _ in range(3):
-        await b.window.fill()
+    await asyncio.sleep(0.5)
+    await b.round()  # renewed; still too early
+    assert len(b.queue) == 0
+    await asyncio.sleep(0.4)
+    await b.round()
+    await b.round()
     got = await b.deliver_all()
     assert sorted(e.event_id for e in got) == [e.event_id for e in events(5)]
