@@ -12,9 +12,9 @@ $(BIN)/python:
 
 # The speed extra (uvloop) too: mypy checks the typed import, and the e2e tests run the
 # daemon on uvloop while the in-process ones run on asyncio's loop. The docs extra (mkdocs):
-# `make test` builds the docs site.
+# `make test` builds the docs site. The fleet extra (redis-py): the fleet tests.
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install --quiet -e '.[test,speed,docs]'
+	$(BIN)/python -m pip install --quiet -e '.[test,speed,docs,fleet]'
 	touch $@
 
 venv: $(VENV)/.installed
@@ -32,10 +32,16 @@ typecheck: venv
 pytest: venv test-tools
 	$(BIN)/pytest
 
-# promtool (Debian's prometheus package) checks and unit-tests contrib/prometheus's alert rules.
-# Installed best effort where apt-get runs as root; without it those tests say how to get it (and
-# fail under CI=true, where .ci/run installs it).
+# promtool (Debian's prometheus package) checks and unit-tests contrib/prometheus's alert rules;
+# redis-server (Debian's redis-server) runs under the fleet tests. Installed best effort where
+# apt-get runs as root; without them those tests fail saying how to get them.
 test-tools:
+	@command -v redis-server >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 \
+		&& { apt-get install -y -qq --no-install-recommends redis-server >/dev/null 2>&1 \
+		     || { apt-get update -qq >/dev/null 2>&1 \
+		          && apt-get install -y -qq --no-install-recommends redis-server >/dev/null 2>&1; }; }; } \
+		|| echo "make test: redis-server is not installed (Debian/Ubuntu: sudo apt-get install redis-server);" \
+		        "the fleet tests will fail saying so"
 	@command -v promtool >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 \
 		&& { apt-get install -y -qq --no-install-recommends prometheus >/dev/null 2>&1 \
 		     || { apt-get update -qq >/dev/null 2>&1 \

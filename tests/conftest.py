@@ -37,13 +37,16 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
-from forwarder.cli.dlq import list_dead_letters
-from forwarder.intake.app import IntakeState, create_app
-from forwarder.ops.telemetry import Metrics, Stats
+from forwarder.cli.spooldb import list_dead_letters
+from forwarder.intake.app import create_app
+from forwarder.intake.state import IntakeState
+from forwarder.ops.metrics import Metrics, Stats
 from forwarder.storage.eventstatus import StatusBook
 from forwarder.storage.numbering import BLOCK, EventNumbers
 from forwarder.storage.queue import EventQueue
-from forwarder.storage.sqlite.file import SPOOL_FILE, open_readonly_or_fail
+from forwarder.storage.sqlite.file import SPOOL_FILE
+from forwarder.storage.sqlite.opening import open_readonly_or_fail
+from tests.redisserver import RedisServer, running_redis
 
 
 def promtool() -> str:
@@ -215,7 +218,7 @@ class DaemonProc:
 
 def spooled(state_dir: Path) -> list[dict[str, Any]]:
     """The events in a state dir's spool, oldest first (read as `forwarder` itself would)."""
-    from forwarder.cli.dlq import spooled_events
+    from forwarder.cli.spooldb import spooled_events
 
     if not (state_dir / SPOOL_FILE).exists():
         return []
@@ -329,7 +332,7 @@ def intake_state(
     """
     queue = EventQueue(max_events, max_bytes=max_bytes)
     stats = Stats()
-    status = StatusBook(retention_s=86400.0, max_count=1000, durable=False)
+    status = StatusBook(retention_s=86400.0, max_count=1000)
     status.queue = queue
 
     def gauges() -> dict[str, tuple[str, float]]:
@@ -402,6 +405,13 @@ def tls_files(tmp_path_factory: pytest.TempPathFactory) -> TlsFiles:
     run("x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-days", "2",
         "-CAcreateserial", "-out", "server.pem", "-extfile", "server.ext")  # fmt: skip
     return TlsFiles(where / "ca.pem", where / "server.pem", where / "server.key")
+
+
+@pytest.fixture
+async def redis_server() -> AsyncIterator[RedisServer]:
+    """A real `redis-server` of this test's own (tests/redisserver.py); fails if not installed."""
+    async with running_redis() as server:
+        yield server
 
 
 # The kinds of test, by the folder a test lives in (see the module docstring).

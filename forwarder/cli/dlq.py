@@ -3,6 +3,8 @@
 They open `state.dir/spool.db` directly (SQLite in WAL mode lets them share it with a running
 daemon, which picks replayed events up within a second). Output is one line per item, or JSON
 lines with `--json` for scripts. Long operations show a progress bar on a terminal only.
+
+The reads and writes of the spool they make are in `forwarder.cli.spooldb`.
 """
 
 from __future__ import annotations
@@ -13,37 +15,27 @@ import re
 import sqlite3
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from forwarder.cli.spool import add_file_commands
-from forwarder.config.schema import ConfigError, load_config
-from forwarder.events import Event
-from forwarder.ops.statedir import running_holder
-from forwarder.storage.sqlite.file import (
-    CHUNK_ROWS,
-    DEAD_COLUMNS,
-    IN_CHUNK,
-    ROW_BITS,
-    SELECT_BATCHES,
-    DeadLetter,
-    SpoolError,
-    chunks,
-    dead_letter_from_row,
-    decode_body,
-    encode_rows,
-    event_from_entry,
-    insert_batches,
-    last_seq,
-    load_totals_in,
-    open_readonly_or_fail,
-    rollback,
-    row_entries,
-    side_file,
+from forwarder.cli.spooldb import (
+    database_path,
+    get_dead_letter,
+    list_dead_letters,
+    purge_dead_letters,
+    replay_dead_letters,
+    spool_stats,
 )
+from forwarder.config.load import load_config
+from forwarder.config.schema import ConfigError
+from forwarder.ops.statedir import running_holder
+from forwarder.storage.sqlite.codec import DeadLetter
+from forwarder.storage.sqlite.file import SPOOL_FILE, SpoolError
+from forwarder.storage.sqlite.opening import open_readonly_or_fail
 
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
@@ -80,9 +72,16 @@ def _fail(message: str, code: int = EXIT_FAILURE) -> int:
     return code
 
 
+class _NoSpool(Exception):
+    """The state directory has no spool: memory mode writes one only when it must."""
+
+
 @contextmanager
 def _spool(args: argparse.Namespace) -> Iterator[sqlite3.Connection]:
     config = load_config(Path(args.config) if args.config else None)
+    path = config.state.path / SPOOL_FILE
+    if not path.exists() and not path.is_symlink():  # a link is refused by the open, with why
+        raise _NoSpool(str(path))
     conn = open_readonly_or_fail(config.state.path)
     try:
         yield conn
@@ -90,10 +89,18 @@ def _spool(args: argparse.Namespace) -> Iterator[sqlite3.Connection]:
         conn.close()
 
 
-def _run(args: argparse.Namespace, work: Callable[[sqlite3.Connection], int]) -> int:
+def _run(
+    args: argparse.Namespace, work: Callable[[sqlite3.Connection], int], *, missing: int = 0
+) -> int:
+    """`work` on the spool; with no spool file, a line saying so and the exit code `missing`."""
     try:
         with _spool(args) as conn:
             return work(conn)
+    except _NoSpool as exc:
+        # Not an error: memory mode creates it only when a stop leaves events or an event is
+        # dead-lettered.
+        print(f"forwarder: no spool at {exc}: no dead letters and no saved events", file=sys.stderr)
+        return missing
     except ConfigError as exc:
         return _fail(f"config error: {exc}", EXIT_USAGE)
     except SpoolError as exc:
@@ -150,7 +157,7 @@ def cmd_show(args: argparse.Namespace) -> int:
         print(json.dumps(letter.to_dict(), ensure_ascii=False, indent=2))
         return 0
 
-    return _run(args, work)
+    return _run(args, work, missing=EXIT_FAILURE)
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
@@ -164,7 +171,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
         with _progress(total, "replaying") as update:
             moved = replay_dead_letters(conn, ids, progress=update)
         # Beside a running daemon by design (SQLite orders the writes): its lock is only read.
-        state_dir = _database_path(conn).parent
+        state_dir = database_path(conn).parent
         holder = running_holder(state_dir)
         sends = (
             f"the running forwarder (PID {holder}) sends them"
@@ -258,208 +265,3 @@ def add_commands(sub: Any, config_help: str) -> None:
 
     for parser in (listing, show, replay, purge, stats):
         parser.add_argument("--config", help=config_help)
-
-
-# -- the spool as the commands see it (synchronous, a connection of their own) ------------------
-
-
-def list_dead_letters(
-    conn: sqlite3.Connection,
-    *,
-    since: float | None = None,
-    reason: str | None = None,
-    limit: int | None = None,
-) -> list[DeadLetter]:
-    """Dead letters in the order they came, optionally dead-lettered at/after `since`, by reason."""
-    where: list[str] = []
-    params: list[Any] = []
-    if since is not None:
-        where.append("dead_lettered_at >= ?")
-        params.append(since)
-    if reason is not None:
-        where.append("reason = ?")
-        params.append(reason)
-    sql = f"SELECT {DEAD_COLUMNS} FROM dead_letters"
-    if where:
-        sql += " WHERE " + " AND ".join(where)
-    sql += " ORDER BY id"
-    if limit is not None:
-        sql += " LIMIT ?"
-        params.append(limit)
-    return [dead_letter_from_row(row) for row in conn.execute(sql, params)]
-
-
-def get_dead_letter(conn: sqlite3.Connection, id: int) -> DeadLetter | None:
-    """One dead letter by id, or None."""
-    row = conn.execute(f"SELECT {DEAD_COLUMNS} FROM dead_letters WHERE id = ?", (id,)).fetchone()
-    return None if row is None else dead_letter_from_row(row)
-
-
-def replay_dead_letters(
-    conn: sqlite3.Connection,
-    ids: list[int] | None,
-    *,
-    progress: Callable[[int], None] | None = None,
-    chunk: int = CHUNK_ROWS,
-) -> int:
-    """Move dead letters (all if `ids` is None) back into the events; returns how many.
-
-    Each becomes a new event row at the end of the spool, the same event with the same event_id
-    (its idempotency key), and its dead-letter row goes in the same transaction. Works in
-    transactions of `chunk` rows; `progress(total so far)` is called after each. Rows whose body
-    is not a valid event (reason "damaged") are left where they are; unknown ids are ignored.
-    """
-    total = 0
-    if ids is None:
-        cursor = 0
-        while True:
-            count, last = _replay_chunk(
-                conn,
-                "SELECT id, body FROM dead_letters WHERE id > ? ORDER BY id LIMIT ?",
-                [cursor, max(1, chunk)],
-            )
-            if last is None:
-                break
-            cursor = last
-            total += count
-            if progress is not None:
-                progress(total)
-        return total
-    # An id list is bound as parameters, so its chunks also stay under SQLite's parameter limit.
-    for part in chunks(sorted(set(ids)), max(1, min(chunk, IN_CHUNK))):
-        marks = ",".join("?" * len(part))
-        moved, _last = _replay_chunk(
-            conn, f"SELECT id, body FROM dead_letters WHERE id IN ({marks}) ORDER BY id", part
-        )
-        total += moved
-        if progress is not None:
-            progress(total)
-    return total
-
-
-def _replay_chunk(
-    conn: sqlite3.Connection, select: str, params: Sequence[Any]
-) -> tuple[int, int | None]:
-    """Replay the rows `select` finds, in one transaction; returns (moved, last id seen)."""
-    conn.execute("BEGIN IMMEDIATE")
-    try:
-        rows = conn.execute(select, params).fetchall()
-        events: list[Event] = []
-        ids: list[tuple[int]] = []
-        for id_, body in rows:
-            try:
-                # Checked one by one: one bad body must not stop a replay.
-                event = decode_body(body)
-                encode_rows([event])
-            except ValueError:
-                continue
-            events.append(event)
-            ids.append((id_,))
-        if events:
-            insert_batches(conn, encode_rows(events))
-            conn.executemany("DELETE FROM dead_letters WHERE id = ?", ids)
-        conn.execute("COMMIT")
-    except BaseException:
-        rollback(conn)
-        raise
-    return len(events), (rows[-1][0] if rows else None)
-
-
-def purge_dead_letters(
-    conn: sqlite3.Connection,
-    before: float,
-    progress: Callable[[int], None] | None = None,
-    *,
-    chunk: int = CHUNK_ROWS,
-) -> int:
-    """Delete dead letters dead-lettered before `before` (epoch seconds); returns how many.
-
-    Works in transactions of `chunk` rows; `progress(total so far)` is called after each.
-    """
-    total = 0
-    while True:
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            deleted = conn.execute(
-                "DELETE FROM dead_letters WHERE id IN"
-                " (SELECT id FROM dead_letters WHERE dead_lettered_at < ? LIMIT ?)",
-                (before, chunk),
-            ).rowcount
-            conn.execute("COMMIT")
-        except BaseException:
-            rollback(conn)
-            raise
-        if deleted <= 0:
-            return total
-        total += deleted
-        if progress is not None:
-            progress(total)
-
-
-def spooled_events(conn: sqlite3.Connection) -> list[Event]:
-    """Every unsettled event in the spool, oldest first; ValueError if one cannot be read.
-
-    For inspection and tests: it reads all of them into memory, and leaves damaged rows where
-    they are (the daemon's read moves them to the dead letters).
-    """
-    events: list[Event] = []
-    settled = {seq for (seq,) in conn.execute("SELECT seq FROM settled")}
-    for row in conn.execute(SELECT_BATCHES + " ORDER BY seq"):
-        try:
-            entries = row_entries(row)
-        except ValueError as exc:
-            raise ValueError(f"spool row {row[0]}: {exc}") from None
-        for index, entry in enumerate(entries):
-            seq = row[0] << ROW_BITS | index
-            if seq in settled:
-                continue
-            try:
-                events.append(event_from_entry(entry))
-            except ValueError as exc:
-                raise ValueError(f"spool event {seq}: {exc}") from None
-    return events
-
-
-def _database_path(conn: sqlite3.Connection) -> Path:
-    return Path(next(row[2] for row in conn.execute("PRAGMA database_list") if row[1] == "main"))
-
-
-def spool_stats(conn: sqlite3.Connection) -> dict[str, Any]:
-    """What the spool holds: events, bytes, oldest, max seq, dead letters by reason, file sizes.
-
-    "bytes" is the size of the rows that hold unsettled events (their encoded events: what
-    `queue.max_disk_bytes` bounds); "file_bytes" is what the files take.
-    """
-    path = _database_path(conn)
-    conn.execute("BEGIN")  # one snapshot for every count
-    try:
-        t = load_totals_in(conn)
-        rows = conn.execute("SELECT count(*) FROM batches").fetchone()[0]
-        version = conn.execute("PRAGMA user_version").fetchone()[0]
-        by_reason = {
-            str(reason): n
-            for reason, n in conn.execute(
-                "SELECT coalesce(reason, ''), count(*) FROM dead_letters GROUP BY 1 ORDER BY 1"
-            )
-        }
-    finally:
-        conn.execute("COMMIT")
-    files = {}
-    for suffix in ("", "-wal"):
-        try:
-            files[suffix] = side_file(path, suffix).stat().st_size
-        except FileNotFoundError:
-            files[suffix] = 0
-    return {
-        "path": str(path),
-        "events": t.depth,
-        "rows": rows,
-        "bytes": t.bytes,
-        "oldest_accepted_at": t.oldest_accepted_at,
-        "max_seq": last_seq(t.max_row),
-        "schema_version": version,
-        "dead_letters": by_reason,
-        "dead_letters_total": sum(by_reason.values()),
-        "file_bytes": files[""] + files["-wal"],
-        "wal_bytes": files["-wal"],
-    }

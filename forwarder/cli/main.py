@@ -16,15 +16,12 @@ from forwarder import __version__
 from forwarder.cli.daemonclient import Target, Unreachable, request_once
 from forwarder.cli.dlq import add_commands
 from forwarder.cli.events import add_events_commands
+from forwarder.cli.fleet import add_command as add_fleet_command
 from forwarder.cli.status import add_command as add_status_command
-from forwarder.config.schema import (
-    DEFAULT_ACCOUNT,
-    Config,
-    ConfigError,
-    check_exposure,
-    load_config,
-    render_effective,
-)
+from forwarder.config.load import load_config
+from forwarder.config.render import render_effective
+from forwarder.config.schema import DEFAULT_ACCOUNT, Config, ConfigError
+from forwarder.config.validate import check_exposure
 from forwarder.intake.accounts import NO_DEFAULT_KEY, Account, load_accounts
 from forwarder.ops.credentials import (
     ApiKey,
@@ -123,7 +120,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     import structlog
 
     from forwarder.daemon.lifecycle import Daemon
-    from forwarder.ops.telemetry import configure_logging
+    from forwarder.ops.logs import configure_logging
 
     try:
         config, accounts = _load(args.config)
@@ -221,7 +218,8 @@ async def _send(
 
 def cmd_mock_remote(args: argparse.Namespace) -> int:
     """Serve the fake remote API."""
-    from forwarder.testing.mock_remote import MockOptions, serve_mock
+    from forwarder.testing.mock_options import MockOptions
+    from forwarder.testing.mock_server import serve_mock
 
     try:
         options = MockOptions(
@@ -274,6 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_commands(sub, "TOML config file (default /etc/forwarder/forwarder.toml)")
     add_status_command(sub, "TOML config file (default /etc/forwarder/forwarder.toml)")
+    add_fleet_command(sub, "TOML config file (default /etc/forwarder/forwarder.toml)")
 
     reload = sub.add_parser(
         "reload",

@@ -15,16 +15,9 @@ from contextlib import closing
 from pathlib import Path
 from typing import Any
 
-from forwarder.storage.sqlite.file import (
-    SPOOL_FILE,
-    BatchRow,
-    SpoolError,
-    connect_daemon,
-    event_from_entry,
-    open_readonly_or_fail,
-    refuse_links,
-    row_entries,
-)
+from forwarder.storage.sqlite.codec import event_from_entry, row_entries
+from forwarder.storage.sqlite.file import SPOOL_FILE, BatchRow, SpoolError
+from forwarder.storage.sqlite.opening import connect_daemon, open_readonly_or_fail, refuse_links
 from forwarder.storage.sqlite.recover import recover_into, salvage
 
 
@@ -62,7 +55,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 def cmd_recover(args: argparse.Namespace) -> int:
     """Bring what can be read of a spool file into the spool of a stopped daemon."""
-    from forwarder.config.schema import ConfigError, load_config
+    from forwarder.config.load import load_config
+    from forwarder.config.schema import ConfigError
     from forwarder.ops.statedir import StateDirError, StateLock, prepare_state_dir
 
     source = Path(args.file)

@@ -30,7 +30,8 @@ from rich.table import Table
 from rich.text import Text
 
 from forwarder.cli.daemonclient import Target, Unreachable, request
-from forwarder.config.schema import ConfigError, load_config
+from forwarder.config.load import load_config
+from forwarder.config.schema import ConfigError
 from forwarder.ops.credentials import resolve_intake_token
 
 # An event this old is worth a look, even while it is flowing: at the default 300 requests a

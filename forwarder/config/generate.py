@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 
 from forwarder.config import schema as cfg
+from forwarder.config.render import toml_string, toml_value
 from forwarder.config.setting import Setting, settings_of
 
 __all__ = ["BEGIN", "END", "main", "render_table", "render_toml", "splice_table"]
@@ -66,19 +67,17 @@ def _comment(text: str, prefix: str = "# ") -> list[str]:
 def render_toml() -> str:
     """config/forwarder.toml: every section key at its default with its ``doc`` as a comment."""
     lines = _HEADER.splitlines()
-    for name, cls in cfg._SECTIONS.items():
+    for name, cls in cfg.SECTIONS.items():
         lines += ["", f"[{name}]"]
         defaults = cls()
         for item, meta in settings_of(cls):
             lines += _comment(meta.doc)
             value = getattr(defaults, item.name)
-            lines.append(
-                f"{item.name} = {cfg._toml_value(cfg._FIELD_KINDS[name][item.name], value)}"
-            )
+            lines.append(f"{item.name} = {toml_value(cfg.FIELD_KINDS[name][item.name], value)}")
     lines += ["", *_ACCOUNTS.splitlines()]
     for item, meta in settings_of(cfg.AccountConfig):
         lines += _comment(meta.doc, "# # ")
-        value = cfg._toml_value(cfg._ACCOUNT_KINDS[item.name], meta.example)
+        value = toml_value(cfg.ACCOUNT_KINDS[item.name], meta.example)
         lines.append(f"# {item.name} = {value}")
     return "\n".join(lines) + "\n"
 
@@ -87,11 +86,11 @@ def _number(value: int | float) -> str:
     return str(value) if isinstance(value, int) else f"{value:g}"
 
 
-def _bounds(meta: Setting, kind: cfg._Kind) -> str:
+def _bounds(meta: Setting, kind: cfg.Kind) -> str:
     if meta.bounds:
         return meta.bounds
     if meta.choices:
-        quoted = [f"`{cfg._toml_string(choice)}`" for choice in meta.choices]
+        quoted = [f"`{toml_string(choice)}`" for choice in meta.choices]
         text = ", ".join(quoted[:-1]) + f" or {quoted[-1]}"
         return text + " (any case)" if meta.fold_case else text
     if kind == "bool":
@@ -106,8 +105,8 @@ def _bounds(meta: Setting, kind: cfg._Kind) -> str:
     return ""
 
 
-def _row(key: str, kind: cfg._Kind, default: object, meta: Setting) -> str:
-    shown = meta.default_doc or f"`{cfg._toml_value(kind, default)}`"
+def _row(key: str, kind: cfg.Kind, default: object, meta: Setting) -> str:
+    shown = meta.default_doc or f"`{toml_value(kind, default)}`"
     applied = meta.applied or ("reload" if meta.reload else "restart")
     secret = {"": "", "holds": "secret", "names": "names a secret"}[meta.secret]
     meaning = meta.ref or " ".join(meta.doc.split())
@@ -121,13 +120,13 @@ def render_table() -> str:
         "| key | default | bounds | applied | secret | meaning |",
         "|---|---|---|---|---|---|",
     ]
-    for name, cls in cfg._SECTIONS.items():
+    for name, cls in cfg.SECTIONS.items():
         defaults = cls()
         for item, meta in settings_of(cls):
-            kind = cfg._FIELD_KINDS[name][item.name]
+            kind = cfg.FIELD_KINDS[name][item.name]
             lines.append(_row(f"{name}.{item.name}", kind, getattr(defaults, item.name), meta))
     for item, meta in settings_of(cfg.AccountConfig):
-        kind = cfg._ACCOUNT_KINDS[item.name]
+        kind = cfg.ACCOUNT_KINDS[item.name]
         lines.append(_row(f"accounts.NAME.{item.name}", kind, item.default, meta))
     return "\n".join(lines) + "\n"
 

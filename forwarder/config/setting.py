@@ -9,7 +9,7 @@ forwarder/config/generate.py).
 
 Rules that tie two settings together (``min_concurrency <= max_concurrency``) or need the outside
 world (a group that exists, a readable CA file) cannot be a per-field bound; they stay as code in
-`config._validate`.
+`validate.validate_config`.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
 
-__all__ = ["Setting", "bounds_error", "setting", "settings_of"]
+__all__ = ["Setting", "bounds_error", "setting", "settings_of", "short"]
 
 _T = TypeVar("_T")
 _META_KEY = "forwarder.setting"
@@ -112,7 +112,8 @@ def settings_of(cls: type[Any]) -> Iterator[tuple[dataclasses.Field[Any], Settin
             yield item, meta
 
 
-def _short(value: str, limit: int = 60) -> str:
+def short(value: str, limit: int = 60) -> str:
+    """`value` quoted for an error message, cut to `limit` characters."""
     text = repr(value)
     return text if len(text) <= limit else text[: limit - 4] + "...'"
 
@@ -129,7 +130,7 @@ def bounds_error(meta: Setting, value: object) -> str | None:
     if meta.choices:
         if isinstance(value, str) and value in meta.choices:
             return None
-        return f"must be one of {', '.join(meta.choices)}; got {_short(str(value))}"
+        return f"must be one of {', '.join(meta.choices)}; got {short(str(value))}"
     if isinstance(value, bool) or not isinstance(value, int | float):
         return None
     lo, hi = meta.lo, meta.hi

@@ -19,9 +19,10 @@ from forwarder.delivery.dispatcher import Dispatcher
 from forwarder.delivery.lane import LaneSettings
 from forwarder.delivery.remote import USER_AGENT, RemoteClient, make_ssl_context
 from forwarder.intake.accounts import CLIENT_IDLE_S, CLIENT_SWEEP_S, Account
-from forwarder.ops.telemetry import Metrics, set_secrets
-from forwarder.storage.backlog import Backlog
+from forwarder.ops.logs import set_secrets
+from forwarder.ops.metrics import Metrics
 from forwarder.storage.held import HeldEvents
+from forwarder.storage.log import EventLog
 
 if TYPE_CHECKING:
     from forwarder.daemon.lifecycle import Daemon
@@ -35,31 +36,32 @@ class AccountLanes:
     def __init__(self, daemon: Daemon) -> None:
         self._d = daemon
 
-    def start_delivery(self, metrics: Metrics, backlog: Backlog) -> Dispatcher:
+    def start_delivery(self, metrics: Metrics, events: EventLog) -> Dispatcher:
         """The dispatcher with a lane per configured account and held events, started."""
         d = self._d
         cfg = d.config
-        assert d.status is not None
+        # The lanes read the event log's window and settle through the log itself.
         d._dispatcher = dispatcher = Dispatcher(
-            d.queue,
-            outcomes=backlog,
+            events.queue,
+            outcomes=events,
             stats=d.stats,
             latency=metrics.latency,
-            status=d.status,
+            status=events.status,
+            budgets=d.fleet.budgets if d.fleet else None,
         )
         for account in d.accounts.configured.values():
             self.add_lane(account)
         d.held = held = HeldEvents(
-            d.queue,
-            backlog,
+            events.queue,
+            events,
             d.stats,
             max_events=cfg.queue.held_max_events,
             max_age_s=cfg.queue.held_max_age_s,
             has_lane=dispatcher.lanes.__contains__,
-            durable=cfg.queue.mode == "durable",
+            trim=not events.overflow_waits,
         )
-        held.on_room = backlog.wake
-        backlog.kept_out = held.full
+        held.on_room = events.wake
+        events.kept_out = held.full
         held.start()  # the replayed events of accounts without a lane leave the queue now
         if len(held):
             log.warning(
@@ -69,9 +71,8 @@ class AccountLanes:
                 max_events=held.max_events,
                 max_age_s=held.max_age_s,
             )
-        backlog.start()
+        events.start()
         dispatcher.start()
-        d.status.start()
         return dispatcher
 
     async def sweep_clients(self) -> None:
@@ -95,8 +96,8 @@ class AccountLanes:
         d = self._d
         assert d._dispatcher is not None
         d._dispatcher.add(account.name, self.sender(account), self.lane_settings(account, d.config))
-        if d.held is not None and d.held.release(account.name) and d.backlog:
-            d.backlog.wake()  # its rows on disk may be read again too
+        if d.held is not None and d.held.release(account.name) and d.log:
+            d.log.wake()  # its rows on disk may be read again too
 
     def add_client_lane(self, account: Account) -> None:
         d = self._d
@@ -121,9 +122,9 @@ class AccountLanes:
         lane = dispatcher.lanes.get(name) if dispatcher is not None else None
         if lane is not None and not lane.idle:
             return True
-        # Durable mode: rows not read into memory yet may be this account's. Which account a
+        # Events stored and not read into memory yet may be this account's. Which account a
         # row belongs to is not counted, so while any wait on disk no client account is freed.
-        return bool(d.backlog is not None and d.backlog.on_disk_only)
+        return bool(d.log is not None and d.log.on_disk_only)
 
     def free_clients(self, freed: list[Account]) -> None:
         """Idle client accounts were freed: their lanes, metrics and redacted keys go too."""
@@ -142,11 +143,13 @@ class AccountLanes:
         )
 
     def secrets(self) -> list[str]:
-        """Every secret the logs must redact: the accounts' keys and the intake token."""
+        """Every secret the logs must redact: the accounts' keys, the intake token and the
+        fleet's Redis password."""
         d = self._d
         accounts = [*d.accounts.configured.values(), *d.accounts.clients.values()]
         token = [d.intake_token.secret.reveal()] if d.intake_token else []
-        return [a.key.reveal() for a in accounts] + token
+        redis = [d.fleet.password.reveal()] if d.fleet and d.fleet.password else []
+        return [a.key.reveal() for a in accounts] + token + redis
 
 
 async def client_session(cfg: Config) -> aiohttp.ClientSession:

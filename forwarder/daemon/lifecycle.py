@@ -7,19 +7,22 @@ reversed by construction:
 1. systemd's listen sockets (closed last), the intake token and the exposure check;
 2. the systemd notifier and watchdog (from the start: a slow replay must not look like a hang);
 3. the state directory, checked and locked (a second daemon stops here);
-4. the spool (event log), the pending file of an older version, event numbers, the outcome
-   book and the backlog, with what the last stop saved replayed; the `stopped` summary;
-5. the HTTP client session (one for every account);
-6. intake's app and runner (not listening yet) and the PID file; they go after the save;
-7. the dispatcher with a lane per account, held events, and delivery started (its teardown
-   stops delivery and saves what is left to the spool);
-8. intake's sites bound (systemd's sockets or ours): the daemon is ready;
-9. systemd status reporting and the idle-client sweep;
-10. intake stops taking work (answers 503, apps keep their events): the first thing at a stop.
+4. with `fleet.redis_url`, the fleet's Redis client and heartbeat (forwarder/fleet/host.py),
+   whose budgets the lanes get: before the event log, which a shared queue keeps on it, so it
+   is there for the log's release at a stop;
+5. the event log (`queue.mode`'s backend from `storage.log.BACKENDS`), with what the last stop
+   saved replayed; the `stopped` summary;
+6. the HTTP client session (one for every account);
+7. intake's app and runner (not listening yet) and the PID file; they go after the save;
+8. the dispatcher with a lane per account, held events, and delivery started (its teardown
+   stops delivery and releases what is left to the event log);
+9. intake's sites bound (systemd's sockets or ours): the daemon is ready;
+10. systemd status reporting and the idle-client sweep;
+11. intake stops taking work (answers 503, apps keep their events): the first thing at a stop.
 
 Between start and stop, `_serve` waits for a signal and drains for up to `shutdown.timeout_s`
-(a second signal stops at once). The steps' details live beside this module: `eventlog.py` (the
-spool, the backlog, the save), `accountlanes.py` (the session, the dispatcher and its lanes),
+(a second signal stops at once). The steps' details live beside this module (the event log's
+in `storage/`): `accountlanes.py` (the session, the dispatcher and its lanes),
 `listeners.py` (intake's state, sockets, PID file), `reload.py` and `view.py` (stats, gauges).
 """
 
@@ -34,19 +37,24 @@ import time
 import aiohttp
 import structlog
 
-from forwarder.config.schema import Config, ConfigError, check_exposure
+from forwarder.config.schema import Config, ConfigError
+from forwarder.config.validate import check_exposure
 from forwarder.daemon import listeners
 from forwarder.daemon.accountlanes import AccountLanes, client_session
-from forwarder.daemon.eventlog import open_backlog, open_spool, save_leftovers
 from forwarder.daemon.listeners import StartupError, reason
 from forwarder.daemon.reload import Loader, reload
 from forwarder.daemon.view import StatusView
 from forwarder.delivery.dispatcher import Dispatcher
+from forwarder.fleet.host import FleetHost
 from forwarder.intake.accounts import Account, Accounts
-from forwarder.intake.app import IntakeState, create_app
-from forwarder.intake.connections import ConnectionGuard, IntakeRunner
+from forwarder.intake.app import create_app
+from forwarder.intake.guard import ConnectionGuard
+from forwarder.intake.runner import IntakeRunner
+from forwarder.intake.state import IntakeState
 from forwarder.ops.credentials import ApiKey, resolve_intake_token
+from forwarder.ops.logs import flush_logs, set_secrets
 from forwarder.ops.logthrottle import LogThrottle
+from forwarder.ops.metrics import Metrics, Stats
 from forwarder.ops.statedir import StateDirError, StateLock, prepare_state_dir
 from forwarder.ops.systemd import (
     ListenSocket,
@@ -57,13 +65,9 @@ from forwarder.ops.systemd import (
     stop_timeout_s,
     watchdog_interval,
 )
-from forwarder.ops.telemetry import Metrics, Stats, flush_logs, set_secrets
-from forwarder.storage.backlog import Backlog
-from forwarder.storage.eventstatus import StatusBook
 from forwarder.storage.held import HeldEvents
-from forwarder.storage.numbering import EventNumbers
+from forwarder.storage.log import EventLog, LogDeps, LogError, open_event_log
 from forwarder.storage.queue import EventQueue
-from forwarder.storage.sqlite.spool import Spool
 
 log = structlog.get_logger("forwarder.daemon")
 # aiohttp's grace for requests still being answered when the listeners close.
@@ -120,13 +124,11 @@ class Daemon:
         self._reload_task: asyncio.Task[bool] | None = None
         self._dispatcher: Dispatcher | None = None
         self._session: aiohttp.ClientSession | None = None
+        self.fleet: FleetHost | None = None
         self._state: IntakeState | None = None
-        self._spool: Spool | None = None
         self._metrics: Metrics | None = None
         self._stopped = _Stopped()
-        self.backlog: Backlog | None = None
-        self.numbers: EventNumbers | None = None
-        self.status: StatusBook | None = None
+        self.log: EventLog | None = None
         self.held: HeldEvents | None = None
         self.notifier = Notifier.from_env()
         self.activated: list[ListenSocket] = []
@@ -233,7 +235,7 @@ class Daemon:
             watchdog.start()
             stack.push_async_callback(watchdog.stop)
 
-        # 3. The state directory, locked before the spool is opened.
+        # 3. The state directory, locked before the event log is opened.
         state_dir = cfg.state.path
         try:
             await asyncio.to_thread(prepare_state_dir, state_dir)
@@ -244,20 +246,32 @@ class Daemon:
             raise StartupError(f"state.dir {state_dir}: {reason(exc)}") from None
         stack.callback(lock.release)
 
-        # 4. The event log: the spool, numbers, outcomes, the backlog and the last stop's events.
-        spool = self._spool = await open_spool(state_dir, cfg, metrics)
-        stack.push_async_callback(spool.close)
-        events = await open_backlog(cfg, spool, self.queue, self.log_throttle)
-        self.numbers, self.status, self.backlog = events.numbers, events.status, events.backlog
-        backlog = events.backlog
+        # 4. The fleet (fleet.redis_url): Redis, the heartbeat, the accounts' shared budgets.
+        if cfg.fleet.enabled:
+            try:
+                self.fleet = await FleetHost.start(cfg, in_delivery=lambda: self.queue.in_delivery)
+            except ConfigError as exc:
+                raise StartupError(str(exc)) from None
+            stack.push_async_callback(self.fleet.stop)
+            set_secrets(self.lanes.secrets())  # the Redis password is redacted from here on
+
+        # 5. The event log, with the last stop's events; closed after everything that uses it.
+        try:
+            events = self.log = await open_event_log(
+                cfg,
+                LogDeps(self.queue, self.log_throttle, metrics.spool_commit.observe, self.fleet),
+            )
+        except LogError as exc:
+            raise StartupError(str(exc)) from None
+        stack.push_async_callback(events.close)
         stack.push_async_callback(self._log_stopped, stopped)
 
-        # 5. One HTTP session for every account: the lanes' concurrency limits bound it.
+        # 6. One HTTP session for every account: the lanes' concurrency limits bound it.
         self._session = await client_session(cfg)
         stack.push_async_callback(self._session.close)
 
-        # 6. Intake's app and runner (not listening yet), and the PID file for `forwarder reload`.
-        self._state = listeners.intake_state(self, metrics, backlog)
+        # 7. Intake's app and runner (not listening yet), and the PID file for `forwarder reload`.
+        self._state = listeners.intake_state(self, metrics, events)
         listeners.ensure_fd_room(cfg.intake.max_connections)
         runner = IntakeRunner(
             create_app(self._state), self.connections, shutdown_timeout=HANDLER_GRACE_S
@@ -266,24 +280,24 @@ class Daemon:
         await asyncio.to_thread(listeners.write_pid, state_dir)
         stack.push_async_callback(self._close_intake, runner)
 
-        # 7. Delivery: a lane per account, events held without one, and the pumps started.
-        dispatcher = self.lanes.start_delivery(metrics, backlog)
+        # 8. Delivery: a lane per account, events held without one, and the pumps started.
+        dispatcher = self.lanes.start_delivery(metrics, events)
         stopped.delivering = True
         stack.push_async_callback(self._stop_delivery, dispatcher, stopped)
 
-        # 8. Intake's sites: from here apps' events are taken.
+        # 9. Intake's sites: from here apps' events are taken.
         self.addresses += await listeners.start_sites(runner, self.activated, cfg.intake)
         self.ready.set()
         self.notifier.ready(self.view.status_line())
 
-        # 9. Background work while serving.
+        # 10. Background work while serving.
         for work, name in (
             (self._report_status, "sd-status"),
             (self.lanes.sweep_clients, "client-sweep"),
         ):
             stack.push_async_callback(_cancel, asyncio.create_task(work(), name=name))
 
-        # 10. The first thing at a stop: intake stops taking work.
+        # 11. The first thing at a stop: intake stops taking work.
         stack.callback(self._stop_taking_work)
         log.info("started", **self.view.started(events.restored))
 
@@ -292,7 +306,7 @@ class Daemon:
         await self._stop.wait()
         self._stop_taking_work()
         assert self._dispatcher is not None
-        assert self.backlog is not None
+        assert self.log is not None
         # The drain ends early enough for the save to finish before systemd's SIGKILL.
         drain_s = drain_timeout_s(
             self.config.shutdown.timeout_s, stop_timeout_s(), reserve_s=STOP_RESERVE_S
@@ -302,7 +316,7 @@ class Daemon:
             "stopping",
             queued=len(self.queue),
             in_flight=self.queue.in_delivery,
-            on_disk_only=self.backlog.on_disk_only,
+            on_disk_only=self.log.on_disk_only,
             drain_timeout_s=drain_s,
         )
         self._stopped.drained = await self._dispatcher.drain(drain_s, self._force)
@@ -316,15 +330,13 @@ class Daemon:
         await asyncio.to_thread(listeners.remove_pid, self.config.state.path)
 
     async def _stop_delivery(self, dispatcher: Dispatcher, stopped: _Stopped) -> None:
-        """Stop delivery and save what is left (in memory only) to the spool."""
-        assert self.backlog is not None
-        assert self.status is not None
+        """Stop delivery and release what is left to the event log (saved for the next start)."""
+        assert self.log is not None
         assert self.held is not None
-        await self.backlog.stop()
-        await self.status.stop()
+        await self.log.stop()
         leftovers = await dispatcher.stop()
         leftovers += await self.held.stop()
-        stopped.saved = await save_leftovers(self.backlog, self.numbers, leftovers)
+        stopped.saved = await self.log.release(leftovers)
 
     def _stop_taking_work(self) -> None:
         self.shutting_down = True
@@ -332,7 +344,7 @@ class Daemon:
             self._state.accepting = False
 
     async def _log_stopped(self, stopped: _Stopped) -> None:
-        """The one summary line, once everything after the spool is closed."""
+        """The one summary line, once everything after the event log is closed."""
         if not stopped.delivering:
             return
         self.log_throttle.close()  # the counts of lines held back go out before the summary
@@ -340,7 +352,7 @@ class Daemon:
             "stopped",
             drained=stopped.drained,
             saved_pending=stopped.saved,
-            spool_events=self._spool.depth if self._spool else 0,
+            spool_events=self.log.stored().events if self.log else 0,
             uptime_s=round(time.monotonic() - stopped.started, 3),
             **self.stats.counters(),
         )

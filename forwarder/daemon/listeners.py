@@ -20,12 +20,13 @@ from typing import TYPE_CHECKING
 import structlog
 from aiohttp import web
 
-from forwarder.config.schema import Config, IntakeConfig, resolve_group
-from forwarder.intake.app import IntakeState
+from forwarder.config.address import resolve_group
+from forwarder.config.schema import Config, IntakeConfig
+from forwarder.intake.state import IntakeState
+from forwarder.ops.metrics import Metrics
 from forwarder.ops.statedir import read_state_file, replace_state_file
 from forwarder.ops.systemd import ListenSocket
-from forwarder.ops.telemetry import Metrics
-from forwarder.storage.backlog import Backlog
+from forwarder.storage.log import EventLog
 
 if TYPE_CHECKING:
     from forwarder.daemon.lifecycle import Daemon
@@ -45,10 +46,9 @@ class StartupError(Exception):
     """The daemon cannot start (a listener cannot be bound, the state dir is unusable...)."""
 
 
-def intake_state(daemon: Daemon, metrics: Metrics, backlog: Backlog) -> IntakeState:
-    """What intake's app serves from: the daemon's queue, accounts, limits and views."""
+def intake_state(daemon: Daemon, metrics: Metrics, events: EventLog) -> IntakeState:
+    """What intake's app serves from: the event log, the accounts, limits and views."""
     cfg = daemon.config
-    durable = cfg.queue.mode == "durable"
     return IntakeState(
         queue=daemon.queue,
         stats=daemon.stats,
@@ -56,14 +56,15 @@ def intake_state(daemon: Daemon, metrics: Metrics, backlog: Backlog) -> IntakeSt
         max_batch=cfg.intake.max_batch,
         max_body_bytes=cfg.intake.max_body_bytes,
         accounts=daemon.accounts,
-        admit=backlog.admit if durable else None,
+        log=events,
         not_ready_reason=daemon.view.not_ready_reason,
         stats_extra=daemon.view.stats_extra,
+        ready_detail=daemon.view.ready_detail,
         auth_token=daemon.intake_token.secret if daemon.intake_token else None,
         body_timeout_s=cfg.intake.body_timeout_s,
         drop_in_answer=cfg.intake.drop_in_answer,
-        numbers=None if durable else daemon.numbers,
-        status=daemon.status,
+        numbers=events.intake_numbers,
+        status=events.status,
         throttle=daemon.log_throttle,
     )
 

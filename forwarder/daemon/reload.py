@@ -16,12 +16,13 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from forwarder.config.schema import RESTART_ONLY, Config, ConfigError, check_exposure
+from forwarder.config.schema import RESTART_ONLY, Config, ConfigError
+from forwarder.config.validate import check_exposure
 from forwarder.daemon.listeners import ensure_fd_room, exposed_listeners
 from forwarder.delivery.lane import LaneSettings
 from forwarder.intake.accounts import Account
 from forwarder.ops.credentials import resolve_intake_token
-from forwarder.ops.telemetry import set_log_level, set_secrets
+from forwarder.ops.logs import set_log_level, set_secrets
 
 if TYPE_CHECKING:
     from forwarder.daemon.lifecycle import Daemon
@@ -45,8 +46,8 @@ def _set(owner: Callable[[Daemon], object | None], attribute: str) -> Apply:
 
 
 def _group_commit(daemon: Daemon, value: Any) -> None:
-    if daemon._spool is not None:
-        daemon._spool.group_window_s = value / 1000
+    if daemon.log is not None:
+        daemon.log.set_group_commit(value / 1000)
 
 
 def _max_connections(daemon: Daemon, value: Any) -> None:
@@ -69,8 +70,8 @@ APPLY: dict[str, Apply] = {
     "queue.held_max_events": _set(lambda d: d.held, "max_events"),
     "queue.held_max_age_s": _set(lambda d: d.held, "max_age_s"),
     "remote.per_recipient_order": lambda d, v: d.queue.set_ordered(v),
-    "state.outcome_retention_s": _set(lambda d: d.status, "retention_s"),
-    "state.outcome_max_count": _set(lambda d: d.status, "max_count"),
+    "state.outcome_retention_s": _set(lambda d: d.log.status if d.log else None, "retention_s"),
+    "state.outcome_max_count": _set(lambda d: d.log.status if d.log else None, "max_count"),
     "log.level": lambda _d, v: set_log_level(v),
 }
 # Reloadable settings applied without `APPLY`: read again where they are used (see above).

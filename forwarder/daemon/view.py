@@ -66,6 +66,7 @@ class StatusView:
                 len(d.accounts.clients),
             ),
             **self.spool_gauges(),
+            **(d.fleet.gauges() if d.fleet else {}),
         }
 
     def not_ready_conditions(self) -> dict[str, bool]:
@@ -81,18 +82,18 @@ class StatusView:
 
     def backlog_events(self) -> int:
         """Events accepted and not settled yet."""
-        # Durable mode: every unsettled event is in the spool (the queue is a window over it);
-        # memory mode: the spool holds none until a stop, the queue holds them all.
+        # A log that stores every unsettled event (durable) holds them all, the queue being a
+        # window over it; otherwise the queue holds them all and the store none until a stop.
         d = self._d
         in_memory = len(d.queue) + d.queue.in_delivery
-        return max(in_memory, d._spool.depth if d._spool else 0)
+        return max(in_memory, d.log.stored().events if d.log else 0)
 
     def oldest_age_s(self) -> float:
         """Age of the oldest event not settled yet (0: none)."""
         d = self._d
         stamps = [d.queue.oldest_accepted_at()]
-        if d._spool is not None:
-            stamps.append(d._spool.oldest_accepted_at)
+        if d.log is not None:
+            stamps.append(d.log.stored().oldest_accepted_at)
         oldest = min((t for t in stamps if t), default=None)
         return max(0.0, time.time() - oldest) if oldest else 0.0
 
@@ -122,18 +123,19 @@ class StatusView:
                 "intake.write_timeout_s.",
                 guard.write_timeouts,
             ),
+            **(d.fleet.counters() if d.fleet else {}),
         }
 
     def spool_gauges(self) -> dict[str, tuple[str, float]]:
-        """The spool's gauges (none before the spool is open)."""
+        """The spool's gauges, from what the event log stores (none before it is open)."""
         d = self._d
-        spool, backlog = d._spool, d.backlog
-        if spool is None:
+        if d.log is None:
             return {}
-        oldest = spool.oldest_accepted_at
+        stored = d.log.stored()
+        oldest = stored.oldest_accepted_at
         return {
-            "spool_events": ("Events in the spool (state.dir/spool.db).", spool.depth),
-            "spool_bytes": ("Bytes of events in the spool.", spool.bytes),
+            "spool_events": ("Events in the spool (state.dir/spool.db).", stored.events),
+            "spool_bytes": ("Bytes of events in the spool.", stored.bytes),
             "spool_bytes_capacity": (
                 "queue.max_disk_bytes (0: no bound).",
                 d.config.queue.max_disk_bytes,
@@ -142,14 +144,14 @@ class StatusView:
                 "Age of the oldest event in the spool (0 when empty).",
                 max(0.0, time.time() - oldest) if oldest else 0.0,
             ),
-            "spool_dead_letters": ("Dead letters kept in the spool.", spool.dead_letters),
+            "spool_dead_letters": ("Dead letters kept in the spool.", stored.dead_letters),
             "spool_on_disk_only": (
                 "Spooled events not in memory yet (durable mode's backlog).",
-                backlog.on_disk_only if backlog else 0,
+                stored.on_disk_only,
             ),
             "spool_replayed_events": (
                 "Events brought back from the spool into memory since start.",
-                backlog.replayed if backlog else 0,
+                stored.replayed,
             ),
         }
 
@@ -199,16 +201,28 @@ class StatusView:
                 "mode": d.config.queue.mode,
                 **{name: value for name, (_, value) in self.spool_gauges().items()},
             },
+            **({"fleet": d.fleet.view()} if d.fleet else {}),
         }
+
+    def ready_detail(self) -> dict[str, Any]:
+        """What /readyz adds to its answer: the fleet mode (a host in fallback is ready)."""
+        fleet = self._d.fleet
+        if fleet is None:
+            return {}
+        return {"fleet": {"mode": fleet.mode.name, "live_members": fleet.mode.live_members}}
 
     def status_line(self, prefix: str = "") -> str:
         """systemd's STATUS= line."""
         d = self._d
-        return prefix + format_status(
-            queued=len(d.queue) + (d.backlog.on_disk_only if d.backlog else 0),
-            in_delivery=d.queue.in_delivery,
-            delivered_per_min=self._delivery_rate.observe(d.stats.delivered),
-            spool=d._spool.depth if d._spool else 0,
+        return (
+            prefix
+            + format_status(
+                queued=len(d.queue) + (d.log.on_disk_only if d.log else 0),
+                in_delivery=d.queue.in_delivery,
+                delivered_per_min=self._delivery_rate.observe(d.stats.delivered),
+                spool=d.log.stored().events if d.log else 0,
+            )
+            + (f", {d.fleet.mode.name} mode ({d.fleet.mode.live_members} live)" if d.fleet else "")
         )
 
     def started(self, restored: int) -> dict[str, Any]:
@@ -227,7 +241,7 @@ class StatusView:
             queue_max_events=cfg.queue.max_events,
             queue_max_bytes=cfg.queue.max_bytes,
             pending_restored=restored,
-            spool_events=d._spool.depth if d._spool else 0,
+            spool_events=d.log.stored().events if d.log else 0,
             socket_activated=bool(d.activated),
             intake_token=d.intake_token.source if d.intake_token else "not required",
             watchdog_s=watchdog_interval(),

@@ -3,7 +3,7 @@
 The queue holds back later events of a recipient while one is in delivery; each account's
 `Lane` (`lane.py`) pulls its events and delivers them under the account's flow control: its
 `Gates` (`gates.py`), the rate budget it is handed (`flow/budget.py`, built here by a factory:
-today a `LocalRateBudget` per account) and its concurrency limit (`flow/limiter.py`). What a
+today a `LocalRateBudget` per account) and its concurrency limit (`flow/concurrency.py`). What a
 lane records of each outcome is in `outcomes.py`. The dispatcher starts, reconfigures, drains,
 retires and stops the lanes.
 """
@@ -21,7 +21,7 @@ from forwarder.delivery.flow.budget import RateBudget, Sleep, local_budget
 from forwarder.delivery.lane import Lane, LaneSettings, Sender
 from forwarder.delivery.outcomes import Outcomes
 from forwarder.events import Event
-from forwarder.ops.telemetry import Stats
+from forwarder.ops.metrics import Stats
 from forwarder.storage.eventstatus import StatusBook
 from forwarder.storage.queue import EventQueue
 

@@ -18,10 +18,10 @@ from typing import Any
 import structlog
 
 from forwarder.config.schema import RemoteConfig
+from forwarder.delivery.flow.breaker import BreakerState, CircuitBreaker
 from forwarder.delivery.flow.budget import MAX_WAIT_SLICE_S
-from forwarder.delivery.flow.limiter import BreakerState, CircuitBreaker
 from forwarder.delivery.remote import Result, Verdict
-from forwarder.ops.telemetry import Stats
+from forwarder.ops.metrics import Stats
 
 log = structlog.get_logger("forwarder.dispatcher")
 

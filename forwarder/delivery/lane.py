@@ -20,15 +20,17 @@ from prometheus_client import Histogram
 
 from forwarder.config.schema import RemoteConfig, RetryConfig
 from forwarder.delivery.deadletter import DeadLetterNote
+from forwarder.delivery.flow.breaker import CircuitBreaker
 from forwarder.delivery.flow.budget import RateBudget, Sleep
-from forwarder.delivery.flow.limiter import CircuitBreaker, ConcurrencyController, Ticket
+from forwarder.delivery.flow.concurrency import ConcurrencyController
+from forwarder.delivery.flow.ratelimit import Ticket
 from forwarder.delivery.gates import Gates, Pass
 from forwarder.delivery.outcomes import OutcomeRecorder, Outcomes, Tally
 from forwarder.delivery.remote import Result, Verdict
 from forwarder.delivery.retry import run_with_retries
 from forwarder.events import Event
+from forwarder.ops.metrics import Stats
 from forwarder.ops.systemd import PerMinute
-from forwarder.ops.telemetry import Stats
 from forwarder.storage.eventstatus import StatusBook
 from forwarder.storage.queue import EventQueue
 

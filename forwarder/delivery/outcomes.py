@@ -18,7 +18,7 @@ from tenacity import RetryCallState
 from forwarder.delivery.deadletter import DeadLetterNote
 from forwarder.delivery.remote import Result, Verdict
 from forwarder.events import Event
-from forwarder.ops.telemetry import Stats
+from forwarder.ops.metrics import Stats
 from forwarder.storage.eventstatus import Outcome, StatusBook
 
 log = structlog.get_logger("forwarder.dispatcher")

@@ -4,7 +4,7 @@ The client never touches the queue and never retries: it turns one attempt into 
 `verdict` tells the dispatcher what to do next.
 
 The API key travels only to the configured base URL's origin (scheme, host, port), only over
-verified TLS (or plain http to a loopback host, which config/schema.py allows for the mock), and
+verified TLS (or plain http to a loopback host, which config/validate.py allows for the mock), and
 never along a redirect: a 3xx is not followed but dead-lettered as `redirected`.
 
 One module (just over 400 lines): reading the headers, classifying the answer and sending the

@@ -3,8 +3,8 @@ answers a client does not read, and JSON answers for requests aiohttp's parser r
 
 aiohttp's server has a keep-alive timeout for idle connections but no deadline for receiving a
 request's headers, none for a client that sends requests but never reads the answers, and nothing
-bounds how many connections are open. All of that lives here, in a `RequestHandler` subclass that
-the `IntakeRunner` hands to every listener:
+bounds how many connections are open. All of that lives in `GuardedRequestHandler` (here), the
+`RequestHandler` subclass that the `IntakeRunner` (runner.py) hands to every listener:
 
 - At most `max_connections` are open at once. Past them `HEALTH_RESERVE` more are accepted, which
   may only ask GET/HEAD /healthz and /readyz (anything else: 503 `too_many_connections`) and are
@@ -25,126 +25,32 @@ the `IntakeRunner` hands to every listener:
   (`logthrottle`), where aiohttp answers text/plain with the offending bytes and logs an ERROR
   with a traceback for each.
 
-The request body's deadline is app.py's (`intake.body_timeout_s`): by then a handler runs.
-What such an answer says is rejections.py's. This module is over 400 lines because the
-connection's limits share one protocol class and its timers; splitting them would spread that
-class's state over several modules.
+The request body's deadline is bodies.py's (`intake.body_timeout_s`): by then a handler runs.
+What such an answer says is rejections.py's. The limits a reload may change and the counters are
+guard.py's (`ConnectionGuard`); the server and runner that hand this class to every listener,
+and the gate each request passes before the app, are runner.py's.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import socket
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
 from typing import Any, cast
 
 import structlog
 from aiohttp import web
-from aiohttp.http import HttpVersion11
 from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_request import BaseRequest
 
-from forwarder.intake.rejections import INTERNAL_ERROR, UNMET_EXPECTATION, describe_rejection
-from forwarder.ops.logthrottle import LogThrottle
+from forwarder.intake.guard import HEALTH_RESERVE, REFUSAL, ConnectionGuard
+from forwarder.intake.rejections import INTERNAL_ERROR, describe_rejection
 
 log = structlog.get_logger("forwarder.connections")
-# After an early answer (413, 401, 408) aiohttp reads and drops the rest of the body so the
-# client gets to read the answer; this long at most (aiohttp's own default is 10 s).
-LINGER_S = 2.0
 # The kernel's send buffer of an intake TCP connection (it doubles the value). Linux would grow
 # it to 4 MiB for a client that does not read, and the daemon would go on rendering answers
 # (thousands of /metrics pages for a client pipelining them) until that much waits unread;
 # intake's answers are small, so this much keeps a reader at full speed and a non-reader cheap.
 SEND_BUFFER_BYTES = 128 * 1024
-# Connections past max_connections that may still ask for these, one answer each.
-HEALTH_RESERVE = 8
-HEALTH_ROUTES = frozenset(
-    (method, path) for method in ("GET", "HEAD") for path in ("/healthz", "/readyz")
-)
-
-_REFUSAL_JSON = {
-    "success": False,
-    "error": "too many open connections (intake.max_connections); retry later",
-    "reason": "too_many_connections",
-}
-_REFUSAL_BODY = json.dumps(_REFUSAL_JSON).encode()
-# Written straight to the socket: the connection is never handed to aiohttp's parser.
-REFUSAL = (
-    b"HTTP/1.1 503 Service Unavailable\r\n"
-    b"Content-Type: application/json\r\n"
-    b"Content-Length: " + str(len(_REFUSAL_BODY)).encode() + b"\r\n"
-    b"Retry-After: 1\r\n"
-    b"Connection: close\r\n"
-    b"\r\n" + _REFUSAL_BODY
-)
-
-
-@dataclass(slots=True)
-class ConnectionGuard:
-    """The limits (a reload may change them; new connections use the new ones) and counters."""
-
-    max_connections: int
-    header_timeout_s: float
-    keepalive_timeout_s: float
-    write_timeout_s: float = 10.0
-    # Every log line here can repeat once per connection or request: one throttle for them all.
-    throttle: LogThrottle = field(default_factory=LogThrottle)
-    open: int = 0
-    refused: int = 0  # connections past max_connections, answered 503 and closed
-    header_timeouts: int = 0  # connections closed for a request head that did not arrive
-    write_timeouts: int = 0  # connections aborted: an answer waited on a full socket too long
-
-    def view(self) -> dict[str, Any]:
-        """For /v1/stats."""
-        return {
-            "open": self.open,
-            "max_connections": self.max_connections,
-            "health_reserve": HEALTH_RESERVE,
-            "refused": self.refused,
-            "header_timeouts": self.header_timeouts,
-            "write_timeouts": self.write_timeouts,
-        }
-
-    def count_refused(self) -> None:
-        """A connection (or a reserve connection's request) past the cap was refused."""
-        self.refused += 1
-        self.throttle.log(
-            log,
-            "warning",
-            "connections_refused",
-            open=self.open,
-            max_connections=self.max_connections,
-            total=self.refused,
-        )
-
-    def count_slow(self) -> None:
-        """A connection was closed for a request head that did not arrive in time."""
-        self.header_timeouts += 1
-        self.throttle.log(
-            log,
-            "warning",
-            "slow_client_closed",
-            header_timeout_s=self.header_timeout_s,
-            total=self.header_timeouts,
-        )
-
-    def count_write_timeout(self, unsent: int) -> None:
-        """A connection was aborted: its answers waited on a full socket past write_timeout_s."""
-        self.write_timeouts += 1
-        self.throttle.log(
-            log,
-            "warning",
-            "unread_client_closed",
-            write_timeout_s=self.write_timeout_s,
-            unsent_bytes=unsent,
-            total=self.write_timeouts,
-        )
-
-    def count_bad_request(self, status: int, fault: str, kind: str) -> None:
-        """aiohttp's parser refused a request (or its Expect): a warning, no traceback."""
-        self.throttle.log(log, "warning", "bad_request", key=kind, status=status, error=fault)
 
 
 class GuardedRequestHandler(RequestHandler):
@@ -358,92 +264,3 @@ class GuardedRequestHandler(RequestHandler):
 # A timer may fire a little before its time (the loop's clock resolution; libuv rounds to
 # milliseconds): within this of the deadline it counts as due rather than being set again.
 _TIMER_SLACK_S = 0.001
-
-
-_Handler = Callable[[BaseRequest], Awaitable[web.StreamResponse]]
-
-
-class _GuardedServer(web.Server):
-    """aiohttp's low-level server, making a `GuardedRequestHandler` for each connection.
-
-    Every request passes `_gate` before the app sees it: a reserve connection may only ask for
-    its health routes, and an `Expect` aiohttp does not understand gets a JSON 417 (aiohttp's
-    answers text/plain, quoting the header, before any middleware could help).
-    """
-
-    def __init__(
-        self, guard: ConnectionGuard, handler_args: dict[str, Any], app_server: web.Server
-    ) -> None:
-        self._guard = guard
-        self._handler_args = handler_args
-        self._app_handler: _Handler = app_server.request_handler
-        super().__init__(
-            self._gate,
-            request_factory=app_server.request_factory,
-            handler_cancellation=app_server.handler_cancellation,
-            **handler_args,
-        )
-
-    def __call__(self) -> RequestHandler:
-        return GuardedRequestHandler(
-            self,
-            guard=self._guard,
-            loop=asyncio.get_running_loop(),
-            **self._handler_args,
-            # Read per connection, so a reload applies to new connections.
-            keepalive_timeout=self._guard.keepalive_timeout_s,
-        )
-
-    def _gate(self, request: BaseRequest) -> Awaitable[web.StreamResponse]:
-        # A plain function returning the app's awaitable: the common case costs a call and two
-        # look-ups, not another coroutine per request.
-        expect = request.headers.get("Expect")
-        protocol = request.protocol
-        if expect or (isinstance(protocol, GuardedRequestHandler) and protocol.reserved):
-            # These may be answered before intake's middleware runs (which tells the connection
-            # that the head is in): the head deadline must not cut the answer's lingering short.
-            if isinstance(protocol, GuardedRequestHandler):
-                protocol.head_received()
-            if expect and request.version == HttpVersion11 and expect.lower() != "100-continue":
-                return self._unmet_expectation()
-            if isinstance(protocol, GuardedRequestHandler) and protocol.reserved:
-                return self._reserve(request)
-        return self._app_handler(request)
-
-    async def _unmet_expectation(self) -> web.StreamResponse:
-        self._guard.count_bad_request(417, "unsupported Expect header", "Expect")
-        response = web.json_response(UNMET_EXPECTATION, status=417)
-        response.force_close()
-        return response
-
-    async def _reserve(self, request: BaseRequest) -> web.StreamResponse:
-        """A connection past the cap: its health check only, then it closes."""
-        if (request.method, request.path) in HEALTH_ROUTES:
-            response = await self._app_handler(request)
-        else:
-            self._guard.count_refused()
-            response = web.json_response(_REFUSAL_JSON, status=503, headers={"Retry-After": "1"})
-        response.force_close()
-        return response
-
-
-class IntakeRunner(web.AppRunner):
-    """`web.AppRunner` whose listeners use `GuardedRequestHandler` connections.
-
-    aiohttp offers no public hook for the connection class: this overrides AppRunner's
-    `_make_server`, keeping everything the app's own server sets up (startup signals, the
-    request factory) and only swapping the per-connection protocol.
-    """
-
-    def __init__(
-        self, app: web.Application, guard: ConnectionGuard, *, shutdown_timeout: float
-    ) -> None:
-        super().__init__(app, access_log=None, shutdown_timeout=shutdown_timeout)
-        self.guard = guard
-        # aiohttp's defaults for the request line (8190 bytes), each header (8190) and their
-        # number (128) stay: past them aiohttp answers 400 and closes.
-        self._handler_args: dict[str, Any] = {"access_log": None, "lingering_time": LINGER_S}
-
-    async def _make_server(self) -> web.Server:
-        app_server = await super()._make_server()  # runs the app's startup, freezes it
-        return _GuardedServer(self.guard, self._handler_args, app_server)

@@ -13,8 +13,8 @@ import re
 
 import structlog
 
-from forwarder.events import Leniency
-from forwarder.ops.telemetry import Stats
+from forwarder.events.validate import Leniency
+from forwarder.ops.metrics import Stats
 
 log = structlog.get_logger("forwarder.intake")
 

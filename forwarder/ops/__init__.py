@@ -1,3 +1,3 @@
-"""Running in production: systemd notify and watchdog, logging and metrics (`telemetry`),
+"""Running in production: systemd notify and watchdog, logging (`logs`) and metrics (`metrics`),
 log throttling, secrets (`credentials`) and the state directory.
 """

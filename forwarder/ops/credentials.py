@@ -28,7 +28,7 @@ MIN_TOKEN_CHARS = 16
 # The shortest text taken as an API key (configured or a client's). Real keys are long random
 # strings; a shorter one ("4", "delivered") would be a word, and the log redactor, which replaces
 # every key wherever it occurs, would then mangle ordinary log text. The redactor takes nothing
-# shorter (telemetry.Redactor), so every key it is given is one it can scrub.
+# shorter (logs.Redactor), so every key it is given is one it can scrub.
 MIN_KEY_CHARS = 16
 _TOKEN = "intake auth token"
 # An API key is a short token; refusing huge files avoids reading e.g. a mistakenly named log.
@@ -263,3 +263,29 @@ def resolve_intake_token(config: Config, env: Mapping[str, str] | None = None) -
             "make a long random one, e.g. with `openssl rand -hex 32`"
         )
     return token
+
+
+# The systemd credential holding the Redis password of a fleet (LoadCredential=redis_password:PATH).
+REDIS_PASSWORD_CREDENTIAL = "redis_password"
+_REDIS_PASSWORD = "Redis password"
+
+
+def resolve_redis_password(config: Config, env: Mapping[str, str] | None = None) -> Secret | None:
+    """The fleet's Redis password; None when none is configured (a server without AUTH).
+
+    Order: the file ``fleet.redis_password_file``, then the systemd credential
+    ``$CREDENTIALS_DIRECTORY/redis_password``. At least `MIN_KEY_CHARS` long, so the log
+    redactor can scrub it. Raises :class:`ConfigError` naming the source, never the content.
+    Reads files: call it off the event loop.
+    """
+    environ: Mapping[str, str] = os.environ if env is None else env
+    found: ApiKey | None = None
+    if config.fleet.redis_password_file:
+        found = _key_from_file(
+            Path(config.fleet.redis_password_file), "fleet.redis_password_file", _REDIS_PASSWORD
+        )
+    elif environ.get("CREDENTIALS_DIRECTORY", ""):
+        found = _key_from_credential(
+            environ["CREDENTIALS_DIRECTORY"], REDIS_PASSWORD_CREDENTIAL, _REDIS_PASSWORD
+        )
+    return None if found is None else found.secret

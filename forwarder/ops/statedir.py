@@ -5,7 +5,7 @@ from older versions, `pending.jsonl`. Every file forwarder creates, writes or re
 through `open_state_file` (O_NOFOLLOW: a symbolic link planted at one of our names is refused,
 never followed) or `replace_state_file` (a fresh name, created O_EXCL, renamed over the old
 one: a rename replaces a link itself, never its target). SQLite opens the spool's files itself,
-so `storage/sqlite/file.py` refuses links at those names before it opens them.
+so `storage/sqlite/opening.py` refuses links at those names before it opens them.
 
 The daemon refuses a state dir that another user could write to (writable by group or others,
 or owned by another user): such a user could plant links or files there faster than any check.

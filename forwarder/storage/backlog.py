@@ -1,11 +1,12 @@
 """The backlog: admission through the spool, and the in-memory queue as a window over it.
 
-In `durable` mode an event is committed to the spool before intake answers 202; at most
-`queue.max_events` of them (and `queue.max_bytes` of their estimated size) are in memory, and the
-rest are read from disk in order as the window drains, so a backlog of millions costs bounded
-memory. In `memory` mode events go straight to the queue; the spool then only holds what a stop
-saved, replayed at the next start. In both modes an event's spool row is removed once it is
-delivered or dead-lettered, never before.
+The durable backend (`durable.py`) admits through it: an event is committed to the spool before
+intake answers 202; at most `queue.max_events` of them (and `queue.max_bytes` of their estimated
+size) are in memory, and the rest are read from disk in order as the window drains, so a backlog
+of millions costs bounded memory. The memory backend (`memory.py`) admits into the queue itself
+and uses the backlog only once its spool is open: to replay what a stop saved, to save at a
+stop, and to read rows `forwarder dlq replay` adds. Either way an event's spool row is removed
+once it is delivered or dead-lettered, never before.
 
 The window is shared fairly between accounts: with N accounts in it or waiting on disk, each
 may hold at most 1/N of `max_events` (and of `max_bytes`). The refill reads the spool in order
@@ -14,6 +15,10 @@ is; the account is read again from there when it has room. An account below its 
 finds the window full takes the room back from accounts above theirs (their newest waiting
 events leave memory; they are still in the spool). So a paused, broken or slow account holds
 its share at most and never holds back another.
+
+One module although past 400 lines: admission, the fair shares and the refill's scan keep one
+set of positions (`_loaded_seq`, `_scanned_to`, `_passed`, `_in_memory`) true together; split,
+each part would reach into the others' state.
 """
 
 from __future__ import annotations
@@ -31,8 +36,9 @@ from forwarder.ops.logthrottle import LogThrottle
 from forwarder.storage.eventstatus import StatusBook
 from forwarder.storage.numbering import EventNumbers
 from forwarder.storage.queue import TOO_LARGE, EventQueue, event_size
+from forwarder.storage.sqlite.committer import SpooledEvent
 from forwarder.storage.sqlite.file import SpoolError
-from forwarder.storage.sqlite.spool import Spool, SpooledEvent, SpoolFull
+from forwarder.storage.sqlite.spool import Spool, SpoolFull
 
 log = structlog.get_logger("forwarder.backlog")
 # Rows read from disk per refill: big enough to amortise a query, small against memory.
@@ -50,23 +56,22 @@ NO_BOUND = 1 << 62
 
 
 class Backlog:
-    """Admits events (through the spool when durable) and refills the queue from the spool."""
+    """Admits events through the spool and refills the queue from it."""
 
     def __init__(
         self,
         queue: EventQueue,
         spool: Spool,
         *,
-        durable: bool,
         status: StatusBook | None = None,
         numbers: EventNumbers | None = None,
     ) -> None:
         self.queue = queue
-        # Durable mode: outcomes stored with the settling, and numbers are spool positions.
+        # Given by the durable backend: outcomes stored with the settling, and numbers that are
+        # spool positions (observed so the counter stays above them).
         self.status = status
         self.numbers = numbers
         self.spool = spool
-        self.durable = durable
         self.replayed = 0  # events brought back from the spool into memory
         # For the line a failing disk writes once per request (the daemon shares its own).
         self.throttle = LogThrottle()
@@ -115,13 +120,9 @@ class Backlog:
             self._task = None
 
     async def admit(self, events: list[Event]) -> str:
-        """Take all of `events` or none; returns "" or why not.
-
-        The reasons: those of `EventQueue.admit` in memory mode; "spool_full", "spool_error" and
-        `TOO_LARGE` in durable mode, where the queue's bounds only limit the window.
+        """Commit all of `events` or none to the spool; returns "" or why not: "spool_full",
+        "spool_error" or `TOO_LARGE` (the queue's bounds only limit the window).
         """
-        if not self.durable:
-            return self.queue.admit(events)
         sizes = list(map(event_size, events))  # before the spool's encoding (see EventQueue.admit)
         size = sum(sizes)
         if 0 < self.queue.max_bytes < size:

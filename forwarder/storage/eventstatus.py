@@ -20,7 +20,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import structlog
 
-from forwarder.events import EVENT_ID_RE, Event
+from forwarder.events import Event
+from forwarder.events.model import EVENT_ID_RE
 from forwarder.storage.sqlite import outcomes as outcomestore
 from forwarder.storage.sqlite.outcomes import OutcomeRow
 
@@ -127,19 +128,19 @@ class StatusBook:
         *,
         retention_s: float,
         max_count: int,
-        durable: bool,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.retention_s = retention_s
         self.max_count = max_count
-        self.durable = durable
         self._clock = clock
         self._delivering: dict[str, tuple[Event, Progress]] = {}
         self._outcomes: OrderedDict[str, Outcome] = OrderedDict()
         self._outcome_numbers: dict[int, str] = {}
-        # Durable mode: an outcome on its way into the settling op (Backlog takes it).
+        # An outcome on its way into the settling op (Backlog takes it), when the spool keeps them.
         self._unsaved: dict[str, OutcomeRow] = {}
         self.queue: EventQueue | None = None
+        # The spool that keeps outcomes and is searched for queued events: set by the durable
+        # backend only (memory mode's spool holds a stop's leftovers, not the backlog).
         self.spool: Spool | None = None
         self._purger: asyncio.Task[None] | None = None
 
@@ -166,7 +167,7 @@ class StatusBook:
             self._outcome_numbers[outcome.number] = key
         while len(outcomes) > self.max_count:
             self._drop_oldest()
-        if self.durable and spool_seq:
+        if self.spool is not None and spool_seq:
             self._unsaved[event_id] = outcome.row()
 
     def take_unsaved(self, event: Event) -> OutcomeRow | None:
@@ -205,7 +206,7 @@ class StatusBook:
         found = self._queued_in_memory(key)
         if found is not None:
             return found
-        if self.spool is None or not self.durable:
+        if self.spool is None:
             return None
         return await self._from_spool(key)
 
@@ -285,7 +286,7 @@ class StatusBook:
     async def purge(self) -> int:
         """One pass: expired outcomes out of memory and (durable mode) out of the spool."""
         count = self.purge_memory()
-        if self.durable and self.spool is not None:
+        if self.spool is not None:
             count += await self.spool.query(
                 outcomestore.purge, self._clock() - self.retention_s, PURGE_LIMIT
             )

@@ -6,10 +6,10 @@ events cannot be delivered until the account is back, so they must not take the 
 from the accounts that can deliver: they are taken out of the queue into this store, which has
 a bound of its own (`queue.held_max_events`) and a deadline (`queue.held_max_age_s`, counted
 from when the event was accepted). An event past its deadline is dead-lettered with the reason
-`held_without_account`; so is, in memory mode, the oldest event past the bound (in durable mode
-the events past the bound stay in the spool, not read, until the store has room). When the
-account comes back (its key is presented again, or a reload configures it), its held events
-return to the queue ahead of anything new.
+`held_without_account`; so is the oldest event past the bound when the event log cannot keep
+it (`trim`: memory mode; in durable mode the events past the bound stay in the spool, not read,
+until the store has room). When the account comes back (its key is presented again, or a reload
+configures it), its held events return to the queue ahead of anything new.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import structlog
 from forwarder.delivery.deadletter import DeadLetterNote
 from forwarder.delivery.outcomes import Outcomes
 from forwarder.events import Event
-from forwarder.ops.telemetry import Stats
+from forwarder.ops.metrics import Stats
 from forwarder.storage.queue import EventQueue
 
 log = structlog.get_logger("forwarder.held")
@@ -47,7 +47,7 @@ class HeldEvents:
         max_events: int,
         max_age_s: float,
         has_lane: Callable[[str], bool],
-        durable: bool,
+        trim: bool,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.queue = queue
@@ -56,7 +56,8 @@ class HeldEvents:
         self._outcomes = outcomes
         self._stats = stats
         self._has_lane = has_lane
-        self._durable = durable
+        # Dead-letter the oldest past the bound (False: the event log keeps them out of memory).
+        self._trim_bound = trim
         self._clock = clock
         self._held: dict[str, deque[tuple[Event, int]]] = {}
         self._count = 0
@@ -100,7 +101,7 @@ class HeldEvents:
 
     def sweep(self) -> int:
         """Take the waiting events of accounts without a lane out of the queue, then dead-letter
-        the held events past their deadline (and, in memory mode, past the bound); returns how
+        the held events past their deadline (and, with `trim`, past the bound); returns how
         many were dead-lettered."""
         took = 0
         for name in self.queue.accounts():
@@ -111,7 +112,7 @@ class HeldEvents:
                     self._count += len(taken)
                     took += len(taken)
         expired = self._expire()
-        overflow = 0 if self._durable else self._trim()
+        overflow = self._trim() if self._trim_bound else 0
         if took:
             self.on_room()
         return expired + overflow

@@ -16,14 +16,15 @@ from typing import Any
 
 import aiohttp
 
-from forwarder.cli.dlq import list_dead_letters
-from forwarder.config.schema import load_config
+from forwarder.cli.spooldb import list_dead_letters
+from forwarder.config.load import load_config
 from forwarder.daemon.lifecycle import Daemon
 from forwarder.intake.accounts import configured_accounts
 from forwarder.ops.credentials import ApiKey, Secret
-from forwarder.ops.telemetry import configure_logging
-from forwarder.storage.sqlite.file import open_readonly_or_fail
-from forwarder.testing.mock_remote import MockOptions, start_mock
+from forwarder.ops.logs import configure_logging
+from forwarder.storage.sqlite.opening import open_readonly_or_fail
+from forwarder.testing.mock_options import MockOptions
+from forwarder.testing.mock_server import start_mock
 
 DEMO_KEY = "demo-key-not-secret"
 NAMES = ("PAGE_VIEW", "PRODUCT_VIEW", "PRODUCT_TO_BASKET", "SIGNUP")

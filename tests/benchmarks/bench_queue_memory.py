@@ -27,7 +27,9 @@ import tracemalloc
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from forwarder.events import Event, events_from_items, loads_json
+from forwarder.events import Event
+from forwarder.events.parse import loads_json
+from forwarder.events.validate import events_from_items
 from forwarder.storage.queue import EventQueue
 
 # The script runs with its own directory on sys.path; mypy sees the file as tests.benchmarks.*.

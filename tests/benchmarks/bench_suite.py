@@ -26,6 +26,14 @@ Scenarios (`--only NAME`, repeatable):
   of the 640 events/s that allows.
 - memory: RSS with 100 000 events queued (memory mode, delivery blocked) minus idle RSS. Goal
   <= 100 MB; bytes per queued event reported.
+- fleet: 3 hosts (`forwarder run`, memory mode, each with more events than the account's
+  limit lets through) against one account of `forwarder mock-remote --rate-limit 1200` with
+  5-second windows (quick: 2), for 6 windows: once sharing the budget through one
+  `redis-server` (AOF on, appendfsync always), once each on its own, in the same run. The
+  delivered rate after the first window as % of the limit (goal >= 98% in the fleet) and the
+  429s after the first window (goal 0 in the fleet); the budget's Redis calls per delivered
+  event and their mean time (from the hosts' /v1/stats), and one budget call's time from an
+  idle process.
 - intake_latency: 1 000 requests/s offered open-loop (paced; each request on a free keep-alive
   connection, timed from its write to the end of its answer) while the remote is down
   (connections refused, default breaker). p50/p99/max; goal p99 <= 2 ms. The bare server's
@@ -122,7 +130,7 @@ else:
     )
 
 HERE = Path(__file__).resolve().parent
-SCENARIOS = ("ingest", "batch", "delivery", "latency_bound", "memory", "intake_latency")
+SCENARIOS = ("ingest", "batch", "delivery", "latency_bound", "memory", "intake_latency", "fleet")
 PROFILED = ("ingest", "delivery")
 INGEST_GOAL = 0.8
 BATCH_GOAL_EPS = 100_000.0
@@ -140,6 +148,9 @@ PACE_POOL = 256
 FILL_BATCH = 1000
 FILL_CONNECTIONS = 4
 REFUSED_KEY = "a-key-the-mock-does-not-know-yet"
+FLEET_HOSTS = 3
+FLEET_RATE_PER_MIN = 1200  # 20 requests a second for the whole account
+FLEET_GOAL = 0.98
 AUTH_PROBE_S = 0.2
 
 
@@ -509,7 +520,16 @@ def _short(result: Any) -> str:
         return f"{result.events_per_s:,.0f}/s, server CPU {result.server_cpu:.0%}"
     if isinstance(result, dict):
         keys = [
-            k for k in ("events_per_s", "p99_ms", "delta_mb", "cpu_us_per_event") if k in result
+            k
+            for k in (
+                "events_per_s",
+                "p99_ms",
+                "delta_mb",
+                "cpu_us_per_event",
+                "delivered_share",
+                "rate_limited",
+            )
+            if k in result
         ]
         return ", ".join(f"{k} {result[k]:,.2f}" for k in keys)
     return str(result)
@@ -995,6 +1015,176 @@ async def scenario_intake_latency(suite: Suite) -> None:
         )
 
 
+class RedisProc:
+    """A `redis-server` for the fleet scenario, on a free port in the work directory."""
+
+    def __init__(self, work: Path) -> None:
+        self.port = free_port()
+        self.directory = work / f"redis-{self.port}"
+        self.process: asyncio.subprocess.Process | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    async def start(self) -> None:
+        server = shutil.which("redis-server")
+        if server is None:
+            raise RuntimeError("redis-server is not installed (apt-get install redis-server)")
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.process = await asyncio.create_subprocess_exec(
+            server, "--port", str(self.port), "--bind", "127.0.0.1",
+            "--dir", str(self.directory), "--appendonly", "yes", "--appendfsync", "always",
+            "--save", "", "--maxmemory-policy", "noeviction", "--loglevel", "warning",
+            stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.DEVNULL,
+        )  # fmt: skip
+        deadline = time.monotonic() + 10
+        while True:
+            with contextlib.suppress(OSError):
+                _, writer = await asyncio.open_connection("127.0.0.1", self.port)
+                writer.close()
+                return
+            if time.monotonic() > deadline:
+                raise RuntimeError("redis-server did not start")
+            await asyncio.sleep(0.05)
+
+
+async def _fleet_run(suite: Suite, loop: str, redis_url: str, window_s: float) -> dict[str, Any]:
+    """3 hosts against one limited account for 6 windows; what the mock saw, and the hosts."""
+    windows = 6
+    mock = await suite.mock(
+        "--rate-limit", str(FLEET_RATE_PER_MIN), "--window-s", f"{window_s:g}"
+    )  # fmt: skip
+    rate = FLEET_RATE_PER_MIN / 60.0
+    per_host = int(rate * window_s * (windows + 2))  # more than the account lets through
+    hosts = []
+    for n in range(FLEET_HOSTS):
+        sections: dict[str, dict[str, object]] = {
+            "remote": {"base_url": mock.base_url, "rate_limit_per_minute": FLEET_RATE_PER_MIN},
+        }
+        if redis_url:
+            sections["fleet"] = {"redis_url": redis_url, "member": f"bench-{n}"}
+        hosts.append(await suite.daemon(loop, sections, name=f"fleet{n}"))
+    for n, host in enumerate(hosts):
+        items = batch_items(per_host, first_recipient=n * 1_000_000)
+        body = http_request("POST", BATCH_PATH, json.dumps(items).encode(), "application/json")
+        conn = await Conn.open(host.port)
+        try:
+            status, answer = await conn.call(body)
+        finally:
+            await conn.close()
+        if status != 202:
+            raise RuntimeError(f"fleet fill: HTTP {status}: {answer[:200]!r}")
+    began = time.time()
+    await asyncio.sleep(window_s * windows + 0.5)
+    record = await mock.record()
+    stats = [await call_json(host.port, "GET", "/v1/stats") for host in hosts]
+    await suite.close()
+    times = created_times(record)
+    if not times:
+        raise RuntimeError("fleet: nothing was delivered")
+    first = times[0]
+    # The windows after the first, as the mock counted them from the first request.
+    start, end = first + window_s, first + window_s * windows
+    delivered = sum(1 for t in times if start <= t < end)
+    mock_stats = record["stats"]
+    limited_late = mock_stats["rate_limited"] and (mock_stats["last_rate_limited_at"] or 0) >= start
+    budget_calls = sum(
+        account["rate_limit"].get("redis_calls", 0)
+        for host in stats
+        for account in host["accounts"].values()
+    )
+    redis_calls = sum(host.get("fleet", {}).get("redis_calls", 0) for host in stats)
+    redis_seconds = sum(host.get("fleet", {}).get("redis_seconds", 0.0) for host in stats)
+    created = len(times)
+    return {
+        "began": began,
+        "delivered_share": delivered / ((end - start) * rate),
+        "delivered_after_first": delivered,
+        "created": created,
+        "rate_limited": mock_stats["rate_limited"],
+        "rate_limited_after_first_window": bool(limited_late),
+        "window_counts": mock_stats["window_counts"],
+        "budget_calls_per_event": budget_calls / created,
+        "redis_calls_per_event": redis_calls / created,
+        "redis_us_per_call": 1e6 * redis_seconds / redis_calls if redis_calls else 0.0,
+        "per_host_delivered": [host["counters"]["delivered"] for host in stats],
+    }
+
+
+async def _budget_call_us(redis_url: str, calls: int = 2000) -> float:
+    """Mean wall time of one budget script call from this process (idle host, loopback Redis):
+    what a batch costs without the load of a delivering daemon around it."""
+    from forwarder.config.schema import FleetConfig
+    from forwarder.fleet.budget import RedisRateBudget
+    from forwarder.fleet.connection import connect
+    from forwarder.fleet.mode import FleetMode
+
+    fleet = connect(
+        FleetConfig(redis_url=redis_url, key_prefix="benchcost"), member="bench", password=None
+    )
+    try:
+        budget = RedisRateBudget("cost", 60_000_000, fleet=fleet, mode=FleetMode())
+        await budget._call(1)  # connects and loads the script
+        began = time.perf_counter()
+        for _ in range(calls):
+            await budget._call(1)
+        return 1e6 * (time.perf_counter() - began) / calls
+    finally:
+        await fleet.aclose()
+
+
+async def scenario_fleet(suite: Suite) -> None:
+    """3 hosts, one limited account: sharing the budget through Redis, and each on its own."""
+    window_s = 2.0 if suite.args.quick else 5.0
+    loop = suite.args.loops[-1]
+    redis = RedisProc(suite.work)
+    await redis.start()
+    assert redis.process is not None
+    try:
+        fleet = await _fleet_run(suite, loop, redis.url, window_s)
+        _progress(f"  fleet:    {_short(fleet)} {fleet['window_counts']}")
+        alone = await _fleet_run(suite, loop, "", window_s)
+        _progress(f"  no fleet: {_short(alone)} {alone['window_counts']}")
+        idle_us = await _budget_call_us(redis.url)
+    finally:
+        await stop_process(redis.process, 10.0)
+    suite.data["fleet"] = {
+        "window_s": window_s,
+        "fleet": fleet,
+        "no_fleet": alone,
+        "idle_budget_call_us": idle_us,
+    }
+    quota = FLEET_RATE_PER_MIN * window_s / 60
+    label = f"fleet, 3 hosts, {FLEET_RATE_PER_MIN}/min in {window_s:g} s windows"
+    late_429 = "429s after the 1st window"
+    suite.rows.append(
+        Row(
+            label,
+            loop,
+            f"{fleet['delivered_share']:.1%} of the limit, {fleet['rate_limited']} x 429"
+            f" ({'some' if fleet['rate_limited_after_first_window'] else 'none'} late)",
+            f"no fleet: {alone['delivered_share']:.1%}, {alone['rate_limited']} x 429"
+            f" ({'some' if alone['rate_limited_after_first_window'] else 'none'} late)",
+            f"max window {max(fleet['window_counts'])}/{quota:g}",
+            f">= {FLEET_GOAL:.0%}, no {late_429}",
+            fleet["delivered_share"] >= FLEET_GOAL and not fleet["rate_limited_after_first_window"],
+        )
+    )
+    suite.rows.append(
+        Row(
+            "fleet: the shared budget's cost",
+            loop,
+            f"{fleet['budget_calls_per_event']:.2f} budget calls/event",
+            f"{fleet['redis_calls_per_event']:.2f} Redis calls/event with heartbeats",
+            f"{fleet['redis_us_per_call']:.0f} us/call in the run, {idle_us:.0f} idle",
+            "reported",
+            None,
+        )
+    )
+
+
 RUNNERS: dict[str, Callable[[Suite], Awaitable[None]]] = {
     "ingest": scenario_ingest,
     "batch": scenario_batch,
@@ -1002,6 +1192,7 @@ RUNNERS: dict[str, Callable[[Suite], Awaitable[None]]] = {
     "latency_bound": scenario_latency_bound,
     "memory": scenario_memory,
     "intake_latency": scenario_intake_latency,
+    "fleet": scenario_fleet,
 }
 
 

@@ -24,8 +24,8 @@ from typing import Any
 
 import aiohttp
 
-from forwarder.cli.dlq import list_dead_letters
-from forwarder.storage.sqlite.file import open_readonly_or_fail
+from forwarder.cli.spooldb import list_dead_letters
+from forwarder.storage.sqlite.opening import open_readonly_or_fail
 
 KEY = "soak-key-0123456789"
 

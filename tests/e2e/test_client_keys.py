@@ -8,7 +8,7 @@ import base64
 import io
 import json
 import logging
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import aiohttp
@@ -20,12 +20,13 @@ from forwarder.config.schema import Config, IntakeConfig, RemoteConfig, StateCon
 from forwarder.daemon.lifecycle import Daemon
 from forwarder.intake import accounts as acc
 from forwarder.intake.accounts import Accounts, client_account_name, configured_accounts
-from forwarder.ops import telemetry
+from forwarder.ops import logs
 from forwarder.ops.credentials import MIN_KEY_CHARS, ApiKey, Secret, basic_token
-from forwarder.ops.telemetry import REDACTED, Redactor, configure_logging
+from forwarder.ops.logs import REDACTED, Redactor, configure_logging
 from tests.conftest import API_KEY, DaemonProc, MockProc, ServeIntake, intake_state
 from tests.e2e.test_e2e import wait_until
 from tests.integration.test_accounts import account
+from tests.unit.test_logs import reset_logging  # noqa: F401 (a fixture)
 
 CLIENT_KEY = "client-own-key-0123456789"
 WORDS = ("4", "delivered", "x" * (MIN_KEY_CHARS - 1))
@@ -65,15 +66,6 @@ def test_redaction_never_takes_a_lines_name_or_ids() -> None:
     }
     line = redactor(None, "info", {**ids, "error": key, "remote_id": key})
     assert line == {**ids, "error": REDACTED, "remote_id": REDACTED}
-
-
-@pytest.fixture
-def reset_logging() -> Iterator[None]:
-    yield
-    structlog.reset_defaults()
-    root = logging.getLogger()
-    root.handlers.clear()
-    root.setLevel(logging.WARNING)
 
 
 @pytest.mark.usefixtures("reset_logging")
@@ -199,7 +191,7 @@ async def test_an_idle_client_account_is_freed_with_its_lane_metrics_and_secret(
             assert daemon._dispatcher is not None
             lanes = daemon._dispatcher.lanes
             assert name in lanes
-            assert CLIENT_KEY in telemetry._redactor.secrets
+            assert CLIENT_KEY in logs._redactor.secrets
             daemon.accounts.free_idle()  # not idle for long enough yet
             assert name in daemon.accounts.clients
             monkeypatch.setattr(acc, "CLIENT_IDLE_S", 0.0)
@@ -207,8 +199,8 @@ async def test_an_idle_client_account_is_freed_with_its_lane_metrics_and_secret(
             assert [a.name for a in daemon.accounts.free_idle()] == [name]
             await asyncio.sleep(0)
             assert name not in lanes
-            assert CLIENT_KEY not in telemetry._redactor.secrets
-            assert basic_token(CLIENT_KEY).rstrip("=") not in telemetry._redactor.secrets
+            assert CLIENT_KEY not in logs._redactor.secrets
+            assert basic_token(CLIENT_KEY).rstrip("=") not in logs._redactor.secrets
             assert daemon._metrics is not None
             metrics = generate_latest(daemon._metrics.registry).decode()
             assert name not in metrics

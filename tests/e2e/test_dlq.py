@@ -144,3 +144,21 @@ async def test_purge_and_usage_errors(mock_remote: StartMock, daemon: StartDaemo
 async def _until(check: Callable[[], Awaitable[bool]]) -> None:
     while not await check():
         await asyncio.sleep(0.05)
+
+
+async def test_memory_mode_without_a_spool_has_no_dead_letters(
+    mock_remote: StartMock, daemon: StartDaemon
+) -> None:
+    # Memory mode writes spool.db only when it must: the commands say there is none, exit 0.
+    mock = await mock_remote()
+    d = await daemon(mock.base_url)
+    config = str(d.config_path)
+    assert not (d.state_dir / "spool.db").exists()
+    for command in (("dlq", "list"), ("dlq", "replay", "--all"), ("spool", "stats")):
+        code, out, err = await run(*command, "--config", config)
+        assert (code, out) == (0, []), command
+        assert err == [f"forwarder: no spool at {d.state_dir / 'spool.db'}: no dead letters and"
+                       " no saved events"], command  # fmt: skip
+    code, _, err = await run("dlq", "show", "1", "--config", config)
+    assert code == 1
+    assert "no spool at" in err[0]

@@ -22,7 +22,7 @@ import aiohttp
 import orjson
 import pytest
 
-from forwarder.events import (
+from forwarder.events.model import (
     MAX_DATA_BYTES,
     MAX_ID_CHARS,
     MAX_NAME_CHARS,

@@ -18,6 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import DaemonProc, MockProc, promtool
 from tests.e2e.test_e2e import wait_until
+from tests.redisserver import RedisServer
 
 PAGE = Path(__file__).resolve().parents[2] / "docs" / "reference" / "metrics.md"
 # | `forwarder_name` | type | `label`, `label` | what it is |
@@ -54,11 +55,12 @@ def exported(text: str) -> dict[str, tuple[str, frozenset[str]]]:
 async def scrape(
     mock_remote: Callable[..., Awaitable[MockProc]],
     daemon: Callable[..., Awaitable[DaemonProc]],
+    redis: RedisServer,
 ) -> str:
-    """/metrics of a daemon that has delivered two events, one with an unknown field (so every
-    labelled family has a series)."""
+    """/metrics of a daemon in a fleet (so the fleet's families are there) that has delivered
+    two events, one with an unknown field (so every labelled family has a series)."""
     mock = await mock_remote()
-    d = await daemon(mock.base_url)
+    d = await daemon(mock.base_url, fleet={"redis_url": redis.url, "member": "scraped"})
     async with aiohttp.ClientSession(base_url=d.url) as http:
         async with http.post("/v1/events", json=[{"recipient_id": "1", "name": "A"}]) as answer:
             assert answer.status == 202, await answer.text()
@@ -80,8 +82,9 @@ async def scrape(
 async def test_every_exported_family_is_documented_and_every_documented_one_exported(
     mock_remote: Callable[..., Awaitable[MockProc]],
     daemon: Callable[..., Awaitable[DaemonProc]],
+    redis_server: RedisServer,
 ) -> None:
-    text = await scrape(mock_remote, daemon)
+    text = await scrape(mock_remote, daemon, redis_server)
     assert "_created" not in text
     have, docs = exported(text), documented()
     assert sorted(set(have) - set(docs)) == [], "exported but not in docs/reference/metrics.md"
@@ -93,8 +96,9 @@ async def test_every_exported_family_is_documented_and_every_documented_one_expo
 async def test_promtool_check_metrics_passes_without_a_warning(
     mock_remote: Callable[..., Awaitable[MockProc]],
     daemon: Callable[..., Awaitable[DaemonProc]],
+    redis_server: RedisServer,
 ) -> None:
-    text = await scrape(mock_remote, daemon)
+    text = await scrape(mock_remote, daemon, redis_server)
     checked = await asyncio.to_thread(
         subprocess.run,
         [promtool(), "check", "metrics"],

@@ -12,7 +12,7 @@ from urllib.parse import urlsplit
 import aiohttp
 import pytest
 
-from forwarder.intake.connections import HEALTH_RESERVE, REFUSAL
+from forwarder.intake.guard import HEALTH_RESERVE, REFUSAL
 from tests.conftest import DaemonProc, MockProc
 
 StartMock = Callable[..., Awaitable[MockProc]]

@@ -20,12 +20,13 @@ import aiohttp
 import pytest
 import structlog
 
-from forwarder.cli.dlq import list_dead_letters, spool_stats, spooled_events
 from forwarder.cli.main import main
+from forwarder.cli.spooldb import list_dead_letters, spool_stats, spooled_events
 from forwarder.delivery.deadletter import DeadLetterNote
 from forwarder.events import Event
 from forwarder.ops.statedir import StateLock
-from forwarder.storage.sqlite.file import PAGE_SIZE, SPOOL_FILE, open_readonly_or_fail
+from forwarder.storage.sqlite.file import PAGE_SIZE, SPOOL_FILE
+from forwarder.storage.sqlite.opening import open_readonly_or_fail
 from forwarder.storage.sqlite.recover import salvage
 from forwarder.storage.sqlite.spool import Spool
 from tests.conftest import DaemonProc, MockProc, write_config

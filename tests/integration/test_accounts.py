@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from forwarder.config.schema import ConfigError, load_config
+from forwarder.config.load import load_config
+from forwarder.config.schema import ConfigError
 from forwarder.intake import accounts as acc
 from forwarder.intake.accounts import (
     Account,

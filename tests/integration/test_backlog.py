@@ -13,7 +13,8 @@ from forwarder.events import Event
 from forwarder.storage import backlog as backlog_module
 from forwarder.storage.backlog import Backlog
 from forwarder.storage.queue import TOO_LARGE, EventQueue, event_size
-from forwarder.storage.sqlite.spool import Spool, SpooledEvent
+from forwarder.storage.sqlite.committer import SpooledEvent
+from forwarder.storage.sqlite.spool import Spool
 
 
 def ev(n: int, data_chars: int = 100) -> Event:
@@ -49,7 +50,7 @@ async def deliver_one(queue: EventQueue, backlog: Backlog) -> str:
 async def test_the_window_holds_no_more_than_max_bytes_and_keeps_the_order(spool: Spool) -> None:
     one = event_size(ev(0))
     queue = EventQueue(100, max_bytes=3 * one)
-    backlog = Backlog(queue, spool, durable=True)
+    backlog = Backlog(queue, spool)
     backlog.start()
     try:
         for n in range(10):
@@ -68,7 +69,7 @@ async def test_a_big_event_on_disk_waits_for_room_without_rereading_the_spool(
 ) -> None:
     small = event_size(ev(0))
     queue = EventQueue(100, max_bytes=3 * small)
-    backlog = Backlog(queue, spool, durable=True)
+    backlog = Backlog(queue, spool)
     reads: list[int] = []
     read_after = spool.read_after
 
@@ -101,12 +102,12 @@ async def test_a_big_event_on_disk_waits_for_room_without_rereading_the_spool(
 
 async def test_an_event_bigger_than_a_lowered_bound_still_comes_in_alone(spool: Spool) -> None:
     queue = EventQueue(100, max_bytes=10 * event_size(ev(0, 5000)))
-    backlog = Backlog(queue, spool, durable=True)
+    backlog = Backlog(queue, spool)
     assert await backlog.admit([ev(0, 5000), ev(1, 5000)]) == ""
     taken = queue.take_all()  # as if a restart: on disk only
     assert len(taken) == 2
     fresh = EventQueue(100, max_bytes=event_size(ev(0, 100)))  # a reload lowered the bound
-    again = Backlog(fresh, spool, durable=True)
+    again = Backlog(fresh, spool)
     again.start()
     try:
         assert await deliver_one(fresh, again) == ev(0).event_id
@@ -117,7 +118,7 @@ async def test_an_event_bigger_than_a_lowered_bound_still_comes_in_alone(spool: 
 
 async def test_a_request_bigger_than_max_bytes_is_refused_before_the_spool(spool: Spool) -> None:
     queue = EventQueue(100, max_bytes=event_size(ev(0, 1000)))
-    backlog = Backlog(queue, spool, durable=True)
+    backlog = Backlog(queue, spool)
     assert await backlog.admit([ev(0, 1001)]) == TOO_LARGE
     assert spool.depth == 0
     assert await backlog.admit([ev(0, 1000)]) == ""
@@ -137,7 +138,7 @@ async def test_the_save_at_a_stop_commits_in_chunks_of_bytes(
         return await append(events, force=force)
 
     monkeypatch.setattr(spool, "append", counting)
-    backlog = Backlog(EventQueue(100), spool, durable=False)
+    backlog = Backlog(EventQueue(100), spool)
     events = [ev(n) for n in range(10)]
     assert await backlog.save([(e, 0) for e in events] + [(ev(99), 7)]) == 10
     assert appended == [3, 3, 3, 1]
@@ -151,7 +152,7 @@ async def test_the_window_counts_an_event_as_it_was_before_the_spool_encoded_it(
     # The spool's orjson encoding makes CPython cache each non-ASCII str's UTF-8 form, which
     # event_size counts as possible already: measured again afterwards it would come out larger.
     queue = EventQueue(100, max_bytes=0)
-    backlog = Backlog(queue, spool, durable=True)
+    backlog = Backlog(queue, spool)
     events = [replace(ev(n), data="\u00e9" * 1000) for n in range(3)]
     sizes = [event_size(e) for e in events]
     assert await backlog.admit(events) == ""
@@ -180,7 +181,7 @@ async def test_a_stuck_account_holds_its_share_of_the_window_and_no_more(spool: 
     # "b" is paused (nobody takes its events) with a backlog three times the window; "default"
     # comes after all of it and must still flow, then "b" resumes and loses nothing, in order.
     queue = EventQueue(10)
-    backlog = Backlog(queue, spool, durable=True)
+    backlog = Backlog(queue, spool)
     backlog.start()
     try:
         for n in range(30):
@@ -205,7 +206,7 @@ async def test_a_stuck_account_holds_its_share_of_the_window_and_no_more(spool: 
 
 async def test_an_account_behind_a_full_window_finds_room_in_memory_too(spool: Spool) -> None:
     queue = EventQueue(100, max_bytes=10 * event_size(ev(0)))
-    backlog = Backlog(queue, spool, durable=True)
+    backlog = Backlog(queue, spool)
     backlog.start()
     try:
         for n in range(30):

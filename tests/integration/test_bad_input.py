@@ -27,8 +27,10 @@ from aiohttp.test_utils import TestClient
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
-from forwarder.events import FIELDS, Event
-from forwarder.intake.app import IntakeState, create_app
+from forwarder.events import Event
+from forwarder.events.validate import FIELDS
+from forwarder.intake.app import create_app
+from forwarder.intake.state import IntakeState
 from tests.conftest import ServeIntake, intake_state
 
 CREATE = "/v1/recipientEvents/create"

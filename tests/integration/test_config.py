@@ -13,9 +13,13 @@ from pathlib import Path
 
 import pytest
 
-from forwarder import events
 from forwarder.cli import main as cli
+from forwarder.config import address as config_address
+from forwarder.config import load as config_load
 from forwarder.config import schema as cfg
+from forwarder.config import validate as config_validate
+from forwarder.config.load import load_config
+from forwarder.config.render import render_effective
 from forwarder.config.schema import (
     AccountConfig,
     Config,
@@ -25,9 +29,8 @@ from forwarder.config.schema import (
     RemoteConfig,
     RetryConfig,
     StateConfig,
-    load_config,
-    render_effective,
 )
+from forwarder.events import model as event_model
 from forwarder.ops.credentials import ApiKey, Secret, resolve_account_keys, resolve_api_key
 from tests.conftest import Proc, TlsFiles, spawn
 
@@ -38,7 +41,7 @@ KEY = "sk_live_0123456789abcdef"
 @pytest.fixture(autouse=True)
 def _no_system_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # Keep a real /etc/forwarder/forwarder.toml on the test machine from leaking in.
-    monkeypatch.setattr(cfg, "DEFAULT_CONFIG_PATH", tmp_path / "absent" / "forwarder.toml")
+    monkeypatch.setattr(config_load, "DEFAULT_CONFIG_PATH", tmp_path / "absent" / "forwarder.toml")
 
 
 def write(tmp_path: Path, text: str, name: str = "forwarder.toml") -> Path:
@@ -86,7 +89,7 @@ def test_flow_control_defaults() -> None:
 
 def test_default_path_is_read_when_present(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = write(tmp_path, "[queue]\nmax_events = 5\n")
-    monkeypatch.setattr(cfg, "DEFAULT_CONFIG_PATH", path)
+    monkeypatch.setattr(config_load, "DEFAULT_CONFIG_PATH", path)
     assert load_config(env={}).queue.max_events == 5
 
 
@@ -181,8 +184,8 @@ def test_unix_socket_group_by_name_or_number(tmp_path: Path) -> None:
     name = grp.getgrgid(os.getegid()).gr_name
     config = load_text(tmp_path, f'[intake]\nunix_socket_group = "{name}"\n')
     assert config.intake.unix_socket_group == name
-    assert cfg.resolve_group(name) == os.getegid()
-    assert cfg.resolve_group("4242") == 4242  # a gid need not have a name
+    assert config_address.resolve_group(name) == os.getegid()
+    assert config_address.resolve_group("4242") == 4242  # a gid need not have a name
 
 
 def test_ca_bundle_must_be_a_readable_pem_ca_file(tmp_path: Path, tls_files: TlsFiles) -> None:
@@ -202,16 +205,16 @@ def test_ca_bundle_must_be_a_readable_pem_ca_file(tmp_path: Path, tls_files: Tls
     "host", ["127.0.0.1", "127.0.0.9", "::1", "localhost", "LOCALHOST.", "::ffff:127.0.0.1"]
 )
 def test_loopback_listeners_need_no_token(host: str) -> None:
-    assert cfg.is_loopback_host(host)
-    cfg.check_exposure([("intake.http_listen", host)], has_token=False)
+    assert config_address.is_loopback_host(host)
+    config_validate.check_exposure([("intake.http_listen", host)], has_token=False)
 
 
 @pytest.mark.parametrize("host", ["0.0.0.0", "::", "10.0.0.7", "192.168.1.2", "fe80::1", "myhost"])
 def test_other_listeners_need_a_token(host: str) -> None:
-    assert not cfg.is_loopback_host(host)
+    assert not config_address.is_loopback_host(host)
     with pytest.raises(ConfigError, match=rf"^intake\.http_listen: {re.escape(host)} is not a"):
-        cfg.check_exposure([("intake.http_listen", host)], has_token=False)
-    cfg.check_exposure([("intake.http_listen", host)], has_token=True)
+        config_validate.check_exposure([("intake.http_listen", host)], has_token=False)
+    config_validate.check_exposure([("intake.http_listen", host)], has_token=True)
 
 
 def test_the_intake_token_is_masked_and_kept_out_of_repr(tmp_path: Path) -> None:
@@ -577,7 +580,7 @@ def test_account_lookup(tmp_path: Path) -> None:
 
 def test_account_name_rule_matches_events() -> None:
     # Events name their account; a name the config accepts must be one an event can carry.
-    assert cfg._ACCOUNT_NAME_RE.pattern == events.ACCOUNT_RE.pattern
+    assert cfg.ACCOUNT_NAME_RE.pattern == event_model.ACCOUNT_RE.pattern
 
 
 @pytest.mark.parametrize(
@@ -1011,11 +1014,11 @@ async def test_check_config_never_shows_a_secret_settings_value(tmp_path: Path) 
 
 
 def test_every_setting_that_holds_or_names_a_secret_is_marked() -> None:
-    names = [f"{section}.{key}" for section, kinds in cfg._FIELD_KINDS.items() for key in kinds]
-    names += [f"accounts.us.{key}" for key in cfg._ACCOUNT_KINDS]
+    names = [f"{section}.{key}" for section, kinds in cfg.FIELD_KINDS.items() for key in kinds]
+    names += [f"accounts.us.{key}" for key in cfg.ACCOUNT_KINDS]
     secret = [n for n in names if any(w in n for w in ("token", "api_key", "password", "secret"))]
     assert secret  # the list below is not vacuous
-    assert [n for n in secret if not cfg._secret_key(n)] == []
+    assert [n for n in secret if not cfg.is_secret_key(n)] == []
 
 
 def test_a_secret_settings_value_is_scrubbed_from_any_config_error(
@@ -1025,7 +1028,7 @@ def test_a_secret_settings_value_is_scrubbed_from_any_config_error(
     def echo(document: dict[str, object], env: object) -> Config:
         raise ConfigError(f"intake.auth_token: cannot use {PASTED}, nor /{PASTED}")
 
-    monkeypatch.setattr(cfg, "_load", echo)
+    monkeypatch.setattr(config_load, "_load", echo)
     for text, env in (
         (f'[intake]\nauth_token = "{PASTED}"\n', {}),
         ("", {"FORWARDER_INTAKE_AUTH_TOKEN": PASTED}),

@@ -1,5 +1,5 @@
-"""Intake's connections (intake/connections.py), in process: head and write deadlines, the
-reserve."""
+"""Intake's connections (intake/connections.py, guard.py, runner.py), in process: head and
+write deadlines, the reserve."""
 
 from __future__ import annotations
 
@@ -13,13 +13,9 @@ import pytest
 from aiohttp import web
 from structlog.testing import capture_logs
 
-from forwarder.intake.connections import (
-    HEALTH_RESERVE,
-    REFUSAL,
-    ConnectionGuard,
-    GuardedRequestHandler,
-    IntakeRunner,
-)
+from forwarder.intake.connections import GuardedRequestHandler
+from forwarder.intake.guard import HEALTH_RESERVE, REFUSAL, ConnectionGuard
+from forwarder.intake.runner import IntakeRunner
 
 REQUEST = b"GET /ok HTTP/1.1\r\nHost: forwarder\r\n\r\n"
 

@@ -30,6 +30,7 @@ from forwarder.events import Event
 from forwarder.intake.accounts import Account, configured_accounts
 from forwarder.ops.credentials import ApiKey, Secret
 from forwarder.storage.backlog import Backlog
+from forwarder.storage.memory import MemoryLog
 from tests.conftest import TlsFiles, dead_letters, spooled
 
 KEY = configured_accounts(Config(), ApiKey(Secret("sk-daemon-test-0000"), "test"), {})
@@ -224,8 +225,8 @@ async def test_reload_applies_what_it_can_and_refuses_a_bad_config(short_tmp: Pa
     daemon = Daemon(base, KEY, loader=loader)
     task = await _run_until_ready(daemon)
     try:
-        assert daemon._spool is not None
-        assert daemon._spool.group_window_s == 0.008
+        assert isinstance(daemon.log, MemoryLog)
+        assert daemon.log.group_window_s == 0.008
         newer = dataclasses.replace(
             base,
             intake=dataclasses.replace(
@@ -275,8 +276,8 @@ async def test_reload_applies_what_it_can_and_refuses_a_bad_config(short_tmp: Pa
         assert lanes["us"].budget.view()["limit_per_window"] == 600
         assert daemon.queue.max_events == 50
         assert daemon.queue.max_bytes == 2 << 20
-        assert daemon._spool is not None
-        assert daemon._spool.group_window_s == 0.02
+        assert isinstance(daemon.log, MemoryLog)
+        assert daemon.log.group_window_s == 0.02
         assert not daemon.queue.ordered
         assert daemon.config.intake.max_batch == 7
         guard = daemon.connections
@@ -345,8 +346,8 @@ async def test_durable_mode_refuses_with_503_past_max_disk_bytes(short_tmp: Path
         assert statuses[1][1]["reason"] == "spool_full"
         assert statuses[1][1]["error"].startswith("the spool is full")
         # Ten accepted, only five in memory: the rest wait on disk, in order.
-        assert daemon.backlog is not None
-        assert daemon.backlog.on_disk_only + len(daemon.queue) + daemon.queue.in_delivery == 10
+        assert daemon.log is not None
+        assert daemon.log.on_disk_only + len(daemon.queue) + daemon.queue.in_delivery == 10
         assert len(daemon.queue) + daemon.queue.in_delivery <= 5
         async with aiohttp.ClientSession(base_url=daemon.addresses[0]) as http:
             async with http.get("/v1/stats") as response:

@@ -14,12 +14,8 @@ from forwarder.events import Event
 from forwarder.storage.eventstatus import Outcome, StatusBook, parse_key
 from forwarder.storage.queue import EventQueue
 from forwarder.storage.sqlite import outcomes as outcomestore
-from forwarder.storage.sqlite.file import (
-    ROW_BITS,
-    SCHEMA_VERSION,
-    SPOOL_FILE,
-    open_readonly_or_fail,
-)
+from forwarder.storage.sqlite.file import ROW_BITS, SCHEMA_VERSION, SPOOL_FILE
+from forwarder.storage.sqlite.opening import open_readonly_or_fail
 from forwarder.storage.sqlite.spool import Spool
 from tests.conftest import ServeIntake, intake_state
 
@@ -48,8 +44,10 @@ def delivered(event: Event, at: float, remote_id: object = 266) -> Outcome:
     return Outcome("delivered", event.event_id, event.number, "", 1, at, remote_id)
 
 
-def book(clock: Clock, *, max_count: int = 10, durable: bool = False) -> StatusBook:
-    return StatusBook(retention_s=100.0, max_count=max_count, durable=durable, clock=clock)
+def book(clock: Clock, *, max_count: int = 10, spool: Spool | None = None) -> StatusBook:
+    status = StatusBook(retention_s=100.0, max_count=max_count, clock=clock)
+    status.spool = spool  # the durable backend's choice: outcomes kept in the spool too
+    return status
 
 
 def test_parse_key() -> None:
@@ -143,7 +141,7 @@ async def test_durable_outcomes_are_settled_with_the_event_and_found_in_the_spoo
             event.number = seq
         assert seqs[1:] == [rest[0], rest[0] + 1, rest[0] + 2]
         # Settled as the lanes do: the outcome goes with the row's removal / the dead letter.
-        status = book(clock, durable=True)
+        status = book(clock, spool=spool)
         status.settled(events[0], seqs[0], delivered(events[0], clock.now, remote_id=901))
         spool.remove_soon([seqs[0]], status.take_unsaved(events[0]))
         note = DeadLetterNote("rejected", 422, "recipient not found", 1, clock.now, clock.now)
@@ -156,8 +154,7 @@ async def test_durable_outcomes_are_settled_with_the_event_and_found_in_the_spoo
         await spool.remove([1 << 40])  # a commit after theirs
 
         # A fresh book (a restart): nothing in memory, everything from the spool.
-        fresh = book(clock, durable=True)
-        fresh.spool = spool
+        fresh = book(clock, spool=spool)
         found = await fresh.lookup(seqs[0])
         assert found is not None
         assert (found["status"], found["remote_id"]) == ("delivered", 901)
@@ -291,7 +288,6 @@ async def test_a_spool_that_cannot_be_read_is_a_503_not_a_500(
 ) -> None:
     state = intake_state(drop_in_answer="remote")
     assert state.status is not None
-    state.status.durable = True
     state.status.spool = await Spool.open(tmp_path)
     await state.status.spool.close()
     client = await serve_intake(state)

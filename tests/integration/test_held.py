@@ -15,7 +15,7 @@ from forwarder.daemon.lifecycle import Daemon
 from forwarder.delivery.deadletter import REASONS, DeadLetterNote
 from forwarder.events import Event
 from forwarder.intake.accounts import client_account_name
-from forwarder.ops.telemetry import DEAD_LETTER_REASONS, Stats
+from forwarder.ops.metrics import DEAD_LETTER_REASONS, Stats
 from forwarder.storage.held import HELD, HeldEvents
 from forwarder.storage.queue import EventQueue
 from forwarder.storage.sqlite.spool import Spool
@@ -44,11 +44,11 @@ class Outcomes:
 
 
 def store(
-    queue: EventQueue, outcomes: Outcomes, lanes: set[str], now: list[float], *, durable: bool
+    queue: EventQueue, outcomes: Outcomes, lanes: set[str], now: list[float], *, trim: bool
 ) -> HeldEvents:
     return HeldEvents(
         queue, outcomes, Stats(), max_events=5, max_age_s=100.0, has_lane=lanes.__contains__,
-        durable=durable, clock=lambda: now[0],
+        trim=trim, clock=lambda: now[0],
     )  # fmt: skip
 
 
@@ -62,7 +62,7 @@ def test_held_events_leave_the_queue_and_come_back_with_their_account() -> None:
     outcomes = Outcomes()
     lanes = {"default"}
     now = [1010.0]
-    held = store(queue, outcomes, lanes, now, durable=True)
+    held = store(queue, outcomes, lanes, now, trim=False)
     queue.restore([ev(n) for n in range(4)], [n + 1 for n in range(4)])
     queue.restore([ev(9, account="default")])
     assert held.sweep() == 0
@@ -79,7 +79,7 @@ def test_past_the_deadline_a_held_event_is_dead_lettered_with_the_reason() -> No
     queue = EventQueue(10)
     outcomes = Outcomes()
     now = [1050.0]
-    held = store(queue, outcomes, {"default"}, now, durable=True)
+    held = store(queue, outcomes, {"default"}, now, trim=False)
     queue.restore([ev(n) for n in range(4)], [n + 1 for n in range(4)])
     assert held.sweep() == 0
     now[0] = 1101.5  # ev(0) and ev(1) were accepted at 1000 and 1001: past 100 s
@@ -99,14 +99,14 @@ def test_past_the_bound_memory_mode_dead_letters_the_oldest_and_durable_mode_rea
 ):
     queue = EventQueue(10)
     outcomes = Outcomes()
-    held = store(queue, outcomes, {"default"}, [1010.0], durable=False)
+    held = store(queue, outcomes, {"default"}, [1010.0], trim=True)
     queue.restore([ev(n) for n in range(8)], [n + 1 for n in range(8)])
     assert held.sweep() == 3
     assert [e.event_id for e, _, _ in outcomes.dead] == [f"held-{n:06d}" for n in range(3)]
     assert "queue.held_max_events (5)" in outcomes.dead[0][2].error
     assert len(held) == 5
 
-    durable = store(EventQueue(10), Outcomes(), {"default"}, [1010.0], durable=True)
+    durable = store(EventQueue(10), Outcomes(), {"default"}, [1010.0], trim=False)
     durable.queue.restore([ev(n) for n in range(5)], [n + 1 for n in range(5)])
     assert durable.sweep() == 0
     assert durable.full(CLIENT)  # the spool window leaves its other rows on disk

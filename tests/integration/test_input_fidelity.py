@@ -13,7 +13,7 @@ from urllib.parse import quote_plus
 import pytest
 from structlog.testing import capture_logs
 
-from forwarder.events import MAX_DATA_DEPTH
+from forwarder.events.model import MAX_DATA_DEPTH
 from forwarder.intake.leniency import MAX_FIELD_NAMES, OTHER
 from tests.conftest import IntakeClient, ServeIntake, intake_state
 

@@ -26,10 +26,12 @@ from hypothesis import strategies as st
 from multidict import CIMultiDictProxy
 from prometheus_client.parser import text_string_to_metric_families
 
-from forwarder.events import MAX_DATA_BYTES, MAX_NAME_CHARS, Event
-from forwarder.intake.app import IntakeState, _parse_urlencoded, _simple_form
+from forwarder.events import Event
+from forwarder.events.model import MAX_DATA_BYTES, MAX_NAME_CHARS
+from forwarder.intake.bodies import parse_urlencoded, simple_form
+from forwarder.intake.state import IntakeState
 from forwarder.ops.credentials import Secret
-from forwarder.ops.telemetry import Stats
+from forwarder.ops.metrics import Stats
 from forwarder.storage.queue import EventQueue, event_size
 from tests.conftest import ServeIntake, intake_state
 
@@ -1143,9 +1145,9 @@ def test_simple_form_reads_what_the_long_way_reads_or_leaves_it_to_that(
     # The drop-in's short way for urlencoded forms must never read a form differently from the
     # long way (the remote's kind of parser); whatever it does not take (None) goes that way.
     async def check() -> None:
-        simple = await _simple_form(_form_request(body, FORM + charset))
+        simple = await simple_form(_form_request(body, FORM + charset))
         try:
-            posted = _parse_urlencoded(body, charset.partition("=")[2] or None)
+            posted = parse_urlencoded(body, charset.partition("=")[2] or None)
         except (UnicodeDecodeError, LookupError):
             assert simple is None
             return
@@ -1162,4 +1164,4 @@ async def test_simple_form_leaves_a_body_not_all_here_to_aiohttp() -> None:
     payload = StreamReader(mock.Mock(_reading_paused=False), 2**16, loop=asyncio.get_running_loop())
     payload.feed_data(b"recipient_id=1&name=")  # and the rest is still on its way
     request = make_mocked_request("POST", CREATE, headers={"Content-Type": FORM}, payload=payload)
-    assert await _simple_form(request) is None
+    assert await simple_form(request) is None

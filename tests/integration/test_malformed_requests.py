@@ -19,11 +19,14 @@ from aiohttp import http_exceptions, web
 from structlog.testing import capture_logs
 
 from forwarder.events import Event
-from forwarder.intake.app import IntakeState, create_app
-from forwarder.intake.connections import ConnectionGuard, IntakeRunner
+from forwarder.intake.app import create_app
+from forwarder.intake.guard import ConnectionGuard
 from forwarder.intake.rejections import describe_rejection
+from forwarder.intake.runner import IntakeRunner
+from forwarder.intake.state import IntakeState
 from forwarder.ops.credentials import Secret
 from forwarder.storage.backlog import Backlog
+from forwarder.storage.durable import DurableLog
 from forwarder.storage.sqlite.file import SpoolError
 from forwarder.storage.sqlite.spool import Spool
 from tests.conftest import intake_state
@@ -323,9 +326,12 @@ async def test_2000_requests_on_a_failing_disk_write_two_lines_and_their_summari
     # Durable mode with a disk that fails: each request is answered 503 spool_error, and each
     # used to log both `spool_write_failed` and `refused`.
     state = intake_state()
-    backlog = Backlog(state.queue, cast(Spool, _FailingSpool()), durable=True)
+    spool = cast(Spool, _FailingSpool())
+    backlog = Backlog(state.queue, spool)
     backlog.throttle = state.throttle  # as the daemon shares one
-    state.admit = backlog.admit
+    assert state.numbers is not None
+    assert state.status is not None
+    state.log = DurableLog(spool, state.numbers, state.status, backlog)
     port = await serve(state)
     url = f"http://127.0.0.1:{port}/v1/events"
     statuses: list[int] = []

@@ -17,12 +17,9 @@ import aiohttp
 import pytest
 
 from forwarder.cli.main import build_parser, cmd_mock_remote
-from forwarder.testing.mock_remote import (
-    IDEMPOTENCY_TTL_S,
-    MockOptions,
-    RunningMock,
-    start_mock,
-)
+from forwarder.testing.mock_options import MockOptions
+from forwarder.testing.mock_platform import IDEMPOTENCY_TTL_S
+from forwarder.testing.mock_server import RunningMock, start_mock
 
 MockFactory = Callable[..., Awaitable[RunningMock]]
 
@@ -721,6 +718,8 @@ async def test_events_and_reset_endpoints(
         "timeouts": 0,
         "first_rate_limited_at": None,
         "last_rate_limited_at": None,
+        # One rate window so far, with the one authenticated request in it.
+        "window_counts": [1],
     }
 
     async with session.post(f"{base}/_mock/reset") as resp:
@@ -728,8 +727,11 @@ async def test_events_and_reset_endpoints(
     async with session.get(f"{base}/_mock/events") as resp:
         listed = await resp.json()
     assert listed["events"] == []
-    counters = {k: v for k, v in listed["stats"].items() if not k.endswith("_at")}
+    counters = {
+        k: v for k, v in listed["stats"].items() if not k.endswith("_at") and k != "window_counts"
+    }
     assert set(counters.values()) == {0}
+    assert listed["stats"]["window_counts"] == []
     assert listed["stats"]["first_rate_limited_at"] is None
 
     # Idempotency store and rate window are forgotten; ids restart.
@@ -779,7 +781,8 @@ async def test_key_never_logged(
 async def test_serve_mock_cli_contract(session: aiohttp.ClientSession) -> None:
     code = (
         "import asyncio\n"
-        "from forwarder.testing.mock_remote import MockOptions, serve_mock\n"
+        "from forwarder.testing.mock_options import MockOptions\n"
+        "from forwarder.testing.mock_server import serve_mock\n"
         "asyncio.run(serve_mock(MockOptions(), '127.0.0.1', 0))\n"
     )
     proc = await asyncio.create_subprocess_exec(

@@ -33,11 +33,12 @@ from forwarder.delivery.lane import LaneSettings
 from forwarder.delivery.remote import RemoteClient, classify
 from forwarder.events import Event
 from forwarder.ops.credentials import Secret
-from forwarder.ops.telemetry import Redactor, Stats, configure_logging, flush_logs
+from forwarder.ops.logs import Redactor, configure_logging, flush_logs
+from forwarder.ops.metrics import Stats
 from forwarder.storage.queue import EventQueue
 from tests.unit.test_dispatcher import FAST, RecordingOutcomes
 from tests.unit.test_limiter import FakeClock
-from tests.unit.test_telemetry import reset_logging  # noqa: F401 (a fixture)
+from tests.unit.test_logs import reset_logging  # noqa: F401 (a fixture)
 
 KEY = "sk-answers-0123456789abcdef"
 TOKEN = base64.b64encode(f"{KEY}:".encode()).decode()

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 import forwarder.storage.sqlite.upgrade as spoolupgrade
-from forwarder.cli.dlq import (
+from forwarder.cli.spooldb import (
     get_dead_letter,
     list_dead_letters,
     purge_dead_letters,
@@ -26,6 +26,7 @@ from forwarder.cli.dlq import (
 )
 from forwarder.delivery.deadletter import DeadLetterNote
 from forwarder.events import Event
+from forwarder.storage.sqlite.codec import DeadLetter
 from forwarder.storage.sqlite.file import (
     APPLICATION_ID,
     PAGE_SIZE,
@@ -33,10 +34,9 @@ from forwarder.storage.sqlite.file import (
     ROW_EVENTS,
     SCHEMA_VERSION,
     SPOOL_FILE,
-    DeadLetter,
     SpoolError,
-    open_readonly_or_fail,
 )
+from forwarder.storage.sqlite.opening import open_readonly_or_fail
 from forwarder.storage.sqlite.spool import Spool, SpoolFull
 
 DEAD: dict[str, Any] = {

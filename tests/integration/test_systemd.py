@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 import structlog
 
-from forwarder.config.schema import load_config
+from forwarder.config.load import load_config
 from forwarder.ops.systemd import (
     STOP_TIMEOUT_VAR,
     Notifier,

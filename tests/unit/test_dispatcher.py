@@ -14,11 +14,11 @@ from forwarder.config.schema import RemoteConfig, RetryConfig
 from forwarder.delivery.deadletter import DeadLetterNote
 from forwarder.delivery.dispatcher import BudgetFactory, Dispatcher
 from forwarder.delivery.flow.budget import RateBudget
-from forwarder.delivery.flow.limiter import Ticket
+from forwarder.delivery.flow.ratelimit import Ticket
 from forwarder.delivery.lane import LaneSettings
 from forwarder.delivery.remote import Result, Verdict
 from forwarder.events import Event
-from forwarder.ops.telemetry import Stats
+from forwarder.ops.metrics import Stats
 from forwarder.storage.queue import EventQueue
 
 FAST = RetryConfig(initial_backoff_s=0.001, max_backoff_s=0.01, max_elapsed_s=5.0)

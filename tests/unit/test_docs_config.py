@@ -73,10 +73,10 @@ def test_the_reference_table_is_what_the_schema_generates() -> None:
 
 def test_every_setting_is_declared_with_its_metadata() -> None:
     # A field without `setting(...)` would be neither checked, documented nor loadable.
-    declared = set(cfg.SETTINGS) | {f"accounts.NAME.{key}" for key in cfg._ACCOUNT_SETTINGS}
+    declared = set(cfg.SETTINGS) | {f"accounts.NAME.{key}" for key in cfg.ACCOUNT_SETTINGS}
     assert declared == set(section_keys()) | account_keys()
     # The first key of each section has its own comment (later ones may share the one before).
-    for name, cls in cfg._SECTIONS.items():
+    for name, cls in cfg.SECTIONS.items():
         first = next(iter(cfg.SETTINGS[f"{name}.{f.name}"] for f in dataclasses.fields(cls)))
         assert first.doc, f"the first key of [{name}] has no doc"
 
@@ -93,7 +93,7 @@ def test_the_page_says_what_a_reload_applies_and_what_is_secret() -> None:
     for key in section_keys():
         _, applied, secret = rows[key]
         assert applied.startswith("restart" if key in RESTART_ONLY else "reload"), (key, applied)
-        assert (secret != "") == cfg._secret_key(key), (key, secret)
+        assert (secret != "") == cfg.is_secret_key(key), (key, secret)
 
 
 def test_restart_only_is_what_the_schema_declares() -> None:

@@ -12,21 +12,11 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from forwarder import events
-from forwarder.events import (
-    MAX_DATA_DEPTH,
-    Event,
-    EventValidationError,
-    FieldError,
-    JsonNumber,
-    event_from_mapping,
-    events_from_items,
-    loads_json,
-    new_event_id,
-    new_event_ids,
-    parse_ndjson,
-    shared_name,
-)
+from forwarder.events import Event, model, parse
+from forwarder.events.ids import new_event_id, new_event_ids
+from forwarder.events.model import MAX_DATA_DEPTH, EventValidationError, FieldError, shared_name
+from forwarder.events.parse import JsonNumber, loads_json, parse_ndjson
+from forwarder.events.validate import event_from_mapping, events_from_items
 
 
 def _one(raw: dict[str, object]) -> tuple[Event | None, list[FieldError]]:
@@ -302,22 +292,22 @@ def test_events_of_one_name_share_one_copy_of_it() -> None:
 
 
 def test_the_shared_names_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(events, "_names", {})
-    monkeypatch.setattr(events, "_NAMES_MAX", 2)
+    monkeypatch.setattr(model, "shared_names", {})
+    monkeypatch.setattr(model, "_NAMES_MAX", 2)
     kept = [shared_name("".join(["NAME_", str(n)])) for n in range(2)]
     assert shared_name("".join(["NAME_", "0"])) is kept[0]
     late = "".join(["NAME_", "2"])  # built at run time: not a constant of this module
     assert shared_name(late) is late
-    assert "NAME_2" not in events._names  # past the bound: not kept, only not shared
-    assert len(events._names) == 2
+    assert "NAME_2" not in model.shared_names  # past the bound: not kept, only not shared
+    assert len(model.shared_names) == 2
 
     class Name(str):
         pass
 
-    monkeypatch.setattr(events, "_names", {})
+    monkeypatch.setattr(model, "shared_names", {})
     odd = Name("ODD")
     assert shared_name(odd) is odd
-    assert events._names == {}  # a str subclass is never kept
+    assert model.shared_names == {}  # a str subclass is never kept
 
 
 def test_ndjson_keeps_a_long_integer_exact_on_its_line_only() -> None:
@@ -463,7 +453,7 @@ def test_risky_number_check_never_misses_one(values: list[str], sep: str) -> Non
         exact = json.loads(text, parse_float=JsonNumber, parse_int=JsonNumber)
     except ValueError:
         return  # a string repr with a backslash or a quote: not the point here
-    if events._has_risky_number(text):
+    if parse._has_risky_number(text):
         return
     fast = orjson.loads(text)
     assert [x.text if isinstance(x, JsonNumber) else x for x in exact] == [
@@ -473,4 +463,4 @@ def test_risky_number_check_never_misses_one(values: list[str], sep: str) -> Non
     assert [x.text if isinstance(x, JsonNumber) else x for x in exact] == [
         orjson.dumps(x).decode() if isinstance(x, int | float) else x for x in fast
     ]
-    assert events._has_risky_number(text.encode()) is False
+    assert parse._has_risky_number(text.encode()) is False

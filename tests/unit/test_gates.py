@@ -7,7 +7,7 @@ import asyncio
 from forwarder.config.schema import RemoteConfig
 from forwarder.delivery.gates import OPEN, Gates
 from forwarder.delivery.remote import Result, Verdict
-from forwarder.ops.telemetry import Stats
+from forwarder.ops.metrics import Stats
 from tests.unit.test_limiter import FakeClock
 
 DOWN = Result(Verdict.RETRY, 503, error="HTTP 503")

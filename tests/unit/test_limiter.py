@@ -1,4 +1,4 @@
-"""The flow-control state machines of `forwarder/delivery/flow/limiter.py`, driven by a fake clock.
+"""The flow-control state machines of `forwarder/delivery/flow/`, driven by a fake clock.
 
 No test sleeps: time is a number the test advances. Besides unit tests of each rule,
 simulations drive the limiters against models of a remote: a fixed-window rate limiter like
@@ -20,14 +20,9 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from forwarder.delivery.flow.limiter import (
-    DEFAULT_429_WAIT_S,
-    BreakerState,
-    CircuitBreaker,
-    ConcurrencyController,
-    RateLimiter,
-    Ticket,
-)
+from forwarder.delivery.flow.breaker import BreakerState, CircuitBreaker
+from forwarder.delivery.flow.concurrency import ConcurrencyController
+from forwarder.delivery.flow.ratelimit import DEFAULT_429_WAIT_S, RateLimiter, Ticket
 from forwarder.delivery.flow.ratewindow import KEEP
 
 

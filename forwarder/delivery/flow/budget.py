@@ -13,7 +13,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
-from forwarder.delivery.flow.limiter import Clock, RateLimiter, Ticket
+from forwarder.delivery.flow.ratelimit import Clock, RateLimiter, Ticket
 
 Sleep = Callable[[float], Awaitable[None]]
 # Longest single wait on a gate or the budget: a reload or a stop is noticed within it.

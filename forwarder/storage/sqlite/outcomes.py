@@ -18,7 +18,8 @@ from typing import Any
 
 import orjson
 
-from forwarder.storage.sqlite.file import ROW_BITS, row_entries
+from forwarder.storage.sqlite.codec import row_entries
+from forwarder.storage.sqlite.file import ROW_BITS
 
 # event_id, number, state, account, attempts, at, remote_id, reason, status, error
 OutcomeRow = tuple[str, int | None, str, str, int, float, Any, str, int | None, str]

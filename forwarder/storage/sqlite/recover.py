@@ -1,10 +1,10 @@
 """What SQLite can still read of a damaged spool file, brought into the live spool.
 
 A spool found damaged at start is replaced, before the daemon serves anything (`Spool.open`),
-by a fresh one holding what can still be read of it, in order (`recover_aside`: built beside it,
-then swapped in, so a crash on the way never leaves the events behind); the damaged file is
-moved aside (`spoolfile.move_aside`), and the daemon logs what was brought over and what could
-not be read. `forwarder spool inspect FILE` shows the same for any
+by a fresh one holding what can still be read of it, in order (`swap.recover_aside`: built
+beside it, then swapped in, so a crash on the way never leaves the events behind); the damaged
+file is moved aside (`opening.move_aside`), and the daemon logs what was brought over and what
+could not be read. `forwarder spool inspect FILE` shows the same for any
 moved-aside file without changing it, and `forwarder spool recover FILE` brings one into the
 spool of a stopped daemon (both in `cli/spool.py`).
 
@@ -28,7 +28,6 @@ out.
 
 from __future__ import annotations
 
-import os
 import sqlite3
 import time
 from collections.abc import Callable, Iterator
@@ -37,6 +36,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from forwarder.storage.sqlite.codec import damaged_row, row_entries
 from forwarder.storage.sqlite.file import (
     APPLICATION_ID,
     DEAD_COLUMNS,
@@ -44,19 +44,11 @@ from forwarder.storage.sqlite.file import (
     ROW_BITS,
     ROW_EVENTS,
     SCHEMA_VERSION,
-    SIDE_FILES,
     BatchRow,
     DeadRow,
-    SpoolError,
-    connect_daemon,
-    damaged_row,
-    fsync_dir,
-    insert_batches,
-    move_aside,
-    rollback,
-    row_entries,
-    side_file,
 )
+from forwarder.storage.sqlite.opening import side_file
+from forwarder.storage.sqlite.rows import insert_batches, rollback
 
 _MIN_KEY = -(1 << 63)
 _MAX_KEY = (1 << 63) - 1
@@ -390,62 +382,3 @@ def recover_into(dst: sqlite3.Connection, source: Path) -> Recovery:
         rollback(dst)
         raise
     return recovery
-
-
-# -- at start: a damaged spool becomes a recovered one, crash-safely ---------------------------
-
-RECOVERING = ".recovering"  # the suffix of the spool being built from a damaged one
-
-
-def recover_aside(path: Path) -> tuple[Path, Recovery]:
-    """Replace the damaged spool at `path` by what can be read of it; (where it went, counts).
-
-    The readable rows are written into `<path>.recovering` (a spool of its own, committed and
-    closed), then the damaged file is moved aside and the new one renamed to `path`. A crash
-    before the swap leaves the damaged file in place, and the next start does it all again; a
-    crash between the two renames leaves a complete `.recovering` file without a spool, which
-    `finish_recovery` puts in place. So the events are never left behind in a moved-aside file.
-    If the recovery itself fails, the damaged file is moved aside all the same, and the counts
-    say why nothing came back (`forwarder spool recover` can try again later).
-    """
-    building = side_file(path, RECOVERING)
-    _remove_spool(building)
-    try:
-        conn = connect_daemon(building)
-        try:
-            recovery = recover_into(conn, path)
-        finally:
-            conn.close()
-    except (sqlite3.Error, OSError, SpoolError) as exc:
-        _remove_spool(building)
-        moved = move_aside(path)
-        return moved, Recovery(str(moved), problem=f"recovery failed: {exc}")
-    moved = move_aside(path)
-    _rename_spool(building, path)
-    recovery.source = str(moved)
-    return moved, recovery
-
-
-def finish_recovery(path: Path) -> None:
-    """Complete or undo a recovery a crash interrupted (see `recover_aside`)."""
-    building = side_file(path, RECOVERING)
-    if not any(side_file(building, s).exists() for s in ("", *SIDE_FILES)):
-        return
-    if path.exists():
-        _remove_spool(building)  # cut short before the swap: redone from the damaged file
-    else:
-        _rename_spool(building, path)  # complete: only its rename was left
-
-
-def _remove_spool(path: Path) -> None:
-    for suffix in ("", *SIDE_FILES):
-        side_file(path, suffix).unlink(missing_ok=True)
-
-
-def _rename_spool(source: Path, target: Path) -> None:
-    # The -wal first, the database last: a crash in between leaves no database beside an
-    # unrelated log (the log of `source` stays with it until the database follows).
-    for suffix in (*SIDE_FILES, ""):
-        if side_file(source, suffix).exists():
-            os.replace(side_file(source, suffix), side_file(target, suffix))
-    fsync_dir(target.parent)

@@ -23,6 +23,14 @@ import structlog
 
 from forwarder.events import Event
 from forwarder.ops.statedir import open_state_file
+from forwarder.storage.sqlite.codec import (
+    decode_body,
+    encode_json,
+    encode_rows,
+    event_from_entry,
+    event_id_of,
+    jsonable,
+)
 from forwarder.storage.sqlite.file import (
     CHUNK_ROWS,
     INSERT_BATCH_AT,
@@ -32,15 +40,8 @@ from forwarder.storage.sqlite.file import (
     SCHEMA_VERSION,
     V2_COLUMNS,
     DeadRow,
-    decode_body,
-    encode_json,
-    encode_rows,
-    event_from_entry,
-    event_id_of,
-    fsync_dir,
-    jsonable,
-    rollback,
 )
+from forwarder.storage.sqlite.rows import fsync_dir, rollback
 
 log = structlog.get_logger("forwarder.spool")
 

@@ -1,4 +1,4 @@
-"""Logging pipeline (JSON, stdlib records, redaction) and the Prometheus export."""
+"""Logging pipeline: JSON, stdlib records, redaction, batched writes, timestamps."""
 
 from __future__ import annotations
 
@@ -13,9 +13,8 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 import structlog
-from prometheus_client import generate_latest
 
-from forwarder.ops.telemetry import Metrics, Stats, configure_logging, flush_logs
+from forwarder.ops.logs import configure_logging, flush_logs
 
 KEY = "sk-telemetry-0123456789"
 
@@ -75,22 +74,6 @@ def test_basic_token_of_a_key_is_redacted_too() -> None:
     text = out.getvalue()
     assert token.rstrip("=") not in text
     assert text.count("[redacted]") == 2
-
-
-def test_metrics_read_the_counters_at_scrape_time() -> None:
-    stats = Stats()
-    metrics = Metrics(stats, lambda: {"queue_depth": ("Events waiting.", 3.0)})
-    stats.accepted = 5
-    stats.dead_lettered["gave_up"] += 2
-    stats.refused["queue_full"] += 1
-    metrics.latency.labels(account="default").observe(0.02)
-    text = generate_latest(metrics.registry).decode()
-    assert "forwarder_events_accepted_total 5.0" in text
-    assert 'forwarder_events_dead_lettered_total{reason="gave_up"} 2.0' in text
-    assert 'forwarder_events_dead_lettered_total{reason="rejected"} 0.0' in text
-    assert 'forwarder_events_refused_total{reason="queue_full"} 1.0' in text
-    assert "forwarder_queue_depth 3.0" in text
-    assert 'forwarder_delivery_attempt_seconds_count{account="default"} 1.0' in text
 
 
 class CountingStream(io.StringIO):

@@ -1,0 +1,369 @@
+"""`RedisRateBudget`: an account's rate budget shared by every host of the fleet.
+
+It implements the `RateBudget` seam (delivery/flow/budget.py), so the lane does not know it is
+shared. The shared state lives in `{P:A}:budget` and changes only through one Lua script
+(`budgetscript.py`, on Redis's clock). A host takes tokens a few at a time (about `BATCH_S` of
+the account's rate, at least one), reserved up to `AHEAD_S` before they may be sent, so
+`try_acquire` is a local decrement on the fast path and only `acquire` waits for a round trip
+(and for the reserved batch's time). Tokens not used within `TOKEN_TTL_S`, or by the end of the
+window they were counted in, are dropped and given back with the next call (an idle host does
+not hoard). What the remote answers (`X-RateLimit-*`, a 429 and its wait) goes to Redis with the
+next call; a 429 at once, so it pauses the whole fleet.
+
+Every answer also feeds this host's own `RateLimiter`: it learns the window's length (the
+fleet's script is told it) and is the fallback. When Redis does not answer (`FleetMode`), the
+budget serves from that limiter with its quota set to the learnt limit divided by the live
+members last seen; the host goes back to Redis once the heartbeat reaches it again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import math
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from forwarder.delivery.flow.budget import MAX_WAIT_SLICE_S, Sleep
+from forwarder.delivery.flow.ratelimit import (
+    BURST_S,
+    DEFAULT_429_WAIT_S,
+    RESET_GRANULARITY_S,
+    Clock,
+    RateLimiter,
+    Ticket,
+)
+from forwarder.delivery.flow.ratewindow import DEFAULT_WINDOW_S
+from forwarder.delivery.flow.ratewindow import MAX_WINDOW_S as MAX_PACED_WINDOW_S
+from forwarder.fleet.budgetscript import BUDGET_LUA
+from forwarder.fleet.connection import FleetClient, RedisUnavailable, as_text
+from forwarder.fleet.mode import FleetMode
+
+# A host takes this long's worth of the account's rate per round trip (at least one token,
+# at most the burst: BURST_S).
+BATCH_S = 0.2
+# A batch may be reserved this far ahead of when it may be sent (the host waits for it).
+AHEAD_S = 0.5
+# Tokens not used within this are dropped (and given back): an idle host does not hoard.
+TOKEN_TTL_S = 0.5
+# The budget hash outlives its last use by this long (an account gone from every host).
+KEY_TTL_MS = 24 * 3600 * 1000
+
+
+@dataclass(frozen=True, slots=True)
+class SharedTicket(Ticket):
+    """A ticket counted in the fleet's window `epoch`; `local_epoch` is this host's limiter's."""
+
+    local_epoch: int
+
+
+@dataclass(slots=True)
+class _Answer:
+    """The newest answer not yet written to Redis."""
+
+    epoch: int
+    at: float  # this host's monotonic clock
+    limit: int | None
+    remaining: int | None
+    reset_s: float | None
+    rate_limited: bool
+    retry_after: float | None
+
+
+class RedisRateBudget:
+    """One account's budget, shared through Redis (see the module docstring)."""
+
+    def __init__(
+        self,
+        account: str,
+        per_minute: int,
+        *,
+        fleet: FleetClient,
+        mode: FleetMode,
+        clock: Clock = time.monotonic,
+        sleep: Sleep = asyncio.sleep,
+    ) -> None:
+        self.account = account
+        self.local = RateLimiter(per_minute, clock=clock)
+        self._fleet = fleet
+        self._mode = mode
+        self._clock = clock
+        self._sleep = sleep
+        self._key = fleet.account_key(account, "budget")
+        self._script = fleet.client.register_script(BUDGET_LUA)
+        self._lock = asyncio.Lock()
+        self._tokens = 0
+        self._epoch = 0  # the fleet's window the tokens in hand count in
+        self._tokens_from = 0.0
+        self._tokens_until = 0.0
+        self._give_back = 0
+        self._give_back_epoch = 0
+        self._answer: _Answer | None = None
+        # The account's quota per window as last learnt (the shared state, a remote's header).
+        self._limit = self.local.limit
+        self._window_s = self.local.window_s  # the fleet's, as of the last call
+        self._paused_until = 0.0
+        self._pushes: set[asyncio.Task[None]] = set()
+        self._registered = False
+        # The shared state as of the last call (for `view`).
+        self._shared: dict[str, Any] = {}
+        self.taken = 0  # tokens taken from Redis
+        self.calls = 0  # script calls
+
+    # --- the RateBudget seam --------------------------------------------------------------------
+
+    def try_acquire(self) -> Ticket | float:
+        """A token in hand now, else 0.0 (`acquire` takes the next batch from Redis)."""
+        if self._lock.locked():
+            return 0.0
+        return self._take_local()
+
+    async def acquire(self) -> Ticket:
+        """Wait for a ticket, one waiter at a time in arrival order; every wait bounded."""
+        async with self._lock:
+            while True:
+                got = self._take_local()
+                if isinstance(got, Ticket):
+                    return got
+                if not got and not self._mode.fallback:
+                    got = await self._call(self._batch())
+                    if not got:
+                        continue  # tokens in hand now
+                if got:
+                    await self._sleep(min(got, MAX_WAIT_SLICE_S))
+
+    def observe(
+        self,
+        ticket: Ticket,
+        *,
+        limit: int | None = None,
+        remaining: int | None = None,
+        reset_s: float | None = None,
+        rate_limited: bool = False,
+        retry_after: float | None = None,
+    ) -> None:
+        """Learn locally at once; write the answer to the shared state (a 429 right away)."""
+        local_ticket = ticket
+        if isinstance(ticket, SharedTicket):
+            local_ticket = Ticket(ticket.local_epoch)
+            answer = _Answer(
+                ticket.epoch, self._clock(), limit, remaining, reset_s, rate_limited, retry_after
+            )
+            # A 429 stays queued until written: a later plain answer must not hide it.
+            if self._answer is None or not self._answer.rate_limited or rate_limited:
+                self._answer = answer
+            if rate_limited and not self._mode.fallback:
+                push = asyncio.get_running_loop().create_task(self._push())
+                self._pushes.add(push)
+                push.add_done_callback(self._pushes.discard)
+        if limit is not None and limit > 0:
+            self._limit = limit
+        self.local.observe(
+            local_ticket,
+            limit=limit,
+            remaining=remaining,
+            reset_s=reset_s,
+            rate_limited=rate_limited,
+            retry_after=retry_after,
+        )
+        if rate_limited:
+            self._drop_tokens()
+
+    @property
+    def paused_until(self) -> float:
+        """Until when (this host's monotonic clock) a 429 pauses the account, fleet-wide."""
+        return max(self._paused_until, self.local.gate_until)
+
+    def view(self) -> dict[str, Any]:
+        """The shared state as of the last call, for /v1/stats (the keys of the local view)."""
+        shared = self._shared
+        now = self._clock()
+        return {
+            "limit_per_window": self._limit,
+            "window_s": self._window_s,
+            "remaining": shared.get("remaining", self.local.remaining),
+            "tokens": self._tokens,
+            "rate_limited": self.local.rate_limited,
+            "paused_for_s": round(max(0.0, self.paused_until - now), 3),
+            "shared": True,
+            "fleet_rate_limited": shared.get("rate_limited", 0),
+            "fallback_limit": self._fallback_limit(),
+            "tokens_taken": self.taken,
+            "redis_calls": self.calls,
+        }
+
+    def set_per_minute(self, per_minute: int) -> None:
+        """Apply a configured quota (reload): the start value; the remote's headers win."""
+        self.local.set_per_minute(per_minute)
+        self._limit = self.local.limit
+
+    def relearn_window(self) -> None:
+        """Forget the learned window length (reload)."""
+        self.local.relearn_window()
+
+    # --- tokens in hand -------------------------------------------------------------------------
+
+    def _take_local(self) -> Ticket | float:
+        """A token in hand (or, in fallback, from the local limiter), else the wait (0.0: ask
+        Redis)."""
+        now = self._clock()
+        if now < self.paused_until:
+            return self.paused_until - now
+        if self._tokens and now >= self._tokens_until:
+            self._drop_tokens()
+        if self._tokens and now < self._tokens_from:
+            return self._tokens_from - now  # reserved, not to be sent yet
+        if self._tokens:
+            self._tokens -= 1
+            return SharedTicket(self._epoch, self.local.epoch)
+        if self._mode.fallback:
+            self.local.limit = self._fallback_limit()
+            return self.local.reserve()
+        return 0.0
+
+    def _drop_tokens(self) -> None:
+        if self._tokens:
+            self._give_back, self._give_back_epoch = self._give_back + self._tokens, self._epoch
+            self._tokens = 0
+
+    def _batch(self) -> int:
+        return max(1, math.floor(self._limit / self._window_s * BATCH_S))
+
+    def _window_ms(self) -> int:
+        """The window's length this host learnt, or 0 while it has learnt none (the fleet's
+        counts then: a host that just started must not pace the fleet by a minute)."""
+        window = self.local.window_s
+        return 0 if window == DEFAULT_WINDOW_S else _ms(window)
+
+    def _fallback_limit(self) -> int:
+        """The quota this host takes alone when Redis is out: its share of the fleet's limit."""
+        return max(1, self._limit // self._mode.live_members)
+
+    # --- Redis ----------------------------------------------------------------------------------
+
+    async def _push(self) -> None:
+        """Write a 429 to the shared state at once (the fleet pauses)."""
+        # Not behind the waiters' lock: a call taking no tokens may overlap theirs (each
+        # takes what it sends before its first await, and each reply is a whole snapshot).
+        if self._answer is not None and not self._mode.fallback:
+            await self._call(0)
+
+    async def _call(self, want: int) -> float:
+        """One script call: give back, tell the newest answer, take up to `want` tokens.
+
+        Returns 0.0 when tokens were granted, else the seconds to wait; Redis failing puts the
+        host in fallback and returns 0.0 (the caller serves locally then).
+        """
+        if not self._registered:
+            await self._register()
+            if self._mode.fallback:
+                return 0.0
+        answer, self._answer = self._answer, None
+        back, self._give_back = self._give_back, 0
+        now = self._clock()
+        args: list[int | str] = [
+            want,
+            back,
+            self._give_back_epoch,
+            self._limit,
+            self._window_ms(),
+            _ms(BURST_S),
+            _ms(RESET_GRANULARITY_S),
+            _ms(DEFAULT_429_WAIT_S),
+            _ms(MAX_PACED_WINDOW_S),
+            KEY_TTL_MS,
+            *_answer_args(answer, now),
+            _ms(AHEAD_S),
+        ]
+        try:
+            self.calls += 1
+            result = await self._fleet.call(
+                "budget", lambda: self._script(keys=[self._key], args=args)
+            )
+        except RedisUnavailable as exc:
+            self._mode.lost(str(exc))
+            return 0.0
+        (
+            granted,
+            epoch,
+            wait_ms,
+            window_left_ms,
+            paused_ms,
+            limit,
+            remaining,
+            window_ms,
+            limited,
+            delay_ms,
+        ) = (int(x) for x in result)
+        now = self._clock()
+        self._limit = limit
+        self._window_s = window_ms / 1000
+        self._shared = {"remaining": remaining, "rate_limited": limited}
+        self._paused_until = now + paused_ms / 1000 if paused_ms else 0.0
+        if granted:
+            self.taken += granted
+            self._tokens, self._epoch = granted, epoch
+            self._tokens_from = now + delay_ms / 1000
+            self._tokens_until = now + min(delay_ms / 1000 + TOKEN_TTL_S, window_left_ms / 1000)
+            return 0.0
+        return max(wait_ms / 1000, 0.001)
+
+    async def _register(self) -> None:
+        """Name the account in `P:accounts` (for `forwarder fleet status`), once."""
+        try:
+            await self._fleet.call(
+                "accounts",
+                lambda: self._fleet.client.sadd(self._fleet.key("accounts"), self.account),
+            )
+            self._registered = True
+        except RedisUnavailable as exc:
+            self._mode.lost(str(exc))
+
+
+def _ms(seconds: float) -> int:
+    return round(seconds * 1000)
+
+
+def _answer_args(answer: _Answer | None, now: float) -> list[int | str]:
+    if answer is None:
+        return ["0", 0, 0, -1, -1, -1, "0", -1]
+    return [
+        "1",
+        answer.epoch,
+        max(0, _ms(now - answer.at)),
+        answer.limit if answer.limit is not None else -1,
+        answer.remaining if answer.remaining is not None else -1,
+        _ms(answer.reset_s) if answer.reset_s is not None else -1,
+        "1" if answer.rate_limited else "0",
+        _ms(answer.retry_after) if answer.retry_after is not None else -1,
+    ]
+
+
+async def read_budgets(fleet: FleetClient) -> dict[str, dict[str, Any]]:
+    """Every account's shared budget as it stands (for `forwarder fleet status`), by name."""
+    client = fleet.client
+    seconds, micros = await fleet.call("time", client.time)
+    now = int(seconds) * 1000 + int(micros) // 1000
+    accounts = fleet.key("accounts")
+    names = sorted(
+        as_text(n) for n in await fleet.call("accounts", lambda: client.smembers(accounts))
+    )
+    budgets = {}
+    for name in names:
+        key = fleet.account_key(name, "budget")
+        raw = await fleet.call("budget_read", functools.partial(client.hgetall, key))
+        state = {as_text(k): float(as_text(v)) for k, v in raw.items()}
+        if not state:
+            continue  # expired: the account has not been used for a day
+        limit = int(state.get("limit", 0))
+        budgets[name] = {
+            "limit_per_window": limit,
+            "window_s": state.get("window_ms", 0.0) / 1000,
+            "remaining": max(0, limit - int(state.get("used", 0)) - int(state.get("external", 0))),
+            "window_ends_in_s": round(max(0.0, state.get("window_end", 0.0) - now) / 1000, 3),
+            "paused_for_s": round(max(0.0, state.get("paused_until", 0.0) - now) / 1000, 3),
+            "rate_limited": int(state.get("rate_limited", 0)),
+            "updated_s_ago": round(max(0.0, now - state.get("updated", now)) / 1000, 3),
+        }
+    return budgets

@@ -1,0 +1,238 @@
+"""The fleet's Redis connection: one client per process, every call bounded, the server checked.
+
+`connect` builds the one `redis.asyncio` client of a process from `[fleet]`: the URL
+(`redis://`, `rediss://` with TLS, certificate and host name always verified against the
+system's trust store, `unix://`), the password (`fleet.redis_password_file`, else the systemd
+credential `redis_password`; never in the URL, a log, an error or a repr), socket timeouts,
+redis-py's `Retry` with exponential backoff on connection errors and timeouts, and a health
+check of idle connections. On top, `FleetClient.call` bounds every call as a whole (retries
+included) and turns any failure to reach Redis into `RedisUnavailable`, whose message names
+the operation and the kind of failure only: the fallback code catches that one exception.
+
+Sentinel (`redis+sentinel://`) is not a URL redis-py's `from_url` reads, and Cluster needs a
+different client; this version takes one endpoint (a standalone server, a managed service's
+primary endpoint, or a Sentinel-aware proxy). Keys are laid out for a cluster all the same:
+every key of an account shares its hash tag (`account_key`).
+
+At start `check_server` reads `CONFIG GET appendonly appendfsync maxmemory-policy` and returns
+one warning per setting that can lose acknowledged writes or evict keys; a server that refuses
+CONFIG (managed Redis renames it) is a warning too, never a start failure.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from types import ModuleType
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from forwarder.config.schema import ConfigError, FleetConfig
+from forwarder.ops.credentials import Secret
+
+if TYPE_CHECKING:
+    import redis.asyncio as aioredis
+
+T = TypeVar("T")
+
+INSTALL_HINT = "pip install 'forwarder[fleet]'"
+# One socket read or connect: Redis answers in well under a millisecond, so a second is a
+# server that is frozen, gone or unreachable.
+SOCKET_TIMEOUT_S = 1.0
+# redis-py retries a call this many times on a connection error or timeout, backing off.
+RETRIES = 1
+BACKOFF_BASE_S = 0.05
+BACKOFF_CAP_S = 0.5
+# Every call as a whole, retries included: the fallback starts within this.
+CALL_TIMEOUT_S = 2.5
+# Idle pooled connections are PINGed before use after this long (a server restart, a NAT).
+HEALTH_CHECK_INTERVAL_S = 15
+# Connections one process may open; the budget and the heartbeat need few.
+MAX_CONNECTIONS = 32
+
+
+class RedisUnavailable(Exception):
+    """Redis did not answer a call in time, the connection failed, or the server refused the
+    command (`refused`: out of memory with noeviction, a read-only replica, an ACL). No secret
+    is in the text."""
+
+    def __init__(self, message: str, *, refused: bool = False) -> None:
+        super().__init__(message)
+        self.refused = refused
+
+
+def import_redis() -> ModuleType:
+    """`redis.asyncio`, or a start error saying how to install it (the extra is optional)."""
+    try:
+        return importlib.import_module("redis.asyncio")
+    except ImportError:
+        raise ConfigError(
+            f"fleet.redis_url is set but redis-py is not installed: {INSTALL_HINT}"
+        ) from None
+
+
+@dataclass
+class CallStats:
+    """Redis calls of this process, by operation: counted, failed, and their time."""
+
+    calls: dict[str, int] = field(default_factory=dict)
+    errors: dict[str, int] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def record(self, op: str, elapsed_s: float, *, failed: bool) -> None:
+        """Count one call of `op` that took `elapsed_s`."""
+        self.calls[op] = self.calls.get(op, 0) + 1
+        self.seconds[op] = self.seconds.get(op, 0.0) + elapsed_s
+        if failed:
+            self.errors[op] = self.errors.get(op, 0) + 1
+
+    @property
+    def total(self) -> int:
+        """All calls so far."""
+        return sum(self.calls.values())
+
+
+class FleetClient:
+    """The process's Redis client with the fleet's key layout; every call through `call`."""
+
+    def __init__(self, client: aioredis.Redis, fleet: FleetConfig, member: str) -> None:
+        self.client = client
+        self.prefix = fleet.key_prefix
+        self.member = member
+        self.stats = CallStats()
+        self._errors: tuple[type[BaseException], ...] = _unavailable_errors()
+        self._refusals: tuple[type[BaseException], ...] = _refusal_errors()
+
+    def __repr__(self) -> str:
+        # Neither the URL's details nor the password: only what identifies the fleet.
+        return f"<FleetClient member={self.member!r} prefix={self.prefix!r}>"
+
+    def account_key(self, account: str, suffix: str) -> str:
+        """`{PREFIX:ACCOUNT}:SUFFIX`: an account's keys share one hash slot."""
+        return f"{{{self.prefix}:{account}}}:{suffix}"
+
+    def key(self, suffix: str) -> str:
+        """`PREFIX:SUFFIX`: a fleet-wide key (members, accounts)."""
+        return f"{self.prefix}:{suffix}"
+
+    async def call(
+        self, op: str, make: Callable[[], Awaitable[T]], timeout_s: float = CALL_TIMEOUT_S
+    ) -> T:
+        """Run one Redis call, bounded as a whole; `RedisUnavailable` if Redis cannot answer."""
+        started = time.perf_counter()
+        failed = True
+        try:
+            async with asyncio.timeout(timeout_s):
+                result = await make()
+            failed = False
+            return result
+        except TimeoutError:
+            raise RedisUnavailable(f"redis {op}: no answer within {timeout_s:g} s") from None
+        except self._errors as exc:
+            raise RedisUnavailable(f"redis {op}: {type(exc).__name__}") from None
+        except self._refusals as exc:
+            # The server's own words (e.g. "OOM command not allowed..."); never our arguments.
+            reason = str(exc).split("\n", 1)[0][:120]
+            raise RedisUnavailable(
+                f"redis {op}: refused ({type(exc).__name__}: {reason})", refused=True
+            ) from None
+        finally:
+            self.stats.record(op, time.perf_counter() - started, failed=failed)
+
+    async def check_server(self) -> list[str]:
+        """Warnings about server settings that can lose acknowledged writes or evict keys."""
+        try:
+            got: dict[Any, Any] = await self.call(
+                "config_get",
+                lambda: self.client.config_get("appendonly", "appendfsync", "maxmemory-policy"),
+            )
+        except RedisUnavailable as exc:
+            if not exc.refused:
+                raise
+            # A managed server refuses CONFIG: a warning, not a failure.
+            return [
+                f"the Redis server refused CONFIG GET ({exc}): check by hand that appendonly "
+                "is yes and maxmemory-policy is noeviction (docs/how-to/fleet.md)"
+            ]
+        return server_warnings({as_text(k): as_text(v) for k, v in got.items()})
+
+    async def aclose(self) -> None:
+        """Close the client and its connection pool."""
+        await self.client.aclose()
+
+
+def server_warnings(settings: dict[str, str]) -> list[str]:
+    """One warning per setting that loses acknowledged writes or evicts keys, naming it."""
+    warnings = []
+    if settings.get("appendonly", "").lower() != "yes":
+        warnings.append(
+            "Redis appendonly is not yes: a restart of the server loses what it acknowledged "
+            "since its last snapshot (set appendonly yes)"
+        )
+    elif settings.get("appendfsync", "").lower() == "no":
+        warnings.append(
+            "Redis appendfsync is no: a power cut or kernel crash loses acknowledged writes the "
+            "system had not flushed (set appendfsync always, or everysec: at most ~1 s)"
+        )
+    policy = settings.get("maxmemory-policy", "")
+    if policy.lower() != "noeviction":
+        warnings.append(
+            f"Redis maxmemory-policy is {policy or 'unknown'}: the server may evict the fleet's "
+            "keys when memory is full (set maxmemory-policy noeviction)"
+        )
+    return warnings
+
+
+def connect(
+    fleet: FleetConfig,
+    *,
+    member: str,
+    password: Secret | None,
+    socket_timeout_s: float = SOCKET_TIMEOUT_S,
+) -> FleetClient:
+    """The process's fleet client (no I/O yet: the first call connects)."""
+    aioredis = import_redis()
+    from redis.asyncio.retry import Retry
+    from redis.backoff import ExponentialBackoff
+    from redis.exceptions import ConnectionError as RedisConnectionError
+    from redis.exceptions import TimeoutError as RedisTimeoutError
+
+    options: dict[str, Any] = {
+        "socket_timeout": socket_timeout_s,
+        "socket_connect_timeout": socket_timeout_s,
+        "retry": Retry(ExponentialBackoff(cap=BACKOFF_CAP_S, base=BACKOFF_BASE_S), RETRIES),
+        "retry_on_error": [RedisConnectionError, RedisTimeoutError, OSError],
+        "health_check_interval": HEALTH_CHECK_INTERVAL_S,
+        "max_connections": MAX_CONNECTIONS,
+        "client_name": f"forwarder-{member}",
+    }
+    if password is not None:
+        options["password"] = password.reveal()
+    if fleet.redis_url.startswith("rediss://"):
+        # Certificates and host names always verified, as for the remote.
+        options["ssl_cert_reqs"] = "required"
+        options["ssl_check_hostname"] = True
+    client = aioredis.Redis.from_url(fleet.redis_url, **options)
+    return FleetClient(client, fleet, member)
+
+
+def _unavailable_errors() -> tuple[type[BaseException], ...]:
+    from redis.exceptions import ConnectionError as RedisConnectionError
+    from redis.exceptions import TimeoutError as RedisTimeoutError
+
+    # BusyLoadingError (a restart reading its AOF) is a ConnectionError in redis-py.
+    return (RedisConnectionError, RedisTimeoutError, OSError)
+
+
+def _refusal_errors() -> tuple[type[BaseException], ...]:
+    from redis.exceptions import RedisError
+
+    # Whatever else the server answers with an error: the call failed, the host falls back.
+    return (RedisError,)
+
+
+def as_text(value: object) -> str:
+    """A Redis reply (bytes) as text."""
+    return value.decode() if isinstance(value, bytes) else str(value)

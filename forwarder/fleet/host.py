@@ -1,0 +1,139 @@
+"""This host in the fleet, as the daemon runs it: started, shown, stopped.
+
+`FleetHost.start` connects (the password read off the event loop), logs the server's
+durability warnings, makes the first heartbeat and keeps beating. None of it fails the start
+when Redis is down: the host starts in fallback, as it would enter it later. What the daemon
+shows of the fleet (/v1/stats, /readyz, the metrics, STATUS=) is read here, and the dispatcher's
+budget factory (`budgets`) makes a `RedisRateBudget` per account.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import Callable
+from typing import Any
+
+import structlog
+
+from forwarder import __version__
+from forwarder.config.schema import Config
+from forwarder.delivery.flow.budget import RateBudget
+from forwarder.fleet.budget import RedisRateBudget
+from forwarder.fleet.connection import FleetClient, RedisUnavailable, connect
+from forwarder.fleet.members import Members
+from forwarder.fleet.mode import FleetMode
+from forwarder.ops.credentials import Secret, resolve_redis_password
+
+log = structlog.get_logger("forwarder.fleet")
+
+
+def member_name(config: Config) -> str:
+    """`fleet.member`, else the host name (its first label, as `fleet.member` allows)."""
+    if config.fleet.member:
+        return config.fleet.member
+    return socket.gethostname().split(".")[0] or "forwarder"
+
+
+class FleetHost:
+    """The fleet client, the mode, the heartbeat and the budgets of one daemon."""
+
+    def __init__(
+        self,
+        client: FleetClient,
+        *,
+        in_delivery: Callable[[], int],
+        password: Secret | None = None,
+    ) -> None:
+        self.client = client
+        # Kept only for the log redactor (AccountLanes.secrets); sent by the client alone.
+        self.password = password
+        self.mode = FleetMode()
+        self.members = Members(client, self.mode, version=__version__, in_delivery=in_delivery)
+        self.budgets_made: dict[str, RedisRateBudget] = {}
+
+    @classmethod
+    async def start(cls, config: Config, *, in_delivery: Callable[[], int]) -> FleetHost:
+        """Connect, check the server, beat once and keep beating. Raises `ConfigError` when
+        redis-py is missing or the password cannot be read; Redis being down is no error."""
+        password = await asyncio.to_thread(resolve_redis_password, config)
+        client = connect(config.fleet, member=member_name(config), password=password)
+        host = cls(client, in_delivery=in_delivery, password=password)
+        try:
+            for warning in await client.check_server():
+                log.warning("fleet_redis_settings", warning=warning)
+            host.mode.seen(await host.members.beat())
+        except RedisUnavailable as exc:
+            host.mode.lost(str(exc))
+        host.members.start()
+        log.info(
+            "fleet_joined",
+            member=client.member,
+            key_prefix=client.prefix,
+            mode=host.mode.name,
+            live_members=host.mode.live_members,
+        )
+        return host
+
+    async def stop(self) -> None:
+        """Stop beating, leave the members, close the client."""
+        await self.members.stop()
+        await self.client.aclose()
+
+    def budgets(self, account: str, per_minute: int) -> RateBudget:
+        """The dispatcher's budget factory: a shared budget per account."""
+        budget = RedisRateBudget(account, per_minute, fleet=self.client, mode=self.mode)
+        self.budgets_made[account] = budget
+        return budget
+
+    def view(self) -> dict[str, Any]:
+        """The `fleet` object of /v1/stats."""
+        stats = self.client.stats
+        return {
+            "member": self.client.member,
+            "mode": self.mode.name,
+            "live_members": self.mode.live_members,
+            "fallbacks": self.mode.fallbacks,
+            "key_prefix": self.client.prefix,
+            "redis_calls": stats.total,
+            "redis_errors": sum(stats.errors.values()),
+            "redis_seconds": round(sum(stats.seconds.values()), 6),
+            "budget_tokens_taken": self.tokens_taken(),
+        }
+
+    def tokens_taken(self) -> int:
+        """Tokens this host took from the shared budgets."""
+        return sum(b.taken for b in self.budgets_made.values())
+
+    def gauges(self) -> dict[str, tuple[str, float]]:
+        """The fleet's gauges (`forwarder_fleet_*`)."""
+        return {
+            "fleet_mode": (
+                "1 while this host uses the fleet's shared budgets, 0 in fallback (Redis out).",
+                int(not self.mode.fallback),
+            ),
+            "fleet_members": (
+                "Live fleet members this host last saw (itself included).",
+                self.mode.live_members,
+            ),
+        }
+
+    def counters(self) -> dict[str, tuple[str, float]]:
+        """The fleet's counters (`forwarder_fleet_*`)."""
+        stats = self.client.stats
+        return {
+            "fleet_redis_calls": ("Calls to the fleet's Redis.", stats.total),
+            "fleet_redis_errors": (
+                "Calls to the fleet's Redis that failed or timed out.",
+                sum(stats.errors.values()),
+            ),
+            "fleet_redis_seconds": (
+                "Time spent in calls to the fleet's Redis, seconds.",
+                sum(stats.seconds.values()),
+            ),
+            "fleet_budget_tokens_taken": (
+                "Tokens this host took from the accounts' shared rate budgets.",
+                self.tokens_taken(),
+            ),
+            "fleet_fallbacks": ("Times this host fell back to local budgets.", self.mode.fallbacks),
+        }
