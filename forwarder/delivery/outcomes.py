@@ -128,9 +128,20 @@ class OutcomeRecorder:
         remote_id: object,
     ) -> None:
         """The event left the queue: tell the status book and the sink."""
-        if self._status is not None:
-            outcome = _outcome(event, self._name, tally, dead, remote_id)
-            self._status.settled(event, spool_seq, outcome)
+        status = self._status
+        if status is not None:
+            # Built here, not by a helper: this runs once per delivered event.
+            if dead is None:
+                outcome = Outcome(
+                    "delivered", event.event_id, event.number, self._name, tally.attempts,
+                    time.time(), remote_id,
+                )  # fmt: skip
+            else:
+                outcome = Outcome(
+                    "dead_lettered", event.event_id, event.number, self._name, dead.attempts,
+                    dead.last_attempt_at, None, dead.reason, dead.status, dead.error,
+                )  # fmt: skip
+            status.settled(event, spool_seq, outcome)
         if dead is None:
             self._sink.delivered(event, spool_seq)
         else:
@@ -165,17 +176,3 @@ class OutcomeRecorder:
             first_attempt_at=first_at,
             last_attempt_at=time.time(),
         )
-
-
-def _outcome(
-    event: Event, account: str, tally: Tally, dead: DeadLetterNote | None, remote_id: object
-) -> Outcome:
-    if dead is None:
-        return Outcome(
-            "delivered", event.event_id, event.number, account, tally.attempts, time.time(),
-            remote_id,
-        )  # fmt: skip
-    return Outcome(
-        "dead_lettered", event.event_id, event.number, account, dead.attempts,
-        dead.last_attempt_at, None, dead.reason, dead.status, dead.error,
-    )  # fmt: skip

@@ -152,26 +152,27 @@ class StatusBook:
 
     def settled(self, event: Event, spool_seq: int, outcome: Outcome | None) -> None:
         """`event` left delivery; `outcome` is what became of it (None: nothing is kept)."""
-        self._delivering.pop(event.event_id, None)
+        # Once per delivered event: one call, no helper calls on the common path.
+        event_id = event.event_id
+        self._delivering.pop(event_id, None)
         if outcome is None:
             return
-        self._keep(outcome)
+        outcomes, key = self._outcomes, outcome.event_id
+        if key in outcomes:  # settled before (an event_id sent again): it goes to the end
+            old = outcomes.pop(key)
+            if old.number:
+                self._outcome_numbers.pop(old.number, None)
+        outcomes[key] = outcome
+        if outcome.number:
+            self._outcome_numbers[outcome.number] = key
+        while len(outcomes) > self.max_count:
+            self._drop_oldest()
         if self.spool is not None and spool_seq:
-            self._unsaved[event.event_id] = outcome.row()
+            self._unsaved[event_id] = outcome.row()
 
     def take_unsaved(self, event: Event) -> OutcomeRow | None:
         """The outcome row to store with `event`'s settling (durable mode), once."""
         return self._unsaved.pop(event.event_id, None) if self._unsaved else None
-
-    def _keep(self, outcome: Outcome) -> None:
-        old = self._outcomes.pop(outcome.event_id, None)
-        if old is not None and old.number:
-            self._outcome_numbers.pop(old.number, None)
-        self._outcomes[outcome.event_id] = outcome
-        if outcome.number:
-            self._outcome_numbers[outcome.number] = outcome.event_id
-        while len(self._outcomes) > self.max_count:
-            self._drop_oldest()
 
     def _drop_oldest(self) -> None:
         _, gone = self._outcomes.popitem(last=False)

@@ -112,6 +112,21 @@ async def test_memory_holds_at_most_max_count_outcomes() -> None:
     assert (await status.lookup(ev(3).event_id) or {})["number"] == 3
 
 
+async def test_an_event_id_settled_again_is_kept_once_under_its_new_number_as_the_newest() -> None:
+    clock = Clock()
+    status = book(clock, max_count=2)
+    status.settled(ev(1, 1), 0, delivered(ev(1, 1), clock.now, remote_id=1))
+    status.settled(ev(2, 2), 0, delivered(ev(2, 2), clock.now))
+    again = ev(1, 7)  # the app sent evt-00000001 again; it was numbered 7
+    status.settled(again, 0, delivered(again, clock.now, remote_id=9))
+    assert status.kept == 2
+    assert await status.lookup(1) is None  # its old number no longer leads to it
+    assert (await status.lookup(7) or {})["remote_id"] == 9
+    status.settled(ev(3, 3), 0, delivered(ev(3, 3), clock.now))  # one must go: the oldest
+    assert await status.lookup(2) is None
+    assert (await status.lookup(again.event_id) or {})["number"] == 7
+
+
 async def test_durable_outcomes_are_settled_with_the_event_and_found_in_the_spool(
     tmp_path: Path,
 ) -> None:

@@ -60,17 +60,28 @@ class WindowLearner:
         """An answer about the current window, arrived at `now`, said it resets in `reset_s`."""
         reset = min(max(reset_s, MIN_WINDOW_S), MAX_WINDOW_S)
         end = now + reset_s
+        # Every answer passes here: comparisons rather than min()/max() calls.
         for group in self._groups:
-            if max(group.last_end, end) - min(group.first_end, end) <= AGREE_S:
-                group.first_end = min(group.first_end, end)
-                group.last_end = max(group.last_end, end)
-                group.reset_s = max(group.reset_s, reset)
+            first, last = group.first_end, group.last_end
+            if (last if last > end else end) - (first if first < end else end) <= AGREE_S:
                 group.answers += 1
-                break
-        else:
-            if len(self._groups) >= MAX_GROUPS:
-                self._groups.remove(min(self._groups, key=lambda g: g.answers))
-            self._groups.append(_Group(end, end, reset))
+                if end > last:
+                    group.last_end = end
+                # `_update` reads a group's answers (one or more), its first end and its reset
+                # only: an answer that changes none of them leaves the length as it is.
+                changed = group.answers == 2
+                if end < first:
+                    group.first_end = end
+                    changed = True
+                if reset > group.reset_s:
+                    group.reset_s = reset
+                    changed = True
+                if changed:
+                    self._update()
+                return
+        if len(self._groups) >= MAX_GROUPS:
+            self._groups.remove(min(self._groups, key=lambda g: g.answers))
+        self._groups.append(_Group(end, end, reset))
         self._update()
 
     def next_window(self) -> None:
