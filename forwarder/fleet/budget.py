@@ -155,9 +155,8 @@ class RedisRateBudget:
     ) -> None:
         """Learn locally at once; write the answer to the shared state (a 429 right away)."""
         local_ticket = ticket
-        # A ticket of the local limiter (fallback) was counted in no shared window; its answer
-        # still says what the remote counted, so it is written, to the fleet's last known window
-        # (the script places it by its reset), with the first call once Redis is back.
+        # A fallback ticket's answer tells the remote's count too: written with the first call
+        # back, to the fleet's last known window (the script places it by its reset).
         epoch = self._epoch
         if isinstance(ticket, SharedTicket):
             local_ticket, epoch = Ticket(ticket.local_epoch), ticket.epoch
@@ -243,9 +242,7 @@ class RedisRateBudget:
 
     def _take_over(self) -> None:
         """Entering fallback: the local limiter counts on in the fleet's current window with this
-        host's share of what the fleet had left in it (each live member takes its share), not
-        with a whole share of a fresh window: so the fleet stays under the quota in the window
-        the outage began in."""
+        host's share of what was left in it, so the fleet stays under the quota there."""
         if self._fleet_remaining is None:
             return  # Redis never answered this budget: nothing is known of the fleet's window
         # Since this host's last call the others took at most what the shared pacing (GCRA,
