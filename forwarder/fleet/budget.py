@@ -13,7 +13,11 @@ next call; a 429 at once, so it pauses the whole fleet.
 Every answer also feeds this host's own `RateLimiter`: it learns the window's length (the
 fleet's script is told it) and is the fallback. When Redis does not answer (`FleetMode`), the
 budget serves from that limiter with its quota set to the learnt limit divided by the live
-members last seen; the host goes back to Redis once the heartbeat reaches it again.
+members last seen; the host goes back to Redis once the heartbeat reaches it again. Both ways
+the window the switch falls in is counted once: on entering fallback the limiter counts on in
+the fleet's current window with this host's share of what the fleet had left in it, and on
+coming back the newest answer seen in fallback (the remote's count, every host's requests in
+it) goes to Redis with the first call, so the shared window resumes from it.
 """
 
 from __future__ import annotations
@@ -108,6 +112,12 @@ class RedisRateBudget:
         self._registered = False
         # The shared state as of the last call (for `view`).
         self._shared: dict[str, Any] = {}
+        # The fleet's current window as last known: its end (this host's clock) and what was
+        # left in it (the shared count, or a later X-RateLimit-Remaining); None: never known.
+        self._fleet_window_end = 0.0
+        self._fleet_remaining: int | None = None
+        self._fleet_seen_at = 0.0
+        self._serving_locally = False  # in fallback, the local limiter took over
         self.taken = 0  # tokens taken from Redis
         self.calls = 0  # script calls
 
@@ -145,18 +155,21 @@ class RedisRateBudget:
     ) -> None:
         """Learn locally at once; write the answer to the shared state (a 429 right away)."""
         local_ticket = ticket
+        # A fallback ticket's answer tells the remote's count too: written with the first call
+        # back, to the fleet's last known window (the script places it by its reset).
+        epoch = self._epoch
         if isinstance(ticket, SharedTicket):
-            local_ticket = Ticket(ticket.local_epoch)
-            answer = _Answer(
-                ticket.epoch, self._clock(), limit, remaining, reset_s, rate_limited, retry_after
-            )
-            # A 429 stays queued until written: a later plain answer must not hide it.
-            if self._answer is None or not self._answer.rate_limited or rate_limited:
-                self._answer = answer
-            if rate_limited and not self._mode.fallback:
-                push = asyncio.get_running_loop().create_task(self._push())
-                self._pushes.add(push)
-                push.add_done_callback(self._pushes.discard)
+            local_ticket, epoch = Ticket(ticket.local_epoch), ticket.epoch
+            if remaining is not None and epoch == self._epoch and self._fleet_remaining is not None:
+                self._fleet_remaining = min(self._fleet_remaining, remaining)
+        answer = _Answer(epoch, self._clock(), limit, remaining, reset_s, rate_limited, retry_after)
+        # A 429 stays queued until written: a later plain answer must not hide it.
+        if self._answer is None or not self._answer.rate_limited or rate_limited:
+            self._answer = answer
+        if rate_limited and not self._mode.fallback:
+            push = asyncio.get_running_loop().create_task(self._push())
+            self._pushes.add(push)
+            push.add_done_callback(self._pushes.discard)
         if limit is not None and limit > 0:
             self._limit = limit
         self.local.observe(
@@ -208,6 +221,8 @@ class RedisRateBudget:
         """A token in hand (or, in fallback, from the local limiter), else the wait (0.0: ask
         Redis)."""
         now = self._clock()
+        if not self._mode.fallback:
+            self._serving_locally = False
         if now < self.paused_until:
             return self.paused_until - now
         if self._tokens and now >= self._tokens_until:
@@ -219,8 +234,22 @@ class RedisRateBudget:
             return SharedTicket(self._epoch, self.local.epoch)
         if self._mode.fallback:
             self.local.limit = self._fallback_limit()
+            if not self._serving_locally:
+                self._serving_locally = True
+                self._take_over()
             return self.local.reserve()
         return 0.0
+
+    def _take_over(self) -> None:
+        """Entering fallback: the local limiter counts on in the fleet's current window with this
+        host's share of what was left in it, so the fleet stays under the quota there."""
+        if self._fleet_remaining is None:
+            return  # Redis never answered this budget: nothing is known of the fleet's window
+        # Since this host's last call the others took at most what the shared pacing (GCRA,
+        # reserved up to AHEAD_S ahead, with its burst) let through: the rest is what is left.
+        since = self._clock() - self._fleet_seen_at + AHEAD_S + BURST_S
+        left = self._fleet_remaining - math.ceil(self._limit / self._window_s * since)
+        self.local.take_over_window(self._fleet_window_end, max(0, left) // self._mode.live_members)
 
     def _drop_tokens(self) -> None:
         if self._tokens:
@@ -300,6 +329,8 @@ class RedisRateBudget:
         self._limit = limit
         self._window_s = window_ms / 1000
         self._shared = {"remaining": remaining, "rate_limited": limited}
+        self._fleet_window_end = now + window_left_ms / 1000
+        self._fleet_remaining, self._fleet_seen_at = remaining, now
         self._paused_until = now + paused_ms / 1000 if paused_ms else 0.0
         if granted:
             self.taken += granted

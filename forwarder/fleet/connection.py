@@ -120,9 +120,14 @@ class FleetClient:
     async def call(
         self, op: str, make: Callable[[], Awaitable[T]], timeout_s: float = CALL_TIMEOUT_S
     ) -> T:
-        """Run one Redis call, bounded as a whole; `RedisUnavailable` if Redis cannot answer."""
+        """Run one Redis call, bounded as a whole; `RedisUnavailable` if Redis cannot answer.
+
+        A cancellation of the calling task always ends the call with `CancelledError`, even one
+        redis-py swallowed (see `_restore_cancel`)."""
         started = time.perf_counter()
         failed = True
+        task = asyncio.current_task()
+        cancels = task.cancelling() if task is not None else 0
         try:
             async with asyncio.timeout(timeout_s):
                 result = await make()
@@ -140,6 +145,7 @@ class FleetClient:
             ) from None
         finally:
             self.stats.record(op, time.perf_counter() - started, failed=failed)
+            _restore_cancel(task, cancels)
 
     async def check_server(self) -> list[str]:
         """Warnings about server settings that can lose acknowledged writes or evict keys."""
@@ -216,6 +222,20 @@ def connect(
         options["ssl_check_hostname"] = True
     client = aioredis.Redis.from_url(fleet.redis_url, **options)
     return FleetClient(client, fleet, member)
+
+
+def _restore_cancel(task: asyncio.Task[Any] | None, cancels: int) -> None:
+    """Raise `CancelledError` if the task was cancelled during a call that returned anyway.
+
+    redis-py awaits `asyncio.wait_for` around socket writes, and on Python 3.11 `wait_for`
+    returns the inner result when a cancellation arrives just as the inner call completes
+    (CPython gh-86296, fixed in 3.12): the `CancelledError` is lost. Lost in the heartbeat,
+    `Members.stop` waited for the task for ever while it beat on. The task's count of pending
+    cancellations still says so (`asyncio.timeout` takes its own back on exit), so it is raised
+    again here.
+    """
+    if task is not None and task.cancelling() > cancels:
+        raise asyncio.CancelledError
 
 
 def _unavailable_errors() -> tuple[type[BaseException], ...]:

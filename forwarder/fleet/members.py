@@ -21,7 +21,7 @@ from typing import Any
 
 import structlog
 
-from forwarder.fleet.connection import FleetClient, RedisUnavailable, as_text
+from forwarder.fleet.connection import CALL_TIMEOUT_S, FleetClient, RedisUnavailable, as_text
 from forwarder.fleet.mode import FleetMode
 
 log = structlog.get_logger("forwarder.fleet")
@@ -31,6 +31,8 @@ HEARTBEAT_S = 1.0
 LIVE_BEATS = 3
 # A member's entry outlives its last heartbeat by this long (for `forwarder fleet status`).
 FORGET_S = 3600.0
+# `stop` waits this long for the heartbeat task to end (a call in flight ends within its bound).
+STOP_WAIT_S = CALL_TIMEOUT_S
 
 HEARTBEAT_LUA = """
 local t = redis.call('TIME')
@@ -128,8 +130,12 @@ class Members:
         task, self._task = self._task, None
         if task is not None:
             task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            # Bounded: a cancelled beat ends within its call's bound (FleetClient.call).
+            await asyncio.wait({task}, timeout=STOP_WAIT_S)
+            if not task.done():
+                task.cancel()  # once more, not waited for: the daemon's stop goes on
+            elif not task.cancelled():
+                task.result()  # `run` ends only by cancellation: anything else is raised
         if not self._mode.fallback:
             with contextlib.suppress(RedisUnavailable):
                 member = self._fleet.member

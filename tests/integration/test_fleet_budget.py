@@ -251,3 +251,72 @@ async def test_a_host_that_just_started_paces_by_the_fleets_window(fleet: FleetC
         pass
     await veteran.acquire()
     assert time.monotonic() - started < 0.6
+
+
+async def test_hosts_falling_back_mid_window_share_only_what_the_fleet_left_in_it(
+    fleet: FleetClient,
+) -> None:
+    # 600 a one-minute window, three hosts; the remote has counted 540 already (others' requests).
+    skew = [0.0]  # the hosts' clock runs ahead of real time by this once they are on their own
+
+    def clock() -> float:
+        return time.monotonic() + skew[0]
+
+    modes = [FleetMode() for _ in range(3)]
+    hosts = [budget(fleet, 600, clock=clock, mode=mode) for mode in modes]
+    for mode in modes:
+        mode.seen(3)
+    first = await hosts[0].acquire()
+    hosts[0].observe(first, limit=600, remaining=60, reset_s=60.0)
+    sent = 0  # requests after that answer, which said 60 were left in the window
+    for host in hosts:  # host 0's call writes the answer; each takes a batch from the fleet
+        while isinstance(host.try_acquire(), Ticket):
+            sent += 1
+        await host.acquire()
+        sent += 1
+    window_end = clock() + 59.0  # the remote's window, as the answer told (less time passed)
+    for mode in modes:
+        mode.lost("redis frozen")
+    # Each host alone in the rest of the window: the tokens in hand, then its local limiter.
+    while clock() < window_end:
+        for host in hosts:
+            while isinstance(host.try_acquire(), Ticket):
+                sent += 1
+        skew[0] += 0.05
+    assert all(mode.fallback for mode in modes)
+    # Each took its share of what the fleet had left, not a third of a whole window.
+    assert 30 <= sent <= 60, sent
+    # The next window is a whole one again: a third of the limit each.
+    next_end = window_end + 60.0
+    counts = [0, 0, 0]
+    while clock() < next_end:
+        for n, host in enumerate(hosts):
+            while isinstance(host.try_acquire(), Ticket):
+                counts[n] += 1
+        skew[0] += 0.05
+    assert all(150 <= count <= 200 for count in counts), counts
+
+
+async def test_a_host_back_from_fallback_resumes_the_shared_window_from_the_remotes_count(
+    fleet: FleetClient,
+) -> None:
+    mode = FleetMode()
+    host = budget(fleet, 3600, mode=mode)  # 60 a second; the remote's window is one second
+    ticket = await host.acquire()
+    host.observe(ticket, limit=60, remaining=59, reset_s=1.0)
+    while isinstance(host.try_acquire(), Ticket):
+        pass
+    await host.acquire()  # writes the answer: the fleet's window ends in a second
+    mode.lost("redis frozen")
+    await asyncio.sleep(1.5)  # the fleet's window is over; the remote started the next
+    local = host.try_acquire()
+    assert isinstance(local, Ticket)
+    assert not isinstance(local, SharedTicket)
+    # The hosts in fallback spent 55 of the remote's new window between them.
+    host.observe(local, limit=60, remaining=5, reset_s=1.0)
+    mode.back()
+    assert isinstance(await host.acquire(), SharedTicket)
+    # The shared window resumed from the remote's count, not from a fresh 60.
+    assert host.view()["remaining"] <= 5
+    state = {_text(k): float(v) for k, v in (await fleet.client.hgetall(KEY)).items()}
+    assert state["external"] >= 55

@@ -167,6 +167,33 @@ async def test_a_frozen_server_is_a_bounded_wait(redis_server: RedisServer) -> N
         await client.aclose()
 
 
+async def swallow_cancel(reply: str) -> str:
+    """What redis-py's `asyncio.wait_for` does on Python 3.11 when a cancellation arrives just
+    as the socket write it waits for completes (CPython gh-86296): return, the cancel lost."""
+    try:
+        await asyncio.sleep(30)
+    except asyncio.CancelledError:
+        return reply
+    raise AssertionError("not cancelled")
+
+
+async def test_a_cancel_swallowed_inside_a_call_still_cancels_the_caller() -> None:
+    client = connect(fleet(f"redis://127.0.0.1:{free_port()}/0"), member="host-a", password=None)
+    try:
+        call = asyncio.get_running_loop().create_task(
+            client.call("ping", lambda: swallow_cancel("PONG"))
+        )
+        await asyncio.sleep(0.01)  # the call is in flight
+        call.cancel()
+        await asyncio.wait({call}, timeout=2.0)
+        assert call.cancelled()
+        # The call's own timeout is no cancellation of the caller: it is RedisUnavailable.
+        with pytest.raises(RedisUnavailable, match="no answer within"):
+            await client.call("ping", lambda: asyncio.sleep(30), timeout_s=0.05)
+    finally:
+        await client.aclose()
+
+
 def test_keys_of_an_account_share_one_hash_tag() -> None:
     client = FleetClient.__new__(FleetClient)
     client.prefix = "fwd"

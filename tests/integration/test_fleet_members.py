@@ -87,7 +87,10 @@ async def test_the_budget_falls_back_while_redis_is_frozen_and_comes_back(
     a, b = clients
     mode = FleetMode()
     members = Members(a, mode, version="x", interval_s=BEAT_S)
-    await Members(b, FleetMode(), version="x", interval_s=BEAT_S).beat()
+    # b beats on, so a counts it live however long the steps below take under load.
+    other = Members(b, FleetMode(), version="x", interval_s=BEAT_S)
+    await other.beat()
+    other.start()
     members.start()
     host = RedisRateBudget("acme", 600, fleet=a, mode=mode)
     try:
@@ -122,6 +125,45 @@ async def test_the_budget_falls_back_while_redis_is_frozen_and_comes_back(
         assert isinstance(ticket, SharedTicket)
     finally:
         await members.stop()
+        await other.stop()
+
+
+async def test_stop_ends_the_heartbeat_even_when_redis_py_swallows_the_cancel(
+    clients: tuple[FleetClient, FleetClient],
+) -> None:
+    a, _ = clients
+    members = Members(a, FleetMode(), version="x", interval_s=BEAT_S)
+    in_call = asyncio.Event()
+    swallow = [True]
+
+    async def swallowing() -> list[int]:
+        # Python 3.11's `asyncio.wait_for` in redis-py, hit by a cancel as its write completes:
+        # the cancel is lost and the call returns (CPython gh-86296).
+        in_call.set()
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            if swallow[0]:
+                return [0, 1]
+            raise
+        raise AssertionError("not cancelled")
+
+    members._script = lambda keys, args: swallowing()  # type: ignore[assignment]
+    members.start()
+    task = members._task
+    assert task is not None
+    await asyncio.wait_for(in_call.wait(), 5.0)
+    stopping = asyncio.get_running_loop().create_task(members.stop())
+    try:
+        await asyncio.wait({stopping}, timeout=5.0)
+        assert stopping.done()
+        # The task ended by the cancellation, and beats no more.
+        assert task.cancelled()
+    finally:
+        swallow[0] = False
+        task.cancel()
+        stopping.cancel()
+        await asyncio.wait({task, stopping}, timeout=5.0)
 
 
 async def test_fleet_status_lists_members_and_budgets(

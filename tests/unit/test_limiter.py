@@ -319,6 +319,32 @@ def test_set_per_minute_applies_the_configured_quota_to_the_learned_window() -> 
     assert limiter.limit == 60
 
 
+def test_taking_over_a_window_counts_on_with_what_was_left_in_it() -> None:
+    # The fleet's shared budget kept the window until now: 5 of this limiter's 20 are left.
+    clock = FakeClock()
+    limiter = RateLimiter(20, clock=clock)
+    before = limiter.epoch
+    limiter.take_over_window(clock.now + 30.0, 5)
+    assert limiter.epoch == before + 1  # answers to earlier tickets counted elsewhere
+    assert limiter.remaining == 5
+    for _ in range(5):
+        take_waiting(limiter, clock)
+    assert clock.now < 1030.0
+    assert wait_of(limiter) == pytest.approx(1030.0 - clock.now, abs=1e-3)
+    clock.advance(wait_of(limiter))
+    assert limiter.remaining == 0
+    take(limiter)  # the next window is a whole one
+    assert limiter.remaining == 19
+
+
+def test_a_window_already_over_is_not_taken_over() -> None:
+    clock = FakeClock()
+    limiter = RateLimiter(20, clock=clock)
+    limiter.take_over_window(clock.now, 0)
+    assert limiter.epoch == 0
+    assert limiter.remaining == 20
+
+
 # --- RateLimiter: simulation against a fixed-window server ---------------------------------------
 
 

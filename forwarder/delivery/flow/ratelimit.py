@@ -163,6 +163,16 @@ class RateLimiter:
             self._confirmed = True
             self._external = self.limit
 
+    def take_over_window(self, end: float, remaining: int) -> None:
+        """Count on in a window another counter kept until now (the fleet's shared budget): it
+        ends at `end` (this clock) with `remaining` of this limiter's quota left in it. A window
+        already over is not taken: the next one starts fresh."""
+        now = self._clock()
+        if end <= now:
+            return
+        self._new_window(now, end, confirmed=True)
+        self._external = max(0, self.limit - max(0, remaining))
+
     def _new_window(self, now: float, end: float, *, confirmed: bool) -> None:
         self._window.next_window()
         self._epoch += 1
