@@ -1,0 +1,78 @@
+"""Fleet mode through Sentinel: a real master, replica and `redis-server --sentinel`."""
+
+from __future__ import annotations
+
+import pytest
+
+from forwarder.config.schema import FleetConfig
+from forwarder.fleet.budget import RedisRateBudget, SharedTicket
+from forwarder.fleet.connection import FleetClient, RedisUnavailable, connect
+from forwarder.fleet.mode import FleetMode
+from forwarder.ops.credentials import Secret
+from tests.redisserver import RedisServer, running_sentinel
+
+PASSWORD = "redis-pw-SECRET-sentinel-5e6f7a8b"
+ACCOUNT = "acme"
+KEY = "{fwdtest:acme}:budget"
+
+
+def fleet(url: str) -> FleetConfig:
+    return FleetConfig(redis_url=url, member="host-a", key_prefix="fwdtest")
+
+
+async def take_token(client: FleetClient) -> None:
+    # A fresh budget holds no tokens: acquire runs the budget script on the master.
+    ticket = await RedisRateBudget(ACCOUNT, 6000, fleet=client, mode=FleetMode()).acquire()
+    assert isinstance(ticket, SharedTicket)
+
+
+async def role(server: RedisServer) -> str:
+    client = server.client()
+    try:
+        return str((await client.info("replication"))["role"])
+    finally:
+        await client.aclose()
+
+
+async def test_budget_tokens_through_sentinel_reach_the_new_master_after_a_failover() -> None:
+    async with running_sentinel(password=PASSWORD) as group:
+        client = connect(fleet(group.url), member="host-a", password=Secret(PASSWORD))
+        try:
+            assert PASSWORD not in repr(client) + repr(client.client)
+            assert await client.check_server() == []
+            await take_token(client)
+            master = group.master.client()
+            try:
+                assert await master.exists(KEY) == 1
+                await master.delete(KEY)
+                # The replica has it too before the failover: the delete reached it.
+                await master.wait(1, 5000)
+            finally:
+                await master.aclose()
+
+            await group.failover()
+            assert await role(group.replica) == "master"
+
+            # The pooled connection to the dead master fails; redis-py's retry reconnects,
+            # asking the Sentinel where the master is now: the very next call succeeds.
+            await take_token(client)
+            promoted = group.replica.client()
+            try:
+                # Written on the promoted replica: the client followed the Sentinel.
+                assert await promoted.exists(KEY) == 1
+            finally:
+                await promoted.aclose()
+        finally:
+            await client.aclose()
+
+
+async def test_an_unknown_master_name_is_a_clear_unavailable() -> None:
+    async with running_sentinel() as group:
+        url = group.url.replace("/fwdmaster/", "/nosuchmaster/")
+        client = connect(fleet(url), member="host-a", password=None)
+        try:
+            with pytest.raises(RedisUnavailable) as caught:
+                await client.call("ping", client.client.ping)
+            assert "ping" in str(caught.value)
+        finally:
+            await client.aclose()
