@@ -3,14 +3,15 @@
 `fleet.redis_url` names either one endpoint (`redis://`, `rediss://`, `unix://`, read by
 redis-py's `from_url`) or a master found through Sentinel:
 
-    redis+sentinel://HOST:PORT[,HOST:PORT...]/MASTERNAME[/DB]
+    redis+sentinel://[USER@]HOST[:PORT][,HOST[:PORT]...]/MASTERNAME[/DB]
     rediss+sentinel://...      (TLS to the Sentinels and to the data nodes)
 
 `parse_sentinel_url` checks that form strictly (the config check calls it; its errors never
 repeat the value, which may hold a pasted secret) and `build_client` makes the process's
 client: `redis.asyncio.sentinel.Sentinel(...).master_for(MASTERNAME)`, whose pool asks the
 Sentinels for the master's address on each new connection, so after a failover the next
-connection reaches the promoted replica. The data nodes get the fleet's password; the
+connection reaches the promoted replica. The data nodes get the fleet's password (and the ACL
+USER, if one is given); the
 Sentinels get none (Sentinel's own `requirepass` is not supported: keep Sentinels on a private
 network) — see docs/how-to/fleet.md.
 
@@ -34,6 +35,7 @@ CLUSTER_REFUSAL = (
     "members, budgets and streams are only verified on one server); use one server or Sentinel"
 )
 _HOST_RE = re.compile(r"[A-Za-z0-9_.-]{1,253}|\[[0-9A-Fa-f:.]{2,45}\]")
+_USER_RE = re.compile(r"[A-Za-z0-9_.-]{1,128}")
 _SERVICE_RE = re.compile(r"[A-Za-z0-9_.-]{1,128}")
 DEFAULT_SENTINEL_PORT = 26379
 MAX_DB = 15
@@ -51,6 +53,8 @@ class SentinelTarget:
     service: str
     db: int
     tls: bool
+    # The data nodes' ACL user (`USER@` before the Sentinels); None: the default user.
+    username: str | None = None
 
 
 def scheme_of(url: str) -> str:
@@ -73,12 +77,14 @@ def parse_sentinel_url(url: str) -> SentinelTarget:
     if "?" in rest or "#" in rest:
         raise BadRedisUrl("a Sentinel URL takes no query or fragment; the value is not shown")
     netloc, _, path = rest.partition("/")
-    if "@" in netloc:
+    username, at, hosts = netloc.rpartition("@")
+    if at and (":" in username or not _USER_RE.fullmatch(username)):
         raise BadRedisUrl(
-            "must not hold a user or password (it would be logged with the URL); put the "
-            "password in fleet.redis_password_file or the systemd credential redis_password"
+            "must not hold a password (it would be logged with the URL); put it in "
+            "fleet.redis_password_file or the systemd credential redis_password; only an ACL "
+            "user may come before @; the value is not shown"
         )
-    sentinels = tuple(_sentinel_address(part) for part in netloc.split(","))
+    sentinels = tuple(_sentinel_address(part) for part in hosts.split(","))
     names = path.split("/") if path else []
     if not names or not _SERVICE_RE.fullmatch(names[0]):
         raise BadRedisUrl(
@@ -90,7 +96,7 @@ def parse_sentinel_url(url: str) -> SentinelTarget:
     db = int(names[1]) if len(names) == 2 else 0
     if db > MAX_DB:
         raise BadRedisUrl(f"the database number must be 0 to {MAX_DB}")
-    return SentinelTarget(sentinels, names[0], db, scheme == "rediss+sentinel")
+    return SentinelTarget(sentinels, names[0], db, scheme == "rediss+sentinel", username or None)
 
 
 def _sentinel_address(part: str) -> tuple[str, int]:
@@ -125,7 +131,8 @@ def build_client(module: Any, url: str, options: dict[str, Any]) -> aioredis.Red
         list(target.sentinels), sentinel_kwargs={**sentinel_options, **tls}, **{**options, **tls}
     )
     master_class = _closing_master_class(module)
-    master = sentinel.master_for(target.service, redis_class=master_class, db=target.db)
+    user: dict[str, Any] = {"username": target.username} if target.username else {}
+    master = sentinel.master_for(target.service, redis_class=master_class, db=target.db, **user)
     master._fleet_sentinels = sentinel.sentinels
     return cast("aioredis.Redis", master)
 

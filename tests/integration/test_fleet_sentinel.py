@@ -76,3 +76,20 @@ async def test_an_unknown_master_name_is_a_clear_unavailable() -> None:
             assert "ping" in str(caught.value)
         finally:
             await client.aclose()
+
+
+async def test_the_acl_user_before_the_sentinels_logs_in_to_the_master() -> None:
+    async with running_sentinel() as group:
+        master = group.master.client()
+        try:
+            await master.acl_setuser(
+                "fwduser", enabled=True, passwords=[f"+{PASSWORD}"], keys=["*"], commands=["+@all"]
+            )
+        finally:
+            await master.aclose()
+        url = group.url.replace("redis+sentinel://", "redis+sentinel://fwduser@")
+        client = connect(fleet(url), member="host-a", password=Secret(PASSWORD))
+        try:
+            assert await client.call("whoami", client.client.acl_whoami) in ("fwduser", b"fwduser")
+        finally:
+            await client.aclose()

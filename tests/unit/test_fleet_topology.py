@@ -22,6 +22,13 @@ def test_a_sentinel_url_names_every_sentinel_the_master_and_the_database() -> No
     )
 
 
+def test_an_acl_user_before_the_sentinels_is_the_data_nodes_user() -> None:
+    target = parse_sentinel_url("redis+sentinel://forwarder@s1:26379,s2:26379/fwd")
+    assert target.username == "forwarder"
+    assert target.sentinels == (("s1", 26379), ("s2", 26379))
+    assert parse_sentinel_url("redis+sentinel://s1/fwd").username is None
+
+
 def test_rediss_sentinel_is_tls_and_the_database_defaults_to_0() -> None:
     target = parse_sentinel_url("REDISS+SENTINEL://s1:26379/mymaster")
     assert (target.tls, target.db, target.service) == (True, 0, "mymaster")
