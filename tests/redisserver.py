@@ -49,6 +49,16 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+async def terminate(process: asyncio.subprocess.Process) -> None:
+    """SIGTERM (Redis finishes its AOF), then SIGKILL after a bounded wait."""
+    process.terminate()
+    try:
+        await asyncio.wait_for(process.wait(), STOP_TIMEOUT_S)
+    except TimeoutError:
+        process.kill()
+        await asyncio.wait_for(process.wait(), STOP_TIMEOUT_S)
+
+
 class RedisServer:
     """One `redis-server` process over a data directory that outlives its restarts."""
 
@@ -119,12 +129,7 @@ class RedisServer:
         if process is None or process.returncode is not None:
             return
         self.resume(process)
-        process.terminate()
-        try:
-            await asyncio.wait_for(process.wait(), STOP_TIMEOUT_S)
-        except TimeoutError:
-            process.kill()
-            await asyncio.wait_for(process.wait(), STOP_TIMEOUT_S)
+        await terminate(process)
 
     async def kill(self) -> None:
         """SIGKILL, as a crash: what the AOF has fsynced is all that survives."""
@@ -296,12 +301,7 @@ class SentinelGroup:
         """Stop the Sentinel, the replica and the master."""
         process, self.sentinel = self.sentinel, None
         if process is not None and process.returncode is None:
-            process.terminate()
-            try:
-                await asyncio.wait_for(process.wait(), STOP_TIMEOUT_S)
-            except TimeoutError:
-                process.kill()
-                await asyncio.wait_for(process.wait(), STOP_TIMEOUT_S)
+            await terminate(process)
         await self.replica.stop()
         await self.master.stop()
 
