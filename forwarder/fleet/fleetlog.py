@@ -10,6 +10,10 @@
 
 Dead letters go to the account's `dead` stream (`forwarder dlq` reads them there in fleet
 mode). Outcomes for GET /v1/events/{id} are kept in memory, as in memory mode.
+
+One module although just past 400 lines: the `EventLog` methods, the three loops that drive
+ownership, the window's fill and its settles, and the opener that builds them; every part with
+state of its own already lives beside it (window.py, ownership.py, fallback.py, streams.py).
 """
 
 from __future__ import annotations
