@@ -189,26 +189,55 @@ class SentinelGroup:
     the master and has the Sentinel promote the replica.
     """
 
-    def __init__(self, directory: Path, *, password: str = "") -> None:
+    def __init__(
+        self, directory: Path, *, password: str = "", tls: tuple[Path, Path, Path] | None = None
+    ) -> None:
         self.directory = directory
         for name in ("master", "replica", "sentinel"):
             (directory / name).mkdir()
+        # With `tls` (CA, certificate, key): every process also listens with TLS on a second
+        # port and they talk to each other over TLS; the plain ports are the test's own checks.
+        self.tls = tls
+        self.tls_ports = {name: free_port() for name in ("master", "replica", "sentinel")}
         # Replicas sync at once (not after Redis's 5 s wait for more of them), and a stop
         # does not wait for replicas to catch up: both would only slow the tests.
         quick = ("--repl-diskless-sync-delay", "0", "--shutdown-timeout", "0")
-        self.master = RedisServer(directory / "master", password=password, extra_args=quick)
+        self.master = RedisServer(
+            directory / "master", password=password, extra_args=(*quick, *self._tls("master"))
+        )
+        master_port = self.tls_ports["master"] if tls else self.master.port
         self.replica = RedisServer(
             directory / "replica",
             password=password,
-            extra_args=(*quick, "--replicaof", "127.0.0.1", str(self.master.port)),
+            extra_args=(
+                *quick,
+                *self._tls("replica"),
+                *("--replicaof", "127.0.0.1", str(master_port)),
+            ),
         )
         self.password = password
         self.sentinel_port = free_port()
         self.sentinel: asyncio.subprocess.Process | None = None
 
+    def _tls(self, name: str) -> tuple[str, ...]:
+        if self.tls is None:
+            return ()
+        ca, cert, key = self.tls
+        return (
+            "--tls-port", str(self.tls_ports[name]),
+            "--tls-cert-file", str(cert),
+            "--tls-key-file", str(key),
+            "--tls-ca-cert-file", str(ca),
+            "--tls-auth-clients", "no",
+            "--tls-replication", "yes",
+        )  # fmt: skip
+
     @property
     def url(self) -> str:
         """The Sentinel URL of the master (the password, if any, comes separately)."""
+        if self.tls:
+            port = self.tls_ports["sentinel"]
+            return f"rediss+sentinel://127.0.0.1:{port}/{SENTINEL_SERVICE}/0"
         return f"redis+sentinel://127.0.0.1:{self.sentinel_port}/{SENTINEL_SERVICE}/0"
 
     def sentinel_client(self) -> aioredis.Redis:
@@ -222,17 +251,20 @@ class SentinelGroup:
         await self.master.start()
         await self.replica.start()
         config = self.directory / "sentinel" / "sentinel.conf"
+        master_port = self.tls_ports["master"] if self.tls else self.master.port
         lines = [
             f"port {self.sentinel_port}",
             "bind 127.0.0.1",
             f"dir {self.directory / 'sentinel'}",
             f"logfile {self.directory / 'sentinel' / 'sentinel.log'}",
-            f"sentinel monitor {SENTINEL_SERVICE} 127.0.0.1 {self.master.port} 1",
+            f"sentinel monitor {SENTINEL_SERVICE} 127.0.0.1 {master_port} 1",
             f"sentinel down-after-milliseconds {SENTINEL_SERVICE} 1000",
             f"sentinel failover-timeout {SENTINEL_SERVICE} 10000",
         ]
         if self.password:
             lines.append(f"sentinel auth-pass {SENTINEL_SERVICE} {self.password}")
+        args = self._tls("sentinel")
+        lines += [f"{args[i][2:]} {args[i + 1]}" for i in range(0, len(args), 2)]
         config.write_text("\n".join(lines) + "\n", encoding="utf-8")
         self.sentinel = await asyncio.create_subprocess_exec(
             redis_server_path(), str(config), "--sentinel", stdin=asyncio.subprocess.DEVNULL
@@ -276,7 +308,7 @@ class SentinelGroup:
             )
         finally:
             await client.aclose()
-        if int(port) != self.replica.port:
+        if int(port) not in (self.replica.port, self.tls_ports["replica"]):
             return False
         replica = self.replica.client()
         try:
@@ -307,10 +339,12 @@ class SentinelGroup:
 
 
 @contextlib.asynccontextmanager
-async def running_sentinel(*, password: str = "") -> AsyncIterator[SentinelGroup]:
+async def running_sentinel(
+    *, password: str = "", tls: tuple[Path, Path, Path] | None = None
+) -> AsyncIterator[SentinelGroup]:
     """A started `SentinelGroup` in a temporary directory, stopped and removed afterwards."""
     with tempfile.TemporaryDirectory(prefix="fwd-sentinel-") as tmp:
-        group = SentinelGroup(Path(tmp), password=password)
+        group = SentinelGroup(Path(tmp), password=password, tls=tls)
         try:
             await group.start()
             yield group

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from forwarder.config.schema import FleetConfig
@@ -9,6 +11,7 @@ from forwarder.fleet.budget import RedisRateBudget, SharedTicket
 from forwarder.fleet.connection import FleetClient, RedisUnavailable, connect
 from forwarder.fleet.mode import FleetMode
 from forwarder.ops.credentials import Secret
+from tests.conftest import TlsFiles
 from tests.redisserver import RedisServer, running_sentinel
 
 PASSWORD = "redis-pw-SECRET-sentinel-5e6f7a8b"
@@ -91,5 +94,23 @@ async def test_the_acl_user_before_the_sentinels_logs_in_to_the_master() -> None
         client = connect(fleet(url), member="host-a", password=Secret(PASSWORD))
         try:
             assert await client.call("whoami", client.client.acl_whoami) in ("fwduser", b"fwduser")
+        finally:
+            await client.aclose()
+
+
+async def test_rediss_sentinel_speaks_tls_to_the_sentinel_and_the_master(
+    tls_files: TlsFiles, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The system trust store, as in production, made to hold the test CA.
+    monkeypatch.setenv("SSL_CERT_FILE", str(tls_files.ca))
+    async with running_sentinel(tls=(tls_files.ca, tls_files.cert, tls_files.key)) as group:
+        assert group.url.startswith("rediss+sentinel://")
+        client = connect(fleet(group.url), member="host-a", password=None)
+        try:
+            # Both the Sentinel's and the master's ports speak TLS only: a plain connection
+            # to either fails.
+            await take_token(client)
+            pool: Any = client.client.connection_pool
+            assert await pool.get_master_address() == ("127.0.0.1", group.tls_ports["master"])
         finally:
             await client.aclose()
