@@ -18,14 +18,17 @@ import shutil
 import signal
 import socket
 import tempfile
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
 
 START_TIMEOUT_S = 10.0
 STOP_TIMEOUT_S = 10.0
+# A Sentinel noticing a replica, or finishing a failover.
+SENTINEL_WAIT_S = 30.0
 
 
 def redis_server_path() -> str:
@@ -46,12 +49,26 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+async def terminate(process: asyncio.subprocess.Process) -> None:
+    """SIGTERM (Redis finishes its AOF), then SIGKILL after a bounded wait."""
+    process.terminate()
+    try:
+        await asyncio.wait_for(process.wait(), STOP_TIMEOUT_S)
+    except TimeoutError:
+        process.kill()
+        await asyncio.wait_for(process.wait(), STOP_TIMEOUT_S)
+
+
 class RedisServer:
     """One `redis-server` process over a data directory that outlives its restarts."""
 
-    def __init__(self, directory: Path, *, password: str = "") -> None:
+    def __init__(
+        self, directory: Path, *, password: str = "", extra_args: tuple[str, ...] = ()
+    ) -> None:
         self.directory = directory
         self.password = password
+        # e.g. ("--replicaof", HOST, PORT) for a replica (the Sentinel tests).
+        self.extra_args = extra_args
         self.port = free_port()
         self.process: asyncio.subprocess.Process | None = None
 
@@ -86,7 +103,8 @@ class RedisServer:
             "--logfile", str(self.directory / "redis.log"),
         ]  # fmt: skip
         if self.password:
-            argv += ["--requirepass", self.password]
+            argv += ["--requirepass", self.password, "--masterauth", self.password]
+        argv += self.extra_args
         self.process = await asyncio.create_subprocess_exec(*argv, stdin=asyncio.subprocess.DEVNULL)
         deadline = asyncio.get_running_loop().time() + START_TIMEOUT_S
         client = self.client()
@@ -111,12 +129,7 @@ class RedisServer:
         if process is None or process.returncode is not None:
             return
         self.resume(process)
-        process.terminate()
-        try:
-            await asyncio.wait_for(process.wait(), STOP_TIMEOUT_S)
-        except TimeoutError:
-            process.kill()
-            await asyncio.wait_for(process.wait(), STOP_TIMEOUT_S)
+        await terminate(process)
 
     async def kill(self) -> None:
         """SIGKILL, as a crash: what the AOF has fsynced is all that survives."""
@@ -159,3 +172,181 @@ def fleet_config_file(directory: Path, server: RedisServer, *, prefix: str, part
         encoding="utf-8",
     )
     return str(path)
+
+
+SENTINEL_SERVICE = "fwdmaster"
+
+
+async def sentinel_command(client: aioredis.Redis, *args: str) -> Any:
+    """`SENTINEL ARGS...`, its reply as the server sent it."""
+    return await client.execute_command("SENTINEL", *args)  # type: ignore[no-untyped-call]
+
+
+class SentinelGroup:
+    """A master, one replica and one Sentinel watching them (quorum 1), in one directory.
+
+    `url` is the `redis+sentinel://` address a forwarder is configured with; `failover` kills
+    the master and has the Sentinel promote the replica.
+    """
+
+    def __init__(
+        self, directory: Path, *, password: str = "", tls: tuple[Path, Path, Path] | None = None
+    ) -> None:
+        self.directory = directory
+        for name in ("master", "replica", "sentinel"):
+            (directory / name).mkdir()
+        # With `tls` (CA, certificate, key): every process also listens with TLS on a second
+        # port and they talk to each other over TLS; the plain ports are the test's own checks.
+        self.tls = tls
+        self.tls_ports = {name: free_port() for name in ("master", "replica", "sentinel")}
+        # Replicas sync at once (not after Redis's 5 s wait for more of them), and a stop
+        # does not wait for replicas to catch up: both would only slow the tests.
+        quick = ("--repl-diskless-sync-delay", "0", "--shutdown-timeout", "0")
+        self.master = RedisServer(
+            directory / "master", password=password, extra_args=(*quick, *self._tls("master"))
+        )
+        master_port = self.tls_ports["master"] if tls else self.master.port
+        self.replica = RedisServer(
+            directory / "replica",
+            password=password,
+            extra_args=(
+                *quick,
+                *self._tls("replica"),
+                *("--replicaof", "127.0.0.1", str(master_port)),
+            ),
+        )
+        self.password = password
+        self.sentinel_port = free_port()
+        self.sentinel: asyncio.subprocess.Process | None = None
+
+    def _tls(self, name: str) -> tuple[str, ...]:
+        if self.tls is None:
+            return ()
+        ca, cert, key = self.tls
+        return (
+            "--tls-port", str(self.tls_ports[name]),
+            "--tls-cert-file", str(cert),
+            "--tls-key-file", str(key),
+            "--tls-ca-cert-file", str(ca),
+            "--tls-auth-clients", "no",
+            "--tls-replication", "yes",
+        )  # fmt: skip
+
+    @property
+    def url(self) -> str:
+        """The Sentinel URL of the master (the password, if any, comes separately)."""
+        if self.tls:
+            port = self.tls_ports["sentinel"]
+            return f"rediss+sentinel://127.0.0.1:{port}/{SENTINEL_SERVICE}/0"
+        return f"redis+sentinel://127.0.0.1:{self.sentinel_port}/{SENTINEL_SERVICE}/0"
+
+    def sentinel_client(self) -> aioredis.Redis:
+        """A client of the Sentinel itself (close it with `aclose`)."""
+        return aioredis.Redis(
+            host="127.0.0.1", port=self.sentinel_port, socket_timeout=5.0, decode_responses=True
+        )
+
+    async def start(self) -> None:
+        """Start the master, the replica and the Sentinel; wait until the Sentinel knows both."""
+        await self.master.start()
+        await self.replica.start()
+        config = self.directory / "sentinel" / "sentinel.conf"
+        master_port = self.tls_ports["master"] if self.tls else self.master.port
+        lines = [
+            f"port {self.sentinel_port}",
+            "bind 127.0.0.1",
+            f"dir {self.directory / 'sentinel'}",
+            f"logfile {self.directory / 'sentinel' / 'sentinel.log'}",
+            f"sentinel monitor {SENTINEL_SERVICE} 127.0.0.1 {master_port} 1",
+            f"sentinel down-after-milliseconds {SENTINEL_SERVICE} 1000",
+            f"sentinel failover-timeout {SENTINEL_SERVICE} 10000",
+        ]
+        if self.password:
+            lines.append(f"sentinel auth-pass {SENTINEL_SERVICE} {self.password}")
+        args = self._tls("sentinel")
+        lines += [f"{args[i][2:]} {args[i + 1]}" for i in range(0, len(args), 2)]
+        config.write_text("\n".join(lines) + "\n", encoding="utf-8")
+        self.sentinel = await asyncio.create_subprocess_exec(
+            redis_server_path(), str(config), "--sentinel", stdin=asyncio.subprocess.DEVNULL
+        )
+        await self._until("the Sentinel sees the replica", self._replica_known)
+
+    async def failover(self) -> None:
+        """The master crashes (SIGKILL) and `SENTINEL FAILOVER` promotes the replica; returns
+        once the replica serves as the master. (With the old master alive, it would take writes
+        until the Sentinel's next 10 s look turns it into a replica, and lose them.)"""
+        await self.master.kill()
+        client = self.sentinel_client()
+        try:
+            await sentinel_command(client, "FAILOVER", SENTINEL_SERVICE)
+        finally:
+            await client.aclose()
+        await self._until("the replica is promoted", self._promoted)
+
+    async def _replica_known(self) -> bool:
+        client = self.sentinel_client()
+        try:
+            replicas = await sentinel_command(client, "REPLICAS", SENTINEL_SERVICE)
+        finally:
+            await client.aclose()
+        for replica in replicas:
+            # A map under RESP3, a flat list of names and values under RESP2.
+            fields = (
+                replica
+                if isinstance(replica, dict)
+                else dict(zip(*[iter(replica)] * 2, strict=True))
+            )
+            if fields.get("flags") == "slave" and fields.get("master-link-status") == "ok":
+                return True
+        return False
+
+    async def _promoted(self) -> bool:
+        client = self.sentinel_client()
+        try:
+            _host, port = await sentinel_command(
+                client, "GET-MASTER-ADDR-BY-NAME", SENTINEL_SERVICE
+            )
+        finally:
+            await client.aclose()
+        if int(port) not in (self.replica.port, self.tls_ports["replica"]):
+            return False
+        replica = self.replica.client()
+        try:
+            return bool((await replica.info("replication"))["role"] == "master")
+        finally:
+            await replica.aclose()
+
+    async def _until(self, what: str, check: Callable[[], Awaitable[bool]]) -> None:
+        deadline = asyncio.get_running_loop().time() + SENTINEL_WAIT_S
+        while True:
+            if self.sentinel is not None and self.sentinel.returncode is not None:
+                log = (self.directory / "sentinel" / "sentinel.log").read_text(errors="replace")
+                pytest.fail(f"redis-server --sentinel exited: {log[-2000:]}")
+            with contextlib.suppress(OSError, aioredis.ConnectionError):
+                if await check():
+                    return
+            if asyncio.get_running_loop().time() > deadline:
+                pytest.fail(f"not within {SENTINEL_WAIT_S} s: {what}")
+            await asyncio.sleep(0.1)
+
+    async def stop(self) -> None:
+        """Stop the Sentinel, the replica and the master."""
+        process, self.sentinel = self.sentinel, None
+        if process is not None and process.returncode is None:
+            await terminate(process)
+        await self.replica.stop()
+        await self.master.stop()
+
+
+@contextlib.asynccontextmanager
+async def running_sentinel(
+    *, password: str = "", tls: tuple[Path, Path, Path] | None = None
+) -> AsyncIterator[SentinelGroup]:
+    """A started `SentinelGroup` in a temporary directory, stopped and removed afterwards."""
+    with tempfile.TemporaryDirectory(prefix="fwd-sentinel-") as tmp:
+        group = SentinelGroup(Path(tmp), password=password, tls=tls)
+        try:
+            await group.start()
+            yield group
+        finally:
+            await group.stop()

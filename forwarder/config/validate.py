@@ -29,6 +29,14 @@ from forwarder.config.schema import (
     ConfigError,
 )
 from forwarder.config.setting import bounds_error, short
+from forwarder.fleet.topology import (
+    CLUSTER_REFUSAL,
+    CLUSTER_SCHEMES,
+    SENTINEL_SCHEMES,
+    BadRedisUrl,
+    parse_sentinel_url,
+    scheme_of,
+)
 
 __all__ = ["check_exposure", "suggest", "validate_config"]
 
@@ -243,6 +251,38 @@ def validate_config(config: Config, origins: Mapping[str, str]) -> Config:
     )
 
 
+def _validate_redis_url(url: str, fail: Callable[[str, str], ConfigError]) -> None:
+    """`fleet.redis_url`: one endpoint or Sentinel; Cluster refused. The URL is never echoed:
+    it may hold a password pasted by mistake."""
+    scheme = scheme_of(url)
+    if scheme in CLUSTER_SCHEMES:
+        raise fail("fleet.redis_url", CLUSTER_REFUSAL)
+    if scheme in SENTINEL_SCHEMES:
+        try:
+            parse_sentinel_url(url)
+        except BadRedisUrl as exc:
+            raise fail("fleet.redis_url", str(exc)) from None
+        return
+    parts = urlsplit(url)
+    if parts.scheme not in _REDIS_SCHEMES:
+        raise fail(
+            "fleet.redis_url",
+            f"must start with {', '.join(s + '://' for s in _REDIS_SCHEMES + SENTINEL_SCHEMES)}; "
+            "the value is not shown",
+        )
+    if parts.password is not None:
+        raise fail(
+            "fleet.redis_url",
+            "must not hold a password (it would be logged with the URL); put it in "
+            "fleet.redis_password_file or the systemd credential redis_password; "
+            "the value is not shown",
+        )
+    if parts.scheme == "unix" and not parts.path.startswith("/"):
+        raise fail("fleet.redis_url", "a unix:// URL needs an absolute socket path")
+    if parts.scheme != "unix" and not parts.hostname:
+        raise fail("fleet.redis_url", "names no host; the value is not shown")
+
+
 def _validate_fleet(config: Config, fail: Callable[[str, str], ConfigError]) -> None:
     """The `[fleet]` rules a per-field bound cannot say: URL syntax, names, related timings."""
     fleet = config.fleet
@@ -258,25 +298,7 @@ def _validate_fleet(config: Config, fail: Callable[[str, str], ConfigError]) -> 
             "deliver its events; use configured accounts",
         )
     if fleet.redis_url:
-        # The URL is not echoed: it may hold a password pasted by mistake.
-        parts = urlsplit(fleet.redis_url)
-        if parts.scheme not in _REDIS_SCHEMES:
-            raise fail(
-                "fleet.redis_url",
-                f"must start with {', '.join(s + '://' for s in _REDIS_SCHEMES)}; "
-                "the value is not shown",
-            )
-        if parts.password is not None:
-            raise fail(
-                "fleet.redis_url",
-                "must not hold a password (it would be logged with the URL); put it in "
-                "fleet.redis_password_file or the systemd credential redis_password; "
-                "the value is not shown",
-            )
-        if parts.scheme == "unix" and not parts.path.startswith("/"):
-            raise fail("fleet.redis_url", "a unix:// URL needs an absolute socket path")
-        if parts.scheme != "unix" and not parts.hostname:
-            raise fail("fleet.redis_url", "names no host; the value is not shown")
+        _validate_redis_url(fleet.redis_url, fail)
     if fleet.redis_password_file and (
         not fleet.redis_password_file.startswith("/") or "\0" in fleet.redis_password_file
     ):

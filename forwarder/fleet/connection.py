@@ -9,10 +9,9 @@ check of idle connections. On top, `FleetClient.call` bounds every call as a who
 included) and turns any failure to reach Redis into `RedisUnavailable`, whose message names
 the operation and the kind of failure only: the fallback code catches that one exception.
 
-Sentinel (`redis+sentinel://`) is not a URL redis-py's `from_url` reads, and Cluster needs a
-different client; this version takes one endpoint (a standalone server, a managed service's
-primary endpoint, or a Sentinel-aware proxy). Keys are laid out for a cluster all the same:
-every key of an account shares its hash tag (`account_key`).
+A master behind Sentinel (`redis+sentinel://`) is not a URL redis-py's `from_url` reads:
+`topology.build_client` makes that client. Cluster is refused at config time (see topology);
+keys are laid out for a cluster all the same: every key of an account shares its hash tag.
 
 At start `check_server` reads `CONFIG GET appendonly appendfsync maxmemory-policy` and returns
 one warning per setting that can lose acknowledged writes or evict keys; a server that refuses
@@ -30,6 +29,7 @@ from types import ModuleType
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from forwarder.config.schema import ConfigError, FleetConfig
+from forwarder.fleet.topology import build_client
 from forwarder.ops.credentials import Secret
 
 if TYPE_CHECKING:
@@ -216,11 +216,11 @@ def connect(
     }
     if password is not None:
         options["password"] = password.reveal()
-    if fleet.redis_url.startswith("rediss://"):
+    if fleet.redis_url.startswith(("rediss://", "rediss+sentinel://")):
         # Certificates and host names always verified, as for the remote.
         options["ssl_cert_reqs"] = "required"
         options["ssl_check_hostname"] = True
-    client = aioredis.Redis.from_url(fleet.redis_url, **options)
+    client = build_client(aioredis, fleet.redis_url, options)
     return FleetClient(client, fleet, member)
 
 

@@ -40,6 +40,8 @@ def test_fleet_is_off_by_default() -> None:
         "rediss://redis.internal:6380/2",
         "unix:///run/redis.sock",
         "redis://default@10.0.0.5:6379",
+        "redis+sentinel://10.0.0.1:26379,10.0.0.2:26379,s3.internal/fwd-master/2",
+        "rediss+sentinel://[::1]:26380/mymaster",
     ],
 )
 def test_redis_urls_accepted(tmp_path: Path, url: str) -> None:
@@ -55,6 +57,18 @@ def test_redis_urls_accepted(tmp_path: Path, url: str) -> None:
         (f'redis_url = "redis://:{PASSWORD}@redis:6379"', "fleet.redis_url", "password"),
         ('redis_url = "unix://relative.sock"', "fleet.redis_url", "absolute socket path"),
         ('redis_url = "redis://"', "fleet.redis_url", "no host"),
+        ('redis_url = "redis+sentinel://s1:26379"', "fleet.redis_url", "master's name"),
+        ('redis_url = "redis+sentinel://s1:26379/m/16"', "fleet.redis_url", "0 to 15"),
+        ('redis_url = "redis+sentinel://s1:26379/m/x"', "fleet.redis_url", "database number"),
+        ('redis_url = "redis+sentinel://s1:99999/m"', "fleet.redis_url", "port"),
+        ('redis_url = "redis+sentinel://s1,,s2/m"', "fleet.redis_url", "valid host"),
+        ('redis_url = "redis+sentinel://s1/m?db=1"', "fleet.redis_url", "no query"),
+        (
+            f'redis_url = "redis+sentinel://:{PASSWORD}@s1:26379/m"',
+            "fleet.redis_url",
+            "password",
+        ),
+        ('redis_url = "redis+cluster://r1:7000,r2:7000"', "fleet.redis_url", "Cluster"),
         (f'redis_password_file = "{PASSWORD}"', "fleet.redis_password_file", "absolute path"),
         ('member = "web 1"', "fleet.member", "letters, digits"),
         ('key_prefix = "a{b}"', "fleet.key_prefix", "letters, digits"),
