@@ -12,22 +12,24 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
-from pathlib import Path
 from typing import Any
 
 import orjson
 
-from forwarder.cli.fleetqueue import add_queue_commands, read_queues, render_queues
-from forwarder.config.load import load_config
-from forwarder.config.schema import Config, ConfigError
+from forwarder.cli.fleetqueue import (
+    add_queue_commands,
+    on_fleet,
+    read_queues,
+    render_queues,
+)
+from forwarder.config.schema import Config
 from forwarder.fleet.budget import read_budgets
-from forwarder.fleet.connection import RedisUnavailable, connect
+from forwarder.fleet.connection import connect
 from forwarder.fleet.host import member_name
 from forwarder.fleet.members import read_members
 from forwarder.ops.credentials import resolve_redis_password
 
 DOCS = "docs/how-to/fleet.md"
-EX_UNAVAILABLE = 2
 
 
 def add_command(sub: Any, config_help: str) -> None:
@@ -53,17 +55,10 @@ def add_command(sub: Any, config_help: str) -> None:
 
 def cmd_fleet_status(args: argparse.Namespace) -> int:
     """`forwarder fleet status`."""
-    try:
-        config = load_config(Path(args.config) if args.config else None)
-        if not config.fleet.enabled:
-            raise ConfigError("fleet.redis_url is not set: this host is in no fleet")
-        state = asyncio.run(read_fleet(config))
-    except ConfigError as exc:
-        print(f"forwarder fleet status: {exc}", file=sys.stderr)
-        return EX_UNAVAILABLE
-    except RedisUnavailable as exc:
-        print(f"forwarder fleet status: cannot reach Redis: {exc}", file=sys.stderr)
-        return EX_UNAVAILABLE
+    done = on_fleet(args, "status", read_fleet)
+    if isinstance(done, int):
+        return done
+    _config, state = done
     if args.json:
         sys.stdout.write(orjson.dumps(state, option=orjson.OPT_INDENT_2).decode() + "\n")
     else:

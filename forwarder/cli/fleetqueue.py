@@ -13,8 +13,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
+from collections.abc import Callable, Coroutine
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from forwarder.config.load import load_config
 from forwarder.config.schema import Config, ConfigError
@@ -24,6 +25,7 @@ from forwarder.fleet.host import member_name
 from forwarder.ops.credentials import resolve_redis_password
 
 EX_UNAVAILABLE = 2
+T = TypeVar("T")
 
 
 def add_queue_commands(commands: Any, config_help: str, docs: str) -> None:
@@ -77,18 +79,28 @@ def render_queues(state: dict[str, Any]) -> list[str]:
     return lines
 
 
-def _run(args: argparse.Namespace, what: str, drain: bool) -> int:
+def on_fleet(
+    args: argparse.Namespace, what: str, work: Callable[[Config], Coroutine[Any, Any, T]]
+) -> tuple[Config, T] | int:
+    """The config, and what `work` read or did on the fleet's Redis; or, when there is no
+    fleet or no Redis, the exit code after one line on stderr saying why."""
     try:
         config = load_config(Path(args.config) if args.config else None)
         if not config.fleet.enabled:
             raise ConfigError("fleet.redis_url is not set: this host is in no fleet")
-        changed = asyncio.run(_drain(config, args.member, drain))
+        return config, asyncio.run(work(config))
     except ConfigError as exc:
         print(f"forwarder fleet {what}: {exc}", file=sys.stderr)
-        return EX_UNAVAILABLE
     except RedisUnavailable as exc:
         print(f"forwarder fleet {what}: cannot reach Redis: {exc}", file=sys.stderr)
-        return EX_UNAVAILABLE
+    return EX_UNAVAILABLE
+
+
+def _run(args: argparse.Namespace, what: str, drain: bool) -> int:
+    done = on_fleet(args, what, lambda config: _drain(config, args.member, drain))
+    if isinstance(done, int):
+        return done
+    config, changed = done
     if drain:
         print(
             f"{args.member} is drained: it hands its partitions to the others within "

@@ -12,6 +12,7 @@ from collections import Counter
 
 import aiohttp
 
+from tests.conftest import DaemonProc, MockProc
 from tests.e2e.test_flow import StartDaemon, StartMock, post_batch, stats_of, wait_until
 from tests.redisserver import RedisServer
 
@@ -25,9 +26,10 @@ QUOTA = RATE_LIMIT * WINDOW_S // 60
 STRAYS = QUOTA // 4
 
 
-async def test_three_hosts_share_the_quota_without_a_429(
+async def start_fleet(
     mock_remote: StartMock, daemon: StartDaemon, redis_server: RedisServer
-) -> None:
+) -> tuple[MockProc, list[DaemonProc]]:
+    """A mock remote with one limited account, and HOSTS forwarders sharing its budget."""
     mock = await mock_remote("--rate-limit", str(RATE_LIMIT), "--window-s", str(WINDOW_S))
     hosts = [
         await daemon(
@@ -37,15 +39,26 @@ async def test_three_hosts_share_the_quota_without_a_429(
         )
         for n in range(HOSTS)
     ]
+    return mock, hosts
+
+
+async def send_batches(hosts: list[DaemonProc]) -> None:
+    """PER_HOST events to each host, ten recipients of its own, values in sending order."""
+    for n, host in enumerate(hosts):
+        batch = [
+            {"recipient_id": f"h{n}-r{i % 10}", "name": "PAGE_VIEW", "value": str(i)}
+            for i in range(PER_HOST)
+        ]
+        async with aiohttp.ClientSession(base_url=host.url) as http_host:
+            assert (await post_batch(http_host, batch))[0] == 202
+
+
+async def test_three_hosts_share_the_quota_without_a_429(
+    mock_remote: StartMock, daemon: StartDaemon, redis_server: RedisServer
+) -> None:
+    mock, hosts = await start_fleet(mock_remote, daemon, redis_server)
     async with aiohttp.ClientSession() as http:
-        for n, host in enumerate(hosts):
-            batch = [
-                {"recipient_id": f"h{n}-r{i % 10}", "name": "PAGE_VIEW", "value": str(i)}
-                for i in range(PER_HOST)
-            ]
-            http_host = aiohttp.ClientSession(base_url=host.url)
-            async with http_host:
-                assert (await post_batch(http_host, batch))[0] == 202
+        await send_batches(hosts)
 
         async def all_created() -> bool:
             return len((await mock.record())["events"]) >= HOSTS * PER_HOST
@@ -79,22 +92,8 @@ async def test_three_hosts_share_the_quota_without_a_429(
 async def test_a_frozen_redis_is_fallback_without_a_stampede(
     mock_remote: StartMock, daemon: StartDaemon, redis_server: RedisServer
 ) -> None:
-    mock = await mock_remote("--rate-limit", str(RATE_LIMIT), "--window-s", str(WINDOW_S))
-    hosts = [
-        await daemon(
-            mock.base_url,
-            remote={"rate_limit_per_minute": RATE_LIMIT},
-            fleet={"redis_url": redis_server.url, "member": f"host-{n}", "key_prefix": "e2e"},
-        )
-        for n in range(HOSTS)
-    ]
-    for n, host in enumerate(hosts):
-        batch = [
-            {"recipient_id": f"h{n}-r{i % 10}", "name": "PAGE_VIEW", "value": str(i)}
-            for i in range(PER_HOST)
-        ]
-        async with aiohttp.ClientSession(base_url=host.url) as http_host:
-            assert (await post_batch(http_host, batch))[0] == 202
+    mock, hosts = await start_fleet(mock_remote, daemon, redis_server)
+    await send_batches(hosts)
     await asyncio.sleep(2 * WINDOW_S)  # the fleet delivers from Redis
     redis_server.freeze()
     try:
