@@ -18,7 +18,7 @@ from forwarder.cli.dlq import add_commands
 from forwarder.cli.events import add_events_commands
 from forwarder.cli.fleet import add_command as add_fleet_command
 from forwarder.cli.status import add_command as add_status_command
-from forwarder.config.load import load_config
+from forwarder.config.load import DEFAULT_CONFIG_PATH, load_config
 from forwarder.config.render import render_effective
 from forwarder.config.schema import DEFAULT_ACCOUNT, Config, ConfigError
 from forwarder.config.validate import check_exposure
@@ -33,6 +33,10 @@ from forwarder.ops.credentials import (
 EXIT_CONFIG = 2
 # Set to 1 (or any value but 0) to run on asyncio's own loop even when uvloop is installed.
 NO_UVLOOP_ENV = "FORWARDER_NO_UVLOOP"
+
+
+# Every subcommand's --config help, naming the default the loader reads.
+CONFIG_HELP = f"TOML config file (default {DEFAULT_CONFIG_PATH})"
 
 
 def _fail(message: str, code: int = EXIT_CONFIG) -> int:
@@ -267,19 +271,19 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="run the daemon", epilog="Docs: docs/reference/cli.md")
-    run.add_argument("--config", help="TOML config file (default /etc/forwarder/forwarder.toml)")
+    run.add_argument("--config", help=CONFIG_HELP)
     run.set_defaults(func=cmd_run)
 
-    add_commands(sub, "TOML config file (default /etc/forwarder/forwarder.toml)")
-    add_status_command(sub, "TOML config file (default /etc/forwarder/forwarder.toml)")
-    add_fleet_command(sub, "TOML config file (default /etc/forwarder/forwarder.toml)")
+    add_commands(sub, CONFIG_HELP)
+    add_status_command(sub, CONFIG_HELP)
+    add_fleet_command(sub, CONFIG_HELP)
 
     reload = sub.add_parser(
         "reload",
         help="make the running daemon re-read its config (SIGHUP)",
         epilog="Docs: docs/how-to/reload.md",
     )
-    reload.add_argument("--config", help="TOML config file (default /etc/forwarder/forwarder.toml)")
+    reload.add_argument("--config", help=CONFIG_HELP)
     reload.set_defaults(func=cmd_reload)
 
     check = sub.add_parser(
@@ -287,7 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="validate and print the effective config",
         epilog="Docs: docs/reference/configuration.md",
     )
-    check.add_argument("--config", help="TOML config file (default /etc/forwarder/forwarder.toml)")
+    check.add_argument("--config", help=CONFIG_HELP)
     check.set_defaults(func=cmd_check_config)
 
     send = sub.add_parser(
