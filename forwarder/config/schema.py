@@ -575,8 +575,8 @@ class FleetConfig:
         '"redis+sentinel://s1:26379,s2:26379/MASTERNAME/0" ("rediss+sentinel://": TLS).\n'
         '"" (the default): no fleet, every budget is this host\'s own. Redis Cluster is not '
         "supported.\nNo password in the URL: it comes from redis_password_file or the systemd "
-        "credential\nredis_password (the data nodes'; Sentinels are asked without one), so it "
-        "never reaches a log.",
+        "credential\nredis_password (the data nodes'; the Sentinels' own: "
+        "sentinel_password_file), so it\nnever reaches a log.",
         secret="names",
         reload=False,
         example="rediss://redis.internal:6380/0",
@@ -587,12 +587,31 @@ class FleetConfig:
     )
     redis_password_file: str = setting(
         "",
-        doc="File holding the Redis password (then the systemd credential redis_password).",
+        doc="File holding the Redis password (then the systemd credential redis_password).\n"
+        "Read at start (a change needs a restart: redis-py cannot change a running pool's "
+        "password,\nand a restart hands the partitions over losing nothing).",
         secret="names",
+        # Rotation is a rolling restart with both passwords valid meanwhile (an ACL user's
+        # `>NEW` before `<OLD`): redis-py has no public way to change the pool's password, and
+        # a restart is a clean hand-over (docs/how-to/fleet.md).
         reload=False,
         bounds="an absolute path",
         ref="file holding the Redis password (`AUTH`); without it the systemd credential "
-        "`redis_password` is used when present, else no password",
+        "`redis_password` is used when present, else no password. Read at start; rotate it with "
+        "a rolling restart (see [Fleet mode](../how-to/fleet.md#redis-as-run-in-production))",
+    )
+    sentinel_password_file: str = setting(
+        "",
+        doc="With a Sentinel URL: file holding the Sentinels' own password (their requirepass), "
+        "then the\nsystemd credential sentinel_password; without either the Sentinels are asked "
+        "without one.",
+        secret="names",
+        # Read when the client is made, as redis_password_file.
+        reload=False,
+        bounds="an absolute path; only with a `redis+sentinel://` or `rediss+sentinel://` URL",
+        ref="file holding the Sentinels' password (their `requirepass`); without it the systemd "
+        "credential `sentinel_password` is used when present (with a Sentinel URL only), else "
+        "none. Read at start, as `redis_password_file`",
     )
     member: str = setting(
         "",
@@ -617,21 +636,29 @@ class FleetConfig:
     )
     claim_idle_s: float = setting(
         60.0,
-        reload=False,
         doc="A dead member's unacknowledged events are taken over after this long (longer than "
-        "a request's\nremote.timeout_s).",
+        "a request's\nremote.timeout_s). A reload applies it to the partitions acquired from then "
+        "on.",
         unit="seconds",
+        bounds="seconds, more than `remote.timeout_s` and `fleet.lease_s` (in a fleet)",
+        applied="reload (partitions acquired from then on)",
         ref="how long an event handed to a member may stay unacknowledged before another member "
-        "claims it; must exceed `remote.timeout_s`",
+        "claims it; must exceed `remote.timeout_s`. A reload is refused unless it exceeds the "
+        "running `remote.timeout_s`; it applies to the partitions acquired from then on (one "
+        "already waiting keeps its deadline, which was safe)",
     )
     lease_s: float = setting(
         10.0,
-        reload=False,
         doc="A partition's lease: renewed every lease_s / 3; a host that cannot renew stops "
-        "delivering\nfrom it before the lease ends.",
+        "delivering\nfrom it before the lease ends. A reload applies it at once: the held leases "
+        "are renewed\nfor the new length. Set the same on every host.",
         unit="seconds",
+        bounds="seconds, less than `fleet.claim_idle_s` (in a fleet)",
+        applied="reload (the next renewal, at once)",
         ref="how long a host owns a partition without renewing it; a stopped or cut-off host's "
-        "partitions move to the others after this",
+        "partitions move to the others after this. A reload renews the held leases for the new "
+        "length at once; hosts whose values differ meanwhile only move partitions around (the "
+        "leases fence every settle)",
     )
     key_prefix: str = setting(
         "forwarder",

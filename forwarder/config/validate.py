@@ -38,7 +38,7 @@ from forwarder.fleet.topology import (
     scheme_of,
 )
 
-__all__ = ["check_exposure", "suggest", "validate_config"]
+__all__ = ["check_exposure", "check_fleet", "suggest", "validate_config"]
 
 _ENV_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 # Redis URL schemes redis-py connects with: plain, TLS, a Unix socket.
@@ -283,6 +283,13 @@ def _validate_redis_url(url: str, fail: Callable[[str, str], ConfigError]) -> No
         raise fail("fleet.redis_url", "names no host; the value is not shown")
 
 
+def check_fleet(config: Config) -> None:
+    """The `[fleet]` rules between settings, for a configuration already loaded: a reload checks
+    them against what will run (a reloaded `fleet.claim_idle_s` against the running
+    `remote.timeout_s`, which needs a restart to change). Raises `ConfigError` naming the key."""
+    _validate_fleet(config, lambda key, detail: ConfigError(f"{key}: {detail}"))
+
+
 def _validate_fleet(config: Config, fail: Callable[[str, str], ConfigError]) -> None:
     """The `[fleet]` rules a per-field bound cannot say: URL syntax, names, related timings."""
     fleet = config.fleet
@@ -299,13 +306,21 @@ def _validate_fleet(config: Config, fail: Callable[[str, str], ConfigError]) -> 
         )
     if fleet.redis_url:
         _validate_redis_url(fleet.redis_url, fail)
-    if fleet.redis_password_file and (
-        not fleet.redis_password_file.startswith("/") or "\0" in fleet.redis_password_file
+    for key, path in (
+        ("fleet.redis_password_file", fleet.redis_password_file),
+        ("fleet.sentinel_password_file", fleet.sentinel_password_file),
     ):
+        if path and (not path.startswith("/") or "\0" in path):
+            raise fail(
+                key,
+                "must be an absolute path to the file holding the password, not the password "
+                "itself; the value is not shown",
+            )
+    if fleet.sentinel_password_file and scheme_of(fleet.redis_url) not in SENTINEL_SCHEMES:
         raise fail(
-            "fleet.redis_password_file",
-            "must be an absolute path to the file holding the password, not the password "
-            "itself; the value is not shown",
+            "fleet.sentinel_password_file",
+            "is the Sentinels' own password and needs a redis+sentinel:// or rediss+sentinel:// "
+            "fleet.redis_url; a single server's password is fleet.redis_password_file",
         )
     if fleet.member and not _MEMBER_RE.fullmatch(fleet.member):
         raise fail(

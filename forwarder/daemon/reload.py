@@ -5,6 +5,12 @@ named in the `reloaded` line as needing a restart. Of the others, a setting a co
 copy of is set there by `APPLY` when it changed; the rest are read where they are used: the
 accounts' and the lanes' settings (`remote.*`, `retry.*`) are handed to every lane again, the
 intake token is resolved again, `shutdown.timeout_s` is read at the stop.
+
+The rules between settings are checked again on what will run, the new values with the running
+restart-only ones: a reload whose `fleet.claim_idle_s` does not exceed the running
+`remote.timeout_s` is refused, whatever the file says of the timeout. The fleet's lease timings
+go to the shared queue (queue.mode "fleet"): the leases are renewed for the new `lease_s` at
+once, and partitions acquired from then on wait the new `claim_idle_s`.
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 import structlog
 
 from forwarder.config.schema import RESTART_ONLY, Config, ConfigError
-from forwarder.config.validate import check_exposure
+from forwarder.config.validate import check_exposure, check_fleet
 from forwarder.daemon.listeners import ensure_fd_room, exposed_listeners
 from forwarder.delivery.lane import LaneSettings
 from forwarder.intake.accounts import Account
@@ -26,6 +32,7 @@ from forwarder.ops.logs import set_log_level, set_secrets
 
 if TYPE_CHECKING:
     from forwarder.daemon.lifecycle import Daemon
+    from forwarder.fleet.host import SharedQueue
 
 log = structlog.get_logger("forwarder.daemon")
 
@@ -55,6 +62,12 @@ def _max_connections(daemon: Daemon, value: Any) -> None:
     ensure_fd_room(value)
 
 
+def _shared_queue(daemon: Daemon, apply: Callable[[SharedQueue], None]) -> None:
+    """Apply to the fleet's shared queue; in another queue.mode the leases' timings are unused."""
+    if daemon.fleet is not None and daemon.fleet.queue is not None:
+        apply(daemon.fleet.queue)
+
+
 # The reloadable settings a component keeps a copy of, and how a changed value is set there.
 APPLY: dict[str, Apply] = {
     "intake.max_batch": _set(lambda d: d._state, "max_batch"),
@@ -73,6 +86,8 @@ APPLY: dict[str, Apply] = {
     "state.outcome_retention_s": _set(lambda d: d.log.status if d.log else None, "retention_s"),
     "state.outcome_max_count": _set(lambda d: d.log.status if d.log else None, "max_count"),
     "log.level": lambda _d, v: set_log_level(v),
+    "fleet.lease_s": lambda d, v: _shared_queue(d, lambda q: q.set_lease_s(v)),
+    "fleet.claim_idle_s": lambda d, v: _shared_queue(d, lambda q: q.set_claim_idle_s(v)),
 }
 # Reloadable settings applied without `APPLY`: read again where they are used (see above).
 APPLIED_ELSEWHERE: frozenset[str] = frozenset(
@@ -124,18 +139,6 @@ async def reload(
 
 async def apply_reload(daemon: Daemon, config: Config, accounts: dict[str, Account]) -> bool:
     """Check a newly read configuration and apply it; a bad one is refused (returns False)."""
-    try:
-        if config.remote.default_account not in accounts:
-            raise ConfigError(
-                f"remote.default_account: no API key for account {config.remote.default_account!r}"
-            )
-        # Reading a token file is blocking: off the event loop.
-        token = await asyncio.to_thread(resolve_intake_token, config)
-        # Against the listeners serving now: their addresses need a restart to change.
-        check_exposure(exposed_listeners(daemon.activated, daemon.config), token is not None)
-    except ConfigError as exc:
-        log.error("reload_refused", error=str(exc), action="the running configuration stays")
-        return False
     old = daemon.config
     changed = changed_keys(old, config)
     restart_needed = [key for key in changed if key in RESTART_ONLY]
@@ -147,6 +150,22 @@ async def apply_reload(daemon: Daemon, config: Config, accounts: dict[str, Accou
             config,
             **{section: dataclasses.replace(getattr(config, section), **{name: running})},
         )
+    try:
+        if config.remote.default_account not in accounts:
+            raise ConfigError(
+                f"remote.default_account: no API key for account {config.remote.default_account!r}"
+            )
+        # The loader checked the file's values; what will run mixes them with the running
+        # restart-only ones (a new fleet.claim_idle_s against the running remote.timeout_s).
+        check_fleet(config)
+        # Reading a token file is blocking: off the event loop.
+        token = await asyncio.to_thread(resolve_intake_token, config)
+        # Against the listeners serving now: their addresses need a restart to change.
+        check_exposure(exposed_listeners(daemon.activated, daemon.config), token is not None)
+    except ConfigError as exc:
+        kept = f" ({', '.join(restart_needed)} keep their running values)" if restart_needed else ""
+        log.error("reload_refused", error=f"{exc}{kept}", action="the running configuration stays")
+        return False
     daemon.config = config
     for key in changed:
         if key in APPLY:

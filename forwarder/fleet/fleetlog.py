@@ -107,6 +107,7 @@ class FleetLog:
         self._tasks: list[asyncio.Task[None]] = []
         self._fill_wake = asyncio.Event()
         self._flush_wake = asyncio.Event()
+        self._own_wake = asyncio.Event()  # a reload's new lease_s: renew at once
         self.redis_errors = 0
         self.totals = QueueTotals()
         self._loading = True  # False once the daemon stops: the drain takes nothing new
@@ -213,6 +214,18 @@ class FleetLog:
         """The daemon is stopping: the drain delivers what is in the window, nothing new."""
         self._loading = self.window.loading = False
 
+    def set_lease_s(self, lease_s: float) -> None:
+        """A reload's `fleet.lease_s`: the next ownership round, at once, renews the held
+        leases for it (and beats every lease_s / 3 from then on)."""
+        self.ownership.leases.set_lease_s(lease_s)
+        self._own_wake.set()
+
+    def set_claim_idle_s(self, claim_idle_s: float) -> None:
+        """A reload's `fleet.claim_idle_s`: partitions acquired from then on wait it before
+        claiming what a holder that did not release them left (one waiting keeps its deadline,
+        which was safe: it exceeded the same remote.timeout_s)."""
+        self.window.claim_idle_ms = self.ownership.claim_idle_ms = int(claim_idle_s * 1000)
+
     def queue_view(self) -> dict[str, Any]:
         """The `queue` object of /v1/stats's `fleet`."""
         return queueview.view(self.ownership, self.window, self.fallback, self.totals)
@@ -272,11 +285,12 @@ class FleetLog:
     # -- loops ----------------------------------------------------------------------------------
 
     async def _own_loop(self) -> None:
-        period = self._config.fleet.lease_s / 3
         next_totals = 0.0
         loop = asyncio.get_running_loop()
         while True:
             _raise_if_cancelled()
+            period = self.ownership.leases.lease_s / 3  # a reload may change it
+            self._own_wake.clear()
             try:
                 async with asyncio.timeout(min(CALL_TIMEOUT_S, period * 2)):
                     await self.ownership.tick()
@@ -289,7 +303,7 @@ class FleetLog:
             except Exception as exc:
                 self._redis_failed("ownership", exc)
             self._fill_wake.set()
-            await asyncio.sleep(period)
+            await _wait(self._own_wake, period)
 
     async def _read_totals(self) -> None:
         """Stream lengths, pending counts and dead letters of this host's accounts."""

@@ -48,6 +48,14 @@ class SharedQueue(Protocol):
         """The daemon is stopping: load no more events from the shared queue."""
         ...
 
+    def set_lease_s(self, lease_s: float) -> None:
+        """A reload's `fleet.lease_s`: the held leases renewed for it at once."""
+        ...
+
+    def set_claim_idle_s(self, claim_idle_s: float) -> None:
+        """A reload's `fleet.claim_idle_s`: for the partitions acquired from then on."""
+        ...
+
 
 def member_name(config: Config) -> str:
     """`fleet.member`, else the host name (its first label, as `fleet.member` allows)."""

@@ -114,13 +114,19 @@ class Leases:
         self._redis = redis
         self._prefix = prefix
         self.member = member
-        self.lease_s = lease_s
-        self._lease_ms = max(1, int(lease_s * 1000))
-        self._margin = max(MIN_MARGIN_S, lease_s * MARGIN_SHARE)
+        self.set_lease_s(lease_s)
         self._clock = clock
         self._acquire = redis.register_script(ACQUIRE)
         self._renew = redis.register_script(RENEW)
         self._release = redis.register_script(RELEASE)
+
+    def set_lease_s(self, lease_s: float) -> None:
+        """The lease's length from the next acquisition or renewal on (a reload). A lease held
+        now keeps its local deadline until then: Redis holds it at least that long, so a
+        shorter new length cannot leave this host delivering past the lease in Redis."""
+        self.lease_s = lease_s
+        self._lease_ms = max(1, int(lease_s * 1000))
+        self._margin = max(MIN_MARGIN_S, lease_s * MARGIN_SHARE)
 
     def _deadline(self, sent_at: float) -> float:
         return sent_at + self.lease_s - self._margin

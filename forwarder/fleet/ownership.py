@@ -107,7 +107,8 @@ class Ownership:
         self.member = leases.member
         self.prefix = prefix
         self.partitions = partitions
-        self._claim_idle_ms = claim_idle_ms
+        # Set again by a reload: the hand-over mark of the next release lives this long.
+        self.claim_idle_ms = claim_idle_ms
         self._accounts = accounts
         self._in_flight = in_flight
         self._gained = gained
@@ -172,7 +173,7 @@ class Ownership:
             return
         self._lost(lease)
         await self.leases.release(
-            lease, group=GROUP, idle_ms=self._claim_idle_ms, limit=HAND_OVER_LIMIT
+            lease, group=GROUP, idle_ms=self.claim_idle_ms, limit=HAND_OVER_LIMIT
         )
 
     async def release_all(self) -> None:

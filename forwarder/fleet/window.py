@@ -95,7 +95,8 @@ class FleetWindow:
     ) -> None:
         self._streams = streams
         self._queue = queue
-        self._claim_idle_ms = claim_idle_ms
+        # Set again by a reload: partitions acquired from then on wait this long.
+        self.claim_idle_ms = claim_idle_ms
         self._valid = valid
         self._clock = clock
         self._parts: dict[tuple[str, int], _Part] = {}
@@ -119,7 +120,7 @@ class FleetWindow:
         it had sent by then has had its answer (claim_idle_s > remote.timeout_s)."""
         part = _Part(lease)
         if not lease.clean:
-            part.claim_all_at = self._clock() + self._claim_idle_ms / 1000
+            part.claim_all_at = self._clock() + self.claim_idle_ms / 1000
         self._parts[(lease.account, lease.partition)] = part
 
     def stopped(self, lease: Lease) -> None:

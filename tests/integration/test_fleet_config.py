@@ -13,6 +13,7 @@ from forwarder.config.schema import ConfigError
 
 PASSWORD = "hunter2-redis-SECRET"
 FLEET = 'redis_url = "redis://127.0.0.1:6379"\n'
+SENTINEL = 'redis_url = "redis+sentinel://127.0.0.1:26379/fwd-master/0"\n'
 
 
 @pytest.fixture(autouse=True)
@@ -70,6 +71,21 @@ def test_redis_urls_accepted(tmp_path: Path, url: str) -> None:
         ),
         ('redis_url = "redis+cluster://r1:7000,r2:7000"', "fleet.redis_url", "Cluster"),
         (f'redis_password_file = "{PASSWORD}"', "fleet.redis_password_file", "absolute path"),
+        (
+            f'{SENTINEL}sentinel_password_file = "{PASSWORD}"',
+            "fleet.sentinel_password_file",
+            "absolute path",
+        ),
+        (
+            f'{FLEET}sentinel_password_file = "/etc/forwarder/sentinel-password"',
+            "fleet.sentinel_password_file",
+            "redis+sentinel://",
+        ),
+        (
+            'sentinel_password_file = "/etc/forwarder/sentinel-password"',
+            "fleet.sentinel_password_file",
+            "redis+sentinel://",
+        ),
         ('member = "web 1"', "fleet.member", "letters, digits"),
         ('key_prefix = "a{b}"', "fleet.key_prefix", "letters, digits"),
         ("partitions = 0", "fleet.partitions", ""),
@@ -90,6 +106,12 @@ def test_bad_fleet_settings_are_refused_naming_the_key(
     assert PASSWORD not in message  # a password pasted into the URL or the file key
 
 
+def test_the_sentinel_password_file_goes_with_a_sentinel_url(tmp_path: Path) -> None:
+    path = "/etc/forwarder/sentinel-password"
+    fleet = load(tmp_path, f'{SENTINEL}sentinel_password_file = "{path}"').fleet
+    assert fleet.sentinel_password_file == path
+
+
 def test_fleet_settings_from_the_environment(tmp_path: Path) -> None:
     env = {"FORWARDER_FLEET_REDIS_URL": "redis://127.0.0.1:7000", "FORWARDER_FLEET_MEMBER": "h-2"}
     fleet = load_config(env=env).fleet
@@ -100,6 +122,7 @@ def test_restart_only_fleet_settings() -> None:
     assert {"fleet.redis_url", "fleet.partitions", "fleet.member", "fleet.key_prefix"} <= set(
         cfg.RESTART_ONLY
     )
+    assert not {"fleet.lease_s", "fleet.claim_idle_s"} & set(cfg.RESTART_ONLY)
 
 
 def test_fleet_timings_bind_only_in_a_fleet(tmp_path: Path) -> None:
