@@ -183,16 +183,24 @@ async def sentinel_command(client: aioredis.Redis, *args: str) -> Any:
 
 
 class SentinelGroup:
-    """A master, one replica and one Sentinel watching them (quorum 1), in one directory.
+    """A master, one replica and one Sentinel watching them (quorum 1), in one directory; the
+    Sentinel with a `requirepass` of its own when `sentinel_password` is given.
 
     `url` is the `redis+sentinel://` address a forwarder is configured with; `failover` kills
     the master and has the Sentinel promote the replica.
     """
 
     def __init__(
-        self, directory: Path, *, password: str = "", tls: tuple[Path, Path, Path] | None = None
+        self,
+        directory: Path,
+        *,
+        password: str = "",
+        tls: tuple[Path, Path, Path] | None = None,
+        sentinel_password: str = "",
     ) -> None:
         self.directory = directory
+        # The Sentinel's own `requirepass` (the data nodes' is `password`).
+        self.sentinel_password = sentinel_password
         for name in ("master", "replica", "sentinel"):
             (directory / name).mkdir()
         # With `tls` (CA, certificate, key): every process also listens with TLS on a second
@@ -243,7 +251,11 @@ class SentinelGroup:
     def sentinel_client(self) -> aioredis.Redis:
         """A client of the Sentinel itself (close it with `aclose`)."""
         return aioredis.Redis(
-            host="127.0.0.1", port=self.sentinel_port, socket_timeout=5.0, decode_responses=True
+            host="127.0.0.1",
+            port=self.sentinel_port,
+            password=self.sentinel_password or None,
+            socket_timeout=5.0,
+            decode_responses=True,
         )
 
     async def start(self) -> None:
@@ -263,6 +275,8 @@ class SentinelGroup:
         ]
         if self.password:
             lines.append(f"sentinel auth-pass {SENTINEL_SERVICE} {self.password}")
+        if self.sentinel_password:
+            lines.append(f"requirepass {self.sentinel_password}")
         args = self._tls("sentinel")
         lines += [f"{args[i][2:]} {args[i + 1]}" for i in range(0, len(args), 2)]
         config.write_text("\n".join(lines) + "\n", encoding="utf-8")
@@ -340,11 +354,16 @@ class SentinelGroup:
 
 @contextlib.asynccontextmanager
 async def running_sentinel(
-    *, password: str = "", tls: tuple[Path, Path, Path] | None = None
+    *,
+    password: str = "",
+    tls: tuple[Path, Path, Path] | None = None,
+    sentinel_password: str = "",
 ) -> AsyncIterator[SentinelGroup]:
     """A started `SentinelGroup` in a temporary directory, stopped and removed afterwards."""
     with tempfile.TemporaryDirectory(prefix="fwd-sentinel-") as tmp:
-        group = SentinelGroup(Path(tmp), password=password, tls=tls)
+        group = SentinelGroup(
+            Path(tmp), password=password, tls=tls, sentinel_password=sentinel_password
+        )
         try:
             await group.start()
             yield group

@@ -10,7 +10,6 @@ Exit status: 0 when read, 2 when there is no fleet configured or Redis cannot be
 from __future__ import annotations
 
 import argparse
-import asyncio
 import sys
 from typing import Any
 
@@ -24,10 +23,8 @@ from forwarder.cli.fleetqueue import (
 )
 from forwarder.config.schema import Config
 from forwarder.fleet.budget import read_budgets
-from forwarder.fleet.connection import connect
-from forwarder.fleet.host import member_name
+from forwarder.fleet.host import open_client
 from forwarder.fleet.members import read_members
-from forwarder.ops.credentials import resolve_redis_password
 
 DOCS = "docs/how-to/fleet.md"
 
@@ -68,8 +65,7 @@ def cmd_fleet_status(args: argparse.Namespace) -> int:
 
 async def read_fleet(config: Config) -> dict[str, Any]:
     """Members and budgets of the fleet `config` names."""
-    password = await asyncio.to_thread(resolve_redis_password, config)
-    fleet = connect(config.fleet, member=member_name(config), password=password)
+    fleet, _ = await open_client(config)
     try:
         return {
             "key_prefix": config.fleet.key_prefix,

@@ -18,10 +18,8 @@ from typing import Any, TypeVar
 from forwarder.config.load import load_config
 from forwarder.config.schema import Config
 from forwarder.fleet import deadletters
-from forwarder.fleet.connection import connect
-from forwarder.fleet.host import member_name
+from forwarder.fleet.host import open_client
 from forwarder.fleet.queuestatus import known_accounts
-from forwarder.ops.credentials import resolve_redis_password
 
 T = TypeVar("T")
 
@@ -36,9 +34,7 @@ def fleet_config(args: argparse.Namespace) -> Config | None:
 
 def _run(config: Config, work: Callable[[Any], Awaitable[T]]) -> T:
     async def main() -> T:
-        fleet = connect(
-            config.fleet, member=member_name(config), password=resolve_redis_password(config)
-        )
+        fleet, _ = await open_client(config)
         try:
             return await work(fleet.client)
         finally:

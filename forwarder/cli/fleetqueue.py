@@ -20,9 +20,8 @@ from typing import Any, TypeVar
 from forwarder.config.load import load_config
 from forwarder.config.schema import Config, ConfigError
 from forwarder.fleet import queuestatus
-from forwarder.fleet.connection import RedisUnavailable, connect
-from forwarder.fleet.host import member_name
-from forwarder.ops.credentials import resolve_redis_password
+from forwarder.fleet.connection import RedisUnavailable
+from forwarder.fleet.host import open_client
 
 EX_UNAVAILABLE = 2
 T = TypeVar("T")
@@ -114,8 +113,7 @@ def _run(args: argparse.Namespace, what: str, drain: bool) -> int:
 
 
 async def _drain(config: Config, member: str, drain: bool) -> bool:
-    password = await asyncio.to_thread(resolve_redis_password, config)
-    fleet = connect(config.fleet, member=member_name(config), password=password)
+    fleet, _ = await open_client(config)
     prefix = config.fleet.key_prefix
     try:
         if drain:

@@ -148,7 +148,7 @@ class AccountLanes:
         d = self._d
         accounts = [*d.accounts.configured.values(), *d.accounts.clients.values()]
         token = [d.intake_token.secret.reveal()] if d.intake_token else []
-        redis = [d.fleet.password.reveal()] if d.fleet and d.fleet.password else []
+        redis = d.fleet.secrets() if d.fleet else []
         return [a.key.reveal() for a in accounts] + token + redis
 
 

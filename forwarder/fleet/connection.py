@@ -197,8 +197,10 @@ def connect(
     member: str,
     password: Secret | None,
     socket_timeout_s: float = SOCKET_TIMEOUT_S,
+    sentinel_password: Secret | None = None,
 ) -> FleetClient:
-    """The process's fleet client (no I/O yet: the first call connects)."""
+    """The process's fleet client (no I/O yet: the first call connects). `sentinel_password`:
+    the Sentinels' own, with a Sentinel URL (credentials.resolve_sentinel_password)."""
     aioredis = import_redis()
     from redis.asyncio.retry import Retry
     from redis.backoff import ExponentialBackoff
@@ -220,7 +222,8 @@ def connect(
         # Certificates and host names always verified, as for the remote.
         options["ssl_cert_reqs"] = "required"
         options["ssl_check_hostname"] = True
-    client = build_client(aioredis, fleet.redis_url, options)
+    sentinel = sentinel_password.reveal() if sentinel_password is not None else None
+    client = build_client(aioredis, fleet.redis_url, options, sentinel_password=sentinel)
     return FleetClient(client, fleet, member)
 
 

@@ -29,16 +29,14 @@ from forwarder.config.schema import Config, ConfigError
 from forwarder.delivery.deadletter import DeadLetterNote
 from forwarder.events import Event
 from forwarder.fleet import queuestatus, queueview
-from forwarder.fleet.connection import connect
 from forwarder.fleet.fallback import Fallback
-from forwarder.fleet.host import member_name
+from forwarder.fleet.host import member_name, open_client
 from forwarder.fleet.leases import Leases
 from forwarder.fleet.ownership import Ownership
 from forwarder.fleet.partition import partition_of
 from forwarder.fleet.queueview import QueueTotals
 from forwarder.fleet.streams import Streams, encode_event
 from forwarder.fleet.window import FleetWindow
-from forwarder.ops.credentials import resolve_redis_password
 from forwarder.storage import spooled
 from forwarder.storage.eventstatus import StatusBook
 from forwarder.storage.log import EventLog, LogDeps, LogError, Stored
@@ -417,8 +415,7 @@ async def _client(
     if deps.fleet is not None:
         return deps.fleet.client.client, None
     try:
-        password = await asyncio.to_thread(resolve_redis_password, config)
-        fleet = connect(config.fleet, member=member_name(config), password=password)
+        fleet, _ = await open_client(config)
     except ConfigError as exc:
         raise LogError(str(exc)) from None
     return fleet.client, fleet.aclose

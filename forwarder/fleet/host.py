@@ -23,7 +23,8 @@ from forwarder.fleet.budget import RedisRateBudget
 from forwarder.fleet.connection import FleetClient, RedisUnavailable, connect
 from forwarder.fleet.members import Members
 from forwarder.fleet.mode import FleetMode
-from forwarder.ops.credentials import Secret, resolve_redis_password
+from forwarder.fleet.topology import is_sentinel_url
+from forwarder.ops.credentials import RedisSecrets, resolve_redis_secrets
 
 log = structlog.get_logger("forwarder.fleet")
 
@@ -64,6 +65,19 @@ def member_name(config: Config) -> str:
     return socket.gethostname().split(".")[0] or "forwarder"
 
 
+async def open_client(config: Config) -> tuple[FleetClient, RedisSecrets]:
+    """The fleet's client with its passwords (the data nodes' and the Sentinels', read off the
+    event loop); the passwords are returned for the log redactor. No Redis I/O yet."""
+    passwords = await asyncio.to_thread(resolve_redis_secrets, config)
+    client = connect(
+        config.fleet,
+        member=member_name(config),
+        password=passwords.password,
+        sentinel_password=passwords.sentinel_password,
+    )
+    return client, passwords
+
+
 class FleetHost:
     """The fleet client, the mode, the heartbeat and the budgets of one daemon."""
 
@@ -72,11 +86,11 @@ class FleetHost:
         client: FleetClient,
         *,
         in_delivery: Callable[[], int],
-        password: Secret | None = None,
+        passwords: RedisSecrets | None = None,
     ) -> None:
         self.client = client
-        # Kept only for the log redactor (AccountLanes.secrets); sent by the client alone.
-        self.password = password
+        # Kept only for the log redactor (`secrets`); sent by the client alone.
+        self.passwords = passwords or RedisSecrets()
         self.mode = FleetMode()
         self.members = Members(client, self.mode, version=__version__, in_delivery=in_delivery)
         self.budgets_made: dict[str, RedisRateBudget] = {}
@@ -95,15 +109,16 @@ class FleetHost:
     async def start(cls, config: Config, *, in_delivery: Callable[[], int]) -> FleetHost:
         """Connect, check the server, beat once and keep beating. Raises `ConfigError` when
         redis-py is missing or the password cannot be read; Redis being down is no error."""
-        password = await asyncio.to_thread(resolve_redis_password, config)
-        client = connect(config.fleet, member=member_name(config), password=password)
-        host = cls(client, in_delivery=in_delivery, password=password)
+        client, passwords = await open_client(config)
+        host = cls(client, in_delivery=in_delivery, passwords=passwords)
         try:
             for warning in await client.check_server():
                 log.warning("fleet_redis_settings", warning=warning)
             host.mode.seen(await host.members.beat())
         except RedisUnavailable as exc:
             host.mode.lost(str(exc))
+            if is_sentinel_url(config.fleet.redis_url):
+                await _say_why_sentinels_refuse(client, passwords.sentinel_password is not None)
         host.members.start()
         log.info(
             "fleet_joined",
@@ -113,6 +128,10 @@ class FleetHost:
             live_members=host.mode.live_members,
         )
         return host
+
+    def secrets(self) -> list[str]:
+        """The Redis and Sentinel passwords, for the log redactor (AccountLanes.secrets)."""
+        return self.passwords.revealed()
 
     async def stop(self) -> None:
         """Stop beating, leave the members, close the client."""
@@ -179,3 +198,48 @@ class FleetHost:
             "fleet_fallbacks": ("Times this host fell back to local budgets.", self.mode.fallbacks),
             **(self.queue.queue_counters() if self.queue else {}),
         }
+
+
+# What each of Sentinel's refusals means for the operator (the server's words, never ours).
+_SENTINEL_HINTS = (
+    (
+        "NOAUTH",
+        "the Sentinel asks for a password: set fleet.sentinel_password_file or the "
+        "systemd credential sentinel_password",
+    ),
+    (
+        "without any password",
+        "the Sentinel has no password: remove fleet.sentinel_password_file "
+        "(or the credential sentinel_password), or set its requirepass",
+    ),
+)
+_SENTINEL_WRONG = (
+    "the Sentinel refused the Sentinel password (fleet.sentinel_password_file or the systemd "
+    "credential sentinel_password; not the data nodes' fleet.redis_password_file)"
+)
+# A Sentinel's answer to the probe below; it is on the loopback or a private network.
+SENTINEL_PROBE_S = 2.5
+
+
+async def _say_why_sentinels_refuse(client: FleetClient, has_password: bool) -> None:
+    """After a failed first call through Sentinel: if a Sentinel refuses our authentication,
+    log it in words an operator can act on (redis-py only says MasterNotFoundError)."""
+    from redis.exceptions import AuthenticationError
+
+    for sentinel in getattr(client.client, "_fleet_sentinels", ()):
+        kwargs = sentinel.connection_pool.connection_kwargs
+        where = f"{kwargs.get('host')}:{kwargs.get('port')}"
+        try:
+            async with asyncio.timeout(SENTINEL_PROBE_S):
+                await sentinel.ping()
+        except asyncio.CancelledError:
+            raise
+        except AuthenticationError as exc:
+            reason = str(exc).split("\n", 1)[0][:160]
+            hint = next((h for key, h in _SENTINEL_HINTS if key in reason), None)
+            if hint is None:
+                hint = _SENTINEL_WRONG if has_password else _SENTINEL_HINTS[0][1]
+            log.error("fleet_sentinel_auth_failed", sentinel=where, reason=reason, error=hint)
+            return
+        except Exception:  # unreachable or slow: the fallback's own line says so
+            continue

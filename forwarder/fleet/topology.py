@@ -11,9 +11,9 @@ repeat the value, which may hold a pasted secret) and `build_client` makes the p
 client: `redis.asyncio.sentinel.Sentinel(...).master_for(MASTERNAME)`, whose pool asks the
 Sentinels for the master's address on each new connection, so after a failover the next
 connection reaches the promoted replica. The data nodes get the fleet's password (and the ACL
-USER, if one is given); the
-Sentinels get none (Sentinel's own `requirepass` is not supported: keep Sentinels on a private
-network) — see docs/how-to/fleet.md.
+USER, if one is given); the Sentinels get their own password, if one is configured
+(`fleet.sentinel_password_file` or the credential `sentinel_password`: Sentinel's
+`requirepass`) — see docs/how-to/fleet.md.
 
 Redis Cluster (`redis+cluster://`) is refused at config time: see `CLUSTER_REFUSAL`.
 """
@@ -110,9 +110,12 @@ def _sentinel_address(part: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-def build_client(module: Any, url: str, options: dict[str, Any]) -> aioredis.Redis:
+def build_client(
+    module: Any, url: str, options: dict[str, Any], *, sentinel_password: str | None = None
+) -> aioredis.Redis:
     """The process's client for `url` with the connection `options` (timeouts, retry, TLS,
-    password): `from_url` for one endpoint, the Sentinel-managed master otherwise."""
+    password): `from_url` for one endpoint, the Sentinel-managed master otherwise (the
+    Sentinels asked with `sentinel_password`, if given)."""
     if not is_sentinel_url(url):
         return cast("aioredis.Redis", module.Redis.from_url(url, **options))
     from redis.asyncio.sentinel import Sentinel
@@ -121,12 +124,14 @@ def build_client(module: Any, url: str, options: dict[str, Any]) -> aioredis.Red
     tls = {k: v for k, v in options.items() if k.startswith("ssl_")}
     if target.tls:
         tls["ssl"] = True
-    # The Sentinels: same timeouts, retries and TLS, no password (see the module docstring).
+    # The Sentinels: same timeouts, retries and TLS; their own password, not the data nodes'.
     sentinel_options = {
         k: v
         for k, v in options.items()
         if k.startswith("socket_") or k in ("retry", "retry_on_error", "health_check_interval")
     }
+    if sentinel_password is not None:
+        sentinel_options["password"] = sentinel_password
     sentinel = Sentinel(  # type: ignore[no-untyped-call]  # (untyped upstream)
         list(target.sentinels), sentinel_kwargs={**sentinel_options, **tls}, **{**options, **tls}
     )

@@ -1,4 +1,5 @@
-"""Secrets (remote API keys, the intake token): where they come from, a wrapper that hides them.
+"""Secrets (remote API keys, the intake token, the fleet's Redis and Sentinel passwords): where
+they come from, a wrapper that hides them.
 
 A key is not a setting. It comes from the environment, a file or a systemd credential, lives in
 memory as a `Secret`, and is revealed only where the Authorization header is built. The default
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from forwarder.config.schema import Config, ConfigError
+from forwarder.fleet.topology import is_sentinel_url
 
 API_KEY_VAR = "FORWARDER_API_KEY"
 _CREDENTIAL_NAME = "api_key"
@@ -289,3 +291,54 @@ def resolve_redis_password(config: Config, env: Mapping[str, str] | None = None)
             environ["CREDENTIALS_DIRECTORY"], REDIS_PASSWORD_CREDENTIAL, _REDIS_PASSWORD
         )
     return None if found is None else found.secret
+
+
+# The systemd credential of the Sentinels' own password (LoadCredential=sentinel_password:PATH).
+SENTINEL_PASSWORD_CREDENTIAL = "sentinel_password"
+_SENTINEL_PASSWORD = "Sentinel password"
+
+
+def resolve_sentinel_password(
+    config: Config, env: Mapping[str, str] | None = None
+) -> Secret | None:
+    """The Sentinels' own password (their `requirepass`); None without a Sentinel URL or when
+    none is configured (Sentinels asked without a password).
+
+    Same rules as `resolve_redis_password`: the file ``fleet.sentinel_password_file``, then the
+    systemd credential ``$CREDENTIALS_DIRECTORY/sentinel_password``; at least `MIN_KEY_CHARS`
+    long; errors name the source, never the content. The credential is ignored without a
+    Sentinel URL (the setting is refused then, by the config check): there is no Sentinel to
+    send it to. Reads files: call it off the event loop.
+    """
+    if not is_sentinel_url(config.fleet.redis_url):
+        return None
+    environ: Mapping[str, str] = os.environ if env is None else env
+    found: ApiKey | None = None
+    if config.fleet.sentinel_password_file:
+        found = _key_from_file(
+            Path(config.fleet.sentinel_password_file),
+            "fleet.sentinel_password_file",
+            _SENTINEL_PASSWORD,
+        )
+    elif environ.get("CREDENTIALS_DIRECTORY", ""):
+        found = _key_from_credential(
+            environ["CREDENTIALS_DIRECTORY"], SENTINEL_PASSWORD_CREDENTIAL, _SENTINEL_PASSWORD
+        )
+    return None if found is None else found.secret
+
+
+@dataclass(frozen=True, slots=True)
+class RedisSecrets:
+    """The fleet's passwords: the data nodes' and, behind Sentinel, the Sentinels' own."""
+
+    password: Secret | None = None
+    sentinel_password: Secret | None = None
+
+    def revealed(self) -> list[str]:
+        """Both as text, for the log redactor only."""
+        return [s.reveal() for s in (self.password, self.sentinel_password) if s is not None]
+
+
+def resolve_redis_secrets(config: Config, env: Mapping[str, str] | None = None) -> RedisSecrets:
+    """Both of the fleet's passwords (see the two resolvers). Reads files: off the event loop."""
+    return RedisSecrets(resolve_redis_password(config, env), resolve_sentinel_password(config, env))

@@ -2,19 +2,23 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
+import structlog
 
-from forwarder.config.schema import FleetConfig
+from forwarder.config.schema import Config, FleetConfig
 from forwarder.fleet.budget import RedisRateBudget, SharedTicket
 from forwarder.fleet.connection import FleetClient, RedisUnavailable, connect
+from forwarder.fleet.host import FleetHost
 from forwarder.fleet.mode import FleetMode
 from forwarder.ops.credentials import Secret
 from tests.conftest import TlsFiles
 from tests.redisserver import RedisServer, running_sentinel
 
 PASSWORD = "redis-pw-SECRET-sentinel-5e6f7a8b"
+SENTINEL_PASSWORD = "sentinel-own-SECRET-9c8d7e6f5a4b"
 ACCOUNT = "acme"
 KEY = "{fwdtest:acme}:budget"
 
@@ -38,10 +42,19 @@ async def role(server: RedisServer) -> str:
 
 
 async def test_budget_tokens_through_sentinel_reach_the_new_master_after_a_failover() -> None:
-    async with running_sentinel(password=PASSWORD) as group:
-        client = connect(fleet(group.url), member="host-a", password=Secret(PASSWORD))
+    # The Sentinel has a requirepass of its own: every question to it carries that password.
+    async with running_sentinel(password=PASSWORD, sentinel_password=SENTINEL_PASSWORD) as group:
+        client = connect(
+            fleet(group.url),
+            member="host-a",
+            password=Secret(PASSWORD),
+            sentinel_password=Secret(SENTINEL_PASSWORD),
+        )
         try:
-            assert PASSWORD not in repr(client) + repr(client.client)
+            master: Any = client.client
+            shown = repr(client) + repr(master) + repr(master._fleet_sentinels)
+            assert PASSWORD not in shown
+            assert SENTINEL_PASSWORD not in shown
             assert await client.check_server() == []
             await take_token(client)
             master = group.master.client()
@@ -114,3 +127,44 @@ async def test_rediss_sentinel_speaks_tls_to_the_sentinel_and_the_master(
             assert await pool.get_master_address() == ("127.0.0.1", group.tls_ports["master"])
         finally:
             await client.aclose()
+
+
+async def start_host(url: str, password_file: Path | None) -> tuple[FleetHost, str]:
+    """A fleet host on `url` with the Sentinel password from `password_file`; its log lines."""
+    config = Config(
+        fleet=FleetConfig(
+            redis_url=url,
+            member="host-a",
+            key_prefix="fwdtest",
+            sentinel_password_file=str(password_file or ""),
+        )
+    )
+    with structlog.testing.capture_logs() as logs:
+        host = await FleetHost.start(config, in_delivery=lambda: 0)
+        await host.stop()
+    return host, repr(logs)
+
+
+async def test_a_missing_or_wrong_sentinel_password_is_a_fallback_that_says_why(
+    tmp_path: Path,
+) -> None:
+    wrong = tmp_path / "wrong"
+    wrong.write_text("not-the-sentinel-SECRET-1234567890\n", encoding="utf-8")
+    right = tmp_path / "right"
+    right.write_text(SENTINEL_PASSWORD + "\n", encoding="utf-8")
+    async with running_sentinel(sentinel_password=SENTINEL_PASSWORD) as group:
+        host, logs = await start_host(group.url, None)
+        assert host.mode.name == "fallback"
+        assert "fleet_sentinel_auth_failed" in logs
+        assert "asks for a password: set fleet.sentinel_password_file" in logs
+
+        host, logs = await start_host(group.url, wrong)
+        assert host.mode.name == "fallback"
+        assert "refused the Sentinel password" in logs
+        assert "not-the-sentinel-SECRET" not in logs
+
+        host, logs = await start_host(group.url, right)
+        assert host.mode.name == "fleet"
+        assert "fleet_sentinel_auth_failed" not in logs
+        assert host.secrets() == [SENTINEL_PASSWORD]  # handed to the log redactor
+        assert SENTINEL_PASSWORD not in logs

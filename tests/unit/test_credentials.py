@@ -7,7 +7,14 @@ from pathlib import Path
 
 import pytest
 
-from forwarder.config.schema import AccountConfig, Config, ConfigError, IntakeConfig, RemoteConfig
+from forwarder.config.schema import (
+    AccountConfig,
+    Config,
+    ConfigError,
+    FleetConfig,
+    IntakeConfig,
+    RemoteConfig,
+)
 from forwarder.ops.credentials import (
     MIN_KEY_CHARS,
     ApiKey,
@@ -16,6 +23,8 @@ from forwarder.ops.credentials import (
     resolve_account_keys,
     resolve_api_key,
     resolve_intake_token,
+    resolve_redis_secrets,
+    resolve_sentinel_password,
 )
 
 KEY = "sk_live_0123456789abcdef"
@@ -365,3 +374,50 @@ def test_intake_token_file_errors_name_the_setting(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=f"^{re.escape(message)}") as info:
         resolve_intake_token(with_token(token_file=str(missing)), {})
     assert str(tmp_path) not in str(info.value)
+
+
+SENTINEL_URL = "redis+sentinel://127.0.0.1:26379/fwd-master/0"
+SENTINEL_PASSWORD = "sentinel-pw-SECRET-0a1b2c3d4e"
+
+
+def with_fleet(url: str, sentinel_file: str = "") -> Config:
+    return Config(fleet=FleetConfig(redis_url=url, sentinel_password_file=sentinel_file))
+
+
+def test_the_sentinel_password_from_its_file_then_its_credential(tmp_path: Path) -> None:
+    creds = tmp_path / "creds"
+    creds.mkdir()
+    write(creds, "credential-" + SENTINEL_PASSWORD, "sentinel_password")
+    env = {"CREDENTIALS_DIRECTORY": str(creds)}
+    path = write(tmp_path, SENTINEL_PASSWORD + "\n", "sentinel-password")
+
+    from_file = resolve_sentinel_password(with_fleet(SENTINEL_URL, str(path)), env)
+    assert from_file is not None
+    assert from_file.reveal() == SENTINEL_PASSWORD
+    from_credential = resolve_sentinel_password(with_fleet(SENTINEL_URL), env)
+    assert from_credential is not None
+    assert from_credential.reveal() == "credential-" + SENTINEL_PASSWORD
+    assert resolve_sentinel_password(with_fleet(SENTINEL_URL), {}) is None
+    # One server: there is no Sentinel to send the credential to.
+    assert resolve_sentinel_password(with_fleet("redis://127.0.0.1:6379/0"), env) is None
+    # Both passwords, for the redactor; the data nodes' stays its own.
+    both = resolve_redis_secrets(with_fleet(SENTINEL_URL, str(path)), env)
+    assert both.password is None
+    assert both.revealed() == [SENTINEL_PASSWORD]
+
+
+def test_a_bad_sentinel_password_is_refused_naming_the_source_only(tmp_path: Path) -> None:
+    short = write(tmp_path, "short-pw", "sentinel-password")
+    with pytest.raises(ConfigError) as caught:
+        resolve_sentinel_password(with_fleet(SENTINEL_URL, str(short)), {})
+    assert "Sentinel password from the file named by fleet.sentinel_password_file" in str(
+        caught.value
+    )
+    assert f"shorter than {MIN_KEY_CHARS}" in str(caught.value)
+    assert "short-pw" not in str(caught.value)
+
+    missing = tmp_path / SENTINEL_PASSWORD  # a password pasted as the path is not echoed
+    with pytest.raises(ConfigError) as caught:
+        resolve_sentinel_password(with_fleet(SENTINEL_URL, str(missing)), {})
+    assert str(caught.value).startswith("fleet.sentinel_password_file: cannot read")
+    assert SENTINEL_PASSWORD not in str(caught.value)
