@@ -1,8 +1,10 @@
 """This host in the fleet, as the daemon runs it: started, shown, stopped.
 
-`FleetHost.start` connects (the password read off the event loop), logs the server's
-durability warnings, makes the first heartbeat and keeps beating. None of it fails the start
-when Redis is down: the host starts in fallback, as it would enter it later. What the daemon
+`FleetHost.start` connects (`open_client`: the data nodes' and the Sentinels' passwords read off
+the event loop), logs the server's durability warnings, makes the first heartbeat and keeps
+beating. None of it fails the start when Redis is down: the host starts in fallback, as it would
+enter it later; through Sentinel, a Sentinel that refuses our authentication is named in a
+`fleet_sentinel_auth_failed` line saying which setting to fix. What the daemon
 shows of the fleet (/v1/stats, /readyz, the metrics, STATUS=) is read here, and the dispatcher's
 budget factory (`budgets`) makes a `RedisRateBudget` per account.
 """
