@@ -147,9 +147,7 @@ async def test_status_when_the_remote_is_down(mock_remote: StartMock, daemon: St
 
 async def test_status_when_the_key_is_refused(mock_remote: StartMock, daemon: StartDaemon) -> None:
     mock = await mock_remote(api_key="a-different-key-123")
-    d = await daemon(
-        mock.base_url, remote={"auth_retry_s": 30.0}, shutdown={"timeout_s": 0.5}
-    )
+    d = await daemon(mock.base_url, remote={"auth_retry_s": 30.0}, shutdown={"timeout_s": 0.5})
     async with aiohttp.ClientSession(base_url=d.url) as http:
         form = {"recipient_id": "1", "name": "SIGNUP"}
         async with http.post("/v1/recipientEvents/create", data=form) as response:
