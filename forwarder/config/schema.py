@@ -508,7 +508,8 @@ class StateConfig:
         doc="How long GET /v1/events/{id} remembers what became of an event (delivered, "
         "dead-lettered):\n86400 s is the remote's idempotency window. Memory holds at most "
         "outcome_max_count of them\n(the oldest go first); durable mode also keeps them in the "
-        "spool for the whole period.",
+        "spool for the whole period; a\nfleet's shared queue in Redis, at most outcome_max_count "
+        "per account.",
         unit="seconds",
         ref="how long `GET /v1/events/{id}` remembers what became of an event (the remote's "
         "idempotency window)",
@@ -519,7 +520,9 @@ class StateConfig:
         lo=0,
         hi=100_000_000,
         ref="outcomes held in memory at most, about 0.4 kB each (the oldest are forgotten first; "
-        "`0`: none); durable mode also keeps them in the spool for the whole retention",
+        "`0`: none); durable mode also keeps them in the spool for the whole retention; a "
+        "fleet's shared queue keeps at most this many per account in Redis too (about 250 "
+        "bytes each), and the numbers of as many events accepted here",
     )
 
     @property

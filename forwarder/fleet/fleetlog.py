@@ -32,6 +32,7 @@ from forwarder.fleet import queuestatus, queueview
 from forwarder.fleet.fallback import Fallback
 from forwarder.fleet.host import member_name, open_client
 from forwarder.fleet.leases import Leases
+from forwarder.fleet.outcomes import FleetOutcomes, encode_row
 from forwarder.fleet.ownership import Ownership
 from forwarder.fleet.partition import partition_of
 from forwarder.fleet.queueview import QueueTotals
@@ -83,7 +84,7 @@ class FleetLog:
         self._numbers = numbers
         self._status = status
         self._partitions = fleet.partitions
-        self.streams = Streams(redis, prefix=fleet.key_prefix, member=self.member)
+        self.streams = Streams(redis, prefix=fleet.key_prefix, member=self.member, keep=status)
         leases = Leases(redis, prefix=fleet.key_prefix, member=self.member, lease_s=fleet.lease_s)
         claim_idle_ms = int(fleet.claim_idle_s * 1000)
         self.window = FleetWindow(
@@ -141,7 +142,8 @@ class FleetLog:
         if not events:
             return ""
         if self.fallback.active:
-            return await self.fallback.append(events, "earlier events still in the local spool")
+            refused = await self.fallback.append(events, "earlier events still in the local spool")
+            return self._accepted(events, refused)
         try:
             async with asyncio.timeout(APPEND_TIMEOUT_S):
                 await self._to_redis(events)
@@ -149,9 +151,17 @@ class FleetLog:
             raise
         except Exception as exc:  # Redis away, frozen or refusing: the spool takes them
             self.redis_errors += 1
-            return await self.fallback.append(events, f"redis append: {type(exc).__name__}")
+            return self._accepted(
+                events, await self.fallback.append(events, f"redis append: {type(exc).__name__}")
+            )
         self._fill_wake.set()
-        return ""
+        return self._accepted(events, "")
+
+    def _accepted(self, events: list[Event], refused: str) -> str:
+        """Tell the status book of events accepted here (another host may deliver them)."""
+        if not refused:
+            self._status.accepted(events)
+        return refused
 
     async def _to_redis(self, events: list[Event]) -> None:
         by_account: dict[str, list[tuple[int, bytes]]] = {}
@@ -165,16 +175,21 @@ class FleetLog:
     # -- delivery -----------------------------------------------------------------------------
 
     def delivered(self, event: Event, spool_seq: int) -> None:
-        """Settle a delivered event's entry (batched, fenced)."""
-        self.window.settle(spool_seq)
+        """Settle a delivered event's entry (batched, fenced), keeping its outcome."""
+        self.window.settle(spool_seq, self._outcome(event))
         self._flush_wake.set()
         self._fill_wake.set()  # its partition has room for one more
 
     def dead_lettered(self, event: Event, spool_seq: int, note: DeadLetterNote) -> None:
         """Move a failed event's entry to the account's dead letters (fenced)."""
-        self.window.dead_letter(spool_seq, event, note)
+        self.window.dead_letter(spool_seq, event, note, self._outcome(event))
         self._flush_wake.set()
         self._fill_wake.set()
+
+    def _outcome(self, event: Event) -> tuple[str, bytes] | None:
+        """The outcome the lane told the status book, as the settle script keeps it."""
+        row = self._status.take_unsaved(event)
+        return None if row is None else (event.event_id, encode_row(row))
 
     def may_deliver(self, event: Event) -> bool:
         """Before each attempt (the lanes' `Fence`): the event's partition is still held here
@@ -400,6 +415,7 @@ async def open_log(config: Config, deps: LogDeps) -> EventLog:
         retention_s=config.state.outcome_retention_s, max_count=config.state.outcome_max_count
     )
     status.queue = deps.queue
+    status.shared = FleetOutcomes(redis, config.fleet.key_prefix, config.account_names)
     if spool.depth:
         log.info("fleet_spool_found", count=spool.depth, action="moved into Redis first")
     shared = FleetLog(config, deps, redis, numbers, status, spool, close_redis)

@@ -9,7 +9,8 @@ Settling is one script: the partition's lease must still hold "MEMBER GENERATION
 and `XDEL` together. A stale holder's settle is refused (and counted by the caller); `XDEL`
 beside `XACK` keeps the stream from growing without end (an acked entry is not removed by
 `XACK`, the faststream and taskiq-redis leak). Dead letters move to the account's `dead` stream
-in the same fenced way.
+in the same fenced way. Both scripts also keep the events' outcomes for `GET /v1/events/{id}`
+on any host (outcomes.py).
 
 A partition's consumer group is created on first need (`XGROUP CREATE ... 0 MKSTREAM`), and a
 `NOGROUP` answer (the stream deleted, a Redis restarted without its AOF) creates it again.
@@ -29,6 +30,7 @@ import orjson
 
 from forwarder.events import Event
 from forwarder.fleet.leases import Lease
+from forwarder.fleet.outcomes import KEEP_LUA, Keep, outcome_keys
 from forwarder.fleet.queuekeys import GROUP, AccountKeys, accounts_key
 from forwarder.storage.sqlite.codec import event_from_entry
 
@@ -38,22 +40,34 @@ PENDING_SCAN = 10_000
 # Ids per settle script call: Lua's unpack() has a stack limit of a few thousand values.
 SETTLE_CHUNK = 500
 
-# KEYS: lease, stream. ARGV: "MEMBER GEN", group, id... → acked count, or -1 (not our lease).
-SETTLE = """
+# KEYS: lease, stream, outcomes, outcomes:at. ARGV: "MEMBER GEN", group, n, retention_ms,
+# max_count, n ids, then (event_id, outcome row) pairs → acked count, or -1 (not our lease).
+SETTLE = (
+    KEEP_LUA
+    + """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return -1 end
-local n = redis.call('XACK', KEYS[2], ARGV[2], unpack(ARGV, 3))
-redis.call('XDEL', KEYS[2], unpack(ARGV, 3))
-return n
+local n = tonumber(ARGV[3])
+local acked = redis.call('XACK', KEYS[2], ARGV[2], unpack(ARGV, 6, 5 + n))
+redis.call('XDEL', KEYS[2], unpack(ARGV, 6, 5 + n))
+keep_outcomes(KEYS[3], KEYS[4], tonumber(ARGV[4]), tonumber(ARGV[5]), 6 + n)
+return acked
 """
+)
 
-# KEYS: lease, stream, dead. ARGV: "MEMBER GEN", group, id, field, value, ... → 1, or -1.
-DEAD_LETTER = """
+# KEYS: lease, stream, dead, outcomes, outcomes:at. ARGV: "MEMBER GEN", group, id,
+# retention_ms, max_count, n (2 per field), field, value, ..., then (event_id, row) → 1, or -1.
+DEAD_LETTER = (
+    KEEP_LUA
+    + """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return -1 end
-redis.call('XADD', KEYS[3], '*', unpack(ARGV, 4))
+local n = tonumber(ARGV[6])
+redis.call('XADD', KEYS[3], '*', unpack(ARGV, 7, 6 + n))
 redis.call('XACK', KEYS[2], ARGV[2], ARGV[3])
 redis.call('XDEL', KEYS[2], ARGV[3])
+keep_outcomes(KEYS[4], KEYS[5], tonumber(ARGV[4]), tonumber(ARGV[5]), 7 + n)
 return 1
 """
+)
 
 
 class Entry(NamedTuple):
@@ -97,8 +111,11 @@ def _is_nogroup(exc: Exception) -> bool:
 class Streams:
     """One member's reads and writes of the partitions' streams."""
 
-    def __init__(self, redis: Any, *, prefix: str, member: str) -> None:
+    def __init__(self, redis: Any, *, prefix: str, member: str, keep: Keep | None = None) -> None:
         self._redis = redis
+        # Outcomes kept for GET /v1/events/{id} (fleet/outcomes.py), read at each settle (a
+        # reload changes them); None: none kept.
+        self.keep = keep
         self.prefix = prefix
         self.member = member
         self._settle = redis.register_script(SETTLE)
@@ -223,17 +240,29 @@ class Streams:
                 total -= int(consumer["pending"])
         return total
 
-    async def settle(self, lease: Lease, entry_ids: Iterable[bytes]) -> int:
-        """Acknowledge and delete delivered entries if the lease still holds; returns how many
+    async def settle(
+        self,
+        lease: Lease,
+        entry_ids: Iterable[bytes],
+        outcomes: Sequence[tuple[str, bytes] | None] = (),
+    ) -> int:
+        """Acknowledge and delete delivered entries if the lease still holds, and keep their
+        outcomes (`outcomes[i]`: entry i's (event_id, encoded row), or None); returns how many
         were acknowledged, or -1 when the lease is not ours any more (nothing acknowledged)."""
         keys = self.keys(lease.account)
         ids = list(entry_ids)
         acked = 0
         for start in range(0, len(ids), SETTLE_CHUNK):
+            chunk = ids[start : start + SETTLE_CHUNK]
+            kept = self._kept(outcomes[start : start + SETTLE_CHUNK])
             n = int(
                 await self._settle(
-                    keys=[keys.lease(lease.partition), keys.stream(lease.partition)],
-                    args=[lease.token, GROUP, *ids[start : start + SETTLE_CHUNK]],
+                    keys=[
+                        keys.lease(lease.partition),
+                        keys.stream(lease.partition),
+                        *outcome_keys(keys),
+                    ],
+                    args=[lease.token, GROUP, len(chunk), *self._limits(), *chunk, *kept],
                 )
             )
             if n < 0:
@@ -241,17 +270,41 @@ class Streams:
             acked += n
         return acked
 
-    async def dead_letter(self, lease: Lease, entry_id: bytes, fields: dict[str, str]) -> bool:
-        """Move an entry to the account's dead letters if the lease still holds."""
+    async def dead_letter(
+        self,
+        lease: Lease,
+        entry_id: bytes,
+        fields: dict[str, str],
+        outcome: tuple[str, bytes] | None = None,
+    ) -> bool:
+        """Move an entry to the account's dead letters if the lease still holds, keeping its
+        outcome (event_id, encoded row) if given."""
         keys = self.keys(lease.account)
         flat: list[str | bytes] = []
         for name, value in fields.items():
             flat += [name, value]
         done = await self._dead_letter(
-            keys=[keys.lease(lease.partition), keys.stream(lease.partition), keys.dead],
-            args=[lease.token, GROUP, entry_id, *flat],
-        )
+            keys=[
+                keys.lease(lease.partition),
+                keys.stream(lease.partition),
+                keys.dead,
+                *outcome_keys(keys),
+            ],
+            args=[
+                lease.token, GROUP, entry_id, *self._limits(), len(flat), *flat,
+                *self._kept([outcome]),
+            ],
+        )  # fmt: skip
         return int(done) == 1
+
+    def _limits(self) -> tuple[int, int]:
+        keep = self.keep
+        return (0, 0) if keep is None else (round(keep.retention_s * 1000), keep.max_count)
+
+    def _kept(self, outcomes: Iterable[tuple[str, bytes] | None]) -> list[str | bytes]:
+        if self.keep is None or self.keep.max_count <= 0:
+            return []
+        return [part for pair in outcomes if pair is not None for part in pair]
 
     @staticmethod
     def _entry(partition: int, entry_id: bytes, fields: dict[bytes, bytes] | None) -> Entry:

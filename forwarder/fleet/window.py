@@ -74,11 +74,17 @@ class WindowCounters:
     fenced: int = 0  # events taken back from a lane before an attempt: the lease had moved on
 
 
+# A dead letter waiting for the flush: its partition, lease, entry, fields and outcome.
+_Dead = tuple[_Part, Lease, bytes, dict[str, str], tuple[str, bytes] | None]
+
+
 @dataclass(slots=True)
 class _Settles:
     lease: Lease
     part: _Part
     ids: list[bytes] = field(default_factory=list)
+    # Aligned with `ids`: the event's (event_id, encoded outcome row) to keep, or None.
+    outcomes: list[tuple[str, bytes] | None] = field(default_factory=list)
 
 
 class FleetWindow:
@@ -104,7 +110,7 @@ class FleetWindow:
         self._handle_of: dict[int, int] = {}  # id() of a loaded event → its handle
         self._handles = itertools.count(1)
         self._settles: dict[int, _Settles] = {}  # by id() of the lease
-        self._dead: list[tuple[_Part, Lease, bytes, dict[str, str]]] = []
+        self._dead: list[_Dead] = []
         self.counters = WindowCounters()
         self.member = streams.member
         # False once the daemon stops: entries read after that stay pending in Redis (handed to
@@ -181,8 +187,9 @@ class FleetWindow:
         self.counters.fenced += 1
         return False
 
-    def settle(self, handle: int) -> None:
-        """A delivered event: its entry is acknowledged and deleted at the next flush."""
+    def settle(self, handle: int, outcome: tuple[str, bytes] | None = None) -> None:
+        """A delivered event: its entry is acknowledged and deleted at the next flush, and its
+        `outcome` (event_id, encoded row) kept in Redis."""
         loaded = self._outcome(handle)
         if loaded is None:
             return
@@ -191,14 +198,22 @@ class FleetWindow:
         if batch is None:
             batch = self._settles[id(part.lease)] = _Settles(part.lease, part)
         batch.ids.append(loaded.entry_id)
+        batch.outcomes.append(outcome)
 
-    def dead_letter(self, handle: int, event: Event, note: DeadLetterNote) -> None:
+    def dead_letter(
+        self,
+        handle: int,
+        event: Event,
+        note: DeadLetterNote,
+        outcome: tuple[str, bytes] | None = None,
+    ) -> None:
         """A failed event: its entry moves to the account's dead letters at the next flush."""
         loaded = self._outcome(handle)
         if loaded is None:
             return
         part = loaded.part
-        self._dead.append((part, part.lease, loaded.entry_id, self.dead_fields(event, note)))
+        fields = self.dead_fields(event, note)
+        self._dead.append((part, part.lease, loaded.entry_id, fields, outcome))
 
     def dead_fields(self, event: Event, note: DeadLetterNote) -> dict[str, str]:
         """A dead letter as stream fields (`forwarder dlq` reads them back)."""
@@ -229,13 +244,13 @@ class FleetWindow:
         try:
             while batches:
                 key, batch = next(iter(batches.items()))
-                acked = await self._streams.settle(batch.lease, batch.ids)
+                acked = await self._streams.settle(batch.lease, batch.ids, batch.outcomes)
                 del batches[key]
                 self._flushed(batch.part, len(batch.ids), stale=acked < 0)
                 written += len(batch.ids)
             while self._dead:
-                part, lease, entry_id, fields = self._dead[0]
-                done = await self._streams.dead_letter(lease, entry_id, fields)
+                part, lease, entry_id, fields, outcome = self._dead[0]
+                done = await self._streams.dead_letter(lease, entry_id, fields, outcome)
                 self._dead.pop(0)
                 self._flushed(part, 1, stale=not done)
                 if done:
@@ -245,6 +260,7 @@ class FleetWindow:
             for key, batch in batches.items():  # not written: kept for the next flush
                 mine = self._settles.setdefault(key, _Settles(batch.lease, batch.part))
                 mine.ids[:0] = batch.ids
+                mine.outcomes[:0] = batch.outcomes
         return written
 
     async def fill(self) -> int:
@@ -329,6 +345,7 @@ class FleetWindow:
         if not entry.raw:
             batch = self._settles.setdefault(id(part.lease), _Settles(part.lease, part))
             batch.ids.append(entry.entry_id)
+            batch.outcomes.append(None)
             return
         fields = {
             "event": entry.raw.decode("utf-8", "replace"),
@@ -338,7 +355,7 @@ class FleetWindow:
             "attempts": "0",
             "member": self.member,
         }
-        self._dead.append((part, part.lease, entry.entry_id, fields))
+        self._dead.append((part, part.lease, entry.entry_id, fields, None))
 
     def _flushed(self, part: _Part, count: int, *, stale: bool) -> None:
         part.unflushed -= count

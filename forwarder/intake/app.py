@@ -62,7 +62,7 @@ from forwarder.intake.routing import (
     route_fallback,
 )
 from forwarder.intake.state import STATE, IntakeState
-from forwarder.storage.eventstatus import parse_key
+from forwarder.storage.eventstatus import StatusUnavailable, parse_key
 from forwarder.storage.sqlite.file import SpoolError
 
 log = structlog.get_logger("forwarder.intake")
@@ -262,6 +262,14 @@ async def event_status(request: web.Request) -> web.Response:
             503,
             {"success": False, "error": "the spool cannot be read; retry later",
              "reason": "spool_error"},
+            {"Retry-After": RETRY_AFTER_S},
+        )  # fmt: skip
+    except StatusUnavailable as exc:  # a fleet's outcomes are in Redis, out of reach now
+        log.warning("event_status_failed", error=str(exc))
+        return json_answer(
+            503,
+            {"success": False, "error": "the fleet's Redis cannot be reached; retry later",
+             "reason": "redis_unavailable"},
             {"Retry-After": RETRY_AFTER_S},
         )  # fmt: skip
     if found is None:

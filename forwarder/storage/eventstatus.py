@@ -7,6 +7,11 @@ tell the `StatusBook` of attempts and outcomes. Outcomes are kept `state.outcome
 them (the oldest go first), and in durable mode also in the spool (sqlite/outcomes.py), written
 by the transaction that settles the event. A purge pass every `PURGE_EVERY_S` deletes a bounded
 number of expired ones.
+
+In a fleet's shared queue another host may deliver what this one accepted: the fleet's log sets
+`shared` (fleet/outcomes.py: outcomes in Redis, written when an entry is settled) and tells the
+book of every event accepted here (`accepted`), so a look-up here finds an outcome written by
+any host, and an event accepted here and not settled yet is `queued`.
 """
 
 from __future__ import annotations
@@ -32,6 +37,18 @@ if TYPE_CHECKING:
 log = structlog.get_logger("forwarder.eventstatus")
 PURGE_EVERY_S = 60.0
 PURGE_LIMIT = 10_000  # outcomes deleted per pass at most: a short write lock
+
+
+class StatusUnavailable(Exception):
+    """The store that holds outcomes cannot answer now (Redis out): a 503, never a 404."""
+
+
+class SharedOutcomes(Protocol):
+    """Outcomes other hosts wrote (a fleet's shared queue: fleet/outcomes.py)."""
+
+    async def find(self, event_id: str, account: str | None) -> OutcomeRow | None:
+        """The outcome of `event_id` (in `account`, or in any when None); `StatusUnavailable`."""
+        ...
 
 
 class Progress(Protocol):
@@ -142,6 +159,10 @@ class StatusBook:
         # The spool that keeps outcomes and is searched for queued events: set by the durable
         # backend only (memory mode's spool holds a stop's leftovers, not the backlog).
         self.spool: Spool | None = None
+        # A fleet's outcomes in Redis, and the events accepted here: event_id → (number, account).
+        self.shared: SharedOutcomes | None = None
+        self._accepted: OrderedDict[str, tuple[int, str]] = OrderedDict()
+        self._accepted_numbers: dict[int, str] = {}
         self._purger: asyncio.Task[None] | None = None
 
     # --- told by the lanes --------------------------------------------------------------------
@@ -167,17 +188,32 @@ class StatusBook:
             self._outcome_numbers[outcome.number] = key
         while len(outcomes) > self.max_count:
             self._drop_oldest()
-        if self.spool is not None and spool_seq:
+        if spool_seq and (self.spool is not None or self.shared is not None):
             self._unsaved[event_id] = outcome.row()
 
     def take_unsaved(self, event: Event) -> OutcomeRow | None:
-        """The outcome row to store with `event`'s settling (durable mode), once."""
+        """The outcome row to store with `event`'s settling (durable mode, a fleet), once."""
         return self._unsaved.pop(event.event_id, None) if self._unsaved else None
 
     def _drop_oldest(self) -> None:
         _, gone = self._outcomes.popitem(last=False)
         if gone.number and self._outcome_numbers.get(gone.number) == gone.event_id:
             del self._outcome_numbers[gone.number]
+
+    def accepted(self, events: list[Event]) -> None:
+        """Events accepted here into a fleet's shared queue (their numbers are this host's):
+        remembered, at most `max_count`, so a look-up here can answer for them."""
+        if self.max_count <= 0:
+            return
+        accepted, numbers = self._accepted, self._accepted_numbers
+        for event in events:
+            accepted[event.event_id] = (event.number, event.account)
+            if event.number:
+                numbers[event.number] = event.event_id
+        while len(accepted) > self.max_count:
+            gone, (number, _) = accepted.popitem(last=False)
+            if numbers.get(number) == gone:
+                del numbers[number]
 
     @property
     def kept(self) -> int:
@@ -198,6 +234,18 @@ class StatusBook:
 
     async def lookup(self, key: str | int) -> dict[str, Any] | None:
         """What became of the event `key` (its number or its event_id); None: not known."""
+        if not self._accepted:
+            return await self._lookup(key)
+        # A fleet's: an event read back from Redis has no number (it is the accepting host's),
+        # so a number accepted here is looked up by its event_id and put back in the answer.
+        if isinstance(key, int) and key in self._accepted_numbers:
+            key = self._accepted_numbers[key]
+        found = await self._lookup(key)
+        if found is not None and found.get("number") is None:
+            found["number"] = self._accepted.get(found["event_id"], (0, ""))[0] or None
+        return found
+
+    async def _lookup(self, key: str | int) -> dict[str, Any] | None:
         if (found := self._in_delivery(key)) is not None:
             return found
         outcome = self._remembered(key)
@@ -206,6 +254,8 @@ class StatusBook:
         found = self._queued_in_memory(key)
         if found is not None:
             return found
+        if self.shared is not None:
+            return await self._from_fleet(key)
         if self.spool is None:
             return None
         return await self._from_spool(key)
@@ -242,6 +292,18 @@ class StatusBook:
             return None
         event = self.queue.find(key)
         return None if event is None else _queued(event.event_id, event.number, event.account)
+
+    async def _from_fleet(self, key: str | int) -> dict[str, Any] | None:
+        """A fleet's: the outcome any host wrote, else `queued` if it was accepted here."""
+        assert self.shared is not None
+        if isinstance(key, int):
+            return None  # numbers are this host's: one accepted here was made an event_id
+        number, account = self._accepted.get(key, (0, None))
+        row = await self.shared.find(key, account)
+        if row is not None:
+            outcome = Outcome.from_row(row)
+            return None if outcome.at < self._clock() - self.retention_s else outcome.view()
+        return None if account is None else _queued(key, number, account)
 
     async def _from_spool(self, key: str | int) -> dict[str, Any] | None:
         assert self.spool is not None

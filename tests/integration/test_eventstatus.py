@@ -11,7 +11,7 @@ import pytest
 
 from forwarder.delivery.deadletter import DeadLetterNote
 from forwarder.events import Event
-from forwarder.storage.eventstatus import Outcome, StatusBook, parse_key
+from forwarder.storage.eventstatus import Outcome, StatusBook, StatusUnavailable, parse_key
 from forwarder.storage.queue import EventQueue
 from forwarder.storage.sqlite import outcomes as outcomestore
 from forwarder.storage.sqlite.file import ROW_BITS, SCHEMA_VERSION, SPOOL_FILE
@@ -294,3 +294,81 @@ async def test_a_spool_that_cannot_be_read_is_a_503_not_a_500(
     response = await client.get("/v1/events/12345")
     assert response.status == 503
     assert (await response.json())["reason"] == "spool_error"
+
+
+class Shared:
+    """A fleet's outcomes in Redis, as the book sees them (fleet/outcomes.py is tested on a
+    real server in test_fleet_outcomes.py)."""
+
+    def __init__(self) -> None:
+        self.rows: dict[str, Any] = {}
+        self.asked: list[tuple[str, str | None]] = []
+        self.down = False
+
+    async def find(self, event_id: str, account: str | None) -> Any:
+        self.asked.append((event_id, account))
+        if self.down:
+            raise StatusUnavailable("redis outcomes: ConnectionError")
+        return self.rows.get(event_id)
+
+
+def fleet_book(clock: Clock, max_count: int = 10) -> tuple[StatusBook, Shared]:
+    status = StatusBook(retention_s=100.0, max_count=max_count, clock=clock)
+    shared = Shared()
+    status.shared = shared
+    return status, shared
+
+
+async def test_a_fleet_host_answers_for_what_it_accepted_and_another_host_delivered() -> None:
+    clock = Clock()
+    status, shared = fleet_book(clock)
+    mine = ev(1, number=16777217)
+    mine.account = "acme"
+    status.accepted([mine])
+    # Not settled by any host yet: queued, with this host's number, asked in its account only.
+    assert await status.lookup(16777217) == {
+        "event_id": mine.event_id, "number": 16777217, "status": "queued", "account": "acme",
+    }  # fmt: skip
+    assert shared.asked == [(mine.event_id, "acme")]
+    # Another host delivered it: its outcome (written without a number) gets ours back.
+    shared.rows[mine.event_id] = Outcome(
+        "delivered", mine.event_id, 0, "acme", 2, clock.now, 4711
+    ).row()
+    found = await status.lookup(16777217)
+    assert found is not None
+    assert (found["status"], found["number"], found["remote_id"]) == ("delivered", 16777217, 4711)
+    assert (await status.lookup(mine.event_id) or {})["number"] == 16777217
+    # Accepted elsewhere: found by event_id (every account asked), unknown by a number.
+    shared.rows["evt-elsewhere"] = Outcome(
+        "delivered", "evt-elsewhere", 0, "a", 1, clock.now, 9
+    ).row()
+    assert (await status.lookup("evt-elsewhere") or {})["remote_id"] == 9
+    assert shared.asked[-1] == ("evt-elsewhere", None)
+    assert await status.lookup(99) is None
+    assert await status.lookup("evt-nowhere") is None
+    # Past the retention: forgotten, as the spool's are.
+    clock.now += 101
+    assert await status.lookup("evt-elsewhere") is None
+
+
+async def test_a_fleet_host_remembers_at_most_max_count_accepted_events() -> None:
+    status, _ = fleet_book(Clock(), max_count=3)
+    events = [ev(i, number=100 + i) for i in range(5)]
+    status.accepted(events)
+    assert await status.lookup(100) is None  # pushed out: its number is not known any more
+    assert (await status.lookup(104) or {})["status"] == "queued"
+
+
+async def test_a_fleet_look_up_without_redis_is_unavailable_not_unknown() -> None:
+    clock = Clock()
+    status, shared = fleet_book(clock)
+    status.accepted([ev(1, number=5)])
+    shared.down = True
+    with pytest.raises(StatusUnavailable):
+        await status.lookup(5)
+    with pytest.raises(StatusUnavailable):
+        await status.lookup("evt-elsewhere")
+    # What this host settled itself is answered without Redis.
+    status.settled(ev(2), 7, delivered(ev(2), clock.now))
+    assert (await status.lookup("evt-00000002") or {})["status"] == "delivered"
+    assert shared.asked[-1] == ("evt-elsewhere", None)
