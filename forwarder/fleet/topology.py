@@ -212,12 +212,26 @@ def _cluster_client(url: str, options: dict[str, Any]) -> aioredis.Redis:
         extra["username"] = target.username
     # `retry` is the cluster client's own (a refused node, MOVED, CLUSTERDOWN: the slot map is
     # read again and the command sent once more); `max_connections` is per node.
-    client = RedisCluster(
+    client = _ClosingCluster(RedisCluster)(
         startup_nodes=[ClusterNode(host, port) for host, port in target.nodes],
         **{**options, **extra},
     )
     # It answers every command the fleet sends as `Redis` does (keys route to their slot).
     return cast("aioredis.Redis", client)
+
+
+def _ClosingCluster(base: Any) -> Any:  # noqa: N802  (a class factory: redis-py is optional)
+    class FleetCluster(base):  # type: ignore[misc]
+        """The cluster client; closing it closes every node's connections, always."""
+
+        async def aclose(self) -> None:
+            await super().aclose()
+            # redis-py's `aclose` does nothing once a connection error marked the slot map
+            # for a re-read, leaving the nodes' sockets open: close them here in any case.
+            await self.nodes_manager.aclose()
+            await self.nodes_manager.aclose("startup_nodes")
+
+    return FleetCluster
 
 
 def is_cluster_client(client: object) -> bool:
