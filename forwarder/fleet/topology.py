@@ -212,7 +212,7 @@ def _cluster_client(url: str, options: dict[str, Any]) -> aioredis.Redis:
         extra["username"] = target.username
     # `retry` is the cluster client's own (a refused node, MOVED, CLUSTERDOWN: the slot map is
     # read again and the command sent once more); `max_connections` is per node.
-    client = _ClosingCluster(RedisCluster)(
+    client = _closing_cluster_class(RedisCluster)(
         startup_nodes=[ClusterNode(host, port) for host, port in target.nodes],
         **{**options, **extra},
     )
@@ -220,7 +220,7 @@ def _cluster_client(url: str, options: dict[str, Any]) -> aioredis.Redis:
     return cast("aioredis.Redis", client)
 
 
-def _ClosingCluster(base: Any) -> Any:  # noqa: N802  (a class factory: redis-py is optional)
+def _closing_cluster_class(base: Any) -> Any:
     class FleetCluster(base):  # type: ignore[misc]
         """The cluster client; closing it closes every node's connections, always."""
 

@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from forwarder.cli.fleet import read_fleet
 from forwarder.config.schema import Config, FleetConfig, QueueConfig
 from forwarder.events import Event
 from forwarder.fleet import deadletters, queuestatus
@@ -18,7 +19,6 @@ from forwarder.fleet.leases import Leases
 from forwarder.fleet.mode import FleetMode
 from forwarder.fleet.queuekeys import GROUP, AccountKeys
 from forwarder.fleet.streams import Streams, encode_event
-from forwarder.cli.fleet import read_fleet
 from tests.redisserver import RedisClusterGroup, RedisServer
 
 PREFIX = "fwc"
@@ -117,7 +117,8 @@ async def test_leases_streams_dead_letters_status_and_drain_work_on_a_cluster(
         streams = Streams(redis, prefix=PREFIX, member="host-a")
         for account in (a, b):
             lease = await leases.acquire(account, 0)
-            assert lease is not None and lease.generation == 1
+            assert lease is not None
+            assert lease.generation == 1
             assert await other.acquire(account, 0) is None  # held
             assert await leases.renew(lease)
 
@@ -136,7 +137,8 @@ async def test_leases_streams_dead_letters_status_and_drain_work_on_a_cluster(
             # Fencing: a lease that moved on settles nothing.
             assert await leases.release(lease, group=GROUP, idle_ms=1, limit=10) == 0
             taken = await other.acquire(account, 0)
-            assert taken is not None and taken.generation == 2
+            assert taken is not None
+            assert taken.generation == 2
             assert await streams.settle(lease, [b"0-1"]) == -1
             assert not await leases.renew(lease)
 
@@ -158,7 +160,8 @@ async def test_leases_streams_dead_letters_status_and_drain_work_on_a_cluster(
         await fleet.call("drain", lambda: queuestatus.drain(redis, PREFIX, "host-b"))
         state = await read_fleet(config)
         queues = {q["account"]: q for q in state["queue"]["accounts"]}
-        assert queues[a]["length"] == 1 and queues[b]["length"] == 0
+        assert queues[a]["length"] == 1
+        assert queues[b]["length"] == 0
         assert queues[a]["partitions"][0]["lease"] == "host-b 2"
         assert state["queue"]["drained"] == ["host-b"]
         assert await fleet.call("undrain", lambda: queuestatus.undrain(redis, PREFIX, "host-b"))
