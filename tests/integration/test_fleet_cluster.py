@@ -4,6 +4,7 @@ letters, `fleet status` and drain. Each test forms its own cluster (about 2 s)."
 
 from __future__ import annotations
 
+import functools
 import time
 from typing import Any
 
@@ -175,23 +176,33 @@ def orjson_event(event: Event) -> bytes:
     return orjson.dumps(event.to_dict())
 
 
-async def test_a_slot_whose_primary_and_replica_are_gone_is_unavailable_not_a_crash(
+async def test_a_cluster_that_is_down_is_unavailable_not_a_refusal_nor_a_crash(
     redis_cluster: RedisClusterGroup,
 ) -> None:
-    (account,) = await accounts_on_distinct_primaries(redis_cluster, 1)
+    lost, alive = await accounts_on_distinct_primaries(redis_cluster, 2)
     fleet = client_of(redis_cluster, "host-a")
     try:
-        budget = RedisRateBudget(account, 6000, fleet=fleet, mode=FleetMode())
-        assert isinstance(await budget.acquire(), SharedTicket)
-        key = AccountKeys(PREFIX, account).tag + ":budget"
-        primary = await redis_cluster.primary_of(key)
+        for account in (lost, alive):
+            budget = RedisRateBudget(account, 6000, fleet=fleet, mode=FleetMode())
+            assert isinstance(await budget.acquire(), SharedTicket)
+        primary = await redis_cluster.primary_of(AccountKeys(PREFIX, lost).tag)
         replica = await redis_cluster.replica_of(primary)
         await replica.kill()
         await primary.kill()
-        # No node serves the slot any more: CLUSTERDOWN, a refused connection, a slot not
-        # covered... whichever redis-py meets, the call says unavailable within its bound.
-        with pytest.raises(RedisUnavailable) as caught:
-            await fleet.call("budget", lambda: fleet.client.hgetall(key))
-        assert not caught.value.refused
+        witness = next(n for n in redis_cluster.nodes if n.process is not None)
+
+        async def down() -> bool:
+            return b"cluster_state:fail" in await on_node(witness, "CLUSTER", "INFO")
+
+        await redis_cluster.until("the cluster says it is down", down)
+        # A slot with no node left: its node refuses connections. A slot whose primary is
+        # alive: CLUSTERDOWN (the whole cluster stops serving when one slot is lost). Both
+        # are "unavailable", within the call's bound: the host falls back.
+        for account, error in ((lost, ""), (alive, "ClusterDownError")):
+            key = AccountKeys(PREFIX, account).tag + ":budget"
+            with pytest.raises(RedisUnavailable) as caught:
+                await fleet.call("budget_read", functools.partial(fleet.client.hgetall, key))
+            assert not caught.value.refused
+            assert error in str(caught.value)
     finally:
         await fleet.aclose()
