@@ -129,6 +129,11 @@ async def test_leases_streams_dead_letters_status_and_drain_work_on_a_cluster(
             await streams.ensure_group(account, 0)
             got = await streams.read(account, 0, 10)
             assert [e.event.event_id for e in got if e.event] == [e.event_id for e in sent]
+            # Another member sees them pending with host-a, and may take one over.
+            taker = Streams(redis, prefix=PREFIX, member="host-b")
+            assert await taker.pending_of_others(account, 0) == 5
+            (claimed,) = await taker.claim_others(account, 0, 1)
+            assert claimed.entry_id == got[0].entry_id
             assert await streams.settle(lease, [e.entry_id for e in got[:4]]) == 4
             assert await streams.dead_letter(lease, got[4].entry_id, {"event": "{}"})
             keys = AccountKeys(PREFIX, account)
