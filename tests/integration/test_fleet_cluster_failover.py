@@ -149,6 +149,11 @@ async def test_a_manual_failover_under_load_refuses_nothing_and_loses_nothing(
         total = await load.stop()
         assert set(load.statuses) == {202}
         await created_once(mock, total)
+        assert daemon.fleet is not None
+        view = daemon.fleet.view()
+        # redis-py followed the slot to the promoted replica (MOVED): no fallback was needed.
+        assert view["fallbacks"] == 0
+        assert view["queue"]["moved_from_spool"] == 0
     finally:
         await stopped(daemon)
 
