@@ -574,7 +574,7 @@ class FleetConfig:
         '"unix:///run/redis/redis.sock", a master found through Sentinel:\n'
         '"redis+sentinel://s1:26379,s2:26379/MASTERNAME/0" ("rediss+sentinel://": TLS), or a\n'
         'Redis Cluster: "redis+cluster://n1:6379,n2:6379" (startup nodes; "rediss+cluster://":\n'
-        "TLS; database 0 only). \"\" (the default): no fleet, every budget is this host's own.\n"
+        'TLS; database 0 only). "" (the default): no fleet, every budget is this host\'s own.\n'
         "No password in the URL: it comes from redis_password_file or the systemd "
         "credential\nredis_password (the data nodes'; Sentinels are asked without one), so it "
         "never reaches a log.",
