@@ -47,7 +47,7 @@ from forwarder.storage.numbering import BLOCK, EventNumbers
 from forwarder.storage.queue import EventQueue
 from forwarder.storage.sqlite.file import SPOOL_FILE
 from forwarder.storage.sqlite.opening import open_readonly_or_fail
-from tests.redisserver import RedisServer, running_redis
+from tests.redisserver import RedisClusterGroup, RedisServer, running_cluster, running_redis
 
 
 def promtool() -> str:
@@ -413,6 +413,14 @@ async def redis_server() -> AsyncIterator[RedisServer]:
     """A real `redis-server` of this test's own (tests/redisserver.py); fails if not installed."""
     async with running_redis() as server:
         yield server
+
+
+@pytest.fixture
+async def redis_cluster() -> AsyncIterator[RedisClusterGroup]:
+    """A real Redis Cluster of this test's own: 3 primaries, 3 replicas (about 2 s to form;
+    the failover tests kill and promote nodes, which a shared cluster could not survive)."""
+    async with running_cluster() as cluster:
+        yield cluster
 
 
 @pytest.fixture

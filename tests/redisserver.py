@@ -369,3 +369,199 @@ async def running_sentinel(
             yield group
         finally:
             await group.stop()
+
+
+# A cluster forming, a replica syncing, a failover finishing (node timeout 1 s).
+CLUSTER_WAIT_S = 30.0
+CLUSTER_NODE_TIMEOUT_MS = 1000
+
+
+def key_slot(key: str | bytes) -> int:
+    """The hash slot of `key` (CRC16 of its hash tag, as Redis computes it)."""
+    from redis.crc import key_slot as crc_slot
+
+    return int(crc_slot(key.encode() if isinstance(key, str) else key))
+
+
+class RedisClusterGroup:
+    """A Redis Cluster: 3 primaries and 3 replicas on loopback, each in its own directory.
+
+    Every node has AOF on (fsync always) and a short `cluster-node-timeout`, so a dead primary
+    is failed over in about two seconds. Its bus port is Redis 7's `cluster-port`, a free port
+    of its own (no +10000 guess). `url` is the `redis+cluster://` address a forwarder is
+    configured with (two startup nodes: the client learns the rest).
+    """
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        quick = ("--repl-diskless-sync-delay", "0", "--shutdown-timeout", "0")
+        self.nodes: list[RedisServer] = []
+        for i in range(6):
+            node_dir = directory / f"node{i}"
+            node_dir.mkdir()
+            self.nodes.append(
+                RedisServer(
+                    node_dir,
+                    extra_args=(
+                        *quick,
+                        *("--cluster-enabled", "yes"),
+                        *("--cluster-config-file", str(node_dir / "nodes.conf")),
+                        *("--cluster-node-timeout", str(CLUSTER_NODE_TIMEOUT_MS)),
+                        *("--cluster-port", str(free_port())),
+                        # A replica is in CLUSTER SLOTS (what clients learn nodes from) only
+                        # once its replication offset moved: pinged every second, not 10.
+                        *("--repl-ping-replica-period", "1"),
+                    ),
+                )
+            )
+
+    @property
+    def url(self) -> str:
+        """The cluster's URL: two startup nodes."""
+        ports = [n.port for n in self.nodes[:2]]
+        return "redis+cluster://" + ",".join(f"127.0.0.1:{p}" for p in ports)
+
+    def node(self, port: int) -> RedisServer:
+        """The node listening on `port`."""
+        return next(n for n in self.nodes if n.port == port)
+
+    async def start(self) -> None:
+        """Start the six nodes, create the cluster, wait until every node says it is ok and
+        every replica is in sync with its primary."""
+        await asyncio.gather(*(n.start() for n in self.nodes))
+        cli = shutil.which("redis-cli")
+        if cli is None:
+            pytest.fail("redis-cli is not installed: `apt-get install redis-tools` (Redis 7)")
+        addresses = [f"127.0.0.1:{n.port}" for n in self.nodes]
+        create = await asyncio.create_subprocess_exec(
+            cli, "--cluster", "create", *addresses, "--cluster-replicas", "1", "--cluster-yes",
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+        )  # fmt: skip
+        try:
+            out, _ = await asyncio.wait_for(create.communicate(), CLUSTER_WAIT_S)
+        except TimeoutError:
+            create.kill()
+            await create.wait()
+            pytest.fail(f"redis-cli --cluster create did not end within {CLUSTER_WAIT_S} s")
+        if create.returncode != 0:
+            pytest.fail(f"redis-cli --cluster create failed: {out.decode(errors='replace')}")
+        await self.until("the cluster is formed", self.healthy)
+
+    async def healthy(self) -> bool:
+        """Every live node says cluster_state:ok and lists every live node in its slot map
+        (gossip has told it who replicates whom), and every live replica's link to its primary
+        is up."""
+        live = {n.port for n in self.nodes if n.process is not None}
+        for node in self.nodes:
+            if node.process is None:
+                continue
+            client = node.client()
+            try:
+                ranges = await client.execute_command("CLUSTER", "SLOTS")  # type: ignore[no-untyped-call]
+                if {int(n[1]) for r in ranges for n in r[2:]} != live:
+                    return False
+                info = await client.execute_command("CLUSTER", "INFO")  # type: ignore[no-untyped-call]
+                text = info.decode() if isinstance(info, bytes) else str(info)
+                if "cluster_state:ok" not in text:
+                    return False
+                replication = await client.info("replication")
+                if replication["role"] == "slave" and replication["master_link_status"] != "up":
+                    return False
+                if replication["role"] == "master" and node.port not in await self.primaries():
+                    return False
+            finally:
+                await client.aclose()
+        return True
+
+    async def _any_client(self) -> aioredis.Redis:
+        node = next(n for n in self.nodes if n.process is not None)
+        return node.client()
+
+    async def primaries(self) -> set[int]:
+        """The ports of the primaries that serve slots (as a live node sees them)."""
+        return set((await self.slot_map()).values())
+
+    async def slot_map(self) -> dict[tuple[int, int], int]:
+        """(first slot, last slot) → the port of the primary serving them."""
+        client = await self._any_client()
+        try:
+            ranges = await client.execute_command("CLUSTER", "SLOTS")  # type: ignore[no-untyped-call]
+        finally:
+            await client.aclose()
+        return {(int(r[0]), int(r[1])): int(r[2][1]) for r in ranges}
+
+    async def primary_of(self, key: str) -> RedisServer:
+        """The primary that holds `key`'s slot now."""
+        slot = key_slot(key)
+        for (first, last), port in (await self.slot_map()).items():
+            if first <= slot <= last:
+                return self.node(port)
+        raise AssertionError(f"no node serves slot {slot}")
+
+    async def replica_of(self, primary: RedisServer) -> RedisServer:
+        """A live replica of `primary`."""
+        for node in self.nodes:
+            if node.process is None or node is primary:
+                continue
+            client = node.client()
+            try:
+                replication = await client.info("replication")
+            finally:
+                await client.aclose()
+            if replication["role"] == "slave" and int(replication["master_port"]) == primary.port:
+                return node
+        raise AssertionError(f"no live replica of node {primary.port}")
+
+    async def failover(self, replica: RedisServer) -> None:
+        """`CLUSTER FAILOVER` on `replica` (its primary alive: no write is lost); returns once
+        it serves its slots and the cluster is ok everywhere."""
+        client = replica.client()
+        try:
+            await client.execute_command("CLUSTER", "FAILOVER")  # type: ignore[no-untyped-call]
+        finally:
+            await client.aclose()
+        await self.until("the replica is promoted", lambda: self._serves(replica))
+        await self.until("the cluster is ok after the failover", self.healthy)
+
+    async def kill_primary(self, primary: RedisServer) -> RedisServer:
+        """SIGKILL `primary`; returns its replica once the cluster promoted it (within the
+        node timeout and an election, about two seconds)."""
+        replica = await self.replica_of(primary)
+        await primary.kill()
+        await self.until(
+            "the replica of the killed primary is promoted", lambda: self._serves(replica)
+        )
+        await self.until("the cluster is ok without the killed primary", self.healthy)
+        return replica
+
+    async def _serves(self, node: RedisServer) -> bool:
+        return node.port in await self.primaries()
+
+    async def until(self, what: str, check: Callable[[], Awaitable[bool]]) -> None:
+        """Poll `check` until true, failing the test after CLUSTER_WAIT_S."""
+        deadline = asyncio.get_running_loop().time() + CLUSTER_WAIT_S
+        while True:
+            with contextlib.suppress(OSError, aioredis.ConnectionError, aioredis.ResponseError):
+                if await check():
+                    return
+            if asyncio.get_running_loop().time() > deadline:
+                pytest.fail(f"not within {CLUSTER_WAIT_S} s: {what}")
+            await asyncio.sleep(0.05)
+
+    async def stop(self) -> None:
+        """Stop every node (SIGTERM, then SIGKILL after a bounded wait)."""
+        await asyncio.gather(*(n.stop() for n in self.nodes))
+
+
+@contextlib.asynccontextmanager
+async def running_cluster() -> AsyncIterator[RedisClusterGroup]:
+    """A started `RedisClusterGroup` in a temporary directory, stopped and removed afterwards."""
+    with tempfile.TemporaryDirectory(prefix="fwd-cluster-") as tmp:
+        group = RedisClusterGroup(Path(tmp))
+        try:
+            await group.start()
+            yield group
+        finally:
+            await group.stop()

@@ -574,17 +574,18 @@ class FleetConfig:
     redis_url: str = setting(
         "",
         doc='Redis 7 shared by the fleet: "redis://host:6379/0", "rediss://host:6380/0" (TLS),\n'
-        '"unix:///run/redis/redis.sock", or a master found through Sentinel:\n'
-        '"redis+sentinel://s1:26379,s2:26379/MASTERNAME/0" ("rediss+sentinel://": TLS).\n'
-        '"" (the default): no fleet, every budget is this host\'s own. Redis Cluster is not '
-        "supported.\nNo password in the URL: it comes from redis_password_file or the systemd "
+        '"unix:///run/redis/redis.sock", a master found through Sentinel:\n'
+        '"redis+sentinel://s1:26379,s2:26379/MASTERNAME/0" ("rediss+sentinel://": TLS), or a\n'
+        'Redis Cluster: "redis+cluster://n1:6379,n2:6379" (startup nodes; "rediss+cluster://":\n'
+        'TLS; database 0 only). "" (the default): no fleet, every budget is this host\'s own.\n'
+        "No password in the URL: it comes from redis_password_file or the systemd "
         "credential\nredis_password (the data nodes'; the Sentinels' own: "
         "sentinel_password_file), so it\nnever reaches a log.",
         secret="names",
         reload=False,
         example="rediss://redis.internal:6380/0",
-        bounds="a `redis://`, `rediss://`, `unix://`, `redis+sentinel://` or `rediss+sentinel://` "
-        'URL without a password; `""`: off',
+        bounds="a `redis://`, `rediss://`, `unix://`, `redis+sentinel://`, `rediss+sentinel://`, "
+        '`redis+cluster://` or `rediss+cluster://` URL without a password; `""`: off',
         ref="the Redis server the fleet shares ; set, the "
         "accounts' rate budgets are shared by every host that names the same server and prefix",
     )

@@ -30,10 +30,10 @@ from forwarder.config.schema import (
 )
 from forwarder.config.setting import bounds_error, short
 from forwarder.fleet.topology import (
-    CLUSTER_REFUSAL,
     CLUSTER_SCHEMES,
     SENTINEL_SCHEMES,
     BadRedisUrl,
+    parse_cluster_url,
     parse_sentinel_url,
     scheme_of,
 )
@@ -252,14 +252,12 @@ def validate_config(config: Config, origins: Mapping[str, str]) -> Config:
 
 
 def _validate_redis_url(url: str, fail: Callable[[str, str], ConfigError]) -> None:
-    """`fleet.redis_url`: one endpoint or Sentinel; Cluster refused. The URL is never echoed:
-    it may hold a password pasted by mistake."""
+    """`fleet.redis_url`: one endpoint, Sentinel or Cluster. The URL is never echoed: it may
+    hold a password pasted by mistake."""
     scheme = scheme_of(url)
-    if scheme in CLUSTER_SCHEMES:
-        raise fail("fleet.redis_url", CLUSTER_REFUSAL)
-    if scheme in SENTINEL_SCHEMES:
+    if scheme in SENTINEL_SCHEMES or scheme in CLUSTER_SCHEMES:
         try:
-            parse_sentinel_url(url)
+            (parse_sentinel_url if scheme in SENTINEL_SCHEMES else parse_cluster_url)(url)
         except BadRedisUrl as exc:
             raise fail("fleet.redis_url", str(exc)) from None
         return
@@ -267,7 +265,8 @@ def _validate_redis_url(url: str, fail: Callable[[str, str], ConfigError]) -> No
     if parts.scheme not in _REDIS_SCHEMES:
         raise fail(
             "fleet.redis_url",
-            f"must start with {', '.join(s + '://' for s in _REDIS_SCHEMES + SENTINEL_SCHEMES)}; "
+            "must start with "
+            f"{', '.join(s + '://' for s in _REDIS_SCHEMES + SENTINEL_SCHEMES + CLUSTER_SCHEMES)}; "
             "the value is not shown",
         )
     if parts.password is not None:

@@ -9,13 +9,17 @@ check of idle connections. On top, `FleetClient.call` bounds every call as a who
 included) and turns any failure to reach Redis into `RedisUnavailable`, whose message names
 the operation and the kind of failure only: the fallback code catches that one exception.
 
-A master behind Sentinel (`redis+sentinel://`) is not a URL redis-py's `from_url` reads:
-`topology.build_client` makes that client. Cluster is refused at config time (see topology);
-keys are laid out for a cluster all the same: every key of an account shares its hash tag.
+A master behind Sentinel (`redis+sentinel://`) or a Redis Cluster (`redis+cluster://`) is not
+a URL redis-py's `from_url` reads: `topology.build_client` makes that client. On a cluster a
+slot whose primary is down or being failed over answers CLUSTERDOWN / TRYAGAIN / MOVED, or its
+node refuses connections: all of them are `RedisUnavailable` (not refusals), so the host falls
+back for the seconds a failover takes.
 
-At start `check_server` reads `CONFIG GET appendonly appendfsync maxmemory-policy` and returns
-one warning per setting that can lose acknowledged writes or evict keys; a server that refuses
-CONFIG (managed Redis renames it) is a warning too, never a start failure.
+At start `check_server` reads `CONFIG GET appendonly appendfsync maxmemory-policy` (on a
+cluster from every node, primaries and replicas: a replica promoted later holds the data then)
+and returns one warning per setting that can lose acknowledged writes or evict keys, naming the
+node on a cluster; a server that refuses CONFIG (managed Redis renames it) is a warning too,
+never a start failure.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ from types import ModuleType
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from forwarder.config.schema import ConfigError, FleetConfig
-from forwarder.fleet.topology import build_client
+from forwarder.fleet.topology import build_client, is_cluster_client, scheme_of
 from forwarder.ops.credentials import Secret
 
 if TYPE_CHECKING:
@@ -49,8 +53,11 @@ BACKOFF_CAP_S = 0.5
 CALL_TIMEOUT_S = 2.5
 # Idle pooled connections are PINGed before use after this long (a server restart, a NAT).
 HEALTH_CHECK_INTERVAL_S = 15
-# Connections one process may open; the budget and the heartbeat need few.
+# Connections one process may open (on a cluster: to each node); the budget and the
+# heartbeat need few.
 MAX_CONNECTIONS = 32
+CHECKED_SETTINGS = ("appendonly", "appendfsync", "maxmemory-policy")
+TLS_SCHEMES = ("rediss", "rediss+sentinel", "rediss+cluster")
 
 
 class RedisUnavailable(Exception):
@@ -148,45 +155,73 @@ class FleetClient:
             _restore_cancel(task, cancels)
 
     async def check_server(self) -> list[str]:
-        """Warnings about server settings that can lose acknowledged writes or evict keys."""
+        """Warnings about server settings that can lose acknowledged writes or evict keys
+        (on a cluster: of every node, each warning naming its node)."""
+        if is_cluster_client(self.client):
+            return await self._check_cluster()
+        return await self._check_node(None, "the Redis server")
+
+    async def _check_node(self, node: Any, name: str) -> list[str]:
+        """The warnings of one server (`node`: a cluster node, None: the only server)."""
+        target: dict[str, Any] = {} if node is None else {"target_nodes": node}
         try:
             got: dict[Any, Any] = await self.call(
                 "config_get",
-                lambda: self.client.config_get("appendonly", "appendfsync", "maxmemory-policy"),
+                lambda: self.client.config_get(*CHECKED_SETTINGS, **target),
             )
         except RedisUnavailable as exc:
             if not exc.refused:
                 raise
             # A managed server refuses CONFIG: a warning, not a failure.
             return [
-                f"the Redis server refused CONFIG GET ({exc}): check by hand that appendonly "
+                f"{name} refused CONFIG GET ({exc}): check by hand that appendonly "
                 "is yes and maxmemory-policy is noeviction (docs/how-to/fleet.md)"
             ]
-        return server_warnings({as_text(k): as_text(v) for k, v in got.items()})
+        where = "" if node is None else f" on node {node.name}"
+        return server_warnings({as_text(k): as_text(v) for k, v in got.items()}, where)
+
+    async def _check_cluster(self) -> list[str]:
+        # The slot map first (it names every node, replicas too); unreachable: unavailable.
+        cluster: Any = self.client
+        await self.call("cluster_nodes", cluster.initialize)
+        warnings: list[str] = []
+        # host:port only: the node's name never holds a secret.
+        for node in sorted(cluster.get_nodes(), key=lambda n: n.name):
+            try:
+                warnings += await self._check_node(node, f"Redis node {node.name}")
+            except RedisUnavailable as exc:
+                # One node down (a replica, say) is a warning; the fleet works without it.
+                warnings.append(
+                    f"Redis node {node.name} did not answer CONFIG GET ({exc}): check its "
+                    "appendonly and maxmemory-policy by hand (docs/how-to/fleet.md)"
+                )
+        return warnings
 
     async def aclose(self) -> None:
         """Close the client and its connection pool."""
         await self.client.aclose()
 
 
-def server_warnings(settings: dict[str, str]) -> list[str]:
-    """One warning per setting that loses acknowledged writes or evicts keys, naming it."""
+def server_warnings(settings: dict[str, str], where: str = "") -> list[str]:
+    """One warning per setting that loses acknowledged writes or evicts keys, naming it (and
+    `where`, e.g. " on node HOST:PORT", after it)."""
     warnings = []
     if settings.get("appendonly", "").lower() != "yes":
         warnings.append(
-            "Redis appendonly is not yes: a restart of the server loses what it acknowledged "
-            "since its last snapshot (set appendonly yes)"
+            f"Redis appendonly is not yes{where}: a restart of the server loses what it "
+            "acknowledged since its last snapshot (set appendonly yes)"
         )
     elif settings.get("appendfsync", "").lower() == "no":
         warnings.append(
-            "Redis appendfsync is no: a power cut or kernel crash loses acknowledged writes the "
-            "system had not flushed (set appendfsync always, or everysec: at most ~1 s)"
+            f"Redis appendfsync is no{where}: a power cut or kernel crash loses acknowledged "
+            "writes the system had not flushed (set appendfsync always, or everysec: at most "
+            "~1 s)"
         )
     policy = settings.get("maxmemory-policy", "")
     if policy.lower() != "noeviction":
         warnings.append(
-            f"Redis maxmemory-policy is {policy or 'unknown'}: the server may evict the fleet's "
-            "keys when memory is full (set maxmemory-policy noeviction)"
+            f"Redis maxmemory-policy is {policy or 'unknown'}{where}: the server may evict the "
+            "fleet's keys when memory is full (set maxmemory-policy noeviction)"
         )
     return warnings
 
@@ -218,7 +253,7 @@ def connect(
     }
     if password is not None:
         options["password"] = password.reveal()
-    if fleet.redis_url.startswith(("rediss://", "rediss+sentinel://")):
+    if scheme_of(fleet.redis_url) in TLS_SCHEMES:
         # Certificates and host names always verified, as for the remote.
         options["ssl_cert_reqs"] = "required"
         options["ssl_check_hostname"] = True
@@ -242,11 +277,24 @@ def _restore_cancel(task: asyncio.Task[Any] | None, cancels: int) -> None:
 
 
 def _unavailable_errors() -> tuple[type[BaseException], ...]:
+    from redis.exceptions import AskError, ClusterError, RedisClusterException, TryAgainError
     from redis.exceptions import ConnectionError as RedisConnectionError
     from redis.exceptions import TimeoutError as RedisTimeoutError
 
-    # BusyLoadingError (a restart reading its AOF) is a ConnectionError in redis-py.
-    return (RedisConnectionError, RedisTimeoutError, OSError)
+    # BusyLoadingError (a restart reading its AOF) is a ConnectionError in redis-py. A cluster
+    # in a failover answers CLUSTERDOWN / MASTERDOWN (ClusterError, also "TTL exhausted": a
+    # MOVED storm), TRYAGAIN, a MOVED or ASK redis-py gave up following, or no node covers the
+    # slot (SlotNotCoveredError, a RedisClusterException, which is no RedisError): the slot's
+    # data is away for a while, the host falls back; never a refusal, never a crash.
+    return (
+        RedisConnectionError,
+        RedisTimeoutError,
+        OSError,
+        ClusterError,
+        TryAgainError,
+        AskError,
+        RedisClusterException,
+    )
 
 
 def _refusal_errors() -> tuple[type[BaseException], ...]:

@@ -3,7 +3,9 @@
 A dead letter is one stream entry (fields written by window.py: the event as JSON, reason,
 status, error, attempts, times, the member). Its id is "ACCOUNT/ENTRY-ID". A replay puts the
 event back into its partition's stream under the same event_id (the remote answers 409 if it
-had created it after all) and deletes the dead letter, both in one MULTI (one slot); a purge
+had created it after all) and deletes the dead letter, both in one script (`REPLAY`, one slot:
+it runs on a cluster too), and only if the letter is still there, so two replays of one letter
+put it back once; a purge
 trims the dead letters older than a moment (`XTRIM MINID`: entry ids are Redis's clock).
 """
 
@@ -18,6 +20,13 @@ from forwarder.events import Event
 from forwarder.fleet.partition import partition_of
 from forwarder.fleet.queuekeys import AccountKeys
 from forwarder.fleet.streams import FIELD, encode_event
+
+# KEYS: partition stream, dead letters. ARGV: field, event, letter id. → 1 put back, 0 gone.
+REPLAY = """
+if redis.call('XDEL', KEYS[2], ARGV[3]) == 0 then return 0 end
+redis.call('XADD', KEYS[1], '*', ARGV[1], ARGV[2])
+return 1
+"""
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,19 +111,16 @@ async def get_letter(redis: Any, prefix: str, letter_id: str) -> FleetDeadLetter
 
 
 async def replay(redis: Any, prefix: str, partitions: int, letter: FleetDeadLetter) -> bool:
-    """Put the letter's event back into its partition's stream and delete the letter."""
+    """Put the letter's event back into its partition's stream and delete the letter; False if
+    it has no readable event or is gone already (another replay or a purge took it)."""
     if letter.event is None:
         return False
     account, entry_id = split_id(letter.id)
     keys = AccountKeys(prefix, account)
     event = letter.event
-    pipe = redis.pipeline(transaction=True)
-    pipe.xadd(
-        keys.stream(partition_of(event.recipient_id, partitions)), {FIELD: encode_event(event)}
-    )
-    pipe.xdel(keys.dead, entry_id)
-    await pipe.execute()
-    return True
+    stream = keys.stream(partition_of(event.recipient_id, partitions))
+    done = await redis.eval(REPLAY, 2, stream, keys.dead, FIELD, encode_event(event), entry_id)
+    return int(done) == 1
 
 
 async def purge(redis: Any, prefix: str, accounts: list[str], before: float) -> int:

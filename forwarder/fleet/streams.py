@@ -1,9 +1,10 @@
 """The partitions' streams: append, read in order, claim a dead member's entries, settle fenced.
 
 One stream entry is one event (field `e`: the event as a JSON array, the spool's entry form),
-so each event is acknowledged on its own. Appends of one request go in one MULTI/EXEC per
-account (all of its keys share one slot), so a request is stored whole or not at all, and the
-caller answers intake only after Redis acknowledged it.
+so each event is acknowledged on its own. Appends of one request go in one script per account
+(`APPEND`: all of its keys share one slot, so it runs on a Redis Cluster with any redis-py,
+whose cluster pipeline had no MULTI before 6.x), so a request is stored whole or not at all,
+and the caller answers intake only after Redis acknowledged it.
 
 Settling is one script: the partition's lease must still hold "MEMBER GENERATION", then `XACK`
 and `XDEL` together. A stale holder's settle is refused (and counted by the caller); `XDEL`
@@ -39,6 +40,24 @@ FIELD = b"e"
 PENDING_SCAN = 10_000
 # Ids per settle script call: Lua's unpack() has a stack limit of a few thousand values.
 SETTLE_CHUNK = 500
+
+# KEYS: the stream of each entry, in order (repeats allowed). ARGV: field, then each entry's
+# value. → the new ids. Every key is checked before the first write, so a key of another type
+# fails the whole script with nothing written; an out-of-memory server refuses the first XADD,
+# before anything is written (Redis checks memory at a script's first write only): all or none.
+APPEND = """
+for i = 1, #KEYS do
+  local kind = redis.call('TYPE', KEYS[i])['ok']
+  if kind ~= 'stream' and kind ~= 'none' then
+    return redis.error_reply('WRONGTYPE a partition key holds no stream')
+  end
+end
+local ids = {}
+for i = 1, #KEYS do
+  ids[i] = redis.call('XADD', KEYS[i], '*', ARGV[1], ARGV[i + 1])
+end
+return ids
+"""
 
 # KEYS: lease, stream, outcomes, outcomes:at. ARGV: "MEMBER GEN", group, n, retention_ms,
 # max_count, n ids, then (event_id, outcome row) pairs → acked count, or -1 (not our lease).
@@ -118,6 +137,7 @@ class Streams:
         self.keep = keep
         self.prefix = prefix
         self.member = member
+        self._append = redis.register_script(APPEND)
         self._settle = redis.register_script(SETTLE)
         self._dead_letter = redis.register_script(DEAD_LETTER)
         self._known_accounts: set[str] = set()
@@ -135,10 +155,12 @@ class Streams:
         if account not in self._known_accounts:
             await self._redis.sadd(accounts_key(self.prefix), account)
             self._known_accounts.add(account)
-        pipe = self._redis.pipeline(transaction=True)
-        for partition, raw in entries:
-            pipe.xadd(keys.stream(partition), {FIELD: raw})
-        ids: list[bytes] = await pipe.execute()
+        if not entries:
+            return []
+        ids: list[bytes] = await self._append(
+            keys=[keys.stream(partition) for partition, _raw in entries],
+            args=[FIELD, *(raw for _partition, raw in entries)],
+        )
         return ids
 
     # -- delivery ---------------------------------------------------------------------------

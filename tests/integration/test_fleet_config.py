@@ -43,6 +43,8 @@ def test_fleet_is_off_by_default() -> None:
         "redis://default@10.0.0.5:6379",
         "redis+sentinel://10.0.0.1:26379,10.0.0.2:26379,s3.internal/fwd-master/2",
         "rediss+sentinel://[::1]:26380/mymaster",
+        "redis+cluster://10.0.0.1:7000,10.0.0.2:7000,r3.internal",
+        "rediss+cluster://forwarder@[::1]:7001/0",
     ],
 )
 def test_redis_urls_accepted(tmp_path: Path, url: str) -> None:
@@ -69,7 +71,15 @@ def test_redis_urls_accepted(tmp_path: Path, url: str) -> None:
             "fleet.redis_url",
             "password",
         ),
-        ('redis_url = "redis+cluster://r1:7000,r2:7000"', "fleet.redis_url", "Cluster"),
+        (
+            f'redis_url = "redis+cluster://:{PASSWORD}@r1:7000,r2:7000"',
+            "fleet.redis_url",
+            "password",
+        ),
+        ('redis_url = "redis+cluster://r1:7000/1"', "fleet.redis_url", "only database 0"),
+        ('redis_url = "redis+cluster://r1:7000?timeout=1"', "fleet.redis_url", "no query"),
+        ('redis_url = "redis+cluster://r1:0"', "fleet.redis_url", "port"),
+        ('redis_url = "redis+cluster://"', "fleet.redis_url", "valid host"),
         (f'redis_password_file = "{PASSWORD}"', "fleet.redis_password_file", "absolute path"),
         (
             f'{SENTINEL}sentinel_password_file = "{PASSWORD}"',
