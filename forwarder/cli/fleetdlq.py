@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import sys
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -18,6 +19,7 @@ from typing import Any, TypeVar
 from forwarder.config.load import load_config
 from forwarder.config.schema import Config
 from forwarder.fleet import deadletters
+from forwarder.fleet.connection import RedisUnavailable
 from forwarder.fleet.host import open_client
 from forwarder.fleet.queuestatus import known_accounts
 
@@ -32,15 +34,27 @@ def fleet_config(args: argparse.Namespace) -> Config | None:
     return config if config.queue.mode == "fleet" else None
 
 
+# A whole listing, replay or purge: long ones are fine, a frozen Redis is not (each socket
+# operation has its own 1 s bound too, so an unreachable server fails within seconds).
+WORK_TIMEOUT_S = 300.0
+EX_UNAVAILABLE = 2
+
+
 def _run(config: Config, work: Callable[[Any], Awaitable[T]]) -> T:
+    """`work` on the fleet's Redis; Redis unreachable: one line on stderr and exit status 2."""
+
     async def main() -> T:
         fleet, _ = await open_client(config)
         try:
-            return await work(fleet.client)
+            return await fleet.call("dlq", lambda: work(fleet.client), WORK_TIMEOUT_S)
         finally:
             await fleet.aclose()
 
-    return asyncio.run(main())
+    try:
+        return asyncio.run(main())
+    except RedisUnavailable as exc:
+        print(f"forwarder dlq: cannot reach Redis: {exc}", file=sys.stderr)
+        raise SystemExit(EX_UNAVAILABLE) from None
 
 
 def _iso(moment: float | None) -> str:

@@ -101,3 +101,17 @@ async def test_the_local_spool_is_read_with_spool(
     assert code in (0, 1)
     code, _out = await run(["dlq", "show", f"{ACCOUNT}/1-0", "--spool", "--config", path], capsys)
     assert code == 2
+
+
+async def test_without_a_reachable_redis_dlq_says_so_in_one_line(
+    redis_server: RedisServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = config(tmp_path, redis_server)
+    await redis_server.stop()
+    with pytest.raises(SystemExit) as exit_:
+        await asyncio.to_thread(main, ["dlq", "list", "--config", path])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("forwarder dlq: cannot reach Redis: redis dlq: ")
+    assert "Traceback" not in err
+    assert len(err.splitlines()) == 1
