@@ -5,7 +5,8 @@ must be shared through one Redis 7 server, reached through redis-py's asyncio cl
 `fleet` extra: `import redis` happens only here, and only when a fleet is configured).
 
 - `connection.py`: the one client per process (URL, TLS, password, timeouts and retries on every
-  call), the key layout, and the server's durability settings checked at start.
+  call), the key layout, and the server's durability settings checked at start (every node of
+  a cluster); `topology.py`: where Redis is (one server, Sentinel or a Cluster) and its client.
 - `budget.py`: `RedisRateBudget`, an account's rate budget shared by the fleet (a Lua script on
   Redis's own clock), with the local fallback when Redis does not answer.
 - `members.py`: this host's heartbeat and the live members (`P:members`).
@@ -19,6 +20,8 @@ The shared queue (queue.mode "fleet"):
 - `ownership.py`: each member's fair share of the partitions among the live consumers, drains;
 - `streams.py`: appends, ordered reads, claims of a dead member's entries, fenced settles;
 - `window.py`: the held partitions' events loaded into the lanes' queue, their outcomes settled;
+- `outcomes.py`: what became of each event, kept in Redis by the settles, so any host answers
+  `GET /v1/events/{id}`;
 - `fallback.py`: the local spool while Redis is unreachable, and the mover back into Redis;
 - `queuestatus.py`, `deadletters.py`: what `forwarder fleet status`, `fleet drain` and
   `forwarder dlq` read and change.
