@@ -223,6 +223,7 @@ class RedisRateBudget:
         now = self._clock()
         if not self._mode.fallback:
             self._serving_locally = False
+            self.local.share = None
         if now < self.paused_until:
             return self.paused_until - now
         if self._tokens and now >= self._tokens_until:
@@ -233,7 +234,10 @@ class RedisRateBudget:
             self._tokens -= 1
             return SharedTicket(self._epoch, self.local.epoch)
         if self._mode.fallback:
-            self.local.limit = self._fallback_limit()
+            # The host's share caps its own requests; the remote's count (every host's, learnt
+            # from X-RateLimit-Remaining against the whole limit) still stops it at the quota.
+            self.local.limit = self._limit
+            self.local.share = self._fallback_limit()
             if not self._serving_locally:
                 self._serving_locally = True
                 self._take_over()
@@ -248,8 +252,9 @@ class RedisRateBudget:
         # Since this host's last call the others took at most what the shared pacing (GCRA,
         # reserved up to AHEAD_S ahead, with its burst) let through: the rest is what is left.
         since = self._clock() - self._fleet_seen_at + AHEAD_S + BURST_S
-        left = self._fleet_remaining - math.ceil(self._limit / self._window_s * since)
-        self.local.take_over_window(self._fleet_window_end, max(0, left) // self._mode.live_members)
+        left = max(0, self._fleet_remaining - math.ceil(self._limit / self._window_s * since))
+        own = left // self._mode.live_members
+        self.local.take_over_window(self._fleet_window_end, left, own=own)
 
     def _drop_tokens(self) -> None:
         if self._tokens:
