@@ -41,7 +41,8 @@ from forwarder.delivery.flow.ratelimit import (
 from forwarder.delivery.flow.ratewindow import DEFAULT_WINDOW_S
 from forwarder.delivery.flow.ratewindow import MAX_WINDOW_S as MAX_PACED_WINDOW_S
 from forwarder.fleet.budgetscript import BUDGET_LUA
-from forwarder.fleet.connection import FleetClient, RedisUnavailable, as_text
+from forwarder.fleet.connection import CALL_TIMEOUT_S, FleetClient, RedisUnavailable, as_text
+from forwarder.fleet.members import HEARTBEAT_S
 from forwarder.fleet.mode import FleetMode
 
 # A host takes this long's worth of the account's rate per round trip (at least one token,
@@ -53,6 +54,9 @@ AHEAD_S = 0.5
 TOKEN_TTL_S = 0.5
 # The budget hash outlives its last use by this long (an account gone from every host).
 KEY_TTL_MS = 24 * 3600 * 1000
+# Once one host is back from fallback, every live member's heartbeat reaches Redis within this
+# (its next beat, bounded): until then the fleet holds back the shares of the others.
+BACK_S = HEARTBEAT_S + CALL_TIMEOUT_S
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,6 +71,7 @@ class _Answer:
     """The newest answer not yet written to Redis."""
 
     epoch: int
+    local_epoch: int  # this host's limiter's window (tells fallback windows apart)
     at: float  # this host's monotonic clock
     limit: int | None
     remaining: int | None
@@ -118,6 +123,7 @@ class RedisRateBudget:
         self._fleet_remaining: int | None = None
         self._fleet_seen_at = 0.0
         self._serving_locally = False  # in fallback, the local limiter took over
+        self._back_share = 0  # back from serving locally: the share to tell Redis (0: not)
         self.taken = 0  # tokens taken from Redis
         self.calls = 0  # script calls
 
@@ -162,10 +168,19 @@ class RedisRateBudget:
             local_ticket, epoch = Ticket(ticket.local_epoch), ticket.epoch
             if remaining is not None and epoch == self._epoch and self._fleet_remaining is not None:
                 self._fleet_remaining = min(self._fleet_remaining, remaining)
-        answer = _Answer(epoch, self._clock(), limit, remaining, reset_s, rate_limited, retry_after)
+        answer = _Answer(
+            epoch,
+            local_ticket.epoch,
+            self._clock(),
+            limit,
+            remaining,
+            reset_s,
+            rate_limited,
+            retry_after,
+        )
         # A 429 stays queued until written: a later plain answer must not hide it.
         if self._answer is None or not self._answer.rate_limited or rate_limited:
-            self._answer = answer
+            self._answer = _merged(self._answer, answer)
         if rate_limited and not self._mode.fallback:
             push = asyncio.get_running_loop().create_task(self._push())
             self._pushes.add(push)
@@ -222,6 +237,9 @@ class RedisRateBudget:
         Redis)."""
         now = self._clock()
         if not self._mode.fallback:
+            if self._serving_locally:
+                # The first call back tells Redis, which holds back the others' shares.
+                self._back_share = self._fallback_limit()
             self._serving_locally = False
             self.local.share = None
         if now < self.paused_until:
@@ -309,6 +327,9 @@ class RedisRateBudget:
             KEY_TTL_MS,
             *_answer_args(answer, now),
             _ms(AHEAD_S),
+            self._back_share,
+            self._mode.live_members - 1,
+            _ms(BACK_S),
         ]
         try:
             self.calls += 1
@@ -318,6 +339,7 @@ class RedisRateBudget:
         except RedisUnavailable as exc:
             self._mode.lost(str(exc))
             return 0.0
+        self._back_share = 0
         (
             granted,
             epoch,
@@ -329,6 +351,7 @@ class RedisRateBudget:
             window_ms,
             limited,
             delay_ms,
+            certain_ms,
         ) = (int(x) for x in result)
         now = self._clock()
         self._limit = limit
@@ -341,7 +364,9 @@ class RedisRateBudget:
             self.taken += granted
             self._tokens, self._epoch = granted, epoch
             self._tokens_from = now + delay_ms / 1000
-            self._tokens_until = now + min(delay_ms / 1000 + TOKEN_TTL_S, window_left_ms / 1000)
+            # Sent only while surely in the window they were counted in (its end is uncertain
+            # by up to the reset's rounding): tokens of a window must not count in the next.
+            self._tokens_until = now + min(delay_ms / 1000 + TOKEN_TTL_S, certain_ms / 1000)
             return 0.0
         return max(wait_ms / 1000, 0.001)
 
@@ -359,6 +384,37 @@ class RedisRateBudget:
 
 def _ms(seconds: float) -> int:
     return round(seconds * 1000)
+
+
+def _merged(old: _Answer | None, new: _Answer) -> _Answer:
+    """The answer to write: `new`, or, when both tell of the same window, the most the remote
+    counted in it and the earliest end (concurrent requests' answers arrive out of order: the
+    last one seen is not the newest count)."""
+    if old is None or (old.epoch, old.local_epoch) != (new.epoch, new.local_epoch):
+        return new
+    if (
+        new.reset_s is not None
+        and old.reset_s is not None
+        and new.at + new.reset_s > old.at + old.reset_s + RESET_GRANULARITY_S
+    ):
+        return new  # the remote started its next window in between
+    remaining = new.remaining
+    if old.remaining is not None:
+        remaining = old.remaining if remaining is None else min(remaining, old.remaining)
+    reset_s = new.reset_s
+    if old.reset_s is not None:
+        old_reset = old.reset_s - (new.at - old.at)  # as seen from the new answer's time
+        reset_s = old_reset if reset_s is None else min(reset_s, old_reset)
+    return _Answer(
+        new.epoch,
+        new.local_epoch,
+        new.at,
+        new.limit if new.limit is not None else old.limit,
+        remaining,
+        None if reset_s is None else max(0.0, reset_s),
+        new.rate_limited or old.rate_limited,
+        new.retry_after if new.retry_after is not None else old.retry_after,
+    )
 
 
 def _answer_args(answer: _Answer | None, now: float) -> list[int | str]:

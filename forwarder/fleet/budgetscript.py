@@ -41,9 +41,13 @@ local default_429 = tonumber(ARGV[8])
 local max_pause = tonumber(ARGV[9])
 local ttl = tonumber(ARGV[10])
 local ahead_ms = tonumber(ARGV[19])
+local back_share = tonumber(ARGV[20])
+local back_others = tonumber(ARGV[21])
+local back_ms = tonumber(ARGV[22])
 
 local s = redis.call('HMGET', key, 'limit', 'window_end', 'confirmed', 'epoch', 'used',
-  'external', 'tat', 'paused_until', 'rate_limited', 'window_ms')
+  'external', 'tat', 'paused_until', 'rate_limited', 'window_ms', 'end_lo', 'fb_pending',
+  'fb_share', 'fb_until')
 -- 0: the host has not learnt the window's length yet (just started, or a reload): the fleet's.
 if window <= 0 then window = tonumber(s[10]) or 60000 end
 local limit = tonumber(s[1]) or default_limit
@@ -55,13 +59,29 @@ local external = tonumber(s[6]) or 0
 local tat = tonumber(s[7]) or now
 local paused = tonumber(s[8]) or 0
 local limited = tonumber(s[9]) or 0
+local end_lo = tonumber(s[11]) or (window_end - granularity)
+local fb_pending = tonumber(s[12]) or 0
+local fb_share = tonumber(s[13]) or 0
+local fb_until = tonumber(s[14]) or 0
 
-local function new_window(ends, conf)
+local function new_window(ends, conf, lo)
   epoch = epoch + 1
   used = 0
   external = 0
   window_end = ends
+  end_lo = lo
   confirmed = conf
+end
+
+-- A host back from fallback: the members that may still serve their shares locally.
+if back_share > 0 then
+  if now < fb_until and fb_pending > 0 then
+    fb_pending = fb_pending - 1
+  else
+    fb_pending = back_others
+    fb_until = now + back_ms
+  end
+  fb_share = back_share
 end
 
 -- Tokens a host took and did not use, of the window they were counted in.
@@ -84,14 +104,16 @@ if ARGV[11] == '1' then
     local ends = at + o_reset
     if confirmed == 0 then
       window_end = ends
+      end_lo = math.min(ends, math.max(end_lo, ends - granularity))
       confirmed = 1
     elseif ends > window_end + granularity then
       -- The remote started a window we had not counted in: what it counted so far is all we know.
-      new_window(ends, 1)
+      new_window(ends, 1, ends - granularity)
       started_new = true
     else
       -- A reset is rounded up: every answer is an upper bound, the lowest is the best.
       window_end = math.min(window_end, ends)
+      end_lo = math.min(window_end, math.max(end_lo, ends - granularity))
     end
   end
   if o_remaining >= 0 then
@@ -110,10 +132,15 @@ if ARGV[11] == '1' then
     paused = math.max(paused, at + wait)
     -- Nothing more fits in this window; the next starts when the pause ends.
     window_end = at + wait
+    end_lo = window_end
     confirmed = 1
     external = limit
   end
 end
+
+-- Shares the members still in fallback may send, held back from the fleet's windows.
+local reserved = 0
+if now < fb_until then reserved = math.min(limit, fb_pending * fb_share) end
 
 local granted = 0
 local wait = 0
@@ -121,8 +148,14 @@ local delay = 0
 if now < paused then
   wait = paused - now
 else
-  if now >= window_end then new_window(now + window, 0) end
-  local remaining = limit - used - external
+  if now >= window_end then
+    -- The fleet alone starts the remote's next window (its first request after this one
+    -- ended): it runs a whole window from now. With members in fallback it may have begun.
+    local lo = now + window
+    if reserved > 0 then lo = lo - granularity end
+    new_window(now + window, 0, lo)
+  end
+  local remaining = limit - used - external - reserved
   if remaining <= 0 then
     wait = math.max(window_end - now, 1)
   elseif want > 0 then
@@ -135,8 +168,9 @@ else
     local ready = math.max(now, tat + (k - 1) * interval - tau)
     if ready - now > ahead_ms then
       wait = ready - now - ahead_ms
-    elseif ready >= window_end then
-      -- Sent after the window ends, they would count in the next one: wait for it.
+    elseif ready >= end_lo then
+      -- Sent after the window's earliest possible end, they might count in the next one:
+      -- wait until it has surely begun (or an answer says it has).
       wait = math.max(window_end - now, 1)
     else
       -- Reserved: the host sends them from `ready` on (a wait of at most ahead_ms).
@@ -151,9 +185,10 @@ end
 redis.call('HSET', key, 'limit', limit, 'window_ms', window, 'window_end', window_end,
   'confirmed', confirmed, 'epoch', epoch, 'used', used, 'external', external,
   'tat', string.format('%.3f', tat), 'paused_until', paused, 'rate_limited', limited,
-  'updated', now)
+  'updated', now, 'end_lo', end_lo, 'fb_pending', fb_pending, 'fb_share', fb_share,
+  'fb_until', fb_until)
 redis.call('PEXPIRE', key, ttl)
 return {granted, epoch, math.ceil(wait), math.max(0, window_end - now),
-  math.max(0, paused - now), limit, math.max(0, limit - used - external), window, limited,
-  math.ceil(delay)}
+  math.max(0, paused - now), limit, math.max(0, limit - used - external - reserved), window,
+  limited, math.ceil(delay), math.max(0, end_lo - now)}
 """

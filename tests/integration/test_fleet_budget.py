@@ -301,22 +301,22 @@ async def test_a_host_back_from_fallback_resumes_the_shared_window_from_the_remo
     fleet: FleetClient,
 ) -> None:
     mode = FleetMode()
-    host = budget(fleet, 3600, mode=mode)  # 60 a second; the remote's window is one second
+    host = budget(fleet, 3600, mode=mode)  # 60 a second; the remote's window is two seconds
     ticket = await host.acquire()
-    host.observe(ticket, limit=60, remaining=59, reset_s=1.0)
+    host.observe(ticket, limit=120, remaining=119, reset_s=2.0)
     while isinstance(host.try_acquire(), Ticket):
         pass
-    await host.acquire()  # writes the answer: the fleet's window ends in a second
+    await host.acquire()  # writes the answer: the fleet's window ends in two seconds
     mode.lost("redis frozen")
-    await asyncio.sleep(1.5)  # the fleet's window is over; the remote started the next
+    await asyncio.sleep(2.5)  # the fleet's window is over; the remote started the next
     local = host.try_acquire()
     assert isinstance(local, Ticket)
     assert not isinstance(local, SharedTicket)
-    # The hosts in fallback spent 55 of the remote's new window between them.
-    host.observe(local, limit=60, remaining=5, reset_s=1.0)
+    # The hosts in fallback spent 115 of the remote's new window between them.
+    host.observe(local, limit=120, remaining=5, reset_s=2.0)
     mode.back()
     assert isinstance(await host.acquire(), SharedTicket)
-    # The shared window resumed from the remote's count, not from a fresh 60.
+    # The shared window resumed from the remote's count, not from a fresh 120.
     assert host.view()["remaining"] <= 5
     state = {_text(k): float(v) for k, v in (await fleet.client.hgetall(KEY)).items()}
-    assert state["external"] >= 55
+    assert state["external"] >= 115
