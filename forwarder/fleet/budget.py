@@ -330,6 +330,7 @@ class RedisRateBudget:
             self._back_share,
             self._mode.live_members - 1,
             _ms(BACK_S),
+            self.local.started if self._back_share else 0,
         ]
         try:
             self.calls += 1

@@ -44,10 +44,11 @@ local ahead_ms = tonumber(ARGV[19])
 local back_share = tonumber(ARGV[20])
 local back_others = tonumber(ARGV[21])
 local back_ms = tonumber(ARGV[22])
+local back_sent = tonumber(ARGV[23])
 
 local s = redis.call('HMGET', key, 'limit', 'window_end', 'confirmed', 'epoch', 'used',
   'external', 'tat', 'paused_until', 'rate_limited', 'window_ms', 'end_lo', 'fb_pending',
-  'fb_share', 'fb_until')
+  'fb_share', 'fb_until', 'fb_sent')
 -- 0: the host has not learnt the window's length yet (just started, or a reload): the fleet's.
 if window <= 0 then window = tonumber(s[10]) or 60000 end
 local limit = tonumber(s[1]) or default_limit
@@ -63,11 +64,13 @@ local end_lo = tonumber(s[11]) or (window_end - granularity)
 local fb_pending = tonumber(s[12]) or 0
 local fb_share = tonumber(s[13]) or 0
 local fb_until = tonumber(s[14]) or 0
+local fb_sent = tonumber(s[15]) or 0
 
 local function new_window(ends, conf, lo)
   epoch = epoch + 1
   used = 0
   external = 0
+  fb_sent = 0
   window_end = ends
   end_lo = lo
   confirmed = conf
@@ -155,6 +158,12 @@ else
     if reserved > 0 then lo = lo - granularity end
     new_window(now + window, 0, lo)
   end
+  if back_share > 0 then
+    -- What the hosts back from fallback sent alone in their last window (all of it, though
+    -- some may have counted in the window before): it is in no host's tokens.
+    fb_sent = fb_sent + back_sent
+    external = math.max(external, fb_sent)
+  end
   local remaining = limit - used - external - reserved
   if remaining <= 0 then
     wait = math.max(window_end - now, 1)
@@ -186,7 +195,7 @@ redis.call('HSET', key, 'limit', limit, 'window_ms', window, 'window_end', windo
   'confirmed', confirmed, 'epoch', epoch, 'used', used, 'external', external,
   'tat', string.format('%.3f', tat), 'paused_until', paused, 'rate_limited', limited,
   'updated', now, 'end_lo', end_lo, 'fb_pending', fb_pending, 'fb_share', fb_share,
-  'fb_until', fb_until)
+  'fb_until', fb_until, 'fb_sent', fb_sent)
 redis.call('PEXPIRE', key, ttl)
 return {granted, epoch, math.ceil(wait), math.max(0, window_end - now),
   math.max(0, paused - now), limit, math.max(0, limit - used - external - reserved), window,

@@ -107,6 +107,11 @@ class RateLimiter:
         return max(0, left)
 
     @property
+    def started(self) -> int:
+        """Requests this limiter started in its current window."""
+        return self._started
+
+    @property
     def tokens(self) -> float:
         """Tokens in the pacing bucket now."""
         self._refill(self._clock())
