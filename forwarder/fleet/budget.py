@@ -17,7 +17,11 @@ members last seen; the host goes back to Redis once the heartbeat reaches it aga
 the window the switch falls in is counted once: on entering fallback the limiter counts on in
 the fleet's current window with this host's share of what the fleet had left in it, and on
 coming back the newest answer seen in fallback (the remote's count, every host's requests in
-it) goes to Redis with the first call, so the shared window resumes from it.
+it) goes to Redis with the first call, with what this host sent alone in its window and its
+members' shares, so the shared window resumes from it and holds back what the members still in
+fallback may send (budgetscript.py says how no window goes over the quota then). In fallback a
+host's share caps its own requests; the remote's count (everyone's) still stops it when the
+window is spent, so the others' requests do not shrink its share a second time.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ from forwarder.delivery.flow.ratelimit import (
 )
 from forwarder.delivery.flow.ratewindow import DEFAULT_WINDOW_S
 from forwarder.delivery.flow.ratewindow import MAX_WINDOW_S as MAX_PACED_WINDOW_S
+from forwarder.fleet.budgetanswer import Answer, answer_args, merged
 from forwarder.fleet.budgetscript import BUDGET_LUA
 from forwarder.fleet.connection import CALL_TIMEOUT_S, FleetClient, RedisUnavailable, as_text
 from forwarder.fleet.members import HEARTBEAT_S
@@ -64,20 +69,6 @@ class SharedTicket(Ticket):
     """A ticket counted in the fleet's window `epoch`; `local_epoch` is this host's limiter's."""
 
     local_epoch: int
-
-
-@dataclass(slots=True)
-class _Answer:
-    """The newest answer not yet written to Redis."""
-
-    epoch: int
-    local_epoch: int  # this host's limiter's window (tells fallback windows apart)
-    at: float  # this host's monotonic clock
-    limit: int | None
-    remaining: int | None
-    reset_s: float | None
-    rate_limited: bool
-    retry_after: float | None
 
 
 class RedisRateBudget:
@@ -108,7 +99,7 @@ class RedisRateBudget:
         self._tokens_until = 0.0
         self._give_back = 0
         self._give_back_epoch = 0
-        self._answer: _Answer | None = None
+        self._answer: Answer | None = None
         # The account's quota per window as last learnt (the shared state, a remote's header).
         self._limit = self.local.limit
         self._window_s = self.local.window_s  # the fleet's, as of the last call
@@ -168,7 +159,7 @@ class RedisRateBudget:
             local_ticket, epoch = Ticket(ticket.local_epoch), ticket.epoch
             if remaining is not None and epoch == self._epoch and self._fleet_remaining is not None:
                 self._fleet_remaining = min(self._fleet_remaining, remaining)
-        answer = _Answer(
+        answer = Answer(
             epoch,
             local_ticket.epoch,
             self._clock(),
@@ -180,7 +171,7 @@ class RedisRateBudget:
         )
         # A 429 stays queued until written: a later plain answer must not hide it.
         if self._answer is None or not self._answer.rate_limited or rate_limited:
-            self._answer = _merged(self._answer, answer)
+            self._answer = merged(self._answer, answer)
         if rate_limited and not self._mode.fallback:
             push = asyncio.get_running_loop().create_task(self._push())
             self._pushes.add(push)
@@ -325,7 +316,7 @@ class RedisRateBudget:
             _ms(DEFAULT_429_WAIT_S),
             _ms(MAX_PACED_WINDOW_S),
             KEY_TTL_MS,
-            *_answer_args(answer, now),
+            *answer_args(answer, now),
             _ms(AHEAD_S),
             self._back_share,
             self._mode.live_members - 1,
@@ -385,52 +376,6 @@ class RedisRateBudget:
 
 def _ms(seconds: float) -> int:
     return round(seconds * 1000)
-
-
-def _merged(old: _Answer | None, new: _Answer) -> _Answer:
-    """The answer to write: `new`, or, when both tell of the same window, the most the remote
-    counted in it and the earliest end (concurrent requests' answers arrive out of order: the
-    last one seen is not the newest count)."""
-    if old is None or (old.epoch, old.local_epoch) != (new.epoch, new.local_epoch):
-        return new
-    if (
-        new.reset_s is not None
-        and old.reset_s is not None
-        and new.at + new.reset_s > old.at + old.reset_s + RESET_GRANULARITY_S
-    ):
-        return new  # the remote started its next window in between
-    remaining = new.remaining
-    if old.remaining is not None:
-        remaining = old.remaining if remaining is None else min(remaining, old.remaining)
-    reset_s = new.reset_s
-    if old.reset_s is not None:
-        old_reset = old.reset_s - (new.at - old.at)  # as seen from the new answer's time
-        reset_s = old_reset if reset_s is None else min(reset_s, old_reset)
-    return _Answer(
-        new.epoch,
-        new.local_epoch,
-        new.at,
-        new.limit if new.limit is not None else old.limit,
-        remaining,
-        None if reset_s is None else max(0.0, reset_s),
-        new.rate_limited or old.rate_limited,
-        new.retry_after if new.retry_after is not None else old.retry_after,
-    )
-
-
-def _answer_args(answer: _Answer | None, now: float) -> list[int | str]:
-    if answer is None:
-        return ["0", 0, 0, -1, -1, -1, "0", -1]
-    return [
-        "1",
-        answer.epoch,
-        max(0, _ms(now - answer.at)),
-        answer.limit if answer.limit is not None else -1,
-        answer.remaining if answer.remaining is not None else -1,
-        _ms(answer.reset_s) if answer.reset_s is not None else -1,
-        "1" if answer.rate_limited else "0",
-        _ms(answer.retry_after) if answer.retry_after is not None else -1,
-    ]
 
 
 async def read_budgets(fleet: FleetClient) -> dict[str, dict[str, Any]]:

@@ -16,12 +16,38 @@ KEYS[1]: the budget hash. ARGV: want, give_back, give_back_epoch, default_limit,
 the host has learnt none, use the fleet's),
 burst_ms, granularity_ms, default_429_ms, max_pause_ms, ttl_ms, then the answer: has_answer
 (0/1), epoch, age_ms, limit, remaining, reset_ms, rate_limited (0/1), retry_after_ms (-1: none),
-and ahead_ms. Returns {granted, epoch, wait_ms, window_left_ms, paused_left_ms, limit,
-remaining, window_ms, rate_limited, delay_ms}.
+ahead_ms, and a host's return from fallback: back_share (0: not one), back_others, back_ms,
+back_sent. Returns {granted, epoch, wait_ms, window_left_ms, paused_left_ms, limit, remaining,
+window_ms, rate_limited, delay_ms, certain_left_ms}.
 
 Tokens are reserved, GCRA's way: a batch is granted at once with the time it conforms (at most
 `ahead_ms` from now, and before the window's end), and `tat` moves past it. The host waits that
 long and sends them: one call per batch, none wasted on polling while other hosts take turns.
+
+No window over the quota, also right after an outage. Three things made the fleet overshoot by
+a few requests in the windows after Redis came back; each is closed at its cause:
+
+- The window's end is uncertain. A reset is whole seconds rounded up, so an answer says the
+  window ends in (reset - 1 s, reset]: `window_end` is the lowest upper bound, `end_lo` the
+  highest lower bound (`ends - granularity`). A token sent between them may count in either
+  window, and once the next window starts here it would be in nobody's count. So a batch is
+  granted only to be sent before `end_lo`, and a host drops its tokens there
+  (`certain_left_ms`); until `window_end` the fleet waits (in steady operation the two are
+  milliseconds apart: answers at every phase narrow them; right after an outage up to a
+  second, once). A window the fleet starts by itself after `window_end` surely runs a whole
+  window (its first request starts the remote's), unless members may still be in fallback.
+- Hosts come back one by one, each at its next heartbeat, while the others still send their
+  fallback shares. The first host back holds back the shares of the other live members
+  (`fb_pending` x `fb_share`) from every window until all of them can have come back
+  (`back_ms`: a heartbeat and its bound); each host back releases its own.
+- What a host sent alone is in no host's tokens: a host back tells what it sent in its last
+  local window (`back_sent`), and the window counts at least that much beyond its tokens.
+
+What is left: another client of the same API key (no answer tells of it before it happened),
+and the round trip. The bounds are placed when a host reads an answer, not when the remote
+computed it, so a request sent within about one round trip of a window's end may still arrive
+in the next window: at most the requests of one round trip, and only at a window's very end
+(none in the tests: a few ms against windows of seconds).
 """
 
 from __future__ import annotations
