@@ -17,7 +17,11 @@ members last seen; the host goes back to Redis once the heartbeat reaches it aga
 the window the switch falls in is counted once: on entering fallback the limiter counts on in
 the fleet's current window with this host's share of what the fleet had left in it, and on
 coming back the newest answer seen in fallback (the remote's count, every host's requests in
-it) goes to Redis with the first call, so the shared window resumes from it.
+it) goes to Redis with the first call, with what this host sent alone in its window and its
+members' shares, so the shared window resumes from it and holds back what the members still in
+fallback may send (budgetscript.py says how no window goes over the quota then). In fallback a
+host's share caps its own requests; the remote's count (everyone's) still stops it when the
+window is spent, so the others' requests do not shrink its share a second time.
 """
 
 from __future__ import annotations
@@ -40,8 +44,10 @@ from forwarder.delivery.flow.ratelimit import (
 )
 from forwarder.delivery.flow.ratewindow import DEFAULT_WINDOW_S
 from forwarder.delivery.flow.ratewindow import MAX_WINDOW_S as MAX_PACED_WINDOW_S
+from forwarder.fleet.budgetanswer import Answer, answer_args, merged
 from forwarder.fleet.budgetscript import BUDGET_LUA
-from forwarder.fleet.connection import FleetClient, RedisUnavailable, as_text
+from forwarder.fleet.connection import CALL_TIMEOUT_S, FleetClient, RedisUnavailable, as_text
+from forwarder.fleet.members import HEARTBEAT_S
 from forwarder.fleet.mode import FleetMode
 
 # A host takes this long's worth of the account's rate per round trip (at least one token,
@@ -53,6 +59,9 @@ AHEAD_S = 0.5
 TOKEN_TTL_S = 0.5
 # The budget hash outlives its last use by this long (an account gone from every host).
 KEY_TTL_MS = 24 * 3600 * 1000
+# Once one host is back from fallback, every live member's heartbeat reaches Redis within this
+# (its next beat, bounded): until then the fleet holds back the shares of the others.
+BACK_S = HEARTBEAT_S + CALL_TIMEOUT_S
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,19 +69,6 @@ class SharedTicket(Ticket):
     """A ticket counted in the fleet's window `epoch`; `local_epoch` is this host's limiter's."""
 
     local_epoch: int
-
-
-@dataclass(slots=True)
-class _Answer:
-    """The newest answer not yet written to Redis."""
-
-    epoch: int
-    at: float  # this host's monotonic clock
-    limit: int | None
-    remaining: int | None
-    reset_s: float | None
-    rate_limited: bool
-    retry_after: float | None
 
 
 class RedisRateBudget:
@@ -103,7 +99,7 @@ class RedisRateBudget:
         self._tokens_until = 0.0
         self._give_back = 0
         self._give_back_epoch = 0
-        self._answer: _Answer | None = None
+        self._answer: Answer | None = None
         # The account's quota per window as last learnt (the shared state, a remote's header).
         self._limit = self.local.limit
         self._window_s = self.local.window_s  # the fleet's, as of the last call
@@ -118,6 +114,7 @@ class RedisRateBudget:
         self._fleet_remaining: int | None = None
         self._fleet_seen_at = 0.0
         self._serving_locally = False  # in fallback, the local limiter took over
+        self._back_share = 0  # back from serving locally: the share to tell Redis (0: not)
         self.taken = 0  # tokens taken from Redis
         self.calls = 0  # script calls
 
@@ -162,10 +159,19 @@ class RedisRateBudget:
             local_ticket, epoch = Ticket(ticket.local_epoch), ticket.epoch
             if remaining is not None and epoch == self._epoch and self._fleet_remaining is not None:
                 self._fleet_remaining = min(self._fleet_remaining, remaining)
-        answer = _Answer(epoch, self._clock(), limit, remaining, reset_s, rate_limited, retry_after)
+        answer = Answer(
+            epoch,
+            local_ticket.epoch,
+            self._clock(),
+            limit,
+            remaining,
+            reset_s,
+            rate_limited,
+            retry_after,
+        )
         # A 429 stays queued until written: a later plain answer must not hide it.
         if self._answer is None or not self._answer.rate_limited or rate_limited:
-            self._answer = answer
+            self._answer = merged(self._answer, answer)
         if rate_limited and not self._mode.fallback:
             push = asyncio.get_running_loop().create_task(self._push())
             self._pushes.add(push)
@@ -222,7 +228,11 @@ class RedisRateBudget:
         Redis)."""
         now = self._clock()
         if not self._mode.fallback:
+            if self._serving_locally:
+                # The first call back tells Redis, which holds back the others' shares.
+                self._back_share = self._fallback_limit()
             self._serving_locally = False
+            self.local.share = None
         if now < self.paused_until:
             return self.paused_until - now
         if self._tokens and now >= self._tokens_until:
@@ -233,7 +243,10 @@ class RedisRateBudget:
             self._tokens -= 1
             return SharedTicket(self._epoch, self.local.epoch)
         if self._mode.fallback:
-            self.local.limit = self._fallback_limit()
+            # The host's share caps its own requests; the remote's count (every host's, learnt
+            # from X-RateLimit-Remaining against the whole limit) still stops it at the quota.
+            self.local.limit = self._limit
+            self.local.share = self._fallback_limit()
             if not self._serving_locally:
                 self._serving_locally = True
                 self._take_over()
@@ -248,8 +261,9 @@ class RedisRateBudget:
         # Since this host's last call the others took at most what the shared pacing (GCRA,
         # reserved up to AHEAD_S ahead, with its burst) let through: the rest is what is left.
         since = self._clock() - self._fleet_seen_at + AHEAD_S + BURST_S
-        left = self._fleet_remaining - math.ceil(self._limit / self._window_s * since)
-        self.local.take_over_window(self._fleet_window_end, max(0, left) // self._mode.live_members)
+        left = max(0, self._fleet_remaining - math.ceil(self._limit / self._window_s * since))
+        own = left // self._mode.live_members
+        self.local.take_over_window(self._fleet_window_end, left, own=own)
 
     def _drop_tokens(self) -> None:
         if self._tokens:
@@ -302,8 +316,12 @@ class RedisRateBudget:
             _ms(DEFAULT_429_WAIT_S),
             _ms(MAX_PACED_WINDOW_S),
             KEY_TTL_MS,
-            *_answer_args(answer, now),
+            *answer_args(answer, now),
             _ms(AHEAD_S),
+            self._back_share,
+            self._mode.live_members - 1,
+            _ms(BACK_S),
+            self.local.started if self._back_share else 0,
         ]
         try:
             self.calls += 1
@@ -313,6 +331,7 @@ class RedisRateBudget:
         except RedisUnavailable as exc:
             self._mode.lost(str(exc))
             return 0.0
+        self._back_share = 0
         (
             granted,
             epoch,
@@ -324,6 +343,7 @@ class RedisRateBudget:
             window_ms,
             limited,
             delay_ms,
+            certain_ms,
         ) = (int(x) for x in result)
         now = self._clock()
         self._limit = limit
@@ -336,7 +356,9 @@ class RedisRateBudget:
             self.taken += granted
             self._tokens, self._epoch = granted, epoch
             self._tokens_from = now + delay_ms / 1000
-            self._tokens_until = now + min(delay_ms / 1000 + TOKEN_TTL_S, window_left_ms / 1000)
+            # Sent only while surely in the window they were counted in (its end is uncertain
+            # by up to the reset's rounding): tokens of a window must not count in the next.
+            self._tokens_until = now + min(delay_ms / 1000 + TOKEN_TTL_S, certain_ms / 1000)
             return 0.0
         return max(wait_ms / 1000, 0.001)
 
@@ -354,21 +376,6 @@ class RedisRateBudget:
 
 def _ms(seconds: float) -> int:
     return round(seconds * 1000)
-
-
-def _answer_args(answer: _Answer | None, now: float) -> list[int | str]:
-    if answer is None:
-        return ["0", 0, 0, -1, -1, -1, "0", -1]
-    return [
-        "1",
-        answer.epoch,
-        max(0, _ms(now - answer.at)),
-        answer.limit if answer.limit is not None else -1,
-        answer.remaining if answer.remaining is not None else -1,
-        _ms(answer.reset_s) if answer.reset_s is not None else -1,
-        "1" if answer.rate_limited else "0",
-        _ms(answer.retry_after) if answer.retry_after is not None else -1,
-    ]
 
 
 async def read_budgets(fleet: FleetClient) -> dict[str, dict[str, Any]]:

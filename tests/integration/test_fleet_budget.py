@@ -301,22 +301,89 @@ async def test_a_host_back_from_fallback_resumes_the_shared_window_from_the_remo
     fleet: FleetClient,
 ) -> None:
     mode = FleetMode()
-    host = budget(fleet, 3600, mode=mode)  # 60 a second; the remote's window is one second
+    host = budget(fleet, 3600, mode=mode)  # 60 a second; the remote's window is two seconds
     ticket = await host.acquire()
-    host.observe(ticket, limit=60, remaining=59, reset_s=1.0)
+    host.observe(ticket, limit=120, remaining=119, reset_s=2.0)
     while isinstance(host.try_acquire(), Ticket):
         pass
-    await host.acquire()  # writes the answer: the fleet's window ends in a second
+    await host.acquire()  # writes the answer: the fleet's window ends in two seconds
     mode.lost("redis frozen")
-    await asyncio.sleep(1.5)  # the fleet's window is over; the remote started the next
+    await asyncio.sleep(2.5)  # the fleet's window is over; the remote started the next
     local = host.try_acquire()
     assert isinstance(local, Ticket)
     assert not isinstance(local, SharedTicket)
-    # The hosts in fallback spent 55 of the remote's new window between them.
-    host.observe(local, limit=60, remaining=5, reset_s=1.0)
+    # The hosts in fallback spent 115 of the remote's new window between them.
+    host.observe(local, limit=120, remaining=5, reset_s=2.0)
     mode.back()
     assert isinstance(await host.acquire(), SharedTicket)
-    # The shared window resumed from the remote's count, not from a fresh 60.
+    # The shared window resumed from the remote's count, not from a fresh 120.
     assert host.view()["remaining"] <= 5
     state = {_text(k): float(v) for k, v in (await fleet.client.hgetall(KEY)).items()}
-    assert state["external"] >= 55
+    assert state["external"] >= 115
+
+
+@dataclass
+class TimedRemote(FixedWindowRemote):
+    """`FixedWindowRemote` that also keeps when each window started."""
+
+    starts: list[float] = field(default_factory=list)
+
+    def hit(self) -> dict[str, object]:
+        windows = len(self.counts)
+        answer = super().hit()
+        if len(self.counts) > windows:
+            self.starts.append(self.started)
+        return answer
+
+
+async def lanes(host: RedisRateBudget, remote: FixedWindowRemote, until: float) -> None:
+    """Four concurrent requests at a time, as a lane sends: answers arrive out of order."""
+
+    async def lane() -> None:
+        while time.monotonic() < until:
+            got = host.try_acquire()
+            ticket = got if isinstance(got, Ticket) else await host.acquire()
+            if time.monotonic() >= until:
+                return
+            await asyncio.sleep(0.002)  # on the way to the remote
+            answer = remote.hit()
+            await asyncio.sleep(0.002)  # and back
+            host.observe(ticket, **answer)  # type: ignore[arg-type]
+
+    await asyncio.gather(*(lane() for _ in range(4)))
+
+
+async def test_a_fleet_through_an_outage_stays_within_the_quota_and_near_it(
+    fleet: FleetClient,
+) -> None:
+    # Three hosts, 40 a two-second window. Redis is lost (every host serves its share alone),
+    # then back, host by host as their heartbeats reach it, while the others still serve
+    # locally: the window they come back in, and the next, must not go over the quota.
+    remote = TimedRemote(quota=40, window_s=2.0)
+    modes = [FleetMode() for _ in range(3)]
+    for mode in modes:
+        mode.seen(3)
+    hosts = [budget(fleet, 1200, mode=mode) for mode in modes]
+    started = time.monotonic()
+    delivering = asyncio.gather(*(lanes(host, remote, started + 8.2) for host in hosts))
+    await asyncio.sleep(1.5)  # the fleet learns the window
+    for mode in modes:
+        mode.lost("redis frozen")
+    lost_at = time.monotonic()
+    await asyncio.sleep(4.3)
+    back_at = time.monotonic()
+    for mode in modes:  # one heartbeat after the other
+        mode.back()
+        await asyncio.sleep(0.3)
+    await delivering
+    assert remote.rejected == []
+    assert max(remote.counts) <= remote.quota, remote.counts
+    # In fallback the hosts' shares (13 each) fill the window: the others' requests, learnt
+    # from X-RateLimit-Remaining, do not shrink a host's share too.
+    in_fallback = [
+        count
+        for start, count in zip(remote.starts, remote.counts, strict=True)
+        if lost_at <= start and start + remote.window_s <= back_at
+    ]
+    assert in_fallback, remote.starts
+    assert min(in_fallback) >= 0.8 * remote.quota, remote.counts

@@ -112,7 +112,7 @@ async def test_the_budget_falls_back_while_redis_is_frozen_and_comes_back(
                 assert mode.name == "fallback"
                 # The learnt limit shared by the live members last seen (itself and b).
                 assert host.view()["fallback_limit"] == 50
-                assert host.local.limit == 50
+                assert host.local.share == 50
             finally:
                 redis_server.resume()
             await until(lambda: not mode.fallback)

@@ -345,6 +345,46 @@ def test_a_window_already_over_is_not_taken_over() -> None:
     assert limiter.remaining == 20
 
 
+def test_a_share_counts_this_clients_own_requests_and_the_remotes_count_still_stops_it() -> None:
+    # A fleet member alone while Redis is out: 40 a one-minute window, 3 members, a share of 13.
+    clock = FakeClock()
+    limiter = RateLimiter(40, clock=clock)
+    limiter.share = 13
+    ticket = take_waiting(limiter, clock)
+    # The others sent 19 meanwhile: the remote counts 20. They narrow the window's remainder (20
+    # left), not this member's share as well: it still starts its 13.
+    limiter.observe(ticket, limit=40, remaining=20, reset_s=60.0)
+    for _ in range(12):
+        take_waiting(limiter, clock)
+    assert limiter.remaining == 0  # its share is spent, 7 of the window are the others'
+    assert clock.now < 1060.0
+    # Paced at its share, not at the whole limit: 13 in the window take 12 intervals of 60/13 s.
+    assert clock.now - 1000.0 == pytest.approx(12 * 60 / 13, abs=0.5)
+    # The next window: a whole share again; an answer saying the window is spent stops it at
+    # once, whatever is left of the share.
+    clock.advance(wait_of(limiter))
+    ticket = take_waiting(limiter, clock)
+    assert limiter.remaining == 12
+    limiter.observe(ticket, limit=40, remaining=0, reset_s=55.0)
+    assert limiter.remaining == 0
+    assert wait_of(limiter) == pytest.approx(55.0, abs=1e-3)
+
+
+def test_a_share_taken_over_mid_window_caps_this_clients_part_of_what_was_left() -> None:
+    clock = FakeClock()
+    limiter = RateLimiter(40, clock=clock)
+    limiter.share = 13
+    # The fleet left 12 in the window: this member's part is 4, the remote's count says 28 used.
+    limiter.take_over_window(clock.now + 30.0, 12, own=4)
+    assert limiter.remaining == 4
+    for _ in range(4):
+        take_waiting(limiter, clock)
+    assert limiter.remaining == 0
+    clock.advance(wait_of(limiter))
+    take_waiting(limiter, clock)  # the next window is a whole share
+    assert limiter.remaining == 12
+
+
 # --- RateLimiter: simulation against a fixed-window server ---------------------------------------
 
 

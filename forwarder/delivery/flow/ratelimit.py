@@ -49,11 +49,19 @@ class RateLimiter:
     window's end and its length (so a plan upgrade, or another client using the same key, is
     noticed; the length is learned without trusting one answer: `ratewindow`). A 429 closes the
     gate for the whole account until the reset: retries take tokens like any request.
+
+    `share` (None: the whole quota) is for one of several clients counting against the same
+    remote count (a fleet member while Redis is out): it caps the requests this limiter starts
+    per window and paces at `share / window`, while the remote's count (`limit`, what
+    `X-RateLimit-Remaining` says the others used) still stops it when the window is spent. So
+    the others' requests narrow only the window's remainder, not this client's share as well.
     """
 
     def __init__(self, per_minute: int, *, clock: Clock = time.monotonic) -> None:
         self._clock = clock
         self.limit = per_minute  # requests per window
+        self.share: int | None = None  # this client's own cap per window (see the class doc)
+        self._own_cap: int | None = None  # the share in force in the current window
         self._window = WindowLearner()
         now = clock()
         self._epoch = 0
@@ -78,8 +86,8 @@ class RateLimiter:
 
     @property
     def rate(self) -> float:
-        """Pace in requests per second."""
-        return self.limit / self.window_s
+        """Pace in requests per second (of the share, when there is one)."""
+        return (self.limit if self.share is None else self.share) / self.window_s
 
     @property
     def capacity(self) -> float:
@@ -89,7 +97,19 @@ class RateLimiter:
     @property
     def remaining(self) -> int:
         """Requests still allowed in the current window, as far as we know."""
-        return max(0, self.limit - self._started - self._external)
+        left = self.limit - self._started - self._external
+        own = self._own_cap
+        if self.share is not None:
+            # A share set mid-window (fallback began) applies at once; a smaller one wins.
+            own = self.share if own is None else min(own, self.share)
+        if own is not None:
+            left = min(left, own - self._started)
+        return max(0, left)
+
+    @property
+    def started(self) -> int:
+        """Requests this limiter started in its current window."""
+        return self._started
 
     @property
     def tokens(self) -> float:
@@ -163,21 +183,25 @@ class RateLimiter:
             self._confirmed = True
             self._external = self.limit
 
-    def take_over_window(self, end: float, remaining: int) -> None:
+    def take_over_window(self, end: float, remaining: int, *, own: int | None = None) -> None:
         """Count on in a window another counter kept until now (the fleet's shared budget): it
-        ends at `end` (this clock) with `remaining` of this limiter's quota left in it. A window
-        already over is not taken: the next one starts fresh."""
+        ends at `end` (this clock) with `remaining` of the quota left in it, of which this
+        limiter may start `own` (None: all). A window already over is not taken: the next one
+        starts fresh."""
         now = self._clock()
         if end <= now:
             return
         self._new_window(now, end, confirmed=True)
         self._external = max(0, self.limit - max(0, remaining))
+        if own is not None:
+            self._own_cap = max(0, own)
 
     def _new_window(self, now: float, end: float, *, confirmed: bool) -> None:
         self._window.next_window()
         self._epoch += 1
         self._started = 0
         self._external = 0
+        self._own_cap = self.share
         self._window_end = end
         self._confirmed = confirmed
 
