@@ -7,8 +7,9 @@ must be shared through one Redis 7 server, reached through redis-py's asyncio cl
 - `connection.py`: the one client per process (URL, TLS, password, timeouts and retries on every
   call), the key layout, and the server's durability settings checked at start (every node of
   a cluster); `topology.py`: where Redis is (one server, Sentinel or a Cluster) and its client.
-- `budget.py`: `RedisRateBudget`, an account's rate budget shared by the fleet (a Lua script on
-  Redis's own clock), with the local fallback when Redis does not answer.
+- `budget.py`: `RedisRateBudget`, an account's rate budget shared by the fleet (the Lua script
+  of `budgetscript.py`, on Redis's own clock; `budgetanswer.py` merges the remote's answers it
+  carries), with the local fallback when Redis does not answer.
 - `members.py`: this host's heartbeat and the live members (`P:members`).
 
 The shared queue (queue.mode "fleet"):

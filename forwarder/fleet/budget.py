@@ -22,6 +22,10 @@ members' shares, so the shared window resumes from it and holds back what the me
 fallback may send (budgetscript.py says how no window goes over the quota then). In fallback a
 host's share caps its own requests; the remote's count (everyone's) still stops it when the
 window is spent, so the others' requests do not shrink its share a second time.
+
+One module although just over 400 lines: the tokens in hand, the answers not written yet and
+the switch to and from fallback change one state together (the script is in budgetscript.py,
+the answers' merging in budgetanswer.py).
 """
 
 from __future__ import annotations
