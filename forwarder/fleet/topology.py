@@ -85,8 +85,16 @@ def is_cluster_url(url: str) -> bool:
     return scheme_of(url) in CLUSTER_SCHEMES
 
 
-def _split_user(netloc: str) -> tuple[str, str]:
-    """(ACL user or "", hosts) of a netloc; `BadRedisUrl` if a password is in it."""
+def _split_url(url: str, schemes: tuple[str, ...], kind: str) -> tuple[str, str, str, str]:
+    """(scheme, ACL user or "", hosts, path) of a Sentinel or Cluster URL; `BadRedisUrl` if its
+    scheme is not one of `schemes`, it has a query or a fragment, or a password is in it."""
+    scheme = scheme_of(url)
+    if scheme not in schemes:
+        raise BadRedisUrl(f"must start with {' or '.join(s + '://' for s in schemes)}")
+    rest = url.split("://", 1)[1]
+    if "?" in rest or "#" in rest:
+        raise BadRedisUrl(f"a {kind} URL takes no query or fragment; the value is not shown")
+    netloc, _, path = rest.partition("/")
     username, at, hosts = netloc.rpartition("@")
     if at and (":" in username or not _USER_RE.fullmatch(username)):
         raise BadRedisUrl(
@@ -94,19 +102,12 @@ def _split_user(netloc: str) -> tuple[str, str]:
             "fleet.redis_password_file or the systemd credential redis_password; only an ACL "
             "user may come before @; the value is not shown"
         )
-    return username, hosts
+    return scheme, username, hosts, path
 
 
 def parse_cluster_url(url: str) -> ClusterTarget:
     """The target of a `redis+cluster://` URL; `BadRedisUrl` saying what is wrong."""
-    scheme = scheme_of(url)
-    if scheme not in CLUSTER_SCHEMES:
-        raise BadRedisUrl(f"must start with {' or '.join(s + '://' for s in CLUSTER_SCHEMES)}")
-    rest = url.split("://", 1)[1]
-    if "?" in rest or "#" in rest:
-        raise BadRedisUrl("a Cluster URL takes no query or fragment; the value is not shown")
-    netloc, _, path = rest.partition("/")
-    username, hosts = _split_user(netloc)
+    scheme, username, hosts, path = _split_url(url, CLUSTER_SCHEMES, "Cluster")
     nodes = tuple(_address(part, DEFAULT_CLUSTER_PORT, "node") for part in hosts.split(","))
     if path not in ("", "0"):
         raise BadRedisUrl(
@@ -118,21 +119,8 @@ def parse_cluster_url(url: str) -> ClusterTarget:
 
 def parse_sentinel_url(url: str) -> SentinelTarget:
     """The target of a `redis+sentinel://` URL; `BadRedisUrl` saying what is wrong."""
-    scheme = scheme_of(url)
-    if scheme not in SENTINEL_SCHEMES:
-        raise BadRedisUrl(f"must start with {' or '.join(s + '://' for s in SENTINEL_SCHEMES)}")
-    rest = url.split("://", 1)[1]
-    if "?" in rest or "#" in rest:
-        raise BadRedisUrl("a Sentinel URL takes no query or fragment; the value is not shown")
-    netloc, _, path = rest.partition("/")
-    username, at, hosts = netloc.rpartition("@")
-    if at and (":" in username or not _USER_RE.fullmatch(username)):
-        raise BadRedisUrl(
-            "must not hold a password (it would be logged with the URL); put it in "
-            "fleet.redis_password_file or the systemd credential redis_password; only an ACL "
-            "user may come before @; the value is not shown"
-        )
-    sentinels = tuple(_sentinel_address(part) for part in hosts.split(","))
+    scheme, username, hosts, path = _split_url(url, SENTINEL_SCHEMES, "Sentinel")
+    sentinels = tuple(_address(p, DEFAULT_SENTINEL_PORT, "Sentinel") for p in hosts.split(","))
     names = path.split("/") if path else []
     if not names or not _SERVICE_RE.fullmatch(names[0]):
         raise BadRedisUrl(
@@ -145,10 +133,6 @@ def parse_sentinel_url(url: str) -> SentinelTarget:
     if db > MAX_DB:
         raise BadRedisUrl(f"the database number must be 0 to {MAX_DB}")
     return SentinelTarget(sentinels, names[0], db, scheme == "rediss+sentinel", username or None)
-
-
-def _sentinel_address(part: str) -> tuple[str, int]:
-    return _address(part, DEFAULT_SENTINEL_PORT, "Sentinel")
 
 
 def _address(part: str, default_port: int, what: str) -> tuple[str, int]:

@@ -256,20 +256,17 @@ async def event_status(request: web.Request) -> web.Response:
         )
     try:
         found = await state.status.lookup_text(text) if state.status is not None else None
-    except (SpoolError, sqlite3.Error) as exc:  # the spool cannot be read: say so, not a 500
+    except (SpoolError, sqlite3.Error, StatusUnavailable) as exc:
+        # The spool cannot be read, or a fleet's Redis cannot be reached: say so, not a 500, and
+        # not a 404 (the event may well be known there).
+        fleet = isinstance(exc, StatusUnavailable)
         log.error("event_status_failed", error=str(exc))
         return json_answer(
             503,
-            {"success": False, "error": "the spool cannot be read; retry later",
-             "reason": "spool_error"},
-            {"Retry-After": RETRY_AFTER_S},
-        )  # fmt: skip
-    except StatusUnavailable as exc:  # a fleet's outcomes are in Redis, out of reach now
-        log.warning("event_status_failed", error=str(exc))
-        return json_answer(
-            503,
-            {"success": False, "error": "the fleet's Redis cannot be reached; retry later",
-             "reason": "redis_unavailable"},
+            {"success": False,
+             "error": ("the fleet's Redis cannot be reached" if fleet
+                       else "the spool cannot be read") + "; retry later",
+             "reason": "redis_unavailable" if fleet else "spool_error"},
             {"Retry-After": RETRY_AFTER_S},
         )  # fmt: skip
     if found is None:
