@@ -15,7 +15,7 @@ from typing import Any
 import aiohttp
 
 from tests.conftest import DaemonProc
-from tests.e2e.test_fleet_queue import Daemon, Mock, created_all, send, stats
+from tests.e2e.test_fleet_queue import Daemon, Mock, created_all, fleet, send, stats
 from tests.redisserver import RedisServer
 
 CREATE = "/v1/recipientEvents/create"
@@ -35,24 +35,8 @@ async def test_any_host_tells_what_became_of_an_event_another_delivered(
     daemon: Daemon, mock_remote: Mock, redis_server: RedisServer
 ) -> None:
     mock = await mock_remote()
-    hosts = []
-    for n in range(2):
-        hosts.append(
-            await daemon(
-                mock.base_url,
-                queue={"mode": "fleet"},
-                # The drop-in answer is the remote's: the event's number, as apps keep it.
-                intake={"drop_in_answer": "remote"},
-                remote={"timeout_s": 2.0, "connect_timeout_s": 1.0},
-                fleet={
-                    "redis_url": redis_server.url,
-                    "member": f"host-{n}",
-                    "partitions": 8,
-                    "lease_s": 1.0,
-                    "claim_idle_s": 3.0,
-                },
-            )
-        )
+    # The drop-in answer is the remote's: the event's number, as apps keep it.
+    hosts = await fleet(daemon, mock, redis_server.url, 2, intake={"drop_in_answer": "remote"})
     a, b = hosts
     for _ in range(50):  # until both hold partitions
         held = [(await stats(h))["fleet"]["queue"]["partitions_held"] for h in hosts]

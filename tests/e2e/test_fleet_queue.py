@@ -26,8 +26,16 @@ RECIPIENTS = 24
 
 
 async def fleet(
-    daemon: Daemon, mock: MockProc, redis: RedisServer, hosts: int = 3
+    daemon: Daemon,
+    mock: MockProc,
+    redis_url: str,
+    hosts: int = 3,
+    *,
+    settings: dict[str, object] | None = None,
+    **sections: dict[str, object],
 ) -> list[DaemonProc]:
+    """`hosts` daemons host-0, host-1, ... in queue.mode "fleet" on `redis_url`, with short
+    timings (module docstring); `settings` adds to `[fleet]`, `sections` to the others."""
     started = []
     for n in range(hosts):
         started.append(
@@ -36,12 +44,14 @@ async def fleet(
                 queue={"mode": "fleet"},
                 remote={"timeout_s": 2.0, "connect_timeout_s": 1.0},
                 fleet={
-                    "redis_url": redis.url,
+                    "redis_url": redis_url,
                     "member": f"host-{n}",
                     "partitions": 8,
                     "lease_s": 1.0,
                     "claim_idle_s": 3.0,
+                    **(settings or {}),
                 },
+                **sections,
             )
         )
     return started
@@ -103,7 +113,7 @@ async def test_three_hosts_deliver_every_event_once_in_order_through_a_kill_and_
     daemon: Daemon, mock_remote: Mock, redis_server: RedisServer
 ) -> None:
     mock = await mock_remote()
-    hosts = await fleet(daemon, mock, redis_server)
+    hosts = await fleet(daemon, mock, redis_server.url)
     await asyncio.sleep(1.0)  # the hosts see each other and share the partitions
     sent = 0
     for _ in range(3):
@@ -158,7 +168,7 @@ async def test_redis_frozen_restarted_and_away_during_intake_loses_nothing(
     daemon: Daemon, mock_remote: Mock, redis_server: RedisServer
 ) -> None:
     mock = await mock_remote()
-    hosts = await fleet(daemon, mock, redis_server)
+    hosts = await fleet(daemon, mock, redis_server.url)
     await asyncio.sleep(1.0)
     sent = 0
 
