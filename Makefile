@@ -29,8 +29,12 @@ lint: venv
 typecheck: venv
 	$(BIN)/mypy --strict
 
+# The unit and integration tests on two workers (they mostly wait on sockets and subprocesses,
+# so two halve their time even on 2 cores), then the e2e tests one at a time (they time daemons
+# and rate windows, and must not share the CPU with each other).
 pytest: venv test-tools
-	$(BIN)/pytest
+	$(BIN)/pytest -m "not e2e" -n 2
+	$(BIN)/pytest -m e2e
 
 # promtool (Debian's prometheus package) checks and unit-tests contrib/prometheus's alert rules;
 # redis-server (Debian's redis-server) runs under the fleet tests. Installed best effort where
