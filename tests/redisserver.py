@@ -415,7 +415,7 @@ class RedisClusterGroup:
         for i in range(6):
             node_dir = directory / f"node{i}"
             node_dir.mkdir()
-            tls_port = free_port()
+            tls_port = free_port() if tls is not None else 0
             node = RedisServer(
                 node_dir,
                 password=password,
