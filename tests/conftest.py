@@ -399,9 +399,11 @@ def tls_files(tmp_path_factory: pytest.TempPathFactory) -> TlsFiles:
         "-addext", "basicConstraints=critical,CA:TRUE",
         "-addext", "keyUsage=critical,keyCertSign,cRLSign")  # fmt: skip
     run("req", *ec, "-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=127.0.0.1")
+    # clientAuth too: the nodes of a TLS cluster (tls-cluster yes) present their certificate
+    # to each other on the cluster bus, which always verifies it as a client's.
     (where / "server.ext").write_text(
         "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\n"
-        "keyUsage=critical,digitalSignature\nextendedKeyUsage=serverAuth\n"
+        "keyUsage=critical,digitalSignature\nextendedKeyUsage=serverAuth,clientAuth\n"
     )
     run("x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-days", "2",
         "-CAcreateserial", "-out", "server.pem", "-extfile", "server.ext")  # fmt: skip

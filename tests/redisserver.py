@@ -390,36 +390,76 @@ class RedisClusterGroup:
     is failed over in about two seconds. Its bus port is Redis 7's `cluster-port`, a free port
     of its own (no +10000 guess). `url` is the `redis+cluster://` address a forwarder is
     configured with (two startup nodes: the client learns the rest).
+
+    With `password`, every node has it as `requirepass` and `masterauth`. With `tls` (CA,
+    certificate, key), every node also listens with TLS on a second port (`tls_ports`), the
+    cluster bus and replication speak TLS only, and `url` is `rediss+cluster://` on the TLS
+    ports; a node answers a TLS client with the TLS ports of the others, a plain one with
+    their plain ports, which stay for the test's own checks (`RedisServer.client`).
     """
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        *,
+        password: str = "",
+        tls: tuple[Path, Path, Path] | None = None,
+    ) -> None:
         self.directory = directory
+        self.password = password
+        self.tls = tls
         quick = ("--repl-diskless-sync-delay", "0", "--shutdown-timeout", "0")
         self.nodes: list[RedisServer] = []
+        # A node's TLS port, by its plain port (empty without `tls`).
+        self.tls_ports: dict[int, int] = {}
         for i in range(6):
             node_dir = directory / f"node{i}"
             node_dir.mkdir()
-            self.nodes.append(
-                RedisServer(
-                    node_dir,
-                    extra_args=(
-                        *quick,
-                        *("--cluster-enabled", "yes"),
-                        *("--cluster-config-file", str(node_dir / "nodes.conf")),
-                        *("--cluster-node-timeout", str(CLUSTER_NODE_TIMEOUT_MS)),
-                        *("--cluster-port", str(free_port())),
-                        # A replica is in CLUSTER SLOTS (what clients learn nodes from) only
-                        # once its replication offset moved: pinged every second, not 10.
-                        *("--repl-ping-replica-period", "1"),
-                    ),
-                )
+            tls_port = free_port() if tls is not None else 0
+            node = RedisServer(
+                node_dir,
+                password=password,
+                extra_args=(
+                    *quick,
+                    *("--cluster-enabled", "yes"),
+                    *("--cluster-config-file", str(node_dir / "nodes.conf")),
+                    *("--cluster-node-timeout", str(CLUSTER_NODE_TIMEOUT_MS)),
+                    *("--cluster-port", str(free_port())),
+                    # A replica is in CLUSTER SLOTS (what clients learn nodes from) only
+                    # once its replication offset moved: pinged every second, not 10.
+                    *("--repl-ping-replica-period", "1"),
+                    *self._tls(tls_port),
+                ),
             )
+            self.nodes.append(node)
+            if tls is not None:
+                self.tls_ports[node.port] = tls_port
+
+    def _tls(self, port: int) -> tuple[str, ...]:
+        if self.tls is None:
+            return ()
+        ca, cert, key = self.tls
+        return (
+            "--tls-port", str(port),
+            "--tls-cert-file", str(cert),
+            "--tls-key-file", str(key),
+            "--tls-ca-cert-file", str(ca),
+            "--tls-auth-clients", "no",
+            "--tls-replication", "yes",
+            "--tls-cluster", "yes",
+        )  # fmt: skip
+
+    def client_ports(self) -> list[int]:
+        """The ports a forwarder talks to: the TLS ports with `tls`, else the plain ones."""
+        if self.tls is None:
+            return [n.port for n in self.nodes]
+        return [self.tls_ports[n.port] for n in self.nodes]
 
     @property
     def url(self) -> str:
-        """The cluster's URL: two startup nodes."""
-        ports = [n.port for n in self.nodes[:2]]
-        return "redis+cluster://" + ",".join(f"127.0.0.1:{p}" for p in ports)
+        """The cluster's URL: two startup nodes (the password, if any, comes separately)."""
+        scheme = "rediss+cluster" if self.tls else "redis+cluster"
+        return f"{scheme}://" + ",".join(f"127.0.0.1:{p}" for p in self.client_ports()[:2])
 
     def node(self, port: int) -> RedisServer:
         """The node listening on `port`."""
@@ -432,9 +472,16 @@ class RedisClusterGroup:
         cli = shutil.which("redis-cli")
         if cli is None:
             pytest.fail("redis-cli is not installed: `apt-get install redis-tools` (Redis 7)")
-        addresses = [f"127.0.0.1:{n.port}" for n in self.nodes]
+        # Over TLS with `tls`: the nodes meet on the addresses given, so on their TLS ports.
+        addresses = [f"127.0.0.1:{p}" for p in self.client_ports()]
+        options: list[str] = []
+        if self.tls is not None:
+            options += ["--tls", "--cacert", str(self.tls[0])]
+        if self.password:
+            options += ["-a", self.password, "--no-auth-warning"]
         create = await asyncio.create_subprocess_exec(
-            cli, "--cluster", "create", *addresses, "--cluster-replicas", "1", "--cluster-yes",
+            cli, *options, "--cluster", "create", *addresses,
+            "--cluster-replicas", "1", "--cluster-yes",
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.STDOUT,
@@ -510,7 +557,9 @@ class RedisClusterGroup:
                 replication = await client.info("replication")
             finally:
                 await client.aclose()
-            if replication["role"] == "slave" and int(replication["master_port"]) == primary.port:
+            # With TLS, a replica replicates from its primary's TLS port.
+            ports = (primary.port, self.tls_ports.get(primary.port))
+            if replication["role"] == "slave" and int(replication["master_port"]) in ports:
                 return node
         raise AssertionError(f"no live replica of node {primary.port}")
 
@@ -556,10 +605,12 @@ class RedisClusterGroup:
 
 
 @contextlib.asynccontextmanager
-async def running_cluster() -> AsyncIterator[RedisClusterGroup]:
+async def running_cluster(
+    *, password: str = "", tls: tuple[Path, Path, Path] | None = None
+) -> AsyncIterator[RedisClusterGroup]:
     """A started `RedisClusterGroup` in a temporary directory, stopped and removed afterwards."""
     with tempfile.TemporaryDirectory(prefix="fwd-cluster-") as tmp:
-        group = RedisClusterGroup(Path(tmp))
+        group = RedisClusterGroup(Path(tmp), password=password, tls=tls)
         try:
             await group.start()
             yield group

@@ -7,7 +7,9 @@ credential `redis_password`; never in the URL, a log, an error or a repr), socke
 redis-py's `Retry` with exponential backoff on connection errors and timeouts, and a health
 check of idle connections. On top, `FleetClient.call` bounds every call as a whole (retries
 included) and turns any failure to reach Redis into `RedisUnavailable`, whose message names
-the operation and the kind of failure only: the fallback code catches that one exception.
+the operation and the kind of failure only (its type and its causes' types, `failure_kind`: a
+cluster client wraps a refused login or an unverified certificate in `RedisClusterException`):
+the fallback code catches that one exception.
 
 A master behind Sentinel (`redis+sentinel://`) or a Redis Cluster (`redis+cluster://`) is not
 a URL redis-py's `from_url` reads: `topology.build_client` makes that client. On a cluster a
@@ -143,7 +145,7 @@ class FleetClient:
         except TimeoutError:
             raise RedisUnavailable(f"redis {op}: no answer within {timeout_s:g} s") from None
         except self._errors as exc:
-            raise RedisUnavailable(f"redis {op}: {type(exc).__name__}") from None
+            raise RedisUnavailable(f"redis {op}: {failure_kind(exc)}") from None
         except self._refusals as exc:
             # The server's own words (e.g. "OOM command not allowed..."); never our arguments.
             reason = str(exc).split("\n", 1)[0][:120]
@@ -295,6 +297,31 @@ def _unavailable_errors() -> tuple[type[BaseException], ...]:
         AskError,
         RedisClusterException,
     )
+
+
+# How deep `failure_kind` follows causes (the cluster client wraps once, redis-py once more).
+CAUSE_DEPTH = 3
+
+
+def failure_kind(exc: BaseException) -> str:
+    """`exc`'s type, and in brackets the types of what caused it: "RedisClusterException
+    (AuthenticationError)" when no cluster node lets us in, "... (ConnectionError,
+    SSLCertVerificationError)" when none has a certificate we trust. Types only: the texts
+    hold addresses and the server's words, and a wrapped text could hold anything."""
+    names = [type(exc).__name__]
+    cause = _cause_of(exc)
+    # Not a cancellation inside a timeout (the timeout says it), nor a name twice in a row
+    # (redis-py's TimeoutError raised for the built-in one).
+    while isinstance(cause, Exception) and len(names) <= CAUSE_DEPTH:
+        if type(cause).__name__ != names[-1]:
+            names.append(type(cause).__name__)
+        cause = _cause_of(cause)
+    return names[0] + (f" ({', '.join(names[1:])})" if len(names) > 1 else "")
+
+
+def _cause_of(exc: BaseException) -> BaseException | None:
+    # redis-py raises its ConnectionError inside `except OSError` without `from`: the context.
+    return exc.__cause__ or (None if exc.__suppress_context__ else exc.__context__)
 
 
 def _refusal_errors() -> tuple[type[BaseException], ...]:
