@@ -47,7 +47,8 @@ from forwarder.storage.numbering import BLOCK, EventNumbers
 from forwarder.storage.queue import EventQueue
 from forwarder.storage.sqlite.file import SPOOL_FILE
 from forwarder.storage.sqlite.opening import open_readonly_or_fail
-from tests.redisserver import RedisClusterGroup, RedisServer, running_cluster, running_redis
+from tests.rediscluster import RedisClusterGroup, running_cluster
+from tests.redisserver import RedisServer, running_redis
 
 
 def promtool() -> str:

@@ -9,7 +9,7 @@ import json
 
 from tests.conftest import spawn
 from tests.e2e.test_fleet_queue import Daemon, Mock, batch, check, created_all, fleet, send
-from tests.redisserver import RedisClusterGroup
+from tests.rediscluster import RedisClusterGroup
 
 PREFIX = "fwce"
 

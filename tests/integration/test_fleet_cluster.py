@@ -20,7 +20,8 @@ from forwarder.fleet.leases import Leases
 from forwarder.fleet.mode import FleetMode
 from forwarder.fleet.queuekeys import GROUP, AccountKeys
 from forwarder.fleet.streams import Streams, encode_event
-from tests.redisserver import RedisClusterGroup, RedisServer
+from tests.rediscluster import RedisClusterGroup
+from tests.redisserver import RedisServer
 
 PREFIX = "fwc"
 

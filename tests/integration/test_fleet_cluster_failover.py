@@ -25,7 +25,8 @@ from forwarder.fleet.queuekeys import AccountKeys
 from forwarder.intake.accounts import configured_accounts
 from forwarder.ops.credentials import ApiKey, Secret
 from tests.conftest import API_KEY, MockProc, write_config
-from tests.redisserver import RedisClusterGroup, RedisServer
+from tests.rediscluster import RedisClusterGroup
+from tests.redisserver import RedisServer
 
 Mock = Callable[..., Awaitable[MockProc]]
 PREFIX = "fwcf"

@@ -32,7 +32,8 @@ from forwarder.fleet.queuekeys import AccountKeys
 from forwarder.fleet.streams import Streams, encode_event
 from tests.conftest import TlsFiles
 from tests.integration.test_fleet_cluster import PREFIX, accounts_on_distinct_primaries, ev
-from tests.redisserver import RedisClusterGroup, RedisServer, running_cluster
+from tests.rediscluster import RedisClusterGroup, running_cluster
+from tests.redisserver import RedisServer
 
 PASSWORD = "redis-pw-SECRET-cluster-tls-3f2e1d0c"
 WRONG = "wrong-pw-SECRET-cluster-9a8b7c6d5e"
