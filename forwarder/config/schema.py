@@ -617,6 +617,43 @@ class FleetConfig:
         "credential `sentinel_password` is used when present (with a Sentinel URL only), else "
         "none. Read at start, as `redis_password_file`",
     )
+    ca_bundle: str = setting(
+        "",
+        doc="With a TLS URL (rediss://...): a PEM file of CA certificates to verify Redis's "
+        'certificate\nwith (a private CA), trusted besides the system\'s trust store; "" uses '
+        "the system's only.\nCertificates and host names are always verified: there is no "
+        "switch to turn that off.",
+        reload=False,
+        bounds="a readable PEM file holding at least one CA certificate; only with a "
+        '`rediss://`, `rediss+sentinel://` or `rediss+cluster://` URL; `""`: the system\'s '
+        "trust store",
+        ref="CA certificates to verify Redis's certificate with (every node and Sentinel), "
+        "besides the system's trust store (redis-py adds them to it). Certificates and host "
+        "names are always verified",
+    )
+    tls_cert_file: str = setting(
+        "",
+        doc="With a TLS URL: the client certificate (PEM, with any intermediate CA after it) "
+        "forwarder\npresents to Redis (tls-auth-clients yes, Redis's default); set with "
+        "tls_key_file, or neither.",
+        reload=False,
+        bounds="an absolute path to a readable PEM certificate; with `fleet.tls_key_file` and "
+        "a `rediss://`, `rediss+sentinel://` or `rediss+cluster://` URL",
+        ref="the client certificate presented to every Redis node and Sentinel (mutual TLS: "
+        "Redis's `tls-auth-clients yes`). Checked at start",
+    )
+    tls_key_file: str = setting(
+        "",
+        doc="The private key of tls_cert_file (unencrypted PEM; protect it with file "
+        "permissions).\nChecked at start; its content is never shown.",
+        secret="names",
+        reload=False,
+        bounds="an absolute path to a readable, unencrypted PEM private key matching "
+        "`fleet.tls_cert_file`",
+        ref="the client certificate's private key (a secret file: readable by forwarder's "
+        "user only, e.g. a systemd credential's path). Checked at start; neither its path nor "
+        "its content appears in an error",
+    )
     member: str = setting(
         "",
         doc='This host\'s name in the fleet; "" means the host name. Unique per host, stable '

@@ -12,7 +12,6 @@ import dataclasses
 import difflib
 import os
 import re
-import ssl
 import typing
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -29,9 +28,11 @@ from forwarder.config.schema import (
     ConfigError,
 )
 from forwarder.config.setting import bounds_error, short
+from forwarder.config.tlsfiles import TlsFileError, check_ca_bundle, check_fleet_tls_files
 from forwarder.fleet.topology import (
     CLUSTER_SCHEMES,
     SENTINEL_SCHEMES,
+    TLS_SCHEMES,
     BadRedisUrl,
     parse_cluster_url,
     parse_sentinel_url,
@@ -106,17 +107,6 @@ def _normalise_base_url(url: str) -> str:
     return url.rstrip("/")
 
 
-def _check_ca_bundle(path: str) -> None:
-    """ValueError unless `path` is a readable file with at least one PEM CA certificate."""
-    try:
-        ssl.create_default_context(cafile=path)
-    except ssl.SSLError as exc:  # before OSError: SSLError is one
-        detail = exc.reason or str(exc)
-        raise ValueError(f"{path} holds no usable PEM CA certificate ({detail})") from None
-    except OSError as exc:
-        raise ValueError(f"cannot read {path}: {exc.strerror or exc}") from None
-
-
 def validate_config(config: Config, origins: Mapping[str, str]) -> Config:
     """Check every key; return the config with normalised values (URL, lower-case log names)."""
 
@@ -185,9 +175,13 @@ def validate_config(config: Config, origins: Mapping[str, str]) -> Config:
         )
     if remote.ca_bundle:
         try:
-            _check_ca_bundle(remote.ca_bundle)
+            check_ca_bundle(remote.ca_bundle)
         except ValueError as exc:
             raise fail("remote.ca_bundle", str(exc)) from None
+    try:
+        check_fleet_tls_files(config.fleet)
+    except TlsFileError as exc:
+        raise fail(exc.key, exc.detail) from None
 
     def key_file(key: str, value: str, example: str = "/etc/forwarder/api_key") -> None:
         # The value is not echoed: a key pasted here instead of a path must not reach the
@@ -315,6 +309,7 @@ def _validate_fleet(config: Config, fail: Callable[[str, str], ConfigError]) -> 
                 "must be an absolute path to the file holding the password, not the password "
                 "itself; the value is not shown",
             )
+    _validate_fleet_tls(config, fail)
     if fleet.sentinel_password_file and scheme_of(fleet.redis_url) not in SENTINEL_SCHEMES:
         raise fail(
             "fleet.sentinel_password_file",
@@ -344,3 +339,32 @@ def _validate_fleet(config: Config, fail: Callable[[str, str], ConfigError]) -> 
             "fleet.lease_s",
             f"must be shorter than fleet.claim_idle_s ({fleet.claim_idle_s}), got {fleet.lease_s}",
         )
+
+
+def _validate_fleet_tls(config: Config, fail: Callable[[str, str], ConfigError]) -> None:
+    """`fleet.ca_bundle`, `fleet.tls_cert_file`, `fleet.tls_key_file`: a TLS URL, both or
+    neither of the pair, absolute paths. Neither the key file's path nor its content is shown."""
+    fleet = config.fleet
+    tls_url = scheme_of(fleet.redis_url) in TLS_SCHEMES
+    for key, value in (
+        ("fleet.ca_bundle", fleet.ca_bundle),
+        ("fleet.tls_cert_file", fleet.tls_cert_file),
+        ("fleet.tls_key_file", fleet.tls_key_file),
+    ):
+        if value and not tls_url:
+            # A CA or a certificate for a plain connection would be silently unused.
+            raise fail(
+                key,
+                "needs a TLS fleet.redis_url (rediss://, rediss+sentinel:// or "
+                "rediss+cluster://); without TLS there is no certificate to verify or present",
+            )
+    if bool(fleet.tls_cert_file) != bool(fleet.tls_key_file):
+        missing = "fleet.tls_key_file" if fleet.tls_cert_file else "fleet.tls_cert_file"
+        present = "fleet.tls_cert_file" if fleet.tls_cert_file else "fleet.tls_key_file"
+        raise fail(present, f"needs {missing} too: a client certificate goes with its key")
+    for key, value in (
+        ("fleet.tls_cert_file", fleet.tls_cert_file),
+        ("fleet.tls_key_file", fleet.tls_key_file),
+    ):
+        if value and (not value.startswith("/") or "\0" in value):
+            raise fail(key, "must be an absolute path; the value is not shown")

@@ -2,14 +2,16 @@
 
 `connect` builds the one `redis.asyncio` client of a process from `[fleet]`: the URL
 (`redis://`, `rediss://` with TLS, certificate and host name always verified against the
-system's trust store, `unix://`), the password (`fleet.redis_password_file`, else the systemd
-credential `redis_password`; never in the URL, a log, an error or a repr), socket timeouts,
-redis-py's `Retry` with exponential backoff on connection errors and timeouts, and a health
-check of idle connections. On top, `FleetClient.call` bounds every call as a whole (retries
-included) and turns any failure to reach Redis into `RedisUnavailable`, whose message names
-the operation and the kind of failure only (its type and its causes' types, `failure_kind`: a
-cluster client wraps a refused login or an unverified certificate in `RedisClusterException`):
-the fallback code catches that one exception.
+system's trust store and `fleet.ca_bundle`, the client certificate `fleet.tls_cert_file` /
+`fleet.tls_key_file` presented if set; `unix://`), the password (`fleet.redis_password_file`,
+else the systemd credential `redis_password`; never in the URL, a log, an error or a repr),
+socket timeouts, redis-py's `Retry` with exponential backoff on connection errors and
+timeouts, and a health check of idle connections. On top, `FleetClient.call` bounds every
+call as a whole (retries included) and turns any failure to reach Redis into
+`RedisUnavailable`, whose message names the operation and the kind of failure only (its type
+and its causes' types, `failure_kind`: a cluster client wraps a refused login or an
+unverified certificate in `RedisClusterException`): the fallback code catches that one
+exception.
 
 A master behind Sentinel (`redis+sentinel://`) or a Redis Cluster (`redis+cluster://`) is not
 a URL redis-py's `from_url` reads: `topology.build_client` makes that client. On a cluster a
@@ -35,7 +37,7 @@ from types import ModuleType
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from forwarder.config.schema import ConfigError, FleetConfig
-from forwarder.fleet.topology import build_client, is_cluster_client, scheme_of
+from forwarder.fleet.topology import TLS_SCHEMES, build_client, is_cluster_client, scheme_of
 from forwarder.ops.credentials import Secret
 
 if TYPE_CHECKING:
@@ -59,7 +61,6 @@ HEALTH_CHECK_INTERVAL_S = 15
 # heartbeat need few.
 MAX_CONNECTIONS = 32
 CHECKED_SETTINGS = ("appendonly", "appendfsync", "maxmemory-policy")
-TLS_SCHEMES = ("rediss", "rediss+sentinel", "rediss+cluster")
 
 
 class RedisUnavailable(Exception):
@@ -259,6 +260,13 @@ def connect(
         # Certificates and host names always verified, as for the remote.
         options["ssl_cert_reqs"] = "required"
         options["ssl_check_hostname"] = True
+        # A private CA, added to the system's trust store (redis-py loads it into its default
+        # context); the client certificate for a server that asks for one (mutual TLS).
+        if fleet.ca_bundle:
+            options["ssl_ca_certs"] = fleet.ca_bundle
+        if fleet.tls_cert_file and fleet.tls_key_file:
+            options["ssl_certfile"] = fleet.tls_cert_file
+            options["ssl_keyfile"] = fleet.tls_key_file
     sentinel = sentinel_password.reveal() if sentinel_password is not None else None
     client = build_client(aioredis, fleet.redis_url, options, sentinel_password=sentinel)
     return FleetClient(client, fleet, member)

@@ -36,6 +36,7 @@ if TYPE_CHECKING:
 
 SENTINEL_SCHEMES = ("redis+sentinel", "rediss+sentinel")
 CLUSTER_SCHEMES = ("redis+cluster", "rediss+cluster")
+TLS_SCHEMES = ("rediss", "rediss+sentinel", "rediss+cluster")
 _HOST_RE = re.compile(r"[A-Za-z0-9_.-]{1,253}|\[[0-9A-Fa-f:.]{2,45}\]")
 _USER_RE = re.compile(r"[A-Za-z0-9_.-]{1,128}")
 _SERVICE_RE = re.compile(r"[A-Za-z0-9_.-]{1,128}")
