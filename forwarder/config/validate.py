@@ -178,10 +178,6 @@ def validate_config(config: Config, origins: Mapping[str, str]) -> Config:
             check_ca_bundle(remote.ca_bundle)
         except ValueError as exc:
             raise fail("remote.ca_bundle", str(exc)) from None
-    try:
-        check_fleet_tls_files(config.fleet)
-    except TlsFileError as exc:
-        raise fail(exc.key, exc.detail) from None
 
     def key_file(key: str, value: str, example: str = "/etc/forwarder/api_key") -> None:
         # The value is not echoed: a key pasted here instead of a path must not reach the
@@ -232,6 +228,12 @@ def validate_config(config: Config, origins: Mapping[str, str]) -> Config:
         raise fail("state.dir", "must not be empty")
 
     _validate_fleet(config, fail)
+    # The files after the rules between settings: a relative path is named as one, not as
+    # a file that cannot be read.
+    try:
+        check_fleet_tls_files(config.fleet)
+    except TlsFileError as exc:
+        raise fail(exc.key, exc.detail) from None
 
     sections: dict[str, Any] = {
         name: dataclasses.replace(getattr(config, name), **values)

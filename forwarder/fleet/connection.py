@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib
+import ssl
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -314,17 +315,27 @@ CAUSE_DEPTH = 3
 def failure_kind(exc: BaseException) -> str:
     """`exc`'s type, and in brackets the types of what caused it: "RedisClusterException
     (AuthenticationError)" when no cluster node lets us in, "... (ConnectionError,
-    SSLCertVerificationError)" when none has a certificate we trust. Types only: the texts
-    hold addresses and the server's words, and a wrapped text could hold anything."""
-    names = [type(exc).__name__]
+    SSLCertVerificationError)" when none has a certificate we trust, "ConnectionError (SSLError
+    TLSV13_ALERT_CERTIFICATE_REQUIRED)" when the server wants a client certificate. Types (and
+    OpenSSL's reason code) only: the texts hold addresses and the server's words, and a
+    wrapped text could hold anything."""
+    names = [_kind_name(exc)]
     cause = _cause_of(exc)
     # Not a cancellation inside a timeout (the timeout says it), nor a name twice in a row
     # (redis-py's TimeoutError raised for the built-in one).
     while isinstance(cause, Exception) and len(names) <= CAUSE_DEPTH:
-        if type(cause).__name__ != names[-1]:
-            names.append(type(cause).__name__)
+        if _kind_name(cause) != names[-1]:
+            names.append(_kind_name(cause))
         cause = _cause_of(cause)
     return names[0] + (f" ({', '.join(names[1:])})" if len(names) > 1 else "")
+
+
+def _kind_name(exc: BaseException) -> str:
+    # A bare SSLError says nothing of what failed; OpenSSL's reason is a fixed code naming it
+    # (TLSV13_ALERT_CERTIFICATE_REQUIRED: the server wants a client certificate), no text.
+    if type(exc) is ssl.SSLError and isinstance(exc.reason, str) and exc.reason.isidentifier():
+        return f"SSLError {exc.reason}"
+    return type(exc).__name__
 
 
 def _cause_of(exc: BaseException) -> BaseException | None:
