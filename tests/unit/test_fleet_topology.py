@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 from redis.exceptions import (
     AskError,
@@ -151,5 +153,34 @@ async def test_cluster_errors_are_unavailable_never_a_refusal_or_a_crash(
             await client.call("budget", fails)
         assert not caught.value.refused
         assert type(error).__name__ in str(caught.value)
+    finally:
+        await client.aclose()
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["rediss://r1:6380/0", "rediss+sentinel://s1:26379,s2:26379/fwd", "rediss+cluster://n1:7000"],
+)
+async def test_every_tls_connection_gets_the_client_certificate_and_the_ca(url: str) -> None:
+    files = {"ssl_ca_certs": "/ca.pem", "ssl_certfile": "/c.pem", "ssl_keyfile": "/c.key"}
+    fleet = FleetConfig(
+        redis_url=url, ca_bundle="/ca.pem", tls_cert_file="/c.pem", tls_key_file="/c.key"
+    )
+    client: Any = connect(fleet, member="host-a", password=None).client
+    try:
+        if url.startswith("rediss+cluster"):
+            # Every node's connections, those found in the slot map too, are made with these.
+            kwargs = client.nodes_manager.connection_kwargs
+            made: list[tuple[dict[str, Any], type]] = [(kwargs, kwargs["connection_class"])]
+        else:
+            # Through Sentinel: the Sentinels' connections too, not only the data nodes'.
+            clients = [client, *getattr(client, "_fleet_sentinels", ())]
+            assert len(clients) == (3 if "sentinel" in url else 1)
+            made = [(c.connection_pool.connection_kwargs, c.connection_pool.connection_class)
+                    for c in clients]  # fmt: skip
+        for kwargs, connection_class in made:
+            assert {k: kwargs.get(k) for k in files} == files
+            assert (kwargs["ssl_cert_reqs"], kwargs["ssl_check_hostname"]) == ("required", True)
+            assert "SSL" in connection_class.__name__
     finally:
         await client.aclose()
