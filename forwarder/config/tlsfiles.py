@@ -1,11 +1,12 @@
-"""The TLS files a configuration names, checked when it is loaded (at start and by check-config).
+"""The TLS files a configuration names, checked before they are used.
 
-`check_ca_bundle`: a PEM file of CA certificates (`remote.ca_bundle`, `fleet.ca_bundle`).
-`check_fleet_tls_files`: the fleet's CA bundle and its client certificate and key
-(`fleet.tls_cert_file`, `fleet.tls_key_file`): readable, a certificate, and an unencrypted key
-that is the certificate's, so a wrong file is a start error naming the setting, not a fallback
-at the first connection. The key is a secret: neither its path nor its content ever appears in
-an error (OpenSSL's reason only, e.g. "KEY_VALUES_MISMATCH").
+`check_ca_bundle`: a PEM file of CA certificates (`remote.ca_bundle`, `fleet.ca_bundle`),
+checked when the configuration is loaded. `check_client_certificate`: the fleet's client
+certificate and key (`fleet.tls_cert_file`, `fleet.tls_key_file`), checked at start, as the
+password files are read (`forwarder.fleet.host.open_client`): readable, a certificate, and an
+unencrypted key that is the certificate's, so a wrong file is a start error naming the setting,
+not a fallback at the first connection. The key is a secret: neither its path nor its content
+ever appears in an error (OpenSSL's reason only, e.g. "KEY_VALUES_MISMATCH").
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import ssl
 
 from forwarder.config.schema import FleetConfig
 
-__all__ = ["TlsFileError", "check_ca_bundle", "check_fleet_tls_files"]
+__all__ = ["TlsFileError", "check_ca_bundle", "check_client_certificate"]
 
 
 class TlsFileError(ValueError):
@@ -37,15 +38,10 @@ def check_ca_bundle(path: str) -> None:
         raise ValueError(f"cannot read {path}: {exc.strerror or exc}") from None
 
 
-def check_fleet_tls_files(fleet: FleetConfig) -> None:
-    """`TlsFileError` unless the fleet's CA bundle (if any) holds a CA certificate and its
-    client certificate and key (if set) are readable, and the key is unencrypted and the
-    certificate's."""
-    if fleet.ca_bundle:
-        try:
-            check_ca_bundle(fleet.ca_bundle)
-        except ValueError as exc:
-            raise TlsFileError("fleet.ca_bundle", str(exc)) from None
+def check_client_certificate(fleet: FleetConfig) -> None:
+    """`TlsFileError` unless the fleet's client certificate and key (if set) are readable, and
+    the key is unencrypted and the certificate's. Blocking: called off the event loop, at start
+    (the files may be systemd credentials, which exist only for the running service)."""
     if not (fleet.tls_cert_file and fleet.tls_key_file):
         return
     cert = fleet.tls_cert_file

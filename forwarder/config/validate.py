@@ -28,7 +28,7 @@ from forwarder.config.schema import (
     ConfigError,
 )
 from forwarder.config.setting import bounds_error, short
-from forwarder.config.tlsfiles import TlsFileError, check_ca_bundle, check_fleet_tls_files
+from forwarder.config.tlsfiles import check_ca_bundle
 from forwarder.fleet.topology import (
     CLUSTER_SCHEMES,
     SENTINEL_SCHEMES,
@@ -228,12 +228,13 @@ def validate_config(config: Config, origins: Mapping[str, str]) -> Config:
         raise fail("state.dir", "must not be empty")
 
     _validate_fleet(config, fail)
-    # The files after the rules between settings: a relative path is named as one, not as
-    # a file that cannot be read.
-    try:
-        check_fleet_tls_files(config.fleet)
-    except TlsFileError as exc:
-        raise fail(exc.key, exc.detail) from None
+    # After the rules between settings: a CA bundle without a TLS URL is named as such. The
+    # client certificate and key are read at start (fleet.host.open_client), as the passwords.
+    if config.fleet.ca_bundle:
+        try:
+            check_ca_bundle(config.fleet.ca_bundle)
+        except ValueError as exc:
+            raise fail("fleet.ca_bundle", str(exc)) from None
 
     sections: dict[str, Any] = {
         name: dataclasses.replace(getattr(config, name), **values)

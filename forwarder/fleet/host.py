@@ -1,12 +1,12 @@
 """This host in the fleet, as the daemon runs it: started, shown, stopped.
 
-`FleetHost.start` connects (`open_client`: the data nodes' and the Sentinels' passwords read off
-the event loop), logs the server's durability warnings, makes the first heartbeat and keeps
-beating. None of it fails the start when Redis is down: the host starts in fallback, as it would
-enter it later; through Sentinel, a Sentinel that refuses our authentication is named in a
-`fleet_sentinel_auth_failed` line saying which setting to fix. What the daemon
-shows of the fleet (/v1/stats, /readyz, the metrics, STATUS=) is read here, and the dispatcher's
-budget factory (`budgets`) makes a `RedisRateBudget` per account.
+`FleetHost.start` connects (`open_client`: the client certificate checked and the data nodes'
+and the Sentinels' passwords read off the event loop), logs the server's durability warnings,
+makes the first heartbeat and keeps beating. None of it fails the start when Redis is down:
+the host starts in fallback, as it would enter it later; through Sentinel, a Sentinel that
+refuses our authentication is named in a `fleet_sentinel_auth_failed` line saying which setting
+to fix. What the daemon shows of the fleet (/v1/stats, /readyz, the metrics, STATUS=) is read
+here, and the dispatcher's budget factory (`budgets`) makes a `RedisRateBudget` per account.
 """
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ from typing import Any, Protocol, runtime_checkable
 import structlog
 
 from forwarder import __version__
-from forwarder.config.schema import Config
+from forwarder.config.schema import Config, ConfigError
+from forwarder.config.tlsfiles import TlsFileError, check_client_certificate
 from forwarder.delivery.flow.budget import RateBudget
 from forwarder.fleet.budget import RedisRateBudget
 from forwarder.fleet.connection import FleetClient, RedisUnavailable, connect
@@ -69,7 +70,12 @@ def member_name(config: Config) -> str:
 
 async def open_client(config: Config) -> tuple[FleetClient, RedisSecrets]:
     """The fleet's client with its passwords (the data nodes' and the Sentinels', read off the
-    event loop); the passwords are returned for the log redactor. No Redis I/O yet."""
+    event loop); the passwords are returned for the log redactor. The client certificate and
+    key are checked first (`ConfigError` naming the setting). No Redis I/O yet."""
+    try:
+        await asyncio.to_thread(check_client_certificate, config.fleet)
+    except TlsFileError as exc:
+        raise ConfigError(str(exc)) from None
     passwords = await asyncio.to_thread(resolve_redis_secrets, config)
     client = connect(
         config.fleet,
@@ -110,7 +116,8 @@ class FleetHost:
     @classmethod
     async def start(cls, config: Config, *, in_delivery: Callable[[], int]) -> FleetHost:
         """Connect, check the server, beat once and keep beating. Raises `ConfigError` when
-        redis-py is missing or the password cannot be read; Redis being down is no error."""
+        redis-py is missing, the password cannot be read or the client certificate cannot be
+        used; Redis being down is no error."""
         client, passwords = await open_client(config)
         host = cls(client, in_delivery=in_delivery, passwords=passwords)
         try:

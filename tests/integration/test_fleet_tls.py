@@ -151,8 +151,6 @@ def test_the_tls_settings_are_refused_naming_the_setting(
         ({"redis_url": "redis+cluster://n1:7000", "ca_bundle": ca}, "fleet.ca_bundle",
          "needs a TLS fleet.redis_url"),
         ({"redis_url": url, "ca_bundle": key}, "fleet.ca_bundle", "no usable PEM CA certificate"),
-        ({"redis_url": url, "tls_cert_file": key, "tls_key_file": key}, "fleet.tls_cert_file",
-         "holds no PEM certificate"),
     ]  # fmt: skip
     for fleet, setting, detail in cases:
         with pytest.raises(ConfigError) as caught:
@@ -161,40 +159,44 @@ def test_the_tls_settings_are_refused_naming_the_setting(
         assert detail in str(caught.value), (fleet, caught.value)
 
 
-def test_an_unusable_key_is_refused_at_load_never_showing_it(
-    tls_files: TlsFiles, tmp_path: Path
-) -> None:
+@pytest.fixture
+def encrypted(tls_files: TlsFiles, tmp_path: Path) -> Path:
+    """The test key, encrypted with a password."""
     openssl = shutil.which("openssl")
     assert openssl is not None  # tls_files made the certificates with it
-    encrypted = tmp_path / "encrypted.key"
+    path = tmp_path / "encrypted.key"
     subprocess.run(
         [openssl, "pkey", "-in", str(tls_files.key), "-aes256", "-passout", "pass:pw-SECRET",
-         "-out", str(encrypted)],
+         "-out", str(path)],
         check=True, capture_output=True, timeout=30,
     )  # fmt: skip
-    unreadable = tmp_path / "unreadable.key"  # absent: unreadable whoever runs the test
-    url = "rediss+sentinel://s1:26379/fwd"
+    return path
+
+
+async def test_unusable_client_certificate_files_fail_the_start_never_showing_the_key(
+    tls_files: TlsFiles, encrypted: Path, tmp_path: Path
+) -> None:
+    cert, key = tls_files.cert, tls_files.key
+    absent = tmp_path / "absent.pem"  # unreadable whoever runs the test
     cases = [
         # The CA's key is a valid key, but not the certificate's.
-        (tls_files.ca.with_suffix(".key"), "not an unencrypted PEM private key matching"),
-        (encrypted, "is an encrypted key"),
-        (unreadable, "cannot read it: No such file or directory"),
-    ]
-    for path, detail in cases:
-        fleet = {"redis_url": url, "tls_cert_file": str(tls_files.cert), "tls_key_file": str(path)}
+        (cert, tls_files.ca.with_suffix(".key"), "fleet.tls_key_file: is not an unencrypted PEM "
+         "private key matching fleet.tls_cert_file's certificate (KEY_VALUES_MISMATCH)"),
+        (cert, encrypted, "fleet.tls_key_file: is an encrypted key"),
+        (cert, absent, "fleet.tls_key_file: cannot read it: No such file or directory"),
+        (key, key, f"fleet.tls_cert_file: {key} holds no PEM certificate"),
+        (absent, key, f"fleet.tls_cert_file: cannot read {absent}: No such file or directory"),
+    ]  # fmt: skip
+    url = "rediss+sentinel://127.0.0.1:1/fwd"  # never reached: the files fail first
+    for cert_file, key_file, error in cases:
+        pair = {"tls_cert_file": str(cert_file), "tls_key_file": str(key_file)}
+        config = load(tmp_path, {"redis_url": url, **pair})  # a check-config would pass
         with pytest.raises(ConfigError) as caught:
-            load(tmp_path, fleet)
+            await FleetHost.start(config, in_delivery=lambda: 0)
         message = str(caught.value)
-        assert message.startswith("fleet.tls_key_file"), message
-        assert detail in message
-        assert str(path) not in message
+        assert message.startswith(error), message
         assert "pw-SECRET" not in message
-        if path.exists():
-            assert not any(line in message for line in key_lines(path))
-    # The right pair loads, with any TLS URL.
-    fleet = {
-        "redis_url": url,
-        "tls_cert_file": str(tls_files.cert),
-        "tls_key_file": str(tls_files.key),
-    }
-    assert load(tmp_path, fleet).fleet.tls_key_file == str(tls_files.key)
+        if "tls_key_file" in error:
+            assert str(key_file) not in message
+            if key_file.exists():
+                assert not any(line in message for line in key_lines(key_file))
