@@ -328,7 +328,9 @@ async def test_a_damaged_spool_is_moved_aside_and_a_fresh_one_used(short_tmp: Pa
 async def test_durable_mode_refuses_with_503_past_max_disk_bytes(short_tmp: Path) -> None:
     config = dataclasses.replace(
         _config(short_tmp / "s"),
-        remote=RemoteConfig(base_url="http://127.0.0.1:9/v1"),  # nothing listens: events stay
+        # Nothing listens: events stay. The breaker stays closed: an open one pauses the account
+        # and its events go back to disk, which would race the memory counts read below.
+        remote=RemoteConfig(base_url="http://127.0.0.1:9/v1", breaker_failures=10_000),
         queue=QueueConfig(mode="durable", max_events=5, max_disk_bytes=1_048_576),
         shutdown=ShutdownConfig(timeout_s=0.1),
     )
