@@ -12,6 +12,7 @@ import shutil
 import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
@@ -21,6 +22,16 @@ from tests.redisserver import RedisServer, free_port
 # A cluster forming, a replica syncing, a failover finishing (node timeout 1 s).
 CLUSTER_WAIT_S = 30.0
 CLUSTER_NODE_TIMEOUT_MS = 1000
+
+
+async def on_node(node: RedisServer, *command: Any) -> Any:
+    """A command on one node directly, on its plain port (the test's own view, not through a
+    cluster client)."""
+    client = node.client()
+    try:
+        return await client.execute_command(*command)  # type: ignore[no-untyped-call]
+    finally:
+        await client.aclose()
 
 
 def key_slot(key: str | bytes) -> int:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import functools
 import time
-from typing import Any
 
 import pytest
 
@@ -20,8 +19,7 @@ from forwarder.fleet.leases import Leases
 from forwarder.fleet.mode import FleetMode
 from forwarder.fleet.queuekeys import GROUP, AccountKeys
 from forwarder.fleet.streams import Streams, encode_event
-from tests.rediscluster import RedisClusterGroup
-from tests.redisserver import RedisServer
+from tests.rediscluster import RedisClusterGroup, on_node
 
 PREFIX = "fwc"
 
@@ -41,15 +39,6 @@ async def accounts_on_distinct_primaries(cluster: RedisClusterGroup, count: int)
         if len(found) == count:
             return list(found.values())
     raise AssertionError(f"no {count} accounts on distinct primaries")
-
-
-async def on_node(node: RedisServer, *command: Any) -> Any:
-    """A command on one node directly (not through the cluster client)."""
-    client = node.client()
-    try:
-        return await client.execute_command(*command)  # type: ignore[no-untyped-call]
-    finally:
-        await client.aclose()
 
 
 def ev(n: int, account: str) -> Event:

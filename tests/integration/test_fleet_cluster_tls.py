@@ -32,7 +32,7 @@ from forwarder.fleet.queuekeys import AccountKeys
 from forwarder.fleet.streams import Streams, encode_event
 from tests.conftest import TlsFiles
 from tests.integration.test_fleet_cluster import PREFIX, accounts_on_distinct_primaries, ev
-from tests.rediscluster import RedisClusterGroup, running_cluster
+from tests.rediscluster import RedisClusterGroup, on_node, running_cluster
 from tests.redisserver import RedisServer
 
 PASSWORD = "redis-pw-SECRET-cluster-tls-3f2e1d0c"
@@ -58,15 +58,6 @@ async def start_host(
     with structlog.testing.capture_logs() as logs:
         host = await FleetHost.start(config_of(url, password_file), in_delivery=lambda: 0)
     return host, logs
-
-
-async def on_node(node: RedisServer, *command: Any) -> Any:
-    """A command on one node, on its plain port (the test's own view)."""
-    client = node.client()
-    try:
-        return await client.execute_command(*command)  # type: ignore[no-untyped-call]
-    finally:
-        await client.aclose()
 
 
 async def host_connections(node: RedisServer) -> list[dict[str, str]]:
