@@ -22,7 +22,7 @@ The shared queue (queue.mode "fleet"):
 - `streams.py`: appends, ordered reads, claims of a dead member's entries, fenced settles;
 - `window.py`: the held partitions' events loaded into the lanes' queue, their outcomes settled;
 - `outcomes.py`: what became of each event, kept in Redis by the settles, so any host answers
-  `GET /v1/events/{id}`;
+  `GET /v1/events/{id}`; `accepted.py`: the numbers this host answered, kept across restarts;
 - `fallback.py`: the local spool while Redis is unreachable, and the mover back into Redis;
 - `queuestatus.py`, `deadletters.py`: what `forwarder fleet status`, `fleet drain` and
   `forwarder dlq` read and change.

@@ -28,7 +28,8 @@ import structlog
 from forwarder.config.schema import Config, ConfigError
 from forwarder.delivery.deadletter import DeadLetterNote
 from forwarder.events import Event
-from forwarder.fleet import queuestatus, queueview
+from forwarder.fleet import accepted, queuestatus, queueview
+from forwarder.fleet.accepted import AcceptedSaver
 from forwarder.fleet.fallback import Fallback
 from forwarder.fleet.host import member_name, open_client
 from forwarder.fleet.leases import Leases
@@ -74,6 +75,7 @@ class FleetLog:
         status: StatusBook,
         spool: Spool,
         close_redis: Callable[[], Awaitable[None]] | None = None,
+        saver: AcceptedSaver | None = None,
     ) -> None:
         fleet = config.fleet
         self.member = member_name(config)
@@ -83,6 +85,8 @@ class FleetLog:
         self._close_redis = close_redis
         self._numbers = numbers
         self._status = status
+        # Saves the numbers answered here, so they are found after a restart (accepted.py).
+        self._saver = saver
         self._partitions = fleet.partitions
         self.streams = Streams(redis, prefix=fleet.key_prefix, member=self.member, keep=status)
         leases = Leases(redis, prefix=fleet.key_prefix, member=self.member, lease_s=fleet.lease_s)
@@ -256,6 +260,8 @@ class FleetLog:
     def start(self) -> None:
         """Start owning partitions, filling the window, flushing outcomes, moving the spool."""
         self._status.start()
+        if self._saver is not None:
+            self._saver.start()
         self.fallback.start()
         self._tasks = [
             asyncio.create_task(self._own_loop(), name="fleet-ownership"),
@@ -271,6 +277,8 @@ class FleetLog:
         await asyncio.gather(*tasks, return_exceptions=True)
         await self.fallback.stop()
         await self._status.stop()
+        if self._saver is not None:
+            await self._saver.stop()
 
     async def release(self, leftovers: list[tuple[Event, int]]) -> int:
         """Write the outcomes still unsent and give the leases up; the events left in the
@@ -416,9 +424,11 @@ async def open_log(config: Config, deps: LogDeps) -> EventLog:
     )
     status.queue = deps.queue
     status.shared = FleetOutcomes(redis, config.fleet.key_prefix, config.account_names)
+    saver = AcceptedSaver(status, config.state.path / accepted.FILE_NAME)
+    status.restore_accepted(await asyncio.to_thread(accepted.load, saver.path))
     if spool.depth:
         log.info("fleet_spool_found", count=spool.depth, action="moved into Redis first")
-    shared = FleetLog(config, deps, redis, numbers, status, spool, close_redis)
+    shared = FleetLog(config, deps, redis, numbers, status, spool, close_redis, saver)
     if deps.fleet is not None:
         deps.fleet.attach_queue(shared)  # /v1/stats, the metrics and the stop show and reach it
     return shared

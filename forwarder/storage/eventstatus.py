@@ -161,8 +161,9 @@ class StatusBook:
         self.spool: Spool | None = None
         # A fleet's outcomes in Redis, and the events accepted here: event_id → (number, account).
         self.shared: SharedOutcomes | None = None
-        self._accepted: OrderedDict[str, tuple[int, str]] = OrderedDict()
+        self._accepted: OrderedDict[str, tuple[int, str, float]] = OrderedDict()
         self._accepted_numbers: dict[int, str] = {}
+        self.accepted_changes = 0  # how often `_accepted` changed (a saver writes it on change)
         self._purger: asyncio.Task[None] | None = None
 
     # --- told by the lanes --------------------------------------------------------------------
@@ -207,13 +208,31 @@ class StatusBook:
             return
         accepted, numbers = self._accepted, self._accepted_numbers
         for event in events:
-            accepted[event.event_id] = (event.number, event.account)
+            accepted[event.event_id] = (event.number, event.account, event.accepted_at)
             if event.number:
                 numbers[event.number] = event.event_id
         while len(accepted) > self.max_count:
-            gone, (number, _) = accepted.popitem(last=False)
+            gone, (number, _, _) = accepted.popitem(last=False)
             if numbers.get(number) == gone:
                 del numbers[number]
+        self.accepted_changes += 1
+
+    def accepted_rows(self) -> list[tuple[str, int, str, float]]:
+        """The events accepted here, oldest first: (event_id, number, account, accepted_at)."""
+        return [(event_id, *row) for event_id, row in self._accepted.items()]
+
+    def restore_accepted(self, rows: list[tuple[str, int, str, float]]) -> int:
+        """Remember again what `accepted_rows` gave before a restart, but what is older than
+        the retention; returns how many."""
+        if self.max_count <= 0:
+            return 0
+        cutoff = self._clock() - self.retention_s
+        kept = [row for row in rows if row[3] >= cutoff][-self.max_count :]
+        for event_id, number, account, at in kept:
+            self._accepted[event_id] = (number, account, at)
+            if number:
+                self._accepted_numbers[number] = event_id
+        return len(kept)
 
     @property
     def kept(self) -> int:
@@ -242,7 +261,7 @@ class StatusBook:
             key = self._accepted_numbers[key]
         found = await self._lookup(key)
         if found is not None and found.get("number") is None:
-            found["number"] = self._accepted.get(found["event_id"], (0, ""))[0] or None
+            found["number"] = self._accepted.get(found["event_id"], (0, "", 0.0))[0] or None
         return found
 
     async def _lookup(self, key: str | int) -> dict[str, Any] | None:
@@ -298,7 +317,7 @@ class StatusBook:
         assert self.shared is not None
         if isinstance(key, int):
             return None  # numbers are this host's: one accepted here was made an event_id
-        number, account = self._accepted.get(key, (0, None))
+        number, account, _ = self._accepted.get(key, (0, None, 0.0))
         row = await self.shared.find(key, account)
         if row is not None:
             outcome = Outcome.from_row(row)

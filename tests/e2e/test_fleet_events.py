@@ -4,7 +4,8 @@ Two `forwarder run` with queue.mode "fleet" share one real Redis and `forwarder 
 Events sent to host A are delivered by whichever host holds their partition, so about half by
 host B; host A still tells what became of each (by the number it answered, or the event_id),
 with the remote's id, and so does host B, which never saw most of them. With Redis frozen, a
-look-up that needs Redis is a 503 saying so, never a wrong 404.
+look-up that needs Redis is a 503 saying so, never a wrong 404. Host A restarted still knows
+the numbers it answered.
 """
 
 from __future__ import annotations
@@ -94,3 +95,19 @@ async def test_any_host_tells_what_became_of_an_event_another_delivered(
         redis_server.resume()
     assert answers[-1] == 503, answers
     assert set(answers) <= {200, 503}, answers
+
+    # Host A restarted (same state dir, same member): the numbers it answered still resolve.
+    await a.stop()
+    a = await daemon(
+        mock.base_url,
+        state_dir=a.state_dir,
+        queue={"mode": "fleet"},
+        intake={"drop_in_answer": "remote"},
+        remote={"timeout_s": 2.0, "connect_timeout_s": 1.0},
+        fleet={"redis_url": redis_server.url, "member": "host-0", "partitions": 8},
+    )
+    for number in numbers:
+        status, body = await look_up(a, number)
+        assert status == 200, body
+        assert body["data"]["status"] == "delivered"
+        assert body["data"]["remote_id"] == remote_ids[body["data"]["event_id"]]
