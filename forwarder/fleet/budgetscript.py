@@ -47,7 +47,8 @@ What is left: another client of the same API key (no answer tells of it before i
 and the round trip. The bounds are placed when a host reads an answer, not when the remote
 computed it, so a request sent within about one round trip of a window's end may still arrive
 in the next window: at most the requests of one round trip, and only at a window's very end
-(none in the tests: a few ms against windows of seconds).
+(in the tests with 2-second windows: one 429 in about ten runs through a frozen Redis; with
+one-minute windows, thirty times rarer).
 """
 
 from __future__ import annotations
